@@ -1,0 +1,70 @@
+"""Operations a gateway submits to a model worker. Plain dataclasses: no torch, no FastAPI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from twinkle.types import AdamParams, Datum, LoraConfig, LRSchedulerConfig, OptimizerConfig, SamplingParams
+
+
+@dataclass
+class ForwardBackwardOp:
+    data: list[Datum]
+    loss_fn: str = "cross_entropy"
+    loss_fn_config: dict[str, Any] | None = None
+    forward_only: bool = False
+    type: str = "forward_backward"
+
+
+@dataclass
+class OptimStepOp:
+    adam_params: AdamParams | None = None  # None: the run's OptimizerConfig + LR schedule
+    type: str = "optim_step"
+
+
+@dataclass
+class SetOptimizerOp:
+    optimizer: OptimizerConfig
+    type: str = "set_optimizer"
+
+
+@dataclass
+class SetSchedulerOp:
+    scheduler: LRSchedulerConfig
+    type: str = "set_lr_scheduler"
+
+
+@dataclass
+class SaveOp:
+    name: str
+    kind: str = "training"  # "training" (weights + optimizer) | "sampler" (weights only)
+    ttl_seconds: float | None = None
+    overwrite: bool = False
+    type: str = "save"
+
+
+@dataclass
+class LoadOp:
+    checkpoint: str  # tinker://<run>/<weights|sampler_weights>/<name>, or a name of this run
+    optimizer: bool = True
+    type: str = "load"
+
+
+@dataclass
+class SampleOp:
+    prompt: list[int]
+    num_samples: int = 1
+    params: SamplingParams = field(default_factory=SamplingParams)
+    prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+    type: str = "sample"
+
+
+@dataclass
+class CreateAdapterOp:
+    lora: LoraConfig
+    type: str = "create_adapter"
+
+
+Op = ForwardBackwardOp | OptimStepOp | SetOptimizerOp | SetSchedulerOp | SaveOp | LoadOp

@@ -1,0 +1,46 @@
+"""The wire/data model shared by the server and both clients. numpy + pydantic only (no torch)."""
+
+from .data import Datum, EncodedTextChunk, ImageChunk, ModelInput, TensorData, datum_from_tokens
+from .errors import (
+    AuthenticationError,
+    CapacityError,
+    GoneError,
+    InternalError,
+    InvalidInputError,
+    LimitExceededError,
+    NotFoundError,
+    StateLostError,
+    TwinkleError,
+    UnsupportedError,
+)
+from .outputs import ForwardBackwardOutput, ModelInfo, OptimStepResponse, SampledSequence, SampleResponse
+from .params import AdamParams, LoraConfig, LRSchedulerConfig, OptimizerConfig, SamplingParams
+
+__all__ = [
+    "AdamParams",
+    "AuthenticationError",
+    "CapacityError",
+    "Datum",
+    "EncodedTextChunk",
+    "ForwardBackwardOutput",
+    "GoneError",
+    "ImageChunk",
+    "InternalError",
+    "InvalidInputError",
+    "LimitExceededError",
+    "LoraConfig",
+    "LRSchedulerConfig",
+    "ModelInfo",
+    "ModelInput",
+    "NotFoundError",
+    "OptimStepResponse",
+    "OptimizerConfig",
+    "SampleResponse",
+    "SampledSequence",
+    "SamplingParams",
+    "StateLostError",
+    "TensorData",
+    "TwinkleError",
+    "UnsupportedError",
+    "datum_from_tokens",
+]

@@ -1,0 +1,215 @@
+"""Request and response models of the native HTTP API (``/api/v1/twinkle/...``).
+
+The server's FastAPI routes and ``twinkle_client`` both use these classes, so the OpenAPI schema is the
+documentation. The route table lives in ``docs/native-api.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .data import Datum, ModelInput
+from .params import AdamParams, LoraConfig, LRSchedulerConfig, OptimizerConfig, SamplingParams
+
+
+class _Api(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Reply(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+# ---- capabilities / status ---------------------------------------------------------------------------------
+
+
+class BaseModelInfo(_Reply):
+    name: str
+    backend: str
+    vocab_size: int | None = None
+    max_length: int | None = None
+    max_lora_rank: int
+    max_adapters: int
+    max_tokens_per_request: int
+    tokenizer_id: str | None = None
+    replicas: int = 1
+
+
+class Capabilities(_Reply):
+    version: str
+    base_models: list[BaseModelInfo]
+
+
+class WorkerStatus(_Reply):
+    base_model: str
+    replica: int
+    adapters: int
+    queue_depth: int = 0
+    batches_run: int = 0
+    last_batch: dict[str, Any] | None = Field(None, description="{adapters: [...], rows, tokens, mixed: bool}")
+
+
+class ServerStatus(_Reply):
+    version: str
+    uptime_s: float
+    sessions_active: int
+    runs_active: int
+    workers: list[WorkerStatus]
+
+
+# ---- sessions ------------------------------------------------------------------------------------------------
+
+
+class CreateSessionRequest(_Api):
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    tags: list[str] = Field(default_factory=list)
+    lease_seconds: float | None = Field(None, gt=0)
+
+
+class SessionInfo(_Reply):
+    session_id: str
+    user: str
+    client: Literal["twinkle", "tinker"] = "twinkle"
+    state: Literal["active", "expired", "closed"]
+    created_at: float
+    last_heartbeat: float
+    lease_seconds: float
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    run_ids: list[str] = Field(default_factory=list)
+
+
+class SessionList(_Reply):
+    sessions: list[SessionInfo]
+
+
+# ---- runs (one LoRA adapter each) ------------------------------------------------------------------------------
+
+
+class CreateRunRequest(_Api):
+    session_id: str
+    base_model: str
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    name: str | None = Field(None, description="display name; the server picks the run id")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class RunInfo(_Reply):
+    run_id: str
+    session_id: str
+    user: str
+    base_model: str
+    lora: LoraConfig
+    name: str | None = None
+    state: Literal["active", "unloaded", "lost", "deleted"]
+    step: int = 0
+    created_at: float
+    last_request_time: float | None = None
+    last_metrics: dict[str, float] = Field(default_factory=dict)
+    last_checkpoint: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class RunList(_Reply):
+    runs: list[RunInfo]
+    total: int | None = None
+
+
+class MetricPoint(_Reply):
+    step: int
+    time: float
+    kind: str = Field(description="forward_backward | optim_step | sample ...")
+    metrics: dict[str, float]
+
+
+class MetricHistory(_Reply):
+    run_id: str
+    points: list[MetricPoint]
+
+
+class SetOptimizerRequest(_Api):
+    optimizer: OptimizerConfig
+
+
+class SetLRSchedulerRequest(_Api):
+    scheduler: LRSchedulerConfig
+
+
+class ForwardRequest(_Api):
+    seq_id: int | None = Field(None, description="per-run order; a repeated seq_id is answered from the first execution")
+    data: list[Datum]
+    loss_fn: str = "cross_entropy"
+    loss_fn_config: dict[str, float | str] | None = None
+
+
+class OptimStepRequest(_Api):
+    seq_id: int | None = None
+    adam_params: AdamParams | None = Field(None, description="absent: the run's optimizer + LR schedule")
+
+
+class SaveCheckpointRequest(_Api):
+    seq_id: int | None = None
+    name: str
+    kind: Literal["training", "sampler"] = "training"
+    ttl_seconds: float | None = Field(None, gt=0)
+    overwrite: bool = False
+
+
+class LoadCheckpointRequest(_Api):
+    seq_id: int | None = None
+    checkpoint: str = Field(description="a tinker:// path or a checkpoint name of this run")
+    optimizer: bool = True
+
+
+class ResumeRunRequest(_Api):
+    session_id: str
+    checkpoint: str = Field(description="tinker://<run>/weights/<name>")
+    optimizer: bool = True
+
+
+class CheckpointInfo(_Reply):
+    checkpoint_id: str = Field(description="'weights/<name>' or 'sampler_weights/<name>'")
+    run_id: str
+    name: str
+    kind: Literal["training", "sampler"]
+    path: str = Field(description="tinker://<run>/<weights|sampler_weights>/<name>")
+    created_at: float
+    step: int = 0
+    size_bytes: int | None = None
+    expires_at: float | None = None
+    public: bool = False
+
+
+class CheckpointList(_Reply):
+    checkpoints: list[CheckpointInfo]
+
+
+# ---- sampling ------------------------------------------------------------------------------------------------
+
+
+class SampleRequest(_Api):
+    base_model: str | None = None
+    run_id: str | None = Field(None, description="sample from the run's current adapter weights")
+    checkpoint: str | None = Field(None, description="tinker:// path of a saved adapter")
+    prompt: ModelInput
+    num_samples: int = Field(1, ge=1, le=128)
+    sampling_params: SamplingParams = Field(default_factory=SamplingParams)
+    prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = Field(0, ge=0, le=20)
+
+
+# ---- futures -------------------------------------------------------------------------------------------------
+
+
+class FutureRef(_Reply):
+    future_id: str
+    run_id: str | None = None
+
+
+class FutureState(_Reply):
+    future_id: str
+    status: Literal["pending", "complete", "failed"]
+    type: str | None = Field(None, description="forward_backward | optim_step | save | load | sample | create_run ...")
+    result: Any = None
+    error: dict[str, Any] | None = None
