@@ -1,0 +1,238 @@
+"""The server's YAML configuration: a strict schema (an unknown key is an error naming the key and where).
+
+Example (see ``docs/server.md`` for every key)::
+
+    http: {host: 0.0.0.0, port: 8000}
+    persistence: {sqlite_path: ~/.twinkle/server.db, checkpoint_root: ~/.twinkle/checkpoints}
+    lease_seconds: 60
+    models:
+      - name: tiny
+        backend: transformers
+        model_id: builtin://tiny
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from twinkle.types import InvalidInputError
+
+__all__ = [
+    "AuthConfig",
+    "ConfigError",
+    "HttpConfig",
+    "LimitsConfig",
+    "ModelConfig",
+    "PersistenceConfig",
+    "RayActorOptions",
+    "SamplerSettings",
+    "ServerConfig",
+    "dump_config",
+    "load_config",
+    "parse_config",
+]
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+
+
+class ConfigError(InvalidInputError):
+    """The configuration file is missing, not YAML, or does not match the schema."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class HttpConfig(_Strict):
+    host: str = Field("0.0.0.0", description="interface the HTTP proxy binds to")
+    port: int = Field(8000, ge=1, le=65535)
+
+
+class AuthConfig(_Strict):
+    bootstrap_key_env: str | None = Field(
+        "TWINKLE_BOOTSTRAP_KEY",
+        description="name of an environment variable; when set at launch, its value is accepted as an admin key",
+    )
+    bootstrap_user: str = Field("admin", description="user the bootstrap key belongs to")
+
+
+class PersistenceConfig(_Strict):
+    sqlite_path: str = Field("~/.twinkle/server.db", description="SQLite file: keys, sessions, runs, checkpoints, futures")
+    checkpoint_root: str = Field("~/.twinkle/checkpoints", description="checkpoints live in <root>/<user>/<run>/<kind>/<name>")
+    future_ttl_seconds: float = Field(3600.0, gt=0, description="how long completed future results are kept")
+
+    def sqlite_file(self) -> Path:
+        return Path(os.path.expanduser(self.sqlite_path)).resolve()
+
+    def checkpoint_dir(self) -> Path:
+        return Path(os.path.expanduser(self.checkpoint_root)).resolve()
+
+
+class LimitsConfig(_Strict):
+    max_adapters_per_user: int = Field(8, ge=1, description="active runs (loaded adapters) one user may hold")
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest HTTP request body")
+    max_tokens_per_request: int = Field(65536, ge=1, description="tokens in one forward/forward_backward/sample")
+
+
+class RayActorOptions(_Strict):
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    memory: int | None = Field(None, ge=0, description="bytes of RAM to reserve")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources")
+
+    def to_ray(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.memory:
+            out["memory"] = self.memory
+        if self.resources:
+            out["resources"] = dict(self.resources)
+        return out
+
+
+class SamplerSettings(_Strict):
+    max_tokens: int = Field(1024, ge=1, description="cap on sampling_params.max_tokens")
+    default_max_tokens: int = Field(64, ge=1, description="used when a request gives no max_tokens")
+    max_num_samples: int = Field(16, ge=1, description="cap on num_samples of one request")
+    max_batch_size: int = Field(32, ge=1, description="sequences generated together")
+
+
+class ModelConfig(_Strict):
+    name: str | None = Field(None, description="the base_model name clients use; default: model_id")
+    backend: Literal["transformers", "megatron", "mock"]
+    model_id: str = Field(description="builtin://tiny, hf://org/name, ms://org/name or a local directory")
+    replicas: int = Field(1, ge=1, description="worker deployments of this model (each holds its own adapters)")
+    ray_actor_options: RayActorOptions = Field(default_factory=RayActorOptions)
+    max_adapters: int = Field(16, ge=1, description="adapters loaded at once on ONE replica")
+    max_lora_rank: int = Field(64, ge=1)
+    max_tokens_per_request: int = Field(8192, ge=1)
+    batch_token_budget: int = Field(8192, ge=1, description="tokens in one mixed batch")
+    max_queue: int = Field(1024, ge=1, description="queued requests per replica before 429")
+    sampler: SamplerSettings = Field(default_factory=SamplerSettings)
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    seed: int = 0
+    trust_remote_code: bool = False
+    megatron: dict[str, Any] = Field(default_factory=dict, description="megatron backend options (tp, pp, ...)")
+
+    @model_validator(mode="after")
+    def _default_name(self) -> ModelConfig:
+        if self.name is None:
+            object.__setattr__(self, "name", self.model_id)
+        return self
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, v: str | None) -> str | None:
+        if v is not None and not _NAME_RE.match(v):
+            raise ValueError("a model name uses letters, digits and . _ / - only")
+        return v
+
+    @property
+    def served_name(self) -> str:
+        return self.name or self.model_id
+
+
+class ServerConfig(_Strict):
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    persistence: PersistenceConfig = Field(default_factory=PersistenceConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    lease_seconds: float = Field(60.0, gt=0, description="a session that stops heart-beating this long is unloaded")
+    max_lease_seconds: float = Field(86400.0, gt=0, description="cap on a session's requested lease")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    models: list[ModelConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ServerConfig:
+        seen: set[str] = set()
+        for m in self.models:
+            if m.served_name in seen:
+                raise ValueError(f"two models are named {m.served_name!r}; give each a distinct 'name'")
+            seen.add(m.served_name)
+        return self
+
+    def model(self, name: str) -> ModelConfig | None:
+        for m in self.models:
+            if m.served_name == name or m.model_id == name:
+                return m
+        return None
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "<top level>"
+
+
+def _format_errors(err: ValidationError, source: str) -> tuple[str, str]:
+    lines: list[str] = []
+    first_field = ""
+    for e in err.errors():
+        loc = tuple(e.get("loc", ()))
+        # drop pydantic's internal discriminator / function tags
+        loc = tuple(p for p in loc if not (isinstance(p, str) and p.startswith("function-")))
+        if e.get("type") == "extra_forbidden":
+            key = loc[-1] if loc else "?"
+            where = _loc(loc[:-1])
+            lines.append(f"unknown key {key!r} at {where}")
+            field = _loc(loc)
+        else:
+            field = _loc(loc)
+            lines.append(f"{field}: {e.get('msg')}")
+        first_field = first_field or field
+    return f"invalid config {source}: " + "; ".join(lines), first_field
+
+
+def parse_config(data: Any, source: str = "<dict>") -> ServerConfig:
+    """Validate a mapping. Raises ``ConfigError`` naming the bad key and its location."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}: the top level must be a mapping", field="<top level>")
+    try:
+        return ServerConfig.model_validate(data)
+    except ValidationError as e:
+        msg, field = _format_errors(e, source)
+        raise ConfigError(msg, field=field) from None
+
+
+def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> ServerConfig:
+    """Read and validate a YAML file. ``overrides`` are dotted keys (``{"http.port": 8001}``)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist", field="config")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {p} is not valid YAML: {e}", field="config") from None
+    if overrides:
+        data = dict(data or {})
+        for dotted, value in overrides.items():
+            node = data
+            parts = dotted.split(".")
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = value
+    return parse_config(data, source=str(p))
+
+
+def dump_config(cfg: ServerConfig, fmt: Literal["yaml", "json"] = "yaml") -> str:
+    """The full effective configuration (defaults filled in)."""
+    data = cfg.model_dump(mode="json")
+    if fmt == "json":
+        return json.dumps(data, indent=2)
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
