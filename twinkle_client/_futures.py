@@ -1,0 +1,65 @@
+"""Remote futures: one long-poll ``GET futures/{id}`` per wait; the server answers the moment it is done."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from twinkle.types import TwinkleError
+from twinkle.types.api import FutureRef, FutureState
+
+if TYPE_CHECKING:
+    from .session import Session
+
+T = TypeVar("T")
+_POLL_S = 30.0
+
+
+class RemoteFuture(Generic[T]):
+    """A server-side computation. ``result()`` blocks (long-polling) and returns the parsed value."""
+
+    def __init__(self, session: Session, ref: FutureRef, parse: Callable[[Any], T], kind: str = ""):
+        self.session = session
+        self.ref = ref
+        self.kind = kind
+        self._parse = parse
+        self._done = False
+        self._value: T | None = None
+        self._error: TwinkleError | None = None
+
+    @property
+    def future_id(self) -> str:
+        return self.ref.future_id
+
+    def done(self) -> bool:
+        if not self._done:
+            self._poll(0.0)
+        return self._done
+
+    def result(self, timeout: float | None = None) -> T:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._done:
+            wait = _POLL_S if deadline is None else max(0.0, min(_POLL_S, deadline - time.monotonic()))
+            self._poll(wait)
+            if not self._done and deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"future {self.future_id} ({self.kind}) not done after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+    def _poll(self, wait: float) -> None:
+        body = self.session.http.get(
+            f"futures/{self.future_id}", params={"timeout": round(wait, 3)}, timeout=wait + 30.0
+        )
+        state = FutureState.model_validate(body)
+        if state.status == "pending":
+            return
+        if state.status == "failed":
+            self._error = TwinkleError.from_dict(state.error or {"error": "the request failed"})
+        else:
+            self._value = self._parse(state.result)
+        self._done = True
+
+    def __repr__(self) -> str:
+        return f"RemoteFuture({self.kind or 'request'}, id={self.future_id!r}, done={self._done})"

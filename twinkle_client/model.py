@@ -1,0 +1,372 @@
+"""Remote mirrors of ``twinkle.model`` (see ``docs/local-api.md``): the same methods, executed on the server.
+
+Change ``from twinkle.model import TransformersModel`` to ``from twinkle_client.model import TransformersModel``
+and call ``twinkle_client.init_twinkle_client(url, key)``; the script is otherwise unchanged. Every training
+call carries a per-run ``seq_id`` so a retried request is answered from its first execution, never applied
+twice, and a re-attached process continues the sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from twinkle.data import to_datums
+from twinkle.types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardOutput,
+    InvalidInputError,
+    LoraConfig,
+    LRSchedulerConfig,
+    NotFoundError,
+    OptimizerConfig,
+    OptimStepResponse,
+)
+from twinkle.types.api import BaseModelInfo, CheckpointInfo, RunInfo
+
+from ._futures import RemoteFuture
+from .session import Session, current_session
+
+__all__ = ["MegatronModel", "MockModel", "RemoteModel", "TransformersModel", "to_lora_config"]
+
+_SCHEDULER_ALIASES = {"cosine": "cosine", "linear": "linear", "constant": "constant", "cosine_with_warmup": "cosine"}
+
+
+def to_lora_config(config: Any = None, **overrides: Any) -> LoraConfig:
+    """A ``twinkle.types.LoraConfig`` from itself, a dict, or a ``peft.LoraConfig`` (read by attribute)."""
+    if config is None:
+        data: dict[str, Any] = {}
+    elif isinstance(config, LoraConfig):
+        data = config.model_dump(exclude_unset=True)
+    elif isinstance(config, Mapping):
+        data = dict(config)
+    elif hasattr(config, "r") and hasattr(config, "lora_alpha"):  # peft.LoraConfig, duck-typed (no peft import)
+        tm = getattr(config, "target_modules", None)
+        if isinstance(tm, (set, frozenset, tuple)):
+            tm = sorted(tm)
+        data = {"rank": config.r, "alpha": config.lora_alpha, "dropout": getattr(config, "lora_dropout", 0.0) or 0.0,
+                "target_modules": tm}
+    else:
+        raise InvalidInputError(f"config must be a LoraConfig, a dict or a peft.LoraConfig, got {type(config).__name__}",
+                                field="config")
+    if "r" in data and "rank" not in data:
+        data["rank"] = data.pop("r")
+    if "lora_alpha" in data and "alpha" not in data:
+        data["alpha"] = data.pop("lora_alpha")
+    if "lora_dropout" in data and "dropout" not in data:
+        data["dropout"] = data.pop("lora_dropout")
+    data.update(overrides)
+    try:
+        return LoraConfig.model_validate(data)
+    except Exception as e:
+        raise InvalidInputError(f"invalid LoRA config: {e}", field="config") from None
+
+
+def _weight_sum(data: list[Datum]) -> float:
+    total = 0.0
+    for d in data:
+        w = d.loss_fn_inputs.get("weights")
+        if w is not None:
+            total += float(sum(w.data))
+        else:
+            t = d.loss_fn_inputs.get("target_tokens")
+            total += float(len(t.data)) if t is not None else float(d.model_input.length)
+    return total
+
+
+@dataclass
+class _Adapter:
+    name: str
+    run: RunInfo
+    lora: LoraConfig
+    step: int = 0
+    loss_sum: float = 0.0
+    weight_sum: float = 0.0
+    last: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def run_id(self) -> str:
+        return self.run.run_id
+
+
+class RemoteModel:
+    """Base of the remote model classes. ``model_id``: a base model the server hosts (None: its first one)."""
+
+    backend = "transformers"
+
+    def __init__(self, model_id: str | None = None, *, seed: int = 0, session: Session | None = None, **kwargs: Any):
+        self.session = session or current_session()
+        self.seed = seed
+        self.options = kwargs
+        self.base = self._pick_base_model(model_id)
+        self.model_id = self.base.name
+        self._adapters: dict[str, _Adapter] = {}
+        self._current: str | None = None
+        self._tokenizer: Any = None
+
+    # ---- base model -----------------------------------------------------------------------------------------
+    def _pick_base_model(self, model_id: str | None) -> BaseModelInfo:
+        models = self.session.capabilities().base_models
+        if not models:
+            raise NotFoundError("the server hosts no base model", field="model_id")
+        if model_id is None:
+            same = [m for m in models if m.backend == self.backend]
+            return (same or models)[0]
+
+        def bare(s: str) -> str:
+            return s.split("://", 1)[-1].strip("/")
+
+        for m in models:
+            if m.name == model_id:
+                return m
+        for m in models:
+            if bare(m.name) == bare(model_id):
+                return m
+        names = ", ".join(m.name for m in models)
+        raise NotFoundError(f"base model {model_id!r} is not hosted by {self.session.url} (hosted: {names})",
+                            field="model_id")
+
+    # ---- adapters -------------------------------------------------------------------------------------------
+    def add_adapter_to_model(self, adapter_name: str = "default", config: Any = None, **kwargs: Any) -> RunInfo:
+        """Create the adapter as a training run on the server. If this session already has an active run of
+        that name (a re-run cell, a re-attached kernel), it is re-used and training continues where it was."""
+        lora = to_lora_config(config, **kwargs)
+        if lora.seed is None:
+            lora = lora.model_copy(update={"seed": self.seed})
+        existing = [r for r in self.session.runs(all_sessions=False)
+                    if r.name == adapter_name and r.state == "active" and r.base_model == self.model_id]
+        if existing:
+            run = existing[-1]
+            if run.lora.rank != lora.rank:
+                raise InvalidInputError(
+                    f"this session already has adapter {adapter_name!r} with rank {run.lora.rank}, not {lora.rank}",
+                    field="config.rank")
+            last_seq = getattr(run, "last_seq_id", None)
+            if last_seq is not None:
+                self.session.run_state.bump_seq_id(run.run_id, int(last_seq) + 1)
+        else:
+            body = {"session_id": self.session.session_id, "base_model": self.model_id,
+                    "lora": lora.model_dump(exclude_none=True), "name": adapter_name,
+                    "metadata": {"adapter": adapter_name, "client": "twinkle_client", "backend": self.backend}}
+            run = self.session.submit("runs", body, RunInfo.model_validate, "create_run").result()
+        self._adapters[adapter_name] = _Adapter(adapter_name, run, lora, step=run.step)
+        if self._current is None:
+            self._current = adapter_name
+        return run
+
+    def set_current_adapter(self, adapter_name: str) -> None:
+        self._adapter(adapter_name)
+        self._current = adapter_name
+
+    def list_adapters(self) -> list[str]:
+        return list(self._adapters)
+
+    def remove_adapter(self, adapter_name: str) -> None:
+        a = self._adapter(adapter_name)
+        self.session.delete_run(a.run_id)
+        del self._adapters[adapter_name]
+        if self._current == adapter_name:
+            self._current = next(iter(self._adapters), None)
+
+    def _adapter(self, adapter_name: str | None = None) -> _Adapter:
+        name = adapter_name or self._current
+        if name is None:
+            raise InvalidInputError("no adapter yet: call add_adapter_to_model(name, LoraConfig(...)) first",
+                                    field="adapter_name")
+        if name not in self._adapters:
+            raise NotFoundError(f"no adapter named {name!r} (have: {', '.join(self._adapters) or 'none'})",
+                                field="adapter_name")
+        return self._adapters[name]
+
+    @property
+    def run_id(self) -> str:
+        """The server's id of the current adapter's training run."""
+        return self._adapter().run_id
+
+    def run_info(self, adapter_name: str | None = None) -> RunInfo:
+        a = self._adapter(adapter_name)
+        a.run = self.session.get_run(a.run_id)
+        return a.run
+
+    # ---- requests -------------------------------------------------------------------------------------------
+    def _submit(self, a: _Adapter, op: str, body: dict[str, Any], parse: Any, *, seq: bool = True) -> RemoteFuture[Any]:
+        if seq:
+            body = {"seq_id": self.session.run_state.next_seq_id(a.run_id), **body}
+        return self.session.submit(f"runs/{a.run_id}/{op}", body, parse, op)
+
+    def set_optimizer(
+        self, optimizer: str = "AdamW", *, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8, weight_decay: float = 0.0, grad_clip_norm: float = 0.0, momentum: float = 0.0,
+        adapter_name: str | None = None, **kwargs: Any,
+    ) -> None:
+        """Configure the adapter's optimizer. Re-sending the settings a re-attached run already has is a no-op
+        (its optimizer state is kept)."""
+        lr = kwargs.pop("learning_rate", lr)
+        if kwargs:
+            raise InvalidInputError(f"unknown optimizer option(s): {', '.join(kwargs)}", field=next(iter(kwargs)))
+        try:
+            cfg = OptimizerConfig(name=optimizer.lower(), lr=lr, betas=tuple(betas), eps=eps,
+                                  weight_decay=weight_decay, grad_clip_norm=grad_clip_norm, momentum=momentum)
+        except Exception as e:
+            raise InvalidInputError(f"invalid optimizer settings: {e}", field="optimizer") from None
+        self._configure(adapter_name, "optimizer", {"optimizer": cfg.model_dump(mode="json")})
+
+    def set_lr_scheduler(
+        self, scheduler: str = "constant", *, num_warmup_steps: int = 0, num_training_steps: int | None = None,
+        min_lr_ratio: float = 0.0, adapter_name: str | None = None,
+    ) -> None:
+        name = _SCHEDULER_ALIASES.get(scheduler.lower())
+        if name is None:
+            raise InvalidInputError(f"unknown LR scheduler {scheduler!r} (cosine, linear, constant)", field="scheduler")
+        try:
+            cfg = LRSchedulerConfig(name=name, warmup_steps=num_warmup_steps, total_steps=num_training_steps,
+                                    min_lr_ratio=min_lr_ratio)
+        except Exception as e:
+            raise InvalidInputError(f"invalid LR scheduler settings: {e}", field="scheduler") from None
+        self._configure(adapter_name, "lr_scheduler", {"scheduler": cfg.model_dump(mode="json")})
+
+    def _configure(self, adapter_name: str | None, op: str, body: dict[str, Any]) -> None:
+        a = self._adapter(adapter_name)
+        if self.session.run_state.get(a.run_id, op) == body:
+            return
+        self._submit(a, op, body, lambda x: x, seq=False).result()  # no seq_id in these requests
+        self.session.run_state.set(a.run_id, op, body)
+
+    def forward_backward_async(
+        self, *, inputs: Any, loss_fn: str = "cross_entropy", loss_fn_config: dict[str, Any] | None = None,
+        adapter_name: str | None = None,
+    ) -> RemoteFuture[ForwardBackwardOutput]:
+        return self._fb(inputs, loss_fn, loss_fn_config, adapter_name, forward_only=False)
+
+    def forward_backward(
+        self, *, inputs: Any, loss_fn: str = "cross_entropy", loss_fn_config: dict[str, Any] | None = None,
+        adapter_name: str | None = None,
+    ) -> ForwardBackwardOutput:
+        """Forward and backward on the server; gradients accumulate until ``clip_grad_and_step``."""
+        return self.forward_backward_async(inputs=inputs, loss_fn=loss_fn, loss_fn_config=loss_fn_config,
+                                           adapter_name=adapter_name).result()
+
+    def forward(
+        self, *, inputs: Any, loss_fn: str = "cross_entropy", loss_fn_config: dict[str, Any] | None = None,
+        adapter_name: str | None = None,
+    ) -> ForwardBackwardOutput:
+        """Forward only (no gradients); same output shape as ``forward_backward``."""
+        return self._fb(inputs, loss_fn, loss_fn_config, adapter_name, forward_only=True).result()
+
+    def _fb(self, inputs: Any, loss_fn: str, loss_fn_config: dict[str, Any] | None, adapter_name: str | None,
+            *, forward_only: bool) -> RemoteFuture[ForwardBackwardOutput]:
+        a = self._adapter(adapter_name)
+        data = to_datums(inputs)
+        weight = _weight_sum(data)
+        body = {"data": [d.model_dump(mode="json", exclude_none=True) for d in data], "loss_fn": loss_fn}
+        if loss_fn_config:
+            body["loss_fn_config"] = loss_fn_config
+
+        def parse(result: Any) -> ForwardBackwardOutput:
+            out = ForwardBackwardOutput.model_validate(result)
+            if not forward_only:
+                loss = out.metrics.get("loss:sum")
+                if loss is not None:
+                    a.loss_sum += float(loss)
+                    a.weight_sum += weight
+            return out
+
+        return self._submit(a, "forward" if forward_only else "forward_backward", body, parse)
+
+    def clip_grad_and_step(self, adapter_name: str | None = None, adam_params: AdamParams | None = None) -> dict[str, float]:
+        """Apply the accumulated gradients (clipped at the optimizer's ``grad_clip_norm``). Returns
+        ``{"grad_norm", "lr", "step"}``."""
+        return self.optim_step_async(adapter_name, adam_params).result()
+
+    def optim_step_async(self, adapter_name: str | None = None,
+                         adam_params: AdamParams | None = None) -> RemoteFuture[dict[str, float]]:
+        a = self._adapter(adapter_name)
+        body: dict[str, Any] = {}
+        if adam_params is not None:
+            body["adam_params"] = adam_params.model_dump()
+
+        def parse(result: Any) -> dict[str, float]:
+            m = OptimStepResponse.model_validate(result or {}).metrics or {}
+            a.step += 1
+            out = {"grad_norm": float(m.get("grad_norm:mean", m.get("grad_norm", float("nan")))),
+                   "lr": float(m.get("lr:mean", m.get("lr", float("nan")))),
+                   "step": int(m.get("step:max", m.get("step", a.step)))}
+            a.step = out["step"]
+            a.last.update(out)
+            return out
+
+        return self._submit(a, "optim_step", body, parse)
+
+    def calculate_metric(self, is_training: bool = True, adapter_name: str | None = None) -> dict[str, float]:
+        """``{"loss"}`` = mean loss per weighted token since the last call, plus ``tokens``, ``step``, ``lr``,
+        ``grad_norm``. Resets the running loss."""
+        a = self._adapter(adapter_name)
+        loss = a.loss_sum / a.weight_sum if a.weight_sum > 0 else float("nan")
+        out = {"loss": loss, "tokens": a.weight_sum, "step": a.step,
+               "lr": a.last.get("lr", float("nan")), "grad_norm": a.last.get("grad_norm", float("nan"))}
+        if is_training:
+            a.loss_sum = 0.0
+            a.weight_sum = 0.0
+        return out
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------
+    def save(self, name: str, save_optimizer: bool = True, adapter_name: str | None = None, *,
+             overwrite: bool = True, ttl_seconds: float | None = None) -> str:
+        """Save a checkpoint on the server; returns its ``tinker://<run>/...`` path."""
+        a = self._adapter(adapter_name)
+        body: dict[str, Any] = {"name": name, "kind": "training" if save_optimizer else "sampler",
+                                "overwrite": overwrite}
+        if ttl_seconds is not None:
+            body["ttl_seconds"] = ttl_seconds
+        info = self._submit(a, "checkpoints", body, CheckpointInfo.model_validate).result()
+        return info.path
+
+    def load(self, name_or_path: str, load_optimizer: bool = True, adapter_name: str | None = None) -> None:
+        """Load a checkpoint (a name of this run or a ``tinker://`` path) into the adapter."""
+        a = self._adapter(adapter_name)
+        self._submit(a, "load", {"checkpoint": name_or_path, "optimizer": load_optimizer}, lambda x: x).result()
+        a.run = self.session.get_run(a.run_id)
+        a.step = a.run.step
+
+    def checkpoints(self, adapter_name: str | None = None) -> list[CheckpointInfo]:
+        return self.session.checkpoints(self._adapter(adapter_name).run_id)
+
+    # ---- tokenizer ------------------------------------------------------------------------------------------
+    def get_tokenizer(self) -> Any:
+        """The base model's tokenizer, loaded on this machine from the server's ``tokenizer_id``
+        (needs ``transformers`` or ``tokenizers``; loaded once)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.base.tokenizer_id or self.base.name)
+        return self._tokenizer
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(model_id={self.model_id!r}, server={self.session.url!r}, "
+                f"adapters={list(self._adapters)})")
+
+
+def load_tokenizer(tokenizer_id: str) -> Any:
+    try:
+        from transformers import AutoTokenizer  # lazy: only when a tokenizer is asked for
+    except ImportError:
+        AutoTokenizer = None  # noqa: N806
+    if AutoTokenizer is not None:
+        return AutoTokenizer.from_pretrained(tokenizer_id)
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(Path(tokenizer_id) / "tokenizer.json"))
+
+
+class TransformersModel(RemoteModel):
+    backend = "transformers"
+
+
+class MockModel(RemoteModel):
+    backend = "mock"
+
+
+class MegatronModel(RemoteModel):
+    backend = "megatron"

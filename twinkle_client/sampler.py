@@ -1,0 +1,112 @@
+"""Remote mirror of ``twinkle.sampler.Sampler``: generation on the server with a run's live adapter weights,
+a saved checkpoint, or the base model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twinkle.types import InvalidInputError, ModelInput, SampleResponse, SamplingParams
+
+from .model import RemoteModel, load_tokenizer
+from .session import Session, current_session
+
+__all__ = ["Sampler"]
+
+
+class Sampler:
+    """``Sampler(model)`` samples with the model's current adapter (its weights at the time of each call);
+    ``Sampler(checkpoint="tinker://...")`` with a saved adapter; ``Sampler(base_model=...)`` with none."""
+
+    def __init__(
+        self, model: RemoteModel | None = None, *, adapter_name: str | None = None, checkpoint: str | None = None,
+        base_model: str | None = None, session: Session | None = None,
+    ):
+        self.model = model
+        self.adapter_name = adapter_name
+        self.checkpoint = checkpoint
+        self.session = session or (model.session if model is not None else current_session())
+        if model is not None:
+            self.base_model = model.model_id
+        elif base_model is not None:
+            self.base_model = base_model
+        else:
+            models = self.session.capabilities().base_models
+            if not models:
+                raise InvalidInputError("the server hosts no base model", field="base_model")
+            self.base_model = models[0].name
+        self._tokenizer: Any = None
+
+    # ---- tokens ---------------------------------------------------------------------------------------------
+    def get_tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            if self.model is not None:
+                self._tokenizer = self.model.get_tokenizer()
+            else:
+                info = next((m for m in self.session.capabilities().base_models if m.name == self.base_model), None)
+                self._tokenizer = load_tokenizer((info.tokenizer_id if info else None) or self.base_model)
+        return self._tokenizer
+
+    def _prompt(self, prompt: Any) -> ModelInput:
+        if isinstance(prompt, ModelInput):
+            return prompt
+        if isinstance(prompt, str):
+            return ModelInput.from_ints(self.get_tokenizer().encode(prompt, add_special_tokens=False))
+        try:
+            return ModelInput.from_ints(list(prompt))
+        except (TypeError, ValueError):
+            raise InvalidInputError("prompt must be token ids, a ModelInput or a string", field="prompt") from None
+
+    # ---- sampling -------------------------------------------------------------------------------------------
+    def sample_async(
+        self, prompt: Any, sampling_params: SamplingParams | dict[str, Any] | None = None, num_samples: int = 1,
+        prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,
+    ):
+        params = sampling_params if isinstance(sampling_params, SamplingParams) else SamplingParams(**(sampling_params or {}))
+        body: dict[str, Any] = {
+            "base_model": self.base_model,
+            "prompt": self._prompt(prompt).model_dump(mode="json"),
+            "num_samples": num_samples,
+            "sampling_params": params.model_dump(exclude_none=True),
+            "prompt_logprobs": prompt_logprobs,
+            "topk_prompt_logprobs": topk_prompt_logprobs,
+        }
+        if self.checkpoint is not None:
+            body["checkpoint"] = self.checkpoint
+        elif self.model is not None:
+            body["run_id"] = self.model._adapter(self.adapter_name).run_id
+        return self.session.submit("sample", body, SampleResponse.model_validate, "sample")
+
+    def sample(
+        self, prompt: Any, sampling_params: SamplingParams | dict[str, Any] | None = None, num_samples: int = 1,
+        prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,
+    ) -> SampleResponse:
+        return self.sample_async(prompt, sampling_params, num_samples, prompt_logprobs, topk_prompt_logprobs).result()
+
+    def compute_logprobs(self, prompt: Any) -> list[float | None]:
+        """Log-probability of each prompt token given the ones before it: ``[None, lp1, lp2, ...]``."""
+        resp = self.sample(prompt, SamplingParams(max_tokens=1, temperature=1.0), 1, prompt_logprobs=True)
+        return list(resp.prompt_logprobs or [])
+
+    def generate(
+        self, prompt: str | list[dict[str, str]], *, max_tokens: int = 64, temperature: float = 0.0,
+        top_p: float = 1.0, top_k: int = -1, seed: int | None = None, system: str | None = None,
+    ) -> str:
+        """Chat-style generation: the chat template is applied to ``prompt`` and the reply decoded."""
+        tok = self.get_tokenizer()
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if system:
+            messages = [{"role": "system", "content": system}, *messages]
+        if getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+        else:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+            ids = tok.encode(text, add_special_tokens=False)
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        resp = self.sample(list(ids), params)
+        return tok.decode(resp.sequences[0].tokens, skip_special_tokens=True)
+
+    def __repr__(self) -> str:
+        src = self.checkpoint or (self.model.run_id if self.model is not None else "base")
+        return f"Sampler(base_model={self.base_model!r}, weights={src!r})"

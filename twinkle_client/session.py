@@ -1,0 +1,348 @@
+"""A session is a lease on the server, held by a background heartbeat — like a remote kernel.
+
+``connect(url, api_key)`` opens one (or re-attaches with ``session_id=``); ``Session.resume()`` re-attaches
+from the local state file after a kernel restart; ``close()`` (or leaving a ``with`` block) checkpoints and
+frees the session's adapters on the server.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import httpx
+
+from twinkle.types import GoneError, TwinkleError
+from twinkle.types.api import (
+    Capabilities,
+    CheckpointInfo,
+    CheckpointList,
+    FutureRef,
+    MetricHistory,
+    RunInfo,
+    RunList,
+    ServerStatus,
+    SessionInfo,
+)
+
+from . import _state
+from ._errors import ConnectionLostError
+from ._futures import RemoteFuture
+from ._transport import HTTP
+
+__all__ = ["Session", "connect", "current_session"]
+
+_current: Session | None = None
+_current_lock = threading.Lock()
+
+
+def current_session(required: bool = True) -> Session | None:
+    """The session opened last by ``connect`` / ``init_twinkle_client`` in this process."""
+    if _current is None or _current.closed:
+        if required:
+            raise ConnectionLostError(
+                "not connected: call twinkle_client.init_twinkle_client(url, api_key), "
+                "twinkle_client.connect(url, api_key) or `%twinkle connect URL` first"
+            )
+        return None
+    return _current
+
+
+def _set_current(session: Session | None) -> None:
+    global _current
+    with _current_lock:
+        _current = session
+
+
+class Session:
+    """One client session. Do not build directly: use ``connect`` or ``Session.resume``."""
+
+    def __init__(self, http: HTTP, info: SessionInfo, *, heartbeat: bool = True, persist_state: bool = True):
+        self.http = http
+        self.info = info
+        self.state = "connected"  # connected | reconnecting | expired | closed
+        self.last_error: str | None = None
+        self.heartbeats = 0
+        self._caps: Capabilities | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.run_state = _state.SessionState(info.session_id, persist=persist_state)
+        self._persist = persist_state
+        http.on_connection_change = self._on_connection
+        if heartbeat:
+            self._thread = threading.Thread(target=self._heartbeat_loop, name="twinkle-heartbeat", daemon=True)
+            self._thread.start()
+
+    # ---- identity -------------------------------------------------------------------------------------------
+    @property
+    def session_id(self) -> str:
+        return self.info.session_id
+
+    @property
+    def url(self) -> str:
+        return self.http.base_url
+
+    @property
+    def api_key(self) -> str | None:
+        return self.http.api_key
+
+    @property
+    def closed(self) -> bool:
+        return self.state == "closed"
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return min(30.0, max(0.2, self.info.lease_seconds / 3.0))
+
+    # ---- lifecycle ------------------------------------------------------------------------------------------
+    @classmethod
+    def resume(
+        cls, api_key: str | None = None, *, url: str | None = None, session_id: str | None = None,
+        state_file: str | os.PathLike[str] | None = None, **kw: Any,
+    ) -> Session:
+        """Re-attach to the session recorded in the local state file (after a kernel restart)."""
+        saved = _state.read_connection(state_file) or {}
+        url = url or saved.get("url")
+        session_id = session_id or saved.get("session_id")
+        if not url or not session_id:
+            where = state_file or (_state.twinkle_home() / "connection.json")
+            raise ConnectionLostError(f"no saved Twinkle session to resume in {where}")
+        return connect(url, api_key or saved.get("api_key"), session_id=session_id, **kw)
+
+    def heartbeat(self) -> SessionInfo:
+        """Extend the lease now (the background thread does this every lease/3 seconds)."""
+        body = self.http.post(f"sessions/{self.session_id}/heartbeat", retry=False)
+        self.info = SessionInfo.model_validate(body)
+        self.heartbeats += 1
+        return self.info
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.heartbeat_interval if self.state == "connected" else 0.5):
+            try:
+                self.heartbeat()
+                if self.state == "reconnecting":
+                    self.state = "connected"
+                self.last_error = None
+            except GoneError as e:
+                self.state = "expired"
+                self.last_error = str(e)
+                return
+            except TwinkleError as e:
+                self.last_error = str(e)
+                if isinstance(e, ConnectionLostError):
+                    self.state = "reconnecting"
+            except Exception as e:  # keep the thread alive whatever happens
+                self.last_error = f"{type(e).__name__}: {e}"
+
+    def _on_connection(self, ok: bool) -> None:
+        if self.state in ("closed", "expired"):
+            return
+        self.state = "connected" if ok else "reconnecting"
+
+    def close(self) -> SessionInfo | None:
+        """Close the session on the server (its adapters are checkpointed and unloaded) and stop heart-beating."""
+        if self.closed:
+            return self.info
+        self._stop.set()
+        info = None
+        try:
+            if self.state != "expired":
+                info = SessionInfo.model_validate(
+                    self.http.post(f"sessions/{self.session_id}/close", retry_seconds=5.0)
+                )
+                self.info = info
+        except (GoneError, ConnectionLostError):
+            pass
+        finally:
+            self.state = "closed"
+            if self._persist:
+                _state.clear_connection(self.session_id)
+            if _current is self:
+                _set_current(None)
+            self.http.close()
+            if self._thread is not None and self._thread is not threading.current_thread():
+                self._thread.join(timeout=2.0)
+        return info
+
+    def detach(self) -> None:
+        """Stop heart-beating and drop the connection WITHOUT closing the session (it can be re-attached)."""
+        self._stop.set()
+        self.state = "closed"
+        if _current is self:
+            _set_current(None)
+        self.http.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- server queries -----------------------------------------------------------------------------------
+    def capabilities(self, refresh: bool = False) -> Capabilities:
+        if self._caps is None or refresh:
+            self._caps = Capabilities.model_validate(self.http.get("capabilities"))
+        return self._caps
+
+    def server_status(self) -> ServerStatus:
+        return ServerStatus.model_validate(self.http.get("status"))
+
+    def refresh(self) -> SessionInfo:
+        self.info = SessionInfo.model_validate(self.http.get(f"sessions/{self.session_id}"))
+        return self.info
+
+    def runs(self, *, all_sessions: bool = True, limit: int = 100) -> list[RunInfo]:
+        """The caller's training runs (all sessions by default; ``all_sessions=False``: this one only)."""
+        out = RunList.model_validate(self.http.get("runs", params={"limit": limit, "offset": 0})).runs
+        return out if all_sessions else [r for r in out if r.session_id == self.session_id]
+
+    def get_run(self, run_id: str) -> RunInfo:
+        return RunInfo.model_validate(self.http.get(f"runs/{run_id}"))
+
+    def delete_run(self, run_id: str) -> RunInfo:
+        return RunInfo.model_validate(self.http.delete(f"runs/{run_id}"))
+
+    def checkpoints(self, run_id: str | None = None) -> list[CheckpointInfo]:
+        path = f"runs/{run_id}/checkpoints" if run_id else "checkpoints"
+        return CheckpointList.model_validate(self.http.get(path)).checkpoints
+
+    def metrics(self, run_id: str) -> MetricHistory:
+        return MetricHistory.model_validate(self.http.get(f"runs/{run_id}/metrics"))
+
+    def runs_frame(self, **kw: Any) -> Any:
+        """``runs()`` as a pandas DataFrame (pandas needed)."""
+        from .widgets import runs_frame
+
+        return runs_frame(self.runs(**kw))
+
+    def checkpoints_frame(self, run_id: str | None = None) -> Any:
+        from .widgets import checkpoints_frame
+
+        return checkpoints_frame(self.checkpoints(run_id))
+
+    def metrics_frame(self, run_id: str) -> Any:
+        from .widgets import metrics_frame
+
+        return metrics_frame(self.metrics(run_id))
+
+    # ---- futures --------------------------------------------------------------------------------------------
+    def submit(self, path: str, body: dict[str, Any], parse: Any = lambda x: x, kind: str = "") -> RemoteFuture[Any]:
+        ref = FutureRef.model_validate(self.http.post(path, body))
+        return RemoteFuture(self, ref, parse, kind)
+
+    # ---- display --------------------------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """What the HTML repr shows, as plain data (server, base models, your runs, capacity, lease)."""
+        out: dict[str, Any] = {
+            "url": self.url, "session_id": self.session_id, "state": self.state,
+            "lease_seconds": self.info.lease_seconds,
+            "lease_left_s": max(0.0, self.info.last_heartbeat + self.info.lease_seconds - time.time()),
+        }
+        try:
+            caps = self.capabilities()
+            out["version"] = caps.version
+            out["base_models"] = [m.model_dump() for m in caps.base_models]
+            out["runs"] = [r.model_dump() for r in self.runs(all_sessions=False)]
+            st = self.server_status()
+            out["capacity"] = [
+                {"base_model": w.base_model, "replica": w.replica, "adapters": w.adapters,
+                 "queue_depth": w.queue_depth} for w in st.workers
+            ]
+        except TwinkleError as e:
+            out["error"] = str(e)
+        return out
+
+    def _repr_html_(self) -> str:
+        s = self.summary()
+        e = html.escape
+        color = {"connected": "#2e7d32", "reconnecting": "#ef6c00"}.get(self.state, "#c62828")
+        rows = [
+            f"<tr><th style='text-align:left'>server</th><td>{e(s['url'])} (v{e(str(s.get('version', '?')))})</td></tr>",
+            f"<tr><th style='text-align:left'>session</th><td><code>{e(self.session_id)}</code> "
+            f"<b style='color:{color}'>{e(self.state)}</b></td></tr>",
+            f"<tr><th style='text-align:left'>lease</th><td>{s['lease_left_s']:.0f} s left of "
+            f"{s['lease_seconds']:.0f} s (heartbeat every {self.heartbeat_interval:.0f} s)</td></tr>",
+        ]
+        models = s.get("base_models", [])
+        caps_by_model: dict[str, int] = {}
+        for w in s.get("capacity", []):
+            caps_by_model[w["base_model"]] = caps_by_model.get(w["base_model"], 0) + w["adapters"]
+        if models:
+            items = "".join(
+                f"<li><code>{e(m['name'])}</code> — {e(m['backend'])}, rank ≤ {m['max_lora_rank']}, "
+                f"adapters {caps_by_model.get(m['name'], 0)}/{m['max_adapters'] * m.get('replicas', 1)}</li>"
+                for m in models
+            )
+            rows.append(f"<tr><th style='text-align:left;vertical-align:top'>base models</th><td><ul style='margin:0'>{items}</ul></td></tr>")
+        runs = s.get("runs", [])
+        if runs:
+            items = "".join(
+                f"<li><code>{e(r['run_id'])}</code> {e(r.get('name') or '')} — {e(r['state'])}, step {r['step']}"
+                + (f", loss {r['last_metrics']['loss']:.4g}" if "loss" in r.get("last_metrics", {}) else "")
+                + "</li>"
+                for r in runs
+            )
+        else:
+            items = "<li>none yet</li>"
+        rows.append(f"<tr><th style='text-align:left;vertical-align:top'>your runs</th><td><ul style='margin:0'>{items}</ul></td></tr>")
+        if "error" in s:
+            rows.append(f"<tr><th style='text-align:left'>error</th><td>{e(s['error'])}</td></tr>")
+        return "<div><b>Twinkle session</b><table>" + "".join(rows) + "</table></div>"
+
+    def __repr__(self) -> str:
+        return f"Session(url={self.url!r}, session_id={self.session_id!r}, state={self.state!r})"
+
+
+def connect(
+    url: str,
+    api_key: str | None = None,
+    session_id: str | None = None,
+    *,
+    lease_seconds: float | None = None,
+    metadata: dict[str, Any] | None = None,
+    transport: httpx.BaseTransport | None = None,
+    heartbeat: bool = True,
+    retry_seconds: float = 60.0,
+    persist_state: bool = True,
+    make_current: bool = True,
+) -> Session:
+    """Open a session on the server at ``url`` (or re-attach to ``session_id``) and start heart-beating.
+
+    Raises ``ConnectionLostError`` when no server answers, ``AuthenticationError`` for a bad key and
+    ``GoneError`` when ``session_id`` has expired or was closed.
+    """
+    if not url:
+        raise ConnectionLostError("no server URL given (pass url= or set TWINKLE_SERVER_URL)")
+    if "://" not in url:
+        url = "http://" + url
+    http = HTTP(url, api_key, transport=transport, retry_seconds=retry_seconds)
+    try:
+        # fail fast when nothing answers at connect time; later blips are retried for retry_seconds
+        if session_id:
+            info = SessionInfo.model_validate(http.get(f"sessions/{session_id}", retry_seconds=min(retry_seconds, 5.0)))
+            if info.state != "active":
+                raise GoneError(f"session {session_id} is {info.state}; open a new one with connect(url, api_key)")
+            info = SessionInfo.model_validate(http.post(f"sessions/{session_id}/heartbeat"))
+        else:
+            meta = {"client": "twinkle_client", "host": socket.gethostname(), "pid": os.getpid()}
+            meta.update(metadata or {})
+            body: dict[str, Any] = {"metadata": meta}
+            if lease_seconds is not None:
+                body["lease_seconds"] = lease_seconds
+            info = SessionInfo.model_validate(http.post("sessions", body, retry_seconds=min(retry_seconds, 5.0)))
+    except BaseException:
+        http.close()
+        raise
+    session = Session(http, info, heartbeat=heartbeat, persist_state=persist_state)
+    if persist_state:
+        try:
+            _state.write_connection(session.url, api_key, session.session_id)
+        except OSError:
+            pass
+    if make_current:
+        _set_current(session)
+    return session
