@@ -1,0 +1,107 @@
+import { describe, expect, it } from 'vitest';
+
+import {
+  formatNumber,
+  loadCheckpointCode,
+  lossKey,
+  lossSeries,
+  sparklinePoints,
+  statusText,
+  timeAgo
+} from '../format';
+import type { ICheckpointInfo, IOverview, IRunInfo } from '../types';
+
+function overview(state: IOverview['state'], runs: Partial<IRunInfo>[] = []): IOverview {
+  return {
+    state,
+    message: '',
+    connection: null,
+    capabilities: null,
+    status: null,
+    sessions: [],
+    runs: runs as IRunInfo[],
+    checked_at: 0
+  };
+}
+
+describe('loss series', () => {
+  it('prefers the key "loss", else the first key naming loss', () => {
+    expect(lossKey({ lr: 1, loss: 2, 'loss:sum': 3 })).toBe('loss');
+    expect(lossKey({ lr: 1, 'train_loss': 2 })).toBe('train_loss');
+    expect(lossKey({ lr: 1 })).toBeNull();
+  });
+
+  it('skips points without a finite loss and keeps order', () => {
+    const pts = [
+      { step: 0, time: 0, kind: 'forward_backward', metrics: { loss: 3.5 } },
+      { step: 1, time: 1, kind: 'optim_step', metrics: { lr: 0.1 } },
+      { step: 1, time: 2, kind: 'forward_backward', metrics: { loss: NaN } },
+      { step: 2, time: 3, kind: 'forward_backward', metrics: { 'loss:mean': 2.25 } }
+    ];
+    expect(lossSeries(pts)).toEqual([3.5, 2.25]);
+  });
+});
+
+describe('sparklinePoints', () => {
+  it('maps the highest value to the top and the lowest to the bottom, left to right', () => {
+    const pts = sparklinePoints([4, 2, 0], 104, 24, 2)
+      .split(' ')
+      .map(p => p.split(',').map(Number));
+    expect(pts).toEqual([
+      [2, 2],
+      [52, 12],
+      [102, 22]
+    ]);
+  });
+
+  it('centres a single point and a flat series', () => {
+    expect(sparklinePoints([], 100, 20)).toBe('');
+    expect(sparklinePoints([1], 104, 24, 2)).toBe('52.0,12.0');
+    const flat = sparklinePoints([5, 5], 104, 24, 2).split(' ');
+    expect(flat).toEqual(['2.0,12.0', '102.0,12.0']);
+  });
+});
+
+describe('labels', () => {
+  it('statusText counts active runs and names each failure', () => {
+    expect(statusText(overview('connected', [{ state: 'active' }, { state: 'unloaded' }, { state: 'active' }]))).toBe(
+      'Twinkle: connected · 2 active runs'
+    );
+    expect(statusText(overview('connected', [{ state: 'active' }]))).toBe('Twinkle: connected · 1 active run');
+    expect(statusText(overview('server_down'))).toBe('Twinkle: server down');
+    expect(statusText(overview('bad_key'))).toBe('Twinkle: API key rejected');
+    expect(statusText(overview('not_configured'))).toBe('Twinkle: not connected');
+    expect(statusText(null, true)).toBe('Twinkle: checking…');
+  });
+
+  it('formats numbers and ages', () => {
+    expect(formatNumber(2.345678)).toBe('2.346');
+    expect(formatNumber(0.0001234)).toBe('1.23e-4');
+    expect(formatNumber(12)).toBe('12');
+    expect(timeAgo(100, 105_000)).toBe('5s ago');
+    expect(timeAgo(0, 7_200_000)).toBe('2h ago');
+  });
+});
+
+describe('loadCheckpointCode', () => {
+  const ckpt: ICheckpointInfo = {
+    checkpoint_id: 'weights/step-3',
+    run_id: 'run-1',
+    name: 'step-3',
+    kind: 'training',
+    path: 'tinker://run-1/weights/step-3',
+    created_at: 0,
+    step: 3
+  };
+  it('loads the path into a model of the run base model with its LoRA config', () => {
+    const run = { base_model: 'builtin://tiny', lora: { rank: 4, train_mlp: true } } as unknown as IRunInfo;
+    const code = loadCheckpointCode(ckpt, run);
+    expect(code).toContain('TransformersModel(model_id="builtin://tiny")');
+    expect(code).toContain('model.add_adapter_to_model("default", {"rank": 4, "train_mlp": True})');
+    expect(code).toContain('model.load("tinker://run-1/weights/step-3")');
+  });
+  it('skips the optimizer for a sampler checkpoint', () => {
+    const code = loadCheckpointCode({ ...ckpt, kind: 'sampler', path: 'tinker://run-1/sampler_weights/s' });
+    expect(code).toContain('model.load("tinker://run-1/sampler_weights/s", load_optimizer=False)');
+  });
+});

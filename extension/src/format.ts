@@ -1,0 +1,151 @@
+/** Pure helpers: loss series, sparkline geometry, labels and generated code (unit-tested). */
+
+import type { ConnectionState, ICheckpointInfo, IMetricPoint, IRunInfo, IOverview } from './types';
+
+/** The name of the loss metric in a metrics dict: `loss` if present, else the first key containing "loss". */
+export function lossKey(metrics: Record<string, number>): string | null {
+  if ('loss' in metrics) {
+    return 'loss';
+  }
+  const key = Object.keys(metrics)
+    .sort()
+    .find(k => k.toLowerCase().includes('loss'));
+  return key ?? null;
+}
+
+/** The loss values of a metric history, in order, skipping points without a finite loss. */
+export function lossSeries(points: IMetricPoint[]): number[] {
+  const out: number[] = [];
+  for (const p of points) {
+    const key = lossKey(p.metrics ?? {});
+    const v = key === null ? undefined : p.metrics[key];
+    if (typeof v === 'number' && Number.isFinite(v)) {
+      out.push(v);
+    }
+  }
+  return out;
+}
+
+/** SVG polyline points for `values` in a `width`×`height` box (highest value at the top). */
+export function sparklinePoints(values: number[], width: number, height: number, pad = 2): string {
+  if (values.length === 0) {
+    return '';
+  }
+  const min = Math.min(...values);
+  const max = Math.max(...values);
+  const span = max - min || 1;
+  const innerW = width - 2 * pad;
+  const innerH = height - 2 * pad;
+  const step = values.length > 1 ? innerW / (values.length - 1) : 0;
+  return values
+    .map((v, i) => {
+      const x = pad + (values.length > 1 ? i * step : innerW / 2);
+      const y = pad + (max === min ? innerH / 2 : ((max - v) / span) * innerH);
+      return `${x.toFixed(1)},${y.toFixed(1)}`;
+    })
+    .join(' ');
+}
+
+/** A short number for display: 3 significant digits, exponent for tiny/huge values. */
+export function formatNumber(v: number): string {
+  if (!Number.isFinite(v)) {
+    return String(v);
+  }
+  const a = Math.abs(v);
+  if (a !== 0 && (a < 1e-3 || a >= 1e5)) {
+    return v.toExponential(2);
+  }
+  if (Number.isInteger(v)) {
+    return String(v);
+  }
+  return Number(v.toPrecision(4)).toString();
+}
+
+/** "5s ago", "3m ago", "2h ago" from epoch seconds. */
+export function timeAgo(epochS: number, nowMs: number = Date.now()): string {
+  const s = Math.max(0, Math.round(nowMs / 1000 - epochS));
+  if (s < 60) {
+    return `${s}s ago`;
+  }
+  if (s < 3600) {
+    return `${Math.floor(s / 60)}m ago`;
+  }
+  if (s < 86400) {
+    return `${Math.floor(s / 3600)}h ago`;
+  }
+  return `${Math.floor(s / 86400)}d ago`;
+}
+
+/** The status-bar text for an overview. */
+export function statusText(ov: IOverview | null, pending = false): string {
+  if (ov === null) {
+    return pending ? 'Twinkle: checking…' : 'Twinkle: unknown';
+  }
+  switch (ov.state) {
+    case 'connected': {
+      const n = activeRunCount(ov);
+      return `Twinkle: connected · ${n} active run${n === 1 ? '' : 's'}`;
+    }
+    case 'not_configured':
+      return 'Twinkle: not connected';
+    case 'server_down':
+      return 'Twinkle: server down';
+    case 'bad_key':
+      return 'Twinkle: API key rejected';
+    default:
+      return 'Twinkle: error';
+  }
+}
+
+export function activeRunCount(ov: IOverview): number {
+  return ov.runs.filter(r => r.state === 'active').length;
+}
+
+export const STATE_LABELS: Record<ConnectionState, string> = {
+  connected: 'Connected',
+  not_configured: 'Not connected',
+  server_down: 'Server unreachable',
+  bad_key: 'API key rejected',
+  error: 'Error',
+  unknown: 'Checking…'
+};
+
+function pyString(s: string): string {
+  return JSON.stringify(s);
+}
+
+function pyValue(v: unknown): string {
+  if (v === null || v === undefined) {
+    return 'None';
+  }
+  if (typeof v === 'boolean') {
+    return v ? 'True' : 'False';
+  }
+  if (typeof v === 'number') {
+    return Number.isFinite(v) ? String(v) : 'None';
+  }
+  if (typeof v === 'string') {
+    return pyString(v);
+  }
+  if (Array.isArray(v)) {
+    return `[${v.map(pyValue).join(', ')}]`;
+  }
+  const entries = Object.entries(v as Record<string, unknown>).map(([k, x]) => `${pyString(k)}: ${pyValue(x)}`);
+  return `{${entries.join(', ')}}`;
+}
+
+/** Python source of a notebook cell that loads a checkpoint into a new remote model. */
+export function loadCheckpointCode(ckpt: ICheckpointInfo, run?: IRunInfo): string {
+  const lines = [`# Load Twinkle checkpoint ${pyString(ckpt.name)} (run ${ckpt.run_id}, step ${ckpt.step})`];
+  lines.push('from twinkle_client.model import TransformersModel');
+  lines.push('');
+  lines.push(`model = TransformersModel(model_id=${pyString(run?.base_model ?? 'BASE_MODEL')})`);
+  if (run && run.lora && Object.keys(run.lora).length > 0) {
+    lines.push(`model.add_adapter_to_model("default", ${pyValue(run.lora)})`);
+  } else {
+    lines.push('model.add_adapter_to_model("default", {"rank": 8})');
+  }
+  const opt = ckpt.kind === 'training' ? '' : ', load_optimizer=False';
+  lines.push(`model.load(${pyString(ckpt.path)}${opt})`);
+  return lines.join('\n');
+}
