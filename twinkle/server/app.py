@@ -1,0 +1,271 @@
+"""The FastAPI app factory and the Ray Serve application.
+
+* ``create_app(config, workers=...)`` builds the gateway app around a ``Service``. In unit tests ``workers``
+  are in-process ``ModelWorker`` objects (or fakes) and the app is driven with ``httpx.ASGITransport``.
+* ``build_serve_app(config)`` builds the Ray Serve application: one ingress deployment (the gateway: FastAPI +
+  Service + SQLite store + futures, 1 replica) and one worker deployment per (base model, replica index),
+  each ``num_replicas=1`` so an adapter lives on exactly one replica.
+
+Nothing here imports torch; ``ray`` is imported only by ``build_serve_app``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from twinkle.types import InvalidInputError, LimitExceededError, TwinkleError
+
+from .config import ModelConfig, ServerConfig
+from .routes_native import create_native_router, health_router
+from .service import Service
+
+__all__ = ["build_serve_app", "create_app", "error_response", "worker_config"]
+
+log = logging.getLogger("twinkle.server")
+
+
+def worker_config(m: ModelConfig) -> dict[str, Any]:
+    """The dict a ``ModelWorker`` is built from (backend options, scheduler knobs, limits)."""
+    d = m.model_dump(mode="json")
+    d["name"] = m.served_name
+    d["max_pending_total"] = d.pop("max_queue")
+    d["max_sample_batch"] = m.sampler.max_batch_size
+    d.pop("sampler", None)
+    d.pop("ray_actor_options", None)
+    megatron = d.pop("megatron") or {}
+    d["backend_options"] = dict(megatron) if m.backend == "megatron" else {}
+    return d
+
+
+def error_response(err: TwinkleError, request_id: str | None = None) -> JSONResponse:
+    body = err.to_dict()
+    headers = {}
+    if request_id:
+        headers["x-request-id"] = request_id
+    retry = getattr(err, "retry_after", None)
+    if retry is not None:
+        headers["retry-after"] = str(max(1, int(round(float(retry)))))
+    status = err.status
+    if status == 402:  # the Tinker SDK loops on 402; never send it
+        status = 400
+    return JSONResponse(status_code=status, content=body, headers=headers)
+
+
+def _field_of(loc: tuple[Any, ...]) -> str:
+    parts = [p for p in loc if p not in ("body", "query", "path", "header")]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else ("." if out else "") + str(p)
+    return out or "body"
+
+
+def _install_handlers(app: FastAPI, config: ServerConfig) -> None:
+    max_bytes = config.limits.max_request_bytes
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next: Any) -> Any:
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        request.state.request_id = rid
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_bytes:
+            return error_response(LimitExceededError(
+                f"request body of {int(length)} bytes exceeds the limit of {max_bytes}", field="body"), rid)
+        try:
+            response = await call_next(request)
+        except TwinkleError as e:
+            return error_response(e, rid)
+        except Exception:
+            log.error("unhandled error [request id %s] %s %s\n%s", rid, request.method, request.url.path,
+                      traceback.format_exc())
+            body = {"error": f"internal server error (request id {rid})", "category": "server",
+                    "code": "internal_error", "detail": {"request_id": rid}}
+            return JSONResponse(status_code=500, content=body, headers={"x-request-id": rid})
+        response.headers["x-request-id"] = rid
+        return response
+
+    @app.exception_handler(TwinkleError)
+    async def _twinkle_error(request: Request, exc: TwinkleError) -> JSONResponse:
+        return error_response(exc, getattr(request.state, "request_id", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errs = exc.errors()
+        first = errs[0] if errs else {}
+        field = _field_of(tuple(first.get("loc", ())))
+        ctx = first.get("ctx") or {}
+        inner = ctx.get("error")
+        if isinstance(inner, TwinkleError):  # a validator raised one of ours: keep its class and field
+            inner.detail.setdefault("field", inner.field or field)
+            return error_response(inner, getattr(request.state, "request_id", None))
+        msg = "; ".join(f"{_field_of(tuple(e.get('loc', ())))}: {e.get('msg')}" for e in errs[:5])
+        return error_response(InvalidInputError(f"invalid request: {msg}", field=field,
+                                                detail={"errors": [
+                                                    {"field": _field_of(tuple(e.get("loc", ()))), "msg": e.get("msg")}
+                                                    for e in errs[:20]]}),
+                              getattr(request.state, "request_id", None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "unsupported", 401: "unauthenticated"}.get(exc.status_code, "invalid_input")
+        status = 400 if exc.status_code in (402, 409, 429) or exc.status_code >= 500 else exc.status_code
+        body = {"error": str(exc.detail), "category": "user", "code": code, "detail": {"path": request.url.path}}
+        return JSONResponse(status_code=status, content=body)
+
+
+def create_app(
+    config: ServerConfig, workers: dict[str, list[Any]] | None = None, *, store: Any | None = None,
+    service: Service | None = None,
+) -> FastAPI:
+    """The gateway app. ``workers``: served model name → list of worker objects (one per replica)."""
+    if service is None:
+        if workers is None:
+            raise InvalidInputError("create_app needs workers or a service", field="workers")
+        service = Service(config, workers, store=store)
+        if config.auth.bootstrap_key_env:
+            key = os.environ.get(config.auth.bootstrap_key_env)
+            if key:
+                service.add_bootstrap_key(key, config.auth.bootstrap_user)
+
+    @asynccontextmanager
+    async def _lifespan(app: FastAPI) -> Any:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(
+        title="Twinkle server", version="0.1.0", lifespan=_lifespan,
+        description="Self-hosted training-as-a-service for LoRA adapters (native API + Tinker-compatible API).",
+    )
+    app.state.service = service
+    app.state.config = config
+    _install_handlers(app, config)
+    app.include_router(health_router())
+    app.include_router(create_native_router())
+    tinker = _tinker_router()
+    if tinker is not None:
+        app.include_router(tinker, prefix="/api/v1")
+    return app
+
+
+def _tinker_router() -> Any:
+    try:
+        from twinkle.server import tinker as tinker_pkg
+    except ImportError:
+        return None
+    factory = getattr(tinker_pkg, "create_router", None)
+    if factory is None:
+        return None
+    return factory()
+
+
+# ---- Ray Serve -----------------------------------------------------------------------------------------------
+
+
+class _HandleWorker:
+    """Adapts a Ray Serve ``DeploymentHandle`` of a worker deployment to the in-process worker interface."""
+
+    def __init__(self, handle: Any):
+        self._h = handle
+
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        from .service import _unwrap
+
+        try:
+            return await getattr(self._h, method).remote(*args, **kwargs)
+        except Exception as e:
+            err = _unwrap(e)
+            if err is e:
+                raise
+            raise err from None
+
+    async def create_adapter(self, adapter_id: str, lora: Any, **kw: Any) -> Any:
+        return await self._call("create_adapter", adapter_id, lora, **kw)
+
+    async def remove_adapter(self, adapter_id: str) -> Any:
+        return await self._call("remove_adapter", adapter_id)
+
+    async def execute(self, adapter_id: str, op: Any, *, seq_id: int | None = None, path: str | None = None) -> Any:
+        return await self._call("execute", adapter_id, op, seq_id=seq_id, path=path)
+
+    async def sample(self, op: Any, *, adapter_id: str | None = None, checkpoint_path: str | None = None) -> Any:
+        return await self._call("sample", op, adapter_id=adapter_id, checkpoint_path=checkpoint_path)
+
+    async def status(self) -> Any:
+        return await self._call("status")
+
+    async def model_info(self) -> Any:
+        return await self._call("model_info")
+
+
+def _deployment_name(model: str, replica: int) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in model)
+    return f"worker-{safe}-{replica}"
+
+
+def build_serve_app(config: ServerConfig) -> Any:
+    """The Ray Serve application (ingress + workers), ready for ``serve.run``."""
+    from ray import serve
+
+    @serve.deployment(name="model-worker", max_ongoing_requests=100000, graceful_shutdown_timeout_s=5,
+                      health_check_period_s=30, health_check_timeout_s=60)
+    class WorkerDeployment:
+        def __init__(self, model_config: dict[str, Any], replica: int):
+            os.environ.setdefault("OMP_NUM_THREADS", "1")
+            from twinkle.server.worker import ModelWorker
+
+            self.worker = ModelWorker(model_config, replica)
+
+        async def create_adapter(self, adapter_id: str, lora: Any, **kw: Any) -> Any:
+            return await self.worker.create_adapter(adapter_id, lora, **kw)
+
+        async def remove_adapter(self, adapter_id: str) -> Any:
+            return await self.worker.remove_adapter(adapter_id)
+
+        async def execute(self, adapter_id: str, op: Any, *, seq_id: int | None = None,
+                          path: str | None = None) -> Any:
+            return await self.worker.execute(adapter_id, op, seq_id=seq_id, path=path)
+
+        async def sample(self, op: Any, *, adapter_id: str | None = None,
+                         checkpoint_path: str | None = None) -> Any:
+            return await self.worker.sample(op, adapter_id=adapter_id, checkpoint_path=checkpoint_path)
+
+        async def status(self) -> Any:
+            return await self.worker.status()
+
+        async def model_info(self) -> Any:
+            return await self.worker.model_info()
+
+    @serve.deployment(name="gateway", num_replicas=1, max_ongoing_requests=100000, graceful_shutdown_timeout_s=10,
+                      ray_actor_options={"num_cpus": 0})
+    @serve.ingress()
+    class Gateway:
+        def __init__(self, config_json: dict[str, Any], handles: dict[str, list[Any]]):
+            self._config = ServerConfig.model_validate(config_json)
+            self._handles = handles
+
+        def __serve_build_asgi_app__(self) -> Any:
+            logging.basicConfig(level=self._config.log_level.upper())
+            workers = {name: [_HandleWorker(h) for h in hs] for name, hs in self._handles.items()}
+            return create_app(self._config, workers)
+
+    handles: dict[str, list[Any]] = {}
+    for m in config.models:
+        opts = m.ray_actor_options.to_ray()
+        handles[m.served_name] = [
+            WorkerDeployment.options(name=_deployment_name(m.served_name, i), ray_actor_options=opts).bind(
+                worker_config(m), i)
+            for i in range(m.replicas)
+        ]
+    return Gateway.bind(config.model_dump(mode="json"), handles)
