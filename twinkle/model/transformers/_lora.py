@@ -1,0 +1,92 @@
+"""A linear layer that carries many LoRA adapters and applies each to its own rows of the batch.
+
+The backend wraps every candidate ``nn.Linear`` of the base model in a ``MultiLoraLinear``. Before a
+forward pass it sets a *routing*: a list of ``(start, end, adapter_name | None)`` row segments that cover
+the batch in order. Each adapter's ``B @ A`` update is added only to its segment, so one pass serves rows of
+different adapters and each adapter's gradients come only from its own rows (exactly as separate passes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Segment = tuple[int, int, "str | None"]
+
+
+@dataclass
+class Routing:
+    """Row segments of the current batch; shared by every ``MultiLoraLinear`` of one model."""
+
+    segments: list[Segment]
+    dropout: bool = False  # apply LoRA dropout (training passes only)
+
+
+class LoraPair(nn.Module):
+    """One adapter's factors on one linear layer: ``delta(x) = scale * B(A(dropout(x)))``."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float,
+                 *, dtype: torch.dtype, device: torch.device, generator: torch.Generator) -> None:
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform(a=sqrt(5)), as peft initialises A
+        a = (torch.rand(rank, in_features, generator=generator, dtype=torch.float32) * 2 - 1) * bound
+        self.lora_A = nn.Parameter(a.to(device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=dtype))
+        self.rank = rank
+        self.scale = alpha / rank
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, train: bool) -> torch.Tensor:
+        if self.dropout > 0.0 and train:
+            x = F.dropout(x, self.dropout, training=True)
+        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+
+
+class MultiLoraLinear(nn.Module):
+    """``base(x)`` plus, for each row segment, that segment's adapter update (none for ``None``)."""
+
+    def __init__(self, base: nn.Linear, routing_ref: list[Routing | None]) -> None:
+        super().__init__()
+        self.base = base
+        self.adapters = nn.ModuleDict()
+        self._routing = routing_ref  # one-element list shared by all layers of the model
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        routing = self._routing[0]
+        if routing is None or not self.adapters:
+            return out
+        segs = routing.segments
+        if len(segs) == 1:
+            name = segs[0][2]
+            if name is None or name not in self.adapters:
+                return out
+            return out + self.adapters[name](x, routing.dropout)
+        deltas: list[torch.Tensor] = []
+        any_lora = False
+        for start, end, name in segs:
+            pair = self.adapters[name] if name is not None and name in self.adapters else None
+            if pair is None:
+                deltas.append(out.new_zeros((end - start, *out.shape[1:])))
+            else:
+                deltas.append(pair(x[start:end], routing.dropout))
+                any_lora = True
+        if not any_lora:
+            return out
+        return out + torch.cat(deltas, dim=0)

@@ -1,0 +1,347 @@
+"""``TransformersBackend``: one HF causal LM, many LoRA adapters, rows of different adapters in one pass."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from twinkle.model.base import Backend, BatchItem, SampleItem
+from twinkle.types import (
+    AdamParams,
+    ForwardBackwardOutput,
+    InvalidInputError,
+    LimitExceededError,
+    LoraConfig,
+    LRSchedulerConfig,
+    ModelInfo,
+    NotFoundError,
+    OptimizerConfig,
+    SampleResponse,
+    TensorData,
+)
+
+from . import _checkpoint
+from ._adapter import AdapterState, resolve_targets
+from ._lora import LoraPair, MultiLoraLinear, Routing, Segment
+from ._prepare import PreparedItem, prepare
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def _resolve_path(model_id: str) -> Path:
+    try:
+        from twinkle.model.hub import resolve_model
+    except ImportError:
+        resolve_model = None
+    if resolve_model is not None:
+        return Path(resolve_model(model_id))
+    p = Path(model_id).expanduser()
+    if (p / "config.json").is_file():
+        return p
+    raise InvalidInputError(f"cannot resolve model {model_id!r} (no twinkle.model.hub, not a local HF directory)",
+                            field="model_id")
+
+
+class TransformersBackend(Backend):
+    """HF transformers base model + a ``MultiLoraLinear`` on every linear layer (see ``_lora``)."""
+
+    name = "transformers"
+
+    def __init__(self, model_id: str, *, dtype: str = "float32", device: str | None = None, max_adapters: int = 64,
+                 max_lora_rank: int = 256, attn_implementation: str | None = "sdpa") -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if dtype not in _DTYPES:
+            raise InvalidInputError(f"unknown dtype {dtype!r}; one of {sorted(_DTYPES)}", field="dtype")
+        self.model_id = model_id
+        self.path = _resolve_path(model_id)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = _DTYPES[dtype]
+        self.max_adapters = max_adapters
+        self.max_lora_rank = max_lora_rank
+        kw: dict[str, Any] = {"dtype": self.dtype}
+        if attn_implementation:
+            kw["attn_implementation"] = attn_implementation
+        self.model = AutoModelForCausalLM.from_pretrained(str(self.path), **kw).to(self.device)
+        self.model.eval()
+        self.model.requires_grad_(False)
+        self._tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+        cfg = self.model.config
+        self.vocab_size = int(cfg.vocab_size)
+        self.max_length = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self._routing: list[Routing | None] = [None]
+        self._layers: dict[str, MultiLoraLinear] = {}
+        self._wrap_linears()
+        self._adapters: dict[str, AdapterState] = {}
+        self._eos = self._eos_ids()
+
+    # -- setup -----------------------------------------------------------------------------------------------
+    def _wrap_linears(self) -> None:
+        out_emb = self.model.get_output_embeddings()
+        self._unembed: str | None = None
+        targets = [(n, m) for n, m in self.model.named_modules() if isinstance(m, nn.Linear)]
+        for name, mod in targets:
+            parent_name, _, attr = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            wrapped = MultiLoraLinear(mod, self._routing)
+            setattr(parent, attr, wrapped)
+            self._layers[name] = wrapped
+            if mod is out_emb:
+                self._unembed = name
+
+    def _eos_ids(self) -> list[int]:
+        ids: list[int] = []
+        gc = getattr(self.model, "generation_config", None)
+        for src in (getattr(gc, "eos_token_id", None), self.model.config.eos_token_id, self._tokenizer.eos_token_id):
+            for x in src if isinstance(src, (list, tuple)) else [src]:
+                if isinstance(x, int) and x not in ids:
+                    ids.append(x)
+        return ids
+
+    # -- model -----------------------------------------------------------------------------------------------
+    def model_info(self) -> ModelInfo:
+        cfg = self.model.config
+        arch = (getattr(cfg, "architectures", None) or [cfg.model_type])[0]
+        n = sum(p.numel() for n_, p in self.model.named_parameters() if ".adapters." not in n_)
+        return ModelInfo(model_name=self.model_id, backend=self.name, arch=arch, vocab_size=self.vocab_size,
+                         max_length=self.max_length, tokenizer_id=str(self.path), eos_token_ids=self._eos,
+                         num_parameters=n)
+
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    # -- adapters --------------------------------------------------------------------------------------------
+    def _get(self, adapter: str) -> AdapterState:
+        st = self._adapters.get(adapter)
+        if st is None:
+            raise NotFoundError(f"unknown adapter {adapter!r}", field="adapter")
+        return st
+
+    def _check_new(self, adapter: str, config: LoraConfig, modules: list[str] | None = None) -> list[str]:
+        if not isinstance(adapter, str) or not adapter:
+            raise InvalidInputError("adapter name must be a non-empty string", field="adapter")
+        if adapter in self._adapters:
+            raise InvalidInputError(f"adapter {adapter!r} already exists", field="adapter")
+        if len(self._adapters) >= self.max_adapters:
+            raise LimitExceededError(f"at most {self.max_adapters} adapters per model", field="adapter")
+        if config.rank > self.max_lora_rank:
+            raise LimitExceededError(f"rank {config.rank} is above the limit {self.max_lora_rank}", field="lora.rank")
+        if modules is not None:
+            missing = [m for m in modules if m not in self._layers]
+            if missing:
+                raise InvalidInputError(f"checkpoint targets modules absent from the model: {missing[:3]}",
+                                        field="path")
+            return modules
+        return resolve_targets(config, list(self._layers), self._unembed)
+
+    def add_adapter(self, adapter: str, config: LoraConfig, *, _modules: list[str] | None = None) -> None:
+        if not isinstance(config, LoraConfig):
+            raise InvalidInputError("config must be a LoraConfig", field="lora")
+        modules = self._check_new(adapter, config, _modules)
+        gen = torch.Generator(device="cpu").manual_seed(int(config.seed or 0))
+        pairs: dict[str, LoraPair] = {}
+        for m in modules:
+            base = self._layers[m].base
+            pairs[m] = LoraPair(base.in_features, base.out_features, config.rank, config.lora_alpha, config.dropout,
+                                dtype=self.dtype, device=self.device, generator=gen)
+        for m, pair in pairs.items():
+            self._layers[m].adapters[adapter] = pair
+        st = AdapterState(adapter, config, modules, pairs)
+        st.make_optimizer()
+        self._adapters[adapter] = st
+
+    def remove_adapter(self, adapter: str) -> None:
+        st = self._get(adapter)
+        for m in st.modules:
+            del self._layers[m].adapters[adapter]
+        del self._adapters[adapter]
+
+    def list_adapters(self) -> list[str]:
+        return list(self._adapters)
+
+    def adapter_config(self, adapter: str) -> LoraConfig:
+        return self._get(adapter).config
+
+    def set_optimizer(self, adapter: str, config: OptimizerConfig) -> None:
+        st = self._get(adapter)
+        old = st.opt_config
+        st.opt_config = config
+        if st.optimizer is None or old.name != config.name:
+            st.make_optimizer()
+
+    def set_lr_scheduler(self, adapter: str, config: LRSchedulerConfig) -> None:
+        self._get(adapter).scheduler = config
+
+    def step_count(self, adapter: str) -> int:
+        return self._get(adapter).step
+
+    # -- compute ---------------------------------------------------------------------------------------------
+    def _forward_logits(self, ids: torch.Tensor, segments: list[Segment], *, train: bool, mask: torch.Tensor | None = None,
+                        pos: torch.Tensor | None = None, cache: Any = None, use_cache: bool = False) -> tuple[torch.Tensor, Any]:
+        self._routing[0] = Routing(segments, dropout=train)
+        try:
+            kw: dict[str, Any] = {"input_ids": ids, "use_cache": use_cache}
+            if mask is not None:
+                kw["attention_mask"] = mask
+            if pos is not None:
+                kw["position_ids"] = pos
+            if cache is not None:
+                kw[self._cache_kw] = cache
+            out = self.model(**kw)
+        finally:
+            self._routing[0] = None
+        new_cache = (out.get("cache") or out.get("past_key_values")) if use_cache else None
+        return out.logits, new_cache
+
+    def _row_logprobs(self, tokens: list[np.ndarray], targets: list[np.ndarray], segments: list[Segment],
+                      train: bool) -> list[torch.Tensor]:
+        """Per-row logprobs of the target tokens (shape of each target array) in one forward pass."""
+        b, width = len(tokens), max(t.size for t in tokens)
+        ids = np.zeros((b, width), dtype=np.int64)
+        flat = all(t.ndim == 1 for t in targets)
+        tg = np.zeros((b, width), dtype=np.int64) if flat else None
+        for r, (t, y) in enumerate(zip(tokens, targets, strict=True)):
+            ids[r, : t.size] = t
+            if tg is not None:
+                tg[r, : t.size] = y
+        logits, _ = self._forward_logits(torch.from_numpy(ids).to(self.device), segments, train=train)
+        logits = logits.float()
+        if tg is not None:
+            y = torch.from_numpy(tg).to(self.device)
+            lp = -F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none").view(b, width)
+            return [lp[r, : t.size] for r, t in enumerate(tokens)]
+        out = []
+        for r, (t, y) in enumerate(zip(tokens, targets, strict=True)):
+            lg = torch.log_softmax(logits[r, : t.size], dim=-1)
+            yt = torch.from_numpy(y).to(self.device)
+            out.append(lg.gather(-1, yt if yt.ndim == 2 else yt[:, None]).reshape(yt.shape))
+        return out
+
+    def run_batch(self, items: list[BatchItem]) -> list[ForwardBackwardOutput]:
+        prepared = prepare(items, set(self._adapters), self.vocab_size, self.max_length)
+        order = sorted(range(len(prepared)), key=lambda i: (items[i].adapter is not None, items[i].adapter or ""))
+        tokens: list[np.ndarray] = []
+        targets: list[np.ndarray] = []
+        segments: list[Segment] = []
+        spans: dict[int, tuple[int, int]] = {}
+        for i in order:
+            p = prepared[i]
+            start = len(tokens)
+            tokens.extend(p.tokens)
+            targets.extend(inp["target_tokens"] for inp in p.inputs)
+            spans[i] = (start, len(tokens))
+            a = p.item.adapter
+            if segments and segments[-1][2] == a:
+                segments[-1] = (segments[-1][0], len(tokens), a)
+            else:
+                segments.append((start, len(tokens), a))
+        train = any(not p.item.forward_only for p in prepared)
+        with torch.set_grad_enabled(train):
+            lps = self._row_logprobs(tokens, targets, segments, train)
+            refs = self._reference_logprobs(prepared)
+            total: torch.Tensor | None = None
+            results: list[ForwardBackwardOutput] = []
+            for i, p in enumerate(prepared):
+                s, e = spans[i]
+                inputs = [self._to_torch(inp) for inp in p.inputs]
+                for j, r in refs.get(i, {}).items():
+                    inputs[j]["ref_logprobs"] = r
+                lo = p.spec.fn(lps[s:e], inputs, p.config)
+                if not p.item.forward_only:
+                    total = lo.loss if total is None else total + lo.loss
+                results.append(self._output(lo))
+            if total is not None and total.requires_grad:
+                total.backward()
+        return results
+
+    def _reference_logprobs(self, prepared: list[PreparedItem]) -> dict[int, dict[int, torch.Tensor]]:
+        need = [(i, j) for i, p in enumerate(prepared) if p.spec.needs_reference
+                for j, inp in enumerate(p.inputs) if "ref_logprobs" not in inp]
+        if not need:
+            return {}
+        toks = [prepared[i].tokens[j] for i, j in need]
+        tgts = [prepared[i].inputs[j]["target_tokens"] for i, j in need]
+        with torch.no_grad():
+            lps = self._row_logprobs(toks, tgts, [(0, len(toks), None)], train=False)
+        out: dict[int, dict[int, torch.Tensor]] = {}
+        for (i, j), lp in zip(need, lps, strict=True):
+            out.setdefault(i, {})[j] = lp.detach()
+        return out
+
+    def _to_torch(self, inp: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in inp.items()}
+
+    @staticmethod
+    def _output(lo: Any) -> ForwardBackwardOutput:
+        outs = []
+        for o in lo.outputs:
+            outs.append({k: TensorData.from_numpy(v.detach().float().cpu().numpy(), "float32") for k, v in o.items()})
+        return ForwardBackwardOutput(loss_fn_outputs=outs, metrics=dict(lo.metrics))
+
+    def optim_step(self, adapter: str, params: AdamParams | None = None) -> dict[str, float]:
+        st = self._get(adapter)
+        if params is None:
+            factor = st.scheduler.factor(st.step) if st.scheduler is not None else 1.0
+            params = st.opt_config.adam_params(lr=st.opt_config.lr * factor)
+        elif not isinstance(params, AdamParams):
+            raise InvalidInputError("params must be AdamParams", field="adam_params")
+        plist = st.parameters()
+        grads = [p.grad for p in plist if p.grad is not None]
+        if grads:
+            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        else:
+            norm = 0.0
+        if params.grad_clip_norm > 0 and grads and norm > params.grad_clip_norm:
+            coef = params.grad_clip_norm / (norm + 1e-6)
+            torch._foreach_mul_(grads, coef)
+        assert st.optimizer is not None
+        for g in st.optimizer.param_groups:
+            g["lr"] = params.learning_rate
+            g["weight_decay"] = params.weight_decay
+            if "betas" in g:
+                g["betas"] = (params.beta1, params.beta2)
+                g["eps"] = params.eps
+        st.optimizer.step()
+        st.optimizer.zero_grad(set_to_none=True)
+        st.step += 1
+        return {"grad_norm:mean": norm, "lr:mean": float(params.learning_rate), "step:max": float(st.step)}
+
+    def sample(self, items: list[SampleItem]) -> list[SampleResponse]:
+        from twinkle.sampler._engine import generate, validate_sample_items
+
+        validate_sample_items(items, set(self._adapters), self.vocab_size, self.max_length)
+
+        def forward(ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor, cache: Any,
+                    segments: list[Segment]) -> tuple[torch.Tensor, Any]:
+            return self._forward_logits(ids, segments, train=False, mask=mask, pos=pos, cache=cache, use_cache=True)
+
+        def decode(toks: list[int]) -> str:
+            return self._tokenizer.decode(toks, skip_special_tokens=False)
+
+        return generate(forward, items, eos_ids=self._eos, vocab_size=self.vocab_size, max_length=self.max_length,
+                        device=self.device, decode=decode)
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+    def save(self, adapter: str, path: Path, *, optimizer: bool = True) -> None:
+        _checkpoint.save(self, self._get(adapter), Path(path), optimizer=optimizer)
+
+    def load(self, adapter: str, path: Path, *, optimizer: bool = True) -> LoraConfig:
+        return _checkpoint.load(self, adapter, Path(path), optimizer=optimizer)
+
+    def close(self) -> None:
+        self._adapters.clear()
+        for layer in self._layers.values():
+            layer.adapters.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
