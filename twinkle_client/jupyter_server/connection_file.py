@@ -5,9 +5,11 @@ the Jupyter server extension calls :func:`latest_connection` to find the connect
 sidebar panel. The file format (one JSON object per process, mode 0600)::
 
     $TWINKLE_HOME/connections/<pid>.json          # TWINKLE_HOME defaults to ~/.twinkle
-    {"url": "http://host:8000", "api_key": "...", "session_id": "..." | null,
-     "pid": 1234, "updated_at": 1732800000.0}
+    {"url": "http://host:8000", "api_key": "..." | null, "session_id": "..." | null,
+     "pid": 1234, "time": 1732800000.0}
 
+This is the format ``twinkle_client._state.write_connection`` (used by ``init_twinkle_client`` and
+``%twinkle connect``) writes; ``updated_at`` is accepted as a synonym of ``time``.
 ``TWINKLE_CONNECTIONS_DIR`` overrides the folder. The newest file whose process is still alive wins.
 This module is light: standard library only, safe to import from a kernel.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["Connection", "connections_dir", "forget_connection", "latest_connection", "record_connection"]
@@ -35,7 +37,9 @@ class Connection:
 
     def key_hint(self) -> str:
         """The last four characters of the key, for display (never the key itself)."""
-        return ("…" + self.api_key[-4:]) if len(self.api_key) > 4 else "…"
+        if not self.api_key:
+            return "none"
+        return ("…" + self.api_key[-4:]) if len(self.api_key) > 8 else "…"
 
 
 def connections_dir() -> Path:
@@ -54,10 +58,10 @@ def record_connection(url: str, api_key: str, session_id: str | None = None, *, 
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{pid}.json"
     tmp = folder / f".{pid}.json.tmp"
-    body = Connection(url=url, api_key=api_key, session_id=session_id, pid=pid, updated_at=time.time())
+    body = {"url": url, "api_key": api_key, "session_id": session_id, "pid": pid, "time": time.time()}
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
-        json.dump(asdict(body), fh)
+        json.dump(body, fh)
     os.replace(tmp, target)
     return target
 
@@ -88,14 +92,15 @@ def _read(path: Path) -> Connection | None:
         raw = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(raw, dict) or not isinstance(raw.get("url"), str) or not isinstance(raw.get("api_key"), str):
+    if not isinstance(raw, dict) or not isinstance(raw.get("url"), str):
         return None
+    key = raw.get("api_key")
     pid = raw.get("pid")
     session_id = raw.get("session_id")
-    updated = raw.get("updated_at")
+    updated = raw.get("time", raw.get("updated_at"))
     return Connection(
         url=raw["url"],
-        api_key=raw["api_key"],
+        api_key=key if isinstance(key, str) else "",
         session_id=session_id if isinstance(session_id, str) else None,
         pid=pid if isinstance(pid, int) else None,
         updated_at=float(updated) if isinstance(updated, (int, float)) else path.stat().st_mtime,

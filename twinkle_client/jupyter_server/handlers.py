@@ -61,12 +61,12 @@ class ConnectionHandler(_Base):
         except ValueError:
             self._reply({"error": "body is not JSON", "field": "body"}, 400)
             return
-        url, key = body.get("url"), body.get("api_key")
+        url, key = body.get("url"), body.get("api_key", "")
         if not isinstance(url, str) or not url.strip():
             self._reply({"error": "url is required", "field": "url"}, 400)
             return
-        if not isinstance(key, str) or not key.strip():
-            self._reply({"error": "api_key is required", "field": "api_key"}, 400)
+        if not isinstance(key, str):
+            self._reply({"error": "api_key must be a string", "field": "api_key"}, 400)
             return
         try:
             conn = self.store.set_panel(url, key.strip())

@@ -137,7 +137,9 @@ class Upstream:
     def _client(self, conn: Connection) -> httpx.AsyncClient:
         return httpx.AsyncClient(
             base_url=conn.url,
-            headers={"X-API-Key": conn.api_key, "User-Agent": "twinkle-jupyterlab"},
+            headers={"X-API-Key": conn.api_key, "User-Agent": "twinkle-jupyterlab"}
+            if conn.api_key
+            else {"User-Agent": "twinkle-jupyterlab"},
             timeout=self._timeout,
             transport=self._transport,
         )
