@@ -1,0 +1,815 @@
+"""The request scheduler inside a model worker.
+
+One scheduler drives one ``Backend``. It lives on an asyncio loop (the Ray Serve replica's loop, or a test's
+``asyncio.run``) and runs every backend call in ONE dedicated thread, so torch never blocks the loop and the
+backend stays single-threaded as its contract requires.
+
+Rules:
+
+* **Order.** Per adapter, requests run in ``seq_id`` order. The sequence starts at the first seq_id seen
+  (when it is ``<= first_seq_id``) or at ``next_seq_id`` given by :meth:`Scheduler.reset_sequence`. A request
+  whose seq_id is ahead waits for the missing ones for at most ``seq_grace_s`` (a skipped id may have been
+  refused upstream), then the sequence jumps forward. ``seq_id=None`` runs in arrival order. A late request
+  (below the sequence, never seen) runs at once.
+* **Exactly once.** A repeated ``(adapter, seq_id)`` gets the first execution's future (done or in flight);
+  the last ``result_memory`` results per adapter are kept.
+* **Barriers.** optim_step, save, load, set_optimizer and set_lr_scheduler wait for their adapter's earlier
+  requests and hold back its later ones; other adapters are unaffected.
+* **One mixed batch per tick.** Forward/backward requests of all adapters that are ready when the backend
+  thread is free go into one ``backend.run_batch`` call (up to ``batch_token_budget`` tokens), picked
+  round-robin with the least recently served adapter first. A tick is: the barriers at the head of each
+  adapter's queue, the mixed batch, the barriers right after each batched adapter's requests, then one
+  ``backend.sample`` call. Each future completes as soon as its own part of the tick is done.
+* **Back-pressure.** More than ``max_pending_per_adapter`` / ``max_pending_total`` requests in the worker
+  raise :class:`~twinkle.types.CapacityError` (HTTP 429 with Retry-After).
+* **Isolation.** A failing mixed batch is re-run item by item so only the faulty request fails; the
+  scheduler keeps serving.
+
+Nothing here imports torch: the backend does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from twinkle.model.base import Backend, BatchItem, SampleItem
+from twinkle.types import (
+    CapacityError,
+    InternalError,
+    InvalidInputError,
+    NotFoundError,
+    OptimStepResponse,
+    TwinkleError,
+)
+
+from .ops import (
+    ForwardBackwardOp,
+    LoadOp,
+    Op,
+    OptimStepOp,
+    SampleOp,
+    SaveOp,
+    SetOptimizerOp,
+    SetSchedulerOp,
+)
+
+log = logging.getLogger("twinkle.server.scheduler")
+
+_BARRIER_OPS = (OptimStepOp, SaveOp, LoadOp, SetOptimizerOp, SetSchedulerOp)
+
+
+# Names the server's config schema uses for the same knobs.
+_ALIASES = {"max_queue": "max_pending_total", "max_batch_size": "max_sample_batch"}
+
+
+@dataclass
+class SchedulerConfig:
+    """Tuning knobs. ``from_dict`` reads them from a model config (flat keys or a ``scheduler:`` section)."""
+
+    batch_token_budget: int = 16384
+    max_batch_items: int = 256
+    seq_grace_s: float = 2.0
+    first_seq_id: int = 1
+    max_pending_per_adapter: int = 64
+    max_pending_total: int = 1024
+    result_memory: int = 32
+    sample_token_budget: int = 65536
+    max_sample_batch: int = 32
+    sampler_cache_size: int = 4
+    history: int = 32
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any] | None) -> SchedulerConfig:
+        config = dict(config or {})
+        merged: dict[str, Any] = {}
+        for section in ("sampler", "scheduler"):
+            sub = config.get(section)
+            if isinstance(sub, dict):
+                merged.update(sub)
+        merged.update(config)
+        for alias, name in _ALIASES.items():
+            if alias in merged and name not in merged:
+                merged[name] = merged[alias]
+        out = cls()
+        for f in fields(cls):
+            if f.name in merged and merged[f.name] is not None:
+                value = merged[f.name]
+                kind = type(getattr(out, f.name))
+                try:
+                    value = kind(value)
+                except (TypeError, ValueError) as e:
+                    raise InvalidInputError(f"{f.name} must be a {kind.__name__}", field=f.name) from e
+                if value < 0 or (value == 0 and f.name != "seq_grace_s" and f.name != "first_seq_id"):
+                    raise InvalidInputError(f"{f.name} must be positive", field=f.name)
+                setattr(out, f.name, value)
+        return out
+
+
+# ---- requests ----------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Request:
+    adapter: str
+    op: Op
+    seq: int | None
+    future: asyncio.Future
+    path: str | None = None
+    tokens: int = 0
+    arrived: float = field(default_factory=time.monotonic)
+
+    @property
+    def is_compute(self) -> bool:
+        return isinstance(self.op, ForwardBackwardOp)
+
+
+@dataclass(eq=False)
+class _SampleRequest:
+    op: SampleOp
+    adapter: str | None
+    checkpoint: str | None
+    cache_key: tuple[str, int] | None
+    future: asyncio.Future
+    cost: int = 0
+    arrived: float = field(default_factory=time.monotonic)
+
+
+@dataclass(eq=False)
+class _AdapterQueue:
+    ready: deque[_Request] = field(default_factory=deque)
+    held: list[tuple[int, int, _Request]] = field(default_factory=list)  # heap by (seq, arrival)
+    next_seq: int | None = None
+    gap_since: float | None = None
+    timer: asyncio.TimerHandle | None = None
+    memory: OrderedDict[int, asyncio.Future] = field(default_factory=OrderedDict)
+    pending: int = 0  # submitted and not yet completed
+
+
+
+@dataclass(eq=False)
+class _Tick:
+    pre: list[_Request]
+    batch: list[_Request]
+    post: list[_Request]
+    samples: list[_SampleRequest]
+    evict: list[str]
+    loads: list[tuple[str, str]]  # (cache adapter name, checkpoint dir)
+    sample_names: dict[int, str | None]  # id(sample request) -> backend adapter name
+
+
+# ---- scheduler ---------------------------------------------------------------------------------------------
+
+
+class Scheduler:
+    """Queues, orders, de-duplicates and batches requests for one backend (see the module docstring)."""
+
+    def __init__(self, backend: Backend, config: SchedulerConfig | None = None, *,
+                 executor: ThreadPoolExecutor | None = None, own_executor: bool | None = None) -> None:
+        """``executor``: a single-thread executor the backend was built on (owned unless ``own_executor``
+        is False); by default the scheduler makes its own."""
+        self.backend = backend
+        self.config = config or SchedulerConfig()
+        self._own_executor = executor is None if own_executor is None else own_executor
+        self._executor = executor or new_backend_executor()
+        self._queues: dict[str, _AdapterQueue] = {}
+        self._order: OrderedDict[str, None] = OrderedDict()  # least recently served first
+        self._samples: deque[_SampleRequest] = deque()
+        self._ckpt_cache: OrderedDict[tuple[str, int], str] = OrderedDict()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._closed = False
+        self._pending_total = 0
+        self._counter = itertools.count()
+        self.stats: dict[str, Any] = {
+            "ticks": 0, "batches_run": 0, "mixed_batches": 0, "rows_run": 0, "tokens_run": 0,
+            "barriers_run": 0, "sample_batches": 0, "samples_run": 0, "errors": 0, "dedup_hits": 0,
+            "seq_skips": 0, "late_requests": 0, "rejected_capacity": 0, "busy_s": 0.0,
+            "max_adapters_in_batch": 0,
+        }
+        self.last_batch: dict[str, Any] | None = None
+        self.recent_batches: deque[dict[str, Any]] = deque(maxlen=self.config.history)
+
+    # ---- thread access -------------------------------------------------------------------------------------
+    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn`` on the backend thread (after whatever is already running there)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    def call_blocking(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn`` on the backend thread and wait (for use outside the event loop, e.g. in ``__init__``)."""
+        return self._executor.submit(fn, *args, **kwargs).result()
+
+    # ---- submission (event-loop side) ----------------------------------------------------------------------
+    def submit(self, adapter: str, op: Op, *, seq_id: int | None = None, path: str | None = None,
+               tokens: int = 0) -> asyncio.Future:
+        """Queue a training op. Returns the future of its result (shared with repeats of the same seq_id)."""
+        self._ensure_loop()
+        if seq_id is not None and (isinstance(seq_id, bool) or not isinstance(seq_id, int) or seq_id < 0):
+            raise InvalidInputError("seq_id must be a non-negative integer", field="seq_id")
+        q = self._queues.get(adapter)
+        if q is None:
+            q = self._queues[adapter] = _AdapterQueue()
+        if seq_id is not None:
+            known = q.memory.get(seq_id)
+            if known is not None:
+                self.stats["dedup_hits"] += 1
+                return known
+        self._check_capacity(q)
+        fut = self._new_future()
+        req = _Request(adapter, op, seq_id, fut, path=path, tokens=tokens)
+        q.pending += 1
+        self._pending_total += 1
+        if seq_id is not None:
+            q.memory[seq_id] = fut
+        self._place(q, req)
+        return fut
+
+    def known(self, adapter: str, seq_id: int | None) -> asyncio.Future | None:
+        """The future of an earlier request with this ``(adapter, seq_id)``, if it is remembered."""
+        if seq_id is None:
+            return None
+        q = self._queues.get(adapter)
+        fut = q.memory.get(seq_id) if q is not None else None
+        if fut is not None:
+            self.stats["dedup_hits"] += 1
+        return fut
+
+    def skip_seq(self, adapter: str, seq_id: int | None) -> None:
+        """Mark ``seq_id`` as consumed without running anything (its request was refused before queuing)."""
+        if seq_id is None:
+            return
+        q = self._queues.setdefault(adapter, _AdapterQueue())
+        if q.next_seq is None and seq_id <= self.config.first_seq_id:
+            q.next_seq = seq_id
+        if q.next_seq is not None and seq_id == q.next_seq:
+            q.next_seq += 1
+            self._release(q)
+
+    def reset_sequence(self, adapter: str, next_seq_id: int | None) -> None:
+        """Set where ``adapter``'s sequence continues (a restored adapter keeps its client's counter)."""
+        q = self._queues.setdefault(adapter, _AdapterQueue())
+        q.next_seq = next_seq_id
+        q.memory.clear()
+        if next_seq_id is not None:
+            self._release(q)
+
+    def submit_sample(self, op: SampleOp, *, adapter: str | None = None, checkpoint: str | None = None,
+                      cache_key: tuple[str, int] | None = None) -> asyncio.Future:
+        self._ensure_loop()
+        if self._pending_total >= self.config.max_pending_total:
+            self.stats["rejected_capacity"] += 1
+            raise CapacityError("the model worker's queue is full; retry shortly", retry_after=self._retry_after())
+        fut = self._new_future()
+        max_tokens = op.params.max_tokens if op.params.max_tokens is not None else 16
+        cost = (len(op.prompt) + max_tokens) * max(1, op.num_samples)
+        self._samples.append(_SampleRequest(op, adapter, checkpoint, cache_key, fut, cost=cost))
+        self._pending_total += 1
+        self._wake_up()
+        return fut
+
+    def drop_adapter(self, adapter: str, error: TwinkleError | None = None) -> int:
+        """Forget ``adapter``: fail its queued (not yet running) requests. Returns how many were failed."""
+        q = self._queues.pop(adapter, None)
+        self._order.pop(adapter, None)
+        if q is None:
+            return 0
+        if q.timer is not None:
+            q.timer.cancel()
+        err = error or NotFoundError(f"adapter {adapter!r} was unloaded", field="model_id")
+        dropped = [r for _, _, r in q.held] + list(q.ready)
+        for r in dropped:
+            self._pending_total -= 1
+            if not r.future.done():
+                r.future.set_exception(err)
+        return len(dropped)
+
+    def queue_depth(self) -> int:
+        return self._pending_total
+
+    def adapter_queue_depth(self, adapter: str) -> int:
+        q = self._queues.get(adapter)
+        return q.pending if q else 0
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+        for adapter in list(self._queues):
+            self.drop_adapter(adapter, InternalError("the model worker is shutting down"))
+        while self._samples:
+            s = self._samples.popleft()
+            if not s.future.done():
+                s.future.set_exception(InternalError("the model worker is shutting down"))
+        if self._own_executor:
+            self._executor.shutdown(wait=False)
+
+    # ---- ordering ------------------------------------------------------------------------------------------
+    def _place(self, q: _AdapterQueue, req: _Request) -> None:
+        seq = req.seq
+        if seq is None:
+            q.ready.append(req)
+        elif q.next_seq is None:
+            if seq <= self.config.first_seq_id:
+                q.next_seq = seq
+                self._push_held(q, req)
+                self._release(q)
+                return
+            self._push_held(q, req)
+            self._arm_grace(q, req.adapter)
+            return
+        elif seq < q.next_seq:
+            self.stats["late_requests"] += 1
+            log.warning("adapter %s: seq_id %d arrived after the sequence moved on to %d; running it now",
+                        req.adapter, seq, q.next_seq)
+            q.ready.append(req)
+        elif seq == q.next_seq:
+            q.ready.append(req)
+            q.next_seq += 1
+            self._release(q)
+        else:
+            self._push_held(q, req)
+            self._arm_grace(q, req.adapter)
+            return
+        self._mark_ready(req.adapter)
+
+    def _push_held(self, q: _AdapterQueue, req: _Request) -> None:
+        heapq.heappush(q.held, (req.seq or 0, next(self._counter), req))
+
+    def _release(self, q: _AdapterQueue) -> None:
+        moved = False
+        while q.held and q.next_seq is not None and q.held[0][0] <= q.next_seq:
+            seq, _, req = heapq.heappop(q.held)
+            q.ready.append(req)
+            if seq == q.next_seq:
+                q.next_seq += 1
+            moved = True
+        if moved:
+            q.gap_since = None
+            self._mark_ready(next(iter(q.ready)).adapter)
+        if not q.held and q.timer is not None:
+            q.timer.cancel()
+            q.timer = None
+
+    def _arm_grace(self, q: _AdapterQueue, adapter: str) -> None:
+        if q.gap_since is None:
+            q.gap_since = time.monotonic()
+        if q.timer is None:
+            delay = max(0.0, q.gap_since + self.config.seq_grace_s - time.monotonic())
+            assert self._loop is not None
+            q.timer = self._loop.call_later(delay, self._grace_expired, adapter)
+
+    def _grace_expired(self, adapter: str) -> None:
+        q = self._queues.get(adapter)
+        if q is None:
+            return
+        q.timer = None
+        if not q.held:
+            q.gap_since = None
+            return
+        gap_since = q.gap_since or time.monotonic()
+        remaining = gap_since + self.config.seq_grace_s - time.monotonic()
+        if remaining > 1e-3:
+            self._arm_grace(q, adapter)
+            return
+        lowest = q.held[0][0]
+        skipped = lowest - q.next_seq if q.next_seq is not None else 0
+        self.stats["seq_skips"] += max(0, skipped)
+        log.warning("adapter %s: seq_id(s) %s..%d never arrived within %.1fs; continuing at %d", adapter,
+                    q.next_seq, lowest - 1, self.config.seq_grace_s, lowest)
+        q.next_seq = lowest
+        self._release(q)
+        if q.held:  # another gap further on
+            q.gap_since = time.monotonic()
+            self._arm_grace(q, adapter)
+
+    def _mark_ready(self, adapter: str) -> None:
+        if adapter not in self._order:
+            self._order[adapter] = None
+        self._wake_up()
+
+    # ---- capacity ------------------------------------------------------------------------------------------
+    def _check_capacity(self, q: _AdapterQueue) -> None:
+        if q.pending >= self.config.max_pending_per_adapter:
+            self.stats["rejected_capacity"] += 1
+            raise CapacityError(
+                f"too many requests queued for this adapter ({q.pending}); retry shortly",
+                retry_after=self._retry_after(),
+            )
+        if self._pending_total >= self.config.max_pending_total:
+            self.stats["rejected_capacity"] += 1
+            raise CapacityError("the model worker's queue is full; retry shortly", retry_after=self._retry_after())
+
+    def _retry_after(self) -> float:
+        ticks = max(1, self.stats["ticks"])
+        per_tick = self.stats["busy_s"] / ticks
+        return float(min(30.0, max(0.5, per_tick * 2)))
+
+    # ---- loop plumbing -------------------------------------------------------------------------------------
+    def _ensure_loop(self) -> None:
+        if self._closed:
+            raise InternalError("the model worker is shutting down")
+        loop = asyncio.get_running_loop()
+        if self._loop is loop and self._task is not None and not self._task.done():
+            return
+        if self._loop is not None and self._loop is not loop:
+            # A new event loop (e.g. a second asyncio.run in tests): futures of the old one are unusable.
+            for q in self._queues.values():
+                if q.timer is not None:
+                    q.timer.cancel()
+            self._queues.clear()
+            self._order.clear()
+            self._samples.clear()
+            self._pending_total = 0
+        self._loop = loop
+        self._wake = asyncio.Event()
+        self._task = loop.create_task(self._dispatch(), name="twinkle-scheduler")
+
+    def _new_future(self) -> asyncio.Future:
+        assert self._loop is not None
+        fut = self._loop.create_future()
+        fut.add_done_callback(_consume_exception)
+        return fut
+
+    def _wake_up(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _dispatch(self) -> None:
+        assert self._wake is not None and self._loop is not None
+        loop = self._loop
+        while not self._closed:
+            tick = self._plan()
+            if tick is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                await loop.run_in_executor(self._executor, self._run_tick, tick)
+            except asyncio.CancelledError:
+                raise
+            except BaseException:  # pragma: no cover - _run_tick catches per part
+                log.exception("scheduler tick failed")
+
+    # ---- planning (event-loop side) ------------------------------------------------------------------------
+    def _plan(self) -> _Tick | None:
+        order = [a for a in self._order if self._queues.get(a) is not None and self._queues[a].ready]
+        pre: list[_Request] = []
+        for a in order:
+            q = self._queues[a]
+            while q.ready and not q.ready[0].is_compute:
+                pre.append(q.ready.popleft())
+        batch: list[_Request] = []
+        budget = self.config.batch_token_budget
+        used = 0
+        blocked: set[str] = set()
+        progress = True
+        while progress and len(batch) < self.config.max_batch_items:
+            progress = False
+            for a in order:
+                if a in blocked:
+                    continue
+                q = self._queues[a]
+                if not q.ready or not q.ready[0].is_compute:
+                    continue
+                req = q.ready[0]
+                if batch and used + req.tokens > budget:
+                    blocked.add(a)
+                    continue
+                batch.append(q.ready.popleft())
+                used += req.tokens
+                progress = True
+                if len(batch) >= self.config.max_batch_items:
+                    break
+        served = {r.adapter for r in batch}
+        post: list[_Request] = []
+        for a in order:
+            if a not in served:
+                continue
+            q = self._queues[a]
+            while q.ready and not q.ready[0].is_compute:
+                post.append(q.ready.popleft())
+        for r in pre + batch + post:
+            self._order.move_to_end(r.adapter)
+        for a in list(self._order):
+            q = self._queues.get(a)
+            if q is None or not q.ready:
+                del self._order[a]
+        samples, evict, loads, names = self._plan_samples()
+        if not (pre or batch or post or samples):
+            return None
+        return _Tick(pre, batch, post, samples, evict, loads, names)
+
+    def _plan_samples(self) -> tuple[list[_SampleRequest], list[str], list[tuple[str, str]], dict[int, str | None]]:
+        if not self._samples:
+            return [], [], [], {}
+        taken: list[_SampleRequest] = []
+        rest: deque[_SampleRequest] = deque()
+        used = 0
+        in_tick: set[tuple[str, int]] = set()
+        cap = self.config.sampler_cache_size
+        while self._samples:
+            s = self._samples.popleft()
+            full = len(taken) >= self.config.max_sample_batch or (taken and used + s.cost > self.config.sample_token_budget)
+            new_ckpt = s.cache_key is not None and s.cache_key not in in_tick
+            if full or (new_ckpt and len(in_tick) >= cap):
+                rest.append(s)
+                continue
+            taken.append(s)
+            used += s.cost
+            if s.cache_key is not None:
+                in_tick.add(s.cache_key)
+        self._samples = rest
+        evict: list[str] = []
+        loads: list[tuple[str, str]] = []
+        names: dict[int, str | None] = {}
+        for s in taken:
+            if s.cache_key is None:
+                names[id(s)] = s.adapter
+                continue
+            name = self._ckpt_cache.get(s.cache_key)
+            if name is None:
+                name = f"__sampler__{uuid.uuid4().hex[:12]}"
+                self._ckpt_cache[s.cache_key] = name
+                assert s.checkpoint is not None
+                loads.append((name, s.checkpoint))
+            self._ckpt_cache.move_to_end(s.cache_key)
+            names[id(s)] = name
+        while len(self._ckpt_cache) > cap:
+            key, name = next(iter(self._ckpt_cache.items()))
+            if key in in_tick:  # pragma: no cover - prevented by the cap check above
+                break
+            del self._ckpt_cache[key]
+            evict.append(name)
+        return taken, evict, loads, names
+
+    # ---- execution (backend thread) ------------------------------------------------------------------------
+    def _run_tick(self, tick: _Tick) -> None:
+        start = time.perf_counter()
+        for req in tick.pre:
+            self._run_barrier(req)
+        if tick.batch:
+            self._run_batch(tick.batch)
+        for req in tick.post:
+            self._run_barrier(req)
+        if tick.samples:
+            self._run_samples(tick)
+        busy = time.perf_counter() - start
+        self._post(self._tick_done, busy)
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # loop closed (shutdown)
+            pass
+
+    def _run_barrier(self, req: _Request) -> None:
+        try:
+            result: Any = self._apply_barrier(req)
+            outcome: tuple[bool, Any] = (True, result)
+        except BaseException as e:  # noqa: BLE001 - every failure goes to its own future
+            outcome = (False, _as_twinkle(e, req.op.type))
+        self._post(self._deliver, [(req, outcome)], None)
+
+    def _apply_barrier(self, req: _Request) -> Any:
+        b, op, a = self.backend, req.op, req.adapter
+        if isinstance(op, OptimStepOp):
+            metrics = b.optim_step(a, op.adam_params)
+            return OptimStepResponse(metrics={k: float(v) for k, v in (metrics or {}).items()})
+        if isinstance(op, SetOptimizerOp):
+            b.set_optimizer(a, op.optimizer)
+            return {"type": op.type, "step": b.step_count(a)}
+        if isinstance(op, SetSchedulerOp):
+            b.set_lr_scheduler(a, op.scheduler)
+            return {"type": op.type, "step": b.step_count(a)}
+        if isinstance(op, SaveOp):
+            if not req.path:
+                raise InvalidInputError("save needs a checkpoint directory", field="path")
+            optimizer = op.kind == "training"
+            _atomic_save(b, a, Path(req.path), optimizer=optimizer, overwrite=op.overwrite)
+            return {"type": op.type, "path": req.path, "kind": op.kind, "step": b.step_count(a),
+                    "size_bytes": _dir_size(Path(req.path))}
+        if isinstance(op, LoadOp):
+            if not req.path:
+                raise InvalidInputError("load needs a checkpoint directory", field="path")
+            lora = b.load(a, Path(req.path), optimizer=op.optimizer)
+            return {"type": op.type, "path": req.path, "step": b.step_count(a),
+                    "lora": lora.model_dump() if lora is not None else None}
+        raise InvalidInputError(f"unknown operation {getattr(op, 'type', op)!r}", field="type")
+
+    def _run_batch(self, reqs: list[_Request]) -> None:
+        items = [_batch_item(r) for r in reqs]
+        t0 = time.perf_counter()
+        try:
+            outs = self.backend.run_batch(items)
+            if len(outs) != len(items):
+                raise InternalError(f"backend returned {len(outs)} results for {len(items)} requests")
+            pairs = [(r, (True, o)) for r, o in zip(reqs, outs, strict=True)]
+            info = _batch_info(reqs, time.perf_counter() - t0)
+            self._post(self._deliver, pairs, info)
+            return
+        except BaseException as e:  # noqa: BLE001
+            if len(reqs) == 1:
+                self._post(self._deliver, [(reqs[0], (False, _as_twinkle(e, "forward_backward")))], None)
+                return
+            log.info("mixed batch of %d failed (%s); re-running its requests one by one", len(reqs), e)
+        for r, item in zip(reqs, items, strict=True):
+            t1 = time.perf_counter()
+            try:
+                out = self.backend.run_batch([item])[0]
+                self._post(self._deliver, [(r, (True, out))], _batch_info([r], time.perf_counter() - t1))
+            except BaseException as e:  # noqa: BLE001
+                self._post(self._deliver, [(r, (False, _as_twinkle(e, "forward_backward")))], None)
+
+    def _run_samples(self, tick: _Tick) -> None:
+        for name in tick.evict:
+            try:
+                self.backend.remove_adapter(name)
+            except BaseException:  # noqa: BLE001
+                log.warning("could not evict cached sampler adapter %s", name, exc_info=True)
+        failed_loads: dict[str, BaseException] = {}
+        for name, ckpt in tick.loads:
+            try:
+                self.backend.load(name, Path(ckpt), optimizer=False)
+            except BaseException as e:  # noqa: BLE001
+                failed_loads[name] = e
+        good: list[_SampleRequest] = []
+        bad: list[tuple[_SampleRequest, tuple[bool, Any]]] = []
+        for s in tick.samples:
+            name = tick.sample_names.get(id(s))
+            if name is not None and name in failed_loads:
+                bad.append((s, (False, _as_twinkle(failed_loads[name], "sample"))))
+            else:
+                good.append(s)
+        if failed_loads:
+            self._post(self._forget_cached, list(failed_loads))
+        if bad:
+            self._post(self._deliver_samples, bad, None)
+        if not good:
+            return
+        items = [_sample_item(s, tick.sample_names.get(id(s))) for s in good]
+        t0 = time.perf_counter()
+        try:
+            outs = self.backend.sample(items)
+            if len(outs) != len(items):
+                raise InternalError(f"backend returned {len(outs)} samples for {len(items)} requests")
+            self._post(self._deliver_samples, [(s, (True, o)) for s, o in zip(good, outs, strict=True)],
+                       time.perf_counter() - t0)
+            return
+        except BaseException as e:  # noqa: BLE001
+            if len(good) == 1:
+                self._post(self._deliver_samples, [(good[0], (False, _as_twinkle(e, "sample")))], None)
+                return
+        for s, item in zip(good, items, strict=True):
+            try:
+                out = self.backend.sample([item])[0]
+                self._post(self._deliver_samples, [(s, (True, out))], None)
+            except BaseException as e:  # noqa: BLE001
+                self._post(self._deliver_samples, [(s, (False, _as_twinkle(e, "sample")))], None)
+
+    # ---- completion (event-loop side) ----------------------------------------------------------------------
+    def _deliver(self, pairs: list[tuple[_Request, tuple[bool, Any]]], info: dict[str, Any] | None) -> None:
+        for req, (ok, value) in pairs:
+            if ok:
+                if not req.future.done():
+                    req.future.set_result(value)
+            else:
+                self.stats["errors"] += 1
+                if not req.future.done():
+                    req.future.set_exception(value)
+            if not req.is_compute:
+                self.stats["barriers_run"] += 1
+            self._finish(req)
+        if info is not None:
+            self.stats["batches_run"] += 1
+            self.stats["rows_run"] += info["rows"]
+            self.stats["tokens_run"] += info["tokens"]
+            if info["mixed"]:
+                self.stats["mixed_batches"] += 1
+            self.stats["max_adapters_in_batch"] = max(self.stats["max_adapters_in_batch"], len(info["adapters"]))
+            self.last_batch = info
+            self.recent_batches.append(info)
+
+    def _finish(self, req: _Request) -> None:
+        self._pending_total -= 1
+        q = self._queues.get(req.adapter)
+        if q is None:
+            return
+        q.pending -= 1
+        limit = self.config.result_memory
+        while len(q.memory) > limit:
+            seq, fut = next(iter(q.memory.items()))
+            if not fut.done():
+                break
+            del q.memory[seq]
+
+    def _deliver_samples(self, pairs: list[tuple[_SampleRequest, tuple[bool, Any]]], seconds: float | None) -> None:
+        for s, (ok, value) in pairs:
+            self._pending_total -= 1
+            if ok:
+                self.stats["samples_run"] += 1
+                if not s.future.done():
+                    s.future.set_result(value)
+            else:
+                self.stats["errors"] += 1
+                if not s.future.done():
+                    s.future.set_exception(value)
+        if seconds is not None:
+            self.stats["sample_batches"] += 1
+
+    def _forget_cached(self, names: list[str]) -> None:
+        for key, name in list(self._ckpt_cache.items()):
+            if name in names:
+                del self._ckpt_cache[key]
+
+    def _tick_done(self, busy: float) -> None:
+        self.stats["ticks"] += 1
+        self.stats["busy_s"] += busy
+
+
+# ---- helpers -----------------------------------------------------------------------------------------------
+
+
+def new_backend_executor() -> ThreadPoolExecutor:
+    """The one thread every call of a backend runs on."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="twinkle-backend")
+
+
+def _consume_exception(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _batch_item(req: _Request) -> BatchItem:
+    op = req.op
+    assert isinstance(op, ForwardBackwardOp)
+    return BatchItem(adapter=req.adapter, data=op.data, loss_fn=op.loss_fn, loss_fn_config=op.loss_fn_config,
+                     forward_only=op.forward_only)
+
+
+def _sample_item(s: _SampleRequest, adapter: str | None) -> SampleItem:
+    op = s.op
+    return SampleItem(adapter=adapter, prompt=list(op.prompt), num_samples=op.num_samples, params=op.params,
+                      prompt_logprobs=op.prompt_logprobs, topk_prompt_logprobs=op.topk_prompt_logprobs)
+
+
+def _batch_info(reqs: list[_Request], seconds: float) -> dict[str, Any]:
+    adapters = list(dict.fromkeys(r.adapter for r in reqs))
+    rows = sum(len(r.op.data) for r in reqs)  # type: ignore[union-attr]
+    return {"adapters": adapters, "requests": len(reqs), "rows": rows, "tokens": sum(r.tokens for r in reqs),
+            "mixed": len(adapters) > 1, "seconds": round(seconds, 6), "time": time.time()}
+
+
+def _as_twinkle(e: BaseException, what: str) -> TwinkleError:
+    if isinstance(e, TwinkleError):
+        return e
+    log.error("backend %s failed", what, exc_info=(type(e), e, e.__traceback__))
+    return InternalError(f"{what} failed on the model worker ({type(e).__name__})")
+
+
+def _dir_size(path: Path) -> int:
+    total = 0
+    for p in path.rglob("*"):
+        if p.is_file():
+            total += p.stat().st_size
+    return total
+
+
+_save_lock = threading.Lock()
+
+
+def _atomic_save(backend: Backend, adapter: str, path: Path, *, optimizer: bool, overwrite: bool) -> None:
+    """Write into a temporary sibling directory, then rename into place: a crash never leaves a half-written
+    checkpoint, and an existing checkpoint is only replaced (``overwrite``) once the new one is complete."""
+    if path.exists() and not overwrite:
+        raise InvalidInputError(f"checkpoint {path.name!r} already exists", field="name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        backend.save(adapter, tmp, optimizer=optimizer)
+        with _save_lock:
+            if path.exists():
+                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
