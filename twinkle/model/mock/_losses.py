@@ -11,12 +11,12 @@ cross_entropy       −Σ w·lp                                          —
 importance_sampling −Σ r·A                                           —
 ppo                 −Σ min(r·A, clip(r, lo, hi)·A)                   clip_low_threshold 0.8, clip_high 1.2
 cispo               −Σ sg(clip(r, lo, hi))·lp·A                      clip_low_threshold 0.8, clip_high 1.2
-dro                 −Σ (lp·A − ½·β·(lp − q)²)                        beta 0.1
+dro                 −Σ (lp·A − ½·β·(lp − q)²)                        beta 0.05
 dpo                 −Σ_pairs log σ(β·((Σw·lp_c − Σw·ref_c) − (Σw·lp_r − Σw·ref_r)))   beta 0.1
 =================== ================================================ ======================================
 
-dpo takes the data as consecutive (chosen, rejected) pairs; ``ref`` are the base model's logprobs (the
-adapter disabled).
+dpo takes the data as consecutive (chosen, rejected) pairs; ``ref`` is ``loss_fn_inputs["ref_logprobs"]``
+when given, else the base model's logprobs (the adapter disabled). Same defaults as ``twinkle.loss``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+from twinkle.types import InvalidInputError
 
 Inputs = dict[str, np.ndarray]
 _PerDatum = Callable[[np.ndarray, Inputs, dict[str, Any]], tuple[float, np.ndarray]]
@@ -38,8 +40,31 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "dpo": ("target_tokens",),
 }
 LOSS_NAMES: tuple[str, ...] = tuple(REQUIRED)
-DEFAULT_CLIP = (0.8, 1.2)
-DEFAULT_BETA = 0.1
+_CLIP = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
+DEFAULTS: dict[str, dict[str, float]] = {"ppo": _CLIP, "cispo": _CLIP, "dro": {"beta": 0.05}, "dpo": {"beta": 0.1}}
+
+
+def resolve_config(name: str, config: dict[str, Any] | None) -> dict[str, float]:
+    """Defaults overlaid with ``config``; values must be numbers (text holding a number is accepted)."""
+    out = dict(DEFAULTS.get(name, {}))
+    for key, value in (config or {}).items():
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            number = float(value)
+        except (TypeError, ValueError):
+            raise InvalidInputError(
+                f"loss_fn_config[{key!r}] must be a number, got {value!r}", field=f"loss_fn_config.{key}"
+            ) from None
+        if not np.isfinite(number):
+            raise InvalidInputError(f"loss_fn_config[{key!r}] must be finite", field=f"loss_fn_config.{key}")
+        out[key] = number
+    lo, hi = out.get("clip_low_threshold"), out.get("clip_high_threshold")
+    if lo is not None and hi is not None and lo > hi:
+        raise InvalidInputError(
+            f"clip_low_threshold {lo} is above clip_high_threshold {hi}", field="loss_fn_config.clip_low_threshold"
+        )
+    return out
 
 
 def _weights(lp: np.ndarray, inputs: Inputs) -> np.ndarray:
@@ -54,9 +79,7 @@ def _ratio(lp: np.ndarray, inputs: Inputs) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 def _clip(config: dict[str, Any]) -> tuple[float, float]:
-    lo = float(config.get("clip_low_threshold", DEFAULT_CLIP[0]))
-    hi = float(config.get("clip_high_threshold", DEFAULT_CLIP[1]))
-    return lo, hi
+    return float(config["clip_low_threshold"]), float(config["clip_high_threshold"])
 
 
 def cross_entropy(lp: np.ndarray, inputs: Inputs, config: dict[str, Any]) -> tuple[float, np.ndarray]:
@@ -80,6 +103,13 @@ def ppo(lp: np.ndarray, inputs: Inputs, config: dict[str, Any]) -> tuple[float, 
     return float(-obj.sum()), np.where(live, -r * adv, 0.0)
 
 
+def clip_count(lp: np.ndarray, inputs: Inputs, config: dict[str, Any]) -> int:
+    """How many ratios fall outside the clip bounds (for ppo's ``clip_fraction:mean``)."""
+    r, _, _ = _ratio(lp, inputs)
+    lo, hi = _clip(config)
+    return int(((r < lo) | (r > hi)).sum())
+
+
 def cispo(lp: np.ndarray, inputs: Inputs, config: dict[str, Any]) -> tuple[float, np.ndarray]:
     r, _, adv = _ratio(lp, inputs)
     lo, hi = _clip(config)
@@ -89,7 +119,7 @@ def cispo(lp: np.ndarray, inputs: Inputs, config: dict[str, Any]) -> tuple[float
 
 def dro(lp: np.ndarray, inputs: Inputs, config: dict[str, Any]) -> tuple[float, np.ndarray]:
     _, q, adv = _ratio(lp, inputs)
-    beta = float(config.get("beta", DEFAULT_BETA))
+    beta = float(config["beta"])
     obj = lp * adv - 0.5 * beta * (lp - q) ** 2
     return float(-obj.sum()), -(adv - beta * (lp - q))
 
@@ -107,15 +137,19 @@ def dpo(
     lps: list[np.ndarray], refs: list[np.ndarray], inputs: list[Inputs], config: dict[str, Any]
 ) -> tuple[list[float], list[np.ndarray], dict[str, float]]:
     """Per-datum loss shares (the pair's loss on its chosen datum), dLoss/dlp per datum, and metrics."""
-    beta = float(config.get("beta", DEFAULT_BETA))
+    beta = float(config["beta"])
     losses: list[float] = []
     grads: list[np.ndarray] = []
     margins: list[float] = []
+    chosen: list[float] = []
+    rejected: list[float] = []
     for c in range(0, len(lps), 2):
         wc, wr = _weights(lps[c], inputs[c]), _weights(lps[c + 1], inputs[c + 1])
         dc = float((wc * (lps[c] - refs[c])).sum())
         dr = float((wr * (lps[c + 1] - refs[c + 1])).sum())
         m = beta * (dc - dr)
+        chosen.append(beta * dc)
+        rejected.append(beta * dr)
         losses += [float(np.logaddexp(0.0, -m)), 0.0]  # −log σ(m)
         s = 1.0 / (1.0 + np.exp(m))  # σ(−m) = −dLoss/dm
         grads += [-s * beta * wc, s * beta * wr]
@@ -123,5 +157,7 @@ def dpo(
     metrics = {
         "dpo_margin:mean": float(np.mean(margins)),
         "dpo_accuracy:mean": float(np.mean([m > 0 for m in margins])),
+        "chosen_reward:mean": float(np.mean(chosen)),
+        "rejected_reward:mean": float(np.mean(rejected)),
     }
     return losses, grads, metrics

@@ -16,7 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from twinkle.model.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINT_META, Backend, BatchItem, SampleItem
+from twinkle.model.base import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    CHECKPOINT_META,
+    Backend,
+    BatchItem,
+    SampleItem,
+)
 from twinkle.types import (
     AdamParams,
     Datum,
@@ -31,6 +38,7 @@ from twinkle.types import (
     SampleResponse,
     SamplingParams,
     TensorData,
+    UnsupportedError,
 )
 
 from . import _losses
@@ -203,7 +211,7 @@ class MockBackend(Backend):
         return self._adapters[adapter]
 
     # -- validation ----------------------------------------------------------------------------------------
-    def _check_tokens(self, tokens: list[int], where: str) -> np.ndarray:
+    def _check_tokens(self, tokens: list[int], where: str, token_field: str | None = None) -> np.ndarray:
         arr = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if arr.size == 0:
             raise InvalidInputError(f"{where} is empty", field=where)
@@ -214,8 +222,8 @@ class MockBackend(Backend):
         bad = (arr < 0) | (arr >= self.spec.vocab_size)
         if bad.any():
             raise InvalidInputError(
-                f"{where} holds token id {int(arr[bad][0])} outside the vocabulary (size {self.spec.vocab_size})",
-                field=where,
+                f"{where} holds token id {int(arr[bad][0])} outside the vocabulary [0, {self.spec.vocab_size})",
+                field=token_field or where,
             )
         return arr
 
@@ -226,17 +234,14 @@ class MockBackend(Backend):
         else:
             self._get(item.adapter)
         if item.loss_fn not in _losses.REQUIRED:
-            raise InvalidInputError(
-                f"unknown loss {item.loss_fn!r}; supported: {list(_losses.LOSS_NAMES)}", field="loss_fn"
+            raise UnsupportedError(
+                f"unknown loss_fn {item.loss_fn!r}; available: {', '.join(_losses.LOSS_NAMES)}", field="loss_fn"
             )
         if not item.data:
             raise InvalidInputError("data is empty", field="data")
         if item.loss_fn == "dpo" and len(item.data) % 2:
             raise InvalidInputError("dpo needs (chosen, rejected) pairs: an even number of data", field="data")
-        config = item.loss_fn_config or {}
-        for key, value in config.items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise InvalidInputError(f"loss_fn_config[{key!r}] must be a finite number", field=f"loss_fn_config.{key}")
+        _losses.resolve_config(item.loss_fn, item.loss_fn_config)
         rows = []
         for i, datum in enumerate(item.data):
             rows.append(self._validate_datum(k, i, datum, _losses.REQUIRED[item.loss_fn]))
@@ -246,7 +251,7 @@ class MockBackend(Backend):
         where = f"data[{i}]"
         if not isinstance(datum, Datum):
             raise InvalidInputError(f"{where} must be a Datum", field=where)
-        tokens = self._check_tokens(datum.model_input.to_ints(), f"{where}.model_input")
+        tokens = self._check_tokens(datum.model_input.to_ints(), f"{where}.model_input", f"{where}.model_input.tokens")
         n = tokens.size
         inputs: dict[str, np.ndarray] = {}
         for key in required:
@@ -281,6 +286,8 @@ class MockBackend(Backend):
 
     # -- compute -------------------------------------------------------------------------------------------
     def run_batch(self, items: list[BatchItem]) -> list[ForwardBackwardOutput]:
+        if not isinstance(items, list) or not items:
+            raise InvalidInputError("a batch needs at least one item", field="data")
         rows_per_item = [self._validate_item(k, item) for k, item in enumerate(items)]  # before any change
         lps: list[list[np.ndarray]] = [[np.empty(0)] * len(r) for r in rows_per_item]
         cache_of: dict[tuple[str | None, bool], Any] = {}
@@ -299,7 +306,7 @@ class MockBackend(Backend):
                                       cache=cache, rng=state.rng if (trains and state is not None) else None)
             logp = log_softmax(logits)
             offsets = np.cumsum([0] + [len(f) for f in feats])
-            for (k, i), row, start in zip(members, rows, offsets[:-1]):
+            for (k, i), row, start in zip(members, rows, offsets[:-1], strict=True):
                 lps[k][i] = _gather(logp[start : start + len(row.tokens)], row.targets)
             cache_of[key] = (cache, logp, offsets, members)
         # Losses and dLoss/dlogprobs per item.
@@ -307,15 +314,18 @@ class MockBackend(Backend):
         dlps: list[list[np.ndarray]] = []
         for k, item in enumerate(items):
             rows = rows_per_item[k]
-            cfg = dict(item.loss_fn_config or {})
+            cfg = _losses.resolve_config(item.loss_fn, item.loss_fn_config)
             metrics: dict[str, float] = {}
             if item.loss_fn == "dpo":
-                refs = self._reference_logprobs(rows) if item.adapter is not None else lps[k]
+                refs = self._reference_logprobs(rows, lps[k] if item.adapter is None else None)
                 losses, grads, metrics = _losses.dpo(lps[k], refs, [r.inputs for r in rows], cfg)
             else:
                 fn = _losses.PER_DATUM[item.loss_fn]
-                pairs = [fn(lp, r.inputs, cfg) for lp, r in zip(lps[k], rows)]
+                pairs = [fn(lp, r.inputs, cfg) for lp, r in zip(lps[k], rows, strict=True)]
                 losses, grads = [p[0] for p in pairs], [p[1] for p in pairs]
+                if item.loss_fn == "ppo":
+                    clipped = sum(_losses.clip_count(lp, r.inputs, cfg) for lp, r in zip(lps[k], rows, strict=True))
+                    metrics["clip_fraction:mean"] = clipped / max(1, sum(lp.size for lp in lps[k]))
             dlps.append(grads)
             metrics = {"loss:sum": float(sum(losses)), **metrics}
             outputs.append(ForwardBackwardOutput(
@@ -330,7 +340,7 @@ class MockBackend(Backend):
                 continue
             probs = np.exp(logp)
             dlogits = np.zeros_like(logp)
-            for (k, i), start in zip(members, offsets[:-1]):
+            for (k, i), start in zip(members, offsets[:-1], strict=True):
                 row, g = rows_per_item[k][i], dlps[k][i]
                 n = len(row.tokens)
                 g2 = g.reshape(n, -1)
@@ -345,9 +355,17 @@ class MockBackend(Backend):
                 state.grads[name] += g
         return outputs
 
-    def _reference_logprobs(self, rows: list[_Row]) -> list[np.ndarray]:
-        feats = self.net.features([r.tokens for r in rows])
-        return [_gather(log_softmax(self.net.forward(f, None)), r.targets) for f, r in zip(feats, rows)]
+    def _reference_logprobs(self, rows: list[_Row], base: list[np.ndarray] | None) -> list[np.ndarray]:
+        """dpo's reference: ``loss_fn_inputs['ref_logprobs']`` when given, else the base model's logprobs."""
+        if all("ref_logprobs" in r.inputs for r in rows):
+            return [r.inputs["ref_logprobs"].astype(np.float64).reshape(r.targets.shape) for r in rows]
+        if base is None:
+            feats = self.net.features([r.tokens for r in rows])
+            base = [_gather(log_softmax(self.net.forward(f, None)), r.targets) for f, r in zip(feats, rows, strict=True)]
+        return [
+            r.inputs["ref_logprobs"].astype(np.float64).reshape(r.targets.shape) if "ref_logprobs" in r.inputs else b
+            for r, b in zip(rows, base, strict=True)
+        ]
 
     def optim_step(self, adapter: str, params: AdamParams | None = None) -> dict[str, float]:
         state = self._get(adapter)
@@ -388,15 +406,17 @@ class MockBackend(Backend):
 
     # -- sampling ------------------------------------------------------------------------------------------
     def sample(self, items: list[SampleItem]) -> list[SampleResponse]:
+        if not items:
+            raise InvalidInputError("no sampling request", field="prompt")
         prepared = [self._validate_sample(item) for item in items]
-        return [self._sample_one(item, prompt) for item, prompt in zip(items, prepared)]
+        return [self._sample_one(item, prompt) for item, prompt in zip(items, prepared, strict=True)]
 
     def _validate_sample(self, item: SampleItem) -> np.ndarray:
         if item.adapter is not None:
             self._get(item.adapter)
         prompt = self._check_tokens(list(item.prompt), "prompt")
-        if prompt.size >= self.spec.max_length and (item.params.max_tokens or 1) > 0:
-            raise InvalidInputError(f"prompt fills the model's max_length {self.spec.max_length}", field="prompt")
+        if prompt.size >= self.spec.max_length:
+            raise InvalidInputError(f"prompt is longer than the model's {self.spec.max_length - 1}", field="prompt")
         if item.num_samples < 1:
             raise InvalidInputError("num_samples must be at least 1", field="num_samples")
         if item.topk_prompt_logprobs < 0:
@@ -435,7 +455,7 @@ class MockBackend(Backend):
             u = self.net.step_features(state, chosen)
             logp = log_softmax(self.net.forward(u, lora))
         response = SampleResponse(
-            sequences=[SampledSequence(stop_reason=r, tokens=s, logprobs=lp) for r, s, lp in zip(reasons, tokens, logprobs)]
+            sequences=[SampledSequence(stop_reason=r, tokens=s, logprobs=lp) for r, s, lp in zip(reasons, tokens, logprobs, strict=True)]
         )
         if item.prompt_logprobs or item.topk_prompt_logprobs:
             scored = [float(logp_prompt[i - 1, prompt[i]]) for i in range(1, prompt.size)]
@@ -533,21 +553,23 @@ def _gather(logp: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 
 def _stops(params: SamplingParams, eos_ids: list[int], vocab: int) -> tuple[set[int], list[str]]:
+    """None: stop at EOS; ``[]``: no stop; strings / token ids: stops added to EOS (as the torch engine)."""
     stop = params.stop
     if stop is None:
         return set(eos_ids), []
     items = [stop] if isinstance(stop, str) else list(stop)
-    tokens: set[int] = set()
+    if not items:
+        return set(), []
+    tokens: set[int] = set(eos_ids)
     strings: list[str] = []
     for s in items:
         if isinstance(s, str):
-            if not s:
-                raise InvalidInputError("stop strings must not be empty", field="params.stop")
-            strings.append(s)
-        else:
-            if not 0 <= int(s) < vocab:
-                raise InvalidInputError(f"stop token {s} is outside the vocabulary", field="params.stop")
+            if s:
+                strings.append(s)
+        elif isinstance(s, int) and not isinstance(s, bool) and 0 <= s < vocab:
             tokens.add(int(s))
+        else:
+            raise InvalidInputError(f"stop entry {s!r} is neither a string nor a token id", field="sampling_params.stop")
     return tokens, strings
 
 
