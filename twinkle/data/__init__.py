@@ -1,5 +1,53 @@
-"""Client-side data preparation (no torch at import)."""
+"""Client-side data preparation (no torch at import): chat templates, datasets, a DataLoader,
+preprocessors (self-cognition, DPO pairs, arithmetic) and rewards, and ``to_datums``."""
 
+from ._assets import assets_path
+from .arithmetic import arithmetic_dataset, arithmetic_question, arithmetic_reward, extract_answer
+from .chat import (
+    CHATML_TEMPLATE,
+    ChatEncoder,
+    apply_chat_template,
+    check_messages,
+    encode_prompt,
+    encode_text,
+    render_chat,
+)
 from .convert import IGNORE_INDEX, to_datum, to_datums
+from .dataset import Dataset, load_dataset
+from .dpo import DPOPairPreprocessor, flatten_pairs
+from .loader import DataLoader
+from .self_cognition import (
+    DEFAULT_AUTHOR,
+    DEFAULT_NAME,
+    SelfCognitionPreprocessor,
+    load_self_cognition_raw,
+    self_cognition_dataset,
+)
 
-__all__ = ["IGNORE_INDEX", "to_datum", "to_datums"]
+__all__ = [
+    "CHATML_TEMPLATE",
+    "DEFAULT_AUTHOR",
+    "DEFAULT_NAME",
+    "DPOPairPreprocessor",
+    "ChatEncoder",
+    "DataLoader",
+    "Dataset",
+    "IGNORE_INDEX",
+    "SelfCognitionPreprocessor",
+    "apply_chat_template",
+    "arithmetic_dataset",
+    "arithmetic_question",
+    "arithmetic_reward",
+    "assets_path",
+    "check_messages",
+    "encode_prompt",
+    "encode_text",
+    "extract_answer",
+    "flatten_pairs",
+    "load_dataset",
+    "load_self_cognition_raw",
+    "render_chat",
+    "self_cognition_dataset",
+    "to_datum",
+    "to_datums",
+]
