@@ -323,7 +323,7 @@ def connect(
     try:
         # fail fast when nothing answers at connect time; later blips are retried for retry_seconds
         if session_id:
-            info = SessionInfo.model_validate(http.get(f"sessions/{session_id}", retry_seconds=min(retry_seconds, 5.0)))
+            info = SessionInfo.model_validate(http.get(f"sessions/{session_id}", retry_seconds=min(retry_seconds, 2.0)))
             if info.state != "active":
                 raise GoneError(f"session {session_id} is {info.state}; open a new one with connect(url, api_key)")
             info = SessionInfo.model_validate(http.post(f"sessions/{session_id}/heartbeat"))
@@ -333,7 +333,7 @@ def connect(
             body: dict[str, Any] = {"metadata": meta}
             if lease_seconds is not None:
                 body["lease_seconds"] = lease_seconds
-            info = SessionInfo.model_validate(http.post("sessions", body, retry_seconds=min(retry_seconds, 5.0)))
+            info = SessionInfo.model_validate(http.post("sessions", body, retry_seconds=min(retry_seconds, 2.0)))
     except BaseException:
         http.close()
         raise

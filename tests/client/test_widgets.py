@@ -1,0 +1,77 @@
+"""LiveCurve / SampleViewer: widget model state, Stop button, text fallback, DataFrames."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from twinkle.types import SampledSequence, SampleResponse
+from twinkle_client.widgets import LiveCurve, SampleViewer, render_sample_html, runs_frame, svg_curve
+
+
+def test_widget_state_receives_every_step():
+    curve = LiveCurve(metrics=("loss",), mode="widget", throttle_s=0.0, display=False)
+    for step in range(1, 6):
+        curve.log({"loss": 1.0 / step, "lr": 0.1}, step=step, run="a")
+        state = curve.widget.get_state()
+        assert [p["step"] for p in state["data"]["a"]] == list(range(1, step + 1))
+        assert state["data"]["a"][-1]["loss"] == 1.0 / step
+        assert f"loss: {1.0 / step:.4g}" in curve.chart.value
+    curve.log({"loss": 2.0}, step=1, run="b")  # a second run is overlaid
+    assert set(curve.widget.get_state()["data"]) == {"a", "b"}
+    assert curve.chart.value.count("<polyline") == 2 and "a loss" in curve.chart.value
+
+
+def test_throttle_skips_redraws_but_close_flushes():
+    curve = LiveCurve(mode="widget", throttle_s=3600, display=False)
+    for s in range(10):
+        curve.log({"loss": float(10 - s)}, step=s)
+    assert len(curve.widget.data.get("default", [])) <= 1  # only the first draw happened
+    curve.close()
+    assert len(curve.widget.data["default"]) == 10
+
+
+def test_stop_button_ends_loop_after_current_step():
+    curve = LiveCurve(mode="widget", throttle_s=0.0, display=False)
+    done = []
+    for i in curve.range(100):
+        done.append(i)  # the "step"
+        if i == 3:
+            curve.stop_button.click()  # pressed while step 3 runs
+        curve.log({"loss": 1.0}, step=i)
+    assert done == [0, 1, 2, 3]  # step 3 completed, nothing after it
+    assert [p["step"] for p in curve.widget.data["default"]] == [0, 1, 2, 3]
+    assert curve.stop_button.disabled
+
+
+def test_text_mode_uses_tqdm(capsys):
+    curve = LiveCurve(metrics=("loss",), mode="text", title="sft")
+    for i in curve.range(3):
+        curve.log({"loss": 3.0 - i}, step=i)
+    err = capsys.readouterr().err
+    assert "sft" in err and "3/3" in err and "loss=1" in err
+    df = curve.frame()
+    assert isinstance(df, pd.DataFrame) and list(df["loss"]) == [3.0, 2.0, 1.0]
+
+
+def test_sample_viewer_heatmap_and_reward(capsys):
+    html = render_sample_html("2+2=", ["4", "<eos>"], [-0.01, -3.0], reward=1.0, title="s0")
+    assert "reward <b>1</b>" in html and "logprob -0.010" in html and "logprob -3.000" in html
+    assert html.index("rgb(20") > 0  # a confident token is green-ish
+    v = SampleViewer(mode="widget", display=False)
+    resp = SampleResponse(sequences=[SampledSequence(stop_reason="stop", tokens=[5, 6], logprobs=[-0.1, -0.2])])
+    v.add_response([1, 2], resp, rewards=[0.5])
+    assert "reward <b>0.5</b>" in v.widget.value and "⟨5⟩" in v.widget.value
+    t = SampleViewer(mode="text")
+    t.add("hi", [7], [-0.5], reward=0.0)
+    assert "'hi' -> '⟨7⟩' reward=0 mean_logprob=-0.500" in capsys.readouterr().out
+    assert list(t.frame()["reward"]) == [0.0]
+
+
+def test_frames_and_svg():
+    from twinkle.types.api import RunInfo
+
+    r = RunInfo(run_id="s:train:0", session_id="s", user="u", base_model="m", lora={"rank": 4}, state="active",
+                step=3, created_at=0.0, last_metrics={"loss": 0.5})
+    df = runs_frame([r])
+    assert df.loc[0, "rank"] == 4 and df.loc[0, "loss"] == 0.5
+    assert "waiting for the first step" in svg_curve({})
