@@ -65,11 +65,26 @@ def backend_kwargs(cls: type, config: dict[str, Any]) -> dict[str, Any]:
         if n != "self" and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     }
     kwargs = {k: v for k, v in config.items() if k in named and k not in _SERVER_KEYS and v is not None}
+    if kwargs.get("device") == "auto":
+        del kwargs["device"]
+    if kwargs.get("dtype") == "auto":
+        del kwargs["dtype"]
+    # The backend's own slot limit must fit the worker's live adapters plus its cached sampler adapters.
+    if "max_adapters" in named and config.get("max_adapters") is not None:
+        kwargs["max_adapters"] = int(config["max_adapters"]) + _sampler_cache_size(config) + 1
+    if "max_lora_rank" in named and config.get("max_lora_rank") is not None:
+        kwargs["max_lora_rank"] = int(config["max_lora_rank"])
     options = config.get("backend_options") or {}
     if not isinstance(options, dict):
         raise InvalidInputError("backend_options must be a mapping", field="backend_options")
     kwargs.update(options)
     return kwargs
+
+
+def _sampler_cache_size(config: dict[str, Any]) -> int:
+    from .scheduler import SchedulerConfig
+
+    return SchedulerConfig.from_dict(config).sampler_cache_size
 
 
 def build_backend(config: dict[str, Any]) -> Backend:

@@ -245,6 +245,13 @@ class ModelWorker:
                         f"data[{i}] has a token id outside the vocabulary [0, {vocab})",
                         field=f"data[{i}].model_input",
                     )
+            target = d.loss_fn_inputs.get("target_tokens")
+            if target is not None and target.dtype == "int64" and target.data:
+                if min(target.data) < 0 or max(target.data) >= vocab:
+                    raise InvalidInputError(
+                        f"data[{i}] has a target token id outside the vocabulary [0, {vocab})",
+                        field=f"data[{i}].loss_fn_inputs.target_tokens",
+                    )
             total += n
         if total > self.max_tokens_per_request:
             raise LimitExceededError(
