@@ -152,7 +152,7 @@ class FakeService(Service):
                     raise InvalidInputError("token id outside the vocabulary", field=f"data[{i}].model_input")
                 w = d.loss_fn_inputs["weights"].to_numpy() if "weights" in d.loss_fn_inputs else [1.0] * len(tgt)
                 lps = [self.lp(self.scale[run_id], int(t)) for t in tgt]
-                loss += -sum(float(a) * float(b) for a, b in zip(lps, w))
+                loss += -sum(float(a) * float(b) for a, b in zip(lps, w, strict=True))
                 outs.append({"logprobs": TensorData.from_numpy(__import__("numpy").asarray(lps, dtype="float32"))})
             if not op.forward_only:
                 self.pending[run_id] += len(op.data)

@@ -13,7 +13,13 @@ from tinker.proto.request_conv import forward_backward_request_to_proto
 from tinker.proto.response_conv import deserialize_forward_backward_output, deserialize_sample_response
 
 from twinkle.server.tinker import codec
-from twinkle.types import ForwardBackwardOutput, InvalidInputError, SampledSequence, SampleResponse, TensorData
+from twinkle.types import (
+    ForwardBackwardOutput,
+    InvalidInputError,
+    SampledSequence,
+    SampleResponse,
+    TensorData,
+)
 
 
 def _sdk_request(loss_fn="ppo", config=None, forward_only=False):
