@@ -49,6 +49,9 @@ class WorkerStatus(_Reply):
     queue_depth: int = 0
     batches_run: int = 0
     last_batch: dict[str, Any] | None = Field(None, description="{adapters: [...], rows, tokens, mixed: bool}")
+    mixed_batches: int = Field(0, description="batches that held rows of more than one adapter")
+    max_adapters_in_batch: int = 0
+    recent_batches: list[dict[str, Any]] = Field(default_factory=list, description="the last batches, oldest first")
 
 
 class ServerStatus(_Reply):
