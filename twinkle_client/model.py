@@ -8,6 +8,7 @@ twice, and a re-attached process continues the sequence.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,16 +65,14 @@ def to_lora_config(config: Any = None, **overrides: Any) -> LoraConfig:
         raise InvalidInputError(f"invalid LoRA config: {e}", field="config") from None
 
 
-def _weight_sum(data: list[Datum]) -> float:
-    total = 0.0
+def _weight_and_tokens(data: list[Datum]) -> tuple[float, int]:
+    """(sum of loss weights, input tokens) of a batch, counted as ``twinkle.model.local`` counts them."""
+    weight, tokens = 0.0, 0
     for d in data:
         w = d.loss_fn_inputs.get("weights")
-        if w is not None:
-            total += float(sum(w.data))
-        else:
-            t = d.loss_fn_inputs.get("target_tokens")
-            total += float(len(t.data)) if t is not None else float(d.model_input.length)
-    return total
+        weight += float(w.to_numpy().sum()) if w is not None else float(d.model_input.length)
+        tokens += d.model_input.length
+    return weight, tokens
 
 
 @dataclass
@@ -82,8 +81,7 @@ class _Adapter:
     run: RunInfo
     lora: LoraConfig
     step: int = 0
-    loss_sum: float = 0.0
-    weight_sum: float = 0.0
+    meters: dict[bool, list[float]] = field(default_factory=dict)  # is_training -> [loss, weight, tokens]
     last: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -146,6 +144,10 @@ class RemoteModel:
             last_seq = getattr(run, "last_seq_id", None)
             if last_seq is not None:
                 self.session.run_state.bump_seq_id(run.run_id, int(last_seq) + 1)
+            elif self.session.run_state.get(run.run_id, "next_seq_id") is None:
+                # no record of where this run's sequence stands (state file from another machine): jump far
+                # ahead so no earlier seq_id is replayed; the server skips the gap after a short grace
+                self.session.run_state.bump_seq_id(run.run_id, int(time.time() * 1000))
         else:
             body = {"session_id": self.session.session_id, "base_model": self.model_id,
                     "lora": lora.model_dump(exclude_none=True), "name": adapter_name,
@@ -259,18 +261,17 @@ class RemoteModel:
             *, forward_only: bool) -> RemoteFuture[ForwardBackwardOutput]:
         a = self._adapter(adapter_name)
         data = to_datums(inputs)
-        weight = _weight_sum(data)
+        weight, tokens = _weight_and_tokens(data)
         body = {"data": [d.model_dump(mode="json", exclude_none=True) for d in data], "loss_fn": loss_fn}
         if loss_fn_config:
             body["loss_fn_config"] = loss_fn_config
 
         def parse(result: Any) -> ForwardBackwardOutput:
             out = ForwardBackwardOutput.model_validate(result)
-            if not forward_only:
-                loss = out.metrics.get("loss:sum")
-                if loss is not None:
-                    a.loss_sum += float(loss)
-                    a.weight_sum += weight
+            meter = a.meters.setdefault(not forward_only, [0.0, 0.0, 0])
+            meter[0] += float(out.metrics.get("loss:sum", 0.0))
+            meter[1] += weight
+            meter[2] += tokens
             return out
 
         return self._submit(a, "forward" if forward_only else "forward_backward", body, parse)
@@ -290,8 +291,8 @@ class RemoteModel:
         def parse(result: Any) -> dict[str, float]:
             m = OptimStepResponse.model_validate(result or {}).metrics or {}
             a.step += 1
-            out = {"grad_norm": float(m.get("grad_norm:mean", m.get("grad_norm", float("nan")))),
-                   "lr": float(m.get("lr:mean", m.get("lr", float("nan")))),
+            out = {"grad_norm": float(m.get("grad_norm:mean", m.get("grad_norm", 0.0))),
+                   "lr": float(m.get("lr:mean", m.get("lr", 0.0))),
                    "step": int(m.get("step:max", m.get("step", a.step)))}
             a.step = out["step"]
             a.last.update(out)
@@ -300,16 +301,12 @@ class RemoteModel:
         return self._submit(a, "optim_step", body, parse)
 
     def calculate_metric(self, is_training: bool = True, adapter_name: str | None = None) -> dict[str, float]:
-        """``{"loss"}`` = mean loss per weighted token since the last call, plus ``tokens``, ``step``, ``lr``,
-        ``grad_norm``. Resets the running loss."""
+        """``{"loss"}`` = mean loss per weighted token of the ``forward_backward`` (``is_training``) or
+        ``forward`` calls since the last call (then reset), plus ``tokens``, ``step``, ``lr``, ``grad_norm``."""
         a = self._adapter(adapter_name)
-        loss = a.loss_sum / a.weight_sum if a.weight_sum > 0 else float("nan")
-        out = {"loss": loss, "tokens": a.weight_sum, "step": a.step,
-               "lr": a.last.get("lr", float("nan")), "grad_norm": a.last.get("grad_norm", float("nan"))}
-        if is_training:
-            a.loss_sum = 0.0
-            a.weight_sum = 0.0
-        return out
+        loss, weight, tokens = a.meters.pop(is_training, [0.0, 0.0, 0])
+        return {"loss": loss / weight if weight else float("nan"), "tokens": tokens, "step": a.step,
+                "lr": a.last.get("lr", float("nan")), "grad_norm": a.last.get("grad_norm", float("nan"))}
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def save(self, name: str, save_optimizer: bool = True, adapter_name: str | None = None, *,
@@ -323,12 +320,13 @@ class RemoteModel:
         info = self._submit(a, "checkpoints", body, CheckpointInfo.model_validate).result()
         return info.path
 
-    def load(self, name_or_path: str, load_optimizer: bool = True, adapter_name: str | None = None) -> None:
+    def load(self, name_or_path: str, load_optimizer: bool = True, adapter_name: str | None = None) -> LoraConfig:
         """Load a checkpoint (a name of this run or a ``tinker://`` path) into the adapter."""
         a = self._adapter(adapter_name)
         self._submit(a, "load", {"checkpoint": name_or_path, "optimizer": load_optimizer}, lambda x: x).result()
         a.run = self.session.get_run(a.run_id)
         a.step = a.run.step
+        return a.run.lora
 
     def checkpoints(self, adapter_name: str | None = None) -> list[CheckpointInfo]:
         return self.session.checkpoints(self._adapter(adapter_name).run_id)

@@ -84,7 +84,7 @@ class Sampler:
 
     def compute_logprobs(self, prompt: Any) -> list[float | None]:
         """Log-probability of each prompt token given the ones before it: ``[None, lp1, lp2, ...]``."""
-        resp = self.sample(prompt, SamplingParams(max_tokens=1, temperature=1.0), 1, prompt_logprobs=True)
+        resp = self.sample(prompt, SamplingParams(max_tokens=1, temperature=0.0), 1, prompt_logprobs=True)
         return list(resp.prompt_logprobs or [])
 
     def generate(
@@ -104,8 +104,12 @@ class Sampler:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
             ids = tok.encode(text, add_special_tokens=False)
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-        resp = self.sample(list(ids), params)
-        return tok.decode(resp.sequences[0].tokens, skip_special_tokens=True)
+        seq = self.sample(list(ids), params).sequences[0]
+        toks = list(seq.tokens)
+        eos = getattr(tok, "eos_token_id", None)
+        if seq.stop_reason == "stop" and toks and eos is not None and toks[-1] == eos:
+            toks = toks[:-1]
+        return tok.decode(toks, skip_special_tokens=True)
 
     def __repr__(self) -> str:
         src = self.checkpoint or (self.model.run_id if self.model is not None else "base")

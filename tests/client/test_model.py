@@ -39,7 +39,7 @@ def test_training_loop_learns_and_sends_increasing_seq_ids(session, fake):
         step = model.clip_grad_and_step()
         m = model.calculate_metric(is_training=True)
         losses.append(m["loss"])
-        assert m["step"] == step["step"] and m["tokens"] == 6.0  # 3 weighted tokens per example
+        assert m["step"] == step["step"] and m["tokens"] == 8  # 4 input tokens per example (as twinkle.model.local counts)
     assert losses == sorted(losses, reverse=True) and losses[-1] < 0.5 * losses[0]
     assert step["lr"] == 0.2 and step["step"] == 5 and step["grad_norm"] > 0
     seqs = _seq_ids(fake, run.run_id)
@@ -55,7 +55,9 @@ def test_calculate_metric_matches_server_loss(session, fake):
     model.forward_backward(inputs=_batch(3))
     assert model.calculate_metric()["loss"] == pytest.approx(w * w)
     model.forward(inputs=_batch(1))  # forward does not count toward the training loss
-    assert model.calculate_metric()["tokens"] == 0.0
+    assert model.calculate_metric()["tokens"] == 0
+    model.forward(inputs=_batch(1))
+    assert model.calculate_metric(is_training=False)["loss"] == pytest.approx(w * w)
 
 
 def test_retry_after_lost_reply_is_not_applied_twice(session, fake):
