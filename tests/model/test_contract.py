@@ -1,7 +1,7 @@
 """The Backend contract (``twinkle/model/base.py``), run against every backend available here.
 
-"mock" always runs; "transformers" runs when ``twinkle.model.transformers`` and ``twinkle.model.hub`` import
-(on ``builtin://tiny``); "megatron" when ``twinkle.model.megatron`` exports ``MegatronBackend``.
+"mock" always runs; "transformers" runs when ``twinkle.model.transformers`` imports (on ``builtin://tiny``
+when ``twinkle.model.hub`` exists, else on the backend's random tiny Qwen2); "megatron" when ``twinkle.model.megatron`` exports ``MegatronBackend``.
 Each test uses its own adapters on one backend per module, so the tests do not depend on each other.
 """
 
@@ -26,7 +26,6 @@ from twinkle.types import (
     NotFoundError,
     OptimizerConfig,
     SamplingParams,
-    TensorData,
     TwinkleError,
     datum_from_tokens,
 )
@@ -45,16 +44,29 @@ def _make_mock() -> _Setup:
     return _Setup(MockBackend("mock://tiny", seed=0), lr=2e-2, atol=1e-8)
 
 
+def _tiny_model_id() -> str:
+    """``builtin://tiny`` when ``twinkle.model.hub`` exists, else the transformers backend's random tiny model."""
+    try:
+        importlib.import_module("twinkle.model.hub")
+        return "builtin://tiny"
+    except ImportError:
+        pass
+    try:
+        random_models = importlib.import_module("twinkle.model.transformers._random")
+    except ImportError as e:
+        pytest.skip(f"no builtin models: {e}")
+    return str(random_models.tiny_model_path())
+
+
 def _make_transformers() -> _Setup:
     try:
         mod = importlib.import_module("twinkle.model.transformers")
-        importlib.import_module("twinkle.model.hub")
     except ImportError as e:
         pytest.skip(f"transformers backend unavailable: {e}")
     import torch
 
     torch.set_num_threads(1)
-    return _Setup(mod.TransformersBackend("builtin://tiny"), lr=1e-2, atol=2e-5)
+    return _Setup(mod.TransformersBackend(_tiny_model_id()), lr=1e-2, atol=2e-5)
 
 
 def _make_megatron() -> _Setup:
@@ -64,11 +76,7 @@ def _make_megatron() -> _Setup:
         pytest.skip(f"megatron backend unavailable: {e}")
     if not hasattr(mod, "MegatronBackend"):
         pytest.skip("twinkle.model.megatron has no MegatronBackend yet")
-    try:
-        importlib.import_module("twinkle.model.hub")
-    except ImportError as e:
-        pytest.skip(f"no builtin models: {e}")
-    return _Setup(mod.MegatronBackend("builtin://tiny"), lr=1e-2, atol=2e-5)
+    return _Setup(mod.MegatronBackend(_tiny_model_id()), lr=1e-2, atol=2e-5)
 
 
 _FACTORIES = {"mock": _make_mock, "transformers": _make_transformers, "megatron": _make_megatron}
