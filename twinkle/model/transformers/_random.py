@@ -46,3 +46,22 @@ def build_random_model(path: str | Path, *, vocab_size: int = 512, hidden_size: 
     model = Qwen2ForCausalLM(cfg)
     model.save_pretrained(str(path))
     return path
+
+
+_TINY: Path | None = None
+
+
+def tiny_model_path() -> Path:
+    """``builtin://tiny`` when ``twinkle.model.hub`` provides it, else a random tiny Qwen2 (built once per process)."""
+    global _TINY
+    if _TINY is not None:
+        return _TINY
+    try:
+        from twinkle.model.hub import resolve_model
+
+        _TINY = Path(resolve_model("builtin://tiny"))
+    except ImportError:
+        import tempfile
+
+        _TINY = build_random_model(Path(tempfile.mkdtemp(prefix="twinkle-tiny-")) / "model")
+    return _TINY
