@@ -38,7 +38,7 @@ __all__ = [
     "parse_config",
 ]
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:-]*$")
 
 
 class ConfigError(InvalidInputError):
@@ -130,7 +130,7 @@ class ModelConfig(_Strict):
     @classmethod
     def _check_name(cls, v: str | None) -> str | None:
         if v is not None and not _NAME_RE.match(v):
-            raise ValueError("a model name uses letters, digits and . _ / - only")
+            raise ValueError("a model name uses letters, digits and . _ / : - only")
         return v
 
     @property

@@ -88,7 +88,7 @@ class Store:
         sql = "SELECT key_id, user, created_at, revoked_at, is_admin, note FROM keys"
         rows = self._exec(sql + (" WHERE user=?" if user else "") + " ORDER BY created_at", (user,) if user else ())
         cols = ("key_id", "user", "created_at", "revoked_at", "is_admin", "note")
-        return [dict(zip(cols, r)) for r in rows]
+        return [dict(zip(cols, r, strict=True)) for r in rows]
 
     def revoke_key(self, key_id: str) -> bool:
         with self._lock:
