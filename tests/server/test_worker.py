@@ -94,6 +94,15 @@ def test_invalid_ops_are_refused_before_queuing_and_do_not_stall_the_sequence():
         out = await asyncio.wait_for(w.execute("a", fb(3, 4), seq_id=5), 5)
         assert isinstance(out, ForwardBackwardOutput)
         assert sum(1 for c in backend.calls if c[0] == "run_batch") == 1
+        # seq 6 was answered by the gateway itself: it says so, and seq 7 does not wait for it
+        await w.skip("a", 6)
+        await asyncio.wait_for(w.execute("a", fb(5, 6), seq_id=7), 5)
+        # without that notice seq 9 waits for seq 8
+        pending = asyncio.ensure_future(w.execute("a", fb(5, 6), seq_id=9))
+        await asyncio.sleep(0.05)
+        assert not pending.done()
+        await w.execute("a", fb(1, 1), seq_id=8)
+        await asyncio.wait_for(pending, 5)
         await w.close()
 
     asyncio.run(main())
@@ -312,3 +321,58 @@ def test_two_adapters_train_in_mixed_batches_on_the_mock_backend(tmp_path: Path)
 
     asyncio.run(main())
 
+
+
+def test_retrying_a_forward_backward_does_not_change_the_next_optimizer_step():
+    async def run(retry: bool) -> tuple[dict, float]:
+        w = ModelWorker({"backend": "mock", "model_id": "mock://tiny"})
+        await w.create_adapter("r", LoraConfig(rank=4, seed=7))
+        op = ForwardBackwardOp(data=[_datum([3, 9, 27, 81, 243, 1, 2, 3])])
+        first = await w.execute("r", op, seq_id=1)
+        if retry:
+            again = await w.execute("r", op, seq_id=1)
+            assert again is first
+        step = await w.execute("r", OptimStepOp(AdamParams(learning_rate=1e-2)), seq_id=2)
+        probe = ForwardBackwardOp(data=op.data, forward_only=True)
+        loss = (await w.execute("r", probe, seq_id=3)).metrics["loss:sum"]
+        await w.close()
+        return step.metrics, loss
+
+    async def main():
+        plain, retried = await run(False), await run(True)
+        assert retried[0] == pytest.approx(plain[0], rel=1e-6)
+        assert retried[1] == pytest.approx(plain[1], rel=1e-6)
+
+    asyncio.run(main())
+
+
+def test_transformers_backend_on_the_builtin_model(tmp_path: Path):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+
+    async def main():
+        w = ModelWorker({"backend": "transformers", "model_id": "builtin://tiny", "max_adapters": 2,
+                         "max_lora_rank": 8, "device": "auto"})
+        for a in ("a", "b"):
+            await w.create_adapter(a, LoraConfig(rank=4, seed=0))
+        data = [_datum([5, 6, 7, 8, 9, 10, 11])]
+        losses = []
+        for i in range(2):
+            outs = await asyncio.gather(
+                *[w.execute(a, ForwardBackwardOp(data=data), seq_id=2 * i + 1) for a in "ab"],
+                *[w.execute(a, OptimStepOp(AdamParams(learning_rate=1e-2)), seq_id=2 * i + 2) for a in "ab"],
+            )
+            losses.append(outs[0].metrics["loss:sum"])
+            assert outs[0].metrics["loss:sum"] == pytest.approx(outs[1].metrics["loss:sum"], rel=1e-4)
+        assert losses[-1] < losses[0]
+        st = await w.status()
+        assert st["mixed_batches"] == 2 and st["last_batch"]["adapters"] == ["a", "b"]
+        ck = tmp_path / "a"
+        await w.execute("a", SaveOp(name="a"), seq_id=5, path=str(ck))
+        op = SampleOp(prompt=[5, 6, 7], params=SamplingParams(max_tokens=3, temperature=0.0))
+        live = await w.sample(op, adapter_id="a")
+        saved = await w.sample(op, checkpoint_path=str(ck))
+        assert live.sequences[0].tokens == saved.sequences[0].tokens
+        await w.close()
+
+    asyncio.run(main())

@@ -146,6 +146,11 @@ class ModelWorker:
             fut.add_done_callback(lambda f: self._after_load(adapter_id, f, creating))
         return await asyncio.shield(fut)
 
+    async def skip(self, adapter_id: str, seq_id: int) -> None:
+        """Tell the worker that ``seq_id`` of ``adapter_id`` was consumed upstream (the gateway refused or
+        answered that request itself), so later requests do not wait the grace period for it."""
+        self._scheduler.skip_seq(adapter_id, seq_id)
+
     def _after_load(self, adapter_id: str, fut: asyncio.Future, created: bool) -> None:
         if fut.cancelled() or fut.exception() is not None:
             if created and self._adapters.get(adapter_id, ...) is None:
