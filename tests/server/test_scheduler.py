@@ -361,3 +361,19 @@ def test_config_from_dict_reads_sections_and_aliases_and_rejects_bad_values():
     assert e.value.field == "batch_token_budget"
     with pytest.raises(InvalidInputError):
         SchedulerConfig.from_dict({"seq_grace_s": "soon"})
+
+
+def test_counters_stay_right_when_an_adapter_is_dropped_and_recreated_mid_flight():
+    async def main():
+        sched, backend = make("a")
+        backend.pause()
+        running = sched.submit("a", fb(1, 2), seq_id=1)
+        await asyncio.to_thread(backend.entered.wait, 5)
+        assert sched.drop_adapter("a") == 0  # nothing queued: the running request finishes
+        fresh = sched.submit("a", fb(3, 4), seq_id=1)  # a new life of the same adapter id
+        assert fresh is not running
+        backend.resume()
+        await asyncio.gather(running, fresh)
+        assert sched.queue_depth() == 0 and sched.adapter_queue_depth("a") == 0
+
+    asyncio.run(main())

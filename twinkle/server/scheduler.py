@@ -131,6 +131,8 @@ class _Request:
     path: str | None = None
     tokens: int = 0
     arrived: float = field(default_factory=time.monotonic)
+    queue: _AdapterQueue | None = None
+    finished: bool = False
 
     @property
     def is_compute(self) -> bool:
@@ -146,6 +148,7 @@ class _SampleRequest:
     future: asyncio.Future
     cost: int = 0
     arrived: float = field(default_factory=time.monotonic)
+    finished: bool = False
 
 
 @dataclass(eq=False)
@@ -231,7 +234,7 @@ class Scheduler:
                 return known
         self._check_capacity(q)
         fut = self._new_future()
-        req = _Request(adapter, op, seq_id, fut, path=path, tokens=tokens)
+        req = _Request(adapter, op, seq_id, fut, path=path, tokens=tokens, queue=q)
         q.pending += 1
         self._pending_total += 1
         if seq_id is not None:
@@ -293,6 +296,7 @@ class Scheduler:
         err = error or NotFoundError(f"adapter {adapter!r} was unloaded", field="model_id")
         dropped = [r for _, _, r in q.held] + list(q.ready)
         for r in dropped:
+            r.finished = True
             self._pending_total -= 1
             if not r.future.done():
                 r.future.set_exception(err)
@@ -453,7 +457,12 @@ class Scheduler:
         assert self._wake is not None and self._loop is not None
         loop = self._loop
         while not self._closed:
-            tick = self._plan()
+            try:
+                tick = self._plan()
+            except Exception:  # pragma: no cover - a bug; keep the loop alive
+                log.exception("scheduler planning failed")
+                await asyncio.sleep(0.01)
+                continue
             if tick is None:
                 self._wake.clear()
                 await self._wake.wait()
@@ -560,14 +569,19 @@ class Scheduler:
     # ---- execution (backend thread) ------------------------------------------------------------------------
     def _run_tick(self, tick: _Tick) -> None:
         start = time.perf_counter()
-        for req in tick.pre:
-            self._run_barrier(req)
-        if tick.batch:
-            self._run_batch(tick.batch)
-        for req in tick.post:
-            self._run_barrier(req)
-        if tick.samples:
-            self._run_samples(tick)
+        try:
+            for req in tick.pre:
+                self._run_barrier(req)
+            if tick.batch:
+                self._run_batch(tick.batch)
+            for req in tick.post:
+                self._run_barrier(req)
+            if tick.samples:
+                self._run_samples(tick)
+        except BaseException as e:  # noqa: BLE001 - a scheduler bug must not leave callers hanging
+            err = _as_twinkle(e, "scheduler tick")
+            self._post(self._deliver, [(r, (False, err)) for r in tick.pre + tick.batch + tick.post], None)
+            self._post(self._deliver_samples, [(s, (False, err)) for s in tick.samples], None)
         busy = time.perf_counter() - start
         self._post(self._tick_done, busy)
 
@@ -685,6 +699,8 @@ class Scheduler:
     # ---- completion (event-loop side) ----------------------------------------------------------------------
     def _deliver(self, pairs: list[tuple[_Request, tuple[bool, Any]]], info: dict[str, Any] | None) -> None:
         for req, (ok, value) in pairs:
+            if req.finished:
+                continue
             if ok:
                 if not req.future.done():
                     req.future.set_result(value)
@@ -706,8 +722,9 @@ class Scheduler:
             self.recent_batches.append(info)
 
     def _finish(self, req: _Request) -> None:
+        req.finished = True
         self._pending_total -= 1
-        q = self._queues.get(req.adapter)
+        q = req.queue
         if q is None:
             return
         q.pending -= 1
@@ -720,6 +737,9 @@ class Scheduler:
 
     def _deliver_samples(self, pairs: list[tuple[_SampleRequest, tuple[bool, Any]]], seconds: float | None) -> None:
         for s, (ok, value) in pairs:
+            if s.finished:
+                continue
+            s.finished = True
             self._pending_total -= 1
             if ok:
                 self.stats["samples_run"] += 1
