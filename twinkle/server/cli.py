@@ -96,14 +96,14 @@ def _parser() -> argparse.ArgumentParser:
 
     def _with_config(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("-c", "--config", required=True, help="server_config.yaml")
+        sp.add_argument("--port", type=int, default=None, help="override http.port")
+        sp.add_argument("--host", default=None, help="override http.host")
 
     lp = sub.add_parser("launch", help="start the server and block until Ctrl-C")
     _with_config(lp)
     lp.add_argument("--address", default=None,
                     help="join an existing Ray cluster: 'auto', 'ray://head:10001' or 'head:6379' "
                          "(default: start a local Ray)")
-    lp.add_argument("--port", type=int, default=None, help="override http.port")
-    lp.add_argument("--host", default=None, help="override http.host")
     lp.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     lp.set_defaults(func=_cmd_launch)
 

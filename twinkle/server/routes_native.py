@@ -55,6 +55,7 @@ def create_native_router() -> APIRouter:
     # ---- server ------------------------------------------------------------------------------------------
     @r.get("/capabilities", response_model=Capabilities)
     async def capabilities(user: User = who, service: Service = svc) -> Capabilities:
+        await service.refresh_model_info()
         return service.capabilities()
 
     @r.get("/status", response_model=ServerStatus)

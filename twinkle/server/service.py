@@ -259,6 +259,10 @@ class Service:
                 return
             self._reaper = loop.create_task(self._reap_loop())
 
+    async def refresh_model_info(self) -> None:
+        """Fetch (once) each model's info from its first worker, for ``capabilities``."""
+        await self._refresh_model_info()
+
     async def _refresh_model_info(self) -> None:
         for m in self.config.models:
             if m.served_name in self._model_info:
