@@ -69,8 +69,6 @@ from .ops import (
 
 log = logging.getLogger("twinkle.server.scheduler")
 
-_BARRIER_OPS = (OptimStepOp, SaveOp, LoadOp, SetOptimizerOp, SetSchedulerOp)
-
 
 # Names the server's config schema uses for the same knobs.
 _ALIASES = {"max_queue": "max_pending_total", "max_batch_size": "max_sample_batch"}
