@@ -395,8 +395,9 @@ class MockBackend(Backend):
                 p *= 1.0 - lr * wd
             elif wd:
                 g = g + wd * p
-            m = state.exp_avg.get(key, np.zeros_like(p)) * b1 + (1.0 - b1) * g
-            v = state.exp_avg_sq.get(key, np.zeros_like(p)) * b2 + (1.0 - b2) * g * g
+            m, v = state.exp_avg.get(key), state.exp_avg_sq.get(key)
+            m = (1.0 - b1) * g if m is None else m * b1 + (1.0 - b1) * g
+            v = (1.0 - b2) * g * g if v is None else v * b2 + (1.0 - b2) * g * g
             state.exp_avg[key], state.exp_avg_sq[key] = m, v
             denom = np.sqrt(v) / math.sqrt(1.0 - b2**step) + eps
             p -= (lr / (1.0 - b1**step)) * m / denom
