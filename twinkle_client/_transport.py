@@ -119,3 +119,41 @@ class HTTP:
                 cb(ok)
             except Exception:  # a UI callback must never break a request
                 pass
+
+
+class SyncASGITransport(httpx.BaseTransport):
+    """Drive an ASGI app (e.g. the Twinkle gateway) in-process from the sync client: the app runs on an event
+    loop in a helper thread (an anyio blocking portal); requests from any thread are served concurrently, so a
+    long-poll and a heartbeat can be in flight together. ``startup``/``shutdown``: async callables run on that
+    loop (httpx's ASGITransport does not run the app's lifespan)."""
+
+    def __init__(self, app: Any, *, startup: Callable[[], Any] | None = None,
+                 shutdown: Callable[[], Any] | None = None):
+        from anyio.from_thread import start_blocking_portal
+
+        self._inner = httpx.ASGITransport(app=app)
+        self._cm = start_blocking_portal()
+        self._portal = self._cm.__enter__()
+        self._shutdown = shutdown
+        if startup is not None:
+            self._portal.call(startup)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        body = request.read()
+
+        async def _send() -> httpx.Response:
+            req = httpx.Request(request.method, request.url, headers=request.headers, content=body)
+            resp = await self._inner.handle_async_request(req)
+            content = b"".join([chunk async for chunk in resp.stream])
+            return httpx.Response(resp.status_code, headers=resp.headers, content=content, request=request)
+
+        return self._portal.call(_send)
+
+    def close(self) -> None:
+        """Keep the app running (sessions may share one transport); call ``shutdown_app()`` to stop it."""
+
+    def shutdown_app(self) -> None:
+        if self._shutdown is not None:
+            self._portal.call(self._shutdown)
+            self._shutdown = None
+        self._cm.__exit__(None, None, None)

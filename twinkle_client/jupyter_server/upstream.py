@@ -31,8 +31,10 @@ _HEALTH_PATH = "/api/v1/healthz"
 _CAPABILITIES_TTL_S = 60.0
 _RUNS_LIMIT = 50
 # Read-only routes the browser may fetch, and the one it may delete.
-_GET_ALLOWED = re.compile(r"^(capabilities|status|sessions(/[\w.-]+)?|runs(/[\w.-]+(/(metrics|checkpoints))?)?|checkpoints)$")
-_DELETE_ALLOWED = re.compile(r"^runs/[\w.-]+/checkpoints/(training|sampler|weights|sampler_weights)/[\w.%-]+$")
+# Ids are word characters, '.', '-' and ':' (run ids look like "s5c4…:train:0"); never '/' or "..".
+_ID = r"(?!\.\.)[\w.:-]+"
+_GET_ALLOWED = re.compile(rf"^(capabilities|status|sessions(/{_ID})?|runs(/{_ID}(/(metrics|checkpoints))?)?|checkpoints)$")
+_DELETE_ALLOWED = re.compile(rf"^runs/{_ID}/checkpoints/(training|sampler|weights|sampler_weights)/{_ID}$")
 
 
 def normalize_url(url: str) -> str:
