@@ -42,7 +42,9 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 
 def connection_file(pid: int | None = None) -> Path:
-    return twinkle_home() / "connections" / f"{os.getpid() if pid is None else pid}.json"
+    folder = os.environ.get("TWINKLE_CONNECTIONS_DIR")
+    base = Path(folder).expanduser() if folder else twinkle_home() / "connections"
+    return base / f"{os.getpid() if pid is None else pid}.json"
 
 
 def write_connection(url: str, api_key: str | None, session_id: str) -> None:
