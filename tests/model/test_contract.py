@@ -426,3 +426,19 @@ def test_stop_tokens_and_strings(setup: _Setup) -> None:
     assert r.stop_reason == "stop"
     assert len(r.tokens) <= 3 and text in tok.decode(r.tokens)
     assert r.tokens == free[: len(r.tokens)]
+
+
+def test_sampling_batch_mixes_adapters(setup: _Setup) -> None:
+    b = setup.backend
+    a = _new(setup, seed=13)
+    for _ in range(3):
+        _fb(b, a, _batch(98))
+        b.optim_step(a)
+    prompt = _seq(99, 5)
+    params = SamplingParams(max_tokens=6, temperature=0.0, stop=[])
+    together = b.sample([SampleItem(a, prompt, 1, params), SampleItem(None, prompt, 1, params)])
+    alone_a = b.sample([SampleItem(a, prompt, 1, params)])[0]
+    alone_base = b.sample([SampleItem(None, prompt, 1, params)])[0]
+    assert together[0].sequences[0].tokens == alone_a.sequences[0].tokens
+    assert together[1].sequences[0].tokens == alone_base.sequences[0].tokens
+    np.testing.assert_allclose(together[0].sequences[0].logprobs, alone_a.sequences[0].logprobs, atol=1e-4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -182,6 +183,20 @@ def test_adamw_first_step_and_clipping_by_hand() -> None:
     assert all(not x.any() for x in st.grads.values())  # zeroed after the step
 
 
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_every_optimizer_lowers_the_loss(name: str) -> None:
+    b = MockBackend(seed=0, **SMALL)
+    b.add_adapter("a", LoraConfig(rank=4))
+    lr = 2e-3 if name == "sgd" else 2e-2
+    b.set_optimizer("a", OptimizerConfig(name=name, lr=lr, weight_decay=0.01, momentum=0.9 if name == "sgd" else 0.0))
+    data = [datum_from_tokens(list(b"abcabcabc"))]
+    losses = []
+    for _ in range(15):
+        losses.append(b.run_batch([BatchItem("a", data)])[0].metrics["loss:sum"])
+        b.optim_step("a")
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
 def test_target_modules_aliases_and_errors() -> None:
     b = MockBackend(**SMALL)
     b.add_adapter("q", LoraConfig(rank=2, target_modules=["q_proj", "v_proj"]))
@@ -330,13 +345,18 @@ def test_dropout_trains_and_resumes_exactly(tmp_path: Any) -> None:
     assert nxt == again
 
 
-def test_model_info_and_options() -> None:
+def test_model_info_and_options(tmp_path: Any) -> None:
     b = MockBackend("mock://small", seed=0, vocab_size=300, max_length=64)
     info = b.model_info()
     assert info.backend == "mock" and info.vocab_size == 300 and info.max_length == 64
     assert b.tokenizer().eos_token_id in info.eos_token_ids
     assert info.num_parameters and info.num_parameters > 0
     assert MockBackend("Qwen/Qwen3-8B").model_info().model_name == "Qwen/Qwen3-8B"
+    (Path(str(tmp_path)) / "file").write_text("x")
+    b.add_adapter("a", LoraConfig(rank=2))
+    with pytest.raises(InvalidInputError) as e:
+        b.save("a", Path(str(tmp_path)) / "file")
+    assert e.value.field == "path"
     with pytest.raises(InvalidInputError) as e:
         MockBackend("mock://huge")
     assert e.value.field == "model_id"

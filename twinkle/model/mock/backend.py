@@ -475,6 +475,8 @@ class MockBackend(Backend):
     def save(self, adapter: str, path: Path, *, optimizer: bool = True) -> None:
         state = self._get(adapter)
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise InvalidInputError(f"{str(path)!r} exists and is not a directory", field="path")
         path.mkdir(parents=True, exist_ok=True)
         cfg = state.config
         tensors: dict[str, np.ndarray] = {}
