@@ -2,10 +2,12 @@
 
 import type { ConnectionState, ICheckpointInfo, IMetricPoint, IRunInfo, IOverview } from './types';
 
-/** The name of the loss metric in a metrics dict: `loss` if present, else the first key containing "loss". */
+/** The name of the loss metric in a metrics dict: `loss`, `loss:mean`, `loss:sum`, else the first key naming loss. */
 export function lossKey(metrics: Record<string, number>): string | null {
-  if ('loss' in metrics) {
-    return 'loss';
+  for (const k of ['loss', 'loss:mean', 'loss:sum']) {
+    if (k in metrics) {
+      return k;
+    }
   }
   const key = Object.keys(metrics)
     .sort()
@@ -24,6 +26,25 @@ export function lossSeries(points: IMetricPoint[]): number[] {
     }
   }
   return out;
+}
+
+/**
+ * Metrics to show for a run as `[key, label, value]`: the server's reduction suffix (`loss:sum` → `loss`) is
+ * dropped from the label, `step` (shown elsewhere) is skipped, loss first, at most `max` entries.
+ */
+export function displayMetrics(metrics: Record<string, number>, max = 5): [string, string, number][] {
+  const out: [string, string, number][] = [];
+  const seen = new Set<string>();
+  const keys = Object.keys(metrics).sort((a, b) => Number(!a.startsWith('loss')) - Number(!b.startsWith('loss')));
+  for (const k of keys) {
+    const label = k.split(':')[0];
+    if (label === 'step' || seen.has(label) || typeof metrics[k] !== 'number') {
+      continue;
+    }
+    seen.add(label);
+    out.push([k, label, metrics[k]]);
+  }
+  return out.slice(0, max);
 }
 
 /** SVG polyline points for `values` in a `width`×`height` box (highest value at the top). */

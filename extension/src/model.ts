@@ -13,6 +13,8 @@ export interface IPollPolicy {
   /** First idle delay; doubles per idle poll up to `idleMaxMs`. */
   idleMs: number;
   idleMaxMs: number;
+  /** Idle cap while a run is loaded or a session is active (training may start any moment). */
+  idleActiveMaxMs: number;
   /** Delay while nothing is configured (waiting for `%twinkle connect` in a kernel). */
   notConfiguredMs: number;
   /** First delay after a failure; doubles per failure up to `errorMaxMs`. */
@@ -26,8 +28,9 @@ export interface IPollPolicy {
 
 export const DEFAULT_POLICY: IPollPolicy = {
   activeMs: 2000,
-  idleMs: 4000,
+  idleMs: 3000,
   idleMaxMs: 30000,
+  idleActiveMaxMs: 8000,
   notConfiguredMs: 5000,
   errorMs: 5000,
   errorMaxMs: 60000,
@@ -60,6 +63,7 @@ export class TwinkleModel {
   private _listeners = new Set<Listener>();
   private _refreshing: Promise<void> | null = null;
   private _changedLastPoll = false;
+  private _connSig = '';
 
   constructor(
     readonly api: TwinkleApi,
@@ -136,7 +140,11 @@ export class TwinkleModel {
       return;
     }
     this._errorStreak = 0;
-    const changed = await this._updateRuns(ov.runs);
+    const conn = ov.connection;
+    const connSig = conn ? `${conn.url}|${conn.source}|${conn.session_id}|${conn.updated_at}` : '';
+    const connChanged = connSig !== this._connSig;
+    this._connSig = connSig;
+    const changed = (await this._updateRuns(ov.runs)) || connChanged;
     this._changedLastPoll = changed;
     this._idleStreak = changed ? 0 : this._idleStreak + 1;
     this._emit();
@@ -243,7 +251,9 @@ export class TwinkleModel {
     } else if (this._changedLastPoll) {
       delay = p.activeMs;
     } else {
-      delay = Math.min(p.idleMs * 2 ** Math.max(0, this._idleStreak - 1), p.idleMaxMs);
+      const ov = this.overview;
+      const busy = ov.runs.some(r => r.state === 'active') || ov.sessions.some(s => s.state === 'active');
+      delay = Math.min(p.idleMs * 2 ** Math.max(0, this._idleStreak - 1), busy ? p.idleActiveMaxMs : p.idleMaxMs);
     }
     return hidden ? Math.max(delay, p.hiddenMinMs) : delay;
   }

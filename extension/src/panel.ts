@@ -4,6 +4,7 @@ import { Widget } from '@lumino/widgets';
 
 import {
   STATE_LABELS,
+  displayMetrics,
   formatNumber,
   sparklinePoints,
   timeAgo
@@ -98,7 +99,7 @@ export class TwinklePanel extends Widget {
           'span',
           { class: 'twk-header-actions' },
           button('⟳', 'Refresh now', 'twk-refresh', () => this.actions.refresh()),
-          button('Connect…', 'Twinkle: Connect to server', 'twk-connect', () => this.actions.connect())
+          button('Connect', 'Twinkle: Connect to server', 'twk-connect', () => this.actions.connect())
         )
       )
     );
@@ -193,10 +194,9 @@ export class TwinklePanel extends Widget {
 
   private _run(run: IRunInfo): HTMLElement {
     const loss = this.model.loss(run.run_id);
-    const metrics = Object.entries(run.last_metrics ?? {})
-      .filter(([k]) => !k.includes(':') || k.startsWith('loss'))
-      .slice(0, 6)
-      .map(([k, v]) => h('span', { class: 'twk-metric', 'data-metric': k }, `${k} ${formatNumber(v)}`));
+    const metrics = displayMetrics(run.last_metrics ?? {}).map(([k, label, v]) =>
+      h('span', { class: 'twk-metric', 'data-metric': k }, `${label} ${formatNumber(v)}`)
+    );
     const ckpts = this.model.checkpoints(run.run_id);
     const err = this.model.runError(run.run_id);
     return h(
@@ -238,7 +238,7 @@ export class TwinklePanel extends Widget {
         'div',
         { class: 'twk-ckpt-actions' },
         button('Copy path', c.path, 'twk-copy', () => this.actions.copyPath(c)),
-        button('Insert load cell', 'Insert a code cell that loads this checkpoint', 'twk-insert', () =>
+        button('Insert cell', 'Insert a code cell that loads this checkpoint', 'twk-insert', () =>
           this.actions.insertLoadCell(c, run)
         ),
         button('Delete', 'Delete this checkpoint', 'twk-delete', () => this.actions.deleteCheckpoint(c))

@@ -160,6 +160,9 @@ def test_server_error_message_is_passed_on():
     [
         ("GET", "runs", True),
         ("GET", "runs/r-1/metrics", True),
+        ("GET", "runs/s5c4:train:0/metrics", True),
+        ("DELETE", "runs/s5c4:train:0/checkpoints/training/step-3", True),
+        ("GET", "runs/../metrics", False),
         ("GET", "runs/r-1/checkpoints", True),
         ("GET", "sessions/s-1", True),
         ("GET", "futures/f1", False),

@@ -1,6 +1,7 @@
 import { describe, expect, it } from 'vitest';
 
 import {
+  displayMetrics,
   formatNumber,
   loadCheckpointCode,
   lossKey,
@@ -31,6 +32,11 @@ describe('loss series', () => {
     expect(lossKey({ lr: 1 })).toBeNull();
   });
 
+  it('reads the server reduction suffixes', () => {
+    expect(lossKey({ 'grad_norm:mean': 1, 'loss:sum': 2 })).toBe('loss:sum');
+    expect(lossKey({ 'loss:sum': 2, 'loss:mean': 1 })).toBe('loss:mean');
+  });
+
   it('skips points without a finite loss and keeps order', () => {
     const pts = [
       { step: 0, time: 0, kind: 'forward_backward', metrics: { loss: 3.5 } },
@@ -39,6 +45,17 @@ describe('loss series', () => {
       { step: 2, time: 3, kind: 'forward_backward', metrics: { 'loss:mean': 2.25 } }
     ];
     expect(lossSeries(pts)).toEqual([3.5, 2.25]);
+  });
+});
+
+describe('displayMetrics', () => {
+  it('labels without the reduction suffix, loss first, no step', () => {
+    const shown = displayMetrics({ 'grad_norm:mean': 61.7, 'lr:mean': 0.01, 'step:max': 3, 'loss:sum': 27.9 });
+    expect(shown).toEqual([
+      ['loss:sum', 'loss', 27.9],
+      ['grad_norm:mean', 'grad_norm', 61.7],
+      ['lr:mean', 'lr', 0.01]
+    ]);
   });
 });
 

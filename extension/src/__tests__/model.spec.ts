@@ -116,9 +116,9 @@ describe('TwinkleModel', () => {
 
   it('polls fast while training and backs off when idle, capped', async () => {
     const p = DEFAULT_POLICY;
-    server.overview = mkOverview([mkRun('r1', 1)]);
+    server.overview = mkOverview([mkRun('r1', 1, { state: 'unloaded' })]);
     await model.refresh();
-    server.overview = mkOverview([mkRun('r1', 2)]);
+    server.overview = mkOverview([mkRun('r1', 2, { state: 'unloaded' })]);
     await model.refresh();
     expect(model.nextDelay()).toBe(p.activeMs);
     const delays: number[] = [];
@@ -133,6 +133,13 @@ describe('TwinkleModel', () => {
       expect(delays[i]).toBeGreaterThanOrEqual(delays[i - 1]);
     }
     expect(model.nextDelay(true)).toBe(p.hiddenMinMs);
+    // a loaded run keeps the idle delay short: training may start any moment
+    server.overview = mkOverview([mkRun('r1', 2)]);
+    await model.refresh();
+    for (let i = 0; i < 6; i++) {
+      await model.refresh();
+    }
+    expect(model.nextDelay()).toBe(p.idleActiveMaxMs);
     // training again: fast at once
     server.overview = mkOverview([mkRun('r1', 3)]);
     await model.refresh();
@@ -201,6 +208,18 @@ describe('TwinkleModel', () => {
     server.calls = [];
     await small.refresh();
     expect(server.calls).toEqual(['GET overview', 'GET api/runs/c/metrics', 'GET api/runs/c/checkpoints']);
+  });
+
+  it('a new connection (a kernel ran %twinkle connect) counts as activity', async () => {
+    const conn = (session: string) => ({ url: 'http://h:1', source: 'kernel' as const, session_id: session, key_hint: '…', updated_at: 1 });
+    server.overview = { ...mkOverview([]), connection: conn('s1') };
+    await model.refresh();
+    await model.refresh();
+    await model.refresh();
+    expect(model.nextDelay()).toBe(DEFAULT_POLICY.idleMs * 2);
+    server.overview = { ...mkOverview([]), connection: conn('s2') };
+    await model.refresh();
+    expect(model.nextDelay()).toBe(DEFAULT_POLICY.activeMs);
   });
 
   it('connect returns the classified state from the Jupyter server', async () => {

@@ -1,0 +1,175 @@
+"""Browser test: JupyterLab + the Twinkle panel against a real Twinkle server (Ray Serve, mock backend).
+
+A notebook connects with ``%twinkle connect``, trains a few steps and saves a checkpoint; headless Chromium
+(playwright-core, Debian's /usr/bin/chromium) checks that the panel lists the run, its loss sparkline grows,
+the checkpoint appears, a load cell can be inserted, the checkpoint deleted after confirmation, and that a
+wrong key and a stopped server are shown. Screenshots go to ``artifacts/browser/``.
+
+Needs: ``bash extension/build.sh`` (labextension + node_modules/playwright-core) and ``apt-get install chromium``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from jupyter_proc import JupyterServer, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+EXT = REPO / "extension"
+ART = REPO / "artifacts" / "browser"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+KEY = "browser-test-key-0001"
+
+pytestmark = [pytest.mark.browser, pytest.mark.integration]
+
+
+def _missing() -> str | None:
+    if not Path(CHROMIUM).exists():
+        return f"{CHROMIUM} missing (apt-get install -y chromium)"
+    if not (EXT / "node_modules" / "playwright-core").is_dir():
+        return "extension/node_modules missing (bash extension/build.sh)"
+    if not (REPO / "twinkle_client" / "labextension" / "package.json").is_file():
+        return "labextension not built (bash extension/build.sh)"
+    if shutil.which("node") is None:
+        return "node missing"
+    return None
+
+
+@pytest.fixture(scope="module")
+def twinkle_server(tmp_path_factory):
+    why = _missing()
+    if why:
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    tmp = tmp_path_factory.mktemp("twinkle-server")
+    port = free_port()
+    (tmp / "server.yaml").write_text(
+        f"http: {{host: 127.0.0.1, port: {port}}}\n"
+        f"persistence: {{sqlite_path: {tmp / 'db.sqlite'}, checkpoint_root: {tmp / 'ckpt'}}}\n"
+        "lease_seconds: 120\n"
+        "models:\n"
+        "  - {name: mock, backend: mock, model_id: 'mock://tiny', replicas: 1, ray_actor_options: {num_cpus: 0.5},"
+        " max_adapters: 4, max_lora_rank: 16}\n"
+    )
+    env = {**os.environ, "TWINKLE_BOOTSTRAP_KEY": KEY, "TWINKLE_HOME": str(tmp / "home"),
+           "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
+    log = open(tmp / "server.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "twinkle.server.cli", "launch", "-c", str(tmp / "server.yaml"), "--num-cpus", "2"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError("twinkle server exited:\n" + (tmp / "server.log").read_text()[-3000:])
+            try:
+                if httpx.get(url + "/api/v1/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("twinkle server did not start:\n" + (tmp / "server.log").read_text()[-3000:])
+            time.sleep(1)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+NOTEBOOK_CELLS = [
+    "%load_ext twinkle_client\n%twinkle connect {url} --api-key {key}",
+    (
+        "import time\n"
+        "from twinkle_client.model import MockModel\n"
+        "model = MockModel(model_id='mock')\n"
+        "model.add_adapter_to_model('default', {{'rank': 4}})\n"
+        "model.set_optimizer('AdamW', lr=1e-2)\n"
+        "batch = [{{'input_ids': [1, 2, 3, 4, 5, 6, 7, 8], 'labels': [2, 3, 4, 5, 6, 7, 8, 9]}}]\n"
+        "for step in range(20):\n"
+        "    model.forward_backward(inputs=batch)\n"
+        "    model.clip_grad_and_step()\n"
+        "    time.sleep(1.2)\n"
+        "print('trained', model.run_id)"
+    ),
+    "path = model.save('step-20')\nprint(path)",
+]
+
+
+def _notebook(url: str) -> dict:
+    cells = [
+        {"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [],
+         "source": src.format(url=url, key=KEY)}
+        for src in NOTEBOOK_CELLS
+    ]
+    return {"cells": cells, "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                         "language": "python"}},
+            "nbformat": 4, "nbformat_minor": 5}
+
+
+def test_panel_follows_training(twinkle_server, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "train.ipynb").write_text(json.dumps(_notebook(twinkle_server)))
+    labconfig = tmp_path / "cfg" / "labconfig"
+    labconfig.mkdir(parents=True)
+    (labconfig / "page_config.json").write_text(
+        json.dumps({"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}})
+    )
+    jp = tmp_path / "jupyter-path" / "labextensions"
+    jp.mkdir(parents=True)
+    (jp / "twinkle-jupyterlab").symlink_to(REPO / "twinkle_client" / "labextension")
+    env = {"TWINKLE_HOME": str(tmp_path / "home"), "JUPYTER_PATH": str(jp.parent),
+           "JUPYTER_CONFIG_DIR": str(tmp_path / "cfg"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt")}
+    lab = JupyterServer(work, env, app="lab", extra_args=["--LabApp.expose_app_in_browser=True"])
+    if ART.exists():
+        shutil.rmtree(ART)
+    ART.mkdir(parents=True)
+    try:
+        proc = subprocess.run(
+            ["node", str(Path(__file__).with_name("panel.mjs"))],
+            env={**os.environ, "LAB_URL": lab.url, "LAB_TOKEN": lab.token, "NOTEBOOK": "train.ipynb",
+                 "TWINKLE_KEY": KEY, "DEAD_URL": f"http://127.0.0.1:{free_port()}", "ARTIFACTS": str(ART),
+                 "EXTENSION_DIR": str(EXT), "CHROMIUM": CHROMIUM},
+            capture_output=True, text=True, timeout=540,
+        )
+    finally:
+        (ART / "jupyter.log").write_text(lab.log())
+        lab.stop()
+    (ART / "browser.log").write_text(proc.stdout + proc.stderr)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line is not None, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(line[len("RESULT "):])
+    assert res["ok"], res.get("error", "") + "\n" + "\n".join(res["steps"])
+
+    assert res["palette"] == "Twinkle: Connect to server"
+    assert res["notConnectedStatus"] == "Twinkle: not connected"
+    first, later = res["sparkline"]
+    assert later > first >= 1
+    assert res["finalSpark"] >= later
+    assert "default" in res["runText"] and "loss" in res["runText"]
+    assert res["activeStatus"] == "Twinkle: connected · 1 active run"
+    assert res["checkpoint"].startswith("tinker://") and res["checkpoint"].endswith("/weights/step-20")
+    assert f'model.load("{res["checkpoint"]}")' in res["insertedCode"]
+    assert res["afterCancel"] == 1
+    assert "rejected the API key" in res["badKeyMessage"]
+    assert res["badKeyStatus"] == "Twinkle: API key rejected"
+    assert "Cannot reach the Twinkle server" in res["downMessage"]
+    assert res["downStatus"] == "Twinkle: server down"
+    for name in ("01-not-connected", "04-sparkline-grew", "05-checkpoint", "08-bad-key", "09-server-down"):
+        assert (ART / f"{name}.png").stat().st_size > 10_000
