@@ -60,14 +60,28 @@ def _init_ray(address: str | None, num_cpus: int | None) -> None:
     # Lean defaults for a fresh machine: no dashboard, no usage stats, quiet logs.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # The raylet waits for its agents (metrics, runtime env); on a busy small machine they start slowly.
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
     kwargs: dict[str, Any] = {
         "include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True,
         "runtime_env": {"env_vars": _lean_env()},
     }
     if address:
         ray.init(address=address, **kwargs)
-    else:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 2, **kwargs)
+        return
+    # Ray gives a starting node 30 s; a busy machine can miss that, so try again before giving up.
+    for attempt in range(3):
+        try:
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 2, **kwargs)
+            return
+        except Exception as e:
+            if attempt == 2 or "timed out during startup" not in str(e):
+                raise
+            log.warning("local Ray did not start in time (%s); retrying", e)
+            try:
+                ray.shutdown()
+            except Exception:
+                pass
 
 
 def launch(config: ServerConfig, *, address: str | None = None, num_cpus: int | None = None,
