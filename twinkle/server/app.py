@@ -173,6 +173,25 @@ def _tinker_router() -> Any:
 # ---- Ray Serve -----------------------------------------------------------------------------------------------
 
 
+def _light_tinker_proto() -> None:
+    """Make ``tinker.proto.tinker_public_pb2`` importable without running ``tinker/__init__`` (which imports
+    torch). Only for the gateway's own Ray process, which never uses the Tinker SDK itself."""
+    import importlib.util
+    import sys
+    import types
+
+    if "tinker" in sys.modules:
+        return
+    spec = importlib.util.find_spec("tinker")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    pkg = types.ModuleType("tinker")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    pkg.__spec__ = spec
+    pkg.__file__ = spec.origin
+    sys.modules["tinker"] = pkg
+
+
 class _HandleWorker:
     """Adapts a Ray Serve ``DeploymentHandle`` of a worker deployment to the in-process worker interface."""
 
@@ -252,6 +271,7 @@ def build_serve_app(config: ServerConfig) -> Any:
     @serve.ingress()
     class Gateway:
         def __init__(self, config_json: dict[str, Any], handles: dict[str, list[Any]]):
+            _light_tinker_proto()
             self._config = ServerConfig.model_validate(config_json)
             self._handles = handles
 

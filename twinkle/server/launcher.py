@@ -104,8 +104,10 @@ def launch(config: ServerConfig, *, address: str | None = None, num_cpus: int | 
     _init_ray(address, num_cpus)
     host, port = config.http.host, config.http.port
     url = f"http://{_client_host(host)}:{port}"
+    t_ray = time.monotonic()
     try:
         serve.start(http_options={"host": host, "port": port}, detached=bool(address))
+        t_serve = time.monotonic()
         serve.run(build_serve_app(config), name=APP_NAME, route_prefix="/", blocking=False)
         if not wait_healthy(url, ready_timeout):
             raise RuntimeError(f"the server did not become healthy at {url}")
@@ -113,7 +115,9 @@ def launch(config: ServerConfig, *, address: str | None = None, num_cpus: int | 
         print("Twinkle server failed to start; shutting down", file=sys.stderr, flush=True)
         shutdown(address)
         raise
-    print(f"Twinkle server ready at {url}  (started in {time.monotonic() - t0:.1f} s)", flush=True)
+    t_end = time.monotonic()
+    print(f"Twinkle server ready at {url}  (started in {t_end - t0:.1f} s: ray {t_ray - t0:.1f} s, "
+          f"serve {t_serve - t_ray:.1f} s, deployments {t_end - t_serve:.1f} s)", flush=True)
     if not block:
         return url
     try:
