@@ -44,14 +44,17 @@ def arithmetic_dataset(n: int = 500, *, seed: int = 0, max_operand: int = 9, ops
 
 
 def extract_answer(completion: str) -> int | None:
-    """The last integer in ``completion`` (after an "=" if there is one), or None."""
-    tail = completion.rsplit("=", 1)[-1]
-    found = _INT.findall(tail) or _INT.findall(completion)
+    """The first integer after the last "=" when there is one, else the last integer; None if no number."""
+    if "=" in completion:
+        after = _INT.findall(completion.rsplit("=", 1)[1])
+        if after:
+            return int(after[0])
+    found = _INT.findall(completion)
     return int(found[-1]) if found else None
 
 
 def arithmetic_reward(completion: str, answer: int | str) -> float:
-    """1.0 when the completion's final integer equals ``answer``; 0.0 otherwise (also with no number).
+    """1.0 when the completion's answer (``extract_answer``) equals ``answer``; 0.0 otherwise.
 
     ``"3 + 4 = 7."`` → 1.0 for answer 7; ``"8"`` → 0.0; ``"seven"`` → 0.0."""
     try:

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -122,7 +121,6 @@ def _build_into(spec: BuiltinSpec, out: Path) -> None:
     from ._tokenizer import ENDOFTEXT, IM_END, train_tokenizer, write_tokenizer
     from ._weights import write_model
 
-    t0 = time.perf_counter()
     tok = train_tokenizer(corpus_lines(), spec.vocab_target)
     write_tokenizer(tok, out, CHATML_TEMPLATE, spec.max_position_embeddings)
     vocab = -(-tok.get_vocab_size() // 64) * 64  # pad the embedding to a multiple of 64
@@ -135,7 +133,6 @@ def _build_into(spec: BuiltinSpec, out: Path) -> None:
         "num_parameters": n_params,
         "tokenizer_vocab_size": tok.get_vocab_size(),
         "spec": asdict(spec),
-        "build_seconds": round(time.perf_counter() - t0, 3),
     }
     (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     (out / "README.md").write_text(
