@@ -185,3 +185,18 @@ def test_load_tokenizer_rejects_unknown_backend():
     with pytest.raises(InvalidInputError) as e:
         load_tokenizer("builtin://tiny", backend="sentencepiece")
     assert e.value.field == "backend"
+
+
+def test_builtin_tokenizer_only_build_matches_the_full_build(tmp_path, monkeypatch):
+    from twinkle.model.builtin import build_builtin_tokenizer
+
+    tok_dir = build_builtin_tokenizer("small", tmp_path / "a")
+    assert not (tok_dir / "model.safetensors").exists()
+    full = build_builtin("small", tmp_path / "b")
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (tok_dir / f).read_bytes() == (full / f).read_bytes()
+    assert build_builtin_tokenizer("small", tmp_path / "b") == full  # reuses a full build when present
+    monkeypatch.setenv("TWINKLE_HOME", str(tmp_path / "c"))
+    tok = load_tokenizer("builtin://small", backend="tokenizers")
+    assert not list((tmp_path / "c" / "models").glob("*/model.safetensors"))
+    assert tok.encode("who are you?") == load_tokenizer(str(full), backend="tokenizers").encode("who are you?")

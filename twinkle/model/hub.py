@@ -158,10 +158,17 @@ def load_tokenizer(model_id: str | os.PathLike[str], backend: str = "auto") -> A
     ``LightTokenizer``: only the ``tokenizers`` package, no torch) or ``"auto"`` (transformers when
     installed, else the light one). Both offer ``encode``, ``decode``, ``apply_chat_template``,
     ``chat_template``, ``eos_token_id``, ``pad_token_id``; for the builtin models they give identical ids.
+    A ``builtin://`` id builds only the tokenizer (no weights) unless the model is already built.
     """
     if backend not in ("auto", "transformers", "tokenizers"):
         raise InvalidInputError("backend must be 'auto', 'transformers' or 'tokenizers'", field="backend")
-    path = resolve_model(model_id)
+    text = str(model_id).strip() if isinstance(model_id, (str, os.PathLike)) else ""
+    if text.startswith("builtin://") and text != "builtin://":
+        from twinkle.model.builtin import build_builtin_tokenizer  # no weights needed for a tokenizer
+
+        path = build_builtin_tokenizer(text.split("://", 1)[1], models_dir())
+    else:
+        path = resolve_model(model_id)
     if backend in ("auto", "transformers"):
         try:
             from transformers import AutoTokenizer

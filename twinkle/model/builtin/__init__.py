@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -95,14 +96,27 @@ def builtin_dir_name(name: str) -> str:
 def build_builtin(name: str, models_dir: str | Path) -> Path:
     """The folder of builtin model ``name`` under ``models_dir``, building it first if absent."""
     spec = _spec(name)
-    root = Path(models_dir)
-    final = root / builtin_dir_name(name)
+    final = Path(models_dir) / builtin_dir_name(name)
+    return _build_atomically(final, lambda out: _build_into(spec, out))
+
+
+def build_builtin_tokenizer(name: str, models_dir: str | Path) -> Path:
+    """A folder holding only the tokenizer files of ``name`` (identical to the full build's), for clients
+    that need the tokenizer but not the weights. Uses the full build when it is already there."""
+    spec = _spec(name)
+    full = Path(models_dir) / builtin_dir_name(name)
+    if (full / META_FILE).is_file():
+        return full
+    return _build_atomically(full.with_name(full.name + "-tokenizer"), lambda out: _build_into(spec, out, weights=False))
+
+
+def _build_atomically(final: Path, build: Callable[[Path], None]) -> Path:
     if (final / META_FILE).is_file():
         return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
-        _build_into(spec, tmp)
+        build(tmp)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -114,7 +128,7 @@ def build_builtin(name: str, models_dir: str | Path) -> Path:
     return final
 
 
-def _build_into(spec: BuiltinSpec, out: Path) -> None:
+def _build_into(spec: BuiltinSpec, out: Path, weights: bool = True) -> None:
     from twinkle.data.chat import CHATML_TEMPLATE
 
     from ._corpus import corpus_lines
@@ -124,13 +138,16 @@ def _build_into(spec: BuiltinSpec, out: Path) -> None:
     tok = train_tokenizer(corpus_lines(), spec.vocab_target)
     write_tokenizer(tok, out, CHATML_TEMPLATE, spec.max_position_embeddings)
     vocab = -(-tok.get_vocab_size() // 64) * 64  # pad the embedding to a multiple of 64
-    n_params = write_model(spec, out, vocab, eos_id=tok.token_to_id(IM_END), pad_id=tok.token_to_id(ENDOFTEXT))
+    n_params = 0
+    if weights:
+        n_params = write_model(spec, out, vocab, eos_id=tok.token_to_id(IM_END), pad_id=tok.token_to_id(ENDOFTEXT))
     meta = {
         "name": f"builtin://{spec.name}",
         "description": spec.description,
         "toy": True,
         "builder_version": BUILDER_VERSION,
         "num_parameters": n_params,
+        "weights": weights,
         "tokenizer_vocab_size": tok.get_vocab_size(),
         "spec": asdict(spec),
     }
@@ -142,4 +159,5 @@ def _build_into(spec: BuiltinSpec, out: Path) -> None:
     )
 
 
-__all__ = ["BUILTIN_MODELS", "BuiltinSpec", "build_builtin", "builtin_dir_name", "builtin_names"]
+__all__ = ["BUILTIN_MODELS", "BuiltinSpec", "build_builtin", "build_builtin_tokenizer", "builtin_dir_name",
+           "builtin_names"]
