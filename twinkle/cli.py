@@ -20,10 +20,11 @@ __all__ = ["main"]
 def _quickstart(args: argparse.Namespace) -> int:
     from twinkle.quickstart import QuickstartConfig, format_summary, model_label, run_quickstart
 
-    if args.threads:
+    threads = args.threads or (1 if args.model == "builtin://tiny" else 0)
+    if threads:  # a ~1M-parameter model gains nothing from more threads, and they spin on a busy machine
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(threads)
     try:  # the quickstart has its own progress bar; hide the one transformers shows while loading weights
         from transformers.utils import logging as hf_logging
 
@@ -63,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--lr", type=float, default=2e-3)
     q.add_argument("--rank", type=int, default=32, help="LoRA rank (default: 32)")
     q.add_argument("--batch-size", type=int, default=16)
-    q.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    q.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: 1 for builtin://tiny, else torch's choice)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=_quickstart)
     m = sub.add_parser("models", help="list the builtin models")
