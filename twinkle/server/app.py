@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import traceback
 import uuid
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import unquote
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -99,6 +101,7 @@ def _install_handlers(app: FastAPI, config: ServerConfig) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        await _skip_refused_seq(request, getattr(exc, "body", None))
         errs = exc.errors()
         first = errs[0] if errs else {}
         field = _field_of(tuple(first.get("loc", ())))
@@ -120,6 +123,24 @@ def _install_handlers(app: FastAPI, config: ServerConfig) -> None:
         status = 400 if exc.status_code in (402, 409, 429) or exc.status_code >= 500 else exc.status_code
         body = {"error": str(exc.detail), "category": "user", "code": code, "detail": {"path": request.url.path}}
         return JSONResponse(status_code=status, content=body)
+
+
+_SEQ_ROUTE = re.compile(r"^/api/v1/twinkle/runs/([^/]+)/(forward|forward_backward|optim_step|checkpoints|load)$")
+
+
+async def _skip_refused_seq(request: Request, body: Any) -> None:
+    """A native training request refused before it reached the service still consumed its ``seq_id``: tell
+    the run's worker, so the run's next requests do not wait for it."""
+    user = getattr(request.state, "user", None)
+    match = _SEQ_ROUTE.match(request.url.path)
+    if user is None or match is None or request.method != "POST" or not isinstance(body, dict):
+        return
+    seq_id = body.get("seq_id")
+    if isinstance(seq_id, int):
+        try:
+            await request.app.state.service.skip_seq(user, unquote(match.group(1)), seq_id)
+        except Exception:  # best effort: the worker's grace period covers the gap anyway
+            log.info("skip of a refused seq_id failed", exc_info=True)
 
 
 def create_app(
@@ -151,15 +172,34 @@ def create_app(
     app.state.service = service
     app.state.config = config
     _install_handlers(app, config)
-    app.include_router(health_router())
-    app.include_router(create_native_router())
+    native = [health_router(), create_native_router()]
+    for router in native:
+        app.include_router(router)
     tinker = _tinker_router()
     if tinker is not None:
+        _drop_served_routes(tinker, native, prefix="/api/v1")
         app.include_router(tinker, prefix="/api/v1")
     return app
 
 
+def _drop_served_routes(router: Any, served_by: list[Any], prefix: str) -> None:
+    """Remove from ``router`` the routes (path + method) that ``served_by`` routers already serve, e.g.
+    ``GET /api/v1/healthz``, so each operation exists once (no duplicate OpenAPI operation ids)."""
+    served = {(getattr(r, "path", None), m) for other in served_by for r in other.routes
+              for m in (getattr(r, "methods", None) or ())}
+    keep = []
+    for r in router.routes:
+        methods = getattr(r, "methods", None) or ()
+        if methods and all((prefix + getattr(r, "path", ""), m) in served for m in methods):
+            continue
+        keep.append(r)
+    router.routes[:] = keep
+
+
 def _tinker_router() -> Any:
+    from ._tinker_proto import install
+
+    install()  # the Tinker codec needs the SDK's protobuf module only: keep torch out of the gateway
     try:
         from twinkle.server import tinker as tinker_pkg
     except ImportError:
@@ -171,25 +211,6 @@ def _tinker_router() -> Any:
 
 
 # ---- Ray Serve -----------------------------------------------------------------------------------------------
-
-
-def _light_tinker_proto() -> None:
-    """Make ``tinker.proto.tinker_public_pb2`` importable without running ``tinker/__init__`` (which imports
-    torch). Only for the gateway's own Ray process, which never uses the Tinker SDK itself."""
-    import importlib.util
-    import sys
-    import types
-
-    if "tinker" in sys.modules:
-        return
-    spec = importlib.util.find_spec("tinker")
-    if spec is None or not spec.submodule_search_locations:
-        return
-    pkg = types.ModuleType("tinker")
-    pkg.__path__ = list(spec.submodule_search_locations)
-    pkg.__spec__ = spec
-    pkg.__file__ = spec.origin
-    sys.modules["tinker"] = pkg
 
 
 class _HandleWorker:
@@ -220,6 +241,9 @@ class _HandleWorker:
 
     async def sample(self, op: Any, *, adapter_id: str | None = None, checkpoint_path: str | None = None) -> Any:
         return await self._call("sample", op, adapter_id=adapter_id, checkpoint_path=checkpoint_path)
+
+    async def skip(self, adapter_id: str, seq_id: int) -> Any:
+        return await self._call("skip", adapter_id, seq_id)
 
     async def status(self) -> Any:
         return await self._call("status")
@@ -260,6 +284,9 @@ def build_serve_app(config: ServerConfig) -> Any:
                          checkpoint_path: str | None = None) -> Any:
             return await self.worker.sample(op, adapter_id=adapter_id, checkpoint_path=checkpoint_path)
 
+        async def skip(self, adapter_id: str, seq_id: int) -> None:
+            await self.worker.skip(adapter_id, seq_id)
+
         async def status(self) -> Any:
             return await self.worker.status()
 
@@ -271,7 +298,6 @@ def build_serve_app(config: ServerConfig) -> Any:
     @serve.ingress()
     class Gateway:
         def __init__(self, config_json: dict[str, Any], handles: dict[str, list[Any]]):
-            _light_tinker_proto()
             self._config = ServerConfig.model_validate(config_json)
             self._handles = handles
 

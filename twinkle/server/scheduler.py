@@ -158,6 +158,7 @@ class _AdapterQueue:
     timer: asyncio.TimerHandle | None = None
     memory: OrderedDict[int, asyncio.Future] = field(default_factory=OrderedDict)
     pending: int = 0  # submitted and not yet completed
+    skipped: set[int] = field(default_factory=set)  # seq ids ahead of next_seq consumed upstream
 
 
 
@@ -260,6 +261,10 @@ class Scheduler:
         if q.next_seq is not None and seq_id == q.next_seq:
             q.next_seq += 1
             self._release(q)
+        elif (q.next_seq is None or seq_id > q.next_seq) and len(q.skipped) < 4096:
+            # ahead of the sequence (earlier requests still on their way): pass over it when it comes up
+            q.skipped.add(seq_id)
+            self._release(q)
 
     def reset_sequence(self, adapter: str, next_seq_id: int | None) -> None:
         """Set where ``adapter``'s sequence continues (a restored adapter keeps its client's counter)."""
@@ -354,7 +359,15 @@ class Scheduler:
 
     def _release(self, q: _AdapterQueue) -> None:
         moved = False
-        while q.held and q.next_seq is not None and q.held[0][0] <= q.next_seq:
+        while True:
+            if q.skipped and q.next_seq is not None:
+                while q.next_seq in q.skipped:
+                    q.skipped.discard(q.next_seq)
+                    q.next_seq += 1
+                if q.skipped and min(q.skipped) < q.next_seq:
+                    q.skipped = {x for x in q.skipped if x > q.next_seq}
+            if not (q.held and q.next_seq is not None and q.held[0][0] <= q.next_seq):
+                break
             seq, _, req = heapq.heappop(q.held)
             q.ready.append(req)
             if seq == q.next_seq:

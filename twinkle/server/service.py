@@ -27,6 +27,7 @@ Implementation notes:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import secrets
@@ -606,14 +607,57 @@ class Service:
         """Queue a training op on the run's worker. Validation errors raise here (before a future exists)."""
         self._ensure_reaper()
         run = self._active_run(user, run_id)
-        if seq_id is not None and (not isinstance(seq_id, int) or seq_id < 0):
+        if seq_id is not None and (isinstance(seq_id, bool) or not isinstance(seq_id, int) or seq_id < 0):
             raise InvalidInputError("seq_id must be a non-negative integer", field="seq_id")
-        m = self._model_cfg(run.base_model)
         extra = self._extra[run.run_id]
         worker = self._worker(run.base_model, extra.replica)
         sess = self._sessions.get(run.session_id)
         if sess is not None and sess.state == "active":
             sess.last_heartbeat = _now()  # training traffic keeps the lease alive too
+        replay = seq_id is not None and run.last_seq_id is not None and seq_id <= run.last_seq_id
+        if seq_id is not None and not replay:
+            run.last_seq_id = seq_id
+        try:
+            typ, go = self._prepare(user, run, worker, op, seq_id, replay=replay)
+        except TwinkleError:
+            # refused here: tell the worker the seq_id is consumed, so the run's next ops do not wait for it
+            self._skip_on_worker(worker, run.run_id, seq_id)
+            raise
+        return self._spawn(user, typ, run.run_id, go, after=extra.ready)
+
+    async def skip_seq(self, user: User, run_id: str, seq_id: int | None) -> None:
+        """A front door refused a request of ``run_id`` carrying ``seq_id`` before calling :meth:`submit`
+        (e.g. a body that failed validation): mark the seq_id consumed so the run's later ops do not wait for
+        it. Unknown/foreign runs and bad seq ids are ignored."""
+        if seq_id is None or isinstance(seq_id, bool) or not isinstance(seq_id, int) or seq_id < 0:
+            return
+        run = self._runs.get(run_id) if isinstance(run_id, str) else None
+        if run is None or run.user != user.name or run.state != "active":
+            return
+        if seq_id > (run.last_seq_id or 0):
+            run.last_seq_id = seq_id
+        self._skip_on_worker(self._worker(run.base_model, self._extra[run.run_id].replica), run.run_id, seq_id)
+
+    def _skip_on_worker(self, worker: Any, run_id: str, seq_id: int | None) -> None:
+        skip = getattr(worker, "skip", None)
+        if seq_id is None or skip is None:
+            return
+
+        async def _go() -> None:
+            try:
+                await skip(run_id, seq_id)
+            except Exception as e:  # the worker lost the adapter: nothing waits for the seq_id then
+                log.info("skip(%s, %s): %s", run_id, seq_id, _unwrap(e))
+
+        asyncio.get_running_loop().create_task(_go()).add_done_callback(_swallow)
+
+    def _prepare(
+        self, user: User, run: RunInfo, worker: Any, op: Op, seq_id: int | None, *, replay: bool = False,
+    ) -> tuple[str, Any]:
+        """Validate ``op`` for ``run``; returns ``(future type, coroutine that executes it)``. ``replay``: the
+        seq_id was seen before (a client retry), so checks of state the first execution changed are left to the
+        worker, which answers a repeated seq_id from its first execution."""
+        m = self._model_cfg(run.base_model)
         if isinstance(op, ForwardBackwardOp):
             if not op.data:
                 raise InvalidInputError("data must hold at least one datum", field="data")
@@ -642,7 +686,7 @@ class Service:
         elif isinstance(op, SaveOp):
             typ = "save"
             key = self._ckpt_key(run, op)
-            if key in self._ckpts and not op.overwrite:
+            if key in self._ckpts and not op.overwrite and not replay:
                 raise InvalidInputError(
                     f"checkpoint {op.name!r} of run {run.run_id!r} already exists (pass overwrite=true)", field="name"
                 )
@@ -667,7 +711,7 @@ class Service:
                 return _jsonable(out) if out is not None else {"run_id": run.run_id}
         else:
             raise InvalidInputError(f"unknown operation {getattr(op, 'type', op)!r}", field="type")
-        return self._spawn(user, typ, run.run_id, _go(), after=extra.ready)
+        return typ, _go()
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def _ckpt_key(self, run: RunInfo, op: SaveOp) -> tuple[str, str, str]:
@@ -687,11 +731,15 @@ class Service:
     async def _do_save(self, run: RunInfo, worker: Any, op: SaveOp, seq_id: int | None) -> CheckpointInfo:
         key = self._ckpt_key(run, op)
         d = self._ckpt_dir(run, op.kind, op.name)
-        if d.exists():
-            shutil.rmtree(d, ignore_errors=True)
-        d.parent.mkdir(parents=True, exist_ok=True)
-        await worker.execute(run.run_id, op, seq_id=seq_id, path=str(d))
-        size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) if d.exists() else None
+        if not op.overwrite and key not in self._ckpts and d.exists():
+            # a directory no checkpoint record points at (left by an old process): replacing it loses nothing
+            op = dataclasses.replace(op, overwrite=True)
+        # The worker writes into a temporary sibling and renames it into place (replacing the old checkpoint
+        # only once the new one is complete), so a failed save never loses an existing checkpoint.
+        out = await worker.execute(run.run_id, op, seq_id=seq_id, path=str(d))
+        size = out.get("size_bytes") if isinstance(out, dict) else None
+        if size is None and d.exists():
+            size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
         now = _now()
         info = CheckpointInfo(
             checkpoint_id=f"{_KIND_DIR[op.kind]}/{op.name}", run_id=run.run_id, name=op.name, kind=op.kind,  # type: ignore[arg-type]
@@ -1060,7 +1108,9 @@ class Service:
                 workers.append(WorkerStatus(
                     base_model=m.served_name, replica=i, adapters=int(adapters),
                     queue_depth=int(st.get("queue_depth", 0) or 0), batches_run=int(st.get("batches_run", 0) or 0),
-                    last_batch=st.get("last_batch"),
+                    last_batch=st.get("last_batch"), mixed_batches=int(st.get("mixed_batches", 0) or 0),
+                    max_adapters_in_batch=int(st.get("max_adapters_in_batch", 0) or 0),
+                    recent_batches=list(st.get("recent_batches") or []),
                 ))
         return ServerStatus(
             version=_VERSION, uptime_s=_now() - self.started_at,

@@ -112,6 +112,9 @@ class RunInfo(_Reply):
     last_metrics: dict[str, float] = Field(default_factory=dict)
     last_checkpoint: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    last_seq_id: int | None = Field(
+        None, description="the highest seq_id the server consumed for this run (executed, queued or refused); "
+        "a client re-attaching without its own record continues at last_seq_id + 1")
 
 
 class RunList(_Reply):
