@@ -258,6 +258,17 @@ def tinker_router(service_getter: Callable[[], Service] | None = None) -> APIRou
     def auth(request: Request) -> User:
         return svc(request).authenticate(_api_key(request))
 
+    async def refused(request: Request, user: User, run_id: str, seq_id: Any) -> None:
+        """A request refused here (before ``Service.submit``) still consumed its seq_id: tell the service so
+        the run's later requests do not wait for it (best effort; ``skip_seq`` is optional)."""
+        skip = getattr(svc(request), "skip_seq", None)
+        if skip is None or not isinstance(seq_id, int):
+            return
+        try:
+            await skip(user, run_id, seq_id)
+        except Exception:
+            log.info("skip_seq(%s, %s) failed", run_id, seq_id, exc_info=True)
+
     async def submit_once(user: User, run_id: str, seq_id: int | None, route: str, make: Callable[[], Awaitable[str]]) -> str:
         if seq_id is None:
             return await make()
@@ -426,6 +437,7 @@ def tinker_router(service_getter: Callable[[], Service] | None = None) -> APIRou
         else:
             req = codec.decode_forward_backward(await request.body(), request.headers.get("content-encoding"))
         if not req.data:
+            await refused(request, user, req.model_id, req.seq_id)
             raise InvalidInputError("forward_backward needs at least one datum", field="data")
         op = ForwardBackwardOp(
             data=req.data, loss_fn=req.loss_fn, loss_fn_config=req.loss_fn_config, forward_only=req.forward_only
@@ -461,7 +473,11 @@ def tinker_router(service_getter: Callable[[], Service] | None = None) -> APIRou
         body = await _json(request)
         model_id = _require(body, "model_id")
         seq_id = body.get("seq_id")
-        op = OptimStepOp(adam_params=_adam_params(body))
+        try:
+            op = OptimStepOp(adam_params=_adam_params(body))
+        except TwinkleError:
+            await refused(request, user, model_id, seq_id)
+            raise
 
         async def make() -> str:
             ref = await svc(request).submit(user, model_id, op, seq_id=seq_id)
@@ -475,6 +491,21 @@ def tinker_router(service_getter: Callable[[], Service] | None = None) -> APIRou
         model_id = _require(body, "model_id")
         seq_id = body.get("seq_id")
         ttl = body.get("ttl_seconds")
+        try:
+            op, tag_parts = _save_op(body, route, model_id, seq_id, ttl)
+        except TwinkleError:
+            await refused(request, user, model_id, seq_id)
+            raise
+
+        async def make() -> str:
+            ref = await svc(request).submit(user, model_id, op, seq_id=seq_id)
+            return _tag(ref.future_id, *tag_parts)
+
+        return {"request_id": await submit_once(user, model_id, seq_id, route, make), "model_id": model_id}
+
+    def _save_op(body: dict[str, Any], route: str, model_id: str, seq_id: Any, ttl: Any) -> tuple[SaveOp, tuple[Any, ...]]:
+        if ttl is not None and (not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or ttl <= 0):
+            raise InvalidInputError("ttl_seconds must be a positive number", field="ttl_seconds")
         if route == "save_weights_for_sampler" and body.get("path") is None:
             n = _require(body, "sampling_session_seq_id", int)
             sampler_id = f"{_session_of(model_id)}:sample:{n}"
@@ -486,12 +517,7 @@ def tinker_router(service_getter: Callable[[], Service] | None = None) -> APIRou
             op = SaveOp(name=name, kind=kind, ttl_seconds=float(ttl) if ttl else None,
                         overwrite=bool(body.get("overwrite", False)))
             tag_parts = ("save",)
-
-        async def make() -> str:
-            ref = await svc(request).submit(user, model_id, op, seq_id=seq_id)
-            return _tag(ref.future_id, *tag_parts)
-
-        return {"request_id": await submit_once(user, model_id, seq_id, route, make), "model_id": model_id}
+        return op, tag_parts
 
     @router.post("/save_weights")
     @_guard
