@@ -16,11 +16,11 @@ import time
 # this file is named megatron.py: keep its folder off sys.path so `import megatron` finds megatron-core
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-import numpy as np
-import torch
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
-from twinkle.model.base import BatchItem
-from twinkle.types import AdamParams, LoraConfig, datum_from_tokens
+from twinkle.model.base import BatchItem  # noqa: E402
+from twinkle.types import AdamParams, LoraConfig, datum_from_tokens  # noqa: E402
 
 
 def _sync() -> None:

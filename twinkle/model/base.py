@@ -132,5 +132,5 @@ class Backend(ABC):
         """A HF tokenizer (or compatible object with encode/decode/apply_chat_template), if the backend has one."""
         return None
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, default does nothing
         """Release memory (GPU, threads)."""
