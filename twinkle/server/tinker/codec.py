@@ -16,7 +16,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
-from tinker.proto import tinker_public_pb2 as pb
 
 from twinkle.types import (
     Datum,
@@ -30,6 +29,10 @@ from twinkle.types import (
     UnsupportedError,
 )
 from twinkle.types.api import CheckpointInfo, RunInfo
+
+from .._tinker_proto import tinker_pb2
+
+pb = tinker_pb2()  # the SDK's generated protobuf module, loaded without importing torch
 
 __all__ = [
     "METRIC_REDUCTIONS",
