@@ -100,7 +100,7 @@ def load(backend: TransformersBackend, adapter: str, path: Path, *, optimizer: b
         if a.shape != (config.rank, base.in_features) or b.shape != (base.out_features, config.rank):
             raise InvalidInputError(f"checkpoint weight shapes for {m!r} do not fit the model", field="path")
     has_state = (path / TRAINING_STATE).is_file()
-    state = torch.load(str(path / TRAINING_STATE), weights_only=False) if optimizer and has_state else None
+    state = torch.load(str(path / TRAINING_STATE), map_location="cpu", weights_only=False) if optimizer and has_state else None
     old = backend._adapters.get(adapter)
     if old is not None:
         backend.remove_adapter(adapter)

@@ -41,9 +41,11 @@ class LoraPair(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor, train: bool) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(self.lora_A.dtype)  # LoRA factors may be kept in float32 under a bf16/fp16 base model
         if self.dropout > 0.0 and train:
             x = F.dropout(x, self.dropout, training=True)
-        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        return (F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale).to(dtype)
 
 
 class MultiLoraLinear(nn.Module):

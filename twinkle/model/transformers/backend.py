@@ -154,7 +154,7 @@ class TransformersBackend(Backend):
         for m in modules:
             base = self._layers[m].base
             pairs[m] = LoraPair(base.in_features, base.out_features, config.rank, config.lora_alpha, config.dropout,
-                                dtype=self.dtype, device=self.device, generator=gen)
+                                dtype=torch.float32, device=self.device, generator=gen)
         for m, pair in pairs.items():
             self._layers[m].adapters[adapter] = pair
         st = AdapterState(adapter, config, modules, pairs)
