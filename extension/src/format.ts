@@ -155,17 +155,26 @@ function pyValue(v: unknown): string {
   return `{${entries.join(', ')}}`;
 }
 
-/** Python source of a notebook cell that loads a checkpoint into a new remote model. */
-export function loadCheckpointCode(ckpt: ICheckpointInfo, run?: IRunInfo): string {
-  const lines = [`# Load Twinkle checkpoint ${pyString(ckpt.name)} (run ${ckpt.run_id}, step ${ckpt.step})`];
-  lines.push('from twinkle_client.model import TransformersModel');
-  lines.push('');
-  lines.push(`model = TransformersModel(model_id=${pyString(run?.base_model ?? 'BASE_MODEL')})`);
-  if (run && run.lora && Object.keys(run.lora).length > 0) {
-    lines.push(`model.add_adapter_to_model("default", ${pyValue(run.lora)})`);
-  } else {
-    lines.push('model.add_adapter_to_model("default", {"rank": 8})');
+/** The `twinkle_client.model` class for a backend name. */
+export function modelClass(backend?: string | null): string {
+  if (backend === 'mock') {
+    return 'MockModel';
   }
+  if (backend === 'megatron') {
+    return 'MegatronModel';
+  }
+  return 'TransformersModel';
+}
+
+/** Python source of a notebook cell that loads a checkpoint into a new remote model. */
+export function loadCheckpointCode(ckpt: ICheckpointInfo, run?: IRunInfo, backend?: string | null): string {
+  const cls = modelClass(backend);
+  const lines = [`# Load Twinkle checkpoint ${pyString(ckpt.name)} (run ${ckpt.run_id}, step ${ckpt.step})`];
+  lines.push(`from twinkle_client.model import ${cls}`);
+  lines.push('');
+  lines.push(`model = ${cls}(model_id=${pyString(run?.base_model ?? 'BASE_MODEL')})`);
+  const lora = Object.fromEntries(Object.entries(run?.lora ?? {}).filter(([, v]) => v !== null && v !== undefined));
+  lines.push(`model.add_adapter_to_model("default", ${Object.keys(lora).length ? pyValue(lora) : '{"rank": 8}'})`);
   const opt = ckpt.kind === 'training' ? '' : ', load_optimizer=False';
   lines.push(`model.load(${pyString(ckpt.path)}${opt})`);
   return lines.join('\n');

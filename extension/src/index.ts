@@ -118,7 +118,8 @@ function activate(
       NotebookActions.insertBelow(nb.content);
       const cell = nb.content.activeCell;
       if (cell) {
-        cell.model.sharedModel.setSource(loadCheckpointCode(ckpt, run));
+        const backend = model.overview?.capabilities?.base_models.find(b => b.name === run.base_model)?.backend;
+        cell.model.sharedModel.setSource(loadCheckpointCode(ckpt, run, backend));
       }
       app.shell.activateById(nb.id);
     },

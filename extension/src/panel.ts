@@ -137,7 +137,7 @@ export class TwinklePanel extends Widget {
             'div',
             { class: 'twk-basemodel' },
             h('code', {}, bm.name),
-            ` ${bm.backend} · `,
+            ` (${bm.backend} backend) · `,
             h('span', { class: 'twk-capacity' }, ov.status ? `${used}/${cap} adapters` : `${cap} adapters max`),
             ov.status ? ` · queue ${queue}` : '',
             ` · rank ≤ ${bm.max_lora_rank}`

@@ -49,22 +49,32 @@ try {
   await page.goto(`${env.LAB_URL}/lab/tree/${env.NOTEBOOK}?token=${env.LAB_TOKEN}`);
   await page.waitForFunction(() => window.jupyterapp && document.querySelector('#twinkle-panel'), null, { timeout: 120000 });
   log('lab loaded, panel registered');
-  await page.waitForSelector('.jp-Notebook .jp-Cell', { timeout: 60000 });
-  await poll(() => page.evaluate(() => document.querySelector('.jp-Notebook-ExecutionIndicator, .jp-Toolbar-kernelStatus') !== null), 'kernel indicator', 30000);
+  const nbReady = () => page.evaluate(() => {
+    const w = [...window.jupyterapp.shell.widgets('main')].find((w) => w.context?.path?.endsWith('.ipynb'));
+    return !!w && w.context.isReady && w.content.widgets.length >= 3 &&
+      w.sessionContext?.session?.kernel?.status === 'idle';
+  });
+  await poll(nbReady, 'notebook loaded with an idle kernel', 180000, 500);
+  log('notebook ready, kernel idle');
   await cmd('twinkle:open-panel');
   result.palette = await page.evaluate(() => window.jupyterapp.commands.label('twinkle:connect'));
   await poll(async () => (await panelState()) === 'not_configured', 'not connected state', 30000);
   result.notConnectedStatus = await statusText();
   await shot('01-not-connected');
 
-  // cell 1: %twinkle connect (run with the notebook's own command)
+  // run a cell without waiting for it to finish (the panel must update while it runs)
   const runCell = async (i) => {
     await page.evaluate((i) => {
-      const nb = window.jupyterapp.shell.currentWidget;
-      nb.content.activeCellIndex = i;
+      const w = [...window.jupyterapp.shell.widgets('main')].find((w) => w.context?.path?.endsWith('.ipynb'));
+      window.jupyterapp.shell.activateById(w.id);
+      w.content.activeCellIndex = i;
+      void window.jupyterapp.commands.execute('notebook:run-cell');
     }, i);
-    await cmd('notebook:run-cell');
   };
+  const cellOutput = (i) => page.evaluate((i) => {
+    const w = [...window.jupyterapp.shell.widgets('main')].find((w) => w.context?.path?.endsWith('.ipynb'));
+    return w.content.widgets[i]?.node.querySelector('.jp-OutputArea')?.innerText ?? '';
+  }, i);
   const focusNotebook = async () => {
     await page.evaluate(() => {
       const w = [...window.jupyterapp.shell.widgets('main')].find((w) => w.context?.path?.endsWith('.ipynb'));
@@ -73,7 +83,9 @@ try {
   };
   await focusNotebook();
   await runCell(0);
-  await poll(async () => (await panelState()) === 'connected', 'connected state after %twinkle connect', 90000);
+  await poll(async () => /connected to/.test(await cellOutput(0)) || /rror/.test(await cellOutput(0)), '%twinkle connect output', 120000);
+  result.connectOutput = await cellOutput(0);
+  await poll(async () => (await panelState()) === 'connected', 'connected state after %twinkle connect', 60000);
   log('connected from the kernel');
   await shot('02-connected');
 

@@ -111,12 +111,19 @@ describe('loadCheckpointCode', () => {
     step: 3
   };
   it('loads the path into a model of the run base model with its LoRA config', () => {
-    const run = { base_model: 'builtin://tiny', lora: { rank: 4, train_mlp: true } } as unknown as IRunInfo;
-    const code = loadCheckpointCode(ckpt, run);
+    const run = { base_model: 'builtin://tiny', lora: { rank: 4, alpha: null, train_mlp: true } } as unknown as IRunInfo;
+    const code = loadCheckpointCode(ckpt, run, 'transformers');
+    expect(code).toContain('from twinkle_client.model import TransformersModel');
     expect(code).toContain('TransformersModel(model_id="builtin://tiny")');
     expect(code).toContain('model.add_adapter_to_model("default", {"rank": 4, "train_mlp": True})');
     expect(code).toContain('model.load("tinker://run-1/weights/step-3")');
   });
+  it('uses the model class of the backend', () => {
+    const run = { base_model: 'mock', lora: {} } as unknown as IRunInfo;
+    expect(loadCheckpointCode(ckpt, run, 'mock')).toContain('model = MockModel(model_id="mock")');
+    expect(loadCheckpointCode(ckpt, run, 'megatron')).toContain('from twinkle_client.model import MegatronModel');
+  });
+
   it('skips the optimizer for a sampler checkpoint', () => {
     const code = loadCheckpointCode({ ...ckpt, kind: 'sampler', path: 'tinker://run-1/sampler_weights/s' });
     expect(code).toContain('model.load("tinker://run-1/sampler_weights/s", load_optimizer=False)');
