@@ -29,8 +29,9 @@ from twinkle.types.api import BaseModelInfo, CheckpointInfo, RunInfo
 
 from ._futures import RemoteFuture
 from .session import Session, current_session
+from .tokenizer import load_tokenizer, load_tokenizer_from_candidates
 
-__all__ = ["MegatronModel", "MockModel", "RemoteModel", "TransformersModel", "to_lora_config"]
+__all__ = ["MegatronModel", "MockModel", "RemoteModel", "TransformersModel", "load_tokenizer", "to_lora_config"]
 
 _SCHEDULER_ALIASES = {"cosine": "cosine", "linear": "linear", "constant": "constant", "cosine_with_warmup": "cosine"}
 
@@ -333,29 +334,16 @@ class RemoteModel:
 
     # ---- tokenizer ------------------------------------------------------------------------------------------
     def get_tokenizer(self) -> Any:
-        """The base model's tokenizer, loaded on this machine from the server's ``tokenizer_id``
-        (needs ``transformers`` or ``tokenizers``; loaded once)."""
+        """The base model's tokenizer, loaded on this machine (no torch needed) from the server's
+        ``tokenizer_id`` or the model's name — see ``twinkle_client.tokenizer``; loaded once."""
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.base.tokenizer_id or self.base.name)
+            self._tokenizer = load_tokenizer_from_candidates([self.base.tokenizer_id, self.base.name],
+                                                             vocab_size=self.base.vocab_size)
         return self._tokenizer
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(model_id={self.model_id!r}, server={self.session.url!r}, "
                 f"adapters={list(self._adapters)})")
-
-
-def load_tokenizer(tokenizer_id: str) -> Any:
-    try:
-        from transformers import AutoTokenizer  # lazy: only when a tokenizer is asked for
-    except ImportError:
-        AutoTokenizer = None  # noqa: N806
-    if AutoTokenizer is not None:
-        return AutoTokenizer.from_pretrained(tokenizer_id)
-    from pathlib import Path
-
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(Path(tokenizer_id) / "tokenizer.json"))
 
 
 class TransformersModel(RemoteModel):

@@ -7,8 +7,9 @@ from typing import Any
 
 from twinkle.types import InvalidInputError, ModelInput, SampleResponse, SamplingParams
 
-from .model import RemoteModel, load_tokenizer
+from .model import RemoteModel
 from .session import Session, current_session
+from .tokenizer import load_tokenizer_from_candidates
 
 __all__ = ["Sampler"]
 
@@ -43,7 +44,9 @@ class Sampler:
                 self._tokenizer = self.model.get_tokenizer()
             else:
                 info = next((m for m in self.session.capabilities().base_models if m.name == self.base_model), None)
-                self._tokenizer = load_tokenizer((info.tokenizer_id if info else None) or self.base_model)
+                self._tokenizer = load_tokenizer_from_candidates(
+                    [info.tokenizer_id if info else None, self.base_model],
+                    vocab_size=info.vocab_size if info else None)
         return self._tokenizer
 
     def _prompt(self, prompt: Any) -> ModelInput:

@@ -37,6 +37,18 @@ __all__ = ["create_native_router", "health_router"]
 _MAX_WAIT_S = 60.0
 
 
+def _native_tokenizer_ids(service: Service) -> Capabilities:
+    """Capabilities with a ``tokenizer_id`` a remote client can load: a builtin model's tokenizer is rebuilt
+    on the client from its ``builtin://`` id (deterministic), not read from the server's cache path. (The
+    Tinker routes keep their own answer.)"""
+    caps = service.capabilities()
+    for m in caps.base_models:
+        cfg = service.config.model(m.name)
+        if cfg is not None and cfg.model_id.startswith("builtin://"):
+            m.tokenizer_id = cfg.model_id
+    return caps
+
+
 def health_router() -> APIRouter:
     r = APIRouter()
 
@@ -56,7 +68,7 @@ def create_native_router() -> APIRouter:
     @r.get("/capabilities", response_model=Capabilities)
     async def capabilities(user: User = who, service: Service = svc) -> Capabilities:
         await service.refresh_model_info()
-        return service.capabilities()
+        return _native_tokenizer_ids(service)
 
     @r.get("/status", response_model=ServerStatus)
     async def status(user: User = who, service: Service = svc) -> ServerStatus:
