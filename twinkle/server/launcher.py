@@ -42,33 +42,71 @@ def wait_healthy(url: str, timeout: float = 300.0) -> bool:
     return False
 
 
+# Ray / Ray Serve settings for the server's processes (an explicit value in the environment wins).
+_RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "1",
+    "RAY_SERVE_ENABLE_TASK_EVENTS": "0",
+    # A busy small machine starts the proxy actor slowly: do not give up on it after 3 x 5 s.
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
+    # The raylet waits for its agents (metrics, runtime env); on a busy small machine they start slowly.
+    "RAY_agent_register_timeout_ms": "120000",
+    # Idle cost: Serve replicas and handles export cached metrics every 100 ms and the controller reconciles
+    # every 100 ms by default; a few times a second is plenty for a server with a handful of deployments.
+    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.25",
+}
+
+
 def _lean_env() -> dict[str, str]:
     env = {
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
         "TOKENIZERS_PARALLELISM": "false",
-        "RAY_SERVE_ENABLE_TASK_EVENTS": "0",
     }
+    env.update({k: os.environ.get(k, v) for k, v in _RAY_ENV.items()})
     for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TWINKLE_HOME", "HF_HOME", "PYTHONPATH"):
         if k in os.environ:
             env[k] = os.environ[k]
     return env
 
 
+_LEAN_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lean_site")
+# Optional imports that cost seconds of CPU in every Ray process and that the server never uses.
+_SHADOWED = ("rfc3987_syntax",)
+
+
+def _lean_imports() -> None:
+    """Keep heavy optional imports out of this process and of every Ray process it starts (they inherit
+    ``PYTHONPATH``): see ``_lean_site/``."""
+    for name in _SHADOWED:
+        if name not in sys.modules:
+            sys.modules[name] = None  # type: ignore[assignment]  # ``import`` raises ImportError
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if _LEAN_SITE not in parts:
+        os.environ["PYTHONPATH"] = os.pathsep.join([_LEAN_SITE, *parts])
+
+
 def _init_ray(address: str | None, num_cpus: int | None) -> None:
+    _lean_imports()
     import ray
 
-    # Lean defaults for a fresh machine: no dashboard, no usage stats, quiet logs.
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    # The raylet waits for its agents (metrics, runtime env); on a busy small machine they start slowly.
-    os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
+    # Lean defaults for a fresh machine: no dashboard, no usage stats, quiet logs. A local Ray's processes
+    # inherit this environment.
+    for k, v in _RAY_ENV.items():
+        os.environ.setdefault(k, v)
     kwargs: dict[str, Any] = {
         "include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True,
-        "runtime_env": {"env_vars": _lean_env()},
     }
     if address:
-        ray.init(address=address, **kwargs)
+        ray.init(address=address, runtime_env={"env_vars": _lean_env()}, **kwargs)
         return
+    # A local Ray's processes inherit this process's environment, so no job runtime_env is needed (one would
+    # cost a runtime-env agent round trip for every worker process Ray starts).
+    for k, v in _lean_env().items():
+        os.environ.setdefault(k, v)
+    mb = int(os.environ.get("TWINKLE_RAY_OBJECT_STORE_MB", "256"))
+    kwargs["object_store_memory"] = max(mb, 80) * 1024 * 1024
     # Ray gives a starting node 30 s; a busy machine can miss that, so try again before giving up.
     for attempt in range(3):
         try:
@@ -102,6 +140,9 @@ def launch(config: ServerConfig, *, address: str | None = None, num_cpus: int | 
 
     t0 = time.monotonic()
     _init_ray(address, num_cpus)
+    if block:  # ray.init installs its own SIGTERM handler (exit without cleanup): take it back
+        signal.signal(signal.SIGINT, _on_signal)
+        signal.signal(signal.SIGTERM, _on_signal)
     host, port = config.http.host, config.http.port
     url = f"http://{_client_host(host)}:{port}"
     t_ray = time.monotonic()

@@ -1,0 +1,76 @@
+"""Footprint of an idle server: PSS (sum over all its processes, /proc/*/smaps_rollup) and CPU (% of one core).
+
+Starts ``twinkle-server launch`` (mock model; ``--tiny`` adds the transformers ``builtin://tiny`` model),
+waits until it is healthy, lets it settle, then samples every process of the server (the launcher and all its
+descendants: Ray's GCS, raylet, agents, Serve controller/proxy, gateway, workers) for ``--window`` seconds.
+Targets: < 1.2 GB PSS, < 3 % of a core. Prints a per-process table and the totals, then stops the server
+with SIGTERM and reports leftover processes.
+
+    .venv/bin/python bench/idle.py [--tiny] [--settle 15] [--window 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _serverproc as sp  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true", help="also host builtin://tiny (transformers)")
+    ap.add_argument("--settle", type=float, default=15.0)
+    ap.add_argument("--window", type=float, default=30.0)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="twinkle-idle-"))
+    models = [sp.MOCK_MODEL] + ([sp.TINY_MODEL] if args.tiny else [])
+    cfg, url = sp.write_config(work, models)
+    log = work / "server.log"
+    proc = sp.launch(cfg, log)
+    try:
+        ready = sp.wait_healthy(proc, url, log)
+        print(f"healthy after {ready:.1f} s (load average {os.getloadavg()[0]:.1f}); settling {args.settle:.0f} s")
+        time.sleep(args.settle)
+        procs = sp.tree(proc.pid)
+        t0 = time.monotonic()
+        cpu0 = {}
+        for p in procs:
+            try:
+                c = p.cpu_times()
+                cpu0[p.pid] = c.user + c.system + c.children_user + c.children_system
+            except Exception:
+                pass
+        time.sleep(args.window)
+        dt = time.monotonic() - t0
+        rows = []
+        for p in procs:
+            try:
+                c = p.cpu_times()
+                cpu = (c.user + c.system + c.children_user + c.children_system - cpu0.get(p.pid, 0.0)) / dt * 100
+            except Exception:
+                continue
+            rows.append((sp.label(p), p.pid, sp.pss_kb(p.pid) / 1024, cpu))
+        rows.sort(key=lambda r: -r[2])
+        print(f"\n{'process':<44} {'pid':>7} {'PSS MB':>8} {'CPU %':>7}")
+        for name, pid, pss, cpu in rows:
+            print(f"{name[:44]:<44} {pid:>7} {pss:>8.1f} {cpu:>7.2f}")
+        tot_pss = sum(r[2] for r in rows)
+        tot_cpu = sum(r[3] for r in rows)
+        print(f"{'TOTAL (' + str(len(rows)) + ' processes)':<44} {'':>7} {tot_pss:>8.1f} {tot_cpu:>7.2f}")
+        print(f"\ntarget: PSS < 1228.8 MB -> {'OK' if tot_pss < 1228.8 else 'OVER'} ({tot_pss / 1228.8:.2f}x); "
+              f"CPU < 3 % -> {'OK' if tot_cpu < 3 else 'OVER'} ({tot_cpu / 3:.2f}x); "
+              f"window {dt:.0f} s, load average {os.getloadavg()[0]:.1f}")
+    finally:
+        took, left = sp.stop(proc, signal.SIGTERM)
+        print(f"SIGTERM -> exited in {took:.1f} s; processes left behind: {left or 'none'}")
+
+
+if __name__ == "__main__":
+    main()
