@@ -94,3 +94,13 @@ def test_mock_model_has_the_same_methods(tmp_path):
         mm.clip_grad_and_step()
     assert mm.calculate_metric()["step"] == 3
     assert Sampler(mm).sample(ids[:3], SamplingParams(max_tokens=3, temperature=0.0)).sequences
+
+
+def test_importing_model_and_sampler_packages_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, twinkle.model, twinkle.sampler; twinkle.model.MockModel; twinkle.sampler.Sampler; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -47,6 +47,14 @@ class LoraPair(nn.Module):
             x = F.dropout(x, self.dropout, training=True)
         return (F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale).to(dtype)
 
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, train: bool) -> torch.Tensor:
+        """``out + forward(x)`` with the scale fused into the addition."""
+        if x.dtype != self.lora_A.dtype:
+            return out + self.forward(x, train)
+        if self.dropout > 0.0 and train:
+            x = F.dropout(x, self.dropout, training=True)
+        return torch.add(out, F.linear(F.linear(x, self.lora_A), self.lora_B), alpha=self.scale)
+
 
 class MultiLoraLinear(nn.Module):
     """``base(x)`` plus, for each row segment, that segment's adapter update (none for ``None``)."""
@@ -79,7 +87,7 @@ class MultiLoraLinear(nn.Module):
             name = segs[0][2]
             if name is None or name not in self.adapters:
                 return out
-            return out + self.adapters[name](x, routing.dropout)
+            return self.adapters[name].add_to(out, x, routing.dropout)
         deltas: list[torch.Tensor] = []
         any_lora = False
         for start, end, name in segs:
