@@ -253,3 +253,46 @@ def test_client_reattaching_without_local_state_continues_after_last_seq_id(tmp_
         s2.close()
     finally:
         inner.shutdown_app()
+
+
+def test_reaper_sleeps_until_a_deadline_and_wakes_for_a_new_short_lease(tmp_path):
+    async def go():
+        cfg = _config(tmp_path)
+        svc = Service(cfg, {"mock": [_worker(cfg)]})
+        await svc.start()
+        await asyncio.sleep(0.2)  # the reaper now sleeps (nothing to do for up to 30 s)
+        s = await svc.create_session(ALICE, lease_seconds=0.3)
+        for _ in range(100):  # (get_session would extend the lease: read the state directly)
+            if svc._sessions[s.session_id].state == "expired":
+                break
+            await asyncio.sleep(0.1)
+        assert svc._sessions[s.session_id].state == "expired"
+        await svc.stop()
+
+    asyncio.run(go())
+
+
+def test_completed_futures_expire_from_memory_and_store(tmp_path):
+    from twinkle.types import NotFoundError
+
+    async def go():
+        cfg = parse_config({**_config(tmp_path).model_dump(mode="json"),
+                            "persistence": {"sqlite_path": str(tmp_path / "db.sqlite"),
+                                            "checkpoint_root": str(tmp_path / "ck"), "future_ttl_seconds": 1}})
+        svc = Service(cfg, {"mock": [_worker(cfg)]})
+        run = await _run(svc)
+        ref = await svc.submit(ALICE, run, ForwardBackwardOp(data=DATA, forward_only=True))
+        await _result(svc, ref)
+        await svc.reap()
+        assert ref.future_id in svc._futures
+        import time as _time
+
+        await asyncio.sleep(1.2)  # past the TTL
+        await svc.reap(now=_time.time() + 61)  # and past the next SQLite prune
+        assert ref.future_id not in svc._futures
+        assert svc.store._exec("SELECT COUNT(*) FROM futures WHERE future_id=?", (ref.future_id,))[0][0] == 0
+        with pytest.raises(NotFoundError):
+            await svc.wait(ALICE, ref.future_id, 0)
+        await svc.stop()
+
+    asyncio.run(go())

@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
+import heapq
 import logging
 import re
 import secrets
 import shutil
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +93,9 @@ _KIND_DIR = {"training": "weights", "sampler": "sampler_weights"}
 _DIR_KIND = {v: k for k, v in _KIND_DIR.items()}
 _MAX_METRIC_POINTS = 10000
 _AUTH_CACHE_S = 2.0
+_REAP_MAX_SLEEP_S = 30.0  # the reaper wakes at least this often (a lapsed lease is caught within ~1 s anyway)
+_REAP_SLACK_S = 0.5  # wake this long after a deadline, so one tick handles it
+_PRUNE_EVERY_S = 60.0  # expired future rows are deleted from SQLite this often
 
 
 @dataclass(frozen=True)
@@ -215,27 +221,92 @@ class Service:
         self._samplers: dict[str, dict[str, Any]] = {}
         self._futures: dict[str, _Future] = {}
         self._model_info: dict[str, ModelInfo] = {}
+        # Indexes, so no call scans every stored session/run/checkpoint as the history grows.
+        self._user_sessions: dict[str, list[str]] = {}
+        self._user_runs: dict[str, list[str]] = {}
+        self._user_ckpts: dict[str, dict[tuple[str, str, str], None]] = {}
+        self._active_sessions: set[str] = set()
+        self._active_runs: set[str] = set()
+        self._session_samplers: dict[str, int] = {}
+        self._lease_heap: list[tuple[float, str]] = []  # (lease deadline, session id); stale entries re-pushed
+        self._ckpt_expiry: list[tuple[float, tuple[str, str, str]]] = []  # (expires_at, checkpoint key)
+        self._done_futures: deque[tuple[float, str]] = deque()  # (done_at, future id), in completion order
+        self._next_prune = 0.0
         self._reaper: asyncio.Task[Any] | None = None
+        self._kick: asyncio.Event | None = None
         self._lock: asyncio.Lock | None = None
         self._closing = False
         self._load_state()
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def _load_state(self) -> None:
+        # Tens of thousands of long-lived rows: without the cyclic GC running over them while they are built
+        # (quadratic), then moved out of its way (``gc.freeze``) so later collections do not scan them.
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self._load_rows()
+        finally:
+            if enabled:
+                gc.enable()
+            gc.freeze()
+
+    def _load_rows(self) -> None:
         for row in self.store.sessions():
-            self._sessions[row["session_id"]] = SessionInfo.model_validate(row)
+            self._add_session(SessionInfo.model_validate(row))
+        lost = []
         for row in self.store.runs():
             run = RunInfo.model_validate(row)
             if run.state == "active":  # the workers of the previous server process are gone
                 run.state = "lost"
-                self.store.put_run(run.model_dump(mode="json"))
-            self._runs[run.run_id] = run
+                lost.append(run)
             self._extra[run.run_id] = _RunExtra(replica=int(row.get("_replica", 0) or 0))
+            self._add_run(run)
+        for run in lost:
+            self._save_run(run)
         for row, user, directory in self.store.checkpoints():
             info = CheckpointInfo.model_validate(row)
-            self._ckpts[(info.run_id, info.kind, info.name)] = _Ckpt(info, user, directory)
+            self._add_ckpt((info.run_id, info.kind, info.name), _Ckpt(info, user, directory))
         for row in self.store.samplers():
             self._samplers[row["sampler_id"]] = row
+            self._count_sampler(row["sampler_id"])
+
+    def _add_session(self, s: SessionInfo) -> None:
+        self._sessions[s.session_id] = s
+        self._user_sessions.setdefault(s.user, []).append(s.session_id)
+        if s.state == "active":
+            self._active_sessions.add(s.session_id)
+            heapq.heappush(self._lease_heap, (s.last_heartbeat + s.lease_seconds, s.session_id))
+            if self._kick is not None:
+                self._kick.set()
+
+    def _add_run(self, run: RunInfo) -> None:
+        self._runs[run.run_id] = run
+        self._user_runs.setdefault(run.user, []).append(run.run_id)
+        self._set_run_state(run, run.state)
+
+    def _set_run_state(self, run: RunInfo, state: str) -> None:
+        run.state = state  # type: ignore[assignment]
+        if state == "active":
+            self._active_runs.add(run.run_id)
+        else:
+            self._active_runs.discard(run.run_id)
+
+    def _add_ckpt(self, key: tuple[str, str, str], ck: _Ckpt) -> None:
+        self._ckpts[key] = ck
+        self._user_ckpts.setdefault(ck.user, {})[key] = None
+        self._track_expiry(key, ck)
+
+    def _track_expiry(self, key: tuple[str, str, str], ck: _Ckpt) -> None:
+        if ck.info.expires_at is not None:
+            heapq.heappush(self._ckpt_expiry, (ck.info.expires_at, key))
+            if self._kick is not None:
+                self._kick.set()
+
+    def _count_sampler(self, sampler_id: str) -> None:
+        sid, _, n = sampler_id.rpartition(":sample:")
+        if n.isdigit():
+            self._session_samplers[sid] = max(self._session_samplers.get(sid, 0), int(n) + 1)
 
     async def start(self) -> None:
         """Start the lease reaper and fetch each model's info (idempotent)."""
@@ -258,6 +329,7 @@ class Service:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
                 return
+            self._kick = asyncio.Event()
             self._reaper = loop.create_task(self._reap_loop())
 
     async def refresh_model_info(self) -> None:
@@ -334,7 +406,7 @@ class Service:
             session_id="s" + uuid.uuid4().hex[:20], user=user.name, client=client, state="active",  # type: ignore[arg-type]
             created_at=now, last_heartbeat=now, lease_seconds=lease, metadata=md, run_ids=[],
         )
-        self._sessions[s.session_id] = s
+        self._add_session(s)
         self._save_session(s)
         return s.model_copy(deep=True)
 
@@ -356,7 +428,7 @@ class Service:
         return s.model_copy(deep=True)
 
     async def list_sessions(self, user: User) -> list[SessionInfo]:
-        return [s.model_copy(deep=True) for s in self._sessions.values() if s.user == user.name]
+        return [self._sessions[sid].model_copy(deep=True) for sid in self._user_sessions.get(user.name, ())]
 
     async def close_session(self, user: User, session_id: str, reason: str = "closed") -> SessionInfo:
         """Checkpoint (auto) and unload the session's adapters; state → closed."""
@@ -367,6 +439,7 @@ class Service:
 
     async def _end_session(self, s: SessionInfo, state: str, reason: str) -> None:
         s.state = state  # type: ignore[assignment]
+        self._active_sessions.discard(s.session_id)
         s.metadata = {**s.metadata, "end_reason": reason}
         self._save_session(s)
         for run_id in list(s.run_ids):
@@ -392,33 +465,73 @@ class Service:
             await worker.remove_adapter(run.run_id)
         except Exception as e:  # already gone on the worker: nothing to free
             log.info("remove_adapter(%s): %s", run.run_id, _unwrap(e))
-        run.state = new_state  # type: ignore[assignment]
+        self._set_run_state(run, new_state)
         self._save_run(run)
 
     async def _reap_loop(self) -> None:
+        """Sleeps until the next lease/TTL deadline (at most ``_REAP_MAX_SLEEP_S``; a new session or TTL wakes
+        it early), so an idle server does not tick."""
         while not self._closing:
-            await asyncio.sleep(1.0)
             try:
                 await self.reap()
             except Exception:
                 log.exception("lease reaper tick failed")
+            delay = max(0.05, min(_REAP_MAX_SLEEP_S, self._next_deadline() - _now()))
+            kick = self._kick
+            if kick is None:
+                await asyncio.sleep(delay)
+                continue
+            kick.clear()
+            try:
+                await asyncio.wait_for(kick.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+
+    def _next_deadline(self) -> float:
+        """When the reaper has something to do next (a lease may lapse, a checkpoint or future expires)."""
+        times = [self._next_prune]
+        if self._lease_heap:
+            times.append(self._lease_heap[0][0] + _REAP_SLACK_S)
+        if self._ckpt_expiry:
+            times.append(self._ckpt_expiry[0][0] + _REAP_SLACK_S)
+        if self._done_futures:
+            times.append(self._done_futures[0][0] + self.config.persistence.future_ttl_seconds + _REAP_SLACK_S)
+        return min(times)
 
     async def reap(self, now: float | None = None) -> None:
-        """One reaper tick: expire lapsed sessions (checkpoint + unload), drop old futures and checkpoints."""
+        """One reaper tick: expire lapsed sessions (checkpoint + unload), drop old futures and checkpoints.
+        Work is proportional to what expires, not to the number of stored sessions/runs/checkpoints."""
         now = now or _now()
-        lapsed = [
-            s for s in self._sessions.values()
-            if s.state == "active" and now - s.last_heartbeat > s.lease_seconds
-        ]
+        lapsed = []
+        heap = self._lease_heap
+        while heap and heap[0][0] < now:
+            _, sid = heapq.heappop(heap)
+            s = self._sessions.get(sid)
+            if s is None or s.state != "active" or sid not in self._active_sessions:
+                continue
+            deadline = s.last_heartbeat + s.lease_seconds
+            if now - s.last_heartbeat > s.lease_seconds:
+                lapsed.append(s)
+            else:  # heart-beaten since: look again at its new deadline
+                heapq.heappush(heap, (deadline, sid))
         for s in lapsed:
             log.info("session %s of %s: lease lapsed, unloading its adapters", s.session_id, s.user)
             await self._end_session(s, "expired", "lease expired")
         ttl_cut = now - self.config.persistence.future_ttl_seconds
-        for fid in [f for f, fut in self._futures.items() if fut.state is not None and fut.done_at < ttl_cut]:
-            self._futures.pop(fid, None)
-        self.store.prune_futures(now)
-        for key, ck in list(self._ckpts.items()):
-            if ck.info.expires_at is not None and ck.info.expires_at < now:
+        done = self._done_futures
+        while done and done[0][0] < ttl_cut:
+            _, fid = done.popleft()
+            fut = self._futures.get(fid)
+            if fut is not None and fut.state is not None and fut.done_at < ttl_cut:
+                del self._futures[fid]
+        if now >= self._next_prune:
+            self.store.prune_futures(now)
+            self._next_prune = now + _PRUNE_EVERY_S
+        expiry = self._ckpt_expiry
+        while expiry and expiry[0][0] < now:
+            _, key = heapq.heappop(expiry)
+            ck = self._ckpts.get(key)
+            if ck is not None and ck.info.expires_at is not None and ck.info.expires_at < now:
                 self._drop_checkpoint(key)
 
     # ---- runs --------------------------------------------------------------------------------------------
@@ -463,15 +576,16 @@ class Service:
             raise LimitExceededError(
                 f"LoRA rank {lora.rank} exceeds this model's max_lora_rank {m.max_lora_rank}", field="lora.rank"
             )
-        mine = sum(1 for r in self._runs.values() if r.user == user.name and r.state == "active")
+        active = [self._runs[rid] for rid in self._active_runs]
+        mine = sum(1 for r in active if r.user == user.name)
         if mine >= self.config.limits.max_adapters_per_user:
             raise LimitExceededError(
                 f"user {user.name!r} already holds {mine} active runs (limit "
                 f"{self.config.limits.max_adapters_per_user}); delete or close one first", field="lora",
             )
         counts = [0] * m.replicas
-        for r in self._runs.values():
-            if r.base_model == m.served_name and r.state == "active":
+        for r in active:
+            if r.base_model == m.served_name:
                 counts[self._extra[r.run_id].replica % m.replicas] += 1
         replica = min(range(m.replicas), key=lambda i: counts[i])
         if counts[replica] >= m.max_adapters:
@@ -484,7 +598,7 @@ class Service:
     def _next_run_id(self, s: SessionInfo) -> str:
         n = 0
         prefix = f"{s.session_id}:train:"
-        for rid in self._runs:
+        for rid in s.run_ids:
             if rid.startswith(prefix):
                 tail = rid[len(prefix):]
                 if tail.isdigit():
@@ -512,8 +626,8 @@ class Service:
             run_id=run_id, session_id=s.session_id, user=user.name, base_model=base_model, lora=lora, name=name,
             state="active", step=0, created_at=now, last_request_time=now, metadata=dict(metadata or {}),
         )
-        self._runs[run_id] = run
         self._extra[run_id] = _RunExtra(replica=replica)
+        self._add_run(run)
         s.run_ids.append(run_id)
         s.last_heartbeat = now
         self._save_session(s)
@@ -564,7 +678,7 @@ class Service:
         if limit < 0 or offset < 0:
             raise InvalidInputError("limit and offset must be >= 0", field="limit" if limit < 0 else "offset")
         mine = sorted(
-            (r for r in self._runs.values() if r.user == user.name and r.state != "deleted"),
+            (r for r in (self._runs[rid] for rid in self._user_runs.get(user.name, ())) if r.state != "deleted"),
             key=lambda r: r.created_at, reverse=True,
         )
         return [r.model_copy(deep=True) for r in mine[offset:offset + limit]], len(mine)
@@ -574,7 +688,7 @@ class Service:
         if run.state == "active":
             await self._unload_run(run, checkpoint=False, new_state="deleted")
         else:
-            run.state = "deleted"
+            self._set_run_state(run, "deleted")
             self._save_run(run)
         return run.model_copy(deep=True)
 
@@ -746,7 +860,7 @@ class Service:
             path=f"tinker://{run.run_id}/{_KIND_DIR[op.kind]}/{op.name}", created_at=now, step=run.step,
             size_bytes=size, expires_at=(now + op.ttl_seconds) if op.ttl_seconds else None,
         )
-        self._ckpts[key] = _Ckpt(info, run.user, str(d))
+        self._add_ckpt(key, _Ckpt(info, run.user, str(d)))
         self.store.put_checkpoint(info.model_dump(mode="json"), run.user, str(d))
         if op.kind == "training":
             run.last_checkpoint = info.path
@@ -817,8 +931,8 @@ class Service:
         if run_id is not None:
             self._run(user, run_id)
         out = [
-            c.info.model_copy() for c in self._ckpts.values()
-            if c.user == user.name and (run_id is None or c.info.run_id == run_id)
+            c.info.model_copy() for c in (self._ckpts[k] for k in self._user_ckpts.get(user.name, ()))
+            if run_id is None or c.info.run_id == run_id
         ]
         return sorted(out, key=lambda c: c.created_at)
 
@@ -851,6 +965,7 @@ class Service:
         ck = self._ckpts.pop(key, None)
         if ck is None:
             return None
+        self._user_ckpts.get(ck.user, {}).pop(key, None)
         self.store.delete_checkpoint(*key)
         d = Path(ck.dir)
         if self.checkpoint_root in d.parents:
@@ -863,10 +978,11 @@ class Service:
         return ck.info.model_copy()
 
     async def set_checkpoint_ttl(self, user: User, run_id: str, checkpoint_id: str, ttl_seconds: float | None) -> CheckpointInfo:
-        _, ck = self._own_ckpt(user, run_id, checkpoint_id)
+        key, ck = self._own_ckpt(user, run_id, checkpoint_id)
         if ttl_seconds is not None and ttl_seconds <= 0:
             raise InvalidInputError("ttl_seconds must be > 0 (or null for no expiry)", field="ttl_seconds")
         ck.info.expires_at = (_now() + ttl_seconds) if ttl_seconds else None
+        self._track_expiry(key, ck)
         self.store.put_checkpoint(ck.info.model_dump(mode="json"), ck.user, ck.dir)
         return ck.info.model_copy()
 
@@ -893,7 +1009,7 @@ class Service:
                     raise NotFoundError(f"sampler {sampler_id!r} not found", field="sampler_id")
                 return {k: old[k] for k in ("sampler_id", "base_model", "model_path")}
         else:
-            n = sum(1 for k in self._samplers if k.startswith(f"{s.session_id}:sample:"))
+            n = self._session_samplers.get(s.session_id, 0)
             sampler_id = f"{s.session_id}:sample:{n}"
             while sampler_id in self._samplers:
                 n += 1
@@ -917,6 +1033,7 @@ class Service:
             "model_path": model_path, "run_id": run_id, "created_at": _now(),
         }
         self._samplers[sampler_id] = row
+        self._count_sampler(sampler_id)
         self.store.put_sampler(row)
         return {k: row[k] for k in ("sampler_id", "base_model", "model_path")}
 
@@ -982,8 +1099,8 @@ class Service:
         if n == 1:
             return 0
         counts = [0] * n
-        for r in self._runs.values():
-            if r.base_model == base_model and r.state == "active":
+        for r in (self._runs[rid] for rid in self._active_runs):
+            if r.base_model == base_model:
                 counts[self._extra[r.run_id].replica % n] += 1
         return min(range(n), key=lambda i: counts[i])
 
@@ -1029,11 +1146,12 @@ class Service:
         if task.cancelled() or task.exception() is not None:
             run = self._runs.get(run_id)
             if run is not None and run.state == "active":
-                run.state = "lost"
+                self._set_run_state(run, "lost")
                 self._save_run(run)
 
     def _finish(self, fut: _Future, result: Any, err: TwinkleError | None) -> None:
         fut.done_at = _now()
+        self._done_futures.append((fut.done_at, fut.future_id))
         if err is None:
             fut.state = FutureState(future_id=fut.future_id, status="complete", type=fut.type, result=result)
         else:
@@ -1114,8 +1232,8 @@ class Service:
                 ))
         return ServerStatus(
             version=_VERSION, uptime_s=_now() - self.started_at,
-            sessions_active=sum(1 for s in self._sessions.values() if s.state == "active"),
-            runs_active=sum(1 for r in self._runs.values() if r.state == "active"),
+            sessions_active=len(self._active_sessions),
+            runs_active=len(self._active_runs),
             workers=workers,
         )
 

@@ -37,6 +37,10 @@ CREATE TABLE IF NOT EXISTS futures (
     future_id TEXT PRIMARY KEY, user TEXT NOT NULL, expires_at REAL NOT NULL, data TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS runs_user ON runs(user);
 CREATE INDEX IF NOT EXISTS ckpt_user ON checkpoints(user);
+CREATE INDEX IF NOT EXISTS sessions_user ON sessions(user);
+CREATE INDEX IF NOT EXISTS samplers_user ON samplers(user);
+CREATE INDEX IF NOT EXISTS futures_expiry ON futures(expires_at);
+CREATE INDEX IF NOT EXISTS keys_user ON keys(user);
 """
 
 
