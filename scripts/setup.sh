@@ -15,8 +15,15 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 .venv/bin/pip install -q -e ".[all]"
 
-# The JupyterLab extension (TypeScript) is built into twinkle_client/labextension when node is available.
-if [ -f extension/build.sh ] && command -v node >/dev/null 2>&1; then
+# The JupyterLab extension (TypeScript, built offline with jlpm from the npm registry) goes into
+# twinkle_client/labextension. A wheel ships it (setup.py); for this editable checkout we link it where the
+# venv's JupyterLab looks, and enable the Jupyter-server half.
+if command -v node >/dev/null 2>&1; then
   bash extension/build.sh
+  mkdir -p .venv/share/jupyter/labextensions .venv/etc/jupyter/jupyter_server_config.d
+  ln -sfn "$PWD/twinkle_client/labextension" .venv/share/jupyter/labextensions/twinkle-jupyterlab
+  cp extension/jupyter-config/server-config/twinkle_client.json .venv/etc/jupyter/jupyter_server_config.d/
+else
+  echo "node not found: skipping the JupyterLab extension build (the Python packages work without it)"
 fi
 echo "setup done: $(.venv/bin/python --version), torch $(.venv/bin/python -c 'import torch; print(torch.__version__)')"
