@@ -61,3 +61,38 @@ def test_python_dash_m_twinkle_lists_the_builtin_models(tmp_path):
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert "builtin://tiny" in r.stdout and "builtin://small" in r.stdout and "not built yet" in r.stdout
+
+
+def test_summary_lists_each_phase_time():
+    res = QuickstartResult("builtin://tiny", "Twinkle", [8.0, 2.0], 70.0, "who are you?", "I am Twinkle.",
+                           timings={"server start": 40.0, "training": 20.5, "sampling": 0.25, "shutdown": 9.0},
+                           extra={"where": "local server (twinkle_client)"})
+    text = format_summary(res)
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    names = [r.split("|")[1].strip() for r in rows]
+    assert names[names.index("server start"):] == ["server start", "training", "sampling", "shutdown", "total"]
+    assert "| training     | 20.5 s" in text and "| total        | 70.0 s" in text
+    assert "| where        | local server (twinkle_client)" in text
+
+
+def test_cli_in_process_path_runs_in_this_process(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("TWINKLE_HOME", str(tmp_path))
+    # two steps cannot teach the name: the command runs end to end and says so (exit code 1)
+    assert main(["quickstart", "--in-process", "--quiet", "--steps", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "(in this process)" in out and "| where        | this process (twinkle.model)" in out
+    assert "| steps        | 2" in out and "| training     |" in out and "NOT LEARNED" in out
+
+
+def test_cli_server_choices_exclude_each_other(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["quickstart", "--in-process", "--url", "http://127.0.0.1:1"])
+    assert e.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
+def test_cli_url_that_answers_nothing_is_a_clear_error(capsys):
+    from twinkle.local_server import free_port
+
+    code = main(["quickstart", "--quiet", "--url", f"http://127.0.0.1:{free_port()}", "--api-key", "k"])
+    assert code == 2
+    assert "error:" in capsys.readouterr().err

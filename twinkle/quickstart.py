@@ -61,6 +61,7 @@ class QuickstartResult:
     answer: str
     label: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds, in order
 
     @property
     def steps(self) -> int:
@@ -103,13 +104,22 @@ def train_self_cognition(model: Any, batches: Iterator[Any], steps: int, *, prog
     """``steps`` optimizer steps of cross-entropy; returns the loss (per trained token) of every step.
 
     ``model``: anything with ``forward_backward(inputs=...)``, ``clip_grad_and_step()`` and
-    ``calculate_metric(is_training=True)`` — local or remote."""
+    ``calculate_metric(is_training=True)`` — local or remote. A model with ``forward_backward_async`` and
+    ``optim_step_async`` (``twinkle_client``) gets each step sent right behind its forward_backward: one
+    round trip per step instead of two."""
     bar = _progress(steps, desc, progress, file)
     losses: list[float] = []
     try:
+        pipelined = hasattr(model, "forward_backward_async") and hasattr(model, "optim_step_async")
         for _ in range(steps):
-            model.forward_backward(inputs=next(batches))
-            model.clip_grad_and_step()
+            if pipelined:  # remote: send the step right behind its forward_backward (the server keeps the order)
+                fb = model.forward_backward_async(inputs=next(batches))
+                step = model.optim_step_async()
+                fb.result()
+                step.result()
+            else:
+                model.forward_backward(inputs=next(batches))
+                model.clip_grad_and_step()
             loss = float(model.calculate_metric(is_training=True)["loss"])
             losses.append(loss)
             if bar is not None:
@@ -141,10 +151,38 @@ def run_quickstart(cfg: QuickstartConfig | None = None, *, model: Any = None, sa
     model.set_lr_scheduler("cosine", num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps,
                            min_lr_ratio=0.1)
     batches = self_cognition_batches(model.get_tokenizer(), cfg)
+    t1 = time.perf_counter()
     losses = train_self_cognition(model, batches, cfg.steps, progress=progress, file=file)
+    t2 = time.perf_counter()
     answer = sampler.generate(cfg.question, max_tokens=cfg.max_tokens, temperature=0.0)
-    seconds = time.perf_counter() - t0
-    return QuickstartResult(cfg.model_id, cfg.name, losses, seconds, cfg.question, answer, model_label(cfg.model_id))
+    t3 = time.perf_counter()
+    timings = {"set-up": t1 - t0, "training": t2 - t1, "sampling": t3 - t2}
+    return QuickstartResult(cfg.model_id, cfg.name, losses, t3 - t0, cfg.question, answer, model_label(cfg.model_id),
+                            timings=timings)
+
+
+def run_quickstart_remote(cfg: QuickstartConfig | None = None, *, url: str, api_key: str | None,
+                          progress: bool = True, file: TextIO | None = None) -> QuickstartResult:
+    """``run_quickstart`` on a Twinkle server through ``twinkle_client``: the same loop, with the remote
+    ``twinkle_client.model.TransformersModel`` and ``twinkle_client.sampler.Sampler``. The session is
+    closed at the end (its adapter is checkpointed and unloaded on the server)."""
+    import twinkle_client
+    from twinkle_client.model import TransformersModel
+    from twinkle_client.sampler import Sampler
+
+    cfg = cfg or QuickstartConfig()
+    cfg.validate()
+    session = twinkle_client.connect(url, api_key, persist_state=False, make_current=False,
+                                     metadata={"purpose": "twinkle quickstart"})
+    try:
+        model = TransformersModel(cfg.model_id, seed=cfg.seed, session=session)
+        res = run_quickstart(cfg, model=model, sampler=Sampler(model), progress=progress, file=file)
+        res.extra["server"] = url
+        res.extra.setdefault("where", f"server {url} (twinkle_client)")
+        res.extra["run_id"] = model.run_id
+        return res
+    finally:
+        session.close()
 
 
 def model_label(model_id: str) -> str:
@@ -161,12 +199,14 @@ def model_label(model_id: str) -> str:
 def format_summary(res: QuickstartResult) -> str:
     rows = [
         ("model", res.model_id),
+        *([("where", str(res.extra["where"]))] if res.extra.get("where") else []),
         ("steps", str(res.steps)),
         ("first loss", f"{res.first_loss:.4f}"),
         ("last loss", f"{res.last_loss:.4f}"),
         ("last / first", f"{res.loss_ratio:.3f}"),
-        ("time", f"{res.seconds:.1f} s"),
     ]
+    rows += [(phase, f"{sec:.1f} s") for phase, sec in res.timings.items()]
+    rows.append(("total", f"{res.seconds:.1f} s"))
     w0 = max(len(k) for k, _ in rows)
     w1 = max(len(v) for _, v in rows)
     line = f"+-{'-' * w0}-+-{'-' * w1}-+"
