@@ -1,0 +1,104 @@
+"""Cold start of ``twinkle-server launch`` by phase: launch → first forward_backward result. Target ≤ 15 s.
+
+Phases: the launcher's own report (Ray start, Serve start, deployments until healthy), then from healthy:
+session + run creation and the first forward_backward result, on the mock model and (``--tiny``) on the
+transformers ``builtin://tiny`` model. Each phase is shown with its share of the total and the load average,
+since other work on the machine stretches every phase.
+
+    .venv/bin/python bench/coldstart.py [--tiny] [--repeat 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _serverproc as sp  # noqa: E402
+
+API = "/api/v1/twinkle"
+DATUM = {"model_input": {"chunks": [{"type": "encoded_text", "tokens": [5, 9, 17, 33]}]},
+         "loss_fn_inputs": {"target_tokens": {"data": [9, 17, 33, 2], "dtype": "int64"}}}
+
+
+def _wait(c: httpx.Client, ref: dict) -> dict:
+    while True:
+        body = c.get(f"{API}/futures/{ref['future_id']}", params={"timeout": 60}).json()
+        if body["status"] == "complete":
+            return body["result"]
+        if body["status"] == "failed":
+            raise RuntimeError(body["error"])
+
+
+def _first_result(url: str, key: str, model: str) -> tuple[float, float]:
+    with httpx.Client(base_url=url, headers={"X-API-Key": key}, timeout=300) as c:
+        t0 = time.monotonic()
+        sid = c.post(f"{API}/sessions", json={}).json()["session_id"]
+        run = _wait(c, c.post(f"{API}/runs", json={"session_id": sid, "base_model": model,
+                                                   "lora": {"rank": 4}}).json())["run_id"]
+        t1 = time.monotonic()
+        _wait(c, c.post(f"{API}/runs/{run}/forward_backward", json={"data": [DATUM]}).json())
+        return t1 - t0, time.monotonic() - t1
+
+
+def once(tiny: bool) -> list[tuple[str, float]]:
+    work = Path(tempfile.mkdtemp(prefix="twinkle-cold-"))
+    models = [sp.MOCK_MODEL] + ([sp.TINY_MODEL] if tiny else [])
+    cfg, url = sp.write_config(work, models)
+    key = sp.create_key(cfg)
+    log = work / "server.log"
+    t0 = time.monotonic()
+    proc = sp.launch(cfg, log)
+    try:
+        healthy = sp.wait_healthy(proc, url, log)
+        phases: list[tuple[str, float]] = []
+        deadline = time.monotonic() + 10
+        m = None
+        while m is None and time.monotonic() < deadline:
+            m = re.search(r"started in ([\d.]+) s: ray ([\d.]+) s, serve ([\d.]+) s, deployments ([\d.]+) s",
+                          log.read_text())
+            time.sleep(0.1)
+        if m:
+            total, ray_s, serve_s, dep_s = (float(x) for x in m.groups())
+            phases += [("python start + imports (launcher)", max(0.0, healthy - total)), ("ray.init", ray_s),
+                       ("serve.start (controller + proxy)", serve_s), ("deployments until healthy", dep_s)]
+        else:
+            phases.append(("launch -> healthy", healthy))
+        create, fb = _first_result(url, key, "mock")
+        phases += [("mock: session + run", create), ("mock: first forward_backward", fb)]
+        if tiny:
+            create, fb = _first_result(url, key, "builtin://tiny")
+            phases += [("tiny: session + run", create), ("tiny: first forward_backward", fb)]
+        phases.append(("TOTAL launch -> first result(s)", time.monotonic() - t0))
+        return phases
+    finally:
+        took, left = sp.stop(proc, signal.SIGINT)
+        print(f"(SIGINT -> exited in {took:.1f} s; left behind: {left or 'none'})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true", help="also host and train builtin://tiny (transformers)")
+    ap.add_argument("--repeat", type=int, default=1)
+    args = ap.parse_args()
+    for i in range(args.repeat):
+        load0 = os.getloadavg()[0]
+        phases = once(args.tiny)
+        total = phases[-1][1]
+        print(f"\nrun {i + 1}: load average {load0:.1f} -> {os.getloadavg()[0]:.1f}")
+        print(f"{'phase':<40} {'seconds':>8} {'share':>7}")
+        for name, secs in phases:
+            print(f"{name:<40} {secs:>8.2f} {secs / total:>7.0%}")
+        print(f"target 15 s: {'OK' if total <= 15 else 'OVER'} ({total / 15:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
