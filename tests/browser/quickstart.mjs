@@ -41,7 +41,7 @@ const curve = () => page.evaluate(() => {
   const svg = svgs[0];
   if (!svg) return null;
   const line = svg.querySelector('polyline');
-  const box = svg.closest('.jupyter-widgets, .widget-vbox') || svg;
+  const box = svg.closest('.widget-vbox') || svg;
   return {
     points: line ? line.getAttribute('points').trim().split(/\s+/).length : 0,
     status: (box.parentElement || box).innerText.replace(/\s+/g, ' ').slice(0, 200),
@@ -65,14 +65,13 @@ try {
   log('lab loaded, kernel idle');
   // collapse the side bar so the notebook has the width
   await page.evaluate(() => window.jupyterapp.commands.execute('application:toggle-left-area').catch(() => {}));
-  await page.evaluate(() => window.jupyterapp.commands.execute('notebook:run-all-cells'));
+  await page.evaluate(() => { void window.jupyterapp.commands.execute('notebook:run-all-cells'); });  // do not wait for it
   log('run all cells');
 
-  const first = await poll(async () => { const c = await curve(); return c && c.points >= 3 ? c : null; }, 'the live curve', 300000);
+  const first = await poll(async () => { const c = await curve(); return c && c.points >= 2 ? c : null; }, 'the live curve', 300000, 100);
   log(`live curve drawn: ${first.points} points`);
-  const live = await poll(async () => { const c = await curve(); return c && c.points >= 30 ? c : null; }, 'the curve to grow', 300000);
   await showCurve();
-  await page.waitForTimeout(300);
+  await poll(async () => { const c = await curve(); return c && c.points >= 40 ? c : null; }, 'the curve to grow', 300000, 100);
   const liveNow = await curve();
   await page.screenshot({ path: path.join(ART, 'quickstart-live.png') });
   log(`screenshot quickstart-live.png at ${liveNow.points} points: ${liveNow.status}`);
