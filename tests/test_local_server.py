@@ -109,3 +109,19 @@ def test_temporary_workdir_is_removed_and_errors_keep_it(monkeypatch):
     assert s.workdir.exists() and s.log_path.exists()  # kept so the log can be read
     s.stop()
     assert not s.workdir.exists()
+
+
+def test_ctrl_c_inside_the_with_block_still_stops_the_server(tmp_path, monkeypatch):
+    script = tmp_path / "fake_launch.py"
+    script.write_text(_FAKE_LAUNCH)
+    monkeypatch.setattr(ls, "_SERVER_CLI", [sys.executable, str(script)])
+    server = LocalServer(workdir=tmp_path / "work")
+    with pytest.raises(KeyboardInterrupt), server:
+        assert server.running
+        raise KeyboardInterrupt
+    assert not server.running and server.proc.returncode == 0
+    child = int((tmp_path / "work" / "checkpoints.child").read_text())
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)
