@@ -2,7 +2,14 @@
 preprocessors (self-cognition, DPO pairs, arithmetic) and rewards, and ``to_datums``."""
 
 from ._assets import assets_path
-from .arithmetic import arithmetic_dataset, arithmetic_question, arithmetic_reward, extract_answer
+from .arithmetic import (
+    arithmetic_answer,
+    arithmetic_dataset,
+    arithmetic_question,
+    arithmetic_reward,
+    extract_answer,
+    is_well_formed,
+)
 from .chat import (
     CHATML_TEMPLATE,
     ChatEncoder,
@@ -35,6 +42,7 @@ __all__ = [
     "IGNORE_INDEX",
     "SelfCognitionPreprocessor",
     "apply_chat_template",
+    "arithmetic_answer",
     "arithmetic_dataset",
     "arithmetic_question",
     "arithmetic_reward",
@@ -44,6 +52,7 @@ __all__ = [
     "encode_text",
     "extract_answer",
     "flatten_pairs",
+    "is_well_formed",
     "load_dataset",
     "load_self_cognition_raw",
     "render_chat",
