@@ -72,7 +72,8 @@ def _quickstart_on_local_server(cfg: Any, threads: int, quiet: bool) -> Any:
     from twinkle.quickstart import model_label, run_quickstart_remote
 
     print(f"Starting a local Twinkle server hosting {model_label(cfg.model_id)}", flush=True)
-    server = LocalServer(cfg.model_id, "transformers", threads=threads)
+    backend = "mock" if cfg.model_id.startswith("mock://") else "transformers"
+    server = LocalServer(cfg.model_id, backend, threads=threads)
     tty = sys.stderr.isatty()
     last = [-1]
 
