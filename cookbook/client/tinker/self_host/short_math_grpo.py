@@ -44,7 +44,7 @@ class Config:
     warmup_batch: int = 16
     rl_steps: int = int(os.environ.get("TWINKLE_STEPS", "20"))
     warmup_lr: float = 4e-3
-    rl_lr: float = 2e-3  # Adam steps by about lr whatever the gradient: higher rates make noisy RL steps wreck it
+    rl_lr: float = 1e-3  # Adam steps by about lr whatever the gradient: at 2e-3 noisy RL steps can wreck the toy
     questions_per_step: int = 16  # every problem, every step
     group_size: int = 8
     max_tokens: int = 12
