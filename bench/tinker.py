@@ -2,13 +2,16 @@
 
 1. Latency of a trivial forward_backward round trip (1 datum, 2 tokens, mock backend) through the unmodified
    Tinker SDK (submit + retrieve_future), next to the same round trip with raw HTTP on the Tinker routes and
-   through the native ``twinkle_client``: p50 / p99 in ms.
+   through the native ``twinkle_client``: p50 / p99 in ms. Measured on the real server (``twinkle-server
+   launch``: Ray Serve proxy -> gateway replica -> worker replica) and, for reference, on the gateway app with
+   an in-process worker under uvicorn (no Ray hops; shares this process's GIL). ``GET healthz`` is the floor
+   of one HTTP round trip through each server.
 2. SFT throughput (forward_backward + optim_step on builtin://tiny, transformers backend): tokens/s through the
    Tinker SDK vs the native client, with the ratio.
 
-The server is the real gateway app (``create_app`` + in-process ``ModelWorker``) under uvicorn on loopback.
+The throughput server is the gateway app (``create_app`` + in-process ``ModelWorker``) under uvicorn on loopback.
 
-    .venv/bin/python bench/tinker.py [--n 200] [--steps 10] [--batch 8] [--seq 64]
+    .venv/bin/python bench/tinker.py [--n 200] [--steps 10] [--batch 8] [--seq 64] [--servers ray,uvicorn]
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TINKER_TELEMETRY", "0")
@@ -47,7 +52,31 @@ def _row(name: str, xs: list[float]) -> str:
     return f"| {name:<34} | {statistics.median(ms):8.2f} | {_pct(ms, 0.99):8.2f} |"
 
 
-def latency(url: str, key: str, n: int) -> list[str]:
+def _serverproc() -> Any:
+    """bench/_serverproc.py, loaded by path (bench/ stays off sys.path: this file shadows ``tinker``)."""
+    import importlib.util
+
+    if "_serverproc" in sys.modules:
+        return sys.modules["_serverproc"]
+    spec = importlib.util.spec_from_file_location("_serverproc", ROOT / "bench" / "_serverproc.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["_serverproc"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _start_ray(workdir: Path) -> tuple[Any, str, str]:
+    sp = _serverproc()
+    cfg, url = sp.write_config(workdir, [sp.MOCK_MODEL])
+    key = sp.create_key(cfg)
+    log = workdir / "server.log"
+    proc = sp.launch(cfg, log)
+    sp.wait_healthy(proc, url, log)
+    return proc, url, key
+
+
+def latency(url: str, key: str, n: int, base_model: str = "builtin://tiny", label: str = "") -> list[str]:
     import httpx
     import tinker
     from tinker import types as tt
@@ -56,8 +85,16 @@ def latency(url: str, key: str, n: int) -> list[str]:
     import twinkle_client
     from twinkle_client.model import MockModel
 
+    floor = []
+    with httpx.Client(base_url=url) as c:
+        for i in range(n + 10):
+            t = time.perf_counter()
+            c.get("/api/v1/healthz").raise_for_status()
+            if i >= 10:
+                floor.append(time.perf_counter() - t)
+
     sc = tinker.ServiceClient(base_url=url, api_key=key)
-    tc = sc.create_lora_training_client(base_model="builtin://tiny", rank=4).result()
+    tc = sc.create_lora_training_client(base_model=base_model, rank=4).result()
     datum = tt.Datum(model_input=tt.ModelInput.from_ints([1]), loss_fn_inputs={"target_tokens": [2], "weights": [1.0]})
     sdk = []
     for i in range(n + 10):
@@ -69,7 +106,7 @@ def latency(url: str, key: str, n: int) -> list[str]:
     raw = []
     with httpx.Client(base_url=url + "/api/v1", headers={"X-API-Key": key}) as c:
         sid = c.post("/create_session", json={"tags": [], "sdk_version": "bench"}).json()["session_id"]
-        rid = c.post("/create_model", json={"session_id": sid, "model_seq_id": 0, "base_model": "builtin://tiny",
+        rid = c.post("/create_model", json={"session_id": sid, "model_seq_id": 0, "base_model": base_model,
                                             "lora_config": {"rank": 4}}).json()["request_id"]
         mid = c.post("/retrieve_future", json={"request_id": rid}).json()["model_id"]
         for i in range(n + 10):
@@ -86,7 +123,7 @@ def latency(url: str, key: str, n: int) -> list[str]:
         c.post(f"/sessions/{sid}/finish", json={})
 
     twinkle_client.init_twinkle_client(url, api_key=key)
-    model = MockModel("builtin://tiny")
+    model = MockModel(base_model)
     model.add_adapter_to_model("bench", r=4)
     native = []
     for i in range(n + 10):
@@ -96,9 +133,10 @@ def latency(url: str, key: str, n: int) -> list[str]:
             native.append(time.perf_counter() - t)
     sc.close("success").result()
     return [
-        f"Trivial forward_backward round trip (1 datum, 2 tokens; mock backend), n={n}",
+        f"Trivial forward_backward round trip (1 datum, 2 tokens; mock backend), {label}, n={n}",
         "| path                               |  p50 ms  |  p99 ms  |",
         "|------------------------------------|----------|----------|",
+        _row("GET healthz (one HTTP round trip)", floor),
         _row("tinker SDK (submit + retrieve)", sdk),
         _row("raw HTTP on the Tinker routes", raw),
         _row("native twinkle_client", native),
@@ -161,11 +199,27 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--servers", default="ray,uvicorn", help="latency on: ray (twinkle-server launch), uvicorn")
     args = p.parse_args()
-    url, key = _start("mock")
-    out = latency(url, key, args.n)
+    servers = [s for s in args.servers.split(",") if s]
+    print(f"load average at start: {os.getloadavg()}")
+    out: list[str] = []
+    if "ray" in servers:
+        workdir = Path(tempfile.mkdtemp(prefix="twinkle-bench-tinker-"))
+        proc, url, key = _start_ray(workdir)
+        try:
+            out += latency(url, key, args.n, "mock", "real server (Ray Serve)") + [""]
+        finally:
+            _serverproc().stop(proc)
+    if "uvicorn" in servers:
+        url, key = _start("mock")
+        out += latency(url, key, args.n, "builtin://tiny", "gateway app + in-process worker under uvicorn") + [""]
+    if args.steps <= 0:
+        print("\n".join(out))
+        return
     url2, key2 = _start("transformers")
-    out += [""] + throughput(url2, key2, args.steps, args.batch, args.seq)
+    out += throughput(url2, key2, args.steps, args.batch, args.seq)
+    out.append(f"load average at end: {os.getloadavg()}")
     print("\n".join(out))
 
 
