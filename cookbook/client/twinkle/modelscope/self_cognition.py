@@ -1,15 +1,6 @@
-"""The self_host/self_cognition.py job against a ModelScope-hosted Twinkle service: only the URL, key and model differ,
-taken from MODELSCOPE_TWINKLE_URL / MODELSCOPE_API_TOKEN / MODELSCOPE_TWINKLE_MODEL."""
-
-from __future__ import annotations
-
-import os
-import runpy
+"""``twinkle/self_host/self_cognition.py`` against a hosted Twinkle server: only the URL, key and model differ, taken from the
+environment (see ``cookbook/client/_hosted.py``). Flags as for the self_host script."""
 from pathlib import Path
+from runpy import run_path
 
-os.environ["TWINKLE_SERVER_URL"] = os.environ.get("MODELSCOPE_TWINKLE_URL", "https://www.modelscope.cn/twinkle")
-os.environ["TWINKLE_API_KEY"] = os.environ.get("MODELSCOPE_API_TOKEN", "")
-os.environ.setdefault("TWINKLE_MODEL", os.environ.get("MODELSCOPE_TWINKLE_MODEL", "Qwen/Qwen3-0.6B"))
-
-if __name__ == "__main__":
-    runpy.run_path(str(Path(__file__).parents[1] / "self_host" / "self_cognition.py"), run_name="__main__")
+run_path(str(Path(__file__).resolve().parents[2] / "_hosted.py"), {"SCRIPT": __file__}, "__main__")
