@@ -35,6 +35,7 @@ def _integration_module() -> ModuleType:
     spec = importlib.util.spec_from_file_location("_twinkle_integration_server", path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
     spec.loader.exec_module(mod)
     return mod
 
