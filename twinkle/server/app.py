@@ -71,29 +71,61 @@ def _field_of(loc: tuple[Any, ...]) -> str:
     return out or "body"
 
 
-def _install_handlers(app: FastAPI, config: ServerConfig) -> None:
-    max_bytes = config.limits.max_request_bytes
+class _GuardMiddleware:
+    """Request id, body-size limit and last-resort error answers, as a plain ASGI middleware (Starlette's
+    ``@app.middleware("http")`` runs every request through an extra task and memory streams)."""
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next: Any) -> Any:
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
-        request.state.request_id = rid
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_bytes:
-            return error_response(LimitExceededError(
-                f"request body of {int(length)} bytes exceeds the limit of {max_bytes}", field="body"), rid)
+    def __init__(self, app: Any, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = None
+        length = None
+        for k, v in scope.get("headers") or ():
+            if k == b"x-request-id":
+                rid = v.decode("latin-1")
+            elif k == b"content-length":
+                length = v.decode("latin-1")
+        rid = rid or uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["request_id"] = rid
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            err = LimitExceededError(f"request body of {int(length)} bytes exceeds the limit of {self.max_bytes}",
+                                     field="body")
+            await error_response(err, rid)(scope, receive, send)
+            return
+        started = False
+        rid_header = (b"x-request-id", rid.encode("latin-1"))
+
+        async def _send(message: Any) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                headers = [h for h in message.get("headers", ()) if h[0].lower() != b"x-request-id"]
+                headers.append(rid_header)
+                message = {**message, "headers": headers}
+            await send(message)
+
         try:
-            response = await call_next(request)
-        except TwinkleError as e:
-            return error_response(e, rid)
-        except Exception:
-            log.error("unhandled error [request id %s] %s %s\n%s", rid, request.method, request.url.path,
+            await self.app(scope, receive, _send)
+        except Exception as e:
+            if started:
+                raise
+            if isinstance(e, TwinkleError):
+                await error_response(e, rid)(scope, receive, send)
+                return
+            log.error("unhandled error [request id %s] %s %s\n%s", rid, scope.get("method"), scope.get("path"),
                       traceback.format_exc())
             body = {"error": f"internal server error (request id {rid})", "category": "server",
                     "code": "internal_error", "detail": {"request_id": rid}}
-            return JSONResponse(status_code=500, content=body, headers={"x-request-id": rid})
-        response.headers["x-request-id"] = rid
-        return response
+            await JSONResponse(status_code=500, content=body, headers={"x-request-id": rid})(scope, receive, send)
+
+
+def _install_handlers(app: FastAPI, config: ServerConfig) -> None:
+    app.add_middleware(_GuardMiddleware, max_bytes=config.limits.max_request_bytes)
 
     @app.exception_handler(TwinkleError)
     async def _twinkle_error(request: Request, exc: TwinkleError) -> JSONResponse:

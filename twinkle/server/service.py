@@ -482,10 +482,13 @@ class Service:
                 await asyncio.sleep(delay)
                 continue
             kick.clear()
+            # Not ``asyncio.wait_for(kick.wait(), delay)``: on Python 3.11 that swallows a cancel arriving as the
+            # kick is set, and the loop then sleeps again through shutdown.
+            timer = asyncio.get_running_loop().call_later(delay, kick.set)
             try:
-                await asyncio.wait_for(kick.wait(), delay)
-            except asyncio.TimeoutError:
-                pass
+                await kick.wait()
+            finally:
+                timer.cancel()
 
     def _next_deadline(self) -> float:
         """When the reaper has something to do next (a lease may lapse, a checkpoint or future expires)."""
@@ -1159,6 +1162,15 @@ class Service:
             body["status"] = err.status
             fut.state = FutureState(future_id=fut.future_id, status="failed", type=fut.type, error=body)
         fut.event.set()
+        # Persist after the waiters have answered (a long-poll woken by ``event.set`` runs first): the row only
+        # serves reads after a gateway restart, and serializing a result + an SQLite write is not free.
+        try:
+            asyncio.get_running_loop().call_soon(self._persist_future, fut, result)
+        except RuntimeError:  # no running loop (synchronous use)
+            self._persist_future(fut, result)
+
+    def _persist_future(self, fut: _Future, result: Any) -> None:
+        assert fut.state is not None
         try:
             row = {
                 "future_id": fut.future_id, "status": fut.state.status, "type": fut.type,
