@@ -1,4 +1,8 @@
-"""Remote futures: one long-poll ``GET futures/{id}`` per wait; the server answers the moment it is done."""
+"""Remote futures: one long-poll ``GET futures/{id}`` per wait; the server answers the moment it is done.
+
+A blocking call (``forward_backward()``, ``clip_grad_and_step()``, ...) submits with ``?wait=SUBMIT_WAIT_S``: the
+server holds the submit's reply until the result exists (up to that long) and puts the finished state in it, so
+the call is one HTTP round trip instead of submit + poll."""
 
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 _POLL_S = 30.0
+SUBMIT_WAIT_S = 30.0
+"""How long a blocking call asks the server to hold the submit for its result (``?wait=``)."""
 
 
 class RemoteFuture(Generic[T]):
@@ -52,8 +58,11 @@ class RemoteFuture(Generic[T]):
         body = self.session.http.get(
             f"futures/{self.future_id}", params={"timeout": round(wait, 3)}, timeout=wait + 30.0
         )
-        state = FutureState.model_validate(body)
-        if state.status == "pending":
+        self._settle(FutureState.model_validate(body))
+
+    def _settle(self, state: FutureState) -> None:
+        """Take a (finished) state from a poll or from the submit's reply; a pending state changes nothing."""
+        if state.status == "pending" or self._done:
             return
         if state.status == "failed":
             self._error = TwinkleError.from_dict(state.error or {"error": "the request failed"})

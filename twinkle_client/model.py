@@ -27,7 +27,7 @@ from twinkle.types import (
 )
 from twinkle.types.api import BaseModelInfo, CheckpointInfo, RunInfo
 
-from ._futures import RemoteFuture
+from ._futures import SUBMIT_WAIT_S, RemoteFuture
 from .session import Session, current_session
 from .tokenizer import load_tokenizer, load_tokenizer_from_candidates
 
@@ -153,7 +153,7 @@ class RemoteModel:
             body = {"session_id": self.session.session_id, "base_model": self.model_id,
                     "lora": lora.model_dump(exclude_none=True), "name": adapter_name,
                     "metadata": {"adapter": adapter_name, "client": "twinkle_client", "backend": self.backend}}
-            run = self.session.submit("runs", body, RunInfo.model_validate, "create_run").result()
+            run = self.session.submit("runs", body, RunInfo.model_validate, "create_run", wait=SUBMIT_WAIT_S).result()
         self._adapters[adapter_name] = _Adapter(adapter_name, run, lora, step=run.step)
         if self._current is None:
             self._current = adapter_name
@@ -194,10 +194,12 @@ class RemoteModel:
         return a.run
 
     # ---- requests -------------------------------------------------------------------------------------------
-    def _submit(self, a: _Adapter, op: str, body: dict[str, Any], parse: Any, *, seq: bool = True) -> RemoteFuture[Any]:
+    def _submit(self, a: _Adapter, op: str, body: dict[str, Any], parse: Any, *, seq: bool = True,
+                wait: bool = False) -> RemoteFuture[Any]:
+        """``wait``: the caller blocks on the result right away (one round trip, see ``SUBMIT_WAIT_S``)."""
         if seq:
             body = {"seq_id": self.session.run_state.next_seq_id(a.run_id), **body}
-        return self.session.submit(f"runs/{a.run_id}/{op}", body, parse, op)
+        return self.session.submit(f"runs/{a.run_id}/{op}", body, parse, op, wait=SUBMIT_WAIT_S if wait else 0.0)
 
     def set_optimizer(
         self, optimizer: str = "AdamW", *, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.95),
@@ -234,7 +236,7 @@ class RemoteModel:
         a = self._adapter(adapter_name)
         if self.session.run_state.get(a.run_id, op) == body:
             return
-        self._submit(a, op, body, lambda x: x, seq=False).result()  # no seq_id in these requests
+        self._submit(a, op, body, lambda x: x, seq=False, wait=True).result()  # no seq_id in these requests
         self.session.run_state.set(a.run_id, op, body)
 
     def forward_backward_async(
@@ -248,18 +250,17 @@ class RemoteModel:
         adapter_name: str | None = None,
     ) -> ForwardBackwardOutput:
         """Forward and backward on the server; gradients accumulate until ``clip_grad_and_step``."""
-        return self.forward_backward_async(inputs=inputs, loss_fn=loss_fn, loss_fn_config=loss_fn_config,
-                                           adapter_name=adapter_name).result()
+        return self._fb(inputs, loss_fn, loss_fn_config, adapter_name, forward_only=False, wait=True).result()
 
     def forward(
         self, *, inputs: Any, loss_fn: str = "cross_entropy", loss_fn_config: dict[str, Any] | None = None,
         adapter_name: str | None = None,
     ) -> ForwardBackwardOutput:
         """Forward only (no gradients); same output shape as ``forward_backward``."""
-        return self._fb(inputs, loss_fn, loss_fn_config, adapter_name, forward_only=True).result()
+        return self._fb(inputs, loss_fn, loss_fn_config, adapter_name, forward_only=True, wait=True).result()
 
     def _fb(self, inputs: Any, loss_fn: str, loss_fn_config: dict[str, Any] | None, adapter_name: str | None,
-            *, forward_only: bool) -> RemoteFuture[ForwardBackwardOutput]:
+            *, forward_only: bool, wait: bool = False) -> RemoteFuture[ForwardBackwardOutput]:
         a = self._adapter(adapter_name)
         data = to_datums(inputs)
         weight, tokens = _weight_and_tokens(data)
@@ -275,15 +276,19 @@ class RemoteModel:
             meter[2] += tokens
             return out
 
-        return self._submit(a, "forward" if forward_only else "forward_backward", body, parse)
+        return self._submit(a, "forward" if forward_only else "forward_backward", body, parse, wait=wait)
 
     def clip_grad_and_step(self, adapter_name: str | None = None, adam_params: AdamParams | None = None) -> dict[str, float]:
         """Apply the accumulated gradients (clipped at the optimizer's ``grad_clip_norm``). Returns
         ``{"grad_norm", "lr", "step"}``."""
-        return self.optim_step_async(adapter_name, adam_params).result()
+        return self._optim_step(adapter_name, adam_params, wait=True).result()
 
     def optim_step_async(self, adapter_name: str | None = None,
                          adam_params: AdamParams | None = None) -> RemoteFuture[dict[str, float]]:
+        return self._optim_step(adapter_name, adam_params)
+
+    def _optim_step(self, adapter_name: str | None, adam_params: AdamParams | None, *,
+                    wait: bool = False) -> RemoteFuture[dict[str, float]]:
         a = self._adapter(adapter_name)
         body: dict[str, Any] = {}
         if adam_params is not None:
@@ -299,7 +304,7 @@ class RemoteModel:
             a.last.update(out)
             return out
 
-        return self._submit(a, "optim_step", body, parse)
+        return self._submit(a, "optim_step", body, parse, wait=wait)
 
     def calculate_metric(self, is_training: bool = True, adapter_name: str | None = None) -> dict[str, float]:
         """``{"loss"}`` = mean loss per weighted token of the ``forward_backward`` (``is_training``) or
@@ -318,13 +323,14 @@ class RemoteModel:
                                 "overwrite": overwrite}
         if ttl_seconds is not None:
             body["ttl_seconds"] = ttl_seconds
-        info = self._submit(a, "checkpoints", body, CheckpointInfo.model_validate).result()
+        info = self._submit(a, "checkpoints", body, CheckpointInfo.model_validate, wait=True).result()
         return info.path
 
     def load(self, name_or_path: str, load_optimizer: bool = True, adapter_name: str | None = None) -> LoraConfig:
         """Load a checkpoint (a name of this run or a ``tinker://`` path) into the adapter."""
         a = self._adapter(adapter_name)
-        self._submit(a, "load", {"checkpoint": name_or_path, "optimizer": load_optimizer}, lambda x: x).result()
+        self._submit(a, "load", {"checkpoint": name_or_path, "optimizer": load_optimizer}, lambda x: x,
+                     wait=True).result()
         a.run = self.session.get_run(a.run_id)
         a.step = a.run.step
         return a.run.lora

@@ -7,6 +7,7 @@ from typing import Any
 
 from twinkle.types import InvalidInputError, ModelInput, SampleResponse, SamplingParams
 
+from ._futures import SUBMIT_WAIT_S
 from .model import RemoteModel
 from .session import Session, current_session
 from .tokenizer import load_tokenizer_from_candidates
@@ -64,6 +65,10 @@ class Sampler:
         self, prompt: Any, sampling_params: SamplingParams | dict[str, Any] | None = None, num_samples: int = 1,
         prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,
     ):
+        return self._sample(prompt, sampling_params, num_samples, prompt_logprobs, topk_prompt_logprobs)
+
+    def _sample(self, prompt: Any, sampling_params: SamplingParams | dict[str, Any] | None, num_samples: int,
+                prompt_logprobs: bool, topk_prompt_logprobs: int, *, wait: bool = False):
         params = sampling_params if isinstance(sampling_params, SamplingParams) else SamplingParams(**(sampling_params or {}))
         body: dict[str, Any] = {
             "base_model": self.base_model,
@@ -77,13 +82,15 @@ class Sampler:
             body["checkpoint"] = self.checkpoint
         elif self.model is not None:
             body["run_id"] = self.model._adapter(self.adapter_name).run_id
-        return self.session.submit("sample", body, SampleResponse.model_validate, "sample")
+        return self.session.submit("sample", body, SampleResponse.model_validate, "sample",
+                                   wait=SUBMIT_WAIT_S if wait else 0.0)
 
     def sample(
         self, prompt: Any, sampling_params: SamplingParams | dict[str, Any] | None = None, num_samples: int = 1,
         prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,
     ) -> SampleResponse:
-        return self.sample_async(prompt, sampling_params, num_samples, prompt_logprobs, topk_prompt_logprobs).result()
+        return self._sample(prompt, sampling_params, num_samples, prompt_logprobs, topk_prompt_logprobs,
+                            wait=True).result()
 
     def compute_logprobs(self, prompt: Any) -> list[float | None]:
         """Log-probability of each prompt token given the ones before it: ``[None, lp1, lp2, ...]``."""

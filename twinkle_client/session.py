@@ -230,9 +230,19 @@ class Session:
         return metrics_frame(self.metrics(run_id))
 
     # ---- futures --------------------------------------------------------------------------------------------
-    def submit(self, path: str, body: dict[str, Any], parse: Any = lambda x: x, kind: str = "") -> RemoteFuture[Any]:
-        ref = FutureRef.model_validate(self.http.post(path, body))
-        return RemoteFuture(self, ref, parse, kind)
+    def submit(self, path: str, body: dict[str, Any], parse: Any = lambda x: x, kind: str = "", *,
+               wait: float = 0.0) -> RemoteFuture[Any]:
+        """POST a future-returning request. ``wait`` > 0: the server holds the reply up to ``wait`` seconds and
+        includes the result when it is ready by then (one round trip for a blocking call)."""
+        if wait > 0:
+            reply = self.http.post(path, body, params={"wait": round(wait, 3)}, timeout=wait + 30.0)
+        else:
+            reply = self.http.post(path, body)
+        ref = FutureRef.model_validate(reply)
+        fut: RemoteFuture[Any] = RemoteFuture(self, ref, parse, kind)
+        if ref.state is not None:
+            fut._settle(ref.state)
+        return fut
 
     # ---- display --------------------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:

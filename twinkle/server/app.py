@@ -31,7 +31,7 @@ from .config import ModelConfig, ServerConfig
 from .routes_native import create_native_router, health_router
 from .service import Service
 
-__all__ = ["build_serve_app", "create_app", "error_response", "worker_config"]
+__all__ = ["build_serve_app", "create_app", "error_response", "serve_logging_config", "worker_config"]
 
 log = logging.getLogger("twinkle.server")
 
@@ -284,6 +284,13 @@ class _HandleWorker:
         return await self._call("model_info")
 
 
+def serve_logging_config() -> dict[str, Any]:
+    """Ray Serve logging for the proxy and every replica. Access logs (one line per request and per handle call
+    in each replica and the proxy, forwarded to the launcher's output) cost CPU on every hop of a request;
+    they are off unless ``TWINKLE_ACCESS_LOG=1``."""
+    return {"enable_access_log": os.environ.get("TWINKLE_ACCESS_LOG", "0") == "1"}
+
+
 def _deployment_name(model: str, replica: int) -> str:
     safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in model)
     return f"worker-{safe}-{replica}"
@@ -293,8 +300,10 @@ def build_serve_app(config: ServerConfig) -> Any:
     """The Ray Serve application (ingress + workers), ready for ``serve.run``."""
     from ray import serve
 
+    logging_config = serve_logging_config()
+
     @serve.deployment(name="model-worker", max_ongoing_requests=100000, graceful_shutdown_timeout_s=5,
-                      health_check_period_s=30, health_check_timeout_s=60)
+                      health_check_period_s=30, health_check_timeout_s=60, logging_config=logging_config)
     class WorkerDeployment:
         def __init__(self, model_config: dict[str, Any], replica: int):
             os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -326,7 +335,7 @@ def build_serve_app(config: ServerConfig) -> Any:
             return await self.worker.model_info()
 
     @serve.deployment(name="gateway", num_replicas=1, max_ongoing_requests=100000, graceful_shutdown_timeout_s=10,
-                      ray_actor_options={"num_cpus": 0})
+                      ray_actor_options={"num_cpus": 0}, logging_config=logging_config)
     @serve.ingress()
     class Gateway:
         def __init__(self, config_json: dict[str, Any], handles: dict[str, list[Any]]):

@@ -49,6 +49,16 @@ def _native_tokenizer_ids(service: Service) -> Capabilities:
     return caps
 
 
+async def _settle(service: Service, user: User, ref: FutureRef, wait: float) -> FutureRef:
+    """``?wait=S`` on a future-returning route: answer with the finished state inside the reply when the
+    result exists within ``S`` seconds, so a blocking client needs one round trip instead of submit + poll."""
+    if wait > 0:
+        state = await service.wait(user, ref.future_id, timeout=min(wait, _MAX_WAIT_S))
+        if state.status != "pending":
+            ref = ref.model_copy(update={"state": state})
+    return ref
+
+
 def health_router() -> APIRouter:
     r = APIRouter()
 
@@ -63,6 +73,7 @@ def create_native_router() -> APIRouter:
     r = APIRouter(prefix="/api/v1/twinkle", tags=["twinkle"])
     svc = Depends(get_service)
     who = Depends(get_user)
+    wait_q = Query(0.0, ge=0.0, description="hold the reply up to this many seconds for the result (FutureRef.state)")
 
     # ---- server ------------------------------------------------------------------------------------------
     @r.get("/capabilities", response_model=Capabilities)
@@ -99,17 +110,19 @@ def create_native_router() -> APIRouter:
 
     # ---- runs --------------------------------------------------------------------------------------------
     @r.post("/runs", response_model=FutureRef)
-    async def create_run(body: CreateRunRequest, user: User = who, service: Service = svc) -> FutureRef:
-        return await service.create_run(
+    async def create_run(body: CreateRunRequest, wait: float = wait_q, user: User = who, service: Service = svc) -> FutureRef:
+        ref = await service.create_run(
             user, session_id=body.session_id, base_model=body.base_model, lora=body.lora, name=body.name,
             metadata=body.metadata,
         )
+        return await _settle(service, user, ref, wait)
 
     @r.post("/runs/resume", response_model=FutureRef)
-    async def resume_run(body: ResumeRunRequest, user: User = who, service: Service = svc) -> FutureRef:
-        return await service.resume_run(
+    async def resume_run(body: ResumeRunRequest, wait: float = wait_q, user: User = who, service: Service = svc) -> FutureRef:
+        ref = await service.resume_run(
             user, session_id=body.session_id, checkpoint=body.checkpoint, optimizer=body.optimizer
         )
+        return await _settle(service, user, ref, wait)
 
     @r.get("/runs", response_model=RunList)
     async def list_runs(
@@ -132,34 +145,40 @@ def create_native_router() -> APIRouter:
         return await service.get_metrics(user, run_id)
 
     @r.post("/runs/{run_id}/optimizer", response_model=FutureRef)
-    async def set_optimizer(run_id: str, body: SetOptimizerRequest, user: User = who, service: Service = svc) -> FutureRef:
-        return await service.submit(user, run_id, SetOptimizerOp(optimizer=body.optimizer))
+    async def set_optimizer(run_id: str, body: SetOptimizerRequest, wait: float = wait_q, user: User = who, service: Service = svc) -> FutureRef:
+        ref = await service.submit(user, run_id, SetOptimizerOp(optimizer=body.optimizer))
+        return await _settle(service, user, ref, wait)
 
     @r.post("/runs/{run_id}/lr_scheduler", response_model=FutureRef)
     async def set_lr_scheduler(
-        run_id: str, body: SetLRSchedulerRequest, user: User = who, service: Service = svc
+        run_id: str, body: SetLRSchedulerRequest, wait: float = wait_q, user: User = who, service: Service = svc
     ) -> FutureRef:
-        return await service.submit(user, run_id, SetSchedulerOp(scheduler=body.scheduler))
+        ref = await service.submit(user, run_id, SetSchedulerOp(scheduler=body.scheduler))
+        return await _settle(service, user, ref, wait)
 
     @r.post("/runs/{run_id}/forward", response_model=FutureRef)
-    async def forward(run_id: str, body: ForwardRequest, user: User = who, service: Service = svc) -> FutureRef:
+    async def forward(run_id: str, body: ForwardRequest, wait: float = wait_q, user: User = who, service: Service = svc) -> FutureRef:
         op = ForwardBackwardOp(data=body.data, loss_fn=body.loss_fn, loss_fn_config=body.loss_fn_config,
                                forward_only=True)
-        return await service.submit(user, run_id, op, seq_id=body.seq_id)
+        ref = await service.submit(user, run_id, op, seq_id=body.seq_id)
+        return await _settle(service, user, ref, wait)
 
     @r.post("/runs/{run_id}/forward_backward", response_model=FutureRef)
-    async def forward_backward(run_id: str, body: ForwardRequest, user: User = who, service: Service = svc) -> FutureRef:
+    async def forward_backward(run_id: str, body: ForwardRequest, wait: float = wait_q, user: User = who, service: Service = svc) -> FutureRef:
         op = ForwardBackwardOp(data=body.data, loss_fn=body.loss_fn, loss_fn_config=body.loss_fn_config)
-        return await service.submit(user, run_id, op, seq_id=body.seq_id)
+        ref = await service.submit(user, run_id, op, seq_id=body.seq_id)
+        return await _settle(service, user, ref, wait)
 
     @r.post("/runs/{run_id}/optim_step", response_model=FutureRef)
-    async def optim_step(run_id: str, body: OptimStepRequest, user: User = who, service: Service = svc) -> FutureRef:
-        return await service.submit(user, run_id, OptimStepOp(adam_params=body.adam_params), seq_id=body.seq_id)
+    async def optim_step(run_id: str, body: OptimStepRequest, wait: float = wait_q, user: User = who, service: Service = svc) -> FutureRef:
+        ref = await service.submit(user, run_id, OptimStepOp(adam_params=body.adam_params), seq_id=body.seq_id)
+        return await _settle(service, user, ref, wait)
 
     @r.post("/runs/{run_id}/checkpoints", response_model=FutureRef)
-    async def save(run_id: str, body: SaveCheckpointRequest, user: User = who, service: Service = svc) -> FutureRef:
+    async def save(run_id: str, body: SaveCheckpointRequest, wait: float = wait_q, user: User = who, service: Service = svc) -> FutureRef:
         op = SaveOp(name=body.name, kind=body.kind, ttl_seconds=body.ttl_seconds, overwrite=body.overwrite)
-        return await service.submit(user, run_id, op, seq_id=body.seq_id)
+        ref = await service.submit(user, run_id, op, seq_id=body.seq_id)
+        return await _settle(service, user, ref, wait)
 
     @r.get("/runs/{run_id}/checkpoints", response_model=CheckpointList)
     async def run_checkpoints(run_id: str, user: User = who, service: Service = svc) -> CheckpointList:
@@ -172,9 +191,10 @@ def create_native_router() -> APIRouter:
         return await service.delete_checkpoint(user, run_id, f"{kind}/{name}")
 
     @r.post("/runs/{run_id}/load", response_model=FutureRef)
-    async def load(run_id: str, body: LoadCheckpointRequest, user: User = who, service: Service = svc) -> FutureRef:
+    async def load(run_id: str, body: LoadCheckpointRequest, wait: float = wait_q, user: User = who, service: Service = svc) -> FutureRef:
         op = LoadOp(checkpoint=body.checkpoint, optimizer=body.optimizer)
-        return await service.submit(user, run_id, op, seq_id=body.seq_id)
+        ref = await service.submit(user, run_id, op, seq_id=body.seq_id)
+        return await _settle(service, user, ref, wait)
 
     @r.get("/checkpoints", response_model=CheckpointList)
     async def all_checkpoints(user: User = who, service: Service = svc) -> CheckpointList:
@@ -182,14 +202,15 @@ def create_native_router() -> APIRouter:
 
     # ---- sampling ----------------------------------------------------------------------------------------
     @r.post("/sample", response_model=FutureRef)
-    async def sample(body: SampleRequest, user: User = who, service: Service = svc) -> FutureRef:
+    async def sample(body: SampleRequest, wait: float = wait_q, user: User = who, service: Service = svc) -> FutureRef:
         op = SampleOp(
             prompt=body.prompt.to_ints(), num_samples=body.num_samples, params=body.sampling_params,
             prompt_logprobs=body.prompt_logprobs, topk_prompt_logprobs=body.topk_prompt_logprobs,
         )
-        return await service.sample(
+        ref = await service.sample(
             user, op, base_model=body.base_model, run_id=body.run_id, checkpoint=body.checkpoint
         )
+        return await _settle(service, user, ref, wait)
 
     # ---- futures -----------------------------------------------------------------------------------------
     @r.get("/futures/{future_id}", response_model=FutureState)

@@ -211,6 +211,8 @@ class SampleRequest(_Api):
 class FutureRef(_Reply):
     future_id: str
     run_id: str | None = None
+    state: FutureState | None = Field(
+        None, description="the finished state, when the request asked to wait (?wait=S) and it finished in time")
 
 
 class FutureState(_Reply):
@@ -219,3 +221,6 @@ class FutureState(_Reply):
     type: str | None = Field(None, description="forward_backward | optim_step | save | load | sample | create_run ...")
     result: Any = None
     error: dict[str, Any] | None = None
+
+
+FutureRef.model_rebuild()
