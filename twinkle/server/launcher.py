@@ -69,6 +69,14 @@ _RAY_ENV = {
     # The log monitor globs the log directory every 0.1 s unless it tracks "many" files: rescan every 2 s.
     "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
     "LOG_NAME_UPDATE_INTERVAL_S": "2",
+    # Request latency (knobs of Ray's documented RAY_SERVE_THROUGHPUT_OPTIMIZED profile, without its
+    # direct-ingress ports and logging changes): proxy -> gateway and gateway -> worker calls over Serve's gRPC
+    # data plane; user code and the handle router on the replica's own event loop (no thread/loop hop per call).
+    # Replica code never blocks its loop for long (backend work runs on the worker's backend thread).
+    # Figures: docs/server.md "Latency".
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
 }
 
 
@@ -176,7 +184,7 @@ def launch(config: ServerConfig, *, address: str | None = None, num_cpus: int | 
     imports.join()
     from ray import serve
 
-    from .app import build_serve_app, serve_logging_config
+    from .app import build_serve_app
 
     if block:  # ray.init installs its own SIGTERM handler (exit without cleanup): take it back
         signal.signal(signal.SIGINT, _on_signal)
@@ -185,8 +193,7 @@ def launch(config: ServerConfig, *, address: str | None = None, num_cpus: int | 
     url = f"http://{_client_host(host)}:{port}"
     t_ray = time.monotonic()
     try:
-        serve.start(http_options={"host": host, "port": port}, detached=bool(address),
-                    logging_config=serve_logging_config())
+        serve.start(http_options={"host": host, "port": port}, detached=bool(address))
         t_serve = time.monotonic()
         serve.run(build_serve_app(config), name=APP_NAME, route_prefix="/", blocking=False)
         if not wait_healthy(url, ready_timeout):
