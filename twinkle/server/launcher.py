@@ -184,7 +184,7 @@ def launch(config: ServerConfig, *, address: str | None = None, num_cpus: int | 
     imports.join()
     from ray import serve
 
-    from .app import build_serve_app
+    from .app import build_serve_app, serve_logging_config
 
     if block:  # ray.init installs its own SIGTERM handler (exit without cleanup): take it back
         signal.signal(signal.SIGINT, _on_signal)
@@ -193,7 +193,8 @@ def launch(config: ServerConfig, *, address: str | None = None, num_cpus: int | 
     url = f"http://{_client_host(host)}:{port}"
     t_ray = time.monotonic()
     try:
-        serve.start(http_options={"host": host, "port": port}, detached=bool(address))
+        serve.start(http_options={"host": host, "port": port}, detached=bool(address),
+                    logging_config=serve_logging_config())
         t_serve = time.monotonic()
         serve.run(build_serve_app(config), name=APP_NAME, route_prefix="/", blocking=False)
         if not wait_healthy(url, ready_timeout):
