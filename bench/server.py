@@ -115,8 +115,13 @@ def _server_side(url: str, key: str, args: argparse.Namespace) -> dict[str, obje
         for i in range(args.steps + 2):
             if i == 2:
                 t = time.perf_counter()
-            _wait(c, c.post(f"{API}/runs/{run}/forward_backward", json={"data": batch}).json())
-            _wait(c, c.post(f"{API}/runs/{run}/optim_step", json={"adam_params": {"learning_rate": 1e-3}}).json())
+            # as the clients do (twinkle_client's blocking loop, the Tinker SDK): the optimizer step is sent
+            # right behind its forward_backward, then both are awaited (the worker runs them in seq order)
+            fb = c.post(f"{API}/runs/{run}/forward_backward", json={"seq_id": 2 * i + 1, "data": batch}).json()
+            opt = c.post(f"{API}/runs/{run}/optim_step",
+                         json={"seq_id": 2 * i + 2, "adam_params": {"learning_rate": 1e-3}}).json()
+            _wait(c, fb)
+            _wait(c, opt)
         out["train_tok_s"] = tokens * args.steps / (time.perf_counter() - t)
     return out
 
