@@ -123,6 +123,22 @@ def _server_side(url: str, key: str, args: argparse.Namespace) -> dict[str, obje
             _wait(c, fb)
             _wait(c, opt)
         out["train_tok_s"] = tokens * args.steps / (time.perf_counter() - t)
+        # an asynchronous client (twinkle_client's *_async calls, the Tinker SDK's futures) keeps the next step
+        # queued while the current one runs: 2 steps in flight, results still awaited in order
+        seq, pending = 2 * (args.steps + 2), []
+        for i in range(args.steps + 2):
+            if i == 2:
+                t = time.perf_counter()
+            seq += 2
+            pending.append((c.post(f"{API}/runs/{run}/forward_backward", json={"seq_id": seq - 1, "data": batch}).json(),
+                            c.post(f"{API}/runs/{run}/optim_step",
+                                   json={"seq_id": seq, "adam_params": {"learning_rate": 1e-3}}).json()))
+            if len(pending) == 2:
+                for ref in pending.pop(0):
+                    _wait(c, ref)
+        for ref in pending.pop(0):
+            _wait(c, ref)
+        out["train_tok_s_pipelined"] = tokens * args.steps / (time.perf_counter() - t)
     return out
 
 
@@ -205,7 +221,10 @@ def main() -> None:
             r, lo = _pct(remote[name], q) * 1e3, _pct(local[name], q) * 1e3  # type: ignore[arg-type]
             print(f"{label + ' ' + qn + ' (ms)':<34} {r:>12.2f} {lo:>12.3f} {r / lo:>8.1f}x")
     rt, lt = remote["train_tok_s"], local["train_tok_s"]
-    print(f"{'train tokens/s (builtin://tiny)':<34} {rt:>12.0f} {lt:>12.0f} {rt / lt:>8.2f}  (target >= 0.9)")
+    print(f"{'train tokens/s, step by step':<34} {rt:>12.0f} {lt:>12.0f} {rt / lt:>8.2f}  (target >= 0.9)")
+    rp = remote["train_tok_s_pipelined"]
+    print(f"{'train tokens/s, 2 steps in flight':<34} {rp:>12.0f} {lt:>12.0f} {rp / lt:>8.2f}  (target >= 0.9)")
+    print("(training rows: builtin://tiny, transformers backend; the local loop runs the same backend in-process)")
 
 
 if __name__ == "__main__":
