@@ -27,6 +27,7 @@ from .self_cognition import (
     DEFAULT_AUTHOR,
     DEFAULT_NAME,
     SelfCognitionPreprocessor,
+    identity_preference_pairs,
     load_self_cognition_raw,
     self_cognition_dataset,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "load_dataset",
     "load_self_cognition_raw",
     "render_chat",
+    "identity_preference_pairs",
     "self_cognition_dataset",
     "to_datum",
     "to_datums",

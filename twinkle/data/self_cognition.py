@@ -71,3 +71,12 @@ def self_cognition_dataset(name: str = DEFAULT_NAME, author: str = DEFAULT_AUTHO
                            system: str | None = None) -> Dataset:
     """Shortcut for ``SelfCognitionPreprocessor(name, author, system).load()``."""
     return SelfCognitionPreprocessor(name, author, system).load()
+
+
+def identity_preference_pairs(name: str, author: str, old_name: str, old_author: str) -> list[dict[str, str]]:
+    """DPO pairs over the bundled questions: ``{prompt, chosen, rejected}`` where the chosen answer uses
+    ``name``/``author`` and the rejected one ``old_name``/``old_author``."""
+    good = self_cognition_dataset(name, author)
+    bad = self_cognition_dataset(old_name, old_author)
+    return [{"prompt": g["messages"][0]["content"], "chosen": g["messages"][1]["content"],
+             "rejected": b["messages"][1]["content"]} for g, b in zip(good, bad, strict=True)]

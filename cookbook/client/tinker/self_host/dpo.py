@@ -29,7 +29,7 @@ import tinker
 import torch
 from tinker import types
 
-from twinkle.data import DPOPairPreprocessor, self_cognition_dataset
+from twinkle.data import DPOPairPreprocessor, identity_preference_pairs
 
 
 @dataclass
@@ -60,10 +60,7 @@ def parse_args(cfg: Config, argv: list[str]) -> Config:
 
 def preference_pairs(cfg: Config) -> list[dict]:
     """One ``{prompt, chosen, rejected}`` per self-cognition question: new name chosen, old name rejected."""
-    good = self_cognition_dataset(cfg.name, cfg.author)
-    bad = self_cognition_dataset(cfg.old_name, cfg.old_author)
-    return [{"prompt": g["messages"][0]["content"], "chosen": g["messages"][1]["content"],
-             "rejected": b["messages"][1]["content"]} for g, b in zip(good, bad, strict=True)]
+    return identity_preference_pairs(cfg.name, cfg.author, cfg.old_name, cfg.old_author)
 
 
 def to_datum(example: dict) -> types.Datum:

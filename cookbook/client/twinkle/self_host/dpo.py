@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 
 import twinkle_client
-from twinkle.data import DataLoader, DPOPairPreprocessor, flatten_pairs, self_cognition_dataset, to_datums
+from twinkle.data import DataLoader, DPOPairPreprocessor, flatten_pairs, identity_preference_pairs, to_datums
 from twinkle.types import LoraConfig
 from twinkle_client.model import TransformersModel
 from twinkle_client.widgets import LiveCurve
@@ -53,10 +53,8 @@ def parse_args(cfg: Config, argv: list[str]) -> Config:
 
 
 def preference_pairs(cfg: Config) -> list[dict]:
-    good = self_cognition_dataset(cfg.name, cfg.author)
-    bad = self_cognition_dataset(cfg.old_name, cfg.old_author)
-    return [{"prompt": g["messages"][0]["content"], "chosen": g["messages"][1]["content"],
-             "rejected": b["messages"][1]["content"]} for g, b in zip(good, bad, strict=True)]
+    """One ``{prompt, chosen, rejected}`` per self-cognition question: new name chosen, old name rejected."""
+    return identity_preference_pairs(cfg.name, cfg.author, cfg.old_name, cfg.old_author)
 
 
 def preference_accuracy(model: TransformersModel, encoded: list[dict]) -> float:
