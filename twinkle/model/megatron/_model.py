@@ -7,15 +7,23 @@ from typing import Any
 
 import torch
 
-from .convert import Geometry, geometry, hf_to_megatron, rope_base, transformer_config_kwargs
+from .convert import (
+    Geometry,
+    geometry,
+    hf_to_megatron,
+    padded_vocab,
+    rope_base,
+    shard_megatron,
+    transformer_config_kwargs,
+)
 
 
-def init_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1) -> None:
-    """Initialise torch.distributed + megatron's parallel state once per process.
+def init_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1, world: int = 1) -> None:
+    """Initialise torch.distributed (world size 1) and megatron's parallel state once per process.
 
-    On a CPU-only machine this applies the CPU shims and uses a world of size 1 over gloo. On GPUs the
-    process group must already exist (the replica's launcher starts one process per GPU) or is created
-    here for a single GPU.
+    With ``world > 1`` the process group already exists (``_ranks`` formed it). At world size 1 a CPU-only
+    process uses gloo with an in-memory store and a GPU process NCCL on its current device. On a CPU the
+    CPU shims are applied first (``_cpu_shim``; never on a machine with CUDA).
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -24,14 +32,8 @@ def init_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1) -> None:
         from . import _cpu_shim
 
         _cpu_shim.apply()
-        _cpu_shim.init_single_process_group()
-        if tensor_parallel * pipeline_parallel != 1:
-            from twinkle.types import InvalidInputError
-
-            raise InvalidInputError(
-                "tensor/pipeline parallel sizes above 1 need GPUs; on CPU the megatron backend runs with world size 1",
-                field="megatron.tensor_parallel_size",
-            )
+        if world == 1:
+            _cpu_shim.init_single_process_group()
     elif not dist.is_initialized():
         dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
         torch.cuda.set_device(0)
@@ -41,10 +43,16 @@ def init_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1) -> None:
             from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
             model_parallel_cuda_manual_seed(0)
+    elif (parallel_state.get_tensor_model_parallel_world_size() != tensor_parallel
+          or dist.get_world_size() != world):
+        raise RuntimeError("megatron's parallel state is already set up with other sizes in this process "
+                           "(one megatron backend per process)")
 
 
-def load_megatron_model(path: str | Path, *, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any, Geometry]:
-    """Returns ``(gpt_model, hf_config, geometry)`` with weights converted from ``path`` (HF layout)."""
+def load_megatron_model(path: str | Path, *, dtype: torch.dtype, device: torch.device, tp: int = 1,
+                        tp_rank: int = 0) -> tuple[Any, Any, Geometry]:
+    """Returns ``(gpt_model, hf_config, geometry)`` with weights converted from ``path`` (HF layout); with
+    ``tp > 1`` the model holds TP rank ``tp_rank``'s shard and returns logits gathered over the vocabulary."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -59,13 +67,14 @@ def load_megatron_model(path: str | Path, *, dtype: torch.dtype, device: torch.d
     model = GPTModel(
         config=tc,
         transformer_layer_spec=spec,
-        vocab_size=g.vocab,
+        vocab_size=padded_vocab(g, tp),
         max_sequence_length=int(getattr(hf_config, "max_position_embeddings", 4096)),
         position_embedding_type="rope",
         rotary_base=int(rope_base(hf_config)),
         share_embeddings_and_output_weights=g.tied,
         pre_process=True,
         post_process=True,
+        parallel_output=False,
     )
     sd: dict[str, torch.Tensor] = {}
     files = sorted(path.glob("*.safetensors"))
@@ -76,7 +85,7 @@ def load_megatron_model(path: str | Path, *, dtype: torch.dtype, device: torch.d
     if g.tied and "lm_head.weight" in sd:
         sd.pop("lm_head.weight")
     missing, unexpected = model.load_state_dict(
-        {k: v.to(dtype) for k, v in hf_to_megatron(sd, g).items()}, strict=False
+        {k: v.to(dtype) for k, v in shard_megatron(hf_to_megatron(sd, g), g, tp, tp_rank).items()}, strict=False
     )
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:

@@ -142,3 +142,43 @@ def hf_to_megatron(sd: dict[str, torch.Tensor], g: Geometry) -> dict[str, torch.
     if not g.tied:
         out["output_layer.weight"] = sd["lm_head.weight"]
     return out
+
+
+# -- tensor parallelism ------------------------------------------------------------------------------------------
+# With TP size N, rank r holds: the r-th contiguous chunk of query groups of ``linear_qkv`` (the per-group layout
+# keeps each group's q/k/v rows together, so that is a plain row chunk), ``[gate_r; up_r]`` of ``linear_fc1``
+# (megatron's gated MLP splits the local output in two halves), the r-th column chunk of ``linear_proj`` and
+# ``linear_fc2`` (their inputs are the local heads / local ffn features), and the r-th row chunk of the vocabulary
+# (padded to a multiple of N) of the embedding and output layer. Norms are replicated.
+
+
+def padded_vocab(g: Geometry, tp: int) -> int:
+    """Vocabulary size rounded up to a multiple of ``tp`` (megatron splits the vocabulary evenly)."""
+    return -(-g.vocab // tp) * tp
+
+
+def _chunk(t: torch.Tensor, tp: int, rank: int, dim: int) -> torch.Tensor:
+    return t.chunk(tp, dim=dim)[rank].contiguous()
+
+
+def shard_megatron(sd: dict[str, torch.Tensor], g: Geometry, tp: int, rank: int) -> dict[str, torch.Tensor]:
+    """A TP-size-1 megatron state dict (``hf_to_megatron``) → the shard TP rank ``rank`` of ``tp`` holds."""
+    if tp == 1:
+        return sd
+    out: dict[str, torch.Tensor] = {}
+    pv = padded_vocab(g, tp)
+    for k, v in sd.items():
+        if k in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            if pv != v.shape[0]:
+                v = torch.cat([v, v.new_zeros(pv - v.shape[0], *v.shape[1:])], 0)
+            out[k] = _chunk(v, tp, rank, 0)
+        elif k.endswith(("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias")):
+            out[k] = _chunk(v, tp, rank, 0)
+        elif k.endswith("mlp.linear_fc1.weight"):
+            gate, up = v[: g.ffn], v[g.ffn:]
+            out[k] = torch.cat([_chunk(gate, tp, rank, 0), _chunk(up, tp, rank, 0)], 0)
+        elif k.endswith(("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")):
+            out[k] = _chunk(v, tp, rank, 1)
+        else:
+            out[k] = v
+    return out
