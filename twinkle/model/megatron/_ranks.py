@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -143,6 +144,7 @@ def start(world: int, backend_kwargs: dict[str, Any], *, launcher: str = "auto",
         for rank in range(1, world):
             args = (rank, world, store.port, backend_kwargs)
             followers.append(_start_ray(args, rank_num_cpus) if use_ray else _start_process(args))
+        _wait_joined(store, followers)
         if torch.cuda.is_available() and not use_ray:
             torch.cuda.set_device(0)
         dist.init_process_group(group_backend(), store=store, rank=0, world_size=world, timeout=_TIMEOUT)
@@ -162,6 +164,7 @@ def follower_main(rank: int, world: int, port: int, backend_kwargs: dict[str, An
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=_TIMEOUT)
+    store.set(f"twinkle/joined/{rank}", "1")
     dist.init_process_group(group_backend(), store=store, rank=rank, world_size=world, timeout=_TIMEOUT)
     ranks = Ranks(rank, world)
     from .backend import MegatronBackend
@@ -174,6 +177,29 @@ def follower_main(rank: int, world: int, port: int, backend_kwargs: dict[str, An
         serve(backend)
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _wait_joined(store: Any, followers: list[Any], timeout: float = 600.0) -> None:
+    """Wait until every follower reached the store; fail fast (instead of hanging) when one died first."""
+    deadline = time.monotonic() + timeout
+    pending = set(range(1, len(followers) + 1))
+    while pending:
+        pending = {r for r in pending if not store.check([f"twinkle/joined/{r}"])}
+        for r in sorted(pending):
+            if not _alive(followers[r - 1]):
+                raise RuntimeError(f"megatron rank {r} exited before joining the replica's process group (see its log)")
+        if pending and time.monotonic() > deadline:
+            raise RuntimeError(f"megatron ranks {sorted(pending)} did not start within {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def _alive(follower: Any) -> bool:
+    if isinstance(follower, tuple):  # Ray (actor, ref): the ref resolves only when run() returned or failed
+        import ray
+
+        ready, _ = ray.wait([follower[1]], timeout=0)
+        return not ready
+    return follower.is_alive()
 
 
 def _process_entry(rank: int, world: int, port: int, backend_kwargs: dict[str, Any]) -> None:

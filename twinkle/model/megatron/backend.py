@@ -206,7 +206,7 @@ class MegatronBackend(TransformersBackend):
         n = 0
         for name, p in self.model.named_parameters():
             if ".adapters." not in name:
-                n += p.numel() * (self.tp if name.endswith(sharded) else 1)
+                n += p.numel() * (self.tp if name.replace(".base.", ".").endswith(sharded) else 1)
         pad = padded_vocab(self.geometry, self.tp) - self.geometry.vocab
         return n - pad * self.geometry.hidden * (1 if self.geometry.tied else 2)
 
