@@ -49,10 +49,14 @@ def run(model: str, out: Path, tp: int, dp: int, steps: int = 4) -> dict:
         b.run_batch([BatchItem(name, batch(7))])
         b.optim_step(name, AdamParams(learning_rate=5e-3, eps=1e-8))
     res["after_step"] = [b.run_batch([BatchItem(n, held, forward_only=True)])[0].metrics["loss:sum"] for n in ("a", "re")]
+    mixed = b.run_batch([BatchItem("a", held[:2], forward_only=True), BatchItem("re", batch(5), forward_only=True)])
+    res["mixed"] = [o.metrics["loss:sum"] for o in mixed]  # rows of two adapters in one pass (split over DP ranks)
+    b.run_batch([BatchItem("a", batch(8, n=1))])  # one row: at DP 2 the second rank has none
+    b.optim_step("a", AdamParams(learning_rate=5e-3, eps=1e-8))
+    res["after_one_row"] = b.run_batch([BatchItem("a", held, forward_only=True)])[0].metrics["loss:sum"]
     g = b.sample([SampleItem("a", [5, 6, 7], 1, SamplingParams(max_tokens=5, temperature=0.0))])
     res["greedy"] = g[0].sequences[0].tokens
-    if hasattr(b, "shutdown"):
-        b.shutdown()
+    b.close()
     (out / "result.json").write_text(json.dumps(res))
     return res
 

@@ -66,6 +66,9 @@ def test_lora_steps_same_loss_curve_and_grad_norms(runs, layout):
     assert min(ref["grad_norms"]) > 1.0
     for a, b in zip(got["held_logprobs"], ref["held_logprobs"], strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4)
+    np.testing.assert_allclose(got["mixed"], ref["mixed"], rtol=1e-4)  # two adapters' rows in one pass
+    assert got["mixed"][0] != pytest.approx(got["mixed"][1], rel=1e-3)
+    assert got["after_one_row"] == pytest.approx(ref["after_one_row"], rel=1e-4)  # a batch smaller than DP
 
 
 @pytest.mark.parametrize("layout", ["tp2", "dp2"])

@@ -342,12 +342,15 @@ class MegatronBackend(TransformersBackend):
         return config
 
     @collective
-    def close(self) -> None:
+    def _close_local(self) -> None:
         super().close()
 
-    def shutdown(self) -> None:
-        """Close and, on rank 0 of a multi-rank replica, stop the other ranks."""
-        self.close()
+    def close(self) -> None:
+        """Release the adapters on every rank; rank 0 of a multi-rank replica then stops the other ranks."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
+        self._close_local()
         if self._ranks is not None and self._ranks.leader:
             self._ranks.close()
 
