@@ -7,6 +7,8 @@ megatron-core assumes CUDA in three places we hit with the local (non-Transforme
 2. ``CudaRNGStatesTracker.fork()`` swaps CUDA RNG states around dropout and initialisation. We run with
    dropout 0 and load converted weights, so forking is a no-op on CPU.
 3. ``torch.distributed`` must be initialised; we use gloo with an in-memory store (no ports) for world size 1.
+   A multi-rank replica on CPU needs nothing more: ``_ranks`` forms the group exactly as on GPUs, only with
+   gloo instead of NCCL (gloo has every collective tensor parallelism uses: all-reduce, all-gather, broadcast).
 
 ``apply()`` is idempotent and refuses to run when CUDA is available, so it can never touch the GPU path.
 """
