@@ -145,8 +145,8 @@ def start(world: int, backend_kwargs: dict[str, Any], *, launcher: str = "auto",
             args = (rank, world, store.port, backend_kwargs)
             followers.append(_start_ray(args, rank_num_cpus) if use_ray else _start_process(args))
         _wait_joined(store, followers)
-        if torch.cuda.is_available() and not use_ray:
-            torch.cuda.set_device(0)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(0)  # rank 0 uses the replica's (first visible) GPU
         dist.init_process_group(group_backend(), store=store, rank=0, world_size=world, timeout=_TIMEOUT)
     except BaseException:
         for f in followers:

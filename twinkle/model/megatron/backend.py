@@ -120,7 +120,9 @@ class MegatronBackend(TransformersBackend):
                 raise InvalidInputError(
                     f"tensor_parallel_size × data_parallel_size = {world} ranks, but this node has {slots} {what}",
                     field="megatron.tensor_parallel_size" if tp > 1 else "megatron.data_parallel_size")
-            kwargs = dict(model_id=model_id, dtype=dtype, device=device, max_adapters=max_adapters,
+            # followers pick their own GPU (Ray: the one it lent them, as device 0; processes: cuda:<rank>)
+            follower_device = "cpu" if device is not None and str(device).startswith("cpu") else None
+            kwargs = dict(model_id=model_id, dtype=dtype, device=follower_device, max_adapters=max_adapters,
                           max_lora_rank=max_lora_rank, tensor_parallel_size=tp, data_parallel_size=dp)
             _ranks = _ranks_mod.start(world, kwargs, launcher=launcher, rank_num_cpus=float(rank_num_cpus))
         self._ranks = _ranks
