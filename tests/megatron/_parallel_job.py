@@ -23,7 +23,7 @@ def batch(seed: int, n: int = 3, length: int = 12, vocab: int = 301) -> list:
 def run(model: str, out: Path, tp: int, dp: int, steps: int = 4) -> dict:
     from twinkle.model.base import BatchItem, SampleItem
     from twinkle.model.megatron import MegatronBackend
-    from twinkle.types import AdamParams, LoraConfig, SamplingParams
+    from twinkle.types import AdamParams, LoraConfig, SamplingParams, TwinkleError
 
     b = MegatronBackend(model, tensor_parallel_size=tp, data_parallel_size=dp, launcher="process")
     res: dict = {"num_parameters": b.model_info().num_parameters}
@@ -38,6 +38,13 @@ def run(model: str, out: Path, tp: int, dp: int, steps: int = 4) -> dict:
         m = b.optim_step("a", AdamParams(learning_rate=5e-3, eps=1e-8, grad_clip_norm=1.0))
         norms.append(m["grad_norm:mean"])
     res["losses"], res["grad_norms"] = losses, norms
+    res["bad_input"] = []  # typed errors raised on every rank alike; the ranks stay in step (later results)
+    for call in (lambda: b.run_batch([BatchItem("nope", batch(0))]), lambda: b.load("x", out / "missing"),
+                 lambda: b.add_adapter("a", LoraConfig(rank=4))):
+        try:
+            call()
+        except TwinkleError as e:
+            res["bad_input"].append([type(e).__name__, e.field])
     b.save("a", out / "ck", optimizer=True)
     held = batch(99)
     fwd = b.run_batch([BatchItem("a", held, forward_only=True)])[0]

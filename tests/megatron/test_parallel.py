@@ -112,6 +112,14 @@ def test_reload_restores_adapter_and_optimizer(runs, layout):
     assert got["after_step"][0] == pytest.approx(got["after_step"][1], abs=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["tp2", "dp2"])
+def test_bad_input_is_a_typed_error_and_the_ranks_stay_in_step(runs, layout):
+    got = runs[layout][0]
+    assert got["bad_input"] == [["NotFoundError", "adapter"], ["NotFoundError", "path"],
+                                ["InvalidInputError", "adapter"]]
+    assert got["bad_input"] == runs["tp1"][0]["bad_input"]  # and everything compared above came after
+
+
 @pytest.mark.parametrize(("options", "field"), [
     ({"tensor_parallel_size": 3}, "megatron.tensor_parallel_size"),  # 4 heads
     ({"tensor_parallel_size": 0}, "megatron.tensor_parallel_size"),
