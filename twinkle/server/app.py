@@ -284,11 +284,16 @@ class _HandleWorker:
         return await self._call("model_info")
 
 
-def serve_logging_config() -> dict[str, Any]:
+def serve_logging_config(replica: bool = False) -> dict[str, Any]:
     """Ray Serve logging for the proxy and every replica. Access logs (one line per request and per handle call
     in each replica and the proxy, forwarded to the launcher's output) cost CPU on every hop of a request;
-    they are off unless ``TWINKLE_ACCESS_LOG=1``."""
-    return {"enable_access_log": os.environ.get("TWINKLE_ACCESS_LOG", "0") == "1"}
+    they are off unless ``TWINKLE_ACCESS_LOG=1``. Replicas then log Serve's own messages from WARNING up: a
+    replica formats and filters an INFO access record for every request even when access logs are off."""
+    access = os.environ.get("TWINKLE_ACCESS_LOG", "0") == "1"
+    out: dict[str, Any] = {"enable_access_log": access}
+    if replica and not access:
+        out["log_level"] = "WARNING"
+    return out
 
 
 def _deployment_name(model: str, replica: int) -> str:
@@ -300,7 +305,7 @@ def build_serve_app(config: ServerConfig) -> Any:
     """The Ray Serve application (ingress + workers), ready for ``serve.run``."""
     from ray import serve
 
-    logging_config = serve_logging_config()
+    logging_config = serve_logging_config(replica=True)
 
     @serve.deployment(name="model-worker", max_ongoing_requests=100000, graceful_shutdown_timeout_s=5,
                       health_check_period_s=30, health_check_timeout_s=60, logging_config=logging_config)
