@@ -73,11 +73,11 @@ class Ranks:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return bool(t.item())
 
-    def close(self) -> None:
-        """Rank 0: tell the followers to stop (when the group is up), then reap them."""
+    def close(self, announce: bool = True) -> None:
+        """Rank 0: tell the followers to stop (``announce``: they are serving), then reap them."""
         import torch.distributed as dist
 
-        if self.leader and dist.is_initialized():
+        if self.leader and announce and dist.is_initialized():
             try:
                 dist.broadcast_object_list([(_CLOSE, (), {}, None)], src=0)
             except Exception:  # noqa: BLE001 - best effort at shutdown

@@ -134,12 +134,10 @@ class MegatronBackend(TransformersBackend):
         finally:
             if world > 1:
                 all_ok = self._ranks.all_ok(ok)
+                if not all_ok and self._ranks.leader:
+                    self._ranks.close(announce=False)  # no follower serves: each one returns after all_ok
                 if ok and not all_ok:
-                    if self._ranks.leader:
-                        self._ranks.close()
                     raise RuntimeError("another rank of this megatron replica failed to start (see its log)")
-                if not ok and self._ranks.leader:
-                    self._ranks.close()
 
     def _build(self, dtype: str, device: str | None, max_adapters: int, max_lora_rank: int) -> None:
         from megatron.core import parallel_state as ps
