@@ -61,6 +61,9 @@ def test_defaults(tmp_path):
         (lambda d: d["models"][0].update(replicaz=2), "replicaz", "models[0]"),
         (lambda d: d["models"][0].update(sampler={"max_tokenz": 3}), "max_tokenz", "models[0].sampler"),
         (lambda d: d["persistence"].update(sqlite=1), "sqlite", "persistence"),
+        (lambda d: d["models"][0].update(megatron={"tensor_paralel_size": 2}), "tensor_paralel_size",
+         "models[0].megatron"),
+        (lambda d: d.update(http={"proxi": "serve"}), "proxi", "http"),
     ],
 )
 def test_unknown_key_is_named_with_its_location(tmp_path, mutate, key, where):
@@ -85,6 +88,22 @@ def test_bad_values(tmp_path):
         parse_config({})
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+    for section, value in (("http", {"proxy": "nginx"}), ("megatron", {"launcher": "mpi"}),
+                           ("megatron", {"data_parallel_size": 0})):
+        data = _minimal(tmp_path)
+        (data if section == "http" else data["models"][0])[section] = value
+        with pytest.raises(ConfigError) as ei:
+            parse_config(data)
+        assert ei.value.field.endswith(f"{section}.{next(iter(value))}"), ei.value.field
+
+
+def test_megatron_settings_reach_the_backend_options(tmp_path):
+    from twinkle.server.app import worker_config
+
+    data = _minimal(tmp_path)
+    data["models"][0].update(backend="megatron", model_id="builtin://tiny", megatron={"tensor_parallel_size": 2})
+    opts = worker_config(parse_config(data).models[0])["backend_options"]
+    assert opts["tensor_parallel_size"] == 2 and opts["data_parallel_size"] == 1 and opts["launcher"] == "auto"
 
 
 def test_check_config_cli(tmp_path, capsys):

@@ -28,6 +28,7 @@ __all__ = [
     "ConfigError",
     "HttpConfig",
     "LimitsConfig",
+    "MegatronSettings",
     "ModelConfig",
     "PersistenceConfig",
     "RayActorOptions",
@@ -107,6 +108,15 @@ class SamplerSettings(_Strict):
     max_batch_size: int = Field(32, ge=1, description="sequences generated together")
 
 
+class MegatronSettings(_Strict):
+    tensor_parallel_size: int = Field(1, ge=1, description="ranks a layer's weights are split over (divides heads)")
+    data_parallel_size: int = Field(1, ge=1, description="ranks the batch rows are split over")
+    pipeline_parallel_size: int = Field(1, ge=1, description="only 1 is supported")
+    launcher: Literal["auto", "ray", "process"] = Field(
+        "auto", description="how a replica starts its other ranks: Ray actors (inside Ray) or local processes")
+    rank_num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for each extra rank")
+
+
 class ModelConfig(_Strict):
     name: str | None = Field(None, description="the base_model name clients use; default: model_id")
     backend: Literal["transformers", "megatron", "mock"]
@@ -123,7 +133,8 @@ class ModelConfig(_Strict):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     seed: int = 0
     trust_remote_code: bool = False
-    megatron: dict[str, Any] = Field(default_factory=dict, description="megatron backend options (tp, pp, ...)")
+    megatron: MegatronSettings = Field(default_factory=MegatronSettings,
+                                       description="megatron backend options (parallel sizes; docs/megatron.md)")
 
     @model_validator(mode="after")
     def _default_name(self) -> ModelConfig:
