@@ -24,10 +24,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(workdir: Path, models: list[dict], **extra: object) -> tuple[Path, str]:
+def write_config(workdir: Path, models: list[dict], proxy: str | None = None, **extra: object) -> tuple[Path, str]:
     port = free_port()
+    http: dict[str, object] = {"host": "127.0.0.1", "port": port}
+    if proxy:
+        http["proxy"] = proxy
     cfg = {
-        "http": {"host": "127.0.0.1", "port": port}, "auth": {"bootstrap_key_env": None},
+        "http": http, "auth": {"bootstrap_key_env": None},
         "persistence": {"sqlite_path": str(workdir / "db.sqlite"), "checkpoint_root": str(workdir / "ck")},
         "models": models, **extra,
     }

@@ -3,7 +3,8 @@
 1. Latency of a trivial forward_backward round trip (1 datum, 2 tokens, mock backend) through the unmodified
    Tinker SDK (submit + retrieve_future), next to the same round trip with raw HTTP on the Tinker routes and
    through the native ``twinkle_client``: p50 / p99 in ms. Measured on the real server (``twinkle-server
-   launch``: Ray Serve proxy -> gateway replica -> worker replica) and, for reference, on the gateway app with
+   launch``: HAProxy -> gateway replica -> worker replica; and with ``http.proxy: serve``, Ray Serve's Python
+   proxy actor in place of HAProxy) and, for reference, on the gateway app with
    an in-process worker under uvicorn (no Ray hops; shares this process's GIL). ``GET healthz`` is the floor
    of one HTTP round trip through each server.
 2. SFT throughput (forward_backward + optim_step on builtin://tiny, transformers backend): tokens/s through the
@@ -11,7 +12,7 @@
 
 The throughput server is the gateway app (``create_app`` + in-process ``ModelWorker``) under uvicorn on loopback.
 
-    .venv/bin/python bench/tinker.py [--n 200] [--steps 10] [--batch 8] [--seq 64] [--servers ray,uvicorn]
+    .venv/bin/python bench/tinker.py [--n 200] [--steps 10] [--batch 8] [--seq 64] [--servers ray,ray-serveproxy,uvicorn]
 """
 
 from __future__ import annotations
@@ -66,9 +67,9 @@ def _serverproc() -> Any:
     return mod
 
 
-def _start_ray(workdir: Path) -> tuple[Any, str, str]:
+def _start_ray(workdir: Path, proxy: str = "haproxy") -> tuple[Any, str, str]:
     sp = _serverproc()
-    cfg, url = sp.write_config(workdir, [sp.MOCK_MODEL])
+    cfg, url = sp.write_config(workdir, [sp.MOCK_MODEL], proxy=proxy)
     key = sp.create_key(cfg)
     log = workdir / "server.log"
     proc = sp.launch(cfg, log)
@@ -199,16 +200,21 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--servers", default="ray,uvicorn", help="latency on: ray (twinkle-server launch), uvicorn")
+    p.add_argument("--servers", default="ray,ray-serveproxy,uvicorn",
+                   help="latency on: ray (twinkle-server launch, default HAProxy ingress), ray-serveproxy (the same "
+                        "with http.proxy: serve), uvicorn (the gateway app without Ray)")
     args = p.parse_args()
     servers = [s for s in args.servers.split(",") if s]
     print(f"load average at start: {os.getloadavg()}")
     out: list[str] = []
-    if "ray" in servers:
+    for kind, proxy, label in (("ray", "haproxy", "real server (Ray Serve, HAProxy ingress: the default)"),
+                               ("ray-serveproxy", "serve", "real server (Ray Serve, Python proxy actor)")):
+        if kind not in servers:
+            continue
         workdir = Path(tempfile.mkdtemp(prefix="twinkle-bench-tinker-"))
-        proc, url, key = _start_ray(workdir)
+        proc, url, key = _start_ray(workdir, proxy)
         try:
-            out += latency(url, key, args.n, "mock", "real server (Ray Serve)") + [""]
+            out += latency(url, key, args.n, "mock", label) + [""]
         finally:
             _serverproc().stop(proc)
     if "uvicorn" in servers:
