@@ -285,32 +285,16 @@ class MegatronBackend(TransformersBackend):
 
     @collective
     def optim_step(self, adapter: str, params: AdamParams | None = None) -> dict[str, float]:
-        if self.world == 1:
-            return super().optim_step(adapter, params)
-        st = self._get(adapter)
-        if params is None:
-            factor = st.scheduler.factor(st.step) if st.scheduler is not None else 1.0
-            params = st.opt_config.adam_params(lr=st.opt_config.lr * factor)
-        elif not isinstance(params, AdamParams):
-            raise InvalidInputError("params must be AdamParams", field="adam_params")
-        plist = st.parameters()
+        return super().optim_step(adapter, params)
+
+    def _reduce_grads(self, params: list[Any]) -> None:
         if self.dp > 1:
-            _parallel.allreduce_grads(plist, self._dp_group)
-        with_grad = [p for p in plist if p.grad is not None]
-        norm = _parallel.global_grad_norm(with_grad, self._tp_group, self.tp)
-        if params.grad_clip_norm > 0 and with_grad and norm > params.grad_clip_norm:
-            torch._foreach_mul_([p.grad for p in with_grad], params.grad_clip_norm / (norm + 1e-6))
-        assert st.optimizer is not None
-        for grp in st.optimizer.param_groups:
-            grp["lr"] = params.learning_rate
-            grp["weight_decay"] = params.weight_decay
-            if "betas" in grp:
-                grp["betas"] = (params.beta1, params.beta2)
-                grp["eps"] = params.eps
-        st.optimizer.step()
-        st.optimizer.zero_grad(set_to_none=True)
-        st.step += 1
-        return {"grad_norm:mean": norm, "lr:mean": float(params.learning_rate), "step:max": float(st.step)}
+            _parallel.allreduce_grads(params, self._dp_group)
+
+    def _grad_norm(self, with_grad: list[Any]) -> float:
+        if self.world == 1:
+            return super()._grad_norm(with_grad)
+        return _parallel.global_grad_norm(with_grad, self._tp_group, self.tp)
 
     # -- checkpoints -----------------------------------------------------------------------------------------
     @collective

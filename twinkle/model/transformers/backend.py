@@ -289,6 +289,15 @@ class TransformersBackend(Backend):
             outs.append({k: TensorData.from_numpy(v.detach().float().cpu().numpy(), "float32") for k, v in o.items()})
         return ForwardBackwardOutput(loss_fn_outputs=outs, metrics=dict(lo.metrics))
 
+    def _reduce_grads(self, params: list[Any]) -> None:
+        """Hook: combine gradients computed elsewhere (data-parallel ranks) before the step. Single process: none."""
+
+    def _grad_norm(self, with_grad: list[Any]) -> float:
+        """The global L2 norm of the gradients of ``with_grad`` (for the clip and the reported ``grad_norm``)."""
+        if not with_grad:
+            return 0.0
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in with_grad])))
+
     def optim_step(self, adapter: str, params: AdamParams | None = None) -> dict[str, float]:
         st = self._get(adapter)
         if params is None:
@@ -297,11 +306,10 @@ class TransformersBackend(Backend):
         elif not isinstance(params, AdamParams):
             raise InvalidInputError("params must be AdamParams", field="adam_params")
         plist = st.parameters()
-        grads = [p.grad for p in plist if p.grad is not None]
-        if grads:
-            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-        else:
-            norm = 0.0
+        self._reduce_grads(plist)
+        with_grad = [p for p in plist if p.grad is not None]
+        grads = [p.grad for p in with_grad]
+        norm = self._grad_norm(with_grad)
         if params.grad_clip_norm > 0 and grads and norm > params.grad_clip_norm:
             coef = params.grad_clip_norm / (norm + 1e-6)
             torch._foreach_mul_(grads, coef)
