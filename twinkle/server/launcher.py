@@ -55,6 +55,7 @@ _RAY_ENV = {
     # Idle cost: Serve replicas and handles export cached metrics every 100 ms and the controller reconciles
     # every 100 ms by default; a few times a second is plenty for a server with a handful of deployments.
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "10000",
+    # (1 s would save another ~0.2 % of a core idle but adds 1-1.5 s to the deployments phase of start-up.)
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
     "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "30",
     # Ray's own pollers (RayConfig entries read from RAY_<name> by every Ray process). Idle bench
@@ -73,8 +74,9 @@ _RAY_ENV = {
     # dashboard UI is off and metrics export every 60 s (above), so their node/worker stats (psutil scan every
     # 5 s), event report (every 0.1 s) and event-dir scan (2 s) only feed what nobody reads; the agent still
     # fate-shares with the raylet (checked every 1 s instead of 0.4 s) and the head with the GCS. The local
-    # autoscaler monitor has nothing to scale. Idle bench (bench/idle.py, 4 runs side by side): dashboard agent
-    # 0.55 -> 0.1-0.15 %, dashboard.py 0.3 -> 0.2 %, monitor.py 0.2 -> 0.05 %; start-up unchanged.
+    # autoscaler monitor has nothing to scale. Idle bench (bench/idle.py, runs alternating): dashboard agent
+    # 0.5 -> 0.1-0.2 %, dashboard.py 0.25-0.3 -> 0.15-0.2 %, monitor.py 0.1-0.2 -> 0.05-0.1 %; start-up unchanged.
+    # What remains is mostly fixed in Ray's code: docs/server.md "Idle footprint".
     "REPORTER_UPDATE_INTERVAL_MS": "60000",
     "EVENT_AGENT_REPORT_INTERVAL_SECONDS": "1",
     "SCAN_EVENT_DIR_INTERVAL_SECONDS": "10",
