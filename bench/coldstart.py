@@ -49,10 +49,10 @@ def _first_result(url: str, key: str, model: str) -> tuple[float, float]:
         return t1 - t0, time.monotonic() - t1
 
 
-def once(tiny: bool) -> list[tuple[str, float]]:
+def once(tiny: bool, proxy: str | None = None) -> list[tuple[str, float]]:
     work = Path(tempfile.mkdtemp(prefix="twinkle-cold-"))
     models = [sp.MOCK_MODEL] + ([sp.TINY_MODEL] if tiny else [])
-    cfg, url = sp.write_config(work, models)
+    cfg, url = sp.write_config(work, models, proxy=proxy)
     key = sp.create_key(cfg)
     log = work / "server.log"
     t0 = time.monotonic()
@@ -88,17 +88,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="also host and train builtin://tiny (transformers)")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--proxy", default="haproxy",
+                    help="http.proxy: haproxy (default), serve, or both (alternating runs, for comparison)")
     args = ap.parse_args()
+    proxies = ["haproxy", "serve"] if args.proxy == "both" else [args.proxy]
     for i in range(args.repeat):
-        load0 = os.getloadavg()[0]
-        phases = once(args.tiny)
-        total = phases[-1][1]
-        print(f"\nrun {i + 1}: load average {load0:.1f} -> {os.getloadavg()[0]:.1f}")
-        print(f"{'phase':<40} {'seconds':>8} {'share':>7}")
-        for name, secs in phases:
-            print(f"{name:<40} {secs:>8.2f} {secs / total:>7.0%}")
-        print(f"target 15 s: {'OK' if total <= 15 else 'OVER'} ({total / 15:.2f}x)")
+        for proxy in proxies:
+            _report(i, proxy, args.tiny)
 
+
+def _report(i: int, proxy: str, tiny: bool) -> None:
+    load0 = os.getloadavg()[0]
+    phases = once(tiny, proxy)
+    total = phases[-1][1]
+    print(f"\nrun {i + 1} (http.proxy: {proxy}): load average {load0:.1f} -> {os.getloadavg()[0]:.1f}")
+    print(f"{'phase':<40} {'seconds':>8} {'share':>7}")
+    for name, secs in phases:
+        print(f"{name:<40} {secs:>8.2f} {secs / total:>7.0%}")
+    print(f"target 15 s: {'OK' if total <= 15 else 'OVER'} ({total / 15:.2f}x)")
 
 if __name__ == "__main__":
     main()

@@ -171,7 +171,7 @@ def _lean_env() -> dict[str, str]:
 
 _LEAN_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lean_site")
 # Optional imports that cost seconds of CPU in every Ray process and that the server never uses.
-_SHADOWED = ("rfc3987_syntax",)
+_SHADOWED = ("rfc3987_syntax", "pandas")
 
 
 def _lean_imports() -> None:
