@@ -63,6 +63,21 @@ def run(model: str, out: Path, tp: int, dp: int, steps: int = 4) -> dict:
     res["after_one_row"] = b.run_batch([BatchItem("a", held, forward_only=True)])[0].metrics["loss:sum"]
     g = b.sample([SampleItem("a", [5, 6, 7], 1, SamplingParams(max_tokens=5, temperature=0.0))])
     res["greedy"] = g[0].sequences[0].tokens
+    # left-padded rows of two lengths, with and without an adapter, through the KV cache (on by default; every
+    # TP rank caches its own heads); at TP 1 also without the cache
+    batch_items = [SampleItem("a", [5, 6, 7, 8, 9], 1, SamplingParams(max_tokens=6, temperature=0.0, stop=[])),
+                   SampleItem(None, [10, 11], 1, SamplingParams(max_tokens=6, temperature=0.0, stop=[])),
+                   SampleItem("re", [12, 13, 14], 1, SamplingParams(max_tokens=6, temperature=0.8, seed=3, stop=[]))]
+
+    def flat(responses) -> list:
+        return [[s.tokens, s.logprobs] for r in responses for s in r.sequences]
+
+    res["cached_batch"] = flat(b.sample(batch_items))
+    res["kv_cache"] = b.kv_cache  # still on: the cache served every step (no fallback)
+    if b.world == 1:
+        b.kv_cache = False
+        res["uncached_batch"] = flat(b.sample(batch_items))
+        b.kv_cache = True
     b.close()
     (out / "result.json").write_text(json.dumps(res))
     return res

@@ -58,6 +58,16 @@ def test_prompt_logprobs_and_size_match_tp1(runs, layout):
 
 
 @pytest.mark.parametrize("layout", ["tp2", "dp2"])
+def test_kv_cache_sampling_matches_tp1_without_cache(runs, layout):
+    ref, got = runs["tp1"][0], runs[layout][0]
+    assert got["kv_cache"] and ref["kv_cache"]
+    for cached in (ref["cached_batch"], got["cached_batch"]):
+        for (ta, la), (tb, lb) in zip(cached, ref["uncached_batch"], strict=True):
+            assert ta == tb
+            np.testing.assert_allclose(la, lb, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["tp2", "dp2"])
 def test_lora_steps_same_loss_curve_and_grad_norms(runs, layout):
     ref, got = runs["tp1"][0], runs[layout][0]
     assert ref["losses"][-1] != ref["losses"][0]

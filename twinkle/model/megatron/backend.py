@@ -1,15 +1,18 @@
 """``MegatronBackend``: the transformers backend's contract on a megatron-core GPTModel.
 
 Everything that does not depend on the network itself (adapter bookkeeping, losses, optimizer steps, the
-KV-free sampling loop, peft-format checkpoints) is inherited from ``TransformersBackend``. What differs:
+sampling loop, peft-format checkpoints) is inherited from ``TransformersBackend``. What differs:
 
 * the model is a megatron-core ``GPTModel`` built from the HF checkpoint's config, weights converted on load
   (``convert.py``);
 * LoRA lives on megatron's fused linear layers, one ``LoraPair`` per HF projection (``_lora.py``), so adapters
   are addressed by their HF module names (``model.layers.0.self_attn.q_proj``…). Checkpoints are therefore
   written in the peft format for the HF architecture, and load into the transformers backend, peft or vLLM;
-* sampling recomputes the sequence at each step instead of keeping a KV cache (fine for the CPU/toy path;
-  ``docs/megatron.md`` lists this);
+* sampling keeps a KV cache in megatron-core's own ``StaticInferenceContext`` (``_kv_cache``): the prompt is
+  prefilled once, then each step feeds one token per row; left padding is masked per row, LoRA rows are routed
+  as in training, and each TP rank caches its own heads. Anything the cache cannot serve (``kv_cache=False``,
+  a model without RoPE or with flash-decode / sequence parallelism, or a failing prefill) falls back to
+  recomputing the whole sequence at each step;
 * with ``tensor_parallel_size`` × ``data_parallel_size`` > 1 the replica spans several ranks (``_ranks``): this
   object is rank 0 and mirrors every decorated (``@collective``) call to the others; TP slices live in
   ``_lora``/``convert``, DP rows and gradients in ``_parallel``.
@@ -18,6 +21,7 @@ KV-free sampling loop, peft-format checkpoints) is inherited from ``Transformers
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -40,7 +44,7 @@ from twinkle.types import (
     SampleResponse,
 )
 
-from . import _parallel, _ranks
+from . import _kv_cache, _parallel, _ranks
 from ._lora import FUSED, HF_PARENT, MegatronMultiLora, part_shards
 from ._model import causal_forward, init_parallel, load_megatron_model
 from ._ranks import collective
@@ -96,7 +100,7 @@ class MegatronBackend(TransformersBackend):
 
     def __init__(self, model_id: str, *, dtype: str = "float32", device: str | None = None, max_adapters: int = 64,
                  max_lora_rank: int = 256, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                 data_parallel_size: int = 1, launcher: str = "auto", rank_num_cpus: float = 1.0,
+                 data_parallel_size: int = 1, launcher: str = "auto", rank_num_cpus: float = 1.0, kv_cache: bool = True,
                  _ranks: _ranks.Ranks | None = None, **_ignored: Any) -> None:
         from transformers import AutoConfig
 
@@ -123,9 +127,11 @@ class MegatronBackend(TransformersBackend):
             # followers pick their own GPU (Ray: the one it lent them, as device 0; processes: cuda:<rank>)
             follower_device = "cpu" if device is not None and str(device).startswith("cpu") else None
             kwargs = dict(model_id=model_id, dtype=dtype, device=follower_device, max_adapters=max_adapters,
-                          max_lora_rank=max_lora_rank, tensor_parallel_size=tp, data_parallel_size=dp)
+                          max_lora_rank=max_lora_rank, tensor_parallel_size=tp, data_parallel_size=dp,
+                          kv_cache=bool(kv_cache))
             _ranks = _ranks_mod.start(world, kwargs, launcher=launcher, rank_num_cpus=float(rank_num_cpus))
         self._ranks = _ranks
+        self.kv_cache = bool(kv_cache)  # sampling keeps a KV cache (False: recompute the sequence every step)
         self.tp, self.dp, self.world = tp, dp, world
         ok = False
         try:
@@ -259,17 +265,41 @@ class MegatronBackend(TransformersBackend):
 
     def _forward_logits(self, ids: torch.Tensor, segments: list[Segment], *, train: bool, mask: torch.Tensor | None = None,
                         pos: torch.Tensor | None = None, cache: Any = None, use_cache: bool = False) -> tuple[torch.Tensor, Any]:
-        # No KV cache: the "cache" is the token history; each call recomputes the whole sequence. RoPE is
-        # relative, so left padding (masked keys) leaves the real tokens' outputs unchanged.
-        full = ids if cache is None else torch.cat([cache, ids], dim=1)
+        # Sampling (use_cache) keeps a KV cache in megatron's StaticInferenceContext (``_kv_cache``). Anything the
+        # cache cannot serve takes the whole-sequence path, whose "cache" is the token history: every call then
+        # recomputes the sequence. RoPE is relative, so in both paths left padding (masked keys) leaves the real
+        # tokens' outputs unchanged and the engine's position ids are not needed.
         self._routing[0] = Routing(segments, dropout=train)
         try:
-            logits = causal_forward(self.model, full, mask)
+            if use_cache and not train and (isinstance(cache, _kv_cache.KVCache)
+                                            or (cache is None and self._cache_ok())):
+                logits, new_cache = self._cached_logits(ids, mask, cache)
+            else:
+                full = ids if cache is None else torch.cat([cache, ids], dim=1)
+                logits = causal_forward(self.model, full, mask)[:, -ids.shape[1]:]
+                new_cache = full if use_cache else None
         finally:
             self._routing[0] = None
         if logits.shape[-1] != self.vocab_size:  # the vocabulary was padded to a multiple of the TP size
             logits = logits[..., : self.vocab_size]
-        return logits[:, -ids.shape[1]:], (full if use_cache else None)
+        return logits, new_cache
+
+    def _cache_ok(self) -> bool:
+        return self.kv_cache and _kv_cache.supported(self.model)
+
+    def _cached_logits(self, ids: torch.Tensor, mask: torch.Tensor | None,
+                       cache: _kv_cache.KVCache | None) -> tuple[torch.Tensor, Any]:
+        if cache is not None:
+            return _kv_cache.forward(self.model, cache, ids, mask), cache
+        cache = _kv_cache.start(ids.shape[0], ids.shape[1])
+        try:
+            return _kv_cache.forward(self.model, cache, ids, mask), cache
+        except Exception as e:  # noqa: BLE001 - every rank runs the same code, so all fall back alike
+            # a model/layout the inference context cannot handle: stay correct with the whole-sequence path
+            _log.warning("megatron KV cache unavailable (%s: %s); sampling recomputes the sequence each step",
+                         type(e).__name__, e)
+            self.kv_cache = False
+            return causal_forward(self.model, ids, mask), ids
 
     def _row_logprobs(self, tokens: list[np.ndarray], targets: list[np.ndarray], segments: list[Segment],
                       train: bool) -> list[torch.Tensor]:
@@ -340,6 +370,7 @@ class MegatronBackend(TransformersBackend):
 
 
 _ranks_mod = _ranks
+_log = logging.getLogger(__name__)
 
 
 def _size(v: Any, kind: str) -> int:
