@@ -104,6 +104,13 @@ def test_megatron_settings_reach_the_backend_options(tmp_path):
     data["models"][0].update(backend="megatron", model_id="builtin://tiny", megatron={"tensor_parallel_size": 2})
     opts = worker_config(parse_config(data).models[0])["backend_options"]
     assert opts["tensor_parallel_size"] == 2 and opts["data_parallel_size"] == 1 and opts["launcher"] == "auto"
+    assert opts["kv_cache"] is True
+    import inspect
+
+    from twinkle.model.megatron import MegatronBackend
+
+    # every setting is an argument of the backend (the worker passes them as keyword arguments)
+    assert set(opts) <= set(inspect.signature(MegatronBackend.__init__).parameters)
 
 
 def test_check_config_cli(tmp_path, capsys):

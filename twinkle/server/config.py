@@ -115,6 +115,7 @@ class MegatronSettings(_Strict):
     launcher: Literal["auto", "ray", "process"] = Field(
         "auto", description="how a replica starts its other ranks: Ray actors (inside Ray) or local processes")
     rank_num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for each extra rank")
+    kv_cache: bool = Field(True, description="sample with megatron's KV cache (False: recompute each step)")
 
 
 class ModelConfig(_Strict):

@@ -17,7 +17,7 @@ from typing import Any
 
 from .config import ServerConfig
 
-__all__ = ["launch", "wait_healthy"]
+__all__ = ["launch", "reap_haproxy", "wait_healthy"]
 
 log = logging.getLogger("twinkle.server")
 
@@ -196,7 +196,9 @@ def _prepare_env(address: str | None, proxy: str = "haproxy") -> None:
         if not address and os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1":
             for k, v in _proxy_ports().items():
                 os.environ.setdefault(k, v)
-    if not address:
+    if address:
+        _use_cluster_token()
+    else:
         for k, v in _lean_env().items():
             os.environ.setdefault(k, v)
 
@@ -216,6 +218,18 @@ def _preimport() -> threading.Thread:
     t = threading.Thread(target=_run, name="twinkle-preimport", daemon=True)
     t.start()
     return t
+
+
+def _use_cluster_token() -> None:
+    """Joining a cluster: present Ray's auth token when one is available. ``ray start`` enables token auth when
+    ``~/.ray/auth_token`` exists, but a driver whose ``RAY_AUTH_MODE`` is unset does not send it (Ray 2.60:
+    "Authentication token is missing or incorrect"); a token sent to a cluster without auth is ignored.
+    Before Ray is imported: Ray reads the mode into its config then."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(path):
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def _init_ray(address: str | None, num_cpus: int | None) -> None:
@@ -276,7 +290,7 @@ def launch(config: ServerConfig, *, address: str | None = None, num_cpus: int | 
     t_ray = time.monotonic()
     try:
         serve.start(http_options={"host": host, "port": port}, detached=bool(address),
-                    logging_config=serve_logging_config())
+                    logging_config=serve_logging_config(), **_controller_options(serve.start, address))
         t_serve = time.monotonic()
         serve.run(build_serve_app(config), name=APP_NAME, route_prefix="/", blocking=False)
         if not wait_healthy(url, ready_timeout):
@@ -299,10 +313,27 @@ def launch(config: ServerConfig, *, address: str | None = None, num_cpus: int | 
     return url
 
 
+def _controller_options(start: Any, address: str | None) -> dict[str, Any]:
+    """On an existing cluster, the Serve controller this launch creates (if Serve is not running there yet)
+    gets the ingress settings in its environment (a local Ray's processes inherit them instead). Ray versions
+    before ``controller_options`` existed keep the cluster's defaults."""
+    import inspect
+
+    if not address or "controller_options" not in inspect.signature(start).parameters:
+        return {}
+    env = {k: os.environ[k] for k in _PROXY_KEYS if k in os.environ}
+    return {"controller_options": {"runtime_env": {"env_vars": env}}} if env else {}
+
+
 def shutdown(address: str | None = None) -> None:
     import ray
     from ray import serve
 
+    node_id = None
+    try:
+        node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:
+        pass
     try:
         if address:
             serve.delete(APP_NAME)  # leave a shared cluster's Serve instance running
@@ -314,4 +345,39 @@ def shutdown(address: str | None = None) -> None:
         ray.shutdown()
     except Exception:
         pass
+    if node_id and not address:
+        reap_haproxy(node_id)
     sys.stdout.flush()
+
+
+def reap_haproxy(node_id: str, grace_s: float = 3.0) -> int:
+    """Stop the HAProxy processes Ray Serve ran for ``node_id`` that outlived it. Serve's HAProxyManager actor
+    runs HAProxy as a plain child process; when the actor dies without its shutdown (``ray stop --force``, a
+    killed raylet) HAProxy is left holding the server's port. Returns how many were signalled (Linux only)."""
+    marker = f"/haproxy-serve/{node_id}/"
+    found = []
+    for pid in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "haproxy" in cmd and marker in cmd:
+            found.append(int(pid))
+    for pid in found:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace_s
+    for pid in found:
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+            time.sleep(0.05)
+        if os.path.exists(f"/proc/{pid}"):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return len(found)
