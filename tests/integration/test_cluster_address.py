@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
+
+from twinkle.local_server import free_port as _free_port
 
 pytestmark = pytest.mark.integration
 
@@ -27,17 +27,10 @@ RAY = str(Path(sys.executable).with_name("ray"))
 HAPROXY_DIR = Path("/tmp/haproxy-serve")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _healthy(url: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{url}/api/v1/healthz", timeout=2) as r:
-            return r.status == 200
-    except Exception:
+        return httpx.get(f"{url}/api/v1/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
         return False
 
 
