@@ -43,6 +43,42 @@ def _wait(c: httpx.Client, ref: dict) -> dict:
     raise AssertionError("future did not complete")
 
 
+def _procs() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every process."""
+    out = {}
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            stat = Path(f"/proc/{p}/stat").read_text()
+            out[int(p)] = (int(stat[stat.rfind(")") + 2:].split()[1]), cmd + " ")
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def _stop_cluster(markers: list[str]) -> None:
+    """Stop the processes of one ``ray start`` node: those whose command line names its temp dir or GCS port,
+    and all their descendants (agents, Serve actors, workers)."""
+    procs = _procs()
+    kill = {pid for pid, (_, cmd) in procs.items() if any(m in cmd for m in markers) and pid != os.getpid()}
+    grew = True
+    while grew:
+        more = {pid for pid, (ppid, _) in procs.items() if ppid in kill} - kill
+        grew = bool(more)
+        kill |= more
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
+        for pid in kill:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in kill):
+            time.sleep(0.1)
+
+
 @pytest.fixture()
 def cluster(tmp_path: Path):
     gcs = _free_port()
@@ -58,9 +94,9 @@ def cluster(tmp_path: Path):
     try:
         yield f"127.0.0.1:{gcs}", env
     finally:
-        subprocess.run([RAY, "stop", "--force"], env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"},
-                       capture_output=True, timeout=120)
-        # `ray stop --force` kills Serve's HAProxyManager but not the HAProxy it runs (it keeps the ports)
+        # not `ray stop`: it stops every Ray on the machine, other test servers included
+        _stop_cluster([str(temp), f":{gcs} "])
+        # killing Serve's HAProxyManager leaves the HAProxy it runs (holding its ports)
         from twinkle.server.launcher import reap_haproxy
 
         for d in (set(HAPROXY_DIR.iterdir()) if HAPROXY_DIR.is_dir() else set()) - haproxy_dirs:
