@@ -29,8 +29,11 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -133,6 +136,40 @@ def make_server_config(workdir: Path, port: int, lease_seconds: float = 60.0) ->
              "ray_actor_options": {"num_cpus": 0}},
         ],
     }
+
+
+@contextmanager
+def own_server(cfg: dict, prefix: str) -> Iterator[ServerHandle]:
+    """A server of a test module's own (not the shared one) from ``cfg``: host/port and storage are moved to a
+    free port and a temp dir, user ``alice`` gets a key; stopped with SIGINT on exit."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    port = _free_port()
+    cfg = {**cfg, "http": {**cfg.get("http", {}), "host": "127.0.0.1", "port": port},
+           "persistence": {**cfg.get("persistence", {}), "sqlite_path": str(workdir / "server.db"),
+                           "checkpoint_root": str(workdir / "checkpoints")}}
+    path = workdir / "server_config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    handle = ServerHandle(url=f"http://127.0.0.1:{port}", port=port, workdir=workdir, config_path=path,
+                          log_path=workdir / "server.log")
+    handle.create_key("alice")
+    handle.start()
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+def native_lora_losses(model: Any, adapter: str, steps: int, lr: float = 2e-2) -> list[float]:
+    """Train a fresh rank-8 adapter on one fixed sequence with a ``twinkle_client`` model; the loss per step."""
+    model.add_adapter_to_model(adapter, {"rank": 8, "seed": 0})
+    model.set_optimizer("AdamW", lr=lr)
+    batch = [{"input_ids": list(range(10, 40)), "labels": list(range(10, 40))}]
+    losses = []
+    for _ in range(steps):
+        out = model.forward_backward(inputs=batch)
+        model.clip_grad_and_step()
+        losses.append(out.metrics["loss:sum"])
+    return losses
 
 
 @pytest.fixture(scope="session")

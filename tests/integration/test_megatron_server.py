@@ -6,8 +6,6 @@ to a temp dir, nothing else changed), then trains with the unmodified Tinker SDK
 
 from __future__ import annotations
 
-import socket
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,35 +19,16 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "cookbook/client/server/megatron/server_config.yaml"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def megatron_server():
-    from tests.integration.conftest import ServerHandle
+    from tests.integration.conftest import own_server
 
     cfg = yaml.safe_load(CONFIG.read_text())
     assert [m["backend"] for m in cfg["models"]] == ["megatron"]
-    workdir = Path(tempfile.mkdtemp(prefix="twinkle-mg-"))
-    port = _free_port()
-    cfg["http"] = {**cfg.get("http", {}), "host": "127.0.0.1", "port": port}
-    cfg["persistence"] = {**cfg.get("persistence", {}), "sqlite_path": str(workdir / "server.db"),
-                          "checkpoint_root": str(workdir / "checkpoints")}
     for m in cfg["models"]:
         m.setdefault("ray_actor_options", {})["num_cpus"] = 0  # share the 2 CI cores with the other server
-    path = workdir / "server_config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    handle = ServerHandle(url=f"http://127.0.0.1:{port}", port=port, workdir=workdir, config_path=path,
-                          log_path=workdir / "server.log")
-    handle.create_key("alice")
-    handle.start()
-    try:
+    with own_server(cfg, "twinkle-mg-") as handle:
         yield handle, cfg["models"][0].get("name") or cfg["models"][0]["model_id"]
-    finally:
-        handle.stop()
 
 
 def test_tinker_sdk_trains_on_megatron(megatron_server):
@@ -78,20 +57,14 @@ def test_tinker_sdk_trains_on_megatron(megatron_server):
 
 
 def test_native_client_trains_on_megatron(megatron_server):
+    from tests.integration.conftest import native_lora_losses
     from twinkle_client import connect
     from twinkle_client.model import MegatronModel
 
     srv, base_model = megatron_server
     with connect(srv.url, api_key=srv.api_key) as session:
         model = MegatronModel(model_id=base_model, session=session)
-        model.add_adapter_to_model("mg", {"rank": 8, "seed": 0})
-        model.set_optimizer("AdamW", lr=2e-2)
-        batch = [{"input_ids": list(range(10, 40)), "labels": list(range(10, 40))}]
-        losses = []
-        for _ in range(6):
-            out = model.forward_backward(inputs=batch)
-            model.clip_grad_and_step()
-            losses.append(out.metrics["loss:sum"])
+        losses = native_lora_losses(model, "mg", 6)
         assert losses[-1] < 0.7 * losses[0], losses
         path = model.save("mg-final")
         assert path.startswith("tinker://") and path.endswith("/weights/mg-final")
