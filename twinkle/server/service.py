@@ -64,13 +64,14 @@ from .ops import (
     SaveOp,
     SetOptimizerOp,
     SetSchedulerOp,
+    op_kind,
 )
 from .state.checkpoints import KIND_DIR, Checkpoints, Ckpt, parse_checkpoint_path
 from .state.common import jsonable, swallow, unwrap, validate_checkpoint_name, validate_user_name
 from .state.common import now as _now
 from .state.futures import Futures
 from .state.identity import Identity, Sessions, User
-from .state.runs import Runs
+from .state.runs import Applied, Runs
 from .state.samplers import Samplers
 from .worker_api import WorkerAPI
 
@@ -330,13 +331,19 @@ class Service:
         self, user: User, typ: str, run_id: str | None, coro: Coroutine[Any, Any, Any], *,
         after: asyncio.Future[Any] | None = None, ready_for: str | None = None,
     ) -> FutureRef:
-        ref, task = self.futures.spawn(user.name, typ, run_id, coro, after=after)
+        ref, task = self._spawn_task(user, typ, run_id, coro, after=after)
         if ready_for is not None:
             self.runs.extra[ready_for].ready = task
             task.add_done_callback(lambda t: self._on_ready(ready_for, t))
-        else:
-            task.add_done_callback(swallow)
         return ref
+
+    def _spawn_task(
+        self, user: User, typ: str, run_id: str | None, coro: Coroutine[Any, Any, Any], *,
+        after: asyncio.Future[Any] | None = None,
+    ) -> tuple[FutureRef, asyncio.Task[Any]]:
+        ref, task = self.futures.spawn(user.name, typ, run_id, coro, after=after)
+        task.add_done_callback(swallow)
+        return ref, task
 
     def _on_ready(self, run_id: str, task: asyncio.Task[Any]) -> None:
         swallow(task)
@@ -413,6 +420,10 @@ class Service:
         sess = self.sessions.by_id.get(run.session_id)
         if sess is not None:
             self.sessions.touch(sess, persist=False)  # training traffic keeps the lease alive too
+        if seq_id is not None:
+            hit = self.runs.seen(run, seq_id, op_kind(op))
+            if hit is not None:
+                return self._replay(user, hit)
         replay = seq_id is not None and run.last_seq_id is not None and seq_id <= run.last_seq_id
         if seq_id is not None and not replay:
             run.last_seq_id = seq_id
@@ -422,7 +433,22 @@ class Service:
             # refused here: tell the worker the seq_id is consumed, so the run's next ops do not wait for it
             self._skip_on_worker(worker, run.run_id, seq_id)
             raise
-        return self._spawn(user, typ, run.run_id, go, after=extra.ready)
+        ref, task = self._spawn_task(user, typ, run.run_id, go, after=extra.ready)
+        if seq_id is not None:
+            self.runs.remember(run, seq_id, Applied(typ, ref, task))
+        return ref
+
+    def _replay(self, user: User, hit: Applied) -> FutureRef:
+        """A repeated seq_id: the first call's future (or, once that result left memory, a new future that
+        gives the same outcome). Nothing is executed or counted again."""
+        if hit.ref.future_id in self.futures.by_id:
+            return hit.ref
+        task = hit.task
+
+        async def _same() -> Any:
+            return await asyncio.shield(task)
+
+        return self._spawn(user, hit.kind, hit.ref.run_id, _same())
 
     async def skip_seq(self, user: User, run_id: str, seq_id: int | None) -> None:
         """A front door refused a request of ``run_id`` carrying ``seq_id`` before calling :meth:`submit`

@@ -8,17 +8,49 @@ or ``deleted``. ``step`` counts applied optimizer steps; the metric history is k
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from twinkle.types import InvalidInputError, LimitExceededError, LoraConfig, NotFoundError, StateLostError
-from twinkle.types.api import MetricPoint, RunInfo, SessionInfo
+from twinkle.types import (
+    InvalidInputError,
+    LimitExceededError,
+    LoraConfig,
+    NotFoundError,
+    StateLostError,
+    TwinkleError,
+)
+from twinkle.types.api import FutureRef, MetricPoint, RunInfo, SessionInfo
 
 from ..store import Store
 from .common import now
 from .identity import User
 
 _MAX_METRIC_POINTS = 10000
+APPLIED_MEMORY = 64  # seq ids remembered per run (more than the worker's default ``result_memory`` of 32)
+
+
+@dataclass
+class Applied:
+    """A training call accepted for a run under a ``seq_id``: a retry of it is answered from this one."""
+
+    kind: str
+    ref: FutureRef
+    task: asyncio.Task[Any]
+
+    def retryable(self) -> bool:
+        """The call failed in a way a retry may fix (a full queue, a lost adapter, a server error): a repeat
+        of its seq_id runs again instead of getting the same failure."""
+        t = self.task
+        if not t.done():
+            return False
+        if t.cancelled():
+            return True
+        err = t.exception()
+        if err is None:
+            return False
+        status = err.status if isinstance(err, TwinkleError) else 500
+        return status in (404, 429) or status >= 500
 
 
 @dataclass
@@ -28,6 +60,7 @@ class RunExtra:
     replica: int = 0
     ready: asyncio.Future[Any] | None = None  # the creation task; every op of the run waits for it
     metrics: list[MetricPoint] = field(default_factory=list)
+    applied: OrderedDict[int, Applied] = field(default_factory=OrderedDict)  # seq_id -> the call it named
 
 
 class Runs:
@@ -180,6 +213,32 @@ class Runs:
 
     def metrics(self, run: RunInfo) -> list[MetricPoint]:
         return list(self.extra[run.run_id].metrics)
+
+    def seen(self, run: RunInfo, seq_id: int, kind: str) -> Applied | None:
+        """The earlier call of ``run`` under ``seq_id`` whose outcome a repeat gets (None: run it).
+
+        Step, metric and checkpoint bookkeeping happen once, in the first call's task; a repeat shares that
+        task, so a retry the worker answers from its memory is never counted twice. Reusing a seq_id for
+        another kind of call is refused (the client has a bug; answering with the other call's result would
+        hand it the wrong type)."""
+        hit = self.extra[run.run_id].applied.get(seq_id)
+        if hit is None:
+            return None
+        if hit.kind != kind:
+            raise InvalidInputError(
+                f"seq_id {seq_id} of run {run.run_id!r} was already used for a {hit.kind} call; a retry must "
+                f"repeat the same call, and a new {kind} call needs a new seq_id", field="seq_id",
+            )
+        if hit.retryable():
+            del self.extra[run.run_id].applied[seq_id]
+            return None
+        return hit
+
+    def remember(self, run: RunInfo, seq_id: int, entry: Applied) -> None:
+        applied = self.extra[run.run_id].applied
+        applied[seq_id] = entry
+        while len(applied) > APPLIED_MEMORY:
+            applied.popitem(last=False)
 
     def record(self, run: RunInfo, kind: str, metrics: dict[str, Any] | None) -> None:
         """Note a completed call: last request time and (numeric) metrics at the run's current step."""
