@@ -29,7 +29,7 @@ import gc
 import logging
 import secrets
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from twinkle.types import (
@@ -40,6 +40,7 @@ from twinkle.types import (
     ModelInfo,
     OptimStepResponse,
     SampleResponse,
+    StateLostError,
     TwinkleError,
 )
 from twinkle.types.api import (
@@ -66,6 +67,7 @@ from .ops import (
     SetSchedulerOp,
     op_kind,
 )
+from .recovery import Recovery
 from .state.checkpoints import KIND_DIR, Checkpoints, Ckpt, parse_checkpoint_path
 from .state.common import jsonable, swallow, unwrap, validate_checkpoint_name, validate_user_name
 from .state.common import now as _now
@@ -112,6 +114,8 @@ class Service:
         self.checkpoints = Checkpoints(self.store, self.checkpoint_root)
         self.futures = Futures(self.store, config.persistence.future_ttl_seconds)
         self.samplers = Samplers(self.store)
+        self.recovery = Recovery(self)
+        self._lost_at_start: list[RunInfo] = []
         self._model_info: dict[str, ModelInfo] = {}
         self._reaper: asyncio.Task[Any] | None = None
         self._kick: asyncio.Event | None = None
@@ -147,7 +151,7 @@ class Service:
         gc.disable()
         try:
             self.sessions.load()
-            self.runs.load()
+            self._lost_at_start = self.runs.load()
             self.checkpoints.load()
             self.samplers.load()
         finally:
@@ -156,8 +160,12 @@ class Service:
             gc.freeze()
 
     async def start(self) -> None:
-        """Start the lease reaper and fetch each model's info (idempotent)."""
+        """Start the lease reaper, reload the runs the previous process had loaded (in the background) and
+        fetch each model's info (idempotent)."""
         self._ensure_reaper()
+        lost, self._lost_at_start = self._lost_at_start, []
+        if lost:
+            self.recovery.restore_after_restart(lost, _now())
         await self._refresh_model_info()
 
     async def stop(self) -> None:
@@ -428,15 +436,32 @@ class Service:
         if seq_id is not None and not replay:
             run.last_seq_id = seq_id
         try:
+            self._check_rollback(run)
             typ, go = self._prepare(user, run, worker, op, seq_id, replay=replay)
         except TwinkleError:
             # refused here: tell the worker the seq_id is consumed, so the run's next ops do not wait for it
             self._skip_on_worker(worker, run.run_id, seq_id)
             raise
-        ref, task = self._spawn_task(user, typ, run.run_id, go, after=extra.ready)
+        ref, task = self._spawn_task(user, typ, run.run_id, self._guard(run, go), after=extra.ready)
         if seq_id is not None:
             self.runs.remember(run, seq_id, Applied(typ, ref, task))
         return ref
+
+    def _check_rollback(self, run: RunInfo) -> None:
+        msg = self.recovery.take_rollback(run)
+        if msg is not None:
+            raise StateLostError(msg, field="run_id")
+
+    async def _guard(self, run: RunInfo, fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+        """Run a worker call of ``run``. When its adapter turns out missing (the replica restarted), the run is
+        reloaded from its checkpoint and the call runs again if nothing was lost; otherwise it fails with what
+        happened to the run (which checkpoint, which step), not with the worker's "adapter not loaded"."""
+        try:
+            return await fn()
+        except Exception as e:
+            if not await self.recovery.on_failure(run, e):
+                raise
+        return await fn()
 
     def _replay(self, user: User, hit: Applied) -> FutureRef:
         """A repeated seq_id: the first call's future (or, once that result left memory, a new future that
@@ -478,12 +503,13 @@ class Service:
 
     def _prepare(
         self, user: User, run: RunInfo, worker: WorkerAPI, op: Op, seq_id: int | None, *, replay: bool = False,
-    ) -> tuple[str, Coroutine[Any, Any, Any]]:
-        """Validate ``op`` for ``run``; returns ``(future type, coroutine that executes it)``. ``replay``: the
+    ) -> tuple[str, Callable[[], Coroutine[Any, Any, Any]]]:
+        """Validate ``op`` for ``run``; returns ``(future type, coroutine function that executes it)``. ``replay``: the
         seq_id was seen before (a client retry), so checks of state the first execution changed are left to the
         worker, which answers a repeated seq_id from its first execution."""
         m = self._model_cfg(run.base_model)
         runs = self.runs
+        extra = runs.extra[run.run_id]
         if isinstance(op, ForwardBackwardOp):
             if not op.data:
                 raise InvalidInputError("data must hold at least one datum", field="data")
@@ -495,6 +521,7 @@ class Service:
                 if not isinstance(out, ForwardBackwardOutput):
                     out = ForwardBackwardOutput.model_validate(out)
                 if not op.forward_only:
+                    extra.dirty = True
                     runs.record(run, typ, out.metrics)
                 return out
         elif isinstance(op, OptimStepOp):
@@ -507,6 +534,7 @@ class Service:
                 elif not isinstance(out, OptimStepResponse):
                     out = OptimStepResponse.model_validate(out)
                 run.step += 1
+                extra.dirty = True
                 runs.record(run, typ, out.metrics)
                 return out
         elif isinstance(op, SaveOp):
@@ -527,6 +555,7 @@ class Service:
                 await worker.execute(run.run_id, op, seq_id=seq_id, path=ck.dir)
                 if op.optimizer:
                     run.step = ck.info.step
+                extra.dirty = True
                 runs.record(run, "load", {})
                 return {"run_id": run.run_id, "path": ck.info.path, "model_id": run.run_id, "step": run.step}
         elif isinstance(op, (SetOptimizerOp, SetSchedulerOp)):
@@ -537,7 +566,7 @@ class Service:
                 return jsonable(out) if out is not None else {"run_id": run.run_id}
         else:
             raise InvalidInputError(f"unknown operation {getattr(op, 'type', op)!r}", field="type")
-        return typ, _go()
+        return typ, _go
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     async def _do_save(self, run: RunInfo, worker: WorkerAPI, op: SaveOp, seq_id: int | None) -> CheckpointInfo:
@@ -555,6 +584,7 @@ class Service:
         info = self.checkpoints.record(run, op, d, size, run.step)
         if op.kind == "training":
             run.last_checkpoint = info.path
+            self.runs.extra[run.run_id].dirty = False
         self.runs.record(run, "save", {})
         return info.model_copy()
 
@@ -654,8 +684,10 @@ class Service:
         ck_dir: str | None = None
         replica: int | None = None
         after = None
+        run: RunInfo | None = None
         if run_id is not None:
             run = self.runs.get_active(user, run_id)
+            self._check_rollback(run)
             base_model, adapter_id = run.base_model, run.run_id
             replica = self.runs.replica(run)
             after = self.runs.extra[run.run_id].ready
@@ -689,7 +721,7 @@ class Service:
             out = await worker.sample(op, adapter_id=adapter_id, checkpoint_path=ck_dir)
             return out if isinstance(out, SampleResponse) else SampleResponse.model_validate(out)
 
-        return self._spawn(user, "sample", run_id, _go(), after=after)
+        return self._spawn(user, "sample", run_id, _go() if run is None else self._guard(run, _go), after=after)
 
     # ---- futures -----------------------------------------------------------------------------------------
     async def wait(self, user: User, future_id: str, timeout: float = 30.0) -> FutureState:
