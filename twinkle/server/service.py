@@ -248,6 +248,9 @@ class Service:
 
     async def _end_session(self, s: SessionInfo, state: str, reason: str) -> None:
         self.sessions.end(s, state, reason)
+        n = self.futures.cancel_session(s.session_id, f"session {s.session_id} ended ({reason})")
+        if n:
+            log.info("session %s (%s): cancelled %d queued sampling requests", s.session_id, reason, n)
         for run_id in list(s.run_ids):
             run = self.runs.by_id.get(run_id)
             if run is not None and run.state == "active":
@@ -337,9 +340,9 @@ class Service:
 
     def _spawn(
         self, user: User, typ: str, run_id: str | None, coro: Coroutine[Any, Any, Any], *,
-        after: asyncio.Future[Any] | None = None, ready_for: str | None = None,
+        after: asyncio.Future[Any] | None = None, ready_for: str | None = None, session_id: str | None = None,
     ) -> FutureRef:
-        ref, task = self._spawn_task(user, typ, run_id, coro, after=after)
+        ref, task = self._spawn_task(user, typ, run_id, coro, after=after, session_id=session_id)
         if ready_for is not None:
             self.runs.extra[ready_for].ready = task
             task.add_done_callback(lambda t: self._on_ready(ready_for, t))
@@ -347,9 +350,9 @@ class Service:
 
     def _spawn_task(
         self, user: User, typ: str, run_id: str | None, coro: Coroutine[Any, Any, Any], *,
-        after: asyncio.Future[Any] | None = None,
+        after: asyncio.Future[Any] | None = None, session_id: str | None = None,
     ) -> tuple[FutureRef, asyncio.Task[Any]]:
-        ref, task = self.futures.spawn(user.name, typ, run_id, coro, after=after)
+        ref, task = self.futures.spawn(user.name, typ, run_id, coro, after=after, session_id=session_id)
         task.add_done_callback(swallow)
         return ref, task
 
@@ -677,9 +680,11 @@ class Service:
         run_id: str | None = None, checkpoint: str | None = None,
     ) -> FutureRef:
         self._ensure_reaper()
+        session_id: str | None = None
         if sampler_id is not None:
             row = self.samplers.row(user, sampler_id)
             base_model, run_id, checkpoint = row["base_model"], row.get("run_id"), row.get("model_path")
+            session_id = row.get("session_id")
         adapter_id: str | None = None
         ck_dir: str | None = None
         replica: int | None = None
@@ -689,6 +694,7 @@ class Service:
             run = self.runs.get_active(user, run_id)
             self._check_rollback(run)
             base_model, adapter_id = run.base_model, run.run_id
+            session_id = session_id or run.session_id
             replica = self.runs.replica(run)
             after = self.runs.extra[run.run_id].ready
         elif checkpoint is not None:
@@ -721,7 +727,8 @@ class Service:
             out = await worker.sample(op, adapter_id=adapter_id, checkpoint_path=ck_dir)
             return out if isinstance(out, SampleResponse) else SampleResponse.model_validate(out)
 
-        return self._spawn(user, "sample", run_id, _go() if run is None else self._guard(run, _go), after=after)
+        return self._spawn(user, "sample", run_id, _go() if run is None else self._guard(run, _go), after=after,
+                           session_id=session_id)
 
     # ---- futures -----------------------------------------------------------------------------------------
     async def wait(self, user: User, future_id: str, timeout: float = 30.0) -> FutureState:
