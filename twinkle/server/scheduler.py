@@ -65,6 +65,7 @@ from .ops import (
     SaveOp,
     SetOptimizerOp,
     SetSchedulerOp,
+    op_kind,
 )
 
 log = logging.getLogger("twinkle.server.scheduler")
@@ -157,6 +158,7 @@ class _AdapterQueue:
     gap_since: float | None = None
     timer: asyncio.TimerHandle | None = None
     memory: OrderedDict[int, asyncio.Future] = field(default_factory=OrderedDict)
+    kinds: dict[int, str] = field(default_factory=dict)  # seq_id -> the kind of call it named (see ops.op_kind)
     pending: int = 0  # submitted and not yet completed
     skipped: set[int] = field(default_factory=set)  # seq ids ahead of next_seq consumed upstream
 
@@ -227,9 +229,8 @@ class Scheduler:
         if q is None:
             q = self._queues[adapter] = _AdapterQueue()
         if seq_id is not None:
-            known = q.memory.get(seq_id)
+            known = self.known(adapter, seq_id, op_kind(op))
             if known is not None:
-                self.stats["dedup_hits"] += 1
                 return known
         self._check_capacity(q)
         fut = self._new_future()
@@ -238,16 +239,25 @@ class Scheduler:
         self._pending_total += 1
         if seq_id is not None:
             q.memory[seq_id] = fut
+            q.kinds[seq_id] = op_kind(op)
         self._place(q, req)
         return fut
 
-    def known(self, adapter: str, seq_id: int | None) -> asyncio.Future | None:
-        """The future of an earlier request with this ``(adapter, seq_id)``, if it is remembered."""
+    def known(self, adapter: str, seq_id: int | None, kind: str | None = None) -> asyncio.Future | None:
+        """The future of an earlier request with this ``(adapter, seq_id)``, if it is remembered.
+        ``kind`` given: a remembered request of another kind is an ``InvalidInputError`` (a reused seq_id)."""
         if seq_id is None:
             return None
         q = self._queues.get(adapter)
         fut = q.memory.get(seq_id) if q is not None else None
         if fut is not None:
+            assert q is not None
+            earlier = q.kinds.get(seq_id)
+            if kind is not None and earlier is not None and earlier != kind:
+                raise InvalidInputError(
+                    f"seq_id {seq_id} was already used for a {earlier} call; a new {kind} call needs a new seq_id",
+                    field="seq_id",
+                )
             self.stats["dedup_hits"] += 1
         return fut
 
@@ -271,6 +281,7 @@ class Scheduler:
         q = self._queues.setdefault(adapter, _AdapterQueue())
         q.next_seq = next_seq_id
         q.memory.clear()
+        q.kinds.clear()
         if next_seq_id is not None:
             self._release(q)
 
@@ -745,6 +756,7 @@ class Scheduler:
             if not fut.done():
                 break
             del q.memory[seq]
+            q.kinds.pop(seq, None)
 
     def _deliver_samples(self, pairs: list[tuple[_SampleRequest, tuple[bool, Any]]], seconds: float | None) -> None:
         for s, (ok, value) in pairs:
