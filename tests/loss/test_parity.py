@@ -19,10 +19,18 @@ from typing import Any
 import numpy as np
 import pytest
 
-from twinkle.loss import ConfigKey, LossOutput, LossSpec, NumpyLossOutput, get_loss, list_losses, register_loss
-from twinkle.loss import unregister_loss as _unregister
+from twinkle.loss import (
+    ConfigKey,
+    LossOutput,
+    LossSpec,
+    NumpyLossOutput,
+    get_loss,
+    list_losses,
+    register_loss,
+    unregister_loss,
+)
 from twinkle.model.base import BatchItem
-from twinkle.types import Datum, LoraConfig, ModelInput, TensorData
+from twinkle.types import Datum, InvalidInputError, LoraConfig, ModelInput, TensorData
 
 torch = pytest.importorskip("torch")
 
@@ -51,7 +59,7 @@ TOY = register_loss(LossSpec("toy_square", _toy_torch, _toy_numpy, ("target_toke
 
 
 def teardown_module() -> None:
-    _unregister(TOY.name)  # the rest of the session sees the built-in registry only
+    unregister_loss(TOY.name)  # the rest of the session sees the built-in registry only
 
 
 LOSSES = list_losses()  # the toy is in it: registered above, enumerated here like any other loss
@@ -239,3 +247,20 @@ def test_backend_loss_and_gradient(probe: _Probe, name: str, optional: bool) -> 
     assert max(float(np.abs(v).max()) for v in g_loss.values()) > 0 or norm <= 1e-6
     for k, v in g_ce.items():
         np.testing.assert_allclose(g_loss[k], v, rtol=2e-3, atol=2e-4 * norm, err_msg=f"{name}: gradient {k}")
+
+
+@pytest.mark.parametrize("beta", ["nan", "Infinity", float("inf"), -1.0])
+def test_backend_refuses_bad_config_from_the_spec(probe: _Probe, beta: Any) -> None:
+    """``dro`` with a non-finite beta is refused by every backend, by the same spec, and changes nothing."""
+    b = probe.backend
+    data = _data(b, np.random.default_rng(1), 2)
+    for d in data:
+        n = d.model_input.length
+        d.loss_fn_inputs.update({"logprobs": TensorData.from_numpy(np.full(n, -1.0, np.float32)),
+                                 "advantages": TensorData.from_numpy(np.ones(n, np.float32))})
+    before = probe.grads("p")
+    with pytest.raises(InvalidInputError) as e:
+        b.run_batch([BatchItem("p", data, "dro", {"beta": beta})])
+    assert e.value.field == "loss_fn_config.beta"
+    for k, v in probe.grads("p").items():
+        np.testing.assert_array_equal(v, before[k])

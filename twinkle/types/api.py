@@ -37,9 +37,21 @@ class BaseModelInfo(_Reply):
     replicas: int = 1
 
 
+class LossInfo(_Reply):
+    """A loss of the registry (``twinkle.loss``): its inputs and config keys (default and range)."""
+
+    name: str
+    required_inputs: list[str]
+    optional_inputs: list[str] = Field(default_factory=list)
+    config: list[dict[str, Any]] = Field(default_factory=list, description="[{name, default, ge?, gt?, le?, doc?}]")
+    paired: bool = False
+    doc: str = ""
+
+
 class Capabilities(_Reply):
     version: str
     base_models: list[BaseModelInfo]
+    losses: list[LossInfo] = Field(default_factory=list, description="the losses forward_backward accepts")
 
 
 class WorkerStatus(_Reply):
@@ -146,7 +158,8 @@ class ForwardRequest(_Api):
     seq_id: int | None = Field(None, description="per-run order; a repeated seq_id is answered from the first execution")
     data: list[Datum]
     loss_fn: str = "cross_entropy"
-    loss_fn_config: dict[str, float | str] | None = None
+    loss_fn_config: dict[str, Any] | None = Field(
+        None, description="numbers (or numbers as text) checked by the loss registry: see capabilities.losses")
 
 
 class OptimStepRequest(_Api):

@@ -1,0 +1,88 @@
+"""Both APIs validate losses through the registry (in-process app, mock worker): a bad loss config is a 400
+naming the field before anything is queued, and the capabilities route lists the registry."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from twinkle.loss import list_losses
+from twinkle.server.app import create_app, worker_config
+from twinkle.server.config import parse_config
+from twinkle.server.store import Store
+from twinkle.server.worker import ModelWorker
+
+API = "/api/v1/twinkle"
+TOKENS = [5, 9, 17, 33]
+NATIVE_DATUM = {
+    "model_input": {"chunks": [{"type": "encoded_text", "tokens": TOKENS}]},
+    "loss_fn_inputs": {"target_tokens": {"data": [9, 17, 33, 2], "dtype": "int64", "shape": [4]},
+                       "logprobs": {"data": [-1.0] * 4, "dtype": "float32", "shape": [4]},
+                       "advantages": {"data": [1.0] * 4, "dtype": "float32", "shape": [4]}},
+}
+BAD_BETAS = ['"nan"', '"Infinity"', "Infinity", "NaN", "-Infinity", "1e999", '"abc"', "-1", "true", "[1]"]
+
+
+def _app(tmp_path: Path):
+    cfg = parse_config({
+        "persistence": {"sqlite_path": str(tmp_path / "db.sqlite"), "checkpoint_root": str(tmp_path / "ck")},
+        "models": [{"name": "mock", "backend": "mock", "model_id": "mock://tiny"}],
+    })
+    store = Store(cfg.persistence.sqlite_file())
+    key = store.create_key("alice")[1]
+    return create_app(cfg, {"mock": [ModelWorker(worker_config(cfg.models[0]))]}, store=store), key
+
+
+def test_both_apis_refuse_a_bad_dro_beta_and_list_losses(tmp_path: Path) -> None:
+    app, key = _app(tmp_path)
+
+    async def go() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
+                                     headers={"X-API-Key": key}) as c:
+            caps = (await c.get(f"{API}/capabilities")).json()
+            assert [x["name"] for x in caps["losses"]] == list_losses()
+            dro = next(x for x in caps["losses"] if x["name"] == "dro")
+            assert dro["config"][0]["name"] == "beta" and dro["config"][0]["default"] == 0.05
+            cispo = next(x for x in caps["losses"] if x["name"] == "cispo")
+            assert [k["default"] for k in cispo["config"]] == [0.0, 4.0]
+
+            sid = (await c.post(f"{API}/sessions", json={})).json()["session_id"]
+            r = await c.post(f"{API}/runs", json={"session_id": sid, "base_model": "mock", "lora": {"rank": 4}})
+            fut = r.json()["future_id"]
+            run = (await c.get(f"{API}/futures/{fut}", params={"timeout": 30})).json()["result"]["run_id"]
+            headers = {"content-type": "application/json"}
+            for i, beta in enumerate(BAD_BETAS):
+                cfg = '{"beta": %s}' % beta
+                native = '{"data": [%s], "loss_fn": "dro", "loss_fn_config": %s}' % (json.dumps(NATIVE_DATUM), cfg)
+                r = await c.post(f"{API}/runs/{run}/forward_backward", content=native, headers=headers)
+                assert r.status_code == 400, (beta, r.text)
+                assert r.json()["detail"]["field"].endswith("beta"), (beta, r.text)
+                tinker = ('{"model_id": "%s", "seq_id": %d, "forward_backward_input": {"data": [%s], '
+                          '"loss_fn": "dro", "loss_fn_config": %s}}' % (run, i + 1, json.dumps(NATIVE_DATUM), cfg))
+                r = await c.post("/api/v1/forward_backward", content=tinker, headers=headers)
+                assert r.status_code == 400, (beta, r.text)
+                assert r.json()["detail"]["field"].endswith("beta"), (beta, r.text)
+            # An unknown loss names loss_fn; a good config still trains.
+            r = await c.post(f"{API}/runs/{run}/forward_backward", json={"data": [NATIVE_DATUM], "loss_fn": "nope"})
+            assert r.status_code == 400 and r.json()["detail"]["field"] == "loss_fn"
+            r = await c.post(f"{API}/runs/{run}/forward_backward",
+                             json={"data": [NATIVE_DATUM], "loss_fn": "dro", "loss_fn_config": {"beta": "0.5"}})
+            assert r.status_code == 200, r.text
+            done = (await c.get(f"{API}/futures/{r.json()['future_id']}", params={"timeout": 30})).json()
+            assert done["status"] == "complete", done
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_op_refuses_before_queueing(value: str) -> None:
+    from twinkle.server.ops import ForwardBackwardOp
+    from twinkle.types import InvalidInputError
+
+    with pytest.raises(InvalidInputError) as e:
+        ForwardBackwardOp(data=[], loss_fn="ppo", loss_fn_config={"clip_low_threshold": value})
+    assert e.value.field == "loss_fn_config.clip_low_threshold"
