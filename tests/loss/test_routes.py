@@ -56,13 +56,14 @@ def test_both_apis_refuse_a_bad_dro_beta_and_list_losses(tmp_path: Path) -> None
             run = (await c.get(f"{API}/futures/{fut}", params={"timeout": 30})).json()["result"]["run_id"]
             headers = {"content-type": "application/json"}
             for i, beta in enumerate(BAD_BETAS):
-                cfg = '{"beta": %s}' % beta
-                native = '{"data": [%s], "loss_fn": "dro", "loss_fn_config": %s}' % (json.dumps(NATIVE_DATUM), cfg)
+                cfg = '{"beta": ' + beta + "}"  # raw JSON: Infinity and NaN literals included
+                datum = json.dumps(NATIVE_DATUM)
+                native = f'{{"data": [{datum}], "loss_fn": "dro", "loss_fn_config": {cfg}}}'
                 r = await c.post(f"{API}/runs/{run}/forward_backward", content=native, headers=headers)
                 assert r.status_code == 400, (beta, r.text)
                 assert r.json()["detail"]["field"].endswith("beta"), (beta, r.text)
-                tinker = ('{"model_id": "%s", "seq_id": %d, "forward_backward_input": {"data": [%s], '
-                          '"loss_fn": "dro", "loss_fn_config": %s}}' % (run, i + 1, json.dumps(NATIVE_DATUM), cfg))
+                tinker = (f'{{"model_id": "{run}", "seq_id": {i + 1}, "forward_backward_input": {{"data": [{datum}], '
+                          f'"loss_fn": "dro", "loss_fn_config": {cfg}}}}}')
                 r = await c.post("/api/v1/forward_backward", content=tinker, headers=headers)
                 assert r.status_code == 400, (beta, r.text)
                 assert r.json()["detail"]["field"].endswith("beta"), (beta, r.text)
