@@ -87,3 +87,27 @@ def test_op_refuses_before_queueing(value: str) -> None:
     with pytest.raises(InvalidInputError) as e:
         ForwardBackwardOp(data=[], loss_fn="ppo", loss_fn_config={"clip_low_threshold": value})
     assert e.value.field == "loss_fn_config.clip_low_threshold"
+
+
+def test_native_routes_refuse_non_finite_params(tmp_path: Path) -> None:
+    """Issue 12 item 3: the numbers that used to write NaN into adapters are a 400 naming the field."""
+    app, key = _app(tmp_path)
+    headers = {"content-type": "application/json"}
+
+    async def go() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
+                                     headers={"X-API-Key": key}) as c:
+            sid = (await c.post(f"{API}/sessions", json={})).json()["session_id"]
+            for lora, field in (('{"rank": 4, "alpha": NaN}', "lora.alpha"), ('{"rank": true}', "lora.rank")):
+                body = f'{{"session_id": "{sid}", "base_model": "mock", "lora": {lora}}}'
+                r = await c.post(f"{API}/runs", content=body, headers=headers)
+                assert r.status_code == 400 and r.json()["detail"]["field"] == field, r.text
+            r = await c.post(f"{API}/runs", json={"session_id": sid, "base_model": "mock", "lora": {"rank": 4}})
+            run = (await c.get(f"{API}/futures/{r.json()['future_id']}", params={"timeout": 30})).json()["result"]["run_id"]
+            for adam, field in (('{"learning_rate": Infinity}', "adam_params.learning_rate"),
+                                ('{"weight_decay": "Infinity"}', "adam_params.weight_decay"),
+                                ('{"beta1": 2.0}', "adam_params.beta1")):
+                r = await c.post(f"{API}/runs/{run}/optim_step", content=f'{{"adam_params": {adam}}}', headers=headers)
+                assert r.status_code == 400 and r.json()["detail"]["field"] == field, r.text
+
+    asyncio.run(go())

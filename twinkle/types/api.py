@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .data import Datum, ModelInput
-from .params import AdamParams, LoraConfig, LRSchedulerConfig, OptimizerConfig, SamplingParams
+from .params import AdamParams, LoraConfig, LRSchedulerConfig, OptimizerConfig, SamplingParams, TopKLogprobs
 
 
 class _Api(BaseModel):
@@ -215,7 +215,7 @@ class SampleRequest(_Api):
     num_samples: int = Field(1, ge=1, le=128)
     sampling_params: SamplingParams = Field(default_factory=SamplingParams)
     prompt_logprobs: bool = False
-    topk_prompt_logprobs: int = Field(0, ge=0, le=20)
+    topk_prompt_logprobs: TopKLogprobs = 0
 
 
 # ---- futures -------------------------------------------------------------------------------------------------
