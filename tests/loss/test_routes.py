@@ -111,3 +111,32 @@ def test_native_routes_refuse_non_finite_params(tmp_path: Path) -> None:
                 assert r.status_code == 400 and r.json()["detail"]["field"] == field, r.text
 
     asyncio.run(go())
+
+
+def test_nonfinite_loss_is_a_user_error_and_the_run_goes_on(tmp_path: Path) -> None:
+    app, key = _app(tmp_path)
+    extreme = json.loads(json.dumps(NATIVE_DATUM))
+    extreme["loss_fn_inputs"]["logprobs"]["data"] = [-3e38] * 4  # finite, but exp(lp − q) overflows
+
+    async def go() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
+                                     headers={"X-API-Key": key}) as c:
+            sid = (await c.post(f"{API}/sessions", json={})).json()["session_id"]
+            r = await c.post(f"{API}/runs", json={"session_id": sid, "base_model": "mock", "lora": {"rank": 4}})
+            run = (await c.get(f"{API}/futures/{r.json()['future_id']}", params={"timeout": 30})).json()["result"]["run_id"]
+
+            async def call(path: str, body: dict) -> dict:
+                r = await c.post(f"{API}/runs/{run}/{path}", json=body)
+                assert r.status_code == 200, r.text
+                return (await c.get(f"{API}/futures/{r.json()['future_id']}", params={"timeout": 30})).json()
+
+            bad = await call("forward_backward", {"data": [extreme], "loss_fn": "importance_sampling"})
+            assert bad["status"] == "failed", bad
+            assert bad["error"]["code"] == "non_finite" and bad["error"]["category"] == "user", bad
+            good = await call("forward_backward", {"data": [NATIVE_DATUM], "loss_fn": "importance_sampling"})
+            assert good["status"] == "complete", good
+            step = await call("optim_step", {"adam_params": {"learning_rate": 0.01}})
+            assert step["status"] == "complete", step
+            assert (await c.get(f"{API}/runs/{run}")).json()["step"] == 1
+
+    asyncio.run(go())

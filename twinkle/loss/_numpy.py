@@ -5,11 +5,25 @@ Same formulas as ``_torch`` (notation there). Inputs are cast to float64 and sha
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import numpy as np
 
 from ._spec import NumpyLossOutput
 
 Inputs = dict[str, np.ndarray]
+
+
+def _quiet(fn: Callable[..., NumpyLossOutput]) -> Callable[..., NumpyLossOutput]:
+    """An overflow is reported by its result (the backends refuse a non-finite loss), not by a warning."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: object) -> NumpyLossOutput:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return fn(*args)
+
+    return wrapper
 
 
 def _get(inp: Inputs, key: str, lp: np.ndarray) -> np.ndarray:
@@ -61,14 +75,17 @@ def _dro(lp: np.ndarray, inp: Inputs, config: dict[str, float]) -> tuple[float, 
     return float(-(lp * adv - 0.5 * beta * (lp - q) ** 2).sum()), -(adv - beta * (lp - q))
 
 
+@_quiet
 def cross_entropy(lps: list[np.ndarray], inputs: list[Inputs], config: dict[str, float]) -> NumpyLossOutput:
     return _per_datum(_ce, lps, inputs, config)
 
 
+@_quiet
 def importance_sampling(lps: list[np.ndarray], inputs: list[Inputs], config: dict[str, float]) -> NumpyLossOutput:
     return _per_datum(_is, lps, inputs, config)
 
 
+@_quiet
 def ppo(lps: list[np.ndarray], inputs: list[Inputs], config: dict[str, float]) -> NumpyLossOutput:
     out = _per_datum(_ppo, lps, inputs, config)
     lo, hi = config["clip_low_threshold"], config["clip_high_threshold"]
@@ -81,14 +98,17 @@ def ppo(lps: list[np.ndarray], inputs: list[Inputs], config: dict[str, float]) -
     return out
 
 
+@_quiet
 def cispo(lps: list[np.ndarray], inputs: list[Inputs], config: dict[str, float]) -> NumpyLossOutput:
     return _per_datum(_cispo, lps, inputs, config)
 
 
+@_quiet
 def dro(lps: list[np.ndarray], inputs: list[Inputs], config: dict[str, float]) -> NumpyLossOutput:
     return _per_datum(_dro, lps, inputs, config)
 
 
+@_quiet
 def dpo(lps: list[np.ndarray], inputs: list[Inputs], config: dict[str, float]) -> NumpyLossOutput:
     """Pairs (2i chosen, 2i+1 rejected); ``ref_logprobs`` is in every datum's inputs (the backend fills it)."""
     beta = config["beta"]

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from twinkle.types import InvalidInputError, UnsupportedError
+from twinkle.types import InvalidInputError, NonFiniteError, UnsupportedError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -217,3 +217,24 @@ def clip_order(config: dict[str, float]) -> None:
         raise InvalidInputError(
             f"clip_low_threshold {lo:g} is above clip_high_threshold {hi:g}", field="loss_fn_config.clip_low_threshold"
         )
+
+
+def check_finite_loss(name: str, value: float) -> None:
+    """Called by every backend before a training pass's gradients are accumulated: a NaN or infinite loss is
+    refused (``NonFiniteError``, a 400) and nothing of that pass is kept, so the run stays usable."""
+    if not math.isfinite(value):
+        raise NonFiniteError(
+            f"loss_fn {name!r} gave a non-finite loss ({value}) on this batch; nothing was accumulated and the "
+            "adapter is unchanged (look for extreme logprobs or advantages in loss_fn_inputs)",
+            field="loss_fn_inputs", detail={"non_finite": "loss"},
+        )
+
+
+def nonfinite_gradient_error(norm: float) -> NonFiniteError:
+    """What ``optim_step`` raises when the accumulated gradient is NaN or infinite: the step is not applied,
+    adapter weights and optimizer state are unchanged, and the accumulated gradients are discarded."""
+    return NonFiniteError(
+        f"optim_step not applied: the accumulated gradient is not finite (norm {norm}); the adapter weights and "
+        "optimizer state are unchanged, the gradients were discarded, and the run can continue",
+        field="gradients", detail={"non_finite": "gradient"},
+    )

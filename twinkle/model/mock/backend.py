@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from twinkle.loss import LossSpec, get_loss
+from twinkle.loss import LossSpec, check_finite_loss, get_loss, nonfinite_gradient_error
 from twinkle.model.base import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -320,6 +320,8 @@ class MockBackend(Backend):
                 for inp, ref in zip(inputs, refs, strict=True):
                     inp["ref_logprobs"] = ref
             result = spec.numpy_fn(lps[k], inputs, cfg)
+            if not item.forward_only:
+                check_finite_loss(spec.name, float(result.loss))  # before any gradient is kept
             dlps.append([np.asarray(g, dtype=np.float64).reshape(lp.shape) for g, lp in zip(result.grads, lps[k], strict=True)])
             outputs.append(ForwardBackwardOutput(
                 loss_fn_outputs=[{"logprobs": TensorData.from_numpy(lp.astype(np.float32))} for lp in lps[k]],
@@ -371,6 +373,9 @@ class MockBackend(Backend):
             (b1, b2), eps, wd, clip = opt.betas, opt.eps, opt.weight_decay, opt.grad_clip_norm
         grads = state.grads
         norm = math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
+        if not math.isfinite(norm):  # not applied: weights and optimizer state stay bit-identical
+            state.zero_grads()
+            raise nonfinite_gradient_error(norm)
         coef = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
         step = state.step + 1
         for key, p in state.lora.flat().items():
