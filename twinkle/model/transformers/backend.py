@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from twinkle.loss import check_finite_loss, nonfinite_gradient_error
 from twinkle.model.base import Backend, BatchItem, SampleItem
 from twinkle.types import (
     AdamParams,
@@ -259,6 +261,7 @@ class TransformersBackend(Backend):
                     inputs[j]["ref_logprobs"] = r
                 lo = p.spec.fn(lps[s:e], inputs, p.config)
                 if not p.item.forward_only:
+                    check_finite_loss(p.spec.name, float(lo.loss.detach()))  # before any gradient is kept
                     total = lo.loss if total is None else total + lo.loss
                 results.append(self._output(lo))
             if total is not None and total.requires_grad:
@@ -310,6 +313,10 @@ class TransformersBackend(Backend):
         with_grad = [p for p in plist if p.grad is not None]
         grads = [p.grad for p in with_grad]
         norm = self._grad_norm(with_grad)
+        if not math.isfinite(norm):  # not applied: weights and optimizer state stay bit-identical
+            for p in plist:
+                p.grad = None
+            raise nonfinite_gradient_error(norm)
         if params.grad_clip_norm > 0 and grads and norm > params.grad_clip_norm:
             coef = params.grad_clip_norm / (norm + 1e-6)
             torch._foreach_mul_(grads, coef)
