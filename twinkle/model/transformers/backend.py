@@ -335,7 +335,7 @@ class TransformersBackend(Backend):
 
     def continuous_ok(self) -> bool:
         """Whether this model's KV cache supports continuous batching (probed once with a 1-token forward)."""
-        if self._continuous is None:
+        if getattr(self, "_continuous", None) is None:
             from twinkle.sampler import _kv
 
             with torch.no_grad():
