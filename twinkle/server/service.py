@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from twinkle.loss import describe_losses
 from twinkle.types import (
     ForwardBackwardOutput,
     InvalidInputError,
@@ -750,7 +751,7 @@ class Service:
                     m.max_tokens_per_request, self.config.limits.max_tokens_per_request),
                 tokenizer_id=info.tokenizer_id if info else None, replicas=m.replicas,
             ))
-        return Capabilities(version=_VERSION, base_models=models)
+        return Capabilities(version=_VERSION, base_models=models, losses=describe_losses())
 
     async def status(self) -> ServerStatus:
         await self._refresh_model_info()
