@@ -126,6 +126,10 @@ class SchedulerSettings(_Strict):
     sample_token_budget: int = Field(65536, ge=1, description="prompt + generated tokens in one sampling call")
     sampler_cache_size: int = Field(4, ge=1, description="saved checkpoints kept loaded for sampling (LRU)")
     history: int = Field(32, ge=1, description="recent batches the worker status shows")
+    prefill_chunk: int = Field(512, ge=1, description="prompt tokens prefilled per decode step of the "
+                               "continuous sampler")
+    sample_slice_s: float = Field(0.05, ge=0, le=60, description="least decode time before training that waits "
+                                  "in the same tick runs")
 
 
 class MegatronSettings(_Strict):

@@ -74,3 +74,10 @@ class CreateAdapterOp:
 
 
 Op = ForwardBackwardOp | OptimStepOp | SetOptimizerOp | SetSchedulerOp | SaveOp | LoadOp
+
+
+def op_kind(op: object) -> str:
+    """The kind of call an op is, as a retry must repeat it (``forward`` and ``forward_backward`` differ)."""
+    if isinstance(op, ForwardBackwardOp):
+        return "forward" if op.forward_only else "forward_backward"
+    return str(getattr(op, "type", type(op).__name__))
