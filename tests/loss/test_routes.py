@@ -89,7 +89,7 @@ def test_op_refuses_before_queueing(value: str) -> None:
     assert e.value.field == "loss_fn_config.clip_low_threshold"
 
 
-def test_native_routes_refuse_non_finite_params(tmp_path: Path) -> None:
+def test_both_apis_refuse_non_finite_params(tmp_path: Path) -> None:
     """Issue 12 item 3: the numbers that used to write NaN into adapters are a 400 naming the field."""
     app, key = _app(tmp_path)
     headers = {"content-type": "application/json"}
@@ -108,6 +108,9 @@ def test_native_routes_refuse_non_finite_params(tmp_path: Path) -> None:
                                 ('{"weight_decay": "Infinity"}', "adam_params.weight_decay"),
                                 ('{"beta1": 2.0}', "adam_params.beta1")):
                 r = await c.post(f"{API}/runs/{run}/optim_step", content=f'{{"adam_params": {adam}}}', headers=headers)
+                assert r.status_code == 400 and r.json()["detail"]["field"] == field, r.text
+                tinker = f'{{"model_id": "{run}", "adam_params": {adam}}}'  # the Tinker route: same model, same rule
+                r = await c.post("/api/v1/optim_step", content=tinker, headers=headers)
                 assert r.status_code == 400 and r.json()["detail"]["field"] == field, r.text
 
     asyncio.run(go())
