@@ -143,3 +143,27 @@ def test_nonfinite_loss_is_a_user_error_and_the_run_goes_on(tmp_path: Path) -> N
             assert (await c.get(f"{API}/runs/{run}")).json()["step"] == 1
 
     asyncio.run(go())
+
+
+def test_cispo_without_config_uses_tinkers_default(tmp_path: Path) -> None:
+    """Issue 12 item 16: no loss_fn_config means clip 0.0/4.0 (Tinker's documented default), not 0.8/1.2."""
+    app, key = _app(tmp_path)
+
+    async def go() -> dict[str, float]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
+                                     headers={"X-API-Key": key}) as c:
+            sid = (await c.post(f"{API}/sessions", json={})).json()["session_id"]
+            r = await c.post(f"{API}/runs", json={"session_id": sid, "base_model": "mock", "lora": {"rank": 4}})
+            run = (await c.get(f"{API}/futures/{r.json()['future_id']}", params={"timeout": 30})).json()["result"]["run_id"]
+            out = {}
+            for label, cfg in (("none", None), ("tinker", {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}),
+                               ("ppo-like", {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2})):
+                r = await c.post(f"{API}/runs/{run}/forward", json={"data": [NATIVE_DATUM], "loss_fn": "cispo",
+                                                                     "loss_fn_config": cfg})
+                done = (await c.get(f"{API}/futures/{r.json()['future_id']}", params={"timeout": 30})).json()
+                out[label] = done["result"]["metrics"]["loss:sum"]
+            return out
+
+    got = asyncio.run(go())
+    assert got["none"] == pytest.approx(got["tinker"], rel=1e-6)
+    assert abs(got["none"] - got["ppo-like"]) > 0.1 * abs(got["ppo-like"])  # the old default gave another loss
