@@ -167,3 +167,15 @@ def test_cispo_without_config_uses_tinkers_default(tmp_path: Path) -> None:
     got = asyncio.run(go())
     assert got["none"] == pytest.approx(got["tinker"], rel=1e-6)
     assert abs(got["none"] - got["ppo-like"]) > 0.1 * abs(got["ppo-like"])  # the old default gave another loss
+
+
+@pytest.mark.parametrize("k", [10**9, 21, -1, True, 1.5])
+def test_sample_op_bounds_topk(k) -> None:
+    """Issue 12 item 1 at the root: whichever route builds the op, k is bounded before anything is allocated."""
+    from twinkle.server.ops import SampleOp
+    from twinkle.types import InvalidInputError
+
+    with pytest.raises(InvalidInputError) as e:
+        SampleOp(prompt=[1, 2, 3], topk_prompt_logprobs=k)
+    assert e.value.field == "topk_prompt_logprobs"
+    assert SampleOp(prompt=[1, 2], topk_prompt_logprobs=20).topk_prompt_logprobs == 20
