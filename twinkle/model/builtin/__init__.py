@@ -96,7 +96,7 @@ def _fingerprint(spec: BuiltinSpec) -> str:
     h.update(json.dumps({"builder": BUILDER_VERSION, "spec": d}, sort_keys=True).encode())
     h.update(CHATML_TEMPLATE.encode())
     if spec.vision is not None:
-        from ._vision import VL_CHAT_TEMPLATE, VISION_TOKENS
+        from ._vision import VISION_TOKENS, VL_CHAT_TEMPLATE
 
         h.update(VL_CHAT_TEMPLATE.encode())
         h.update(json.dumps(VISION_TOKENS).encode())
