@@ -759,6 +759,10 @@ class Scheduler:
         if bad:
             self._post(self._deliver_samples, bad, None)
         engine = self._get_engine()
+        whole = [s for s in good if getattr(s.op, "images", None)]  # image prompts: the backend's own path
+        if whole:
+            good = [s for s in good if not getattr(s.op, "images", None)]
+            self._sample_whole(whole, tick)
         if engine is None:
             if good:
                 self._sample_whole(good, tick)
@@ -937,7 +941,8 @@ def _batch_item(req: _Request) -> BatchItem:
 def _sample_item(s: _SampleRequest, adapter: str | None) -> SampleItem:
     op = s.op
     return SampleItem(adapter=adapter, prompt=list(op.prompt), num_samples=op.num_samples, params=op.params,
-                      prompt_logprobs=op.prompt_logprobs, topk_prompt_logprobs=op.topk_prompt_logprobs)
+                      prompt_logprobs=op.prompt_logprobs, topk_prompt_logprobs=op.topk_prompt_logprobs,
+                      images=list(getattr(op, "images", None) or []) or None)
 
 
 def _batch_info(reqs: list[_Request], seconds: float) -> dict[str, Any]:

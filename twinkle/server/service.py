@@ -33,6 +33,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from twinkle.loss import describe_losses
+from twinkle.model.images import check_image_data, expand_prompt
 from twinkle.types import (
     ForwardBackwardOutput,
     InvalidInputError,
@@ -517,6 +518,7 @@ class Service:
         if isinstance(op, ForwardBackwardOp):
             if not op.data:
                 raise InvalidInputError("data must hold at least one datum", field="data")
+            check_image_data(op.data, self._model_info.get(m.served_name), m.served_name)
             self._check_tokens(m, sum(d.model_input.length for d in op.data), "data")
             typ = "forward" if op.forward_only else "forward_backward"
 
@@ -707,6 +709,7 @@ class Service:
         m = self._model_cfg(base_model)
         if not op.prompt:
             raise InvalidInputError("prompt must hold at least one token", field="prompt")
+        op.prompt, op.images = expand_prompt(op.prompt, self._model_info.get(m.served_name), m.served_name)
         self._check_tokens(m, len(op.prompt), "prompt")
         if op.num_samples < 1 or op.num_samples > m.sampler.max_num_samples:
             raise LimitExceededError(
