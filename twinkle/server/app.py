@@ -38,14 +38,14 @@ log = logging.getLogger("twinkle.server")
 
 def worker_config(m: ModelConfig) -> dict[str, Any]:
     """The dict a ``ModelWorker`` is built from (backend options, scheduler knobs, limits)."""
-    d = m.model_dump(mode="json")
+    d = m.model_dump(mode="json")  # the scheduler section stays: SchedulerConfig.from_dict reads it
     d["name"] = m.served_name
-    d["max_pending_total"] = d.pop("max_queue")
     d["max_sample_batch"] = m.sampler.max_batch_size
     d.pop("sampler", None)
     d.pop("ray_actor_options", None)
     megatron = d.pop("megatron") or {}
-    d["backend_options"] = dict(megatron) if m.backend == "megatron" else {}
+    custom = d.pop("backend_options") or {}
+    d["backend_options"] = dict(megatron) if m.backend == "megatron" else dict(custom)
     return d
 
 

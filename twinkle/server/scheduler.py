@@ -56,6 +56,8 @@ from twinkle.types import (
     TwinkleError,
 )
 
+from .config import SAMPLER_DEFAULTS as _SAMPLER
+from .config import SCHEDULER_DEFAULTS as _SCHED
 from .ops import (
     ForwardBackwardOp,
     LoadOp,
@@ -77,21 +79,22 @@ _ALIASES = {"max_queue": "max_pending_total", "max_batch_size": "max_sample_batc
 
 @dataclass
 class SchedulerConfig:
-    """Tuning knobs. ``from_dict`` reads them from a model config (flat keys or a ``scheduler:`` section)."""
+    """Tuning knobs. ``from_dict`` reads them from a model config (flat keys or a ``scheduler:`` section).
+    The defaults are the config schema's (``twinkle.server.config.SchedulerSettings``), not written here."""
 
-    batch_token_budget: int = 16384
-    max_batch_items: int = 256
-    seq_grace_s: float = 2.0
+    batch_token_budget: int = _SCHED.batch_token_budget
+    max_batch_items: int = _SCHED.max_batch_items
+    seq_grace_s: float = _SCHED.seq_grace_s
     first_seq_id: int = 1
-    max_pending_per_adapter: int = 64
-    max_pending_total: int = 1024
-    result_memory: int = 32
-    sample_token_budget: int = 65536
-    max_sample_batch: int = 32
-    sampler_cache_size: int = 4
-    history: int = 32
-    prefill_chunk: int = 512  # prompt tokens prefilled per decode step of the continuous sampler
-    sample_slice_s: float = 0.05  # least decode time before training waiting in the same tick runs
+    max_pending_per_adapter: int = _SCHED.max_pending_per_adapter
+    max_pending_total: int = _SCHED.max_queue
+    result_memory: int = _SCHED.result_memory
+    sample_token_budget: int = _SCHED.sample_token_budget
+    max_sample_batch: int = _SAMPLER.max_batch_size
+    sampler_cache_size: int = _SCHED.sampler_cache_size
+    history: int = _SCHED.history
+    prefill_chunk: int = _SCHED.prefill_chunk
+    sample_slice_s: float = _SCHED.sample_slice_s
 
     @classmethod
     def from_dict(cls, config: dict[str, Any] | None) -> SchedulerConfig:
@@ -114,7 +117,7 @@ class SchedulerConfig:
                     value = kind(value)
                 except (TypeError, ValueError) as e:
                     raise InvalidInputError(f"{f.name} must be a {kind.__name__}", field=f.name) from e
-                if value < 0 or (value == 0 and f.name != "seq_grace_s" and f.name != "first_seq_id"):
+                if value < 0 or (value == 0 and f.name not in ("seq_grace_s", "first_seq_id", "sample_slice_s")):
                     raise InvalidInputError(f"{f.name} must be positive", field=f.name)
                 setattr(out, f.name, value)
         return out

@@ -5,11 +5,10 @@ A plain class. The Ray Serve application wraps it as one deployment per (base mo
 deployment must allow many concurrent calls (``max_ongoing_requests`` well above the number of clients),
 otherwise Ray Serve queues requests in front of the worker and nothing is ever batched.
 
-Model config keys read here (the server's config schema validates them; unknown keys are ignored here):
-``backend``, ``model_id``, ``max_adapters`` (16), ``max_lora_rank`` (128), ``max_tokens_per_request``
-(32768), and the :class:`~twinkle.server.scheduler.SchedulerConfig` fields (flat, or in a ``scheduler:`` /
-``sampler:`` section): ``batch_token_budget``, ``seq_grace_s``, ``max_pending_per_adapter``,
-``max_pending_total``, ``result_memory``, ``sampler_cache_size``, ``max_sample_batch``, ...
+Model config keys read here (the server's config schema validates them and holds every default; unknown keys
+are ignored here): ``backend``, ``model_id``, ``max_adapters``, ``max_lora_rank``, ``max_tokens_per_request``,
+and the :class:`~twinkle.server.scheduler.SchedulerConfig` fields (flat, or in a ``scheduler:`` / ``sampler:``
+section): ``batch_token_budget``, ``seq_grace_s``, ``max_pending_per_adapter``, ``max_queue``, ...
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ from twinkle.types import (
     TwinkleError,
 )
 
+from .config import model_default
 from .ops import (
     ForwardBackwardOp,
     LoadOp,
@@ -61,9 +61,10 @@ class ModelWorker:
             raise InvalidInputError("model_config must be a mapping", field="model_config")
         self.config = dict(model_config)
         self.replica_index = replica_index
-        self.max_adapters = _positive_int(self.config, "max_adapters", 16)
-        self.max_lora_rank = _positive_int(self.config, "max_lora_rank", 128)
-        self.max_tokens_per_request = _positive_int(self.config, "max_tokens_per_request", 32768)
+        self.max_adapters = _positive_int(self.config, "max_adapters", model_default("max_adapters"))
+        self.max_lora_rank = _positive_int(self.config, "max_lora_rank", model_default("max_lora_rank"))
+        self.max_tokens_per_request = _positive_int(self.config, "max_tokens_per_request",
+                                                    model_default("max_tokens_per_request"))
         sched_config = SchedulerConfig.from_dict(self.config)
         self._started_at = time.time()
         executor = new_backend_executor()
