@@ -170,7 +170,16 @@ class ModelConfig(_Strict):
     @model_validator(mode="after")
     def _default_name(self) -> ModelConfig:
         if self.name is None:
-            object.__setattr__(self, "name", self.model_id)
+            # A local directory (``/models/qwen``) is not a valid name: its last component is (``qwen``).
+            # The name is validated here, not first in the gateway replica (where it re-reads this config).
+            name = self.model_id.rstrip("/")
+            if not _NAME_RE.match(name):
+                name = os.path.basename(os.path.normpath(os.path.expanduser(name)))
+            if not _NAME_RE.match(name):
+                raise ValueError(
+                    f"model_id {self.model_id!r} does not make a valid model name: set 'name' (letters, digits "
+                    "and . _ / : -), the base_model clients pass")
+            object.__setattr__(self, "name", name)
         return self
 
     @model_validator(mode="after")

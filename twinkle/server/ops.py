@@ -68,12 +68,13 @@ class LoadOp:
 
 @dataclass
 class SampleOp:
-    prompt: list[int]
+    prompt: list[int]  # a ModelInput with images until the gateway expands it (twinkle.model.images)
     num_samples: int = 1
     params: SamplingParams = field(default_factory=SamplingParams)
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
     type: str = "sample"
+    images: list[Any] = field(default_factory=list)  # the prompt's ImageChunks, in order
 
     def __post_init__(self) -> None:
         # The reply grows with k × prompt length: bound k here, whichever API built the op.

@@ -215,7 +215,7 @@ class Scheduler:
         self.stats: dict[str, Any] = {
             "ticks": 0, "batches_run": 0, "mixed_batches": 0, "rows_run": 0, "tokens_run": 0,
             "barriers_run": 0, "sample_batches": 0, "samples_run": 0, "errors": 0, "dedup_hits": 0,
-            "seq_skips": 0, "late_requests": 0, "rejected_capacity": 0, "busy_s": 0.0,
+            "seq_skips": 0, "late_requests": 0, "rejected_capacity": 0, "samples_cancelled": 0, "busy_s": 0.0,
             "max_adapters_in_batch": 0,
         }
         self.last_batch: dict[str, Any] | None = None
@@ -311,6 +311,19 @@ class Scheduler:
         self._pending_total += 1
         self._wake_up()
         return fut
+
+    def cancel_sample(self, fut: asyncio.Future) -> bool:
+        """Drop a queued sampling request (its caller gave up). False when it is already running or done."""
+        for s in self._samples:
+            if s.future is fut and not s.finished:
+                self._samples.remove(s)
+                s.finished = True
+                self._pending_total -= 1
+                self.stats["samples_cancelled"] += 1
+                if not fut.done():
+                    fut.cancel()
+                return True
+        return False
 
     def drop_adapter(self, adapter: str, error: TwinkleError | None = None) -> int:
         """Forget ``adapter``: fail its queued (not yet running) requests. Returns how many were failed."""
@@ -749,6 +762,10 @@ class Scheduler:
         if bad:
             self._post(self._deliver_samples, bad, None)
         engine = self._get_engine()
+        whole = [s for s in good if getattr(s.op, "images", None)]  # image prompts: the backend's own path
+        if whole:
+            good = [s for s in good if not getattr(s.op, "images", None)]
+            self._sample_whole(whole, tick)
         if engine is None:
             if good:
                 self._sample_whole(good, tick)
@@ -927,7 +944,8 @@ def _batch_item(req: _Request) -> BatchItem:
 def _sample_item(s: _SampleRequest, adapter: str | None) -> SampleItem:
     op = s.op
     return SampleItem(adapter=adapter, prompt=list(op.prompt), num_samples=op.num_samples, params=op.params,
-                      prompt_logprobs=op.prompt_logprobs, topk_prompt_logprobs=op.topk_prompt_logprobs)
+                      prompt_logprobs=op.prompt_logprobs, topk_prompt_logprobs=op.topk_prompt_logprobs,
+                      images=list(getattr(op, "images", None) or []) or None)
 
 
 def _batch_info(reqs: list[_Request], seconds: float) -> dict[str, Any]:

@@ -193,7 +193,11 @@ class ModelWorker:
         elif checkpoint_path is not None:
             cache_key = self._checkpoint_key(checkpoint_path)
         fut = self._scheduler.submit_sample(op, adapter=adapter_id, checkpoint=checkpoint_path, cache_key=cache_key)
-        return await asyncio.shield(fut)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:  # the caller gave up (its session ended): drop the work if still queued
+            self._scheduler.cancel_sample(fut)
+            raise
 
     # ---- status ----------------------------------------------------------------------------------------------
     async def status(self) -> dict[str, Any]:
