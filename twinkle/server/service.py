@@ -1051,6 +1051,21 @@ class Service:
         run_id: str | None = None, checkpoint: str | None = None,
     ) -> FutureRef:
         self._ensure_reaper()
+        worker, adapter_id, ck_dir, after = self.sample_target(user, op, sampler_id=sampler_id, base_model=base_model,
+                                                               run_id=run_id, checkpoint=checkpoint)
+
+        async def _go() -> Any:
+            out = await worker.sample(op, adapter_id=adapter_id, checkpoint_path=ck_dir)
+            return out if isinstance(out, SampleResponse) else SampleResponse.model_validate(out)
+
+        return self._spawn(user, "sample", run_id, _go(), after=after)
+
+    def sample_target(
+        self, user: User, op: SampleOp, *, sampler_id: str | None = None, base_model: str | None = None,
+        run_id: str | None = None, checkpoint: str | None = None,
+    ) -> tuple[Any, str | None, str | None, Any]:
+        """Validate a sample request and resolve what it samples with: ``(worker, adapter_id, checkpoint dir,
+        future to wait for first)``. Another user's run or checkpoint is a 404."""
         if sampler_id is not None:
             row = self._samplers.get(sampler_id) if isinstance(sampler_id, str) else None
             if row is None or row["user"] != user.name:
@@ -1090,12 +1105,7 @@ class Service:
         if replica is None:
             replica = self._least_loaded_replica(m.served_name)
         worker = self._worker(m.served_name, replica)
-
-        async def _go() -> Any:
-            out = await worker.sample(op, adapter_id=adapter_id, checkpoint_path=ck_dir)
-            return out if isinstance(out, SampleResponse) else SampleResponse.model_validate(out)
-
-        return self._spawn(user, "sample", run_id, _go(), after=after)
+        return worker, adapter_id, ck_dir, after
 
     def _least_loaded_replica(self, base_model: str) -> int:
         n = len(self.workers[base_model])
