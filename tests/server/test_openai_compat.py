@@ -112,3 +112,28 @@ def test_openai_package_and_sse(env):
             await oa.chat.completions.create(model="tiny", messages=[], max_tokens=4)
 
     asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_client_sampler_stream_yields_text_pieces(env):
+    import twinkle_client
+    from twinkle.types import InvalidInputError, SamplingParams
+    from twinkle_client._transport import SyncASGITransport
+    from twinkle_client.sampler import Sampler
+
+    app, keys = env
+    transport = SyncASGITransport(app)
+    try:
+        sess = twinkle_client.connect("http://t", keys["alice"], transport=transport, heartbeat=False,
+                                      make_current=False)
+        sampler = Sampler(base_model="tiny", session=sess)
+        pieces = list(sampler.generate("hello", max_tokens=10, temperature=0.0, stream=True))
+        assert pieces and "".join(pieces) == sampler.generate("hello", max_tokens=10, temperature=0.0)
+        events = list(sampler.stream([5, 6, 7], SamplingParams(max_tokens=5, temperature=0.0, stop=[])))
+        final = events[-1]["done"]
+        assert [e["token"] for e in events[:-1]] == final.sequences[0].tokens
+        with pytest.raises(InvalidInputError) as e:  # refused before the stream starts: a plain 4xx
+            list(Sampler(base_model="nope", session=sess).stream([5], SamplingParams(max_tokens=2)))
+        assert e.value.field == "base_model"
+    finally:
+        transport.close()
