@@ -44,6 +44,8 @@ def worker_config(m: ModelConfig) -> dict[str, Any]:
     d["name"] = m.served_name
     d["max_pending_total"] = d.pop("max_queue")
     d["max_sample_batch"] = m.sampler.max_batch_size
+    d["sample_token_budget"] = m.sampler.kv_cache_tokens
+    d["prefill_chunk"] = m.sampler.prefill_chunk
     d.pop("sampler", None)
     d.pop("ray_actor_options", None)
     megatron = d.pop("megatron") or {}

@@ -105,7 +105,10 @@ class SamplerSettings(_Strict):
     max_tokens: int = Field(1024, ge=1, description="cap on sampling_params.max_tokens")
     default_max_tokens: int = Field(64, ge=1, description="used when a request gives no max_tokens")
     max_num_samples: int = Field(16, ge=1, description="cap on num_samples of one request")
-    max_batch_size: int = Field(32, ge=1, description="sequences generated together")
+    max_batch_size: int = Field(32, ge=1, description="sample requests decoding together (continuous batching)")
+    kv_cache_tokens: int = Field(65536, ge=1, description="KV-cache budget: requests decoding together hold at "
+                                 "most this many tokens, num_samples * (prompt + max_tokens) each; more queue")
+    prefill_chunk: int = Field(512, ge=1, description="prompt tokens prefilled between two decode steps")
 
 
 class MegatronSettings(_Strict):

@@ -576,10 +576,11 @@ class Scheduler:
             tenants.setdefault(s.cache_key or s.adapter, deque()).append(s)
         held: set[int] = set()
         progress = True
-        while progress and len(taken) < self.config.max_sample_batch:
+        room = self.config.max_sample_batch - len(self._in_engine)
+        while progress and len(taken) < room:
             progress = False
             for tq in tenants.values():
-                if not tq or len(taken) >= self.config.max_sample_batch:
+                if not tq or len(taken) >= room:
                     continue
                 s = tq[0]
                 q = self._queues.get(s.adapter) if s.adapter is not None else None
