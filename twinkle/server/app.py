@@ -40,16 +40,14 @@ log = logging.getLogger("twinkle.server")
 
 def worker_config(m: ModelConfig) -> dict[str, Any]:
     """The dict a ``ModelWorker`` is built from (backend options, scheduler knobs, limits)."""
-    d = m.model_dump(mode="json")
+    d = m.model_dump(mode="json")  # the scheduler section stays: SchedulerConfig.from_dict reads it
     d["name"] = m.served_name
-    d["max_pending_total"] = d.pop("max_queue")
     d["max_sample_batch"] = m.sampler.max_batch_size
-    d["sample_token_budget"] = m.sampler.kv_cache_tokens
-    d["prefill_chunk"] = m.sampler.prefill_chunk
     d.pop("sampler", None)
     d.pop("ray_actor_options", None)
     megatron = d.pop("megatron") or {}
-    d["backend_options"] = dict(megatron) if m.backend == "megatron" else {}
+    custom = d.pop("backend_options") or {}
+    d["backend_options"] = dict(megatron) if m.backend == "megatron" else dict(custom)
     return d
 
 
@@ -251,7 +249,7 @@ def _tinker_router() -> Any:
 
 
 class _HandleWorker:
-    """Adapts a Ray Serve ``DeploymentHandle`` of a worker deployment to the in-process worker interface."""
+    """Adapts a Ray Serve ``DeploymentHandle`` of a worker deployment to :class:`~twinkle.server.worker_api.WorkerAPI`."""
 
     def __init__(self, handle: Any):
         self._h = handle
@@ -291,6 +289,9 @@ class _HandleWorker:
 
     async def skip(self, adapter_id: str, seq_id: int) -> Any:
         return await self._call("skip", adapter_id, seq_id)
+
+    async def has_adapter(self, adapter_id: str) -> Any:
+        return await self._call("has_adapter", adapter_id)
 
     async def status(self) -> Any:
         return await self._call("status")
@@ -347,6 +348,9 @@ def build_serve_app(config: ServerConfig) -> Any:
 
         async def skip(self, adapter_id: str, seq_id: int) -> None:
             await self.worker.skip(adapter_id, seq_id)
+
+        async def has_adapter(self, adapter_id: str) -> bool:
+            return await self.worker.has_adapter(adapter_id)
 
         async def status(self) -> Any:
             return await self.worker.status()

@@ -5,7 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from twinkle.types import AdamParams, Datum, LoraConfig, LRSchedulerConfig, OptimizerConfig, SamplingParams
+from twinkle.loss import validate_request
+from twinkle.types import (
+    AdamParams,
+    Datum,
+    InvalidInputError,
+    LoraConfig,
+    LRSchedulerConfig,
+    OptimizerConfig,
+    SamplingParams,
+)
+from twinkle.types.params import MAX_TOPK_LOGPROBS
 
 
 @dataclass
@@ -15,6 +25,11 @@ class ForwardBackwardOp:
     loss_fn_config: dict[str, Any] | None = None
     forward_only: bool = False
     type: str = "forward_backward"
+
+    def __post_init__(self) -> None:
+        # Both APIs build this op before queueing it: an unknown loss or a bad config is refused here, by the
+        # loss registry (the same check the worker's backend makes), as a 400 naming the field.
+        validate_request(self.loss_fn, self.loss_fn_config)
 
 
 @dataclass
@@ -53,12 +68,20 @@ class LoadOp:
 
 @dataclass
 class SampleOp:
-    prompt: list[int]
+    prompt: list[int]  # a ModelInput with images until the gateway expands it (twinkle.model.images)
     num_samples: int = 1
     params: SamplingParams = field(default_factory=SamplingParams)
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
     type: str = "sample"
+    images: list[Any] = field(default_factory=list)  # the prompt's ImageChunks, in order
+
+    def __post_init__(self) -> None:
+        # The reply grows with k × prompt length: bound k here, whichever API built the op.
+        k = self.topk_prompt_logprobs
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_TOPK_LOGPROBS:
+            raise InvalidInputError(f"topk_prompt_logprobs must be an integer in [0, {MAX_TOPK_LOGPROBS}], got {k!r}",
+                                    field="topk_prompt_logprobs")
 
 
 @dataclass
@@ -68,3 +91,10 @@ class CreateAdapterOp:
 
 
 Op = ForwardBackwardOp | OptimStepOp | SetOptimizerOp | SetSchedulerOp | SaveOp | LoadOp
+
+
+def op_kind(op: object) -> str:
+    """The kind of call an op is, as a retry must repeat it (``forward`` and ``forward_backward`` differ)."""
+    if isinstance(op, ForwardBackwardOp):
+        return "forward" if op.forward_only else "forward_backward"
+    return str(getattr(op, "type", type(op).__name__))

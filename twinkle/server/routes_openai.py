@@ -205,8 +205,7 @@ def create_openai_router() -> APIRouter:
     async def _worker_for(service: Service, user: User, model: str) -> Any:
         target = await _target(service, user, model)
         probe = SampleOp(prompt=[0], params=SamplingParams(max_tokens=1))
-        worker, *_ = service.sample_target(user, probe, **target)
-        return worker
+        return service.sample_target(user, probe, **target).worker
 
     @r.post("/completions")
     async def completions(body: CompletionBody, user: User = who, service: Service = svc) -> Any:

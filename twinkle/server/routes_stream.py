@@ -31,11 +31,11 @@ async def open_stream(service: Service, user: User, op: SampleOp, *, base_model:
                       run_id: str | None = None, checkpoint: str | None = None) -> AsyncIterator[dict[str, Any]]:
     """Validate and start a streamed sample request (raises a ``TwinkleError`` at once when it is refused);
     returns an iterator of ``{"events": [...], "done", "result"}`` polls."""
-    worker, adapter_id, ck_dir, after = service.sample_target(user, op, base_model=base_model, run_id=run_id,
-                                                              checkpoint=checkpoint)
-    if after is not None and not after.done():
-        await after
-    sid = await worker.sample_stream_open(op, adapter_id=adapter_id, checkpoint_path=ck_dir)
+    t = service.sample_target(user, op, base_model=base_model, run_id=run_id, checkpoint=checkpoint)
+    if t.after is not None and not t.after.done():
+        await t.after
+    worker = t.worker
+    sid = await worker.sample_stream_open(op, adapter_id=t.adapter_id, checkpoint_path=t.checkpoint_dir)
 
     async def polls() -> AsyncIterator[dict[str, Any]]:
         nxt = 0

@@ -56,6 +56,8 @@ from twinkle.types import (
     TwinkleError,
 )
 
+from .config import SAMPLER_DEFAULTS as _SAMPLER
+from .config import SCHEDULER_DEFAULTS as _SCHED
 from .ops import (
     ForwardBackwardOp,
     LoadOp,
@@ -65,6 +67,7 @@ from .ops import (
     SaveOp,
     SetOptimizerOp,
     SetSchedulerOp,
+    op_kind,
 )
 
 log = logging.getLogger("twinkle.server.scheduler")
@@ -76,21 +79,22 @@ _ALIASES = {"max_queue": "max_pending_total", "max_batch_size": "max_sample_batc
 
 @dataclass
 class SchedulerConfig:
-    """Tuning knobs. ``from_dict`` reads them from a model config (flat keys or a ``scheduler:`` section)."""
+    """Tuning knobs. ``from_dict`` reads them from a model config (flat keys or a ``scheduler:`` section).
+    The defaults are the config schema's (``twinkle.server.config.SchedulerSettings``), not written here."""
 
-    batch_token_budget: int = 16384
-    max_batch_items: int = 256
-    seq_grace_s: float = 2.0
+    batch_token_budget: int = _SCHED.batch_token_budget
+    max_batch_items: int = _SCHED.max_batch_items
+    seq_grace_s: float = _SCHED.seq_grace_s
     first_seq_id: int = 1
-    max_pending_per_adapter: int = 64
-    max_pending_total: int = 1024
-    result_memory: int = 32
-    sample_token_budget: int = 65536
-    max_sample_batch: int = 32
-    sampler_cache_size: int = 4
-    history: int = 32
-    prefill_chunk: int = 512  # prompt tokens prefilled per decode step of the continuous sampler
-    sample_slice_s: float = 0.05  # least decode time before training waiting in the same tick runs
+    max_pending_per_adapter: int = _SCHED.max_pending_per_adapter
+    max_pending_total: int = _SCHED.max_queue
+    result_memory: int = _SCHED.result_memory
+    sample_token_budget: int = _SCHED.sample_token_budget
+    max_sample_batch: int = _SAMPLER.max_batch_size
+    sampler_cache_size: int = _SCHED.sampler_cache_size
+    history: int = _SCHED.history
+    prefill_chunk: int = _SCHED.prefill_chunk
+    sample_slice_s: float = _SCHED.sample_slice_s
 
     @classmethod
     def from_dict(cls, config: dict[str, Any] | None) -> SchedulerConfig:
@@ -113,7 +117,7 @@ class SchedulerConfig:
                     value = kind(value)
                 except (TypeError, ValueError) as e:
                     raise InvalidInputError(f"{f.name} must be a {kind.__name__}", field=f.name) from e
-                if value < 0 or (value == 0 and f.name != "seq_grace_s" and f.name != "first_seq_id"):
+                if value < 0 or (value == 0 and f.name not in ("seq_grace_s", "first_seq_id", "sample_slice_s")):
                     raise InvalidInputError(f"{f.name} must be positive", field=f.name)
                 setattr(out, f.name, value)
         return out
@@ -161,6 +165,7 @@ class _AdapterQueue:
     gap_since: float | None = None
     timer: asyncio.TimerHandle | None = None
     memory: OrderedDict[int, asyncio.Future] = field(default_factory=OrderedDict)
+    kinds: dict[int, str] = field(default_factory=dict)  # seq_id -> the kind of call it named (see ops.op_kind)
     pending: int = 0  # submitted and not yet completed
     skipped: set[int] = field(default_factory=set)  # seq ids ahead of next_seq consumed upstream
 
@@ -212,7 +217,7 @@ class Scheduler:
         self.stats: dict[str, Any] = {
             "ticks": 0, "batches_run": 0, "mixed_batches": 0, "rows_run": 0, "tokens_run": 0,
             "barriers_run": 0, "sample_batches": 0, "samples_run": 0, "errors": 0, "dedup_hits": 0,
-            "seq_skips": 0, "late_requests": 0, "rejected_capacity": 0, "busy_s": 0.0,
+            "seq_skips": 0, "late_requests": 0, "rejected_capacity": 0, "samples_cancelled": 0, "busy_s": 0.0,
             "max_adapters_in_batch": 0,
         }
         self.last_batch: dict[str, Any] | None = None
@@ -239,9 +244,8 @@ class Scheduler:
         if q is None:
             q = self._queues[adapter] = _AdapterQueue()
         if seq_id is not None:
-            known = q.memory.get(seq_id)
+            known = self.known(adapter, seq_id, op_kind(op))
             if known is not None:
-                self.stats["dedup_hits"] += 1
                 return known
         self._check_capacity(q)
         fut = self._new_future()
@@ -250,16 +254,25 @@ class Scheduler:
         self._pending_total += 1
         if seq_id is not None:
             q.memory[seq_id] = fut
+            q.kinds[seq_id] = op_kind(op)
         self._place(q, req)
         return fut
 
-    def known(self, adapter: str, seq_id: int | None) -> asyncio.Future | None:
-        """The future of an earlier request with this ``(adapter, seq_id)``, if it is remembered."""
+    def known(self, adapter: str, seq_id: int | None, kind: str | None = None) -> asyncio.Future | None:
+        """The future of an earlier request with this ``(adapter, seq_id)``, if it is remembered.
+        ``kind`` given: a remembered request of another kind is an ``InvalidInputError`` (a reused seq_id)."""
         if seq_id is None:
             return None
         q = self._queues.get(adapter)
         fut = q.memory.get(seq_id) if q is not None else None
         if fut is not None:
+            assert q is not None
+            earlier = q.kinds.get(seq_id)
+            if kind is not None and earlier is not None and earlier != kind:
+                raise InvalidInputError(
+                    f"seq_id {seq_id} was already used for a {earlier} call; a new {kind} call needs a new seq_id",
+                    field="seq_id",
+                )
             self.stats["dedup_hits"] += 1
         return fut
 
@@ -283,6 +296,7 @@ class Scheduler:
         q = self._queues.setdefault(adapter, _AdapterQueue())
         q.next_seq = next_seq_id
         q.memory.clear()
+        q.kinds.clear()
         if next_seq_id is not None:
             self._release(q)
 
@@ -302,6 +316,19 @@ class Scheduler:
         self._pending_total += 1
         self._wake_up()
         return fut
+
+    def cancel_sample(self, fut: asyncio.Future) -> bool:
+        """Drop a queued sampling request (its caller gave up). False when it is already running or done."""
+        for s in self._samples:
+            if s.future is fut and not s.finished:
+                self._samples.remove(s)
+                s.finished = True
+                self._pending_total -= 1
+                self.stats["samples_cancelled"] += 1
+                if not fut.done():
+                    fut.cancel()
+                return True
+        return False
 
     def drop_adapter(self, adapter: str, error: TwinkleError | None = None) -> int:
         """Forget ``adapter``: fail its queued (not yet running) requests. Returns how many were failed."""
@@ -741,6 +768,10 @@ class Scheduler:
         if bad:
             self._post(self._deliver_samples, bad, None)
         engine = self._get_engine()
+        whole = [s for s in good if getattr(s.op, "images", None)]  # image prompts: the backend's own path
+        if whole:
+            good = [s for s in good if not getattr(s.op, "images", None)]
+            self._sample_whole(whole, tick)
         if engine is None:
             if good:
                 self._sample_whole(good, tick)
@@ -880,6 +911,7 @@ class Scheduler:
             if not fut.done():
                 break
             del q.memory[seq]
+            q.kinds.pop(seq, None)
 
     def _deliver_samples(self, pairs: list[tuple[_SampleRequest, tuple[bool, Any]]], seconds: float | None) -> None:
         for s, (ok, value) in pairs:
@@ -939,7 +971,8 @@ def _batch_item(req: _Request) -> BatchItem:
 def _sample_item(s: _SampleRequest, adapter: str | None) -> SampleItem:
     op = s.op
     return SampleItem(adapter=adapter, prompt=list(op.prompt), num_samples=op.num_samples, params=op.params,
-                      prompt_logprobs=op.prompt_logprobs, topk_prompt_logprobs=op.topk_prompt_logprobs)
+                      prompt_logprobs=op.prompt_logprobs, topk_prompt_logprobs=op.topk_prompt_logprobs,
+                      images=list(getattr(op, "images", None) or []) or None)
 
 
 def _batch_info(reqs: list[_Request], seconds: float) -> dict[str, Any]:

@@ -5,11 +5,10 @@ A plain class. The Ray Serve application wraps it as one deployment per (base mo
 deployment must allow many concurrent calls (``max_ongoing_requests`` well above the number of clients),
 otherwise Ray Serve queues requests in front of the worker and nothing is ever batched.
 
-Model config keys read here (the server's config schema validates them; unknown keys are ignored here):
-``backend``, ``model_id``, ``max_adapters`` (16), ``max_lora_rank`` (128), ``max_tokens_per_request``
-(32768), and the :class:`~twinkle.server.scheduler.SchedulerConfig` fields (flat, or in a ``scheduler:`` /
-``sampler:`` section): ``batch_token_budget``, ``seq_grace_s``, ``max_pending_per_adapter``,
-``max_pending_total``, ``result_memory``, ``sampler_cache_size``, ``max_sample_batch``, ...
+Model config keys read here (the server's config schema validates them and holds every default; unknown keys
+are ignored here): ``backend``, ``model_id``, ``max_adapters``, ``max_lora_rank``, ``max_tokens_per_request``,
+and the :class:`~twinkle.server.scheduler.SchedulerConfig` fields (flat, or in a ``scheduler:`` / ``sampler:``
+section): ``batch_token_budget``, ``seq_grace_s``, ``max_pending_per_adapter``, ``max_queue``, ...
 """
 
 from __future__ import annotations
@@ -34,7 +33,18 @@ from twinkle.types import (
     TwinkleError,
 )
 
-from .ops import ForwardBackwardOp, LoadOp, Op, OptimStepOp, SampleOp, SaveOp, SetOptimizerOp, SetSchedulerOp
+from .config import model_default
+from .ops import (
+    ForwardBackwardOp,
+    LoadOp,
+    Op,
+    OptimStepOp,
+    SampleOp,
+    SaveOp,
+    SetOptimizerOp,
+    SetSchedulerOp,
+    op_kind,
+)
 from .scheduler import Scheduler, SchedulerConfig, new_backend_executor
 
 _SAMPLER_PREFIX = "__sampler__"
@@ -51,9 +61,10 @@ class ModelWorker:
             raise InvalidInputError("model_config must be a mapping", field="model_config")
         self.config = dict(model_config)
         self.replica_index = replica_index
-        self.max_adapters = _positive_int(self.config, "max_adapters", 16)
-        self.max_lora_rank = _positive_int(self.config, "max_lora_rank", 128)
-        self.max_tokens_per_request = _positive_int(self.config, "max_tokens_per_request", 32768)
+        self.max_adapters = _positive_int(self.config, "max_adapters", model_default("max_adapters"))
+        self.max_lora_rank = _positive_int(self.config, "max_lora_rank", model_default("max_lora_rank"))
+        self.max_tokens_per_request = _positive_int(self.config, "max_tokens_per_request",
+                                                    model_default("max_tokens_per_request"))
         sched_config = SchedulerConfig.from_dict(self.config)
         self._started_at = time.time()
         executor = new_backend_executor()
@@ -126,7 +137,7 @@ class ModelWorker:
         sched = self._scheduler
         if seq_id is not None and (isinstance(seq_id, bool) or not isinstance(seq_id, int) or seq_id < 0):
             raise InvalidInputError("seq_id must be a non-negative integer", field="seq_id")
-        earlier = sched.known(adapter_id, seq_id)
+        earlier = sched.known(adapter_id, seq_id, op_kind(op))
         if earlier is not None:
             return await asyncio.shield(earlier)
         creating = False
@@ -171,7 +182,11 @@ class ModelWorker:
                      checkpoint_path: str | None = None) -> SampleResponse:
         """Sample with a run's live adapter, a saved adapter (cached read-only, LRU) or the base model."""
         fut = self._submit_sample(op, adapter_id, checkpoint_path)
-        return await asyncio.shield(fut)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:  # the caller gave up (its session ended): drop the work if still queued
+            self._scheduler.cancel_sample(fut)
+            raise
 
     def _submit_sample(self, op: SampleOp, adapter_id: str | None, checkpoint_path: str | None,
                        on_tokens: Any = None) -> asyncio.Future:

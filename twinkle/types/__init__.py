@@ -8,12 +8,20 @@ from .errors import (
     InternalError,
     InvalidInputError,
     LimitExceededError,
+    NonFiniteError,
     NotFoundError,
     StateLostError,
     TwinkleError,
     UnsupportedError,
 )
-from .outputs import ForwardBackwardOutput, ModelInfo, OptimStepResponse, SampledSequence, SampleResponse
+from .outputs import (
+    ForwardBackwardOutput,
+    ModelInfo,
+    OptimStepResponse,
+    SampledSequence,
+    SampleResponse,
+    VisionInfo,
+)
 from .params import AdamParams, LoraConfig, LRSchedulerConfig, OptimizerConfig, SamplingParams
 
 __all__ = [
@@ -28,9 +36,11 @@ __all__ = [
     "InternalError",
     "InvalidInputError",
     "LimitExceededError",
+    "NonFiniteError",
     "LoraConfig",
     "LRSchedulerConfig",
     "ModelInfo",
+    "VisionInfo",
     "ModelInput",
     "NotFoundError",
     "OptimStepResponse",

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from twinkle.loss import LossSpec, get_loss
 from twinkle.model.base import BatchItem
 from twinkle.types import InvalidInputError, NotFoundError
-
-_FLOAT_KEYS = ("weights", "advantages", "logprobs", "ref_logprobs")
 
 
 @dataclass
@@ -20,10 +20,16 @@ class PreparedItem:
     config: dict[str, float]
     tokens: list[np.ndarray]  # per datum, int64 (N,)
     inputs: list[dict[str, np.ndarray]]  # per datum loss_fn_inputs as numpy
+    images: list[list[Any]] = field(default_factory=list)  # per datum, its images (vision models only)
 
 
-def prepare(items: list[BatchItem], adapters: set[str], vocab_size: int, max_length: int) -> list[PreparedItem]:
-    """Validate every item (raising a typed error naming the field) and convert its data to numpy."""
+Expand = Callable[[Any, str], "tuple[list[int], list[Any]]"]
+
+
+def prepare(items: list[BatchItem], adapters: set[str], vocab_size: int, max_length: int,
+            expand: Expand | None = None) -> list[PreparedItem]:
+    """Validate every item (raising a typed error naming the field) and convert its data to numpy.
+    ``expand(model_input, field)``: a vision model's image expansion (tokens, images)."""
     if not isinstance(items, list) or not items:
         raise InvalidInputError("a batch needs at least one item", field="data")
     out = []
@@ -41,10 +47,16 @@ def prepare(items: list[BatchItem], adapters: set[str], vocab_size: int, max_len
             raise InvalidInputError(
                 f"loss_fn {spec.name!r} takes datums in (chosen, rejected) pairs; got {len(item.data)}", field="data"
             )
-        toks, inps = [], []
+        floats = [k for k in spec.inputs if k != "target_tokens"]  # every other input of a loss is a float
+        toks, inps, imgs = [], [], []
         for i, d in enumerate(item.data):
             where = f"data[{i}]"
-            t = np.asarray(d.model_input.to_ints(), dtype=np.int64)
+            if expand is not None:
+                ids, row_images = expand(d.model_input, f"{where}.model_input")
+            else:
+                ids, row_images = d.model_input.to_ints(), []
+            imgs.append(row_images)
+            t = np.asarray(ids, dtype=np.int64)
             n = t.size
             if n == 0:
                 raise InvalidInputError(f"{where}.model_input is empty", field=f"{where}.model_input")
@@ -67,7 +79,7 @@ def prepare(items: list[BatchItem], adapters: set[str], vocab_size: int, max_len
                         f"{where}.loss_fn_inputs[{key!r}] has {got} but model_input has {n} tokens",
                         field=f"{where}.loss_fn_inputs.{key}",
                     )
-                inp[key] = a.astype(np.float32) if key in _FLOAT_KEYS else a
+                inp[key] = a.astype(np.float32) if key in floats else a
             for key in spec.required_inputs:
                 if key not in inp:
                     raise InvalidInputError(
@@ -83,7 +95,7 @@ def prepare(items: list[BatchItem], adapters: set[str], vocab_size: int, max_len
                     f"{where}.loss_fn_inputs['target_tokens'] has ids outside the vocabulary [0, {vocab_size})",
                     field=f"{where}.loss_fn_inputs.target_tokens",
                 )
-            for key in ("weights", "advantages", "logprobs", "ref_logprobs"):
+            for key in floats:
                 if key == "weights" and key in inp and inp[key].shape != tgt.shape:
                     raise InvalidInputError(
                         f"{where}.loss_fn_inputs['weights'] shape {list(inp[key].shape)} does not match target_tokens "
@@ -95,5 +107,5 @@ def prepare(items: list[BatchItem], adapters: set[str], vocab_size: int, max_len
                     )
             toks.append(t)
             inps.append(inp)
-        out.append(PreparedItem(item, spec, config, toks, inps))
+        out.append(PreparedItem(item, spec, config, toks, inps, imgs))
     return out

@@ -191,9 +191,14 @@ def _sampling_params(raw: Any) -> SamplingParams:
         raise InvalidInputError(f"sampling_params.{loc}: {first.get('msg')}", field=f"sampling_params.{loc}") from None
 
 
-def _prompt_tokens(raw: Any) -> list[int]:
+def _prompt_tokens(raw: Any) -> Any:
+    """Token ids; a ``ModelInput`` when the prompt holds images (the gateway expands it)."""
     if not isinstance(raw, dict) or not isinstance(raw.get("chunks"), list):
         raise InvalidInputError("prompt must be a ModelInput {chunks}", field="prompt")
+    if any(isinstance(c, dict) and c.get("type") == "image" for c in raw["chunks"]):
+        from twinkle.model.images import prompt_from_json
+
+        return prompt_from_json(raw)
     toks: list[int] = []
     for i, chunk in enumerate(raw["chunks"]):
         kind = chunk.get("type", "encoded_text") if isinstance(chunk, dict) else None
@@ -439,9 +444,13 @@ def tinker_router(service_getter: Callable[[], Service] | None = None) -> APIRou
         if not req.data:
             await refused(request, user, req.model_id, req.seq_id)
             raise InvalidInputError("forward_backward needs at least one datum", field="data")
-        op = ForwardBackwardOp(
-            data=req.data, loss_fn=req.loss_fn, loss_fn_config=req.loss_fn_config, forward_only=req.forward_only
-        )
+        try:  # the loss registry refuses an unknown loss or a bad config here; the seq_id is consumed all the same
+            op = ForwardBackwardOp(
+                data=req.data, loss_fn=req.loss_fn, loss_fn_config=req.loss_fn_config, forward_only=req.forward_only
+            )
+        except TwinkleError:
+            await refused(request, user, req.model_id, req.seq_id)
+            raise
         tag = "fwd" if req.forward_only else "fb"
 
         async def make() -> str:
@@ -457,7 +466,11 @@ def tinker_router(service_getter: Callable[[], Service] | None = None) -> APIRou
         """Old SDKs (≤0.24) used a JSON ``/forward``; 0.38 sends forward_backward with forward_only."""
         user = auth(request)
         req = codec.decode_forward_backward_json(await _json(request), forward_only=True)
-        op = ForwardBackwardOp(data=req.data, loss_fn=req.loss_fn, loss_fn_config=req.loss_fn_config, forward_only=True)
+        try:
+            op = ForwardBackwardOp(data=req.data, loss_fn=req.loss_fn, loss_fn_config=req.loss_fn_config, forward_only=True)
+        except TwinkleError:
+            await refused(request, user, req.model_id, req.seq_id)
+            raise
 
         async def make() -> str:
             ref = await svc(request).submit(user, req.model_id, op, seq_id=req.seq_id)
