@@ -109,7 +109,7 @@ class SamplerSettings(_Strict):
     max_tokens: int = Field(1024, ge=1, description="cap on sampling_params.max_tokens")
     default_max_tokens: int = Field(64, ge=1, description="used when a request gives no max_tokens")
     max_num_samples: int = Field(16, ge=1, description="cap on num_samples of one request")
-    max_batch_size: int = Field(32, ge=1, description="sequences generated together")
+    max_batch_size: int = Field(32, ge=1, description="sample requests decoding together (continuous batching)")
 
 
 class SchedulerSettings(_Strict):
@@ -123,7 +123,9 @@ class SchedulerSettings(_Strict):
     max_pending_per_adapter: int = Field(64, ge=1, description="queued requests of one run before 429")
     max_queue: int = Field(1024, ge=1, description="queued requests per replica before 429 + Retry-After")
     result_memory: int = Field(32, ge=1, description="results kept per run to answer a repeated seq_id")
-    sample_token_budget: int = Field(65536, ge=1, description="prompt + generated tokens in one sampling call")
+    sample_token_budget: int = Field(65536, ge=1, description="KV-cache budget of the continuous sampler: requests "
+                                     "decoding together hold at most this many tokens, num_samples * (prompt + "
+                                     "max_tokens) each; more queue fairly across runs")
     sampler_cache_size: int = Field(4, ge=1, description="saved checkpoints kept loaded for sampling (LRU)")
     history: int = Field(32, ge=1, description="recent batches the worker status shows")
     prefill_chunk: int = Field(512, ge=1, description="prompt tokens prefilled per decode step of the "

@@ -154,6 +154,7 @@ class _SampleRequest:
     arrived: float = field(default_factory=time.monotonic)
     finished: bool = False
     name: str | None = None  # the backend adapter it samples with (set when planned)
+    on_tokens: Callable[[list[tuple[int, int, float]]], None] | None = None
 
 
 @dataclass(eq=False)
@@ -205,6 +206,7 @@ class Scheduler:
         self._new_work = False  # set on the loop side when work arrives; read by the decode slice
         self._engine: Any = None
         self._engine_probed = False
+        self._streamed: list[tuple[Any, int, int, float]] = []  # backend thread: tokens of this step
         self._ckpt_cache: OrderedDict[tuple[str, int], str] = OrderedDict()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -299,7 +301,10 @@ class Scheduler:
             self._release(q)
 
     def submit_sample(self, op: SampleOp, *, adapter: str | None = None, checkpoint: str | None = None,
-                      cache_key: tuple[str, int] | None = None) -> asyncio.Future:
+                      cache_key: tuple[str, int] | None = None,
+                      on_tokens: Callable[[list[tuple[int, int, float]]], None] | None = None) -> asyncio.Future:
+        """Queue a sample request. ``on_tokens`` (called on the event loop with ``(sample index, token,
+        logprob)`` triples as they are produced) streams it, where the backend has a continuous sampler."""
         self._ensure_loop()
         if self._pending_total >= self.config.max_pending_total:
             self.stats["rejected_capacity"] += 1
@@ -307,7 +312,7 @@ class Scheduler:
         fut = self._new_future()
         max_tokens = op.params.max_tokens if op.params.max_tokens is not None else 16
         cost = (len(op.prompt) + max_tokens) * max(1, op.num_samples)
-        self._samples.append(_SampleRequest(op, adapter, checkpoint, cache_key, fut, cost=cost))
+        self._samples.append(_SampleRequest(op, adapter, checkpoint, cache_key, fut, cost=cost, on_tokens=on_tokens))
         self._pending_total += 1
         self._wake_up()
         return fut
@@ -598,10 +603,11 @@ class Scheduler:
             tenants.setdefault(s.cache_key or s.adapter, deque()).append(s)
         held: set[int] = set()
         progress = True
-        while progress and len(taken) < self.config.max_sample_batch:
+        room = self.config.max_sample_batch - len(self._in_engine)
+        while progress and len(taken) < room:
             progress = False
             for tq in tenants.values():
-                if not tq or len(taken) >= self.config.max_sample_batch:
+                if not tq or len(taken) >= room:
                     continue
                 s = tq[0]
                 q = self._queues.get(s.adapter) if s.adapter is not None else None
@@ -789,6 +795,8 @@ class Scheduler:
                 try:
                     self._engine = make(kv_budget=self.config.sample_token_budget,
                                         prefill_chunk=self.config.prefill_chunk)
+                    if self._engine is not None:
+                        self._engine.stream = self._on_token
                 except BaseException:  # noqa: BLE001
                     log.warning("continuous sampler unavailable; sampling whole batches", exc_info=True)
         return self._engine
@@ -809,6 +817,9 @@ class Scheduler:
             except BaseException as e:  # noqa: BLE001
                 self._fail_engine(_as_twinkle(e, "sample"))
                 return
+            if self._streamed:
+                self._post(self._deliver_tokens, self._streamed)
+                self._streamed = []
             if done:
                 self._post(self._deliver_samples, [(key, (True, out)) for key, out in done], 0.0)
             elapsed = time.perf_counter() - t0
@@ -816,6 +827,22 @@ class Scheduler:
                 return
             if training_waits and elapsed >= slice_s:
                 return
+
+    def _on_token(self, key: Any, index: int, token: int, logprob: float) -> None:
+        if getattr(key, "on_tokens", None) is not None:
+            self._streamed.append((key, index, token, logprob))
+
+    def _deliver_tokens(self, items: list[tuple[Any, int, int, float]]) -> None:
+        by_req: dict[int, tuple[Any, list[tuple[int, int, float]]]] = {}
+        for s, index, token, logprob in items:
+            by_req.setdefault(id(s), (s, []))[1].append((index, token, logprob))
+        for s, toks in by_req.values():
+            if s.finished:
+                continue
+            try:
+                s.on_tokens(toks)
+            except Exception:  # noqa: BLE001 - a listener must not break the scheduler
+                log.warning("sample stream listener failed", exc_info=True)
 
     def _samples_waiting(self) -> bool:
         return bool(self._samples)

@@ -30,7 +30,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, NamedTuple
 
 from twinkle.loss import describe_losses
 from twinkle.model.images import check_image_data, expand_prompt
@@ -94,6 +94,18 @@ _unwrap = unwrap
 _jsonable = jsonable
 _swallow = swallow
 
+
+
+class SampleTarget(NamedTuple):
+    """What a sample request samples with (``Service.sample_target``)."""
+
+    worker: Any
+    adapter_id: str | None
+    checkpoint_dir: str | None
+    after: Any  # an awaitable to wait for first (the run's adapter being ready), or None
+    run: Any
+    run_id: str | None
+    session_id: str | None
 
 class Service:
     """The gateway service. ``workers`` maps a served base-model name to its replicas' workers."""
@@ -683,6 +695,23 @@ class Service:
         run_id: str | None = None, checkpoint: str | None = None,
     ) -> FutureRef:
         self._ensure_reaper()
+        t = self.sample_target(user, op, sampler_id=sampler_id, base_model=base_model, run_id=run_id,
+                               checkpoint=checkpoint)
+        worker, adapter_id, ck_dir, run = t.worker, t.adapter_id, t.checkpoint_dir, t.run
+
+        async def _go() -> Any:
+            out = await worker.sample(op, adapter_id=adapter_id, checkpoint_path=ck_dir)
+            return out if isinstance(out, SampleResponse) else SampleResponse.model_validate(out)
+
+        return self._spawn(user, "sample", t.run_id, _go() if run is None else self._guard(run, _go), after=t.after,
+                           session_id=t.session_id)
+
+    def sample_target(
+        self, user: User, op: SampleOp, *, sampler_id: str | None = None, base_model: str | None = None,
+        run_id: str | None = None, checkpoint: str | None = None,
+    ) -> SampleTarget:
+        """Validate a sample request (``op`` gets its defaults) and resolve what it samples with. Another
+        user's run or checkpoint is a 404. Used by ``sample`` and the streaming/OpenAI routes."""
         session_id: str | None = None
         if sampler_id is not None:
             row = self.samplers.row(user, sampler_id)
@@ -726,13 +755,7 @@ class Service:
         if replica is None:
             replica = self.runs.least_loaded_replica(m.served_name, len(self.workers[m.served_name]))
         worker = self._worker(m.served_name, replica)
-
-        async def _go() -> Any:
-            out = await worker.sample(op, adapter_id=adapter_id, checkpoint_path=ck_dir)
-            return out if isinstance(out, SampleResponse) else SampleResponse.model_validate(out)
-
-        return self._spawn(user, "sample", run_id, _go() if run is None else self._guard(run, _go), after=after,
-                           session_id=session_id)
+        return SampleTarget(worker, adapter_id, ck_dir, after, run, run_id, session_id)
 
     # ---- futures -----------------------------------------------------------------------------------------
     async def wait(self, user: User, future_id: str, timeout: float = 30.0) -> FutureState:

@@ -55,6 +55,24 @@ def _resolve_path(model_id: str) -> Path:
                             field="model_id")
 
 
+def _load_model(auto: Any, path: str, dtype: torch.dtype, attn_implementation: str | None) -> Any:
+    """Load with ``attn_implementation`` (default ``sdpa``); a model that does not support it (Gemma 2 refuses
+    SDPA) falls back to what it supports (``eager``), with a log line saying so."""
+    kw: dict[str, Any] = {"dtype": dtype}
+    if attn_implementation:
+        kw["attn_implementation"] = attn_implementation
+    try:
+        return auto.from_pretrained(path, **kw)
+    except ValueError as e:
+        if not attn_implementation or "attention implementation" not in str(e).lower() \
+                and "attn_implementation" not in str(e):
+            raise
+        log.warning("%s: attention %r is not supported (%s); using 'eager'", path, attn_implementation,
+                    str(e).split(".")[0])
+        kw["attn_implementation"] = "eager"
+        return auto.from_pretrained(path, **kw)
+
+
 class TransformersBackend(Backend):
     """HF transformers base model + a ``MultiLoraLinear`` on every linear layer (see ``_lora``)."""
 
@@ -72,12 +90,9 @@ class TransformersBackend(Backend):
         self.dtype = _DTYPES[dtype]
         self.max_adapters = max_adapters
         self.max_lora_rank = max_lora_rank
-        kw: dict[str, Any] = {"dtype": self.dtype}
-        if attn_implementation:
-            kw["attn_implementation"] = attn_implementation
         is_vl = getattr(AutoConfig.from_pretrained(str(self.path)), "vision_config", None) is not None
         auto = AutoModelForImageTextToText if is_vl else AutoModelForCausalLM
-        self.model = auto.from_pretrained(str(self.path), **kw).to(self.device)
+        self.model = _load_model(auto, str(self.path), self.dtype, attn_implementation).to(self.device)
         self.model.eval()
         self.model.requires_grad_(False)
         self._tokenizer = AutoTokenizer.from_pretrained(str(self.path))
