@@ -30,9 +30,10 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, NamedTuple
 
 from twinkle.loss import describe_losses
+from twinkle.model.images import check_image_data, expand_prompt
 from twinkle.types import (
     ForwardBackwardOutput,
     InvalidInputError,
@@ -93,6 +94,18 @@ _unwrap = unwrap
 _jsonable = jsonable
 _swallow = swallow
 
+
+
+class SampleTarget(NamedTuple):
+    """What a sample request samples with (``Service.sample_target``)."""
+
+    worker: Any
+    adapter_id: str | None
+    checkpoint_dir: str | None
+    after: Any  # an awaitable to wait for first (the run's adapter being ready), or None
+    run: Any
+    run_id: str | None
+    session_id: str | None
 
 class Service:
     """The gateway service. ``workers`` maps a served base-model name to its replicas' workers."""
@@ -517,6 +530,7 @@ class Service:
         if isinstance(op, ForwardBackwardOp):
             if not op.data:
                 raise InvalidInputError("data must hold at least one datum", field="data")
+            check_image_data(op.data, self._model_info.get(m.served_name), m.served_name)
             self._check_tokens(m, sum(d.model_input.length for d in op.data), "data")
             typ = "forward" if op.forward_only else "forward_backward"
 
@@ -681,6 +695,23 @@ class Service:
         run_id: str | None = None, checkpoint: str | None = None,
     ) -> FutureRef:
         self._ensure_reaper()
+        t = self.sample_target(user, op, sampler_id=sampler_id, base_model=base_model, run_id=run_id,
+                               checkpoint=checkpoint)
+        worker, adapter_id, ck_dir, run = t.worker, t.adapter_id, t.checkpoint_dir, t.run
+
+        async def _go() -> Any:
+            out = await worker.sample(op, adapter_id=adapter_id, checkpoint_path=ck_dir)
+            return out if isinstance(out, SampleResponse) else SampleResponse.model_validate(out)
+
+        return self._spawn(user, "sample", t.run_id, _go() if run is None else self._guard(run, _go), after=t.after,
+                           session_id=t.session_id)
+
+    def sample_target(
+        self, user: User, op: SampleOp, *, sampler_id: str | None = None, base_model: str | None = None,
+        run_id: str | None = None, checkpoint: str | None = None,
+    ) -> SampleTarget:
+        """Validate a sample request (``op`` gets its defaults) and resolve what it samples with. Another
+        user's run or checkpoint is a 404. Used by ``sample`` and the streaming/OpenAI routes."""
         session_id: str | None = None
         if sampler_id is not None:
             row = self.samplers.row(user, sampler_id)
@@ -707,6 +738,7 @@ class Service:
         m = self._model_cfg(base_model)
         if not op.prompt:
             raise InvalidInputError("prompt must hold at least one token", field="prompt")
+        op.prompt, op.images = expand_prompt(op.prompt, self._model_info.get(m.served_name), m.served_name)
         self._check_tokens(m, len(op.prompt), "prompt")
         if op.num_samples < 1 or op.num_samples > m.sampler.max_num_samples:
             raise LimitExceededError(
@@ -723,13 +755,7 @@ class Service:
         if replica is None:
             replica = self.runs.least_loaded_replica(m.served_name, len(self.workers[m.served_name]))
         worker = self._worker(m.served_name, replica)
-
-        async def _go() -> Any:
-            out = await worker.sample(op, adapter_id=adapter_id, checkpoint_path=ck_dir)
-            return out if isinstance(out, SampleResponse) else SampleResponse.model_validate(out)
-
-        return self._spawn(user, "sample", run_id, _go() if run is None else self._guard(run, _go), after=after,
-                           session_id=session_id)
+        return SampleTarget(worker, adapter_id, ck_dir, after, run, run_id, session_id)
 
     # ---- futures -----------------------------------------------------------------------------------------
     async def wait(self, user: User, future_id: str, timeout: float = 30.0) -> FutureState:
