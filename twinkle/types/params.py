@@ -53,6 +53,7 @@ class LoraConfig(_Params):
     train_attn: bool = True
     train_mlp: bool = True
     train_unembed: bool = True
+    train_vision: bool = False  # vision-language models: also put LoRA on the vision tower
 
     @property
     def lora_alpha(self) -> float:

@@ -227,7 +227,7 @@ def decode_forward_backward_json(body: dict[str, Any], forward_only: bool = Fals
         seq_id=int(body.get("seq_id") or 0),
         data=data,
         loss_fn=fbi.get("loss_fn") or "cross_entropy",
-        loss_fn_config=dict(cfg) if cfg else None,
+        loss_fn_config=(dict(cfg) if isinstance(cfg, dict) else cfg) if cfg else None,  # the loss registry checks it
         forward_only=bool(body.get("forward_only", forward_only)),
     )
 

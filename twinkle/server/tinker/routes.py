@@ -197,9 +197,14 @@ def _sampling_params(raw: Any) -> SamplingParams:
         raise InvalidInputError(f"sampling_params.{loc}: {first.get('msg')}", field=f"sampling_params.{loc}") from None
 
 
-def _prompt_tokens(raw: Any) -> list[int]:
+def _prompt_tokens(raw: Any) -> Any:
+    """Token ids; a ``ModelInput`` when the prompt holds images (the gateway expands it)."""
     if not isinstance(raw, dict) or not isinstance(raw.get("chunks"), list):
         raise InvalidInputError("prompt must be a ModelInput {chunks}", field="prompt")
+    if any(isinstance(c, dict) and c.get("type") == "image" for c in raw["chunks"]):
+        from twinkle.model.images import prompt_from_json
+
+        return prompt_from_json(raw)
     toks: list[int] = []
     for i, chunk in enumerate(raw["chunks"]):
         kind = chunk.get("type", "encoded_text") if isinstance(chunk, dict) else None
