@@ -53,10 +53,11 @@ class SetSchedulerOp:
 @dataclass
 class SaveOp:
     name: str
-    kind: str = "training"  # "training" (weights + optimizer) | "sampler" (weights only)
+    kind: str = "training"  # "training" (weights + optimizer) | "sampler" | "external" (weights only)
     ttl_seconds: float | None = None
     overwrite: bool = False
     type: str = "save"
+    age_recipients: tuple[str, ...] = ()  # "external": encrypt every file to these age recipients
 
 
 @dataclass

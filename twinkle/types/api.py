@@ -191,8 +191,8 @@ class CheckpointInfo(_Reply):
     checkpoint_id: str = Field(description="'weights/<name>' or 'sampler_weights/<name>'")
     run_id: str
     name: str
-    kind: Literal["training", "sampler"]
-    path: str = Field(description="tinker://<run>/<weights|sampler_weights>/<name>")
+    kind: Literal["training", "sampler", "external"]
+    path: str = Field(description="tinker://<run>/<weights|sampler_weights|external_weights>/<name>")
     created_at: float
     step: int = 0
     size_bytes: int | None = None
