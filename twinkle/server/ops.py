@@ -15,7 +15,7 @@ from twinkle.types import (
     OptimizerConfig,
     SamplingParams,
 )
-from twinkle.types.params import MAX_TOPK_LOGPROBS
+from twinkle.types.params import MAX_TOPK_LOGPROBS, check_ttl_seconds
 
 
 @dataclass
@@ -57,6 +57,9 @@ class SaveOp:
     ttl_seconds: float | None = None
     overwrite: bool = False
     type: str = "save"
+
+    def __post_init__(self) -> None:
+        self.ttl_seconds = check_ttl_seconds(self.ttl_seconds)  # 1e300 would make the expiry date overflow
 
 
 @dataclass
