@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from twinkle.loss import list_losses
+from twinkle.server.config import ServerConfig
 from twinkle.server.ops import ForwardBackwardOp, LoadOp, OptimStepOp, SampleOp, SaveOp
 from twinkle.server.service import Service, User
 from twinkle.types import (
@@ -59,6 +60,9 @@ class FakeService(Service):
         self.applied: list[tuple[str, str]] = []  # (run_id, op type) in execution order
         self.tokenizer_id = tokenizer_id
         self._ids = itertools.count(1)
+        # the gateway reads its limits (client/config's chunk sizes) from the server config
+        self.config = ServerConfig.model_validate({"models": [{"name": "fake/base", "backend": "mock",
+                                                                "model_id": "mock"}]})
 
     # ---- helpers
     def _future(self, kind: str, result: Any = None, error: dict[str, Any] | None = None, run_id: str | None = None) -> FutureRef:
