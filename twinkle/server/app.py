@@ -204,7 +204,13 @@ def create_app(
     app.state.service = service
     app.state.config = config
     _install_handlers(app, config)
-    native = [health_router(), create_native_router()]
+    if config.telemetry.enabled:
+        from .telemetry.setup import install_telemetry
+
+        install_telemetry(app, config, service)
+    from .telemetry.routes import create_usage_router
+
+    native = [health_router(), create_native_router(), create_usage_router()]
     for router in native:
         app.include_router(router)
     tinker = _tinker_router()
@@ -286,6 +292,9 @@ class _HandleWorker:
     async def model_info(self) -> Any:
         return await self._call("model_info")
 
+    async def telemetry_exposition(self) -> Any:
+        return await self._call("telemetry_exposition")
+
 
 def serve_logging_config(replica: bool = False) -> dict[str, Any]:
     """Ray Serve logging for the proxy and every replica. Access logs (one line per request and per handle call
@@ -345,6 +354,9 @@ def build_serve_app(config: ServerConfig) -> Any:
         async def model_info(self) -> Any:
             return await self.worker.model_info()
 
+        async def telemetry_exposition(self) -> Any:
+            return await self.worker.telemetry_exposition()
+
     @serve.deployment(name="gateway", num_replicas=1, max_ongoing_requests=100000, graceful_shutdown_timeout_s=10,
                       ray_actor_options={"num_cpus": 0}, logging_config=logging_config)
     @serve.ingress()
@@ -361,9 +373,10 @@ def build_serve_app(config: ServerConfig) -> Any:
     handles: dict[str, list[Any]] = {}
     for m in config.models:
         opts = m.ray_actor_options.to_ray()
+        wc = {**worker_config(m), "telemetry": config.telemetry.enabled}
         handles[m.served_name] = [
             WorkerDeployment.options(name=_deployment_name(m.served_name, i), ray_actor_options=opts).bind(
-                worker_config(m), i)
+                wc, i)
             for i in range(m.replicas)
         ]
     return Gateway.bind(config.model_dump(mode="json"), handles)

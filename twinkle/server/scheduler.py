@@ -134,6 +134,7 @@ class _Request:
     arrived: float = field(default_factory=time.monotonic)
     queue: _AdapterQueue | None = None
     finished: bool = False
+    started: float | None = None  # monotonic time its batch/barrier started (telemetry)
 
     @property
     def is_compute(self) -> bool:
@@ -151,6 +152,7 @@ class _SampleRequest:
     arrived: float = field(default_factory=time.monotonic)
     finished: bool = False
     name: str | None = None  # the backend adapter it samples with (set when planned)
+    started: float | None = None  # monotonic time it reached the sampler (telemetry)
 
 
 @dataclass(eq=False)
@@ -217,6 +219,8 @@ class Scheduler:
         }
         self.last_batch: dict[str, Any] | None = None
         self.recent_batches: deque[dict[str, Any]] = deque(maxlen=self.config.history)
+        # telemetry (twinkle.server.telemetry.metrics.WorkerMetrics) or None: then nothing is measured
+        self.observer: Any = None
 
     # ---- thread access -------------------------------------------------------------------------------------
     async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -664,6 +668,7 @@ class Scheduler:
             pass
 
     def _run_barrier(self, req: _Request) -> None:
+        req.started = time.monotonic()
         try:
             result: Any = self._apply_barrier(req)
             outcome: tuple[bool, Any] = (True, result)
@@ -700,6 +705,9 @@ class Scheduler:
     def _run_batch(self, reqs: list[_Request]) -> None:
         items = [_batch_item(r) for r in reqs]
         t0 = time.perf_counter()
+        started = time.monotonic()
+        for r in reqs:
+            r.started = started
         try:
             outs = self.backend.run_batch(items)
             if len(outs) != len(items):
@@ -735,7 +743,9 @@ class Scheduler:
                 failed_loads[name] = e
         good: list[_SampleRequest] = []
         bad: list[tuple[_SampleRequest, tuple[bool, Any]]] = []
+        started = time.monotonic()
         for s in tick.samples:
+            s.started = started
             name = tick.sample_names.get(id(s))
             if name is not None and name in failed_loads:
                 bad.append((s, (False, _as_twinkle(failed_loads[name], "sample"))))
@@ -841,6 +851,8 @@ class Scheduler:
             if not req.is_compute:
                 self.stats["barriers_run"] += 1
             self._finish(req)
+        if self.observer is not None:
+            self._observe(pairs, info)
         if info is not None:
             self.stats["batches_run"] += 1
             self.stats["rows_run"] += info["rows"]
@@ -850,6 +862,15 @@ class Scheduler:
             self.stats["max_adapters_in_batch"] = max(self.stats["max_adapters_in_batch"], len(info["adapters"]))
             self.last_batch = info
             self.recent_batches.append(info)
+
+    def _observe(self, pairs: list[tuple[_Request, tuple[bool, Any]]], info: dict[str, Any] | None) -> None:
+        now = time.monotonic()
+        obs = self.observer
+        for req, (ok, value) in pairs:
+            obs.request_done(op_kind(req.op), req.arrived, req.started, now, None if ok else value)
+        if info is not None:
+            lengths = [d.model_input.length for req, _ in pairs for d in req.op.data]  # type: ignore[union-attr]
+            obs.batch(lengths, len(info["adapters"]), float(info["seconds"]))
 
     def _finish(self, req: _Request) -> None:
         req.finished = True
@@ -880,6 +901,8 @@ class Scheduler:
                         self._sampling[s.adapter] = n
                     else:
                         self._sampling.pop(s.adapter, None)
+            if self.observer is not None:
+                self.observer.request_done("sample", s.arrived, s.started, time.monotonic(), None if ok else value)
             if ok:
                 self.stats["samples_run"] += 1
                 if not s.future.done():
