@@ -20,7 +20,8 @@ def test_usage_frame_is_your_own(tmp_path):
     pd = pytest.importorskip("pandas")
     srv = InProcessServer(tmp_path)
     try:
-        sess = twinkle_client.connect(URL, "key-alice", transport=srv.transport, heartbeat=False)
+        key = srv.service.store.create_key("carol")[1]  # not an admin (the bootstrap keys are)
+        sess = twinkle_client.connect(URL, key, transport=srv.transport, heartbeat=False)
         model = MockModel(seed=0)
         model.add_adapter_to_model("default", {"rank": 4})
         model.set_optimizer("AdamW", lr=1e-2)
@@ -29,7 +30,7 @@ def test_usage_frame_is_your_own(tmp_path):
             model.clip_grad_and_step()
         frame = sess.usage()
         assert isinstance(frame, pd.DataFrame)
-        assert list(frame["user"]) == ["alice"]
+        assert list(frame["user"]) == ["carol"]
         assert int(frame["tokens_trained"].iloc[0]) == 3 * PER_STEP
         assert sess.usage_rows(since="1h")[0]["tokens_trained"] == 3 * PER_STEP
         with pytest.raises(TwinkleError) as e:
