@@ -16,6 +16,7 @@ BATCH = [{"input_ids": list(range(5, 25))}, {"input_ids": list(range(30, 42))}]
 PER_STEP = 30
 
 
+@pytest.mark.slow
 def test_usage_frame_is_your_own(tmp_path):
     pd = pytest.importorskip("pandas")
     srv = InProcessServer(tmp_path)

@@ -61,6 +61,8 @@ class WorkerMetrics:
                               ["operation", "kind"], registry=r)
         self.batches = Counter("twinkle_batches", "forward/backward batches run (mixed: more than one adapter)",
                                ["mixed"], registry=r)
+        for mixed in ("true", "false"):  # both series exist (at 0) before the first batch
+            self.batches.labels(mixed)
         self.batch_rows = Histogram("twinkle_batch_rows", "Rows (datums) in one batch", buckets=COUNT_BUCKETS,
                                     registry=r)
         self.batch_tokens = Histogram("twinkle_batch_tokens", "Tokens in one batch", buckets=TOKEN_BUCKETS,
