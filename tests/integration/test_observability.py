@@ -45,7 +45,7 @@ def _server_cfg() -> dict:
     cfg = yaml.safe_load((COOKBOOK / "server_config.yaml").read_text())
     cfg["auth"] = {"bootstrap_key_env": None}
     cfg["models"] = [{"name": "mock", "backend": "mock", "model_id": "mock://tiny", "replicas": 2,
-                      "max_queue": 3, "ray_actor_options": {"num_cpus": 0}}]
+                      "max_queue": 2, "ray_actor_options": {"num_cpus": 0}}]
     return cfg
 
 
@@ -146,7 +146,9 @@ class _User:
 
     def flood(self, run: str, n: int) -> tuple[int, int]:
         """``n`` forward passes at once (no seq ids): returns (completed, refused with 429)."""
-        refs = [self.c.post(f"/runs/{run}/forward", json={"data": [_datum(8)]}).json() for _ in range(n)]
+        with ThreadPoolExecutor(8) as pool:  # concurrent submits, so the small queue overflows
+            refs = list(pool.map(lambda _: self.c.post(f"/runs/{run}/forward", json={"data": [_datum(8)]}).json(),
+                                 range(n)))
         ok = refused = 0
         for ref in refs:
             body = self.done(ref)
@@ -175,7 +177,7 @@ def test_prometheus_scrapes_workload_and_dashboard_has_data(stack):
         refused += bob.flood(rb, 40)[1]
         if refused:
             break
-    assert refused > 0, "a 40-request flood on a queue of 3 met no 429"
+    assert refused > 0, "a 40-request flood on a queue of 2 met no 429"
     # the scrape endpoint refuses a non-admin user; Prometheus holds the token
     assert httpx.get(f"{srv.url}/metrics", headers={"X-API-Key": srv.keys["alice"]}).status_code == 403
 
