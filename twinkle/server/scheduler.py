@@ -135,6 +135,7 @@ class _Request:
     queue: _AdapterQueue | None = None
     finished: bool = False
     started: float | None = None  # monotonic time its batch/barrier started (telemetry)
+    ctx: Any = None  # the caller's trace context (telemetry)
 
     @property
     def is_compute(self) -> bool:
@@ -153,6 +154,7 @@ class _SampleRequest:
     finished: bool = False
     name: str | None = None  # the backend adapter it samples with (set when planned)
     started: float | None = None  # monotonic time it reached the sampler (telemetry)
+    ctx: Any = None  # the caller's trace context (telemetry)
 
 
 @dataclass(eq=False)
@@ -249,6 +251,8 @@ class Scheduler:
         self._check_capacity(q)
         fut = self._new_future()
         req = _Request(adapter, op, seq_id, fut, path=path, tokens=tokens, queue=q)
+        if self.observer is not None:
+            req.ctx = self.observer.capture()
         q.pending += 1
         self._pending_total += 1
         if seq_id is not None:
@@ -308,7 +312,10 @@ class Scheduler:
         fut = self._new_future()
         max_tokens = op.params.max_tokens if op.params.max_tokens is not None else 16
         cost = (len(op.prompt) + max_tokens) * max(1, op.num_samples)
-        self._samples.append(_SampleRequest(op, adapter, checkpoint, cache_key, fut, cost=cost))
+        sreq = _SampleRequest(op, adapter, checkpoint, cache_key, fut, cost=cost)
+        if self.observer is not None:
+            sreq.ctx = self.observer.capture()
+        self._samples.append(sreq)
         self._pending_total += 1
         self._wake_up()
         return fut
@@ -864,13 +871,8 @@ class Scheduler:
             self.recent_batches.append(info)
 
     def _observe(self, pairs: list[tuple[_Request, tuple[bool, Any]]], info: dict[str, Any] | None) -> None:
-        now = time.monotonic()
-        obs = self.observer
-        for req, (ok, value) in pairs:
-            obs.request_done(op_kind(req.op), req.arrived, req.started, now, None if ok else value)
-        if info is not None:
-            lengths = [d.model_input.length for req, _ in pairs for d in req.op.data]  # type: ignore[union-attr]
-            obs.batch(lengths, len(info["adapters"]), float(info["seconds"]))
+        self.observer.completed([(req, None if ok else value) for req, (ok, value) in pairs], info,
+                                time.monotonic())
 
     def _finish(self, req: _Request) -> None:
         req.finished = True
@@ -902,7 +904,7 @@ class Scheduler:
                     else:
                         self._sampling.pop(s.adapter, None)
             if self.observer is not None:
-                self.observer.request_done("sample", s.arrived, s.started, time.monotonic(), None if ok else value)
+                self.observer.sample_done(s, None if ok else value, time.monotonic())
             if ok:
                 self.stats["samples_run"] += 1
                 if not s.future.done():

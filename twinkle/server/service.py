@@ -350,7 +350,9 @@ class Service:
             if base_model is None:
                 run = self.runs.by_id.get(run_id) if run_id is not None else None
                 base_model = run.base_model if run is not None else ""
-            coro = self.metrics.track(typ, base_model, coro)
+            coro = self.metrics.track(typ, base_model, coro, {
+                "enduser.id": user.name, "twinkle.run_id": run_id,
+                "twinkle.session_id": run_id.split(":", 1)[0] if run_id else None})
         ref, task = self.futures.spawn(user.name, typ, run_id, coro, after=after)
         task.add_done_callback(swallow)
         return ref, task

@@ -79,10 +79,11 @@ class ModelWorker:
         self.base_model = str(self.config.get("name") or self.config.get("model_id") or self._info.model_name)
         self._metrics: Any = None
         if self.config.get("telemetry"):  # telemetry on: prometheus_client is imported only then
-            from .telemetry.metrics import WorkerMetrics
+            from .telemetry.setup import worker_observer
 
-            self._metrics = WorkerMetrics(queue_depth=lambda: float(self._scheduler.queue_depth()),
-                                          adapters=lambda: float(len(self._adapters)))
+            self._metrics = worker_observer(self.config["telemetry"], self.base_model, replica_index,
+                                            queue_depth=lambda: float(self._scheduler.queue_depth()),
+                                            adapters=lambda: float(len(self._adapters)))
             self._scheduler.observer = self._metrics
 
     # ---- model -----------------------------------------------------------------------------------------------
@@ -221,7 +222,7 @@ class ModelWorker:
 
     async def telemetry_exposition(self) -> str | None:
         """This replica's Prometheus exposition (None: telemetry is off)."""
-        return self._metrics.exposition() if self._metrics is not None else None
+        return self._metrics.metrics.exposition() if self._metrics is not None else None
 
     async def close(self) -> None:
         await self._scheduler.close()

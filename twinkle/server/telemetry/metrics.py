@@ -180,6 +180,7 @@ class GatewayMetrics:
         self.state = Gauge("twinkle_state", "Server state: sessions_active, runs_active, futures_pending",
                            ["what"], registry=r)
         self.checkpoint_bytes = Gauge("twinkle_checkpoint_bytes", "Bytes of stored checkpoints", registry=r)
+        self.tracing = False  # set when traces are exported (operation spans in track)
         self.scrape_errors = Counter("twinkle_worker_scrape_errors", "Worker replicas that did not answer a "
                                      "scrape", ["base_model"], registry=r)
 
@@ -203,7 +204,23 @@ class GatewayMetrics:
     def rejected(self, operation: str, base_model: str) -> None:
         self.rejections.labels(operation, base_model).inc()
 
-    async def track(self, operation: str, base_model: str, coro: Awaitable[Any]) -> Any:
+    async def track(self, operation: str, base_model: str, coro: Awaitable[Any],
+                    attrs: dict[str, Any] | None = None) -> Any:
+        if self.tracing:
+            from .tracing import operation_span
+
+            async with operation_span(operation, {"twinkle.operation": operation, "twinkle.base_model": base_model,
+                                                  **(attrs or {})}) as span:
+                try:
+                    return await self._timed(operation, base_model, coro)
+                except BaseException as e:
+                    from opentelemetry.trace import Status, StatusCode
+
+                    span.set_status(Status(StatusCode.ERROR, type(e).__name__))
+                    raise
+        return await self._timed(operation, base_model, coro)
+
+    async def _timed(self, operation: str, base_model: str, coro: Awaitable[Any]) -> Any:
         t0 = time.perf_counter()
         try:
             out = await coro

@@ -34,6 +34,11 @@ def install_telemetry(app: FastAPI, config: Any, service: Any) -> GatewayMetrics
             return Response(await metrics.render(service), media_type=_CONTENT_TYPE)
 
         app.add_api_route(prom.path, scrape, methods=["GET"], include_in_schema=False)
+    if tel.otlp.endpoint:
+        from .tracing import setup_tracing
+
+        setup_tracing(tel, "gateway")
+        metrics.tracing = True
     from .logs import configure_logging
 
     configure_logging(config)
@@ -54,3 +59,19 @@ def _authorize(request: Request, service: Any, access: str, token: str | None) -
     user = service.authenticate(presented)
     if not user.is_admin:
         raise ForbiddenError("the metrics endpoint is readable by admins only", field="authorization")
+
+
+def worker_observer(tel: Any, base_model: str, replica: int, **gauges: Any) -> Any:
+    """The scheduler observer of a worker replica. ``tel``: the telemetry config (a dict through Ray) or True."""
+    from .config import TelemetryConfig
+    from .metrics import WorkerMetrics
+    from .observer import WorkerObserver
+
+    cfg = TelemetryConfig.model_validate(tel) if isinstance(tel, dict) else None
+    tracing = None
+    if cfg is not None and cfg.otlp.endpoint:
+        from .tracing import WorkerTracing, setup_tracing
+
+        setup_tracing(cfg, "worker")
+        tracing = WorkerTracing(base_model, replica)
+    return WorkerObserver(WorkerMetrics(**gauges), tracing)
