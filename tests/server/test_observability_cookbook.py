@@ -28,7 +28,7 @@ def test_compose_structure():
     c = _compose()
     assert set(c) <= {"name", "services", "volumes", "networks", "configs", "secrets"}
     services = c["services"]
-    assert {"prometheus", "grafana"} <= set(services)
+    assert {"prometheus", "grafana", "tempo"} <= set(services)
     named = set(c.get("volumes") or {})
     for name, svc in services.items():
         assert isinstance(svc.get("image"), str) and re.match(r"^[\w./-]+:[\w.-]+$", svc["image"]), name
@@ -70,13 +70,17 @@ def test_prometheus_config_and_provisioning():
             p.unlink(missing_ok=True)
     ds = yaml.safe_load((COOK / "grafana/provisioning/datasources/prometheus.yaml").read_text())
     assert ds["apiVersion"] == 1
-    (src,) = ds["datasources"]
+    src = ds["datasources"][0]
     assert src["type"] == "prometheus" and src["url"] == "http://prometheus:9090" and src["uid"]
+    tempo = ds["datasources"][1]
+    assert tempo["type"] == "tempo" and tempo["url"] == "http://tempo:3200"
+    assert "4318:4318" in _compose()["services"]["tempo"]["ports"]
     prov = yaml.safe_load((COOK / "grafana/provisioning/dashboards/twinkle.yaml").read_text())
     assert prov["providers"][0]["type"] == "file"
     assert prov["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
     cfg = load_config(COOK / "server_config.yaml")
     assert cfg.telemetry.enabled and cfg.telemetry.prometheus.access == "token"
+    assert cfg.telemetry.otlp.endpoint == "http://localhost:4318" and cfg.telemetry.otlp.protocol == "http/protobuf"
     assert job["static_configs"][0]["targets"] == [f"host.docker.internal:{cfg.http.port}"]
 
 
