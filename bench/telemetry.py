@@ -5,14 +5,14 @@ Two gateways in this process, identical except ``telemetry.enabled`` (each with 
 the same with telemetry on or off, so what differs is all here: the HTTP middleware, the operation tracker,
 the scheduler's observer, the usage counters).
 
-1. Trivial forward_backward round trip (submit with ``?wait``, one 8-token datum): rounds alternate between
-   the two gateways so machine noise hits both; p50/p99 per side and the ratio on/off.
+1. Trivial forward_backward round trip (submit with ``?wait``, one 8-token datum): requests interleave one by
+   one between the two gateways (the order flips each round) so machine noise hits both; p50/p99 per side and the ratio on/off.
 2. A scrape of ``/metrics`` (telemetry on) after the run: its latency, so an operator knows what a 15 s scrape
    interval costs.
 3. Idle CPU: each gateway's lifespan running (reaper etc.) with no requests for ``--idle`` seconds, process
    CPU time measured; telemetry adds no timers, so both should be ~0.
 
-    .venv/bin/python bench/telemetry.py [--requests 400] [--rounds 8] [--idle 10]
+    .venv/bin/python bench/telemetry.py [--requests 400] [--rounds 8] [--idle 10] [--interleave block|request]
 """
 
 from __future__ import annotations
@@ -103,11 +103,16 @@ async def main_async(args: argparse.Namespace) -> None:
         off.lat.clear()
         on.lat.clear()
         per = max(1, args.requests // args.rounds)
-        for r in range(args.rounds):
-            order = [(off, c_off), (on, c_on)] if r % 2 == 0 else [(on, c_on), (off, c_off)]
-            for side, c in order:
+        for r in range(args.rounds):  # the order flips every round
+            pair = [(off, c_off), (on, c_on)] if r % 2 == 0 else [(on, c_on), (off, c_off)]
+            if args.interleave == "request":  # one by one
                 for _ in range(per):
-                    await side.step(c)
+                    for side, c in pair:
+                        await side.step(c)
+            else:  # a block of requests per side (each side's scheduler thread stays warm)
+                for side, c in pair:
+                    for _ in range(per):
+                        await side.step(c)
         scrape = []
         for _ in range(20):
             t0 = time.perf_counter()
@@ -116,7 +121,8 @@ async def main_async(args: argparse.Namespace) -> None:
             assert r.status_code == 200
         size = len(r.content)
     print(f"trivial forward_backward round trip, in-process gateway + mock worker, {len(on.lat)} per side, "
-          f"{args.rounds} alternating rounds (load average {os.getloadavg()[0]:.1f})")
+          f"{args.rounds} alternating rounds, interleaved by {args.interleave} "
+          f"(load average {os.getloadavg()[0]:.1f})")
     print(f"{'telemetry':<10} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8}")
     for s in (off, on):
         print(f"{s.name:<10} {_pct(s.lat, .5) * 1e3:>8.3f} {_pct(s.lat, .99) * 1e3:>8.3f} "
@@ -135,6 +141,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--idle", type=float, default=10.0)
+    ap.add_argument("--interleave", choices=["block", "request"], default="block")
     asyncio.run(main_async(ap.parse_args()))
 
 

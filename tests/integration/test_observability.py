@@ -382,6 +382,10 @@ def test_trace_nests_client_gateway_queue_batch_and_links_a_mixed_batch(stack, m
     assert batch["attrs"]["twinkle.batch.size"] >= 1
     assert any(ln["span_id"] == op["span_id"] for ln in batch["links"])
 
+    with srv.otlp.lock:  # no secret in any span
+        blob = json.dumps(srv.otlp.spans)
+    assert not any(key in blob for key in srv.keys.values()) and TOKEN not in blob
+
     # a mixed batch: alice and bob submit at once to the one-replica model
     alice, bob = _User(srv.url, srv.keys["alice"]), _User(srv.url, srv.keys["bob"])
     runs = {"alice": alice.run("mock-one"), "bob": bob.run("mock-one")}
