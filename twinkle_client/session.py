@@ -237,6 +237,11 @@ class Session:
         params = {k: v for k, v in (("since", since), ("until", until), ("user", user)) if v is not None}
         return list(self.http.get("usage", params=params)["rows"])
 
+    def server_load(self) -> dict[str, Any]:
+        """The server's live load and your usage: ``{window_s, tokens_per_s: {trained, prefilled, sampled},
+        queue_depth, replicas: [...], usage: [...]}`` (what the JupyterLab panel shows)."""
+        return dict(self.http.get("load"))
+
     def usage(self, since: str | float | None = None, until: str | float | None = None,
               user: str | None = None) -> Any:
         """:meth:`usage_rows` as a pandas DataFrame (a list of dicts without pandas)."""

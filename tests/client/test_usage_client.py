@@ -34,6 +34,9 @@ def test_usage_frame_is_your_own(tmp_path):
         assert list(frame["user"]) == ["carol"]
         assert int(frame["tokens_trained"].iloc[0]) == 3 * PER_STEP
         assert sess.usage_rows(since="1h")[0]["tokens_trained"] == 3 * PER_STEP
+        load = sess.server_load()  # what the JupyterLab panel polls
+        assert load["usage"][0]["tokens_trained"] == 3 * PER_STEP and load["tokens_per_s"]["trained"] > 0
+        assert load["queue_depth"] == 0 and load["replicas"][0]["adapters"] == 1
         with pytest.raises(TwinkleError) as e:
             sess.usage(user="bob")
         assert e.value.status == 403 and "admins only" in str(e.value)

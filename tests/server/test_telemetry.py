@@ -224,6 +224,10 @@ def test_usage_routes_isolation_restart_and_cli(tmp_path, capsys):
             assert r.status_code == 400 and r.json()["detail"]["field"] == "since"
             assert (await a.get(f"{API}/usage", params={"since": "1h"})).json()["rows"] == mine
             assert (await a.get(f"{API}/usage", params={"until": "2h"})).json()["rows"] == []
+            load = (await a.get(f"{API}/load")).json()
+            assert load["tokens_per_s"]["trained"] == pytest.approx((ta + tb) / load["window_s"], abs=1e-3)
+            assert load["usage"] == mine and load["replicas"][0]["adapters"] == 2
+            assert load["queue_depth"] == 0
         return (ta, pa, sa), (tb, pb, sb)
 
     async def lifespan(e: Env, fn):

@@ -15,7 +15,7 @@ from ..deps import get_service, get_user
 from ..service import Service, User
 from .usage import parse_time
 
-__all__ = ["ForbiddenError", "UsageReport", "UsageRow", "create_usage_router"]
+__all__ = ["ForbiddenError", "ServerLoad", "UsageReport", "UsageRow", "create_usage_router"]
 
 
 class ForbiddenError(TwinkleError):
@@ -43,6 +43,23 @@ class UsageReport(BaseModel):
     rows: list[UsageRow]
 
 
+class ReplicaLoad(BaseModel):
+    base_model: str
+    replica: int
+    queue_depth: int
+    adapters: int
+
+
+class ServerLoad(BaseModel):
+    """The server's live load and the caller's usage (for the JupyterLab panel)."""
+
+    window_s: float = Field(description="tokens_per_s is averaged over this many seconds")
+    tokens_per_s: dict[str, float] = Field(description="trained / prefilled / sampled, all users")
+    queue_depth: int = Field(description="requests queued or running on all worker replicas")
+    replicas: list[ReplicaLoad]
+    usage: list[UsageRow] = Field(description="the caller's own usage (all time)")
+
+
 def create_usage_router() -> APIRouter:
     router = APIRouter(prefix="/api/v1/twinkle", tags=["usage"])
 
@@ -65,5 +82,17 @@ def create_usage_router() -> APIRouter:
         t0, t1 = parse_time(since, field="since"), parse_time(until, field="until")
         rows = await service.get_usage(user, all_users=True, since=t0, until=t1)
         return UsageReport(since=t0, until=t1, rows=[UsageRow(**r) for r in rows])
+
+    @router.get("/load", response_model=ServerLoad, summary="Live load (queue depth, tokens/s) and your usage")
+    async def load(user: User = Depends(get_user), service: Service = Depends(get_service)) -> Any:
+        from .usage import RATE_WINDOW_S
+
+        status = await service.status()
+        reps = [ReplicaLoad(base_model=w.base_model, replica=w.replica, queue_depth=w.queue_depth,
+                            adapters=w.adapters) for w in status.workers]
+        rows = await service.get_usage(user)
+        return ServerLoad(window_s=RATE_WINDOW_S, tokens_per_s=service.usage.rates(),
+                          queue_depth=sum(r.queue_depth for r in reps), replicas=reps,
+                          usage=[UsageRow(**r) for r in rows])
 
     return router

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import deque
 from typing import Any
 
 __all__ = ["USAGE_COLUMNS", "Usage", "parse_time"]
@@ -33,6 +34,7 @@ _UPSERT = (
 USAGE_COLUMNS = ("user", "base_model", "tokens_trained", "tokens_prefilled", "tokens_sampled", "requests",
                  "checkpoint_bytes", "checkpoints")
 _FLUSH_DELAY_S = 1.0
+RATE_WINDOW_S = 60.0
 
 
 def parse_time(value: str | float | None, *, now: float | None = None, field: str = "since") -> float | None:
@@ -74,6 +76,7 @@ class Usage:
         self._buf: dict[tuple[str, str, int], list[int]] = {}
         self._buf_lock = threading.Lock()
         self._timer: asyncio.TimerHandle | None = None
+        self._recent: deque[tuple[float, int, int, int]] = deque(maxlen=200_000)  # for tokens/s (all users)
         store._exec(_SCHEMA)
 
     # ---- recording ---------------------------------------------------------------------------------------
@@ -89,7 +92,19 @@ class Usage:
             row[1] += int(prefilled)
             row[2] += int(sampled)
             row[3] += 1
+        self._recent.append((time.monotonic(), int(trained), int(prefilled), int(sampled)))
         self._schedule()
+
+    def rates(self, window_s: float = RATE_WINDOW_S) -> dict[str, float]:
+        """Tokens per second over the last ``window_s`` seconds, all users together (server load)."""
+        cut = time.monotonic() - window_s
+        while self._recent and self._recent[0][0] < cut:
+            self._recent.popleft()
+        sums = [0, 0, 0]
+        for _, *v in self._recent:
+            for i, n in enumerate(v):
+                sums[i] += n
+        return {k: round(n / window_s, 3) for k, n in zip(("trained", "prefilled", "sampled"), sums, strict=True)}
 
     def _schedule(self) -> None:
         if self._timer is not None:
