@@ -271,3 +271,39 @@ def test_secrets_never_logged():
     rec = logging.LogRecord("twinkle.server", logging.INFO, __file__, 1, "key %s token=%s", (key, "abcdefghijk"), None)
     RedactSecrets().filter(rec)
     assert key not in rec.getMessage() and "abcdefghijk" not in rec.getMessage()
+
+
+def test_json_log_lines_carry_trace_ids_and_mask_secrets():
+    import io
+
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from twinkle.server.telemetry.config import LogsConfig
+    from twinkle.server.telemetry.logs import JsonFormatter, apply_logs
+
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    root = logging.getLogger()
+    saved = [(h, h.formatter, list(h.filters)) for h in root.handlers]  # apply_logs touches every root handler
+    root.addHandler(handler)
+    try:
+        apply_logs(LogsConfig(format="json", level="debug", levels={"twinkle.server.scheduler": "warning"}))
+        assert isinstance(handler.formatter, JsonFormatter)
+        assert logging.getLogger("twinkle.server.scheduler").level == logging.WARNING
+        key = "tml-" + "Zz9" * 12
+        span = TracerProvider().get_tracer("t").start_span("s")  # a local provider: nothing global changes
+        with trace.use_span(span, end_on_exit=True):
+            logging.getLogger("twinkle.server").info("auth with %s failed", key)
+        line = json.loads(buf.getvalue().strip().splitlines()[-1])
+        ctx = span.get_span_context()
+        assert line["trace_id"] == format(ctx.trace_id, "032x") and line["span_id"] == format(ctx.span_id, "016x")
+        assert line["level"] == "info" and line["logger"] == "twinkle.server"
+        assert key not in buf.getvalue() and "[REDACTED]" in line["message"]
+    finally:
+        root.removeHandler(handler)
+        for h, fmt, filters in saved:
+            h.setFormatter(fmt)
+            h.filters[:] = filters
+        logging.getLogger("twinkle").setLevel(logging.NOTSET)
+        logging.getLogger("twinkle.server.scheduler").setLevel(logging.NOTSET)

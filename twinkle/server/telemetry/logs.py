@@ -70,8 +70,12 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(config: Any) -> None:
     """Apply ``telemetry.logs`` (levels, format) and the secret filter to the root handlers."""
-    logs = config.telemetry.logs
-    level = (logs.level or config.log_level).upper()
+    apply_logs(config.telemetry.logs, config.log_level)
+
+
+def apply_logs(logs: Any, default_level: str = "info") -> None:
+    """``logs``: a :class:`~.config.LogsConfig` (the gateway and every worker replica call this)."""
+    level = (logs.level or default_level).upper()
     logging.getLogger("twinkle").setLevel(level)
     for name, lvl in logs.levels.items():
         logging.getLogger(name).setLevel(lvl.upper())

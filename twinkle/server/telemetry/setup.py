@@ -69,6 +69,10 @@ def worker_observer(tel: Any, base_model: str, replica: int, **gauges: Any) -> A
 
     cfg = TelemetryConfig.model_validate(tel) if isinstance(tel, dict) else None
     tracing = None
+    if cfg is not None:
+        from .logs import apply_logs
+
+        apply_logs(cfg.logs)
     if cfg is not None and cfg.otlp.endpoint:
         from .tracing import WorkerTracing, setup_tracing
 
