@@ -85,6 +85,19 @@ async def _train_and_sample(c: httpx.AsyncClient, lengths: list[int]) -> tuple[i
     return 2 * sum(lengths), len(prompt), sampled
 
 
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """install_telemetry configures logging (levels, filters): leave the process as it was."""
+    root = logging.getLogger()
+    saved = [(h, h.formatter, list(h.filters)) for h in root.handlers]
+    level = logging.getLogger("twinkle").level
+    yield
+    for h, fmt, filters in saved:
+        h.setFormatter(fmt)
+        h.filters[:] = filters
+    logging.getLogger("twinkle").setLevel(level)
+
+
 def _families(text: str) -> dict[str, list]:
     return {f.name: f.samples for f in text_string_to_metric_families(text)}
 
