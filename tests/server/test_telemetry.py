@@ -320,3 +320,20 @@ def test_json_log_lines_carry_trace_ids_and_mask_secrets():
             h.filters[:] = filters
         logging.getLogger("twinkle").setLevel(logging.NOTSET)
         logging.getLogger("twinkle.server.scheduler").setLevel(logging.NOTSET)
+
+
+def test_streamed_sampling_is_metered(tmp_path):
+    env = Env(tmp_path)
+
+    async def go():
+        async with env.client("alice") as a:
+            body = {"base_model": "mock", "num_samples": 2, "sampling_params": {"max_tokens": 5},
+                    "prompt": {"chunks": [{"type": "encoded_text", "tokens": [5, 6, 7, 8]}]}}
+            r = await a.post(f"{API}/sample/stream", json=body)
+            assert r.status_code == 200, r.text
+            done = json.loads(r.text.strip().split("\n\n")[-1].split("\n")[1][6:])
+            sampled = sum(len(q["tokens"]) for q in done["sequences"])
+            rows = (await a.get(f"{API}/usage")).json()["rows"]
+            assert [(x["tokens_prefilled"], x["tokens_sampled"]) for x in rows] == [(4, sampled)]
+
+    asyncio.run(go())
