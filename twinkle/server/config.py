@@ -24,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from twinkle.types import InvalidInputError
 from twinkle.types.params import MAX_LORA_RANK
 
+from .telemetry.config import TelemetryConfig
+
 __all__ = [
     "AuthConfig",
     "ConfigError",
@@ -231,6 +233,8 @@ class ServerConfig(_Strict):
     lease_seconds: float = Field(60.0, gt=0, description="a session that stops heart-beating this long is unloaded")
     max_lease_seconds: float = Field(86400.0, gt=0, description="cap on a session's requested lease")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig,
+                                       description="metrics, traces, JSON logs (docs/observability.md)")
     models: list[ModelConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
