@@ -67,6 +67,14 @@ def test_both_apis_refuse_a_bad_dro_beta_and_list_losses(tmp_path: Path) -> None
                 r = await c.post("/api/v1/forward_backward", content=tinker, headers=headers)
                 assert r.status_code == 400, (beta, r.text)
                 assert r.json()["detail"]["field"].endswith("beta"), (beta, r.text)
+            for cfg in ('"abc"', "[1, 2]", "5"):  # not an object at all
+                body = (f'{{"model_id": "{run}", "forward_backward_input": {{"data": [{datum}], '
+                        f'"loss_fn": "dro", "loss_fn_config": {cfg}}}}}')
+                r = await c.post("/api/v1/forward_backward", content=body, headers=headers)
+                assert r.status_code == 400 and r.json()["detail"]["field"] == "loss_fn_config", r.text
+                body = f'{{"data": [{datum}], "loss_fn": "dro", "loss_fn_config": {cfg}}}'
+                r = await c.post(f"{API}/runs/{run}/forward_backward", content=body, headers=headers)
+                assert r.status_code == 400 and r.json()["detail"]["field"] == "loss_fn_config", r.text
             # An unknown loss names loss_fn; a good config still trains.
             r = await c.post(f"{API}/runs/{run}/forward_backward", json={"data": [NATIVE_DATUM], "loss_fn": "nope"})
             assert r.status_code == 400 and r.json()["detail"]["field"] == "loss_fn"

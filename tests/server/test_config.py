@@ -305,6 +305,11 @@ def test_custom_backend_by_module_and_class(tmp_path, monkeypatch):
     builtin["models"][0]["backend_options"] = {"x": 1}
     with pytest.raises(ConfigError):
         parse_config(builtin)
+    # check-config imports a custom backend: a missing module or a class that is not a Backend is named there.
+    assert main(["check-config", "-c", str(_write(tmp_path, data))]) == 0
+    for target in ("no_such_module_xyz:Backend", "json:JSONDecoder"):
+        data["models"][0]["backend"] = target
+        assert main(["check-config", "-c", str(_write(tmp_path, data))]) == 2
     notabackend = _minimal(tmp_path)
     notabackend["models"][0].update(backend="json:JSONDecoder")
     with pytest.raises(Exception) as e:

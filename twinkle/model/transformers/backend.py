@@ -358,6 +358,14 @@ class TransformersBackend(Backend):
                 self._vrouting[0] = None
         return results
 
+    def grad_snapshot(self, adapter: str) -> list[torch.Tensor | None] | None:
+        """A copy of ``adapter``'s accumulated gradients (the scheduler restores it if a micro-batch fails)."""
+        return [None if p.grad is None else p.grad.detach().clone() for p in self._get(adapter).parameters()]
+
+    def grad_restore(self, adapter: str, saved: list[torch.Tensor | None]) -> None:
+        for p, g in zip(self._get(adapter).parameters(), saved, strict=True):
+            p.grad = g
+
     def _reference_logprobs(self, prepared: list[PreparedItem]) -> dict[int, dict[int, torch.Tensor]]:
         need = [(i, j) for i, p in enumerate(prepared) if p.spec.needs_reference
                 for j, inp in enumerate(p.inputs) if "ref_logprobs" not in inp]
