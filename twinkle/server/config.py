@@ -162,6 +162,11 @@ class ModelConfig(_Strict):
     max_queue: int | None = Field(None, ge=1, exclude=True, description="older spelling of scheduler.max_queue")
     sampler: SamplerSettings = Field(default_factory=SamplerSettings)
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    attn_implementation: str | None = Field(None, description="transformers backend: sdpa (default; eager where a "
+                                            "model refuses it), eager, flash_attention_2, ...")
+    gradient_checkpointing: bool = Field(False, description="transformers backend: recompute layers in backward")
+    autocast: Literal["bfloat16", "float16"] | None = Field(None, description="transformers backend: mixed "
+                                                            "precision forward passes on CUDA (ignored on CPU)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     seed: int = 0
     trust_remote_code: bool = False
