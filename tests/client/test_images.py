@@ -13,7 +13,6 @@ from twinkle_client.images import image_datum, render_chat, vision_info
 from twinkle_client.model import TransformersModel
 from twinkle_client.sampler import Sampler
 
-pytestmark = pytest.mark.slow
 URL = "http://twinkle.test"
 VL = "builtin://tiny-vl"
 
@@ -43,6 +42,7 @@ def _pic(colour: str) -> Image.Image:
     return im
 
 
+@pytest.mark.slow
 def test_native_client_trains_and_samples_with_images(transport) -> None:
     s = twinkle_client.connect(URL, "key-v", transport=transport, heartbeat=False)
     v = vision_info(s, VL)
@@ -86,3 +86,29 @@ def test_native_client_trains_and_samples_with_images(transport) -> None:
     assert "Expected 11 tokens, got 12 from image" in resp.json()["error"]
     assert resp.json()["detail"]["field"].startswith("prompt.chunks[1]")
     s.close()
+
+
+def test_text_only_model_refuses_images_naming_the_model(tmp_path) -> None:
+    """The mock backend (like megatron) has no vision tower: the gateway answers 400 before queuing."""
+    import base64
+    import io
+
+    from inprocess_server import InProcessServer
+
+    srv = InProcessServer(tmp_path)
+    try:
+        buf = io.BytesIO()
+        _pic("red").save(buf, format="PNG")
+        prompt = {"chunks": [{"type": "encoded_text", "tokens": [5, 6]},
+                             {"type": "image", "data": base64.b64encode(buf.getvalue()).decode(), "format": "png",
+                              "expected_tokens": 12}]}
+        http = httpx.Client(transport=srv.transport, base_url=URL, headers={"Authorization": "Bearer key-alice"})
+        resp = http.post("/api/v1/twinkle/sample", json={"base_model": "mock://tiny", "prompt": prompt,
+                                                         "sampling_params": {"max_tokens": 1}})
+        assert resp.status_code == 400, resp.text
+        body = resp.json()
+        assert "text-only" in body["error"] and "mock://tiny" in body["error"]
+        assert body["detail"]["field"] == "prompt.chunks[1].type"
+        assert http.get("/api/v1/healthz").status_code == 200
+    finally:
+        srv.close()
