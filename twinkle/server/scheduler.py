@@ -821,10 +821,6 @@ class Scheduler:
         if bad:
             self._post(self._deliver_samples, bad, None)
         engine = self._get_engine()
-        whole = [s for s in good if getattr(s.op, "images", None)]  # image prompts: the backend's own path
-        if whole:
-            good = [s for s in good if not getattr(s.op, "images", None)]
-            self._sample_whole(whole, tick)
         if engine is None:
             if good:
                 self._sample_whole(good, tick)

@@ -817,6 +817,7 @@ class Service:
                 max_adapters=m.max_adapters * m.replicas, max_tokens_per_request=min(
                     m.max_tokens_per_request, self.config.limits.max_tokens_per_request),
                 tokenizer_id=info.tokenizer_id if info else None, replicas=m.replicas,
+                vision=info.vision if info else None,
             ))
         return Capabilities(version=_VERSION, base_models=models, losses=describe_losses())
 
