@@ -272,6 +272,7 @@ class Service:
 
     async def _unload_run(self, run: RunInfo, *, checkpoint: bool, new_state: str = "unloaded") -> None:
         extra = self.runs.extra[run.run_id]
+        extra.unloading = True
         if extra.ready is not None:
             try:
                 await asyncio.shield(extra.ready)
