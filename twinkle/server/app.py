@@ -11,6 +11,7 @@ Nothing here imports torch; ``ray`` is imported only by ``build_serve_app``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -268,8 +269,12 @@ class _HandleWorker:
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         from .service import _unwrap
 
+        response = getattr(self._h, method).remote(*args, **kwargs)
         try:
-            return await getattr(self._h, method).remote(*args, **kwargs)
+            return await response
+        except asyncio.CancelledError:
+            response.cancel()  # the caller gave up (e.g. its session ended): cancel the call on the replica too
+            raise
         except Exception as e:
             err = _unwrap(e)
             if err is e:

@@ -70,7 +70,7 @@ from .ops import (
     op_kind,
 )
 from .recovery import Recovery
-from .state.checkpoints import KIND_DIR, Checkpoints, Ckpt, parse_checkpoint_path
+from .state.checkpoints import Checkpoints, Ckpt, parse_checkpoint_path
 from .state.common import jsonable, swallow, unwrap, validate_checkpoint_name, validate_user_name
 from .state.common import now as _now
 from .state.futures import Futures
@@ -90,10 +90,8 @@ _VERSION = "0.1.0"
 _REAP_MAX_SLEEP_S = 30.0  # the reaper wakes at least this often (a lapsed lease is caught within ~1 s anyway)
 _REAP_SLACK_S = 0.5  # wake this long after a deadline, so one tick handles it
 
-# Kept importable under their old names (``app`` imports ``_unwrap``).
+# Kept importable under its old name (``app`` imports ``_unwrap``).
 _unwrap = unwrap
-_jsonable = jsonable
-_swallow = swallow
 
 
 
@@ -278,6 +276,7 @@ class Service:
 
     async def _unload_run(self, run: RunInfo, *, checkpoint: bool, new_state: str = "unloaded") -> None:
         extra = self.runs.extra[run.run_id]
+        extra.unloading = True
         if extra.ready is not None:
             try:
                 await asyncio.shield(extra.ready)
@@ -851,7 +850,3 @@ class Service:
             workers=workers,
         )
 
-
-# Kept importable for code that imported it from here.
-_KIND_DIR = KIND_DIR
-_ = Ckpt
