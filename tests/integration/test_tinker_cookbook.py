@@ -245,8 +245,13 @@ def test_math_rl_default_loss(srv, tmp_path):
     cfg = m.CLIConfig(model_name=srv.base_model, renderer_name="role_colon", log_path=str(tmp_path / "math"),
                       base_url=srv.url, max_steps=1, behavior_if_log_dir_exists="delete")
     assert cfg.loss_fn == "stable_reinforce" and cfg.groups_per_batch == 100
+    runs = srv.app.state.service.runs.by_id
+    before = set(runs)
     asyncio.run(m.cli_main(cfg))
     assert _metrics(tmp_path / "math")
+    # the step trained with stable_reinforce on recorded samples (only that loss reports capped_fraction)
+    new = [runs[r] for r in set(runs) - before]
+    assert any("capped_fraction:mean" in (r.last_metrics or {}) for r in new), [r.last_metrics for r in new]
 
 
 def test_shorter(srv, tmp_path):
