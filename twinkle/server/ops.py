@@ -15,7 +15,7 @@ from twinkle.types import (
     OptimizerConfig,
     SamplingParams,
 )
-from twinkle.types.params import MAX_TOPK_LOGPROBS
+from twinkle.types.params import MAX_TOPK_LOGPROBS, check_ttl_seconds
 
 
 @dataclass
@@ -58,6 +58,9 @@ class SaveOp:
     overwrite: bool = False
     type: str = "save"
     age_recipients: tuple[str, ...] = ()  # "external": encrypt every file to these age recipients
+
+    def __post_init__(self) -> None:
+        self.ttl_seconds = check_ttl_seconds(self.ttl_seconds)  # 1e300 would make the expiry date overflow
 
 
 @dataclass

@@ -812,6 +812,10 @@ class Scheduler:
             if good:
                 self._sample_whole(good, tick)
             return
+        with_images = [s for s in good if getattr(s.op, "images", None)]
+        if with_images:  # image prompts take the backend's own sampling path (not the continuous engine)
+            self._sample_whole(with_images, tick)
+            good = [s for s in good if not getattr(s.op, "images", None)]
         for s in good:
             item = _sample_item(s, tick.sample_names.get(id(s)))
             try:

@@ -11,7 +11,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .data import Datum, ModelInput
-from .params import AdamParams, LoraConfig, LRSchedulerConfig, OptimizerConfig, SamplingParams, TopKLogprobs
+from .params import (
+    AdamParams,
+    LoraConfig,
+    LRSchedulerConfig,
+    OptimizerConfig,
+    SamplingParams,
+    TopKLogprobs,
+    TtlSeconds,
+)
 
 
 class _Api(BaseModel):
@@ -171,7 +179,7 @@ class SaveCheckpointRequest(_Api):
     seq_id: int | None = None
     name: str
     kind: Literal["training", "sampler"] = "training"
-    ttl_seconds: float | None = Field(None, gt=0)
+    ttl_seconds: TtlSeconds | None = None
     overwrite: bool = False
 
 

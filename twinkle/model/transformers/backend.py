@@ -103,6 +103,7 @@ class TransformersBackend(Backend):
         self._vision: VisionSupport | None = VisionSupport(self.path, self.model, cfg) if is_vl else None
         self._vrouting: list[Routing | None] = [None]  # vision-tower LoRA routing, in patch units
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self._keep_kw = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self._routing: list[Routing | None] = [None]
         self._layers: dict[str, MultiLoraLinear] = {}
         self._wrap_linears()
@@ -220,7 +221,7 @@ class TransformersBackend(Backend):
     # -- compute ---------------------------------------------------------------------------------------------
     def _forward_logits(self, ids: torch.Tensor, segments: list[Segment], *, train: bool, mask: torch.Tensor | None = None,
                         pos: torch.Tensor | None = None, cache: Any = None, use_cache: bool = False,
-                        vision: VisionInputs | None = None) -> tuple[torch.Tensor, Any]:
+                        vision: VisionInputs | None = None, last_only: bool = False) -> tuple[torch.Tensor, Any]:
         self._routing[0] = Routing(segments, dropout=train)
         if vision is not None:
             self._vrouting[0] = Routing(vision.patch_segments, dropout=train)
@@ -236,6 +237,8 @@ class TransformersBackend(Backend):
                 kw["position_ids"] = pos
             if cache is not None:
                 kw[self._cache_kw] = cache
+            if last_only and self._keep_kw:
+                kw["logits_to_keep"] = 1
             out = self.model(**kw)
         finally:
             self._routing[0] = None
@@ -430,8 +433,11 @@ class TransformersBackend(Backend):
         return out
 
     def _sample_forward(self, ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor, cache: Any,
-                        segments: list[Segment]) -> tuple[torch.Tensor, Any]:
-        return self._forward_logits(ids, segments, train=False, mask=mask, pos=pos, cache=cache, use_cache=True)
+                        segments: list[Segment], last_only: bool = False) -> tuple[torch.Tensor, Any]:
+        """``last_only``: logits of the last position only (a prefill without prompt logprobs: the unembedding
+        of every prompt position is skipped, a large saving for big vocabularies)."""
+        return self._forward_logits(ids, segments, train=False, mask=mask, pos=pos, cache=cache, use_cache=True,
+                                    last_only=last_only)
 
     def _decode_text(self, toks: list[int]) -> str:
         return self._tokenizer.decode(toks, skip_special_tokens=False)

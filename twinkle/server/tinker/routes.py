@@ -44,6 +44,7 @@ from twinkle.types import (
     UnsupportedError,
 )
 from twinkle.types.api import CheckpointInfo, RunInfo
+from twinkle.types.params import check_ttl_seconds
 
 from ..export import UrlSigner, parse_recipients
 from ..ops import ForwardBackwardOp, LoadOp, OptimStepOp, SampleOp, SaveOp
@@ -815,9 +816,7 @@ def tinker_router(service_getter: Callable[[], Service] | None = None) -> APIRou
         user = auth(request)
         body = await _json(request)
         ttl = body.get("ttl_seconds")
-        if ttl is not None and (not isinstance(ttl, (int, float)) or ttl <= 0):
-            raise InvalidInputError("ttl_seconds must be a positive number or null", field="ttl_seconds")
-        await svc(request).set_checkpoint_ttl(user, run_id, checkpoint_id, float(ttl) if ttl is not None else None)
+        await svc(request).set_checkpoint_ttl(user, run_id, checkpoint_id, check_ttl_seconds(ttl))
         return {}
 
     @router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}")
