@@ -118,7 +118,7 @@ class SchedulerSettings(_Strict):
     """The per-replica scheduler's knobs (``docs/scheduler.md``). The worker and the scheduler take their
     defaults from here: this class is the one place they are written."""
 
-    batch_token_budget: int = Field(8192, ge=1, description="tokens in one mixed batch (a larger request runs alone)")
+    batch_token_budget: int = Field(8192, ge=1, description="tokens in one mixed batch; a larger request runs alone, in micro-batches of this size")
     max_batch_items: int = Field(256, ge=1, description="requests in one mixed batch")
     seq_grace_s: float = Field(2.0, ge=0, le=3600, description="how long a request whose seq_id is ahead waits "
                                "for the missing ones before the sequence moves on")

@@ -225,7 +225,7 @@ class Scheduler:
             "ticks": 0, "batches_run": 0, "mixed_batches": 0, "rows_run": 0, "tokens_run": 0,
             "barriers_run": 0, "sample_batches": 0, "samples_run": 0, "errors": 0, "dedup_hits": 0,
             "seq_skips": 0, "late_requests": 0, "rejected_capacity": 0, "samples_cancelled": 0, "busy_s": 0.0,
-            "max_adapters_in_batch": 0,
+            "max_adapters_in_batch": 0, "micro_batches": 0,
         }
         self.last_batch: dict[str, Any] | None = None
         self.recent_batches: deque[dict[str, Any]] = deque(maxlen=self.config.history)
@@ -791,7 +791,7 @@ class Scheduler:
             if not item.forward_only:
                 restore(item.adapter, saved)
             raise
-        self.stats["micro_batches"] = self.stats.get("micro_batches", 0) + len(parts)
+        self.stats["micro_batches"] += len(parts)
         return merge_outputs(outs, [len(p.data) for p in parts])
 
     def _run_samples(self, tick: _Tick) -> None:

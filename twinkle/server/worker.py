@@ -282,8 +282,8 @@ class ModelWorker:
         if isinstance(op, (SaveOp, LoadOp)):
             if not path or not os.path.isabs(path):
                 raise InvalidInputError("the worker needs an absolute checkpoint directory", field="path")
-            if isinstance(op, SaveOp) and op.kind not in ("training", "sampler"):
-                raise InvalidInputError("kind must be 'training' or 'sampler'", field="kind")
+            if isinstance(op, SaveOp) and op.kind not in ("training", "sampler", "external"):
+                raise InvalidInputError("kind must be 'training', 'sampler' or 'external'", field="kind")
             if isinstance(op, LoadOp):
                 rank = _checkpoint_rank(Path(path))
                 if rank is not None:
