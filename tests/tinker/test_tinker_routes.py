@@ -44,13 +44,12 @@ def _post_fb(client, body: bytes):
                        headers={**H, "Content-Type": "application/x-protobuf"})
 
 
-def test_config_handshake_and_session(client):
+def test_config_handshake_and_session(client, service):
     r = client.post("/api/v1/client/config", json={"sdk_version": "0.38.0"})
     assert r.json()["pjwt_auth_enabled"] is False and r.json()["parallel_fwdbwd_chunks"] is False
-    # the SDK splits forward_backward by these: 12 estimated bytes a token at least, so a chunk fits the model's
-    # token cap
-    cap = min(m["max_tokens_per_request"]
-              for m in client.get("/api/v1/twinkle/capabilities", headers=H).json()["base_models"])
+    # the SDK splits forward_backward by these: 12 estimated bytes a token at least, so a chunk fits the
+    # model's tokens-per-request cap
+    cap = service.capabilities().base_models[0].max_tokens_per_request
     assert r.json()["fwdbwd_max_chunk_bytes_count"] == cap * 12 and r.json()["fwdbwd_max_chunk_len"] == 1024
     assert client.post("/api/v1/client/dynamic_config", json={}).json()["refresh_interval_sec"] == 300
     assert client.post("/api/v1/telemetry", json={"events": []}).json() == {"status": "accepted"}
