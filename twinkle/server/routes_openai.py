@@ -205,6 +205,8 @@ def create_openai_router() -> APIRouter:
                     payload = {"error": {"message": str(err) if err else "sampling failed on the server",
                                          "type": getattr(err, "code", "internal")}}
                     yield f"data: {json.dumps(payload)}\n\n".encode()
+                finally:  # also when the client disconnected mid-stream: its queued work is dropped
+                    await polls.aclose()
                 yield b"data: [DONE]\n\n"
 
             return StreamingResponse(gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
