@@ -74,6 +74,8 @@ def test_openai_prompt_booleans_are_not_token_ids(client):
 def test_openai_stop_is_bounded_text(client, stop):
     status, err = _post(client, "/v1/completions", {**BASE, "stop": stop})
     assert status == 400 and err["detail"]["field"].startswith("stop"), (status, err)
+    if len(stop) > MAX_STOP_SEQUENCES:
+        assert err["detail"]["field"] == "stop" and "at most" in err["error"], err
 
 
 def test_openai_logprobs_are_refused_not_silently_dropped(client):
@@ -96,7 +98,8 @@ def test_native_stream_stop_list_is_bounded(client):
     body = {"base_model": "tiny", "prompt": {"chunks": [{"type": "encoded_text", "tokens": [5, 6]}]},
             "sampling_params": {"max_tokens": 4, "stop": [f"zq{i}" for i in range(100_000)]}}
     status, err = _post(client, f"{API}/sample/stream", body)
-    assert status == 400 and err["detail"]["field"].startswith("sampling_params.stop"), (status, err)
+    assert status == 400 and err["detail"]["field"] == "sampling_params.stop", (status, err)
+    assert "at most 64 stop sequences" in err["error"], err
 
 
 def test_sampling_params_stop_bounds():

@@ -36,8 +36,20 @@ Integer = Annotated[int, BeforeValidator(_not_bool)]
 Seed = Annotated[int, BeforeValidator(_not_bool), Field(ge=0, le=MAX_SEED)]
 TopKLogprobs = Annotated[int, BeforeValidator(_not_bool), Field(ge=0, le=MAX_TOPK_LOGPROBS)]
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
-StopTexts = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_SEQUENCES)]
-Stop = StopTexts | Annotated[list[Integer], Field(max_length=MAX_STOP_SEQUENCES)]
+
+
+def _stop_bounds(value: Any) -> Any:
+    """One clear message for an over-long stop list (before the union tries each of its shapes)."""
+    items = value if isinstance(value, list) else [value]
+    if len(items) > MAX_STOP_SEQUENCES:
+        raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(items)}")
+    if any(isinstance(s, str) and len(s) > MAX_STOP_CHARS for s in items):
+        raise ValueError(f"a stop string has at most {MAX_STOP_CHARS} characters")
+    return value
+
+
+StopTexts = Annotated[StopString | list[StopString], BeforeValidator(_stop_bounds)]
+Stop = Annotated[StopString | list[StopString] | list[Integer], BeforeValidator(_stop_bounds)]
 """Stop strings or token ids: few and short, since each is checked after every sampled token."""
 TtlSeconds = Annotated[float, BeforeValidator(_not_bool), Field(gt=0, le=MAX_TTL_SECONDS, allow_inf_nan=False)]
 
