@@ -13,10 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from twinkle.data import to_datums
+from twinkle.data import loss_weight_and_tokens, to_datums
 from twinkle.types import (
     AdamParams,
-    Datum,
     ForwardBackwardOutput,
     InvalidInputError,
     LoraConfig,
@@ -28,6 +27,7 @@ from twinkle.types import (
 from twinkle.types.api import BaseModelInfo, CheckpointInfo, RunInfo
 
 from ._futures import SUBMIT_WAIT_S, RemoteFuture
+from ._stop import TrainingStopped
 from .session import Session, current_session
 from .tokenizer import load_tokenizer, load_tokenizer_from_candidates
 
@@ -66,16 +66,6 @@ def to_lora_config(config: Any = None, **overrides: Any) -> LoraConfig:
         raise InvalidInputError(f"invalid LoRA config: {e}", field="config") from None
 
 
-def _weight_and_tokens(data: list[Datum]) -> tuple[float, int]:
-    """(sum of loss weights, input tokens) of a batch, counted as ``twinkle.model.local`` counts them."""
-    weight, tokens = 0.0, 0
-    for d in data:
-        w = d.loss_fn_inputs.get("weights")
-        weight += float(w.to_numpy().sum()) if w is not None else float(d.model_input.length)
-        tokens += d.model_input.length
-    return weight, tokens
-
-
 @dataclass
 class _Adapter:
     name: str
@@ -84,6 +74,7 @@ class _Adapter:
     step: int = 0
     meters: dict[bool, list[float]] = field(default_factory=dict)  # is_training -> [loss, weight, tokens]
     last: dict[str, float] = field(default_factory=dict)
+    in_step: bool = False  # a forward_backward was sent since the last optim_step (mid-step: never stop here)
 
     @property
     def run_id(self) -> str:
@@ -262,8 +253,11 @@ class RemoteModel:
     def _fb(self, inputs: Any, loss_fn: str, loss_fn_config: dict[str, Any] | None, adapter_name: str | None,
             *, forward_only: bool, wait: bool = False) -> RemoteFuture[ForwardBackwardOutput]:
         a = self._adapter(adapter_name)
+        if not forward_only:
+            self._stop_at_boundary(a)
+            a.in_step = True
         data = to_datums(inputs)
-        weight, tokens = _weight_and_tokens(data)
+        weight, tokens = loss_weight_and_tokens(data)
         body = {"data": [d.model_dump(mode="json", exclude_none=True) for d in data], "loss_fn": loss_fn}
         if loss_fn_config:
             body["loss_fn_config"] = loss_fn_config
@@ -277,6 +271,15 @@ class RemoteModel:
             return out
 
         return self._submit(a, "forward" if forward_only else "forward_backward", body, parse, wait=wait)
+
+    def _stop_at_boundary(self, a: _Adapter) -> None:
+        """A stop request (panel, Stop button, ``%twinkle stop``) ends a plain loop before a new step starts."""
+        if a.in_step or not self.session.stop_requested.is_set():
+            return
+        self.session.clear_stop()
+        raise TrainingStopped(
+            f"stopped: adapter {a.name!r} of run {a.run_id} at step {a.step} (a Stop was requested; the run is "
+            "intact, run the cell again to continue)")
 
     def clip_grad_and_step(self, adapter_name: str | None = None, adam_params: AdamParams | None = None) -> dict[str, float]:
         """Apply the accumulated gradients (clipped at the optimizer's ``grad_clip_norm``). Returns
@@ -293,6 +296,8 @@ class RemoteModel:
         body: dict[str, Any] = {}
         if adam_params is not None:
             body["adam_params"] = adam_params.model_dump()
+
+        a.in_step = False
 
         def parse(result: Any) -> dict[str, float]:
             m = OptimStepResponse.model_validate(result or {}).metrics or {}

@@ -69,6 +69,7 @@ class Session:
         self.heartbeats = 0
         self._caps: Capabilities | None = None
         self._stop = threading.Event()
+        self.stop_requested = threading.Event()  # set from a training reply: someone pressed Stop (see _stop.py)
         self._thread: threading.Thread | None = None
         self.run_state = _state.SessionState(info.session_id, persist=persist_state)
         self._persist = persist_state
@@ -182,6 +183,19 @@ class Session:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    # ---- stopping a loop (see twinkle_client/_stop.py) -------------------------------------------------------
+    def request_stop(self) -> SessionInfo:
+        """Ask this session's training loop to stop at its next step boundary (works from any process)."""
+        return SessionInfo.model_validate(self.http.post(f"sessions/{self.session_id}/stop"))
+
+    def clear_stop(self) -> None:
+        """Forget a stop request (called once the loop stopped, and when a new loop starts)."""
+        self.stop_requested.clear()
+        try:
+            self.http.delete(f"sessions/{self.session_id}/stop", retry_seconds=5.0)
+        except TwinkleError:
+            pass
+
     # ---- server queries -----------------------------------------------------------------------------------
     def capabilities(self, refresh: bool = False) -> Capabilities:
         if self._caps is None or refresh:
@@ -239,6 +253,8 @@ class Session:
         else:
             reply = self.http.post(path, body)
         ref = FutureRef.model_validate(reply)
+        if ref.stop_requested:
+            self.stop_requested.set()
         fut: RemoteFuture[Any] = RemoteFuture(self, ref, parse, kind)
         if ref.state is not None:
             fut._settle(ref.state)

@@ -114,8 +114,12 @@ class LiveCurve:
     """
 
     def __init__(self, metrics: Sequence[str] = ("loss",), *, title: str = "training", total: int | None = None,
-                 throttle_s: float = 0.5, mode: str | None = None, display: bool = True):
+                 throttle_s: float = 0.5, mode: str | None = None, display: bool = True, session: Any = None):
         self.metrics = tuple(metrics)
+        self.session = session
+        self.stop_reason = ""
+        self.stop_message: str | None = None
+        self._t0 = time.monotonic()
         self.title = title
         self.total = total
         self.throttle_s = throttle_s
@@ -150,6 +154,12 @@ class LiveCurve:
         self.stop_button = w.Button(description="Stop", button_style="danger", icon="stop",
                                     tooltip="end the loop after the current step")
         self.stop_button.on_click(lambda _b: self.stop())
+        # The Twinkle JupyterLab extension handles clicks on this class itself (through the Jupyter server to the
+        # Twinkle server), so Stop works while the kernel is busy running the loop and cannot read the click.
+        self.stop_button.add_class("twk-stop-button")
+        sess = self._session()
+        if sess is not None:
+            self.stop_button.add_class(f"twk-stop-session-{sess.session_id}")
         self.widget = _CurveBox(children=[self.chart, w.HBox([self.stop_button, self.status])])
 
     # ---- recording ---------------------------------------------------------------------------------------------
@@ -208,8 +218,15 @@ class LiveCurve:
         self.status.value = text + (" — <i>stopping after this step</i>" if self.stopped else "")
 
     # ---- loop control --------------------------------------------------------------------------------------
-    def stop(self) -> None:
-        """Ask the loop to end after the step in progress (what the Stop button does)."""
+    def _session(self) -> Any:
+        from .session import current_session
+
+        return self.session if self.session is not None else current_session(required=False)
+
+    def stop(self, why: str = "Stop pressed") -> None:
+        """Ask the loop to end after the step in progress (what the Stop button and Ctrl-C do)."""
+        if not self._stop.is_set():
+            self.stop_reason = why
         self._stop.set()
         if self.mode == "widget":
             self.stop_button.disabled = True
@@ -219,17 +236,44 @@ class LiveCurve:
     def stopped(self) -> bool:
         return self._stop.is_set()
 
+    def _server_stop(self, sess: Any) -> bool:
+        return sess is not None and sess.stop_requested.is_set()
+
     def iterate(self, iterable: Iterable[T]) -> Iterator[T]:
-        """Yield items until exhausted or stopped; the item being processed when Stop is pressed completes."""
+        """Yield items until exhausted or stopped; the item being processed when Stop is pressed completes.
+
+        Stop comes from the widget's button, the JupyterLab panel or ``%twinkle stop`` (through the server, read
+        from the replies of the loop's own training calls), or Ctrl-C (a second Ctrl-C interrupts at once)."""
+        from ._stop import sigint_stops
+
         if self.total is None and hasattr(iterable, "__len__"):
             self.total = len(iterable)  # type: ignore[arg-type]
+        sess = self._session()
+        if sess is not None:
+            sess.clear_stop()  # a Stop pressed before this loop began is not meant for it
+        self._t0 = time.monotonic()
+        done = 0
         try:
-            for item in iterable:
-                if self.stopped:
-                    break
-                yield item
+            with sigint_stops(lambda: self.stop("Ctrl-C")):
+                for item in iterable:
+                    if not self.stopped and self._server_stop(sess):
+                        self.stop("Stop requested")
+                    if self.stopped:
+                        self._report_stop(done, sess)
+                        break
+                    yield item
+                    done += 1
         finally:
             self.close()
+
+    def _report_stop(self, done: int, sess: Any) -> None:
+        if sess is not None and (sess.stop_requested.is_set() or self.stop_reason != "Ctrl-C"):
+            sess.clear_stop()
+        last = max((int(p[-1]["step"]) for p in self.history.values() if p), default=None)
+        where = f"step {last}" if last is not None else f"{done} iterations"
+        self.stop_message = (f"⏹ stopped after {where} ({self.stop_reason}); the step in flight completed and the "
+                             "run is intact — run the cell again to continue")
+        print(self.stop_message)
 
     def range(self, n: int) -> Iterator[int]:
         self.total = n

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from twinkle.data.convert import loss_weight_and_tokens
 from twinkle.types import (
     AuthenticationError,
     ForwardBackwardOutput,
@@ -156,6 +157,14 @@ def _unwrap(exc: BaseException) -> BaseException:
             out = err(getattr(exc, "message", str(exc)), detail=getattr(exc, "detail", None))
             return out
     return exc
+
+
+def _with_mean_loss(metrics: dict[str, Any], weight: float) -> dict[str, Any]:
+    """Run metrics carry ``loss`` = per-token mean (``loss:sum`` / loss weight), the number every view shows."""
+    total = metrics.get("loss:sum")
+    if total is None or weight <= 0 or "loss" in metrics:
+        return metrics
+    return {"loss": float(total) / weight, **metrics}
 
 
 def parse_checkpoint_path(path: str, field: str = "checkpoint") -> tuple[str, str, str]:
@@ -424,6 +433,21 @@ class Service:
         s = self._session(user, session_id)
         if s.state == "active":
             s.last_heartbeat = _now()
+            self._save_session(s)
+        return s.model_copy(deep=True)
+
+    async def request_stop(self, user: User, session_id: str) -> SessionInfo:
+        """Ask the session's training loop to stop at its next step boundary: the flag rides on the replies of
+        the session's training calls (``FutureRef.stop_requested``) until the client clears it."""
+        s = self._active_session(user, session_id)
+        s.stop_requested_at = _now()
+        self._save_session(s)
+        return s.model_copy(deep=True)
+
+    async def clear_stop(self, user: User, session_id: str) -> SessionInfo:
+        s = self._session(user, session_id)
+        if s.stop_requested_at is not None:
+            s.stop_requested_at = None
             self._save_session(s)
         return s.model_copy(deep=True)
 
@@ -740,7 +764,10 @@ class Service:
             # refused here: tell the worker the seq_id is consumed, so the run's next ops do not wait for it
             self._skip_on_worker(worker, run.run_id, seq_id)
             raise
-        return self._spawn(user, typ, run.run_id, go, after=extra.ready)
+        ref = self._spawn(user, typ, run.run_id, go, after=extra.ready)
+        if sess is not None and sess.stop_requested_at is not None:
+            ref.stop_requested = True
+        return ref
 
     async def skip_seq(self, user: User, run_id: str, seq_id: int | None) -> None:
         """A front door refused a request of ``run_id`` carrying ``seq_id`` before calling :meth:`submit`
@@ -780,13 +807,14 @@ class Service:
                 raise InvalidInputError("data must hold at least one datum", field="data")
             self._check_tokens(m, sum(d.model_input.length for d in op.data), "data")
             typ = "forward" if op.forward_only else "forward_backward"
+            weight = loss_weight_and_tokens(op.data)[0]
 
             async def _go() -> Any:
                 out = await worker.execute(run.run_id, op, seq_id=seq_id)
                 if not isinstance(out, ForwardBackwardOutput):
                     out = ForwardBackwardOutput.model_validate(out)
                 if not op.forward_only:
-                    self._record_metrics(run, typ, out.metrics)
+                    self._record_metrics(run, typ, _with_mean_loss(out.metrics, weight))
                 return out
         elif isinstance(op, OptimStepOp):
             typ = "optim_step"
