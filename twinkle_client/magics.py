@@ -5,6 +5,7 @@
     %twinkle status
     %twinkle runs
     %twinkle checkpoints [RUN]
+    %twinkle stop [SESSION|RUN]     # end that session's training loop at its next step boundary
     %twinkle disconnect [--keep]    # --keep: stop heart-beating but leave the session open for re-attach
     %twinkle --help
 
@@ -55,6 +56,8 @@ def _parser() -> _Parser:
     sub.add_parser("runs", help="list your training runs")
     k = sub.add_parser("checkpoints", help="list checkpoints (of one run, or all of yours)")
     k.add_argument("run", nargs="?")
+    st = sub.add_parser("stop", help="ask a training loop to stop at its next step boundary (from any kernel)")
+    st.add_argument("target", nargs="?", help="a session id or run id (default: this kernel's session)")
     d = sub.add_parser("disconnect", help="close the current session (its adapters are checkpointed and freed)")
     d.add_argument("--keep", action="store_true", help="leave the session open on the server (re-attach later)")
     return p
@@ -135,6 +138,13 @@ class TwinkleMagics(Magics):
     def _cmd_checkpoints(self, args: argparse.Namespace) -> None:
         frame = checkpoints_frame(_session.current_session().checkpoints(args.run))
         _display(frame, _table(frame))
+
+    def _cmd_stop(self, args: argparse.Namespace) -> None:
+        sess = _session.current_session()
+        target = args.target or sess.session_id
+        kind = "sessions" if target.startswith("s") and ":" not in target else "runs"
+        info = sess.http.post(f"{kind}/{target}/stop")
+        print(f"stop requested for session {info['session_id']}: its loop ends after the step in flight")
 
     def _cmd_disconnect(self, args: argparse.Namespace) -> None:
         sess = _session.current_session(required=False)

@@ -30,12 +30,15 @@ export function lossSeries(points: IMetricPoint[]): number[] {
 
 /**
  * Metrics to show for a run as `[key, label, value]`: the server's reduction suffix (`loss:sum` → `loss`) is
- * dropped from the label, `step` (shown elsewhere) is skipped, loss first, at most `max` entries.
+ * dropped from the label, `step` (shown elsewhere) is skipped, loss first (the per-token mean `loss` over the
+ * batch total `loss:sum`), at most `max` entries.
  */
 export function displayMetrics(metrics: Record<string, number>, max = 5): [string, string, number][] {
   const out: [string, string, number][] = [];
   const seen = new Set<string>();
-  const keys = Object.keys(metrics).sort((a, b) => Number(!a.startsWith('loss')) - Number(!b.startsWith('loss')));
+  // `loss` (the per-token mean the server records, the number the notebook shows) beats `loss:sum` (batch total)
+  const rank = (k: string): number => (k === 'loss' ? 0 : k.startsWith('loss') ? 1 : 2);
+  const keys = Object.keys(metrics).sort((a, b) => rank(a) - rank(b));
   for (const k of keys) {
     const label = k.split(':')[0];
     if (label === 'step' || seen.has(label) || typeof metrics[k] !== 'number') {

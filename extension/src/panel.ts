@@ -18,6 +18,7 @@ export interface IPanelActions {
   copyPath(ckpt: ICheckpointInfo): void;
   insertLoadCell(ckpt: ICheckpointInfo, run: IRunInfo): void;
   deleteCheckpoint(ckpt: ICheckpointInfo): void;
+  stopRun(run: IRunInfo): void;
 }
 
 type Child = Node | string | null | undefined | false;
@@ -195,7 +196,7 @@ export class TwinklePanel extends Widget {
   private _run(run: IRunInfo): HTMLElement {
     const loss = this.model.loss(run.run_id);
     const metrics = displayMetrics(run.last_metrics ?? {}).map(([k, label, v]) =>
-      h('span', { class: 'twk-metric', 'data-metric': k }, `${label} ${formatNumber(v)}`)
+      h('span', { class: 'twk-metric', 'data-metric': k, 'data-value': String(v) }, `${label} ${formatNumber(v)}`)
     );
     const ckpts = this.model.checkpoints(run.run_id);
     const err = this.model.runError(run.run_id);
@@ -207,7 +208,12 @@ export class TwinklePanel extends Widget {
         { class: 'twk-run-head' },
         h('b', { class: 'twk-run-name' }, run.name || run.run_id),
         h('span', { class: `twk-runstate twk-runstate-${run.state}` }, run.state),
-        h('span', { class: 'twk-dim' }, ` step ${run.step}`)
+        h('span', { class: 'twk-dim' }, ` step ${run.step}`),
+        run.state === 'active'
+          ? button('Stop', 'End the training loop of this run at its next step boundary', 'twk-stop', () =>
+              this.actions.stopRun(run)
+            )
+          : null
       ),
       h('div', { class: 'twk-dim' }, h('code', {}, run.run_id), ` · ${run.base_model}`),
       h('div', { class: 'twk-metrics' }, ...metrics),

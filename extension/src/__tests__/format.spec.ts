@@ -57,6 +57,11 @@ describe('displayMetrics', () => {
       ['lr:mean', 'lr', 0.01]
     ]);
   });
+  it('shows the per-token mean loss, not the batch total, when both exist', () => {
+    const shown = displayMetrics({ 'loss:sum': 586.5, loss: 1.943, 'grad_norm:mean': 2 });
+    expect(shown[0]).toEqual(['loss', 'loss', 1.943]);
+    expect(shown.map(s => s[1])).toEqual(['loss', 'grad_norm']);
+  });
 });
 
 describe('sparklinePoints', () => {

@@ -1,0 +1,100 @@
+"""Browser test: the curve widget's Stop ends a busy 300-step loop within 2 steps, cleanly (real Chromium,
+real JupyterLab with the Twinkle extension, real Twinkle server on Ray Serve), and the panel's loss is the
+notebook's loss. Screenshots go to ``artifacts/browser-stop/``."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from browser_env import CHROMIUM, EXT, KEY, REPO
+from jupyter_proc import JupyterServer
+
+ART = REPO / "artifacts" / "browser-stop"
+
+pytestmark = [pytest.mark.browser, pytest.mark.integration, pytest.mark.slow]
+
+CELLS = [
+    "%load_ext twinkle_client\n%twinkle connect {url} --api-key {key}",
+    (
+        "import time\n"
+        "from twinkle_client.model import MockModel\n"
+        "from twinkle_client.widgets import LiveCurve\n"
+        "model = MockModel(model_id='mock')\n"
+        "model.add_adapter_to_model('stopme', {{'rank': 4}})\n"
+        "model.set_optimizer('AdamW', lr=1e-2)\n"
+        "batch = [{{'input_ids': [1, 2, 3, 4, 5, 6, 7, 8], 'labels': [2, 3, 4, 5, 6, 7, 8, 9]}}]\n"
+        "curve = LiveCurve(title='stop test', throttle_s=0.2)\n"
+        "for step in curve.range(300):\n"
+        "    model.forward_backward(inputs=batch)\n"
+        "    model.clip_grad_and_step()\n"
+        "    curve.log(model.calculate_metric())\n"
+        "    time.sleep(0.25)\n"
+        "last = curve.history['default'][-1]\n"
+        "print(f\"FINAL STEP {{int(last['step'])}} LOSS {{last['loss']:.10f}}\")"
+    ),
+    "print('spare')",
+]
+
+
+def _notebook(url: str) -> dict:
+    cells = [{"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [],
+              "source": src.format(url=url, key=KEY)} for src in CELLS]
+    return {"cells": cells, "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                         "language": "python"}},
+            "nbformat": 4, "nbformat_minor": 5}
+
+
+@pytest.mark.timeout(900)
+def test_stop_button_ends_busy_loop_within_two_steps(panel_server, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "stop.ipynb").write_text(json.dumps(_notebook(panel_server)))
+    labconfig = tmp_path / "cfg" / "labconfig"
+    labconfig.mkdir(parents=True)
+    (labconfig / "page_config.json").write_text(
+        json.dumps({"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}))
+    jp = tmp_path / "jupyter-path" / "labextensions"
+    jp.mkdir(parents=True)
+    (jp / "twinkle-jupyterlab").symlink_to(REPO / "twinkle_client" / "labextension")
+    env = {"TWINKLE_HOME": str(tmp_path / "home"), "JUPYTER_PATH": str(jp.parent),
+           "JUPYTER_CONFIG_DIR": str(tmp_path / "cfg"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt")}
+    lab = JupyterServer(work, env, app="lab", extra_args=["--LabApp.expose_app_in_browser=True"])
+    if ART.exists():
+        shutil.rmtree(ART)
+    ART.mkdir(parents=True)
+    try:
+        proc = subprocess.run(
+            ["node", str(Path(__file__).with_name("stop.mjs"))],
+            env={**os.environ, "LAB_URL": lab.url, "LAB_TOKEN": lab.token, "NOTEBOOK": "stop.ipynb",
+                 "TWINKLE_URL": panel_server, "TWINKLE_KEY": KEY, "ARTIFACTS": str(ART),
+                 "EXTENSION_DIR": str(EXT), "CHROMIUM": CHROMIUM},
+            capture_output=True, text=True, timeout=600,
+        )
+    finally:
+        (ART / "jupyter.log").write_text(lab.log())
+        lab.stop()
+    (ART / "browser.log").write_text(proc.stdout + proc.stderr)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line is not None, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(line[len("RESULT "):])
+    assert res["ok"], res.get("error", "") + "\n" + "\n".join(res["steps"])
+
+    assert "*" in res["busyAtClick"], "the cell must still be running when Stop is clicked"
+    before, _after = res["clickSteps"]
+    out = res["output"]
+    m = re.search(r"FINAL STEP (\d+) LOSS ([0-9.]+)", out)
+    assert m, out
+    final = int(m.group(1))
+    assert res["finalServerStep"] == final
+    assert before <= final <= before + 2, (before, final)  # the step in flight (+ at most one) completed
+    assert final < 300
+    assert f"stopped after step {final}" in out and "Traceback" not in out and "KeyboardInterrupt" not in out
+    # the panel shows the notebook's per-token mean loss (not the batch total) — equal to 4 digits
+    assert res["panelLoss"]["value"] == pytest.approx(float(m.group(2)), rel=1e-4)
+    assert res["panelLoss"]["text"].startswith("loss ")
