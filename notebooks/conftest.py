@@ -36,6 +36,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.nbval_sanitize_with = str(HERE / "nbval_sanitize.cfg")
 
 
+@pytest.hookimpl(trylast=True)  # after `-m "not slow"` has deselected the notebooks: then no server
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[Any]) -> None:
     if not any(type(it).__name__ == "IPyNbCell" for it in items) or "handle" in _server:
         return

@@ -20,6 +20,7 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.mark.slow
 def test_quickstart_learns_the_name(tmp_path):
     cfg = QuickstartConfig(name="Nova", steps=60, seed=0, output_dir=str(tmp_path))
     res = run_quickstart(cfg, progress=False)

@@ -20,6 +20,8 @@ REPO = Path(__file__).resolve().parents[2]
 LABEXT = REPO / "twinkle_client" / "labextension"
 NAME = "twinkle-jupyterlab"
 
+pytestmark = pytest.mark.slow  # builds a wheel and pip-installs it into a fresh venv
+
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:

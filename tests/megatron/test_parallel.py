@@ -24,6 +24,8 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import _parallel_job  # noqa: E402
 
+pytestmark = pytest.mark.slow  # two gloo processes per test (~30 s of start-up)
+
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> str:

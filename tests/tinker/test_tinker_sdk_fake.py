@@ -98,6 +98,7 @@ def test_sdk_async_variants(service_client):
     assert "loss:sum" in fb.metrics and opt is not None
 
 
+@pytest.mark.slow
 def test_init_tinker_client_lifts_only_the_prefix_check(live_server):
     url, fake = live_server
     code = f"""
