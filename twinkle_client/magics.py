@@ -50,7 +50,9 @@ def _parser() -> _Parser:
     c.add_argument("url", nargs="?", help="server URL (default: $TWINKLE_SERVER_URL)")
     c.add_argument("--api-key", dest="api_key", help="API key (default: $TWINKLE_API_KEY)")
     c.add_argument("--session-id", dest="session_id", help="re-attach to an existing session")
-    c.add_argument("--lease", type=float, help="lease in seconds")
+    c.add_argument("--lease", type=float, help="lease in seconds (default: $TWINKLE_LEASE_SECONDS or 600 in a notebook)")
+    c.add_argument("--new", action="store_true",
+                   help="open a fresh session instead of re-attaching to the one the previous kernel left")
     sub.add_parser("resume", help="re-attach to the session saved by the last connect")
     sub.add_parser("status", help="show the current session, server, base models and your runs")
     sub.add_parser("runs", help="list your training runs")
@@ -99,22 +101,25 @@ class TwinkleMagics(Magics):
 
     # ---- commands ------------------------------------------------------------------------------------------------
     def _cmd_connect(self, args: argparse.Namespace) -> None:
+        from ._reattach import open_session
+
         url = args.url or os.environ.get("TWINKLE_SERVER_URL")
         if not url:
             raise UsageError("%twinkle connect: give a URL or set TWINKLE_SERVER_URL")
         key = args.api_key or os.environ.get("TWINKLE_API_KEY")
         old = _session.current_session(required=False)
-        sess = _session.connect(url, key, session_id=args.session_id, lease_seconds=args.lease, retry_seconds=5.0)
+        sess = open_session(url, key, session_id=args.session_id, new=args.new, lease_seconds=args.lease,
+                            retry_seconds=5.0)
         if old is not None and old is not sess and old.session_id != sess.session_id:
             old.detach()
         self.shell.user_ns["twinkle_session"] = sess
-        print(f"connected to {sess.url} — session {sess.session_id} (lease {sess.info.lease_seconds:.0f} s); "
+        print(f"connected to {sess.url} — {sess.notice} (lease {sess.info.lease_seconds:.0f} s); "
               f"available as `twinkle_session`")
 
     def _cmd_resume(self, args: argparse.Namespace) -> None:
-        sess = _session.Session.resume(retry_seconds=5.0)
+        sess = _session.Session.resume(retry_seconds=5.0, quiet=True)
         self.shell.user_ns["twinkle_session"] = sess
-        print(f"re-attached to {sess.url} — session {sess.session_id}")
+        print(f"connected to {sess.url} — {sess.notice}")
 
     def _cmd_status(self, args: argparse.Namespace) -> None:
         sess = _session.current_session()

@@ -67,6 +67,8 @@ class Session:
         self.state = "connected"  # connected | reconnecting | expired | closed
         self.last_error: str | None = None
         self.heartbeats = 0
+        self.notice = ""  # what connecting did (re-attached, restored runs, ...), one line
+        self.restored: list[RunInfo] = []
         self._caps: Capabilities | None = None
         self._stop = threading.Event()
         self.stop_requested = threading.Event()  # set from a training reply: someone pressed Stop (see _stop.py)
@@ -103,16 +105,23 @@ class Session:
     @classmethod
     def resume(
         cls, api_key: str | None = None, *, url: str | None = None, session_id: str | None = None,
-        state_file: str | os.PathLike[str] | None = None, **kw: Any,
+        state_file: str | os.PathLike[str] | None = None, quiet: bool = False, **kw: Any,
     ) -> Session:
-        """Re-attach to the session recorded in the local state file (after a kernel restart)."""
+        """Re-attach to the session recorded in the local state file (after a kernel restart). When its lease
+        has lapsed, a new session is opened and its runs are restored from their automatic checkpoints (with
+        the optimizer state) in this same call; ``session.notice`` (printed unless ``quiet``) says so."""
+        from ._reattach import open_session
+
         saved = _state.read_connection(state_file) or {}
         url = url or saved.get("url")
         session_id = session_id or saved.get("session_id")
         if not url or not session_id:
             where = state_file or (_state.twinkle_home() / "connection.json")
             raise ConnectionLostError(f"no saved Twinkle session to resume in {where}")
-        return connect(url, api_key or saved.get("api_key"), session_id=session_id, **kw)
+        sess = open_session(url, api_key or saved.get("api_key"), session_id=session_id, **kw)
+        if not quiet:
+            print(sess.notice)
+        return sess
 
     def heartbeat(self) -> SessionInfo:
         """Extend the lease now (the background thread does this every lease/3 seconds)."""
@@ -323,6 +332,24 @@ class Session:
         return f"Session(url={self.url!r}, session_id={self.session_id!r}, state={self.state!r})"
 
 
+NOTEBOOK_LEASE_S = 600.0
+"""The lease a notebook kernel asks for when none is given: a kernel restart or a long pause between cells
+must not unload the adapters (a script gets the server's default, 60 s unless configured)."""
+
+
+def default_lease_seconds() -> float | None:
+    """``$TWINKLE_LEASE_SECONDS``, else ``NOTEBOOK_LEASE_S`` inside a Jupyter kernel, else the server's default."""
+    env = os.environ.get("TWINKLE_LEASE_SECONDS")
+    if env:
+        try:
+            return float(env)
+        except ValueError:
+            raise ConnectionLostError(f"TWINKLE_LEASE_SECONDS={env!r} is not a number of seconds") from None
+    from .widgets import in_notebook
+
+    return NOTEBOOK_LEASE_S if in_notebook() else None
+
+
 def connect(
     url: str,
     api_key: str | None = None,
@@ -357,6 +384,7 @@ def connect(
             meta = {"client": "twinkle_client", "host": socket.gethostname(), "pid": os.getpid()}
             meta.update(metadata or {})
             body: dict[str, Any] = {"metadata": meta}
+            lease_seconds = lease_seconds if lease_seconds is not None else default_lease_seconds()
             if lease_seconds is not None:
                 body["lease_seconds"] = lease_seconds
             info = SessionInfo.model_validate(http.post("sessions", body, retry_seconds=min(retry_seconds, 2.0)))

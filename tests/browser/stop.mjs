@@ -98,6 +98,9 @@ try {
   }, 'panel to show the final step', 30000, 500);
   await page.evaluate(() => document.querySelector(`#twinkle-panel .twk-run`)?.scrollIntoView());
   await shot('stop-02-stopped-panel');
+  // close the session (its run is checkpointed and unloaded) so the next browser test sees only its own runs
+  await runCell(2);
+  await poll(async () => /closed session/.test(await cellOutput(2)), '%twinkle disconnect', 60000);
   result.ok = true;
 } catch (err) {
   result.ok = false;

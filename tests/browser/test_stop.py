@@ -17,7 +17,7 @@ from jupyter_proc import JupyterServer
 
 ART = REPO / "artifacts" / "browser-stop"
 
-pytestmark = [pytest.mark.browser, pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.browser, pytest.mark.integration]
 
 CELLS = [
     "%load_ext twinkle_client\n%twinkle connect {url} --api-key {key}",
@@ -38,7 +38,7 @@ CELLS = [
         "last = curve.history['default'][-1]\n"
         "print(f\"FINAL STEP {{int(last['step'])}} LOSS {{last['loss']:.10f}}\")"
     ),
-    "print('spare')",
+    "%twinkle disconnect",
 ]
 
 
