@@ -17,8 +17,8 @@ from twinkle.types import GoneError, TwinkleError
 from twinkle.types.api import FutureRef, RunInfo
 
 from . import _state
-from ._futures import SUBMIT_WAIT_S, RemoteFuture
 from . import session as _session
+from ._futures import SUBMIT_WAIT_S, RemoteFuture
 from .session import Session, current_session
 
 __all__ = ["open_session", "restore_runs"]

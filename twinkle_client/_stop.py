@@ -28,7 +28,7 @@ class TrainingStopped(Exception):
     """The loop was asked to stop; raised at a step boundary (the previous step completed)."""
 
     def _render_traceback_(self) -> list[str]:  # IPython: one line instead of a traceback
-        return [f"⏹ {self}"]
+        return [str(self)]
 
 
 @contextmanager

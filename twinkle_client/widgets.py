@@ -215,7 +215,11 @@ class LiveCurve:
         text = " · ".join(f"<b>{html.escape(r)}</b> step {int(p['step'])}"
                           + "".join(f", {html.escape(m)} {p[m]:.4g}" for m in self.metrics if m in p)
                           for r, p in last.items())
-        self.status.value = text + (" — <i>stopping after this step</i>" if self.stopped else "")
+        if self.stop_message:
+            text += f" — <i>{html.escape(self.stop_message)}</i>"
+        elif self.stopped:
+            text += " — <i>stopping after this step</i>"
+        self.status.value = text
 
     # ---- loop control --------------------------------------------------------------------------------------
     def _session(self) -> Any:
@@ -271,9 +275,11 @@ class LiveCurve:
             sess.clear_stop()
         last = max((int(p[-1]["step"]) for p in self.history.values() if p), default=None)
         where = f"step {last}" if last is not None else f"{done} iterations"
-        self.stop_message = (f"⏹ stopped after {where} ({self.stop_reason}); the step in flight completed and the "
+        self.stop_message = (f"stopped after {where} ({self.stop_reason}); the step in flight completed and the "
                              "run is intact — run the cell again to continue")
         print(self.stop_message)
+        if self.mode == "widget":
+            self.refresh()
 
     def range(self, n: int) -> Iterator[int]:
         self.total = n

@@ -98,6 +98,30 @@ try {
   }, 'panel to show the final step', 30000, 500);
   await page.evaluate(() => document.querySelector(`#twinkle-panel .twk-run`)?.scrollIntoView());
   await shot('stop-02-stopped-panel');
+  // kernel restart within the lease: `%twinkle connect` (cell 0 again) re-attaches; the named adapter continues
+  const restart = async () => {
+    await page.evaluate(`(async () => { await ${nb}.sessionContext.session.kernel.restart(); })()`);
+    await poll(kernelIdle, 'idle kernel after restart', 120000, 250);
+  };
+  const runAndWait = async (i, re, what) => {
+    await runCell(i);
+    await poll(async () => re.test(await cellOutput(i)) || /Error|Traceback/.test(await cellOutput(i)), what, 120000);
+    await poll(kernelIdle, 'idle kernel', 60000);
+    return cellOutput(i);
+  };
+  await restart();
+  result.reattachOutput = await runAndWait(0, /connected to/, '%twinkle connect after restart');
+  log(`after restart: ${result.reattachOutput.trim()}`);
+  result.adapterAfterReattach = await runAndWait(3, /ADAPTER STEP/, 'adapter after re-attach');
+  await shot('stop-03-reattached');
+  // kernel restart, then the lease (15 s) lapses: one `%twinkle resume` restores from the automatic checkpoint
+  await restart();
+  await new Promise((r) => setTimeout(r, 19000));
+  result.resumeOutput = await runAndWait(4, /connected to/, '%twinkle resume after expiry');
+  log(`after expiry: ${result.resumeOutput.trim()}`);
+  result.adapterAfterResume = await runAndWait(3, /ADAPTER STEP/, 'adapter after resume');
+  await shot('stop-04-restored');
+
   // close the session (its run is checkpointed and unloaded) so the next browser test sees only its own runs
   await runCell(2);
   await poll(async () => /closed session/.test(await cellOutput(2)), '%twinkle disconnect', 60000);

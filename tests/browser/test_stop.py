@@ -1,6 +1,7 @@
-"""Browser test: the curve widget's Stop ends a busy 300-step loop within 2 steps, cleanly (real Chromium,
-real JupyterLab with the Twinkle extension, real Twinkle server on Ray Serve), and the panel's loss is the
-notebook's loss. Screenshots go to ``artifacts/browser-stop/``."""
+"""Browser test (real Chromium, real JupyterLab with the Twinkle extension, real Twinkle server on Ray Serve):
+the curve widget's Stop ends a busy 300-step loop within 2 steps, cleanly; the panel's loss is the notebook's
+loss; after a kernel restart ``%twinkle connect`` re-attaches the named run; after the lease lapsed one
+``%twinkle resume`` restores it from its automatic checkpoint. Screenshots go to ``artifacts/browser-stop/``."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ ART = REPO / "artifacts" / "browser-stop"
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 
 CELLS = [
-    "%load_ext twinkle_client\n%twinkle connect {url} --api-key {key}",
+    "%load_ext twinkle_client\n%twinkle connect {url} --api-key {key} --lease 15",
     (
         "import time\n"
         "from twinkle_client.model import MockModel\n"
@@ -39,6 +40,13 @@ CELLS = [
         "print(f\"FINAL STEP {{int(last['step'])}} LOSS {{last['loss']:.10f}}\")"
     ),
     "%twinkle disconnect",
+    (
+        "from twinkle_client.model import MockModel\n"
+        "model = MockModel(model_id='mock')\n"
+        "run = model.add_adapter_to_model('stopme', {{'rank': 4}})\n"
+        "print('ADAPTER STEP', run.step, run.run_id)"
+    ),
+    "%load_ext twinkle_client\n%twinkle resume",
 ]
 
 
@@ -98,3 +106,12 @@ def test_stop_button_ends_busy_loop_within_two_steps(panel_server, tmp_path):
     # the panel shows the notebook's per-token mean loss (not the batch total) — equal to 4 digits
     assert res["panelLoss"]["value"] == pytest.approx(float(m.group(2)), rel=1e-4)
     assert res["panelLoss"]["text"].startswith("loss ")
+
+    # kernel restart within the lease: `%twinkle connect` re-attaches the session and its named run
+    assert "re-attached to the previous kernel's session" in res["reattachOutput"], res["reattachOutput"]
+    assert f"stopme at step {final}" in res["reattachOutput"]
+    assert f"ADAPTER STEP {final} " in res["adapterAfterReattach"]
+    # kernel restart after the lease lapsed: one `%twinkle resume` restores the run from its automatic checkpoint
+    assert f"restored stopme at step {final} from the automatic checkpoint" in res["resumeOutput"], res["resumeOutput"]
+    assert f"ADAPTER STEP {final} " in res["adapterAfterResume"]
+    assert res["adapterAfterResume"].split()[-1] != res["adapterAfterReattach"].split()[-1]  # a new run, same name
