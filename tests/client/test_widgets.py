@@ -75,3 +75,22 @@ def test_frames_and_svg():
     df = runs_frame([r])
     assert df.loc[0, "rank"] == 4 and df.loc[0, "loss"] == 0.5
     assert "waiting for the first step" in svg_curve({})
+
+
+def test_frames_show_times_as_datetimes_and_the_mean_loss():
+    import datetime as dt
+
+    from twinkle.types import LoraConfig
+    from twinkle.types.api import RunInfo
+    from twinkle_client.widgets import checkpoints_frame
+
+    r = RunInfo(run_id="r1", session_id="s", user="u", base_model="m", lora=LoraConfig(rank=4), state="active",
+                step=3, created_at=1_700_000_000.5, last_request_time=1_700_000_060.0,
+                last_metrics={"loss:sum": 586.5, "loss": 1.943, "grad_norm:mean": 0.5})
+    df = runs_frame([r])
+    assert df.loc[0, "loss"] == 1.943 and df.loc[0, "grad_norm"] == 0.5
+    assert df.loc[0, "created"] == dt.datetime.fromtimestamp(1_700_000_000)
+    assert (df.loc[0, "last_active"] - df.loc[0, "created"]).total_seconds() == 60
+    ck = checkpoints_frame([{"run_id": "r1", "name": "a", "kind": "training", "step": 3, "path": "p",
+                             "created_at": 1_700_000_000.0}])
+    assert isinstance(ck.loc[0, "created"], dt.datetime) and "created_at" not in ck.columns
