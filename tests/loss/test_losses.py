@@ -66,10 +66,13 @@ def test_ppo_clips_with_default_and_custom_bounds():
     assert out.metrics["clip_fraction:mean"] == pytest.approx(2 / 3)
 
 
-def test_cispo_stop_gradient_on_ratio():
-    out, g = _run("cispo", [LP], [{"logprobs": Q, "advantages": A}])
-    c = [min(max(math.exp(lp - q), 0.8), 1.2) for lp, q in zip(LP, Q, strict=True)]
-    assert out.loss.item() == pytest.approx(-sum(ci * lp * a for ci, lp, a in zip(c, LP, A, strict=True)))
+@pytest.mark.parametrize("config,lo,hi", [(None, 0.0, 4.0), ({"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}, 0.8, 1.2)])
+def test_cispo_stop_gradient_on_ratio(config, lo, hi):
+    """Tinker's documented cispo default is the one-sided clip 0.0 / 4.0 (not ppo's 0.8 / 1.2)."""
+    lps = [-0.5, -3.0, -2.0]  # r = exp(lp − q) is 1.22, 0.007 and 1.65: the 0.8/1.2 clip would bind twice
+    out, g = _run("cispo", [lps], [{"logprobs": Q, "advantages": A}], config)
+    c = [min(max(math.exp(lp - q), lo), hi) for lp, q in zip(lps, Q, strict=True)]
+    assert out.loss.item() == pytest.approx(-sum(ci * lp * a for ci, lp, a in zip(c, lps, A, strict=True)))
     assert g[0] == pytest.approx([-ci * a for ci, a in zip(c, A, strict=True)])
 
 
@@ -111,3 +114,46 @@ def test_registry_and_config_errors():
     with pytest.raises(InvalidInputError):
         get_loss("ppo").resolve_config({"clip_low_threshold": 2.0, "clip_high_threshold": 1.0})
     assert get_loss("ppo").resolve_config({"clip_high_threshold": "1.5"})["clip_high_threshold"] == 1.5
+
+
+def test_documented_defaults():
+    """Audited against Tinker's loss documentation (docs/models.md, "Loss defaults")."""
+    assert get_loss("ppo").config_defaults == {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
+    assert get_loss("cispo").config_defaults == {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}
+    assert get_loss("dro").config_defaults == {"beta": 0.05}
+    assert get_loss("cross_entropy").config_defaults == {}
+    assert get_loss("importance_sampling").config_defaults == {}
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "Infinity", "-inf", float("nan"), float("inf"), 1e309, "1e400"])
+def test_dro_beta_non_finite_refused(value):
+    with pytest.raises(InvalidInputError) as e:
+        get_loss("dro").resolve_config({"beta": value})
+    assert e.value.field == "loss_fn_config.beta" and e.value.status == 400
+
+
+@pytest.mark.parametrize("name,config,field", [
+    ("ppo", {"clip_low_threshold": -0.1}, "clip_low_threshold"),
+    ("ppo", {"clip_high_threshold": 0}, "clip_high_threshold"),
+    ("ppo", {"clip_high_threshold": True}, "clip_high_threshold"),
+    ("ppo", {"clip_high_threshold": [1]}, "clip_high_threshold"),
+    ("cispo", {"clip_high_threshold": 1e30}, "clip_high_threshold"),
+    ("dro", {"beta": -1}, "beta"),
+    ("dpo", {"beta": 0}, "beta"),
+    ("dro", {"bta": 0.1}, "bta"),  # an unknown key is named, not ignored
+    ("cross_entropy", {"beta": 0.1}, "beta"),
+])
+def test_config_ranges(name, config, field):
+    with pytest.raises(InvalidInputError) as e:
+        get_loss(name).resolve_config(config)
+    assert e.value.field == f"loss_fn_config.{field}"
+
+
+def test_registry_is_torch_free():
+    import subprocess
+    import sys
+
+    code = ("import sys; import twinkle.loss as L; L.get_loss('dro').resolve_config({'beta': 1});"
+            "assert 'torch' not in sys.modules, 'torch imported'; print(len(L.list_losses()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]

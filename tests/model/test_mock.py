@@ -113,7 +113,7 @@ def test_cispo_gradient_stops_at_the_ratio() -> None:
         ce_data.append(Datum(model_input=d.model_input,
                              loss_fn_inputs={"target_tokens": d.loss_fn_inputs["target_tokens"], "weights": w}))
     st = b._adapters[a]
-    b.run_batch([BatchItem(a, data, "cispo")])
+    b.run_batch([BatchItem(a, data, "cispo", {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2})])
     cispo = {k: v.copy() for k, v in st.grads.items()}
     st.zero_grads()
     b.run_batch([BatchItem(a, ce_data, "cross_entropy")])

@@ -1,58 +1,53 @@
-"""Loss functions as pure torch functions of (per-token target logprobs, loss_fn_inputs, config).
+"""The loss registry: one ``LossSpec`` per loss (inputs, config keys with defaults and ranges) with its torch
+and numpy implementations. Importing this package does not import torch.
 
-``get_loss(name)`` returns a ``LossSpec`` (function, required inputs, config defaults); the formulas are in
-each function's docstring and follow ``docs/tinker-wire-protocol.md`` §2.
+Add a loss with ``register_loss(LossSpec(name, torch_fn, numpy_fn, required_inputs, optional_inputs,
+config=(ConfigKey(...),)))``; every backend, both APIs, the capabilities route and the parity test
+(``tests/loss/test_parity.py``) pick it up. See ``docs/models.md``.
 """
 
 from __future__ import annotations
 
-from twinkle.types import UnsupportedError
-
-from ._base import LossFn, LossOutput, LossSpec
-from ._functions import cispo, cross_entropy, dpo, dro, importance_sampling, ppo
-
-_RL = ("target_tokens", "logprobs", "advantages")
-_CLIP = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
-
-LOSSES: dict[str, LossSpec] = {
-    s.name: s
-    for s in (
-        LossSpec("cross_entropy", cross_entropy, ("target_tokens",), ("weights",)),
-        LossSpec("importance_sampling", importance_sampling, _RL),
-        LossSpec("ppo", ppo, _RL, (), _CLIP),
-        LossSpec("cispo", cispo, _RL, (), _CLIP),
-        LossSpec("dro", dro, _RL, (), {"beta": 0.05}),
-        LossSpec("dpo", dpo, ("target_tokens",), ("weights", "ref_logprobs"), {"beta": 0.1},
-                 needs_reference=True, paired=True),
-    )
-}
+from . import _builtin  # noqa: F401  (registers the built-in losses)
+from ._spec import (
+    ConfigKey,
+    LossFn,
+    LossOutput,
+    LossSpec,
+    NumpyLossFn,
+    NumpyLossOutput,
+    all_losses,
+    check_finite_loss,
+    clip_order,
+    get_loss,
+    list_losses,
+    nonfinite_gradient_error,
+    register_loss,
+    unregister_loss,
+    validate_request,
+)
 
 
-def get_loss(name: str) -> LossSpec:
-    """The registered loss ``name``; an unknown name raises ``UnsupportedError`` naming ``loss_fn``."""
-    spec = LOSSES.get(name) if isinstance(name, str) else None
-    if spec is None:
-        raise UnsupportedError(
-            f"unknown loss_fn {name!r}; available: {', '.join(sorted(LOSSES))}", field="loss_fn"
-        )
-    return spec
-
-
-def list_losses() -> list[str]:
-    return sorted(LOSSES)
+def describe_losses() -> list[dict]:
+    """Every registered loss as the capabilities route shows it."""
+    return [spec.describe() for _, spec in sorted(all_losses().items())]
 
 
 __all__ = [
-    "LOSSES",
+    "ConfigKey",
     "LossFn",
     "LossOutput",
     "LossSpec",
-    "cispo",
-    "cross_entropy",
-    "dpo",
-    "dro",
+    "NumpyLossFn",
+    "NumpyLossOutput",
+    "all_losses",
+    "check_finite_loss",
+    "clip_order",
+    "describe_losses",
     "get_loss",
-    "importance_sampling",
     "list_losses",
-    "ppo",
+    "nonfinite_gradient_error",
+    "register_loss",
+    "unregister_loss",
+    "validate_request",
 ]

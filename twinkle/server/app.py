@@ -246,7 +246,7 @@ def _tinker_router() -> Any:
 
 
 class _HandleWorker:
-    """Adapts a Ray Serve ``DeploymentHandle`` of a worker deployment to the in-process worker interface."""
+    """Adapts a Ray Serve ``DeploymentHandle`` of a worker deployment to :class:`~twinkle.server.worker_api.WorkerAPI`."""
 
     def __init__(self, handle: Any):
         self._h = handle
@@ -276,6 +276,9 @@ class _HandleWorker:
 
     async def skip(self, adapter_id: str, seq_id: int) -> Any:
         return await self._call("skip", adapter_id, seq_id)
+
+    async def has_adapter(self, adapter_id: str) -> Any:
+        return await self._call("has_adapter", adapter_id)
 
     async def status(self) -> Any:
         return await self._call("status")
@@ -332,6 +335,9 @@ def build_serve_app(config: ServerConfig) -> Any:
 
         async def skip(self, adapter_id: str, seq_id: int) -> None:
             await self.worker.skip(adapter_id, seq_id)
+
+        async def has_adapter(self, adapter_id: str) -> bool:
+            return await self.worker.has_adapter(adapter_id)
 
         async def status(self) -> Any:
             return await self.worker.status()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from twinkle.loss import validate_request
 from twinkle.types import AdamParams, Datum, LoraConfig, LRSchedulerConfig, OptimizerConfig, SamplingParams
 
 
@@ -15,6 +16,11 @@ class ForwardBackwardOp:
     loss_fn_config: dict[str, Any] | None = None
     forward_only: bool = False
     type: str = "forward_backward"
+
+    def __post_init__(self) -> None:
+        # Both APIs build this op before queueing it: an unknown loss or a bad config is refused here, by the
+        # loss registry (the same check the worker's backend makes), as a 400 naming the field.
+        validate_request(self.loss_fn, self.loss_fn_config)
 
 
 @dataclass
@@ -68,3 +74,10 @@ class CreateAdapterOp:
 
 
 Op = ForwardBackwardOp | OptimStepOp | SetOptimizerOp | SetSchedulerOp | SaveOp | LoadOp
+
+
+def op_kind(op: object) -> str:
+    """The kind of call an op is, as a retry must repeat it (``forward`` and ``forward_backward`` differ)."""
+    if isinstance(op, ForwardBackwardOp):
+        return "forward" if op.forward_only else "forward_backward"
+    return str(getattr(op, "type", type(op).__name__))

@@ -65,6 +65,7 @@ from .ops import (
     SaveOp,
     SetOptimizerOp,
     SetSchedulerOp,
+    op_kind,
 )
 
 log = logging.getLogger("twinkle.server.scheduler")
@@ -89,6 +90,8 @@ class SchedulerConfig:
     max_sample_batch: int = 32
     sampler_cache_size: int = 4
     history: int = 32
+    prefill_chunk: int = 512  # prompt tokens prefilled per decode step of the continuous sampler
+    sample_slice_s: float = 0.05  # least decode time before training waiting in the same tick runs
 
     @classmethod
     def from_dict(cls, config: dict[str, Any] | None) -> SchedulerConfig:
@@ -147,6 +150,7 @@ class _SampleRequest:
     cost: int = 0
     arrived: float = field(default_factory=time.monotonic)
     finished: bool = False
+    name: str | None = None  # the backend adapter it samples with (set when planned)
 
 
 @dataclass(eq=False)
@@ -157,6 +161,7 @@ class _AdapterQueue:
     gap_since: float | None = None
     timer: asyncio.TimerHandle | None = None
     memory: OrderedDict[int, asyncio.Future] = field(default_factory=OrderedDict)
+    kinds: dict[int, str] = field(default_factory=dict)  # seq_id -> the kind of call it named (see ops.op_kind)
     pending: int = 0  # submitted and not yet completed
     skipped: set[int] = field(default_factory=set)  # seq ids ahead of next_seq consumed upstream
 
@@ -190,6 +195,13 @@ class Scheduler:
         self._queues: dict[str, _AdapterQueue] = {}
         self._order: OrderedDict[str, None] = OrderedDict()  # least recently served first
         self._samples: deque[_SampleRequest] = deque()
+        # continuous sampling (see _run_samples): requests handed to the engine and not yet delivered
+        self._in_engine: dict[int, _SampleRequest] = {}
+        self._sampling: dict[str, int] = {}  # adapter -> requests of it in the engine
+        self._kv_used = 0
+        self._new_work = False  # set on the loop side when work arrives; read by the decode slice
+        self._engine: Any = None
+        self._engine_probed = False
         self._ckpt_cache: OrderedDict[tuple[str, int], str] = OrderedDict()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -227,9 +239,8 @@ class Scheduler:
         if q is None:
             q = self._queues[adapter] = _AdapterQueue()
         if seq_id is not None:
-            known = q.memory.get(seq_id)
+            known = self.known(adapter, seq_id, op_kind(op))
             if known is not None:
-                self.stats["dedup_hits"] += 1
                 return known
         self._check_capacity(q)
         fut = self._new_future()
@@ -238,16 +249,25 @@ class Scheduler:
         self._pending_total += 1
         if seq_id is not None:
             q.memory[seq_id] = fut
+            q.kinds[seq_id] = op_kind(op)
         self._place(q, req)
         return fut
 
-    def known(self, adapter: str, seq_id: int | None) -> asyncio.Future | None:
-        """The future of an earlier request with this ``(adapter, seq_id)``, if it is remembered."""
+    def known(self, adapter: str, seq_id: int | None, kind: str | None = None) -> asyncio.Future | None:
+        """The future of an earlier request with this ``(adapter, seq_id)``, if it is remembered.
+        ``kind`` given: a remembered request of another kind is an ``InvalidInputError`` (a reused seq_id)."""
         if seq_id is None:
             return None
         q = self._queues.get(adapter)
         fut = q.memory.get(seq_id) if q is not None else None
         if fut is not None:
+            assert q is not None
+            earlier = q.kinds.get(seq_id)
+            if kind is not None and earlier is not None and earlier != kind:
+                raise InvalidInputError(
+                    f"seq_id {seq_id} was already used for a {earlier} call; a new {kind} call needs a new seq_id",
+                    field="seq_id",
+                )
             self.stats["dedup_hits"] += 1
         return fut
 
@@ -271,6 +291,7 @@ class Scheduler:
         q = self._queues.setdefault(adapter, _AdapterQueue())
         q.next_seq = next_seq_id
         q.memory.clear()
+        q.kinds.clear()
         if next_seq_id is not None:
             self._release(q)
 
@@ -322,6 +343,10 @@ class Scheduler:
             s = self._samples.popleft()
             if not s.future.done():
                 s.future.set_exception(InternalError("the model worker is shutting down"))
+        for s in list(self._in_engine.values()):
+            if not s.future.done():
+                s.future.set_exception(InternalError("the model worker is shutting down"))
+        self._in_engine.clear()
         if self._own_executor:
             self._executor.shutdown(wait=False)
 
@@ -449,6 +474,11 @@ class Scheduler:
             self._queues.clear()
             self._order.clear()
             self._samples.clear()
+            self._in_engine.clear()
+            self._sampling.clear()
+            self._kv_used = 0
+            if self._engine is not None:
+                self._executor.submit(self._engine.fail_all)
             self._pending_total = 0
         self._loop = loop
         self._wake = asyncio.Event()
@@ -461,6 +491,7 @@ class Scheduler:
         return fut
 
     def _wake_up(self) -> None:
+        self._new_work = True
         if self._wake is not None:
             self._wake.set()
 
@@ -487,11 +518,13 @@ class Scheduler:
 
     # ---- planning (event-loop side) ------------------------------------------------------------------------
     def _plan(self) -> _Tick | None:
+        self._new_work = False
         order = [a for a in self._order if self._queues.get(a) is not None and self._queues[a].ready]
         pre: list[_Request] = []
         for a in order:
             q = self._queues[a]
-            while q.ready and not q.ready[0].is_compute:
+            # a weight-changing barrier waits until the adapter's running samples finish
+            while q.ready and not q.ready[0].is_compute and not self._sampling.get(a):
                 pre.append(q.ready.popleft())
         batch: list[_Request] = []
         budget = self.config.batch_token_budget
@@ -521,7 +554,7 @@ class Scheduler:
             if a not in served:
                 continue
             q = self._queues[a]
-            while q.ready and not q.ready[0].is_compute:
+            while q.ready and not q.ready[0].is_compute and not self._sampling.get(a):
                 post.append(q.ready.popleft())
         for r in pre + batch + post:
             self._order.move_to_end(r.adapter)
@@ -530,29 +563,48 @@ class Scheduler:
             if q is None or not q.ready:
                 del self._order[a]
         samples, evict, loads, names = self._plan_samples()
-        if not (pre or batch or post or samples):
+        if not (pre or batch or post or samples or self._in_engine):
             return None
         return _Tick(pre, batch, post, samples, evict, loads, names)
 
     def _plan_samples(self) -> tuple[list[_SampleRequest], list[str], list[tuple[str, str]], dict[int, str | None]]:
+        """New sample requests for the running decode batch: round-robin over tenants (adapter or checkpoint)
+        while the KV-cache budget (``sample_token_budget``) holds; the rest wait in arrival order."""
         if not self._samples:
             return [], [], [], {}
         taken: list[_SampleRequest] = []
         rest: deque[_SampleRequest] = deque()
-        used = 0
-        in_tick: set[tuple[str, int]] = set()
+        used = self._kv_used
+        in_tick: set[tuple[str, int]] = {s.cache_key for s in self._in_engine.values() if s.cache_key is not None}
         cap = self.config.sampler_cache_size
-        while self._samples:
-            s = self._samples.popleft()
-            full = len(taken) >= self.config.max_sample_batch or (taken and used + s.cost > self.config.sample_token_budget)
-            new_ckpt = s.cache_key is not None and s.cache_key not in in_tick
-            if full or (new_ckpt and len(in_tick) >= cap):
-                rest.append(s)
-                continue
-            taken.append(s)
-            used += s.cost
-            if s.cache_key is not None:
-                in_tick.add(s.cache_key)
+        tenants: OrderedDict[Any, deque[_SampleRequest]] = OrderedDict()
+        for s in self._samples:
+            tenants.setdefault(s.cache_key or s.adapter, deque()).append(s)
+        held: set[int] = set()
+        progress = True
+        while progress and len(taken) < self.config.max_sample_batch:
+            progress = False
+            for tq in tenants.values():
+                if not tq or len(taken) >= self.config.max_sample_batch:
+                    continue
+                s = tq[0]
+                q = self._queues.get(s.adapter) if s.adapter is not None else None
+                if q is not None and q.ready and not q.ready[0].is_compute:
+                    tq.clear()  # this adapter's barrier goes first: its samples wait
+                    continue
+                full = (taken or used) and used + s.cost > self.config.sample_token_budget
+                new_ckpt = s.cache_key is not None and s.cache_key not in in_tick
+                if full or (new_ckpt and len(in_tick) >= cap):
+                    tq.clear()
+                    continue
+                tq.popleft()
+                taken.append(s)
+                held.add(id(s))
+                used += s.cost
+                progress = True
+                if s.cache_key is not None:
+                    in_tick.add(s.cache_key)
+        rest.extend(s for s in self._samples if id(s) not in held)
         self._samples = rest
         evict: list[str] = []
         loads: list[tuple[str, str]] = []
@@ -575,6 +627,12 @@ class Scheduler:
                 break
             del self._ckpt_cache[key]
             evict.append(name)
+        for s in taken:
+            self._in_engine[id(s)] = s
+            s.name = names.get(id(s))
+            if s.adapter is not None:
+                self._sampling[s.adapter] = self._sampling.get(s.adapter, 0) + 1
+            self._kv_used += s.cost
         return taken, evict, loads, names
 
     # ---- execution (backend thread) ------------------------------------------------------------------------
@@ -583,16 +641,18 @@ class Scheduler:
         try:
             for req in tick.pre:
                 self._run_barrier(req)
+            if tick.samples or self._engine_busy():
+                self._run_samples(tick)
             if tick.batch:
                 self._run_batch(tick.batch)
             for req in tick.post:
                 self._run_barrier(req)
-            if tick.samples:
-                self._run_samples(tick)
         except BaseException as e:  # noqa: BLE001 - a scheduler bug must not leave callers hanging
             err = _as_twinkle(e, "scheduler tick")
             self._post(self._deliver, [(r, (False, err)) for r in tick.pre + tick.batch + tick.post], None)
             self._post(self._deliver_samples, [(s, (False, err)) for s in tick.samples], None)
+            if self._engine is not None:
+                self._fail_engine(err)
         busy = time.perf_counter() - start
         self._post(self._tick_done, busy)
 
@@ -685,8 +745,67 @@ class Scheduler:
             self._post(self._forget_cached, list(failed_loads))
         if bad:
             self._post(self._deliver_samples, bad, None)
-        if not good:
+        engine = self._get_engine()
+        if engine is None:
+            if good:
+                self._sample_whole(good, tick)
             return
+        for s in good:
+            item = _sample_item(s, tick.sample_names.get(id(s)))
+            try:
+                validate = getattr(self.backend, "validate_sample", None)
+                if validate is not None:
+                    validate([item])
+                engine.admit(s, item)
+            except BaseException as e:  # noqa: BLE001
+                self._post(self._deliver_samples, [(s, (False, _as_twinkle(e, "sample")))], None)
+        self._decode_slice(engine, bool(tick.batch))
+
+    def _get_engine(self) -> Any:
+        if not self._engine_probed:
+            self._engine_probed = True
+            make = getattr(self.backend, "sampler_engine", None)
+            if make is not None:
+                try:
+                    self._engine = make(kv_budget=self.config.sample_token_budget,
+                                        prefill_chunk=self.config.prefill_chunk)
+                except BaseException:  # noqa: BLE001
+                    log.warning("continuous sampler unavailable; sampling whole batches", exc_info=True)
+        return self._engine
+
+    def _engine_busy(self) -> bool:
+        return self._engine is not None and not self._engine.idle()
+
+    def _decode_slice(self, engine: Any, training_waits: bool) -> None:
+        """Decode steps until the engine is idle, or new work arrived, or (training waits in this tick) the
+        slice is over: sampling gets at least as much device time as the last training batch took."""
+        slice_s = self.config.sample_slice_s
+        if training_waits and self.last_batch is not None:
+            slice_s = max(slice_s, float(self.last_batch.get("seconds", 0.0)))
+        t0 = time.perf_counter()
+        while not engine.idle():
+            try:
+                done = engine.step()
+            except BaseException as e:  # noqa: BLE001
+                self._fail_engine(_as_twinkle(e, "sample"))
+                return
+            if done:
+                self._post(self._deliver_samples, [(key, (True, out)) for key, out in done], 0.0)
+            elapsed = time.perf_counter() - t0
+            if self._new_work and (self._samples_waiting() or elapsed >= slice_s):
+                return
+            if training_waits and elapsed >= slice_s:
+                return
+
+    def _samples_waiting(self) -> bool:
+        return bool(self._samples)
+
+    def _fail_engine(self, err: TwinkleError) -> None:
+        keys = self._engine.fail_all()
+        self._post(self._deliver_samples, [(k, (False, err)) for k in keys], None)
+
+    def _sample_whole(self, good: list[_SampleRequest], tick: _Tick) -> None:
+        """Backends without a continuous sampler: one ``backend.sample`` call for the tick's requests."""
         items = [_sample_item(s, tick.sample_names.get(id(s))) for s in good]
         t0 = time.perf_counter()
         try:
@@ -745,6 +864,7 @@ class Scheduler:
             if not fut.done():
                 break
             del q.memory[seq]
+            q.kinds.pop(seq, None)
 
     def _deliver_samples(self, pairs: list[tuple[_SampleRequest, tuple[bool, Any]]], seconds: float | None) -> None:
         for s, (ok, value) in pairs:
@@ -752,6 +872,14 @@ class Scheduler:
                 continue
             s.finished = True
             self._pending_total -= 1
+            if self._in_engine.pop(id(s), None) is not None:
+                self._kv_used -= s.cost
+                if s.adapter is not None:
+                    n = self._sampling.get(s.adapter, 0) - 1
+                    if n > 0:
+                        self._sampling[s.adapter] = n
+                    else:
+                        self._sampling.pop(s.adapter, None)
             if ok:
                 self.stats["samples_run"] += 1
                 if not s.future.done():

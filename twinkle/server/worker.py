@@ -34,7 +34,17 @@ from twinkle.types import (
     TwinkleError,
 )
 
-from .ops import ForwardBackwardOp, LoadOp, Op, OptimStepOp, SampleOp, SaveOp, SetOptimizerOp, SetSchedulerOp
+from .ops import (
+    ForwardBackwardOp,
+    LoadOp,
+    Op,
+    OptimStepOp,
+    SampleOp,
+    SaveOp,
+    SetOptimizerOp,
+    SetSchedulerOp,
+    op_kind,
+)
 from .scheduler import Scheduler, SchedulerConfig, new_backend_executor
 
 _SAMPLER_PREFIX = "__sampler__"
@@ -126,7 +136,7 @@ class ModelWorker:
         sched = self._scheduler
         if seq_id is not None and (isinstance(seq_id, bool) or not isinstance(seq_id, int) or seq_id < 0):
             raise InvalidInputError("seq_id must be a non-negative integer", field="seq_id")
-        earlier = sched.known(adapter_id, seq_id)
+        earlier = sched.known(adapter_id, seq_id, op_kind(op))
         if earlier is not None:
             return await asyncio.shield(earlier)
         creating = False

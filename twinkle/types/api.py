@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .data import Datum, ModelInput
-from .params import AdamParams, LoraConfig, LRSchedulerConfig, OptimizerConfig, SamplingParams
+from .params import AdamParams, LoraConfig, LRSchedulerConfig, OptimizerConfig, SamplingParams, TopKLogprobs
 
 
 class _Api(BaseModel):
@@ -37,9 +37,21 @@ class BaseModelInfo(_Reply):
     replicas: int = 1
 
 
+class LossInfo(_Reply):
+    """A loss of the registry (``twinkle.loss``): its inputs and config keys (default and range)."""
+
+    name: str
+    required_inputs: list[str]
+    optional_inputs: list[str] = Field(default_factory=list)
+    config: list[dict[str, Any]] = Field(default_factory=list, description="[{name, default, ge?, gt?, le?, doc?}]")
+    paired: bool = False
+    doc: str = ""
+
+
 class Capabilities(_Reply):
     version: str
     base_models: list[BaseModelInfo]
+    losses: list[LossInfo] = Field(default_factory=list, description="the losses forward_backward accepts")
 
 
 class WorkerStatus(_Reply):
@@ -149,7 +161,8 @@ class ForwardRequest(_Api):
     seq_id: int | None = Field(None, description="per-run order; a repeated seq_id is answered from the first execution")
     data: list[Datum]
     loss_fn: str = "cross_entropy"
-    loss_fn_config: dict[str, float | str] | None = None
+    loss_fn_config: dict[str, Any] | None = Field(
+        None, description="numbers (or numbers as text) checked by the loss registry: see capabilities.losses")
 
 
 class OptimStepRequest(_Api):
@@ -205,7 +218,7 @@ class SampleRequest(_Api):
     num_samples: int = Field(1, ge=1, le=128)
     sampling_params: SamplingParams = Field(default_factory=SamplingParams)
     prompt_logprobs: bool = False
-    topk_prompt_logprobs: int = Field(0, ge=0, le=20)
+    topk_prompt_logprobs: TopKLogprobs = 0
 
 
 # ---- futures -------------------------------------------------------------------------------------------------

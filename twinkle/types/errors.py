@@ -78,6 +78,12 @@ class NotFoundError(TwinkleError):
     code = "not_found"
 
 
+class NonFiniteError(InvalidInputError):
+    """A loss or gradient came out NaN or infinite: nothing was applied, the run is unchanged and usable."""
+
+    code = "non_finite"
+
+
 class GoneError(TwinkleError):
     """A session or future that existed but has expired."""
 
@@ -125,6 +131,7 @@ _BY_CODE: dict[str, type[TwinkleError]] = {
     k.code: k
     for k in (
         InvalidInputError,
+        NonFiniteError,
         UnsupportedError,
         AuthenticationError,
         NotFoundError,

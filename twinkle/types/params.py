@@ -1,14 +1,40 @@
-"""Parameters: LoRA, optimizer, LR schedule, sampling. Tinker's names and defaults."""
+"""Parameters: LoRA, optimizer, LR schedule, sampling. Tinker's names and defaults.
+
+These models are where every number a user sends is checked, once, for both APIs and the local one: each
+float is finite (``allow_inf_nan=False``) and in range, each integer is an integer (a bool is neither), and a
+failure is a pydantic ``ValidationError`` naming the field, which the routes answer as a 400. The loss
+configs are checked by the loss registry (``twinkle.loss``).
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+MAX_SEED = 2**63 - 1
+MAX_LORA_RANK = 8192  # the schema's ceiling for a model's max_lora_rank; each model's own limit is lower
+MAX_TOPK_LOGPROBS = 20  # top-k prompt logprobs per position (the reply grows with k × prompt length)
+MAX_LEARNING_RATE = 10.0
+MAX_STEPS = 10**9
+
+
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_not_bool)]
+"""A float that is not a bool; the model's ``allow_inf_nan=False`` makes it finite."""
+Integer = Annotated[int, BeforeValidator(_not_bool)]
+"""An int that is not a bool (``1.0`` and ``"1"`` are accepted as 1, ``1.5`` is not)."""
+Seed = Annotated[int, BeforeValidator(_not_bool), Field(ge=0, le=MAX_SEED)]
+TopKLogprobs = Annotated[int, BeforeValidator(_not_bool), Field(ge=0, le=MAX_TOPK_LOGPROBS)]
 
 
 class _Params(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class LoraConfig(_Params):
@@ -19,11 +45,11 @@ class LoraConfig(_Params):
     (``train_unembed``). An explicit list of module-name suffixes overrides the flags.
     """
 
-    rank: int = Field(32, ge=1, le=1024)
-    alpha: float | None = Field(None, description="LoRA alpha; default equals 32 (Tinker's)")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    rank: Integer = Field(32, ge=1, le=MAX_LORA_RANK, description="each model's max_lora_rank applies too")
+    alpha: Number | None = Field(None, gt=0.0, le=1e6, description="LoRA alpha; default equals 32 (Tinker's)")
+    dropout: Number = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | str | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     train_attn: bool = True
     train_mlp: bool = True
     train_unembed: bool = True
@@ -36,24 +62,24 @@ class LoraConfig(_Params):
 class AdamParams(_Params):
     """Per-step AdamW hyper-parameters (Tinker's ``AdamParams``). ``grad_clip_norm`` 0 means off."""
 
-    learning_rate: float = Field(1e-4, ge=0.0)
-    beta1: float = Field(0.9, ge=0.0, lt=1.0)
-    beta2: float = Field(0.95, ge=0.0, lt=1.0)
-    eps: float = Field(1e-12, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    grad_clip_norm: float = Field(0.0, ge=0.0)
+    learning_rate: Number = Field(1e-4, ge=0.0, le=MAX_LEARNING_RATE)
+    beta1: Number = Field(0.9, ge=0.0, lt=1.0)
+    beta2: Number = Field(0.95, ge=0.0, lt=1.0)
+    eps: Number = Field(1e-12, gt=0.0, le=1.0)
+    weight_decay: Number = Field(0.0, ge=0.0, le=1e3)
+    grad_clip_norm: Number = Field(0.0, ge=0.0)
 
 
 class OptimizerConfig(_Params):
     """The optimizer an adapter keeps between steps (``set_optimizer``)."""
 
     name: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = Field(1e-4, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    grad_clip_norm: float = Field(0.0, ge=0.0)
-    momentum: float = 0.0
+    lr: Number = Field(1e-4, ge=0.0, le=MAX_LEARNING_RATE)
+    betas: tuple[Annotated[Number, Field(ge=0.0, lt=1.0)], Annotated[Number, Field(ge=0.0, lt=1.0)]] = (0.9, 0.95)
+    eps: Number = Field(1e-8, gt=0.0, le=1.0)
+    weight_decay: Number = Field(0.0, ge=0.0, le=1e3)
+    grad_clip_norm: Number = Field(0.0, ge=0.0)
+    momentum: Number = Field(0.0, ge=0.0, lt=1.0)
 
     def adam_params(self, lr: float | None = None) -> AdamParams:
         return AdamParams(
@@ -70,9 +96,9 @@ class LRSchedulerConfig(_Params):
     """Learning-rate schedule applied on top of ``OptimizerConfig.lr`` at each optimizer step."""
 
     name: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    total_steps: int | None = Field(None, ge=1)
-    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    warmup_steps: Integer = Field(0, ge=0, le=MAX_STEPS)
+    total_steps: Integer | None = Field(None, ge=1, le=MAX_STEPS)
+    min_lr_ratio: Number = Field(0.0, ge=0.0, le=1.0)
 
     def factor(self, step: int) -> float:
         """Multiplier for the LR at (0-based) optimizer ``step``."""
@@ -95,9 +121,9 @@ class SamplingParams(_Params):
     """Sampling settings. ``temperature`` 0 is greedy. ``stop``: None keeps EOS as the stop; ``[]`` disables
     it; strings or token ids add stops. A stop token is included at the end of the returned tokens."""
 
-    max_tokens: int | None = Field(None, ge=0)
-    seed: int | None = None
+    max_tokens: Integer | None = Field(None, ge=0, le=2**31 - 1, description="each model's context caps it too")
+    seed: Seed | None = None
     stop: str | list[str] | list[int] | None = None
-    temperature: float = Field(1.0, ge=0.0)
-    top_k: int = -1
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: Number = Field(1.0, ge=0.0, le=100.0)
+    top_k: Integer = Field(-1, ge=-1, le=2**31 - 1, description="-1 (or 0): no top-k")
+    top_p: Number = Field(1.0, gt=0.0, le=1.0)

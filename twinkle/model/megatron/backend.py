@@ -263,6 +263,10 @@ class MegatronBackend(TransformersBackend):
     def sample(self, items: list[SampleItem]) -> list[SampleResponse]:
         return super().sample(items)
 
+    def sampler_engine(self, **kw: Any) -> None:
+        """No continuous batching here: every rank must run the same whole-batch sampling loop."""
+        return None
+
     def _forward_logits(self, ids: torch.Tensor, segments: list[Segment], *, train: bool, mask: torch.Tensor | None = None,
                         pos: torch.Tensor | None = None, cache: Any = None, use_cache: bool = False) -> tuple[torch.Tensor, Any]:
         # Sampling (use_cache) keeps a KV cache in megatron's StaticInferenceContext (``_kv_cache``). Anything the

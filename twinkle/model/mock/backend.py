@@ -1,7 +1,7 @@
 """``MockBackend``: the whole ``Backend`` contract on a small numpy language model that really learns.
 
 Import-light (numpy + pydantic only), so clients can be developed on a laptop without torch. The model and
-its backward pass live in ``_net``, the losses in ``_losses``; this module holds adapters, optimizer state,
+its backward pass live in ``_net``, the losses in the registry (``twinkle.loss``, numpy side); this module holds adapters, optimizer state,
 validation, sampling and checkpoints with the same semantics as the transformers backend.
 """
 
@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from twinkle.loss import LossSpec, check_finite_loss, get_loss, nonfinite_gradient_error
 from twinkle.model.base import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -38,10 +39,8 @@ from twinkle.types import (
     SampleResponse,
     SamplingParams,
     TensorData,
-    UnsupportedError,
 )
 
-from . import _losses
 from ._net import MODULES, BaseNet, LoraWeights, MockSpec, log_softmax, new_cache
 from ._safetensors import load_file, save_file
 from .tokenizer import ByteTokenizer
@@ -233,28 +232,27 @@ class MockBackend(Backend):
                 raise InvalidInputError("training needs an adapter (adapter=None is the frozen base)", field="adapter")
         else:
             self._get(item.adapter)
-        if item.loss_fn not in _losses.REQUIRED:
-            raise UnsupportedError(
-                f"unknown loss_fn {item.loss_fn!r}; available: {', '.join(_losses.LOSS_NAMES)}", field="loss_fn"
-            )
+        spec = get_loss(item.loss_fn)
+        spec.resolve_config(item.loss_fn_config)
         if not item.data:
             raise InvalidInputError("data is empty", field="data")
-        if item.loss_fn == "dpo" and len(item.data) % 2:
-            raise InvalidInputError("dpo needs (chosen, rejected) pairs: an even number of data", field="data")
-        _losses.resolve_config(item.loss_fn, item.loss_fn_config)
+        if spec.paired and len(item.data) % 2:
+            raise InvalidInputError(
+                f"loss_fn {spec.name!r} takes datums in (chosen, rejected) pairs; got {len(item.data)}", field="data"
+            )
         rows = []
         for i, datum in enumerate(item.data):
-            rows.append(self._validate_datum(k, i, datum, _losses.REQUIRED[item.loss_fn]))
+            rows.append(self._validate_datum(k, i, datum, spec))
         return rows
 
-    def _validate_datum(self, k: int, i: int, datum: Datum, required: tuple[str, ...]) -> _Row:
+    def _validate_datum(self, k: int, i: int, datum: Datum, spec: LossSpec) -> _Row:
         where = f"data[{i}]"
         if not isinstance(datum, Datum):
             raise InvalidInputError(f"{where} must be a Datum", field=where)
         tokens = self._check_tokens(datum.model_input.to_ints(), f"{where}.model_input", f"{where}.model_input.tokens")
         n = tokens.size
         inputs: dict[str, np.ndarray] = {}
-        for key in required:
+        for key in spec.required_inputs:
             if key not in datum.loss_fn_inputs:
                 raise InvalidInputError(f"{where} lacks loss_fn_inputs[{key!r}]", field=f"{where}.loss_fn_inputs.{key}")
         for key, td in datum.loss_fn_inputs.items():
@@ -266,7 +264,7 @@ class MockBackend(Backend):
                 )
             if arr.dtype.kind == "f" and not np.isfinite(arr).all():
                 raise InvalidInputError(f"{where}.loss_fn_inputs[{key!r}] is not finite", field=f"{where}.loss_fn_inputs.{key}")
-            inputs[key] = arr
+            inputs[key] = arr.astype(np.float64) if key in spec.inputs and key != "target_tokens" else arr
         targets = inputs.get("target_tokens")
         if targets is None:
             raise InvalidInputError(f"{where} lacks loss_fn_inputs['target_tokens']", field=f"{where}.loss_fn_inputs.target_tokens")
@@ -314,23 +312,20 @@ class MockBackend(Backend):
         dlps: list[list[np.ndarray]] = []
         for k, item in enumerate(items):
             rows = rows_per_item[k]
-            cfg = _losses.resolve_config(item.loss_fn, item.loss_fn_config)
-            metrics: dict[str, float] = {}
-            if item.loss_fn == "dpo":
+            spec = get_loss(item.loss_fn)
+            cfg = spec.resolve_config(item.loss_fn_config)
+            inputs = [dict(r.inputs) for r in rows]
+            if spec.needs_reference:
                 refs = self._reference_logprobs(rows, lps[k] if item.adapter is None else None)
-                losses, grads, metrics = _losses.dpo(lps[k], refs, [r.inputs for r in rows], cfg)
-            else:
-                fn = _losses.PER_DATUM[item.loss_fn]
-                pairs = [fn(lp, r.inputs, cfg) for lp, r in zip(lps[k], rows, strict=True)]
-                losses, grads = [p[0] for p in pairs], [p[1] for p in pairs]
-                if item.loss_fn == "ppo":
-                    clipped = sum(_losses.clip_count(lp, r.inputs, cfg) for lp, r in zip(lps[k], rows, strict=True))
-                    metrics["clip_fraction:mean"] = clipped / max(1, sum(lp.size for lp in lps[k]))
-            dlps.append(grads)
-            metrics = {"loss:sum": float(sum(losses)), **metrics}
+                for inp, ref in zip(inputs, refs, strict=True):
+                    inp["ref_logprobs"] = ref
+            result = spec.numpy_fn(lps[k], inputs, cfg)
+            if not item.forward_only:
+                check_finite_loss(spec.name, float(result.loss))  # before any gradient is kept
+            dlps.append([np.asarray(g, dtype=np.float64).reshape(lp.shape) for g, lp in zip(result.grads, lps[k], strict=True)])
             outputs.append(ForwardBackwardOutput(
                 loss_fn_outputs=[{"logprobs": TensorData.from_numpy(lp.astype(np.float32))} for lp in lps[k]],
-                metrics=metrics,
+                metrics={"loss:sum": float(result.loss), **{m: float(v) for m, v in result.metrics.items()}},
             ))
         # Backward per training group; gradients are added to the accumulators only at the very end.
         pending: list[tuple[_Adapter, dict[str, np.ndarray]]] = []
@@ -356,7 +351,7 @@ class MockBackend(Backend):
         return outputs
 
     def _reference_logprobs(self, rows: list[_Row], base: list[np.ndarray] | None) -> list[np.ndarray]:
-        """dpo's reference: ``loss_fn_inputs['ref_logprobs']`` when given, else the base model's logprobs."""
+        """A reference loss's ``ref_logprobs``: the datum's own when given, else the base model's logprobs."""
         if all("ref_logprobs" in r.inputs for r in rows):
             return [r.inputs["ref_logprobs"].astype(np.float64).reshape(r.targets.shape) for r in rows]
         if base is None:
@@ -378,6 +373,9 @@ class MockBackend(Backend):
             (b1, b2), eps, wd, clip = opt.betas, opt.eps, opt.weight_decay, opt.grad_clip_norm
         grads = state.grads
         norm = math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
+        if not math.isfinite(norm):  # not applied: weights and optimizer state stay bit-identical
+            state.zero_grads()
+            raise nonfinite_gradient_error(norm)
         coef = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
         step = state.step + 1
         for key, p in state.lora.flat().items():

@@ -10,8 +10,6 @@ from twinkle.loss import LossSpec, get_loss
 from twinkle.model.base import BatchItem
 from twinkle.types import InvalidInputError, NotFoundError
 
-_FLOAT_KEYS = ("weights", "advantages", "logprobs", "ref_logprobs")
-
 
 @dataclass
 class PreparedItem:
@@ -41,6 +39,7 @@ def prepare(items: list[BatchItem], adapters: set[str], vocab_size: int, max_len
             raise InvalidInputError(
                 f"loss_fn {spec.name!r} takes datums in (chosen, rejected) pairs; got {len(item.data)}", field="data"
             )
+        floats = [k for k in spec.inputs if k != "target_tokens"]  # every other input of a loss is a float
         toks, inps = [], []
         for i, d in enumerate(item.data):
             where = f"data[{i}]"
@@ -67,7 +66,7 @@ def prepare(items: list[BatchItem], adapters: set[str], vocab_size: int, max_len
                         f"{where}.loss_fn_inputs[{key!r}] has {got} but model_input has {n} tokens",
                         field=f"{where}.loss_fn_inputs.{key}",
                     )
-                inp[key] = a.astype(np.float32) if key in _FLOAT_KEYS else a
+                inp[key] = a.astype(np.float32) if key in floats else a
             for key in spec.required_inputs:
                 if key not in inp:
                     raise InvalidInputError(
@@ -83,7 +82,7 @@ def prepare(items: list[BatchItem], adapters: set[str], vocab_size: int, max_len
                     f"{where}.loss_fn_inputs['target_tokens'] has ids outside the vocabulary [0, {vocab_size})",
                     field=f"{where}.loss_fn_inputs.target_tokens",
                 )
-            for key in ("weights", "advantages", "logprobs", "ref_logprobs"):
+            for key in floats:
                 if key == "weights" and key in inp and inp[key].shape != tgt.shape:
                     raise InvalidInputError(
                         f"{where}.loss_fn_inputs['weights'] shape {list(inp[key].shape)} does not match target_tokens "

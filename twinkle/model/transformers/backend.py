@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from twinkle.loss import check_finite_loss, nonfinite_gradient_error
 from twinkle.model.base import Backend, BatchItem, SampleItem
 from twinkle.types import (
     AdamParams,
@@ -85,6 +87,7 @@ class TransformersBackend(Backend):
         self._wrap_linears()
         self._adapters: dict[str, AdapterState] = {}
         self._eos = self._eos_ids()
+        self._continuous: bool | None = None
 
     # -- setup -----------------------------------------------------------------------------------------------
     def _wrap_linears(self) -> None:
@@ -259,6 +262,7 @@ class TransformersBackend(Backend):
                     inputs[j]["ref_logprobs"] = r
                 lo = p.spec.fn(lps[s:e], inputs, p.config)
                 if not p.item.forward_only:
+                    check_finite_loss(p.spec.name, float(lo.loss.detach()))  # before any gradient is kept
                     total = lo.loss if total is None else total + lo.loss
                 results.append(self._output(lo))
             if total is not None and total.requires_grad:
@@ -310,6 +314,10 @@ class TransformersBackend(Backend):
         with_grad = [p for p in plist if p.grad is not None]
         grads = [p.grad for p in with_grad]
         norm = self._grad_norm(with_grad)
+        if not math.isfinite(norm):  # not applied: weights and optimizer state stay bit-identical
+            for p in plist:
+                p.grad = None
+            raise nonfinite_gradient_error(norm)
         if params.grad_clip_norm > 0 and grads and norm > params.grad_clip_norm:
             coef = params.grad_clip_norm / (norm + 1e-6)
             torch._foreach_mul_(grads, coef)
@@ -325,20 +333,51 @@ class TransformersBackend(Backend):
         st.step += 1
         return {"grad_norm:mean": norm, "lr:mean": float(params.learning_rate), "step:max": float(st.step)}
 
-    def sample(self, items: list[SampleItem]) -> list[SampleResponse]:
-        from twinkle.sampler._engine import generate, validate_sample_items
+    def _sample_forward(self, ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor, cache: Any,
+                        segments: list[Segment]) -> tuple[torch.Tensor, Any]:
+        return self._forward_logits(ids, segments, train=False, mask=mask, pos=pos, cache=cache, use_cache=True)
+
+    def _decode_text(self, toks: list[int]) -> str:
+        return self._tokenizer.decode(toks, skip_special_tokens=False)
+
+    def continuous_ok(self) -> bool:
+        """Whether this model's KV cache supports continuous batching (probed once with a 1-token forward)."""
+        if getattr(self, "_continuous", None) is None:
+            from twinkle.sampler import _kv
+
+            with torch.no_grad():
+                ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+                _, cache = self._sample_forward(ids, None, ids, None, [(0, 1, None)])
+            self._continuous = _kv.supports(cache)
+        return self._continuous
+
+    def sampler_engine(self, *, kv_budget: int | None = None, prefill_chunk: int = 512) -> Any:
+        """A ``ContinuousSampler`` over this model (``None`` when its cache kind does not support it)."""
+        from twinkle.sampler._continuous import ContinuousSampler
+
+        if not self.continuous_ok():
+            return None
+        return ContinuousSampler(self._sample_forward, eos_ids=self._eos, vocab_size=self.vocab_size,
+                                 max_length=self.max_length, device=self.device, decode=self._decode_text,
+                                 prefill_chunk=prefill_chunk, kv_budget=kv_budget)
+
+    def validate_sample(self, items: list[SampleItem]) -> None:
+        from twinkle.sampler._engine import validate_sample_items
 
         validate_sample_items(items, set(self._adapters), self.vocab_size, self.max_length)
 
-        def forward(ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor, cache: Any,
-                    segments: list[Segment]) -> tuple[torch.Tensor, Any]:
-            return self._forward_logits(ids, segments, train=False, mask=mask, pos=pos, cache=cache, use_cache=True)
+    def sample(self, items: list[SampleItem]) -> list[SampleResponse]:
+        from twinkle.sampler._engine import generate
 
-        def decode(toks: list[int]) -> str:
-            return self._tokenizer.decode(toks, skip_special_tokens=False)
-
-        return generate(forward, items, eos_ids=self._eos, vocab_size=self.vocab_size, max_length=self.max_length,
-                        device=self.device, decode=decode)
+        self.validate_sample(items)
+        engine = self.sampler_engine(prefill_chunk=1 << 30)
+        if engine is not None:
+            for i, it in enumerate(items):
+                engine.admit(i, it)
+            done = engine.run_all()
+            return [done[i] for i in range(len(items))]
+        return generate(self._sample_forward, items, eos_ids=self._eos, vocab_size=self.vocab_size,
+                        max_length=self.max_length, device=self.device, decode=self._decode_text)
 
     # -- checkpoints -----------------------------------------------------------------------------------------
     def save(self, adapter: str, path: Path, *, optimizer: bool = True) -> None:

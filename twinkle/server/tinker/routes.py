@@ -439,9 +439,13 @@ def tinker_router(service_getter: Callable[[], Service] | None = None) -> APIRou
         if not req.data:
             await refused(request, user, req.model_id, req.seq_id)
             raise InvalidInputError("forward_backward needs at least one datum", field="data")
-        op = ForwardBackwardOp(
-            data=req.data, loss_fn=req.loss_fn, loss_fn_config=req.loss_fn_config, forward_only=req.forward_only
-        )
+        try:  # the loss registry refuses an unknown loss or a bad config here; the seq_id is consumed all the same
+            op = ForwardBackwardOp(
+                data=req.data, loss_fn=req.loss_fn, loss_fn_config=req.loss_fn_config, forward_only=req.forward_only
+            )
+        except TwinkleError:
+            await refused(request, user, req.model_id, req.seq_id)
+            raise
         tag = "fwd" if req.forward_only else "fb"
 
         async def make() -> str:
@@ -457,7 +461,11 @@ def tinker_router(service_getter: Callable[[], Service] | None = None) -> APIRou
         """Old SDKs (≤0.24) used a JSON ``/forward``; 0.38 sends forward_backward with forward_only."""
         user = auth(request)
         req = codec.decode_forward_backward_json(await _json(request), forward_only=True)
-        op = ForwardBackwardOp(data=req.data, loss_fn=req.loss_fn, loss_fn_config=req.loss_fn_config, forward_only=True)
+        try:
+            op = ForwardBackwardOp(data=req.data, loss_fn=req.loss_fn, loss_fn_config=req.loss_fn_config, forward_only=True)
+        except TwinkleError:
+            await refused(request, user, req.model_id, req.seq_id)
+            raise
 
         async def make() -> str:
             ref = await svc(request).submit(user, req.model_id, op, seq_id=req.seq_id)

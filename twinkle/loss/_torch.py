@@ -1,4 +1,4 @@
-"""The built-in losses. All are token-wise and SUM-reduced (no normalisation), as in Tinker.
+"""The built-in losses in torch. All are token-wise and SUM-reduced (no normalisation), as in Tinker.
 
 Notation (``docs/tinker-wire-protocol.md`` §2): ``lp`` learner logprob of each target token, ``q`` =
 ``loss_fn_inputs["logprobs"]`` (sampler logprobs), ``A`` = ``advantages``, ``w`` = ``weights``,
@@ -10,7 +10,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._base import LossOutput, _total
+from ._spec import LossOutput
+
+
+def _total(parts: list[torch.Tensor], like: list[torch.Tensor]) -> torch.Tensor:
+    if parts:
+        return torch.stack(parts).sum()
+    return like[0].new_zeros(()) if like else torch.zeros(())
 
 
 def _outputs(logprobs: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -60,8 +66,8 @@ def ppo(logprobs: list[torch.Tensor], inputs: list[dict[str, torch.Tensor]], con
 def cispo(logprobs: list[torch.Tensor], inputs: list[dict[str, torch.Tensor]], config: dict[str, float]) -> LossOutput:
     """Clipped importance-sampling policy optimisation: ``loss = −Σ_t sg(clip(r_t, lo, hi)) · lp_t · A_t``.
 
-    ``lo``/``hi`` = ``clip_low_threshold``/``clip_high_threshold`` (defaults 0.8/1.2, as ppo; Tinker's docs
-    suggest 0.0/4.0 for cispo).
+    ``lo``/``hi`` = ``clip_low_threshold``/``clip_high_threshold``, defaults 0.0/4.0 (Tinker's documented
+    one-sided clip: no lower bound, the coefficient capped at 4).
     """
     lo, hi = config["clip_low_threshold"], config["clip_high_threshold"]
     parts = []

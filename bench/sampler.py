@@ -1,0 +1,210 @@
+"""Sampling throughput and time-to-first-token, measured side by side in one run.
+
+Systems, on the same model, prompts (24-38 random tokens) and settings (temperature 1, no stop, exactly
+``--max-tokens`` new tokens per sequence, ``--threads`` torch threads on each side):
+
+* **HF generate**: ``AutoModelForCausalLM.generate`` in this process, the same prompts in one left-padded
+  batch (``num_return_sequences`` for ``num_samples``): the best a user gets sampling locally.
+* **native**: ``twinkle_client.Sampler(model)`` from a live rank-8 adapter through a local server, the
+  requests fired concurrently (``sample_async``) and awaited.
+* **tinker**: the unmodified Tinker SDK's ``SamplingClient`` from the same adapter saved for sampling.
+
+Rows: 1, 8 and 32 concurrent requests with ``num_samples`` 1, and 1 and 8 requests with ``num_samples`` 8.
+Rounds alternate which system goes first; the medians are compared (ratios vs HF generate).
+TTFT: the latency of a 1-token request (p50/p99 of ``--ttft-n`` requests), idle and while another tenant
+(its own API key and adapter) trains forward_backward + optim_step in a loop.
+
+    .venv/bin/python bench/sampler.py [--model builtin://small] [--max-tokens 64] [--rounds 2] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TINKER_TELEMETRY", "0")
+ROOT = Path(__file__).resolve().parent.parent
+if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench":
+    sys.path.pop(0)  # bench/tinker.py must not shadow the SDK
+sys.path.insert(0, str(ROOT))
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def _prompts(n: int, vocab: int, seed: int) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randrange(24, 39))] for _ in range(n)]
+
+
+class HF:
+    def __init__(self, path: str) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    def run(self, prompts: list[list[int]], n: int, max_tokens: int) -> int:
+        torch = self.torch
+        w = max(map(len, prompts))
+        ids = torch.tensor([[0] * (w - len(p)) + p for p in prompts])
+        mask = (torch.arange(w)[None] >= torch.tensor([w - len(p) for p in prompts])[:, None]).long()
+        with torch.no_grad():
+            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
+                                      min_new_tokens=max_tokens, do_sample=True, temperature=1.0, top_k=0,
+                                      top_p=1.0, num_return_sequences=n, pad_token_id=0)
+        return int((out.shape[1] - w) * out.shape[0])
+
+
+def _native_run(sampler: Any, prompts: list[list[int]], n: int, max_tokens: int) -> int:
+    from twinkle.types import SamplingParams
+
+    sp = SamplingParams(max_tokens=max_tokens, temperature=1.0, stop=[])
+    futs = [sampler.sample_async(p, sp, num_samples=n) for p in prompts]
+    return sum(len(s.tokens) for f in futs for s in f.result().sequences)
+
+
+def _tinker_run(sc: Any, prompts: list[list[int]], n: int, max_tokens: int) -> int:
+    from tinker import types as tt
+
+    sp = tt.SamplingParams(max_tokens=max_tokens, temperature=1.0, stop=[])
+    futs = [sc.sample(prompt=tt.ModelInput.from_ints(p), num_samples=n, sampling_params=sp) for p in prompts]
+    return sum(len(s.tokens) for f in futs for s in f.result().sequences)
+
+
+def _timed(fn: Any) -> float:
+    t = time.perf_counter()
+    toks = fn()
+    return toks / (time.perf_counter() - t)
+
+
+def _trainer(url: str, key: str, model_id: str, stop: threading.Event, rows: int, seq: int) -> threading.Thread:
+    import numpy as np
+
+    import twinkle_client
+    from twinkle_client.model import TransformersModel
+
+    def loop() -> None:
+        sess = twinkle_client.connect(url, key)
+        model = TransformersModel(model_id, session=sess)
+        model.add_adapter_to_model("other-tenant", r=8)
+        rng = np.random.default_rng(1)
+        inputs = [{"input_ids": rng.integers(3, 1000, size=seq).tolist()} for _ in range(rows)]
+        while not stop.is_set():
+            model.forward_backward(inputs=inputs)
+            model.clip_grad_and_step()
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    return t
+
+
+def _ttft(sampler: Any, prompts: list[list[int]], n: int) -> list[float]:
+    from twinkle.types import SamplingParams
+
+    sp = SamplingParams(max_tokens=1, temperature=1.0, stop=[])
+    out = []
+    for i in range(n):
+        t = time.perf_counter()
+        sampler.sample(prompts[i % len(prompts)], sp)
+        out.append(time.perf_counter() - t)
+        time.sleep(0.02)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="builtin://small")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--levels", default="1,8,32")
+    ap.add_argument("--ttft-n", type=int, default=30)
+    ap.add_argument("--train-rows", type=int, default=4)
+    ap.add_argument("--train-seq", type=int, default=64)
+    args = ap.parse_args()
+
+    import tinker
+    import torch
+
+    import twinkle_client
+    from twinkle.local_server import LocalServer
+    from twinkle.model.hub import resolve_model
+    from twinkle_client.model import TransformersModel
+    from twinkle_client.sampler import Sampler
+
+    torch.set_num_threads(args.threads)
+    hf = HF(str(resolve_model(args.model)))
+    vocab = int(hf.model.config.vocab_size)
+    levels = [int(x) for x in args.levels.split(",")]
+    cases = [(c, 1) for c in levels] + [(1, 8), (8, 8)]
+    mt = args.max_tokens
+
+    with LocalServer(args.model, threads=args.threads) as server:
+        twinkle_client.init_twinkle_client(server.url, api_key=server.api_key)
+        model = TransformersModel(args.model)
+        model.add_adapter_to_model("bench-sampler", r=8)
+        native = Sampler(model)
+        svc = tinker.ServiceClient(base_url=server.url, api_key=server.api_key)
+        tc = svc.create_lora_training_client(base_model=args.model, rank=8).result()
+        tsc = tc.save_weights_and_get_sampling_client("bench-sampler")
+        warm = _prompts(2, vocab, 99)
+        _native_run(native, warm, 1, 4)
+        _tinker_run(tsc, warm, 1, 4)
+        hf.run(warm, 1, 4)
+
+        results: dict[tuple[int, int], dict[str, list[float]]] = {c: {"hf": [], "native": [], "tinker": []} for c in cases}
+        for rnd in range(args.rounds):
+            for c, n in cases:
+                prompts = _prompts(c, vocab, 1000 * rnd + c + n)
+                runs = {"hf": lambda p=prompts, n=n: hf.run(p, n, mt),
+                        "native": lambda p=prompts, n=n: _native_run(native, p, n, mt),
+                        "tinker": lambda p=prompts, n=n: _tinker_run(tsc, p, n, mt)}
+                names = list(runs) if rnd % 2 == 0 else list(reversed(runs))
+                for name in names:
+                    results[(c, n)][name].append(_timed(runs[name]))
+                print(f"round {rnd} {c}x{n}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in results[(c, n)].items()),
+                      flush=True)
+
+        ttft_prompts = _prompts(8, vocab, 7)
+        idle = _ttft(native, ttft_prompts, args.ttft_n)
+        stop = threading.Event()
+        trainer_key = server.create_key(user="trainer")
+        th = _trainer(server.url, trainer_key, args.model, stop, args.train_rows, args.train_seq)
+        time.sleep(3.0)
+        busy = _ttft(native, ttft_prompts, args.ttft_n)
+        stop.set()
+        th.join(timeout=60)
+
+    print()
+    print(f"Sampling throughput, {args.model}, rank-8 adapter, {mt} new tokens per sequence, "
+          f"{args.threads} torch thread(s) each side, median of {args.rounds} rounds (tokens/s)")
+    print("| requests x num_samples | HF generate | native | tinker SDK | native / HF | tinker / HF |")
+    print("|---|---|---|---|---|---|")
+    for c, n in cases:
+        r = {k: statistics.median(v) for k, v in results[(c, n)].items()}
+        print(f"| {c} x {n} | {r['hf']:.0f} | {r['native']:.0f} | {r['tinker']:.0f} | "
+              f"{r['native'] / r['hf']:.2f}x | {r['tinker'] / r['hf']:.2f}x |")
+    print()
+    print(f"TTFT (1-token request, native client), {args.ttft_n} requests; training load: another tenant's "
+          f"forward_backward + optim_step on {args.train_rows} x {args.train_seq} tokens in a loop")
+    print("| | p50 ms | p99 ms |")
+    print("|---|---|---|")
+    print(f"| idle | {_pct(idle, 0.5) * 1e3:.0f} | {_pct(idle, 0.99) * 1e3:.0f} |")
+    print(f"| while another tenant trains | {_pct(busy, 0.5) * 1e3:.0f} | {_pct(busy, 0.99) * 1e3:.0f} |")
+    print(f"p99 ratio (training / idle): {_pct(busy, 0.99) / _pct(idle, 0.99):.2f}x")
+
+
+if __name__ == "__main__":
+    main()

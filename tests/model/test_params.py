@@ -1,0 +1,88 @@
+"""Every number a user sends is checked once, in the typed models: finite, in range, the right type."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from twinkle.types import AdamParams, LoraConfig, LRSchedulerConfig, OptimizerConfig, SamplingParams
+from twinkle.types.params import MAX_TOPK_LOGPROBS
+
+INF, NAN = float("inf"), float("nan")
+
+BAD = [
+    (AdamParams, {"learning_rate": INF}, "learning_rate"),
+    (AdamParams, {"learning_rate": "Infinity"}, "learning_rate"),
+    (AdamParams, {"learning_rate": -1e-4}, "learning_rate"),
+    (AdamParams, {"learning_rate": 1e300}, "learning_rate"),
+    (AdamParams, {"learning_rate": "abc"}, "learning_rate"),
+    (AdamParams, {"learning_rate": True}, "learning_rate"),
+    (AdamParams, {"weight_decay": INF}, "weight_decay"),
+    (AdamParams, {"weight_decay": -0.1}, "weight_decay"),
+    (AdamParams, {"beta1": 2.0}, "beta1"),
+    (AdamParams, {"beta2": 1.0}, "beta2"),
+    (AdamParams, {"beta1": NAN}, "beta1"),
+    (AdamParams, {"eps": 0.0}, "eps"),
+    (AdamParams, {"eps": NAN}, "eps"),
+    (AdamParams, {"grad_clip_norm": -1.0}, "grad_clip_norm"),
+    (AdamParams, {"grad_clip_norm": INF}, "grad_clip_norm"),
+    (OptimizerConfig, {"betas": [2.0, 0.5]}, "betas"),
+    (OptimizerConfig, {"lr": NAN}, "lr"),
+    (OptimizerConfig, {"momentum": 1.5}, "momentum"),
+    (LoraConfig, {"alpha": NAN}, "alpha"),
+    (LoraConfig, {"alpha": INF}, "alpha"),
+    (LoraConfig, {"alpha": 0}, "alpha"),
+    (LoraConfig, {"alpha": -8}, "alpha"),
+    (LoraConfig, {"rank": 0}, "rank"),
+    (LoraConfig, {"rank": 1.5}, "rank"),
+    (LoraConfig, {"rank": "abc"}, "rank"),
+    (LoraConfig, {"rank": True}, "rank"),
+    (LoraConfig, {"rank": 10**9}, "rank"),
+    (LoraConfig, {"dropout": 1.0}, "dropout"),
+    (LoraConfig, {"seed": -1}, "seed"),
+    (LoraConfig, {"seed": 2**64}, "seed"),
+    (LRSchedulerConfig, {"warmup_steps": -1}, "warmup_steps"),
+    (LRSchedulerConfig, {"min_lr_ratio": NAN}, "min_lr_ratio"),
+    (SamplingParams, {"temperature": NAN}, "temperature"),
+    (SamplingParams, {"temperature": INF}, "temperature"),
+    (SamplingParams, {"temperature": -0.1}, "temperature"),
+    (SamplingParams, {"top_p": 0.0}, "top_p"),
+    (SamplingParams, {"top_p": 1.5}, "top_p"),
+    (SamplingParams, {"top_p": NAN}, "top_p"),
+    (SamplingParams, {"top_k": "x"}, "top_k"),
+    (SamplingParams, {"top_k": -2}, "top_k"),
+    (SamplingParams, {"top_k": 2.5}, "top_k"),
+    (SamplingParams, {"max_tokens": -1}, "max_tokens"),
+    (SamplingParams, {"max_tokens": "many"}, "max_tokens"),
+    (SamplingParams, {"max_tokens": 1e12}, "max_tokens"),
+    (SamplingParams, {"seed": -5}, "seed"),
+    (SamplingParams, {"seed": "abc"}, "seed"),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs,field", BAD, ids=[f"{c.__name__}-{f}-{i}" for i, (c, _, f) in enumerate(BAD)])
+def test_bad_numbers_are_refused_naming_the_field(cls, kwargs, field) -> None:
+    with pytest.raises(ValidationError) as e:
+        cls(**kwargs)
+    assert e.value.errors()[0]["loc"][0] == field
+
+
+def test_good_values_and_tinker_defaults() -> None:
+    a = AdamParams()
+    assert (a.learning_rate, a.beta1, a.beta2, a.eps, a.weight_decay, a.grad_clip_norm) == (1e-4, 0.9, 0.95, 1e-12, 0, 0)
+    assert AdamParams(learning_rate="0.001").learning_rate == 1e-3  # numbers as text (proto, query strings)
+    assert LoraConfig(rank="8", alpha=16).lora_alpha == 16.0 and LoraConfig().lora_alpha == 32.0
+    s = SamplingParams(max_tokens=4.0, top_k=0, seed=2**63 - 1)
+    assert s.max_tokens == 4 and s.top_k == 0
+    assert OptimizerConfig(betas=(0.0, 0.999)).betas == (0.0, 0.999)
+
+
+def test_topk_prompt_logprobs_bounded() -> None:
+    from twinkle.types.api import SampleRequest
+
+    prompt = {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]}
+    assert SampleRequest(prompt=prompt, topk_prompt_logprobs=MAX_TOPK_LOGPROBS).topk_prompt_logprobs == MAX_TOPK_LOGPROBS
+    for bad in (10**9, -1, "x", 1.5, True):
+        with pytest.raises(ValidationError) as e:
+            SampleRequest(prompt=prompt, topk_prompt_logprobs=bad)
+        assert e.value.errors()[0]["loc"][0] == "topk_prompt_logprobs"

@@ -1,0 +1,162 @@
+"""Continuous batching: joins mid-decode, shared prefill, chunked prefill, exact logprobs, seeds, the
+scheduler's decode slices and KV-cache budget (builtin tiny model, two adapters with non-zero LoRA B)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from twinkle.model.base import BatchItem, SampleItem
+from twinkle.model.transformers import TransformersBackend
+from twinkle.model.transformers._random import tiny_model_path
+from twinkle.server.ops import SampleOp
+from twinkle.server.scheduler import Scheduler, SchedulerConfig
+from twinkle.types import CapacityError, Datum, LoraConfig, ModelInput, SamplingParams
+
+PROMPT = [5, 17, 42, 99, 7, 3, 11, 12, 13]
+
+
+@pytest.fixture(scope="module")
+def backend():
+    torch.set_num_threads(1)
+    b = TransformersBackend(str(tiny_model_path()), device="cpu")
+    for i, name in enumerate(("a", "b")):
+        b.add_adapter(name, LoraConfig(rank=4, seed=i))
+        g = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for pair in b._adapters[name].pairs.values():
+                pair.lora_B.copy_(torch.randn(pair.lora_B.shape, generator=g) * 0.2)
+    yield b
+    b.close()
+
+
+def _item(adapter, prompt=PROMPT, n=1, **params):
+    params.setdefault("stop", [])
+    return SampleItem(adapter, list(prompt), n, SamplingParams(**params))
+
+
+def _full_logprobs(backend, adapter, seq):
+    d = Datum(model_input=ModelInput.from_ints(seq[:-1]), loss_fn_inputs={"target_tokens": np.asarray(seq[1:])})
+    out = backend.run_batch([BatchItem(adapter, [d], forward_only=True)])[0]
+    return out.loss_fn_outputs[0]["logprobs"].to_numpy()
+
+
+def _recording_engine(backend, **kw):
+    calls: list[tuple[int, int]] = []
+    eng = backend.sampler_engine(**kw)
+    inner = eng.forward
+
+    def forward(ids, mask, pos, cache, segments):
+        calls.append(tuple(ids.shape))
+        return inner(ids, mask, pos, cache, segments)
+
+    eng.forward = forward
+    return eng, calls
+
+
+def test_join_mid_decode_and_leave_early(backend):
+    eng, _ = _recording_engine(backend)
+    eng.admit("long", _item("a", max_tokens=20, temperature=0.0))
+    finished: list[str] = []
+    for _ in range(4):
+        finished += [k for k, _ in eng.step()]
+    eng.admit("short", _item("b", PROMPT[:4], max_tokens=3, temperature=0.0))
+    results = {}
+    order = []
+    while not eng.idle():
+        for k, r in eng.step():
+            order.append(k)
+            results[k] = r
+    assert order == ["short", "long"]  # the short request left as soon as its own sequence finished
+    assert eng.stats["max_rows"] == 2 and eng.reserved == 0
+    alone_short = backend.sample([_item("b", PROMPT[:4], max_tokens=3, temperature=0.0)])[0]
+    alone_long = backend.sample([_item("a", max_tokens=20, temperature=0.0)])[0]
+    assert results["short"].sequences[0].tokens == alone_short.sequences[0].tokens
+    assert results["long"].sequences[0].tokens == alone_long.sequences[0].tokens
+    np.testing.assert_allclose(results["long"].sequences[0].logprobs, alone_long.sequences[0].logprobs, atol=1e-4)
+
+
+def test_shared_prefill_forks_one_row_and_logprobs_are_exact(backend):
+    eng, calls = _recording_engine(backend, prefill_chunk=4)  # a 9-token prompt: prefilled in 3 chunks
+    eng.admit(0, SampleItem("a", PROMPT, 4, SamplingParams(max_tokens=6, temperature=1.0, seed=3, stop=[]), True, 2))
+    out = eng.run_all()[0]
+    assert calls[:3] == [(1, 4), (1, 4), (1, 1)]  # one row, chunked; never once per sample
+    assert all(c[0] == 4 for c in calls[3:])  # then the 4 forked rows decode together
+    full = _full_logprobs(backend, "a", PROMPT)
+    np.testing.assert_allclose(out.prompt_logprobs[1:], full, atol=1e-4)
+    assert out.prompt_logprobs[0] is None and len(out.topk_prompt_logprobs) == len(PROMPT)
+    for s in out.sequences:
+        lp = _full_logprobs(backend, "a", PROMPT + s.tokens)[len(PROMPT) - 1:]
+        np.testing.assert_allclose(s.logprobs, lp, atol=1e-4)
+    assert len({tuple(s.tokens) for s in out.sequences}) > 1  # each sample has its own random stream
+
+
+def test_seeded_sample_is_the_same_alone_or_batched(backend):
+    mine = _item("a", n=2, max_tokens=12, temperature=1.0, seed=42)
+    alone = backend.sample([mine])[0]
+    others = [_item("b", [3, 4, 5], n=3, max_tokens=7, temperature=0.9, seed=1),
+              _item(None, [9] * 14, max_tokens=15, temperature=1.0, top_k=5),
+              _item("a", [1, 2], max_tokens=4, temperature=0.7, top_p=0.8)]
+    batched = backend.sample([others[0], mine, *others[1:]])[1]
+    assert [s.tokens for s in batched.sequences] == [s.tokens for s in alone.sequences]
+    # and joining a batch that is already decoding changes nothing either
+    eng, _ = _recording_engine(backend)
+    for i, o in enumerate(others):
+        eng.admit(i, o)
+    eng.step()
+    eng.step()
+    eng.admit("mine", mine)
+    assert [s.tokens for s in eng.run_all()["mine"].sequences] == [s.tokens for s in alone.sequences]
+
+
+def test_stop_strings_are_checked_incrementally(backend):
+    greedy = backend.sample([_item("a", max_tokens=12, temperature=0.0)])[0].sequences[0].tokens
+    text = backend._decode_text(greedy)
+    stop = text[len(backend._decode_text(greedy[:5])):][:2]
+    if not stop.strip():
+        pytest.skip("the tiny model's 6th token decodes to whitespace")
+    seq = backend.sample([_item("a", max_tokens=12, temperature=0.0, stop=[stop])])[0].sequences[0]
+    assert seq.stop_reason == "stop" and stop in backend._decode_text(seq.tokens)
+    assert len(seq.tokens) < 12 and seq.tokens == greedy[: len(seq.tokens)]
+
+
+def _op(prompt, max_tokens, **kw):
+    return SampleOp(prompt=list(prompt), num_samples=kw.pop("n", 1),
+                    params=SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=[], **kw))
+
+
+def test_scheduler_joins_running_batch_and_respects_kv_budget(backend):
+    budget = 3 * (len(PROMPT) + 40) + 20  # the long request and a short one; three of the burst
+    sched = Scheduler(backend, SchedulerConfig(sample_token_budget=budget, max_pending_total=40))
+    peak = {"reserved": 0}
+
+    async def main():
+        long = sched.submit_sample(_op(PROMPT, 150), adapter="a")
+        while sched._engine is None or sched._engine.stats["steps"] < 3:
+            await asyncio.sleep(0.005)
+        short = sched.submit_sample(_op(PROMPT[:3], 2), adapter="b")
+        done, _ = await asyncio.wait([long, short], return_when=asyncio.FIRST_COMPLETED)
+        assert short in done and not long.done()  # joined the running batch and left first
+        await long
+        eng = sched._engine
+        inner = eng.step
+
+        def step():
+            peak["reserved"] = max(peak["reserved"], eng.reserved)
+            return inner()
+
+        eng.step = step
+        burst = [sched.submit_sample(_op(PROMPT, 40), adapter="ab"[i % 2]) for i in range(9)]
+        outs = await asyncio.gather(*burst)
+        assert all(len(o.sequences[0].tokens) == 40 for o in outs)
+        with pytest.raises(CapacityError) as e:
+            for _ in range(60):
+                sched.submit_sample(_op(PROMPT, 2), adapter="a")
+        assert e.value.retry_after and e.value.retry_after > 0
+        await sched.close()
+
+    asyncio.run(main())
+    assert 2 * (len(PROMPT) + 40) < peak["reserved"] <= budget

@@ -1,0 +1,23 @@
+"""Every implementation of the worker interface the service uses has all of its methods."""
+
+from __future__ import annotations
+
+import inspect
+
+from twinkle.server.app import _HandleWorker
+from twinkle.server.worker import ModelWorker
+from twinkle.server.worker_api import WorkerAPI
+
+_METHODS = [n for n, _ in inspect.getmembers(WorkerAPI, inspect.iscoroutinefunction) if not n.startswith("_")]
+
+
+def test_protocol_lists_the_methods_the_service_calls() -> None:
+    assert {"create_adapter", "remove_adapter", "execute", "skip", "sample", "has_adapter", "status",
+            "model_info"} <= set(_METHODS)
+
+
+def test_model_worker_and_ray_adaptor_implement_it() -> None:
+    for impl in (ModelWorker, _HandleWorker):
+        missing = [n for n in _METHODS if not inspect.iscoroutinefunction(getattr(impl, n, None))]
+        assert not missing, f"{impl.__name__} lacks {missing}"
+    assert isinstance(_HandleWorker(object()), WorkerAPI)

@@ -1,0 +1,421 @@
+"""Continuous batching: requests join the running decode batch at the next step and leave when done.
+
+``ContinuousSampler`` keeps one KV cache for every running row (rows of different adapters are kept
+sorted by adapter, so each adapter owns one contiguous row segment, routed to its LoRA exactly as in
+training). One :meth:`ContinuousSampler.step` does, in order:
+
+1. one decode step of the running rows (choose a token per row, check stops, drop finished rows and the
+   cache columns no remaining row needs, then one forward of the survivors), and
+2. one prefill chunk (at most ``prefill_chunk`` tokens) of the requests admitted since the last prefill
+   began; when a prefill completes, each prompt's single row is forked ``num_samples`` times (shared
+   prefill) and the rows join the running batch.
+
+It returns the requests whose every sequence finished during the step, so each caller's result is ready
+as soon as its own sequences are. Sampling never sorts the vocabulary unless a row uses top-k/top-p, and
+every sequence draws its random numbers from its own generator (seeded from the request's seed and the
+sample's index), so a seeded request gives the same tokens alone or batched with others.
+
+The engine is model-agnostic: the backend passes ``forward(ids, mask, pos, cache, segments)`` and the
+cache must be a plain ``DynamicCache`` (see ``_kv``); image inputs can plug in at the prefill step.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from twinkle.model.base import SampleItem
+from twinkle.types import SampledSequence, SampleResponse
+
+from . import _kv
+from ._engine import DEFAULT_MAX_TOKENS, ForwardFn, _stops
+
+StreamFn = Callable[[Hashable, int, int, float], None]  # (request key, sample index, token, logprob)
+
+
+@dataclass
+class _Req:
+    key: Hashable
+    item: SampleItem
+    cost: int
+    rows: list[_Row] = field(default_factory=list)
+    left: int = 0
+    prompt_lp: Any = None
+    topk_lp: Any = None
+
+
+@dataclass
+class _Row:
+    req: _Req
+    index: int
+    adapter: str | None
+    gen: torch.Generator
+    stop_ids: set[int]
+    stop_strs: list[str]
+    max_tokens: int
+    temp: float
+    top_k: int
+    top_p: float
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    reason: str | None = None
+
+    @property
+    def plain(self) -> bool:
+        return self.top_k <= 0 and self.top_p >= 1.0
+
+
+@dataclass
+class _Prefill:
+    reqs: list[_Req]
+    ids: torch.Tensor
+    mask: torch.Tensor | None
+    pos: torch.Tensor
+    segments: list[tuple[int, int, str | None]]
+    done: int = 0
+    cache: Any = None
+    last: torch.Tensor | None = None
+    kept: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # row -> logits chunks (prompt logprobs)
+
+
+def _order_key(adapter: str | None) -> tuple[bool, str]:
+    return adapter is not None, adapter or ""
+
+
+def request_cost(item: SampleItem, max_length: int) -> int:
+    """KV-cache tokens a request may hold at most: ``num_samples * (prompt + max_tokens)``."""
+    return max(1, item.num_samples) * (len(item.prompt) + _max_tokens(item, max_length))
+
+
+def _max_tokens(item: SampleItem, max_length: int) -> int:
+    room = max_length - len(item.prompt)
+    mt = item.params.max_tokens
+    return min(DEFAULT_MAX_TOKENS, room) if mt is None else max(0, min(int(mt), room))
+
+
+class ContinuousSampler:
+    """Rows of many requests and adapters in one decode batch; see the module docstring."""
+
+    def __init__(self, forward: ForwardFn, *, eos_ids: list[int], vocab_size: int, max_length: int,
+                 device: torch.device, decode: Callable[[list[int]], str] | None = None,
+                 prefill_chunk: int = 512, kv_budget: int | None = None) -> None:
+        self.forward = forward
+        self.eos_ids = list(eos_ids)
+        self.vocab_size = vocab_size
+        self.max_length = max_length
+        self.device = device
+        self.decode = decode
+        self.prefill_chunk = max(1, int(prefill_chunk))
+        self.kv_budget = kv_budget
+        self.stream: StreamFn | None = None
+        self._waiting: list[_Req] = []
+        self._prefill: _Prefill | None = None
+        self._rows: list[_Row] = []
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None  # [b, width] 1 = real token
+        self._pos: torch.Tensor | None = None  # [b, 1] position of the next token
+        self._last: torch.Tensor | None = None  # [b, vocab] logits for the next token
+        self.reserved = 0
+        self.stats = {"steps": 0, "prefill_chunks": 0, "max_rows": 0, "joins": 0}
+
+    # ---- admission -----------------------------------------------------------------------------------------
+    def idle(self) -> bool:
+        return not (self._waiting or self._prefill or self._rows)
+
+    def active_adapters(self) -> set[str | None]:
+        out = {r.adapter for r in self._rows}
+        out.update(q.item.adapter for q in self._waiting)
+        if self._prefill is not None:
+            out.update(q.item.adapter for q in self._prefill.reqs)
+        return out
+
+    def fits(self, item: SampleItem) -> bool:
+        """Whether admitting ``item`` keeps the reserved KV tokens within the budget (always when idle)."""
+        if self.kv_budget is None or self.reserved == 0:
+            return True
+        return self.reserved + request_cost(item, self.max_length) <= self.kv_budget
+
+    def admit(self, key: Hashable, item: SampleItem) -> None:
+        """Queue a validated request; it starts prefilling at the next step that has no prefill running."""
+        cost = request_cost(item, self.max_length)
+        self.reserved += cost
+        self._waiting.append(_Req(key, item, cost))
+
+    # ---- one step ------------------------------------------------------------------------------------------
+    def step(self) -> list[tuple[Hashable, SampleResponse]]:
+        done: list[tuple[Hashable, SampleResponse]] = []
+        with torch.no_grad():
+            if self._rows:
+                self._decode_step(done)
+            if self._prefill is None and self._waiting:
+                self._start_prefill()
+            if self._prefill is not None:
+                self._prefill_chunk(done)
+        self.stats["steps"] += 1
+        return done
+
+    def run_all(self) -> dict[Hashable, SampleResponse]:
+        out: dict[Hashable, SampleResponse] = {}
+        while not self.idle():
+            out.update(self.step())
+        return out
+
+    def fail_all(self) -> list[Hashable]:
+        """Drop every request (after an error); returns their keys."""
+        keys = [q.key for q in self._waiting]
+        if self._prefill is not None:
+            keys += [q.key for q in self._prefill.reqs]
+        seen: set[int] = set()
+        for r in self._rows:
+            if id(r.req) not in seen:
+                seen.add(id(r.req))
+                keys.append(r.req.key)
+        self._waiting, self._prefill, self._rows = [], None, []
+        self._cache = self._mask = self._pos = self._last = None
+        self.reserved = 0
+        return keys
+
+    # ---- prefill -------------------------------------------------------------------------------------------
+    def _start_prefill(self) -> None:
+        reqs = sorted(self._waiting, key=lambda q: _order_key(q.item.adapter))
+        self._waiting = []
+        dev = self.device
+        lens = torch.tensor([len(q.item.prompt) for q in reqs])
+        w = int(lens.max())
+        ids = torch.zeros((len(reqs), w), dtype=torch.long)
+        for r, q in enumerate(reqs):
+            ids[r, w - len(q.item.prompt):] = torch.tensor(q.item.prompt, dtype=torch.long)
+        padded = bool((lens != w).any())
+        mask = (torch.arange(w)[None, :] >= (w - lens)[:, None]).long() if padded else None
+        pos = (mask.cumsum(-1) - 1).clamp(min=0) if mask is not None else torch.arange(w)[None].expand(len(reqs), -1)
+        segments: list[tuple[int, int, str | None]] = []
+        for r, q in enumerate(reqs):
+            if segments and segments[-1][2] == q.item.adapter:
+                segments[-1] = (segments[-1][0], r + 1, q.item.adapter)
+            else:
+                segments.append((r, r + 1, q.item.adapter))
+        self._prefill = _Prefill(reqs, ids.to(dev), mask.to(dev) if mask is not None else None, pos.to(dev), segments)
+
+    def _prefill_chunk(self, done: list[tuple[Hashable, SampleResponse]]) -> None:
+        p = self._prefill
+        assert p is not None
+        b, w = p.ids.shape
+        cols = max(1, self.prefill_chunk // b)
+        s, e = p.done, min(w, p.done + cols)
+        mask = p.mask[:, :e] if p.mask is not None else None
+        logits, p.cache = self.forward(p.ids[:, s:e], mask, p.pos[:, s:e], p.cache, p.segments)
+        self.stats["prefill_chunks"] += 1
+        for r, q in enumerate(p.reqs):
+            if q.item.prompt_logprobs or q.item.topk_prompt_logprobs:
+                p.kept.setdefault(r, []).append(logits[r].float())
+        p.done = e
+        if e < w:
+            return
+        p.last = logits[:, -1].float()
+        self._prefill = None
+        self._finish_prefill(p, done)
+
+    def _finish_prefill(self, p: _Prefill, done: list[tuple[Hashable, SampleResponse]]) -> None:
+        w = p.ids.shape[1]
+        for r, q in enumerate(p.reqs):
+            if r in p.kept:
+                q.prompt_lp, q.topk_lp = _prompt_logprobs(q.item, torch.cat(p.kept[r], dim=0), w)
+        idx: list[int] = []
+        rows: list[_Row] = []
+        for r, q in enumerate(p.reqs):
+            it = q.item
+            ids, strs = _stops(it, self.eos_ids, self.vocab_size)
+            mt = _max_tokens(it, self.max_length)
+            seed = it.params.seed if it.params.seed is not None else random.randrange(2**62)
+            for j in range(max(1, it.num_samples)):
+                gen = torch.Generator(device="cpu").manual_seed((int(seed) * 1_000_003 + j) % (2**63))
+                q.rows.append(_Row(q, j, it.adapter, gen, ids, strs, mt, float(it.params.temperature),
+                                   int(it.params.top_k), float(it.params.top_p)))
+            q.left = len(q.rows)
+            for row in q.rows:
+                idx.append(r)
+                rows.append(row)
+        sel = torch.tensor(idx, device=self.device)
+        if not _kv.supports(p.cache):
+            raise RuntimeError("the model's KV cache cannot be batched continuously")
+        if sel.numel() != len(p.reqs) or bool((sel != torch.arange(len(p.reqs), device=self.device)).any()):
+            _kv.select(p.cache, sel)
+        mask = p.mask[sel] if p.mask is not None else torch.ones((len(idx), w), dtype=torch.long, device=self.device)
+        pos = p.pos[sel, -1:] + 1
+        last = p.last[sel]
+        self._join(rows, p.cache, mask, pos, last)
+        self.stats["joins"] += 1
+        # a row with no room for a token finishes at once
+        if any(r.max_tokens <= 0 for r in rows):
+            self._retire(done)
+
+    def _join(self, rows: list[_Row], cache: Any, mask: torch.Tensor, pos: torch.Tensor, last: torch.Tensor) -> None:
+        if not self._rows:
+            self._rows, self._cache, self._mask, self._pos, self._last = rows, cache, mask, pos, last
+        else:
+            assert self._mask is not None and self._pos is not None and self._last is not None
+            wr, wn = self._mask.shape[1], mask.shape[1]
+            if wr < wn:
+                _kv.left_pad(self._cache, wn - wr)
+                self._mask = torch.nn.functional.pad(self._mask, (wn - wr, 0))
+            elif wn < wr:
+                _kv.left_pad(cache, wr - wn)
+                mask = torch.nn.functional.pad(mask, (wr - wn, 0))
+            _kv.concat(self._cache, cache)
+            self._rows = self._rows + rows
+            self._mask = torch.cat([self._mask, mask], dim=0)
+            self._pos = torch.cat([self._pos, pos], dim=0)
+            self._last = torch.cat([self._last, last], dim=0)
+        order = sorted(range(len(self._rows)), key=lambda i: _order_key(self._rows[i].adapter))
+        if order != list(range(len(self._rows))):
+            self._select(order)
+        self.stats["max_rows"] = max(self.stats["max_rows"], len(self._rows))
+
+    def _select(self, keep: list[int]) -> None:
+        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
+        assert self._mask is not None and self._pos is not None and self._last is not None
+        _kv.select(self._cache, idx)
+        self._rows = [self._rows[i] for i in keep]
+        self._mask = self._mask.index_select(0, idx)
+        self._pos = self._pos.index_select(0, idx)
+        self._last = self._last.index_select(0, idx)
+
+    # ---- decode --------------------------------------------------------------------------------------------
+    def _decode_step(self, done: list[tuple[Hashable, SampleResponse]]) -> None:
+        assert self._last is not None and self._mask is not None and self._pos is not None
+        last = self._last
+        tok = self._choose(last)
+        tok_lp = torch.log_softmax(last, dim=-1).gather(-1, tok[:, None]).squeeze(-1)
+        tok_l, lp_l = tok.tolist(), tok_lp.tolist()
+        for r, row in enumerate(self._rows):
+            if len(row.tokens) >= row.max_tokens:
+                row.reason = "length"
+                continue
+            t = tok_l[r]
+            row.tokens.append(t)
+            row.logprobs.append(lp_l[r])
+            if self.stream is not None:
+                self.stream(row.req.key, row.index, t, lp_l[r])
+            if t in row.stop_ids or (row.stop_strs and self._hit_stop(row)):
+                row.reason = "stop"
+            elif len(row.tokens) >= row.max_tokens:
+                row.reason = "length"
+        keep = self._retire(done)
+        if not self._rows:
+            return
+        tok_next = tok.index_select(0, torch.tensor(keep, dtype=torch.long, device=tok.device))[:, None]
+        self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._rows), 1))], dim=1)
+        logits, self._cache = self.forward(tok_next, self._mask, self._pos, self._cache, self._segments())
+        self._last = logits[:, -1].float()
+        self._pos = self._pos + 1
+
+    def _retire(self, done: list[tuple[Hashable, SampleResponse]]) -> list[int]:
+        """Remove finished rows (completing requests whose rows all finished); returns the kept indices."""
+        keep = [i for i, row in enumerate(self._rows) if row.reason is None and len(row.tokens) < row.max_tokens]
+        for row in self._rows:
+            if row.reason is None and len(row.tokens) >= row.max_tokens:
+                row.reason = "length"
+        if len(keep) == len(self._rows):
+            return keep
+        for row in self._rows:
+            if row.reason is not None:
+                q = row.req
+                q.left -= 1
+                if q.left == 0:
+                    self.reserved -= q.cost
+                    done.append((q.key, _response(q)))
+        if not keep:
+            self._rows, self._cache, self._mask, self._pos, self._last = [], None, None, None, None
+            return keep
+        self._select(keep)
+        assert self._mask is not None
+        used = self._mask.any(dim=0).nonzero()
+        first = int(used[0]) if used.numel() else 0
+        if first > 0:
+            _kv.trim_left(self._cache, first)
+            self._mask = self._mask[:, first:]
+        return keep
+
+    def _segments(self) -> list[tuple[int, int, str | None]]:
+        segs: list[tuple[int, int, str | None]] = []
+        for i, row in enumerate(self._rows):
+            if segs and segs[-1][2] == row.adapter:
+                segs[-1] = (segs[-1][0], i + 1, row.adapter)
+            else:
+                segs.append((i, i + 1, row.adapter))
+        return segs
+
+    def _hit_stop(self, row: _Row) -> bool:
+        """Incremental stop-string check: only the tail that can contain a newly completed stop string."""
+        if self.decode is None:
+            return False
+        span = max(len(s) for s in row.stop_strs) + 4
+        tail = self.decode(row.tokens[-span:])
+        return any(s in tail for s in row.stop_strs)
+
+    def _choose(self, logits: torch.Tensor) -> torch.Tensor:
+        rows = self._rows
+        greedy = logits.argmax(dim=-1)
+        hot = [i for i, r in enumerate(rows) if r.temp > 0 and len(r.tokens) < r.max_tokens]
+        if not hot:
+            return greedy
+        out = greedy.clone()
+        plain = [i for i in hot if rows[i].plain]
+        fancy = [i for i in hot if not rows[i].plain]
+        v = logits.shape[-1]
+        for group, filtered in ((plain, False), (fancy, True)):
+            if not group:
+                continue
+            ix = torch.tensor(group, dtype=torch.long, device=logits.device)
+            temps = torch.tensor([rows[i].temp for i in group], dtype=torch.float32, device=logits.device)
+            u = torch.tensor([float(torch.rand(1, generator=rows[i].gen)) for i in group], device=logits.device)
+            scaled = logits.index_select(0, ix) / temps[:, None]
+            if not filtered:
+                probs = torch.softmax(scaled, dim=-1)
+                cdf = probs.cumsum(dim=-1)
+                pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=v - 1).squeeze(-1)
+            else:
+                top_k = torch.tensor([rows[i].top_k for i in group], device=logits.device)
+                top_p = torch.tensor([rows[i].top_p for i in group], dtype=torch.float32, device=logits.device)
+                sorted_l, sorted_ix = scaled.sort(dim=-1, descending=True)
+                rank = torch.arange(v, device=logits.device)[None, :]
+                k = torch.where(top_k > 0, top_k.clamp(max=v), torch.full_like(top_k, v))
+                sorted_l = sorted_l.masked_fill(rank >= k[:, None], float("-inf"))
+                probs = torch.softmax(sorted_l, dim=-1)
+                cum = probs.cumsum(dim=-1)
+                drop = (cum - probs) >= top_p[:, None]
+                drop[:, 0] = False
+                probs = probs.masked_fill(drop, 0.0)
+                cdf = probs.cumsum(dim=-1)
+                j = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=v - 1)
+                pick = sorted_ix.gather(-1, j).squeeze(-1)
+            out[ix] = pick
+        return out
+
+
+def _response(q: _Req) -> SampleResponse:
+    seqs = [SampledSequence(stop_reason=r.reason or "length", tokens=r.tokens, logprobs=r.logprobs)
+            for r in sorted(q.rows, key=lambda r: r.index)]
+    return SampleResponse(sequences=seqs, prompt_logprobs=q.prompt_lp, topk_prompt_logprobs=q.topk_lp)
+
+
+def _prompt_logprobs(item: SampleItem, logits: torch.Tensor, width: int) -> tuple[Any, Any]:
+    """``logits``: this row's prefill logits over the padded width (the prompt is right-aligned)."""
+    p = item.prompt
+    n = len(p)
+    lg = torch.log_softmax(logits[width - n: width - 1], dim=-1)  # position j predicts token j+1
+    tgt = torch.tensor(p[1:], dtype=torch.long, device=lg.device)
+    lps = lg.gather(-1, tgt[:, None]).squeeze(-1).tolist() if n > 1 else []
+    plp = [None, *lps] if item.prompt_logprobs else None
+    topk = None
+    if item.topk_prompt_logprobs:
+        k = min(item.topk_prompt_logprobs, lg.shape[-1])
+        topk = [None]
+        if n > 1:
+            v, ix = lg.topk(k, dim=-1)
+            topk += [list(zip(ix[j].tolist(), v[j].tolist(), strict=True)) for j in range(n - 1)]
+    return plp, topk
