@@ -30,8 +30,6 @@ _MAX_METRIC_POINTS = 10000
 APPLIED_MEMORY = 64  # seq ids remembered per run (more than the worker's default ``result_memory`` of 32)
 
 
-@dataclass
-
 def with_mean_loss(metrics: dict[str, Any], weight: float) -> dict[str, Any]:
     """Run metrics carry ``loss`` = per-token mean (``loss:sum`` / the batch's loss weight): the one loss the
     notebook, the panel, ``%twinkle runs`` and the frames all show (the batch total stays as ``loss:sum``)."""
@@ -40,6 +38,8 @@ def with_mean_loss(metrics: dict[str, Any], weight: float) -> dict[str, Any]:
         return metrics
     return {"loss": float(total) / weight, **metrics}
 
+
+@dataclass
 class Applied:
     """A training call accepted for a run under a ``seq_id``: a retry of it is answered from this one."""
 
