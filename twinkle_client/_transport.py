@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from ._errors import CapacityError, ConnectionLostError, error_from_response
+from ._errors import CapacityError, ConnectionLostError, error_from_response, explain_transport_error
 
 API_PREFIX = "/api/v1/twinkle"
 _USER_AGENT = "twinkle-client/0.1"
@@ -78,9 +78,7 @@ class HTTP:
                     raise
                 self._notify(False)
                 if not retry or self._closed.is_set() or time.monotonic() + delay > deadline:
-                    raise ConnectionLostError(
-                        f"no answer from the Twinkle server at {self.base_url} ({type(e).__name__}: {e})"
-                    ) from None
+                    raise ConnectionLostError(explain_transport_error(self.base_url, e)) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue

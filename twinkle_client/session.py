@@ -30,7 +30,7 @@ from twinkle.types.api import (
 )
 
 from . import _state
-from ._errors import ConnectionLostError
+from ._errors import ConnectionLostError, check_unexpanded
 from ._futures import RemoteFuture
 from ._transport import HTTP
 
@@ -370,6 +370,8 @@ def connect(
     """
     if not url:
         raise ConnectionLostError("no server URL given (pass url= or set TWINKLE_SERVER_URL)")
+    check_unexpanded(url, "server URL")
+    check_unexpanded(api_key, "API key")
     if "://" not in url:
         url = "http://" + url
     http = HTTP(url, api_key, transport=transport, retry_seconds=retry_seconds)
