@@ -186,11 +186,19 @@ class RemoteModel:
 
     # ---- requests -------------------------------------------------------------------------------------------
     def _submit(self, a: _Adapter, op: str, body: dict[str, Any], parse: Any, *, seq: bool = True,
-                wait: bool = False) -> RemoteFuture[Any]:
-        """``wait``: the caller blocks on the result right away (one round trip, see ``SUBMIT_WAIT_S``)."""
+                wait: bool | str = False) -> Any:
+        """One request, built once for both twins. ``wait``: the caller blocks on the result right away (one
+        round trip, see ``SUBMIT_WAIT_S``); ``"async"``: a coroutine giving the result (the ``a*`` methods)."""
         if seq:
             body = {"seq_id": self.session.run_state.next_seq_id(a.run_id), **body}
-        return self.session.submit(f"runs/{a.run_id}/{op}", body, parse, op, wait=SUBMIT_WAIT_S if wait else 0.0)
+        path = f"runs/{a.run_id}/{op}"
+        if wait == "async":
+            return self._aresult(path, body, parse, op)
+        return self.session.submit(path, body, parse, op, wait=SUBMIT_WAIT_S if wait else 0.0)
+
+    async def _aresult(self, path: str, body: dict[str, Any], parse: Any, op: str) -> Any:
+        fut = await self.session.aio.submit(path, body, parse, op, wait=SUBMIT_WAIT_S)
+        return await fut
 
     def set_optimizer(
         self, optimizer: str = "AdamW", *, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.95),
@@ -251,7 +259,7 @@ class RemoteModel:
         return self._fb(inputs, loss_fn, loss_fn_config, adapter_name, forward_only=True, wait=True).result()
 
     def _fb(self, inputs: Any, loss_fn: str, loss_fn_config: dict[str, Any] | None, adapter_name: str | None,
-            *, forward_only: bool, wait: bool = False) -> RemoteFuture[ForwardBackwardOutput]:
+            *, forward_only: bool, wait: bool | str = False) -> Any:
         a = self._adapter(adapter_name)
         if not forward_only:
             self._stop_at_boundary(a)
@@ -291,7 +299,7 @@ class RemoteModel:
         return self._optim_step(adapter_name, adam_params)
 
     def _optim_step(self, adapter_name: str | None, adam_params: AdamParams | None, *,
-                    wait: bool = False) -> RemoteFuture[dict[str, float]]:
+                    wait: bool | str = False) -> Any:
         a = self._adapter(adapter_name)
         body: dict[str, Any] = {}
         if adam_params is not None:
@@ -310,6 +318,25 @@ class RemoteModel:
             return out
 
         return self._submit(a, "optim_step", body, parse, wait=wait)
+
+    # ---- async twins (``await`` them; two adapters train concurrently with asyncio.gather) -------------------
+    async def aforward_backward(
+        self, *, inputs: Any, loss_fn: str = "cross_entropy", loss_fn_config: dict[str, Any] | None = None,
+        adapter_name: str | None = None,
+    ) -> ForwardBackwardOutput:
+        """``forward_backward`` without blocking the event loop."""
+        return await self._fb(inputs, loss_fn, loss_fn_config, adapter_name, forward_only=False, wait="async")
+
+    async def aforward(
+        self, *, inputs: Any, loss_fn: str = "cross_entropy", loss_fn_config: dict[str, Any] | None = None,
+        adapter_name: str | None = None,
+    ) -> ForwardBackwardOutput:
+        return await self._fb(inputs, loss_fn, loss_fn_config, adapter_name, forward_only=True, wait="async")
+
+    async def aclip_grad_and_step(self, adapter_name: str | None = None,
+                                  adam_params: AdamParams | None = None) -> dict[str, float]:
+        """``clip_grad_and_step`` without blocking the event loop."""
+        return await self._optim_step(adapter_name, adam_params, wait="async")
 
     def calculate_metric(self, is_training: bool = True, adapter_name: str | None = None) -> dict[str, float]:
         """``{"loss"}`` = mean loss per weighted token of the ``forward_backward`` (``is_training``) or

@@ -32,9 +32,9 @@ from twinkle.types.api import (
 from . import _state
 from ._errors import ConnectionLostError, check_unexpanded
 from ._futures import RemoteFuture
-from ._transport import HTTP
+from ._transport import HTTP, AsyncHTTP
 
-__all__ = ["Session", "connect", "current_session"]
+__all__ = ["AsyncSession", "Session", "connect", "current_session"]
 
 _current: Session | None = None
 _current_lock = threading.Lock()
@@ -67,6 +67,7 @@ class Session:
         self.state = "connected"  # connected | reconnecting | expired | closed
         self.last_error: str | None = None
         self.heartbeats = 0
+        self._ahttp: tuple[Any, AsyncHTTP] | None = None  # (event loop, its async client)
         self.notice = ""  # what connecting did (re-attached, restored runs, ...), one line
         self.restored: list[RunInfo] = []
         self._caps: Capabilities | None = None
@@ -252,6 +253,22 @@ class Session:
 
         return metrics_frame(self.metrics(run_id))
 
+    # ---- async twin -------------------------------------------------------------------------------------------
+    @property
+    def ahttp(self) -> AsyncHTTP:
+        """The async client of this session, for the running event loop (one per loop)."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        if self._ahttp is None or self._ahttp[0] is not loop:
+            self._ahttp = (loop, self.http.async_twin())
+        return self._ahttp[1]
+
+    @property
+    def aio(self) -> AsyncSession:
+        """This session's ``await``-able twin: ``await session.aio.runs()``, ``await session.aio.submit(...)``."""
+        return AsyncSession(self)
+
     # ---- futures --------------------------------------------------------------------------------------------
     def submit(self, path: str, body: dict[str, Any], parse: Any = lambda x: x, kind: str = "", *,
                wait: float = 0.0) -> RemoteFuture[Any]:
@@ -261,6 +278,9 @@ class Session:
             reply = self.http.post(path, body, params={"wait": round(wait, 3)}, timeout=wait + 30.0)
         else:
             reply = self.http.post(path, body)
+        return self._future(reply, parse, kind)
+
+    def _future(self, reply: Any, parse: Any, kind: str) -> RemoteFuture[Any]:
         ref = FutureRef.model_validate(reply)
         if ref.stop_requested:
             self.stop_requested.set()
@@ -348,6 +368,51 @@ def default_lease_seconds() -> float | None:
     from .widgets import in_notebook
 
     return NOTEBOOK_LEASE_S if in_notebook() else None
+
+
+class AsyncSession:
+    """The async twin of a :class:`Session` (httpx's Client/AsyncClient split): the same requests, awaited.
+    Lease, heartbeat and local state stay with the wrapped session."""
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    @property
+    def session_id(self) -> str:
+        return self.session.session_id
+
+    async def submit(self, path: str, body: dict[str, Any], parse: Any = lambda x: x, kind: str = "", *,
+                     wait: float = 0.0) -> RemoteFuture[Any]:
+        """``Session.submit`` without blocking the event loop; ``await`` the returned future for the result."""
+        http = self.session.ahttp
+        if wait > 0:
+            reply = await http.post(path, body, params={"wait": round(wait, 3)}, timeout=wait + 30.0)
+        else:
+            reply = await http.post(path, body)
+        return self.session._future(reply, parse, kind)
+
+    async def runs(self, *, all_sessions: bool = True, limit: int = 100) -> list[RunInfo]:
+        body = await self.session.ahttp.get("runs", params={"limit": limit, "offset": 0})
+        out = RunList.model_validate(body).runs
+        return out if all_sessions else [r for r in out if r.session_id == self.session_id]
+
+    async def get_run(self, run_id: str) -> RunInfo:
+        return RunInfo.model_validate(await self.session.ahttp.get(f"runs/{run_id}"))
+
+    async def metrics(self, run_id: str) -> MetricHistory:
+        return MetricHistory.model_validate(await self.session.ahttp.get(f"runs/{run_id}/metrics"))
+
+    async def checkpoints(self, run_id: str | None = None) -> list[CheckpointInfo]:
+        path = f"runs/{run_id}/checkpoints" if run_id else "checkpoints"
+        return CheckpointList.model_validate(await self.session.ahttp.get(path)).checkpoints
+
+    async def heartbeat(self) -> SessionInfo:
+        self.session.info = SessionInfo.model_validate(
+            await self.session.ahttp.post(f"sessions/{self.session_id}/heartbeat", retry=False))
+        return self.session.info
+
+    async def request_stop(self) -> SessionInfo:
+        return SessionInfo.model_validate(await self.session.ahttp.post(f"sessions/{self.session_id}/stop"))
 
 
 def connect(
