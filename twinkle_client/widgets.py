@@ -20,6 +20,8 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
+from . import _loggers
+
 __all__ = [
     "LiveCurve",
     "SampleViewer",
@@ -115,9 +117,16 @@ class LiveCurve:
     """
 
     def __init__(self, metrics: Sequence[str] = ("loss",), *, title: str = "training", total: int | None = None,
-                 throttle_s: float = 0.5, mode: str | None = None, display: bool = True, session: Any = None):
+                 throttle_s: float = 0.5, mode: str | None = None, display: bool = True, session: Any = None,
+                 smoothing: float = 0.0, log_y: bool | Sequence[str] = False, history_of: Any = None,
+                 log_to: str | Sequence[str] | None = None):
         self.metrics = tuple(metrics)
         self.session = session
+        self.smoothing = smoothing
+        self.log_y = log_y
+        self._handle: Any = None
+        self._times: list[float] = []  # monotonic time of each log() of this curve (steps/s, ETA)
+        self.loggers = _loggers.open_loggers(log_to, title)
         self.stop_reason = ""
         self.stop_message: str | None = None
         self._t0 = time.monotonic()
@@ -136,12 +145,14 @@ class LiveCurve:
         if mode == "widget" and w is None:
             mode = "text"
         self.mode = mode
+        if history_of is not None:
+            self.load_history(history_of)
         if mode == "widget":
             self._build_widget(w)
             if display:
                 from IPython.display import display as _display
 
-                _display(self.widget)
+                self._handle = _display(self.widget, display_id=True)
 
     # ---- widget ------------------------------------------------------------------------------------------------
     def _build_widget(self, w: Any) -> None:
@@ -150,7 +161,7 @@ class LiveCurve:
         class _CurveBox(w.VBox):  # the synced ``data`` trait carries every logged point to the frontend model
             data = traitlets.Dict().tag(sync=True)
 
-        self.chart = w.HTML(value=svg_curve({}, title=self.title))
+        self.chart = w.HTML(value=self.chart_obj().svg())
         self.status = w.HTML(value="")
         self.stop_button = w.Button(description="Stop", button_style="danger", icon="stop",
                                     tooltip="end the loop after the current step")
@@ -176,6 +187,9 @@ class LiveCurve:
                 continue
         rec["step"] = float(step)
         pts.append(rec)
+        self._times.append(time.monotonic())
+        for lg in self.loggers:
+            lg.log(run, rec)
         self._dirty = True
         if self.mode == "text":
             self._text_update(run, rec)
@@ -199,18 +213,45 @@ class LiveCurve:
         else:
             print(f"[{self.title}] {run} step {int(rec['step'])}: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
 
+    def load_history(self, run: Any, label: str = "default") -> None:
+        """Prefill with the server's whole-run history of ``run`` (a model, run id or RunInfo) — after a kernel
+        restart or a resume the curve shows every step, not just the ones since."""
+        from .history import run_history
+
+        sess = self._session()
+        if sess is None:
+            return
+        self.history[label] = run_history(run, session=sess) + self.history.get(label, [])
+
+    def rate(self) -> tuple[float | None, float | None]:
+        """(steps per second of this curve's loop, seconds left when ``total`` is known)."""
+        if len(self._times) < 2:
+            return None, None
+        sps = (len(self._times) - 1) / max(1e-9, self._times[-1] - self._times[0])
+        left = None if self.total is None else max(0, self.total - len(self._times)) / sps if sps > 0 else None
+        return sps, left
+
+    def _footer(self) -> str:
+        sps, left = self.rate()
+        if sps is None:
+            return ""
+        eta = f" · ETA {_duration(left)}" if left is not None and not self.stopped else ""
+        return f"{len(self._times)} steps here · {sps:.2f} steps/s{eta}"
+
+    def chart_obj(self) -> Any:
+        """The current curve as a :class:`twinkle_client.history.Chart` (PNG/SVG/frame)."""
+        from .history import Chart
+
+        return Chart(self.history, self.metrics, title=self.title, smoothing=self.smoothing, log_y=self.log_y,
+                     footer=self._footer())
+
     def refresh(self) -> None:
         """Redraw now (the widget's model state gets every point logged so far)."""
         self._last_draw = time.monotonic()
         self._dirty = False
         if self.mode != "widget":
             return
-        series = {}
-        for run, pts in self.history.items():
-            for m in self.metrics:
-                label = m if len(self.history) == 1 else f"{run} {m}"
-                series[label] = [(p["step"], p[m]) for p in pts if m in p]
-        self.chart.value = svg_curve(series, title=self.title)
+        self.chart.value = self.chart_obj().svg()
         self.widget.data = {run: [dict(p) for p in pts] for run, pts in self.history.items()}
         last = {run: pts[-1] for run, pts in self.history.items() if pts}
         text = " · ".join(f"<b>{html.escape(r)}</b> step {int(p['step'])}"
@@ -287,22 +328,40 @@ class LiveCurve:
         return self.iterate(range(n))
 
     def close(self) -> None:
+        """End of the loop: the live widget is replaced by a PNG of the final curve, so the saved notebook shows
+        it everywhere (GitHub, nbviewer, untrusted JupyterLab); ``show()`` brings the interactive view back."""
+        for lg in self.loggers:
+            lg.flush()
         if self.mode == "widget":
             self.refresh()
             self.stop_button.disabled = True
+            if self._handle is not None and self.history:
+                self._handle.update(self._repr_mimebundle_(), raw=True)
         elif self._bar:
             self._bar.close()
             self._bar = None
+
+    def show(self) -> None:
+        """Display the interactive chart again (hover values, the same smoothing and scale)."""
+        self.chart_obj().show()
 
     def frame(self) -> Any:
         """All logged points as a pandas DataFrame (columns: run, step, metrics…)."""
         rows = [{"run": run, **p} for run, pts in self.history.items() for p in pts]
         return _frame(rows)
 
-    def _repr_html_(self) -> str:
-        series = {f"{run} {m}": [(p["step"], p[m]) for p in pts if m in p]
-                  for run, pts in self.history.items() for m in self.metrics}
-        return svg_curve(series, title=self.title)
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        """A PNG (+ a text line): renders in any notebook viewer, trusted or not."""
+        return self.chart_obj()._repr_mimebundle_()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 # ---- samples -----------------------------------------------------------------------------------------------------

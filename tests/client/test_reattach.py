@@ -97,3 +97,49 @@ def test_notebook_default_lease(monkeypatch):
     assert default_lease_seconds() == 600.0
     monkeypatch.setenv("TWINKLE_LEASE_SECONDS", "120")
     assert default_lease_seconds() == 120.0
+
+
+def test_whole_run_history_across_a_resume_and_compare(server, capsys):
+    from twinkle_client.history import compare, run_history
+    from twinkle_client.widgets import LiveCurve
+
+    sess = open_session(URL, "key-alice", transport=server.transport, heartbeat=False, new=True, lease_seconds=1.0)
+    model = MockModel(session=sess)
+    model.add_adapter_to_model("hist", {"rank": 4})
+    model.set_optimizer("AdamW", lr=1e-2)
+    mine = []
+    for _ in range(3):
+        model.forward_backward(inputs=BATCH)
+        model.clip_grad_and_step()
+        mine.append(model.calculate_metric()["loss"])
+    _kernel_dies(sess)
+    server.transport._portal.call(server.service.reap, time.time() + 30)
+    back = Session.resume(transport=server.transport, heartbeat=False, quiet=True)
+    m2 = MockModel(session=back)
+    m2.add_adapter_to_model("hist", {"rank": 4})
+    for _ in range(2):
+        m2.forward_backward(inputs=BATCH)
+        m2.clip_grad_and_step()
+        mine.append(m2.calculate_metric()["loss"])
+
+    hist = run_history(m2, session=back)  # the new run's history reaches back through the one it resumed
+    assert [int(p["step"]) for p in hist] == [1, 2, 3, 4, 5]
+    assert [p["loss"] for p in hist] == pytest.approx(mine, rel=1e-9)
+    assert all("grad_norm:mean" in p or "grad_norm" in p for p in hist)
+
+    curve = LiveCurve(mode="text", display=False, session=back, history_of=m2)  # a restarted kernel's curve
+    assert [int(p["step"]) for p in curve.history["default"]] == [1, 2, 3, 4, 5]
+
+    other = MockModel(session=back)
+    other.add_adapter_to_model("other", {"rank": 4})
+    for _ in range(2):
+        other.forward_backward(inputs=BATCH)
+        other.clip_grad_and_step()
+    chart = compare(m2, other, metrics=("loss", "grad_norm:mean"), smoothing=0.5, session=back)
+    assert list(chart.history) == ["hist", "other"] and len(chart.history["other"]) == 2
+    bundle = chart._repr_mimebundle_()
+    assert set(bundle) == {"image/png", "text/plain"} and "hist: 5 steps" in bundle["text/plain"]
+    assert chart.svg().count("data-run='hist'") == 2  # one line per metric panel
+    df = chart.frame()
+    assert set(df["run"]) == {"hist", "other"} and len(df) == 7
+    back.detach()
