@@ -29,6 +29,7 @@ __all__ = [
     "in_notebook",
     "metrics_frame",
     "render_sample_html",
+    "render_samples_table",
     "runs_frame",
     "svg_curve",
     "when",
@@ -391,22 +392,52 @@ def render_sample_html(prompt: str, tokens: Sequence[str], logprobs: Sequence[fl
             f"<div style='color:#555'>{e(prompt)}</div><div>{spans}</div></div>")
 
 
+class _HtmlBox:
+    """What the sample viewer last rendered (``.value``), kept for tests and ``SampleViewer.html()``."""
+
+    value = ""
+
+
+def render_samples_table(samples: Sequence[dict[str, Any]]) -> str:
+    """Samples as an HTML table (title, prompt, completion coloured by token probability, mean logprob, reward)."""
+    e = html.escape
+    rows = []
+    for s in samples:
+        lps = s.get("logprobs")
+        mean = (sum(lps) / len(lps)) if lps else None
+        reward = s.get("reward")
+        spans = render_sample_html("", s["pieces"], lps).split("<div>", 2)[-1].rsplit("</div>", 2)[0]
+        rows.append(
+            f"<tr><td>{e(s.get('title') or '')}</td><td style='color:#555'>{e(s['prompt'])}</td>"
+            f"<td style='font-family:monospace'>{spans}</td>"
+            f"<td>{'' if mean is None else f'{mean:.3f}'}</td>"
+            f"<td>{'' if reward is None else f'reward <b>{reward:.3g}</b>'}</td></tr>")
+    return ("<table class='twk-samples'><thead><tr><th></th><th>prompt</th><th>completion (colour: token "
+            "probability)</th><th>mean logprob</th><th>reward</th></tr></thead><tbody>" + "".join(rows)
+            + "</tbody></table>")
+
+
 class SampleViewer:
-    """Shows samples (prompt, completion, per-token logprob heat-map, reward) under the cell; text elsewhere."""
+    """Shows samples (prompt, completion, per-token logprob heat-map, reward) under the cell; text elsewhere.
+
+    In a notebook the samples are a plain HTML table updated in place (an IPython display handle, no widget):
+    it renders while the cell runs and in the saved notebook anywhere — GitHub, nbviewer, untrusted JupyterLab
+    (which keeps the table and the text even where it drops the colours)."""
 
     def __init__(self, tokenizer: Any = None, *, max_shown: int = 8, mode: str | None = None, display: bool = True):
         self.tokenizer = tokenizer
         self.max_shown = max_shown
         self.samples: list[dict[str, Any]] = []
-        w = _widgets_module()
         if mode is None:
-            mode = "widget" if w is not None and in_notebook() else "text"
-        self.mode = mode if (mode != "widget" or w is not None) else "text"
-        self.widget = w.HTML(value="") if self.mode == "widget" else None
+            mode = "widget" if in_notebook() else "text"
+        self.mode = mode
+        self.widget = _HtmlBox() if self.mode == "widget" else None
+        self._handle: Any = None
         if self.widget is not None and display:
+            from IPython.display import HTML
             from IPython.display import display as _display
 
-            _display(self.widget)
+            self._handle = _display(HTML(self.widget.value or "<i>no samples yet</i>"), display_id=True)
 
     def _pieces(self, tokens: Sequence[int]) -> list[str]:
         if self.tokenizer is None:
@@ -421,9 +452,11 @@ class SampleViewer:
                "logprobs": list(logprobs) if logprobs is not None else None, "reward": reward, "title": title}
         self.samples.append(rec)
         if self.mode == "widget":
-            shown = self.samples[-self.max_shown:]
-            self.widget.value = "".join(render_sample_html(s["prompt"], s["pieces"], s["logprobs"], s["reward"],
-                                                           s["title"]) for s in shown)
+            self.widget.value = render_samples_table(self.samples[-self.max_shown:])
+            if self._handle is not None:
+                from IPython.display import HTML
+
+                self._handle.update(HTML(self.widget.value))
         else:
             mean = (sum(rec["logprobs"]) / len(rec["logprobs"])) if rec["logprobs"] else None
             extra = "".join([f" reward={reward:.3g}" if reward is not None else "",

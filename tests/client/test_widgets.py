@@ -63,6 +63,7 @@ def test_sample_viewer_heatmap_and_reward(capsys):
     resp = SampleResponse(sequences=[SampledSequence(stop_reason="stop", tokens=[5, 6], logprobs=[-0.1, -0.2])])
     v.add_response([1, 2], resp, rewards=[0.5])
     assert "reward <b>0.5</b>" in v.widget.value and "⟨5⟩" in v.widget.value
+    assert v.widget.value.startswith("<table class='twk-samples'>") and "<td>-0.150</td>" in v.widget.value
     t = SampleViewer(mode="text")
     t.add("hi", [7], [-0.5], reward=0.0)
     assert "'hi' -> '⟨7⟩' reward=0 mean_logprob=-0.500" in capsys.readouterr().out
