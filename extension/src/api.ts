@@ -73,6 +73,10 @@ export class TwinkleApi {
     await readJson(await this.fetcher(`api/${kind}/${encodeURIComponent(id)}/stop`, { method: 'POST' }));
   }
 
+  async deleteRun(runId: string): Promise<void> {
+    await readJson(await this.fetcher(`api/runs/${encodeURIComponent(runId)}`, { method: 'DELETE' }));
+  }
+
   async deleteCheckpoint(ckpt: ICheckpointInfo): Promise<void> {
     const path = `api/runs/${encodeURIComponent(ckpt.run_id)}/checkpoints/${encodeURIComponent(ckpt.kind)}/${encodeURIComponent(ckpt.name)}`;
     await readJson(await this.fetcher(path, { method: 'DELETE' }));

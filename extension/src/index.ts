@@ -152,6 +152,27 @@ function activate(
     poller.kick();
   };
 
+  const deleteRun = async (run: IRunInfo): Promise<void> => {
+    const result = await showDialog({
+      title: 'Delete training run?',
+      body:
+        `Delete ${run.name || run.run_id} (${run.run_id}, step ${run.step})? ` +
+        (run.state === 'active' ? 'Its adapter is unloaded without a checkpoint. ' : '') +
+        'Saved checkpoints stay. This cannot be undone.',
+      buttons: [Dialog.cancelButton(), Dialog.warnButton({ label: 'Delete' })]
+    });
+    if (!result.button.accept) {
+      return;
+    }
+    try {
+      await api.deleteRun(run.run_id);
+      Notification.success(`Deleted ${run.name || run.run_id}`, { autoClose: 2000 });
+    } catch (err) {
+      await showErrorMessage('Twinkle: delete failed', String((err as Error).message ?? err));
+    }
+    poller.kick();
+  };
+
   // The LiveCurve widget's Stop button (class twk-stop-button, and twk-stop-session-<id> when the kernel knew its
   // session): the busy kernel cannot read the widget's click, so the click goes to the server from here.
   document.addEventListener(
@@ -175,7 +196,8 @@ function activate(
   const panel = new TwinklePanel(model, {
     ...actions,
     deleteCheckpoint: (c: ICheckpointInfo) => void actions.deleteCheckpoint(c),
-    stopRun: (run: IRunInfo) => void stop('runs', run.run_id)
+    stopRun: (run: IRunInfo) => void stop('runs', run.run_id),
+    deleteRun: (run: IRunInfo) => void deleteRun(run)
   });
   panel.title.icon = twinkleIcon;
   app.shell.add(panel, 'left', { rank: 900 });

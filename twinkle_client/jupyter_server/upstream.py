@@ -35,7 +35,7 @@ _RUNS_LIMIT = 50
 _ID = r"(?!\.\.)[\w.:-]+"
 _GET_ALLOWED = re.compile(rf"^(capabilities|status|sessions(/{_ID})?|runs(/{_ID}(/(metrics|checkpoints))?)?|checkpoints)$")
 _POST_ALLOWED = re.compile(rf"^(sessions|runs)/{_ID}/stop$")  # the Stop buttons (work while the kernel is busy)
-_DELETE_ALLOWED = re.compile(rf"^runs/{_ID}/checkpoints/(training|sampler|weights|sampler_weights)/{_ID}$")
+_DELETE_ALLOWED = re.compile(rf"^runs/{_ID}(/checkpoints/(training|sampler|weights|sampler_weights)/{_ID})?$")
 
 
 def normalize_url(url: str) -> str:
