@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 import pandas as pd
+import pytest
 
 from twinkle.types import SampledSequence, SampleResponse
 from twinkle_client.widgets import LiveCurve, SampleViewer, render_sample_html, runs_frame, svg_curve
