@@ -122,6 +122,37 @@ try {
   result.adapterAfterResume = await runAndWait(3, /ADAPTER STEP/, 'adapter after resume');
   await shot('stop-04-restored');
 
+  // the whole run's curve after the resume (history from the server), live with hover, then a PNG
+  await runCell(5);
+  const cellNode = (i) => `(() => ${nb}.content.widgets[${i}].node)()`;
+  result.historyLive = await poll(() => page.evaluate(`(() => { const n = ${cellNode(5)}; const svg = n.querySelector('svg.twk-chart');
+    return svg && svg.querySelectorAll('.twk-hover').length > ${result.finalServerStep} ? { hover: svg.querySelectorAll('.twk-hover').length,
+      panels: svg.querySelectorAll('.twk-panel-title').length } : null; })()`), 'live curve with history', 60000, 200);
+  await page.evaluate(`(() => ${cellNode(5)}.scrollIntoView())()`);
+  await shot('docs-curve-history-live');
+  await poll(async () => /CURVE POINTS/.test(await cellOutput(5)), 'history curve cell', 120000);
+  await poll(kernelIdle, 'idle kernel', 60000);
+  result.historyOutput = await cellOutput(5);
+  result.historyImages = await page.evaluate(`(() => ${cellNode(5)}.querySelectorAll('.jp-RenderedImage img').length)()`);
+  await page.evaluate(`(() => ${cellNode(5)}.scrollIntoView())()`);
+  await shot('docs-curve-history');
+  // two runs side by side
+  await runCell(6);
+  await poll(() => page.evaluate(`(() => ${cellNode(6)}.querySelectorAll('.jp-RenderedImage img').length)()`), 'compare image', 120000);
+  await poll(kernelIdle, 'idle kernel', 60000);
+  result.compareImages = await page.evaluate(`(() => ${cellNode(6)}.querySelectorAll('.jp-RenderedImage img').length)()`);
+  await page.evaluate(`(() => ${cellNode(6)}.querySelector('.jp-OutputArea').scrollIntoView())()`);
+  await shot('docs-compare');
+  // panel filters
+  await page.evaluate(() => window.jupyterapp.commands.execute('twinkle:refresh'));
+  const runNames = () => page.evaluate(() => [...document.querySelectorAll('#twinkle-panel .twk-run .twk-run-name')].map((n) => n.textContent));
+  const before = (await poll(async () => { const n = await runNames(); return n.includes('second') ? n : null; }, 'second run in the panel', 30000)).length;
+  await page.fill('#twinkle-panel .twk-filter-text', 'sec');
+  const names = await poll(async () => { const n = await runNames(); return n.length === 1 ? n : null; }, 'filtered list', 10000);
+  result.filtered = { before, names };
+  await shot('docs-panel-filters');
+  await page.fill('#twinkle-panel .twk-filter-text', '');
+
   // close the session (its run is checkpointed and unloaded) so the next browser test sees only its own runs
   await runCell(2);
   await poll(async () => /closed session/.test(await cellOutput(2)), '%twinkle disconnect', 60000);

@@ -47,6 +47,27 @@ CELLS = [
         "print('ADAPTER STEP', run.step, run.run_id)"
     ),
     "%load_ext twinkle_client\n%twinkle resume",
+    (
+        "import time\n"
+        "from twinkle_client.widgets import LiveCurve\n"
+        "curve = LiveCurve(title='stopme: the whole run', history_of=model, smoothing=0.5, total=8)\n"
+        "for _ in curve.range(8):\n"
+        "    model.forward_backward(inputs=batch)\n"
+        "    model.clip_grad_and_step()\n"
+        "    curve.log(model.calculate_metric())\n"
+        "    time.sleep(0.4)\n"
+        "print('CURVE POINTS', len(curve.history['default']))"
+    ),
+    (
+        "from twinkle_client.history import compare\n"
+        "model.add_adapter_to_model('second', {{'rank': 4}})\n"
+        "model.set_optimizer('AdamW', lr=3e-2, adapter_name='second')\n"
+        "for _ in range(12):\n"
+        "    model.forward_backward(inputs=batch, adapter_name='second')\n"
+        "    model.clip_grad_and_step(adapter_name='second')\n"
+        "compare(model._adapter('stopme').run_id, model._adapter('second').run_id,\n"
+        "        metrics=('loss', 'grad_norm:mean'), smoothing=0.3, log_y=('loss',), title='stopme vs second')"
+    ),
 ]
 
 
@@ -115,3 +136,13 @@ def test_stop_button_ends_busy_loop_within_two_steps(panel_server, tmp_path):
     assert f"restored stopme at step {final} from the automatic checkpoint" in res["resumeOutput"], res["resumeOutput"]
     assert f"ADAPTER STEP {final} " in res["adapterAfterResume"]
     assert res["adapterAfterResume"].split()[-1] != res["adapterAfterReattach"].split()[-1]  # a new run, same name
+
+    # the curve of a resumed run starts at step 1 (whole-run history from the server), ends as a PNG
+    assert f"CURVE POINTS {final + 8}" in res["historyOutput"], res["historyOutput"]
+    assert res["historyLive"]["hover"] > 0 and res["historyLive"]["panels"] == 1
+    assert res["historyImages"] == 1
+    assert res["compareImages"] == 1
+    # panel filters: typing a name keeps only matching runs; "this kernel" hides other sessions' runs
+    assert res["filtered"]["names"] == ["second"] and res["filtered"]["before"] >= 2
+    for name in ("docs-curve-history", "docs-compare", "docs-panel-filters"):
+        assert (ART / f"{name}.png").stat().st_size > 10_000
