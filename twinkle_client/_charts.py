@@ -145,6 +145,7 @@ def svg_chart(panels: list[Panel], *, title: str = "", width: int = 720, smoothi
             parts.append(f"<text x='{left - 4}' y='{fr.sy(v) + 4:.1f}' text-anchor='end'>{_label(v)}</text>")
         parts.append(f"<text x='{left}' y='{top + h + 14}'>{fr.x0:g}</text>"
                      f"<text x='{left + w}' y='{top + h + 14}' text-anchor='end'>{fr.x1:g}</text>")
+        legend: list[str] = []  # under the panel, between the x labels: never over the data
         for i, run in enumerate(runs):
             pts = [(x, y) for x, y in panel.series.get(run, []) if math.isfinite(y) and (not panel.log or y > 0)]
             if not pts:
@@ -163,8 +164,10 @@ def svg_chart(panels: list[Panel], *, title: str = "", width: int = 720, smoothi
                 tip = f"{run} · step {x:g} · {panel.metric} {y:.5g}" + (f" (smoothed {ysm:.4g})" if smoothing else "")
                 parts.append(f"<circle cx='{fr.sx(x):.1f}' cy='{fr.sy(ysm):.1f}' r='4' fill='{color}' "
                              f"fill-opacity='0' class='twk-hover'><title>{e(tip)}</title></circle>")
-            parts.append(f"<text x='{left + w - 4}' y='{top + 13 + 13 * i}' text-anchor='end' fill='{color}'>"
-                         f"{e(run)}: {pts[-1][1]:.4g}</text>")
+            legend.append(f"<tspan fill='{color}'>{e(run)}: {pts[-1][1]:.4g}  </tspan>")
+        if legend:
+            parts.append(f"<text x='{left + w / 2:.1f}' y='{top + h + 14}' text-anchor='middle' "
+                         f"class='twk-legend'>{''.join(legend)}</text>")
     if footer:
         parts.append(f"<text x='{_LEFT}' y='{ht - 4}' fill='#555'>{e(footer)}</text>")
     parts.append("</svg>")
@@ -197,6 +200,7 @@ def png_chart(panels: list[Panel], *, title: str = "", width: int = 720, smoothi
             d.text((left - 4, fr.sy(v)), _label(v), fill="black", font=font, anchor="rm")
         d.text((left, top + h + 4), f"{fr.x0:g}", fill="black", font=font)
         d.text((left + w, top + h + 4), f"{fr.x1:g}", fill="black", font=font, anchor="ra")
+        legend: list[tuple[str, str]] = []
         for i, run in enumerate(runs):
             pts = [(x, y) for x, y in panel.series.get(run, []) if math.isfinite(y) and (not panel.log or y > 0)]
             if not pts:
@@ -210,7 +214,11 @@ def png_chart(panels: list[Panel], *, title: str = "", width: int = 720, smoothi
                 d.ellipse([xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2], fill=color)
             else:
                 d.line(xy, fill=color, width=2)
-            d.text((left + w - 4, top + 6 + 13 * i), f"{run}: {pts[-1][1]:.4g}", fill=color, font=font, anchor="ra")
+            legend.append((f"{run}: {pts[-1][1]:.4g}  ", color))
+        x = left + w / 2 - sum(d.textlength(t, font=font) for t, _ in legend) / 2  # centred under the panel
+        for text, color in legend:
+            d.text((x, top + h + 4), text, fill=color, font=font)
+            x += d.textlength(text, font=font)
     if footer:
         d.text((_LEFT, ht - 16), footer, fill="#555555", font=font)
     buf = io.BytesIO()

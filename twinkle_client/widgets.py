@@ -236,7 +236,7 @@ class LiveCurve:
         sps, left = self.rate()
         if sps is None:
             return ""
-        eta = f" · ETA {_duration(left)}" if left is not None and not self.stopped else ""
+        eta = f" · ETA {_duration(left)}" if left and not self.stopped else ""
         return f"{len(self._times)} steps here · {sps:.2f} steps/s{eta}"
 
     def chart_obj(self) -> Any:
