@@ -146,10 +146,10 @@ try {
   // panel filters
   await page.evaluate(() => window.jupyterapp.commands.execute('twinkle:refresh'));
   const runNames = () => page.evaluate(() => [...document.querySelectorAll('#twinkle-panel .twk-run .twk-run-name')].map((n) => n.textContent));
-  const before = (await poll(async () => { const n = await runNames(); return n.includes('second') ? n : null; }, 'second run in the panel', 30000)).length;
+  const runsBefore = (await poll(async () => { const n = await runNames(); return n.includes('second') ? n : null; }, 'second run in the panel', 30000)).length;
   await page.fill('#twinkle-panel .twk-filter-text', 'sec');
   const names = await poll(async () => { const n = await runNames(); return n.length === 1 ? n : null; }, 'filtered list', 10000);
-  result.filtered = { before, names };
+  result.filtered = { before: runsBefore, names };
   await shot('docs-panel-filters');
   await page.fill('#twinkle-panel .twk-filter-text', '');
 

@@ -39,7 +39,12 @@ def test_tutorials_show_images_when_untrusted(tmp_path):
     labconfig.mkdir(parents=True)
     (labconfig / "page_config.json").write_text(
         json.dumps({"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}))
+    # render every cell (JupyterLab 4 otherwise only renders the cells in view)
+    tracker = tmp_path / "settings" / "@jupyterlab" / "notebook-extension"
+    tracker.mkdir(parents=True)
+    (tracker / "tracker.jupyterlab-settings").write_text(json.dumps({"windowingMode": "none"}))
     env = {"TWINKLE_HOME": str(tmp_path / "home"), "JUPYTER_CONFIG_DIR": str(tmp_path / "cfg"),
+           "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings"),
            "JUPYTER_DATA_DIR": str(tmp_path / "data"),  # a fresh notary: nothing is trusted
            "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt")}
     lab = JupyterServer(work, env, app="lab", extra_args=["--LabApp.expose_app_in_browser=True"])
