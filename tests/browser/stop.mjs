@@ -126,7 +126,7 @@ try {
   await runCell(5);
   const cellNode = (i) => `(() => ${nb}.content.widgets[${i}].node)()`;
   result.historyLive = await poll(() => page.evaluate(`(() => { const n = ${cellNode(5)}; const svg = n.querySelector('svg.twk-chart');
-    return svg && svg.querySelectorAll('.twk-hover').length > ${result.finalServerStep} ? { hover: svg.querySelectorAll('.twk-hover').length,
+    return svg && svg.querySelectorAll('.twk-hover').length >= ${result.finalServerStep} ? { hover: svg.querySelectorAll('.twk-hover').length,
       panels: svg.querySelectorAll('.twk-panel-title').length } : null; })()`), 'live curve with history', 60000, 200);
   await page.evaluate(`(() => ${cellNode(5)}.scrollIntoView())()`);
   await shot('docs-curve-history-live');
