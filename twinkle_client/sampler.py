@@ -3,9 +3,11 @@ a saved checkpoint, or the base model."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from typing import Any
 
-from twinkle.types import InvalidInputError, ModelInput, SampleResponse, SamplingParams
+from twinkle.types import InvalidInputError, ModelInput, SampleResponse, SamplingParams, TwinkleError
 
 from ._futures import SUBMIT_WAIT_S
 from .model import RemoteModel
@@ -107,6 +109,38 @@ class Sampler:
         return self._sample(prompt, sampling_params, num_samples, prompt_logprobs, topk_prompt_logprobs,
                             wait=True).result()
 
+    def stream(
+        self, prompt: Any, sampling_params: SamplingParams | dict[str, Any] | None = None, num_samples: int = 1,
+    ) -> Iterator[dict[str, Any]]:
+        """Sample with server-sent events: yields ``{"index", "token", "logprob", "text"}`` per token as it is
+        produced, then ``{"done": SampleResponse}``."""
+        from ._errors import error_from_response
+
+        params = sampling_params if isinstance(sampling_params, SamplingParams) else SamplingParams(**(sampling_params or {}))
+        body: dict[str, Any] = {"base_model": self.base_model, "prompt": self._prompt(prompt).model_dump(mode="json"),
+                                "num_samples": num_samples, "sampling_params": params.model_dump(exclude_none=True)}
+        if self.checkpoint is not None:
+            body["checkpoint"] = self.checkpoint
+        elif self.model is not None:
+            body["run_id"] = self.model._adapter(self.adapter_name).run_id
+        http = self.session.http
+        with http._client.stream("POST", "/api/v1/twinkle/sample/stream", json=body) as r:
+            if r.status_code >= 400:
+                r.read()
+                raise error_from_response(r)
+            event = ""
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: "):
+                    data = json.loads(line[6:])
+                    if event == "token":
+                        yield data
+                    elif event == "done":
+                        yield {"done": SampleResponse.model_validate(data)}
+                    elif event == "error":
+                        raise TwinkleError(data.get("error", "sampling failed"))
+
     def compute_logprobs(self, prompt: Any) -> list[float | None]:
         """Log-probability of each prompt token given the ones before it: ``[None, lp1, lp2, ...]``."""
         resp = self.sample(prompt, SamplingParams(max_tokens=1, temperature=0.0), 1, prompt_logprobs=True)
@@ -115,8 +149,10 @@ class Sampler:
     def generate(
         self, prompt: str | list[dict[str, str]], *, max_tokens: int = 64, temperature: float = 0.0,
         top_p: float = 1.0, top_k: int = -1, seed: int | None = None, system: str | None = None,
-    ) -> str:
-        """Chat-style generation: the chat template is applied to ``prompt`` and the reply decoded."""
+        stream: bool = False,
+    ) -> str | Iterator[str]:
+        """Chat-style generation: the chat template is applied to ``prompt`` and the reply decoded.
+        ``stream=True``: an iterator of text pieces as the server produces them."""
         tok = self.get_tokenizer()
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if system:
@@ -129,6 +165,8 @@ class Sampler:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
             ids = tok.encode(text, add_special_tokens=False)
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        if stream:
+            return (ev["text"] for ev in self.stream(list(ids), params) if "text" in ev and ev["text"])
         seq = self.sample(list(ids), params).sequences[0]
         toks = list(seq.tokens)
         eos = getattr(tok, "eos_token_id", None)

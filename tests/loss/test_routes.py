@@ -67,6 +67,14 @@ def test_both_apis_refuse_a_bad_dro_beta_and_list_losses(tmp_path: Path) -> None
                 r = await c.post("/api/v1/forward_backward", content=tinker, headers=headers)
                 assert r.status_code == 400, (beta, r.text)
                 assert r.json()["detail"]["field"].endswith("beta"), (beta, r.text)
+            for cfg in ('"abc"', "[1, 2]", "5"):  # not an object at all
+                body = (f'{{"model_id": "{run}", "forward_backward_input": {{"data": [{datum}], '
+                        f'"loss_fn": "dro", "loss_fn_config": {cfg}}}}}')
+                r = await c.post("/api/v1/forward_backward", content=body, headers=headers)
+                assert r.status_code == 400 and r.json()["detail"]["field"] == "loss_fn_config", r.text
+                body = f'{{"data": [{datum}], "loss_fn": "dro", "loss_fn_config": {cfg}}}'
+                r = await c.post(f"{API}/runs/{run}/forward_backward", content=body, headers=headers)
+                assert r.status_code == 400 and r.json()["detail"]["field"] == "loss_fn_config", r.text
             # An unknown loss names loss_fn; a good config still trains.
             r = await c.post(f"{API}/runs/{run}/forward_backward", json={"data": [NATIVE_DATUM], "loss_fn": "nope"})
             assert r.status_code == 400 and r.json()["detail"]["field"] == "loss_fn"
@@ -89,7 +97,7 @@ def test_op_refuses_before_queueing(value: str) -> None:
     assert e.value.field == "loss_fn_config.clip_low_threshold"
 
 
-def test_native_routes_refuse_non_finite_params(tmp_path: Path) -> None:
+def test_both_apis_refuse_non_finite_params(tmp_path: Path) -> None:
     """Issue 12 item 3: the numbers that used to write NaN into adapters are a 400 naming the field."""
     app, key = _app(tmp_path)
     headers = {"content-type": "application/json"}
@@ -108,6 +116,9 @@ def test_native_routes_refuse_non_finite_params(tmp_path: Path) -> None:
                                 ('{"weight_decay": "Infinity"}', "adam_params.weight_decay"),
                                 ('{"beta1": 2.0}', "adam_params.beta1")):
                 r = await c.post(f"{API}/runs/{run}/optim_step", content=f'{{"adam_params": {adam}}}', headers=headers)
+                assert r.status_code == 400 and r.json()["detail"]["field"] == field, r.text
+                tinker = f'{{"model_id": "{run}", "adam_params": {adam}}}'  # the Tinker route: same model, same rule
+                r = await c.post("/api/v1/optim_step", content=tinker, headers=headers)
                 assert r.status_code == 400 and r.json()["detail"]["field"] == field, r.text
 
     asyncio.run(go())
@@ -140,3 +151,39 @@ def test_nonfinite_loss_is_a_user_error_and_the_run_goes_on(tmp_path: Path) -> N
             assert (await c.get(f"{API}/runs/{run}")).json()["step"] == 1
 
     asyncio.run(go())
+
+
+def test_cispo_without_config_uses_tinkers_default(tmp_path: Path) -> None:
+    """Issue 12 item 16: no loss_fn_config means clip 0.0/4.0 (Tinker's documented default), not 0.8/1.2."""
+    app, key = _app(tmp_path)
+
+    async def go() -> dict[str, float]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
+                                     headers={"X-API-Key": key}) as c:
+            sid = (await c.post(f"{API}/sessions", json={})).json()["session_id"]
+            r = await c.post(f"{API}/runs", json={"session_id": sid, "base_model": "mock", "lora": {"rank": 4}})
+            run = (await c.get(f"{API}/futures/{r.json()['future_id']}", params={"timeout": 30})).json()["result"]["run_id"]
+            out = {}
+            for label, cfg in (("none", None), ("tinker", {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}),
+                               ("ppo-like", {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2})):
+                r = await c.post(f"{API}/runs/{run}/forward", json={"data": [NATIVE_DATUM], "loss_fn": "cispo",
+                                                                     "loss_fn_config": cfg})
+                done = (await c.get(f"{API}/futures/{r.json()['future_id']}", params={"timeout": 30})).json()
+                out[label] = done["result"]["metrics"]["loss:sum"]
+            return out
+
+    got = asyncio.run(go())
+    assert got["none"] == pytest.approx(got["tinker"], rel=1e-6)
+    assert abs(got["none"] - got["ppo-like"]) > 0.1 * abs(got["ppo-like"])  # the old default gave another loss
+
+
+@pytest.mark.parametrize("k", [10**9, 21, -1, True, 1.5])
+def test_sample_op_bounds_topk(k) -> None:
+    """Issue 12 item 1 at the root: whichever route builds the op, k is bounded before anything is allocated."""
+    from twinkle.server.ops import SampleOp
+    from twinkle.types import InvalidInputError
+
+    with pytest.raises(InvalidInputError) as e:
+        SampleOp(prompt=[1, 2, 3], topk_prompt_logprobs=k)
+    assert e.value.field == "topk_prompt_logprobs"
+    assert SampleOp(prompt=[1, 2], topk_prompt_logprobs=20).topk_prompt_logprobs == 20

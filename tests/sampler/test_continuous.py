@@ -49,9 +49,9 @@ def _recording_engine(backend, **kw):
     eng = backend.sampler_engine(**kw)
     inner = eng.forward
 
-    def forward(ids, mask, pos, cache, segments):
+    def forward(ids, mask, pos, cache, segments, **kw):
         calls.append(tuple(ids.shape))
-        return inner(ids, mask, pos, cache, segments)
+        return inner(ids, mask, pos, cache, segments, **kw)
 
     eng.forward = forward
     return eng, calls
@@ -130,7 +130,7 @@ def _op(prompt, max_tokens, **kw):
 
 def test_scheduler_joins_running_batch_and_respects_kv_budget(backend):
     budget = 3 * (len(PROMPT) + 40) + 20  # the long request and a short one; three of the burst
-    sched = Scheduler(backend, SchedulerConfig(sample_token_budget=budget, max_pending_total=40))
+    sched = Scheduler(backend, SchedulerConfig(sample_token_budget=budget, max_pending_total=120))
     peak = {"reserved": 0}
 
     async def main():
@@ -149,13 +149,16 @@ def test_scheduler_joins_running_batch_and_respects_kv_budget(backend):
             return inner()
 
         eng.step = step
-        burst = [sched.submit_sample(_op(PROMPT, 40), adapter="ab"[i % 2]) for i in range(9)]
+        burst, refused = [], []
+        for i in range(200):  # a burst of 200: the first 120 queue (max_pending_total), the rest get 429
+            try:
+                burst.append(sched.submit_sample(_op(PROMPT, 40 if i < 9 else 3), adapter="ab"[i % 2]))
+            except CapacityError as e:
+                refused.append(e)
+        assert len(burst) == 120 and len(refused) == 80
+        assert all(e.status == 429 and e.retry_after > 0 for e in refused)
         outs = await asyncio.gather(*burst)
-        assert all(len(o.sequences[0].tokens) == 40 for o in outs)
-        with pytest.raises(CapacityError) as e:
-            for _ in range(60):
-                sched.submit_sample(_op(PROMPT, 2), adapter="a")
-        assert e.value.retry_after and e.value.retry_after > 0
+        assert [len(o.sequences[0].tokens) for o in outs] == [40] * 9 + [3] * 111
         await sched.close()
 
     asyncio.run(main())

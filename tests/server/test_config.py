@@ -152,3 +152,166 @@ def test_keys_cli(tmp_path, capsys):
     assert store.lookup_key(key) is None
     assert main(["keys", "revoke", row["key_id"], "-c", str(path)]) == 1
     assert main(["keys", "create", "--user", "../evil", "-c", str(path)]) == 2
+
+
+# ---- one set of defaults; the scheduler section; custom backends ------------------------------------------
+
+
+def test_defaults_live_in_the_schema_only():
+    """The worker and the scheduler take their defaults from the schema (they used to disagree with it)."""
+    from twinkle.server.config import ModelConfig, SamplerSettings, SchedulerSettings
+    from twinkle.server.scheduler import SchedulerConfig
+    from twinkle.server.worker import ModelWorker
+
+    sched, d = SchedulerConfig(), SchedulerSettings()
+    assert (sched.batch_token_budget, sched.max_pending_total, sched.seq_grace_s, sched.sampler_cache_size) == (
+        d.batch_token_budget, d.max_queue, d.seq_grace_s, d.sampler_cache_size)
+    assert sched.max_sample_batch == SamplerSettings().max_batch_size
+    import asyncio
+
+    w = ModelWorker({"backend": "mock", "model_id": "mock://tiny"})
+    try:
+        for key in ("max_adapters", "max_lora_rank", "max_tokens_per_request"):
+            assert getattr(w, key) == ModelConfig.model_fields[key].default, key
+        assert w._scheduler.config.batch_token_budget == d.batch_token_budget
+    finally:
+        asyncio.run(w.close())
+
+
+def test_scheduler_section_is_accepted_printed_and_aliased(tmp_path, capsys):
+    data = _minimal(tmp_path)
+    data["models"][0]["scheduler"] = {"batch_token_budget": 512, "seq_grace_s": 0.25, "max_queue": 9}
+    path = _write(tmp_path, data)
+    m = load_config(path).models[0]
+    assert (m.scheduler.batch_token_budget, m.scheduler.seq_grace_s, m.scheduler.max_queue) == (512, 0.25, 9)
+    assert main(["print-config", "-c", str(path), "--format", "json"]) == 0
+    shown = json.loads(capsys.readouterr().out)["models"][0]
+    assert shown["scheduler"]["batch_token_budget"] == 512 and shown["scheduler"]["seq_grace_s"] == 0.25
+    assert "max_queue" not in shown and "batch_token_budget" not in shown  # one place in the printed form
+    assert main(["print-config", "-c", str(path)]) == 0
+    assert "scheduler:" in capsys.readouterr().out
+    # Older configs name two knobs at the model's top level: they land in the section.
+    old = _minimal(tmp_path)
+    old["models"][0].update(batch_token_budget=300, max_queue=5)
+    m = parse_config(old).models[0]
+    assert (m.scheduler.batch_token_budget, m.scheduler.max_queue) == (300, 5)
+    again = parse_config({**old, "models": [m.model_dump(mode="json")]}).models[0]  # the dump validates again
+    assert again.scheduler == m.scheduler
+    both = _minimal(tmp_path)
+    both["models"][0].update(batch_token_budget=300, scheduler={"batch_token_budget": 400})
+    with pytest.raises(ConfigError) as e:
+        parse_config(both)
+    assert "disagree" in str(e.value)
+    bad = _minimal(tmp_path)
+    bad["models"][0]["scheduler"] = {"batch_token_budgt": 1}
+    with pytest.raises(ConfigError) as e:
+        parse_config(bad)
+    assert e.value.field == "models[0].scheduler.batch_token_budgt"
+    bad["models"][0]["scheduler"] = {"seq_grace_s": -1}
+    with pytest.raises(ConfigError):
+        parse_config(bad)
+
+
+def _worker_from_yaml(tmp_path, scheduler):
+    from twinkle.server.app import worker_config
+    from twinkle.server.worker import ModelWorker
+
+    data = _minimal(tmp_path)
+    if scheduler:
+        data["models"][0]["scheduler"] = scheduler
+    return ModelWorker(worker_config(load_config(_write(tmp_path, data)).models[0]))
+
+
+def test_scheduler_section_changes_behaviour(tmp_path):
+    """``scheduler.seq_grace_s`` in the YAML: a request whose seq_id is ahead waits that long for the gap."""
+    import asyncio
+
+    from twinkle.server.ops import ForwardBackwardOp
+    from twinkle.types import LoraConfig, datum_from_tokens
+
+    data = [datum_from_tokens([5, 9, 17, 33])]
+
+    async def wait_for_gap(worker) -> bool:
+        """Whether seq_id 3 ran within 0.5 s although seq_id 2 never came."""
+        await worker.create_adapter("a", LoraConfig(rank=2))
+        await worker.execute("a", ForwardBackwardOp(data=data), seq_id=1)
+        ahead = asyncio.ensure_future(worker.execute("a", ForwardBackwardOp(data=data), seq_id=3))
+        done, _ = await asyncio.wait([ahead], timeout=0.5)
+        await worker.close()
+        if not done:
+            ahead.cancel()
+        await asyncio.gather(ahead, return_exceptions=True)
+        return bool(done)
+
+    fast = _worker_from_yaml(tmp_path, {"seq_grace_s": 0.05})
+    assert asyncio.run(wait_for_gap(fast)) is True
+    default = _worker_from_yaml(tmp_path, None)
+    assert asyncio.run(wait_for_gap(default)) is False
+
+
+_CUSTOM = '''
+from twinkle.model.mock import MockBackend
+
+
+class GreetingBackend(MockBackend):
+    """A custom backend: a MockBackend with one constructor option of its own."""
+
+    name = "greeting"
+
+    def __init__(self, model_id="mock://tiny", *, greeting="hi", seed=0, **kw):
+        super().__init__("mock://tiny", seed=seed)
+        self.greeting = greeting
+'''
+
+
+def test_custom_backend_by_module_and_class(tmp_path, monkeypatch):
+    """``backend: package.module:Class`` works: the contract in docs/models.md (a Backend subclass, importable
+    where the worker runs, constructor options from ``backend_options`` and the matching model keys)."""
+    import asyncio
+
+    from twinkle.server.app import worker_config
+    from twinkle.server.ops import ForwardBackwardOp
+    from twinkle.server.worker import ModelWorker
+    from twinkle.types import LoraConfig, datum_from_tokens
+
+    (tmp_path / "twinkle_custom_backend_demo.py").write_text(_CUSTOM)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = _minimal(tmp_path)
+    data["models"][0].update(backend="twinkle_custom_backend_demo:GreetingBackend", model_id="anything",
+                             backend_options={"greeting": "hello"})
+    m = load_config(_write(tmp_path, data)).models[0]
+    w = ModelWorker(worker_config(m))
+    assert type(w.backend).__name__ == "GreetingBackend" and w.backend.greeting == "hello"
+
+    async def train() -> float:
+        await w.create_adapter("a", LoraConfig(rank=2))
+        out = await w.execute("a", ForwardBackwardOp(data=[datum_from_tokens([5, 9, 17, 33])]))
+        return out.metrics["loss:sum"]
+
+    async def train_and_close() -> float:
+        try:
+            return await train()
+        finally:
+            await w.close()
+
+    assert asyncio.run(train_and_close()) > 0
+    for backend, field in (("nope", "models[0].backend"), ("os:path:x", "models[0].backend")):
+        bad = _minimal(tmp_path)
+        bad["models"][0]["backend"] = backend
+        with pytest.raises(ConfigError) as e:
+            parse_config(bad)
+        assert e.value.field == field
+    builtin = _minimal(tmp_path)
+    builtin["models"][0]["backend_options"] = {"x": 1}
+    with pytest.raises(ConfigError):
+        parse_config(builtin)
+    # check-config imports a custom backend: a missing module or a class that is not a Backend is named there.
+    assert main(["check-config", "-c", str(_write(tmp_path, data))]) == 0
+    for target in ("no_such_module_xyz:Backend", "json:JSONDecoder"):
+        data["models"][0]["backend"] = target
+        assert main(["check-config", "-c", str(_write(tmp_path, data))]) == 2
+    notabackend = _minimal(tmp_path)
+    notabackend["models"][0].update(backend="json:JSONDecoder")
+    with pytest.raises(Exception) as e:
+        ModelWorker(worker_config(parse_config(notabackend).models[0]))
+    assert "not a twinkle Backend" in str(e.value)

@@ -34,7 +34,10 @@ def _weights(lp: np.ndarray, inp: Inputs) -> np.ndarray:
     return np.ones_like(lp) if inp.get("weights") is None else _get(inp, "weights", lp)
 
 
-def _per_datum(fn, lps: list[np.ndarray], inputs: list[Inputs], config: dict[str, float]) -> NumpyLossOutput:
+_PerDatum = Callable[[np.ndarray, Inputs, dict[str, float]], tuple[float, np.ndarray]]
+
+
+def _per_datum(fn: _PerDatum, lps: list[np.ndarray], inputs: list[Inputs], config: dict[str, float]) -> NumpyLossOutput:
     total, grads = 0.0, []
     for lp, inp in zip(lps, inputs, strict=True):
         value, grad = fn(np.asarray(lp, dtype=np.float64), inp, config)

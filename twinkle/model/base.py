@@ -72,6 +72,7 @@ class SampleItem:
     params: SamplingParams = field(default_factory=SamplingParams)
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    images: list[Any] | None = None  # ImageChunks of the prompt, in order; ``prompt`` holds their placeholder runs
 
 
 class Backend(ABC):

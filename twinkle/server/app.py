@@ -29,6 +29,8 @@ from twinkle.types import InvalidInputError, LimitExceededError, TwinkleError
 
 from .config import ModelConfig, ServerConfig
 from .routes_native import create_native_router, health_router
+from .routes_openai import create_openai_router
+from .routes_stream import create_stream_router
 from .service import Service
 
 __all__ = ["build_serve_app", "create_app", "error_response", "serve_logging_config", "worker_config"]
@@ -38,14 +40,14 @@ log = logging.getLogger("twinkle.server")
 
 def worker_config(m: ModelConfig) -> dict[str, Any]:
     """The dict a ``ModelWorker`` is built from (backend options, scheduler knobs, limits)."""
-    d = m.model_dump(mode="json")
+    d = m.model_dump(mode="json")  # the scheduler section stays: SchedulerConfig.from_dict reads it
     d["name"] = m.served_name
-    d["max_pending_total"] = d.pop("max_queue")
     d["max_sample_batch"] = m.sampler.max_batch_size
     d.pop("sampler", None)
     d.pop("ray_actor_options", None)
     megatron = d.pop("megatron") or {}
-    d["backend_options"] = dict(megatron) if m.backend == "megatron" else {}
+    custom = d.pop("backend_options") or {}
+    d["backend_options"] = dict(megatron) if m.backend == "megatron" else dict(custom)
     return d
 
 
@@ -204,9 +206,10 @@ def create_app(
     app.state.service = service
     app.state.config = config
     _install_handlers(app, config)
-    native = [health_router(), create_native_router()]
+    native = [health_router(), create_native_router(), create_stream_router()]
     for router in native:
         app.include_router(router)
+    app.include_router(create_openai_router())
     tinker = _tinker_router()
     if tinker is not None:
         _drop_served_routes(tinker, native, prefix="/api/v1")
@@ -273,6 +276,16 @@ class _HandleWorker:
 
     async def sample(self, op: Any, *, adapter_id: str | None = None, checkpoint_path: str | None = None) -> Any:
         return await self._call("sample", op, adapter_id=adapter_id, checkpoint_path=checkpoint_path)
+
+    async def sample_stream_open(self, op: Any, *, adapter_id: str | None = None,
+                                 checkpoint_path: str | None = None) -> Any:
+        return await self._call("sample_stream_open", op, adapter_id=adapter_id, checkpoint_path=checkpoint_path)
+
+    async def sample_stream_poll(self, stream_id: str, after: int = 0, timeout: float = 10.0) -> Any:
+        return await self._call("sample_stream_poll", stream_id, after, timeout)
+
+    async def tokenize(self, **kw: Any) -> Any:
+        return await self._call("tokenize", **kw)
 
     async def skip(self, adapter_id: str, seq_id: int) -> Any:
         return await self._call("skip", adapter_id, seq_id)

@@ -19,7 +19,7 @@ from typing import Any
 
 from twinkle.types import TwinkleError
 
-from .config import ServerConfig, dump_config, load_config
+from .config import ConfigError, ServerConfig, dump_config, load_config
 
 __all__ = ["main"]
 
@@ -49,6 +49,14 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    for i, m in enumerate(cfg.models):
+        if ":" in m.backend:  # a custom backend: it must import here (and on every node) and be a Backend
+            from .backends import load_backend_class
+
+            try:
+                load_backend_class(m.backend)
+            except TwinkleError as e:
+                raise ConfigError(f"models[{i}].backend: {e}", field=f"models[{i}].backend") from None
     names = ", ".join(f"{m.served_name} ({m.backend}, {m.model_id}, x{m.replicas})" for m in cfg.models)
     print(f"config OK: {args.config}\n  http {cfg.http.host}:{cfg.http.port}\n  models: {names}")
     return 0

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from twinkle.types import InvalidInputError
+from twinkle.types.params import MAX_LORA_RANK
 
 __all__ = [
     "AuthConfig",
@@ -33,6 +34,7 @@ __all__ = [
     "PersistenceConfig",
     "RayActorOptions",
     "SamplerSettings",
+    "SchedulerSettings",
     "ServerConfig",
     "dump_config",
     "load_config",
@@ -40,6 +42,8 @@ __all__ = [
 ]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:-]*$")
+_BUILTIN_BACKENDS = ("transformers", "megatron", "mock")
+_CUSTOM_BACKEND_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class ConfigError(InvalidInputError):
@@ -105,7 +109,29 @@ class SamplerSettings(_Strict):
     max_tokens: int = Field(1024, ge=1, description="cap on sampling_params.max_tokens")
     default_max_tokens: int = Field(64, ge=1, description="used when a request gives no max_tokens")
     max_num_samples: int = Field(16, ge=1, description="cap on num_samples of one request")
-    max_batch_size: int = Field(32, ge=1, description="sequences generated together")
+    max_batch_size: int = Field(32, ge=1, description="sample requests decoding together (continuous batching)")
+
+
+class SchedulerSettings(_Strict):
+    """The per-replica scheduler's knobs (``docs/scheduler.md``). The worker and the scheduler take their
+    defaults from here: this class is the one place they are written."""
+
+    batch_token_budget: int = Field(8192, ge=1, description="tokens in one mixed batch (a larger request runs alone)")
+    max_batch_items: int = Field(256, ge=1, description="requests in one mixed batch")
+    seq_grace_s: float = Field(2.0, ge=0, le=3600, description="how long a request whose seq_id is ahead waits "
+                               "for the missing ones before the sequence moves on")
+    max_pending_per_adapter: int = Field(64, ge=1, description="queued requests of one run before 429")
+    max_queue: int = Field(1024, ge=1, description="queued requests per replica before 429 + Retry-After")
+    result_memory: int = Field(32, ge=1, description="results kept per run to answer a repeated seq_id")
+    sample_token_budget: int = Field(65536, ge=1, description="KV-cache budget of the continuous sampler: requests "
+                                     "decoding together hold at most this many tokens, num_samples * (prompt + "
+                                     "max_tokens) each; more queue fairly across runs")
+    sampler_cache_size: int = Field(4, ge=1, description="saved checkpoints kept loaded for sampling (LRU)")
+    history: int = Field(32, ge=1, description="recent batches the worker status shows")
+    prefill_chunk: int = Field(512, ge=1, description="prompt tokens prefilled per decode step of the "
+                               "continuous sampler")
+    sample_slice_s: float = Field(0.05, ge=0, le=60, description="least decode time before training that waits "
+                                  "in the same tick runs")
 
 
 class MegatronSettings(_Strict):
@@ -120,15 +146,18 @@ class MegatronSettings(_Strict):
 
 class ModelConfig(_Strict):
     name: str | None = Field(None, description="the base_model name clients use; default: model_id")
-    backend: Literal["transformers", "megatron", "mock"]
+    backend: str = Field(description="transformers | megatron | mock, or 'package.module:Class' naming a "
+                         "twinkle.model.base.Backend subclass (docs/models.md, custom backends)")
     model_id: str = Field(description="builtin://tiny, hf://org/name, ms://org/name or a local directory")
     replicas: int = Field(1, ge=1, description="worker deployments of this model (each holds its own adapters)")
     ray_actor_options: RayActorOptions = Field(default_factory=RayActorOptions)
     max_adapters: int = Field(16, ge=1, description="adapters loaded at once on ONE replica")
-    max_lora_rank: int = Field(64, ge=1)
-    max_tokens_per_request: int = Field(8192, ge=1)
-    batch_token_budget: int = Field(8192, ge=1, description="tokens in one mixed batch")
-    max_queue: int = Field(1024, ge=1, description="queued requests per replica before 429")
+    max_lora_rank: int = Field(64, ge=1, le=MAX_LORA_RANK, description="larger LoRA ranks answer 413")
+    max_tokens_per_request: int = Field(8192, ge=1, description="tokens in one request to this model")
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    batch_token_budget: int | None = Field(None, ge=1, exclude=True,
+                                           description="older spelling of scheduler.batch_token_budget")
+    max_queue: int | None = Field(None, ge=1, exclude=True, description="older spelling of scheduler.max_queue")
     sampler: SamplerSettings = Field(default_factory=SamplerSettings)
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
@@ -137,10 +166,49 @@ class ModelConfig(_Strict):
     megatron: MegatronSettings = Field(default_factory=MegatronSettings,
                                        description="megatron backend options (parallel sizes; docs/megatron.md)")
 
+    backend_options: dict[str, Any] = Field(
+        default_factory=dict, description="passed verbatim to a custom backend's constructor (module:Class only)")
+
     @model_validator(mode="after")
     def _default_name(self) -> ModelConfig:
         if self.name is None:
-            object.__setattr__(self, "name", self.model_id)
+            # A local directory (``/models/qwen``) is not a valid name: its last component is (``qwen``).
+            # The name is validated here, not first in the gateway replica (where it re-reads this config).
+            name = self.model_id.rstrip("/")
+            if not _NAME_RE.match(name):
+                name = os.path.basename(os.path.normpath(os.path.expanduser(name)))
+            if not _NAME_RE.match(name):
+                raise ValueError(
+                    f"model_id {self.model_id!r} does not make a valid model name: set 'name' (letters, digits "
+                    "and . _ / : -), the base_model clients pass")
+            object.__setattr__(self, "name", name)
+        return self
+
+    @model_validator(mode="after")
+    def _flat_scheduler_keys(self) -> ModelConfig:
+        """``batch_token_budget`` / ``max_queue`` at the model's top level (older configs) go into ``scheduler``."""
+        for key in ("batch_token_budget", "max_queue"):
+            flat = getattr(self, key)
+            if flat is None:
+                continue
+            if key in self.scheduler.model_fields_set and getattr(self.scheduler, key) != flat:
+                raise ValueError(f"{key} and scheduler.{key} disagree; keep scheduler.{key} only")
+            setattr(self.scheduler, key, flat)
+            object.__setattr__(self, key, None)
+        return self
+
+    @field_validator("backend")
+    @classmethod
+    def _check_backend(cls, v: str) -> str:
+        if v in _BUILTIN_BACKENDS or _CUSTOM_BACKEND_RE.match(v):
+            return v
+        raise ValueError(f"backend is one of {', '.join(_BUILTIN_BACKENDS)} or 'package.module:ClassName'")
+
+    @model_validator(mode="after")
+    def _options_for_custom_only(self) -> ModelConfig:
+        if self.backend_options and self.backend in _BUILTIN_BACKENDS:
+            raise ValueError("backend_options is for custom backends; set a built-in backend's keys directly "
+                             "(megatron: the megatron section)")
         return self
 
     @field_validator("name")
@@ -253,3 +321,13 @@ def dump_config(cfg: ServerConfig, fmt: Literal["yaml", "json"] = "yaml") -> str
     import yaml
 
     return yaml.safe_dump(data, sort_keys=False)
+
+
+def model_default(key: str) -> Any:
+    """The schema's default of a model key (``max_adapters``, ``max_lora_rank``, ``max_tokens_per_request``):
+    what a worker built from a partial dict uses."""
+    return ModelConfig.model_fields[key].default
+
+
+SCHEDULER_DEFAULTS = SchedulerSettings()
+SAMPLER_DEFAULTS = SamplerSettings()

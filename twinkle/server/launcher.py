@@ -16,6 +16,7 @@ import urllib.request
 from typing import Any
 
 from .config import ServerConfig
+from .orphans import mark_launch, prepare_port, reap_state
 
 __all__ = ["launch", "reap_haproxy", "wait_healthy"]
 
@@ -269,6 +270,13 @@ def launch(config: ServerConfig, *, address: str | None = None, num_cpus: int | 
         signal.signal(signal.SIGTERM, _on_signal)
 
     t0 = time.monotonic()
+    if not address:  # a local Ray: what a killed launcher on this state or port left behind goes first
+        state = str(config.persistence.sqlite_file())
+        n = reap_state(state) + prepare_port(config.http.host, config.http.port)
+        if n:
+            print(f"Stopped {n} leftover processes of a killed twinkle launcher (same state or port)",
+                  file=sys.stderr, flush=True)
+        mark_launch(state)
     _prepare_env(address, config.http.proxy)
     imports = _preimport()
     _init_ray(address, num_cpus)

@@ -6,7 +6,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twinkle.loss import validate_request
-from twinkle.types import AdamParams, Datum, LoraConfig, LRSchedulerConfig, OptimizerConfig, SamplingParams
+from twinkle.types import (
+    AdamParams,
+    Datum,
+    InvalidInputError,
+    LoraConfig,
+    LRSchedulerConfig,
+    OptimizerConfig,
+    SamplingParams,
+)
+from twinkle.types.params import MAX_TOPK_LOGPROBS, check_ttl_seconds
 
 
 @dataclass
@@ -44,10 +53,14 @@ class SetSchedulerOp:
 @dataclass
 class SaveOp:
     name: str
-    kind: str = "training"  # "training" (weights + optimizer) | "sampler" (weights only)
+    kind: str = "training"  # "training" (weights + optimizer) | "sampler" | "external" (weights only)
     ttl_seconds: float | None = None
     overwrite: bool = False
     type: str = "save"
+    age_recipients: tuple[str, ...] = ()  # "external": encrypt every file to these age recipients
+
+    def __post_init__(self) -> None:
+        self.ttl_seconds = check_ttl_seconds(self.ttl_seconds)  # 1e300 would make the expiry date overflow
 
 
 @dataclass
@@ -59,12 +72,20 @@ class LoadOp:
 
 @dataclass
 class SampleOp:
-    prompt: list[int]
+    prompt: list[int]  # a ModelInput with images until the gateway expands it (twinkle.model.images)
     num_samples: int = 1
     params: SamplingParams = field(default_factory=SamplingParams)
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
     type: str = "sample"
+    images: list[Any] = field(default_factory=list)  # the prompt's ImageChunks, in order
+
+    def __post_init__(self) -> None:
+        # The reply grows with k × prompt length: bound k here, whichever API built the op.
+        k = self.topk_prompt_logprobs
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_TOPK_LOGPROBS:
+            raise InvalidInputError(f"topk_prompt_logprobs must be an integer in [0, {MAX_TOPK_LOGPROBS}], got {k!r}",
+                                    field="topk_prompt_logprobs")
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Query
 
+from twinkle.model.images import prompt_arg
 from twinkle.types.api import (
     Capabilities,
     CheckpointInfo,
@@ -217,7 +218,7 @@ def create_native_router() -> APIRouter:
     @r.post("/sample", response_model=FutureRef)
     async def sample(body: SampleRequest, wait: float = wait_q, user: User = who, service: Service = svc) -> FutureRef:
         op = SampleOp(
-            prompt=body.prompt.to_ints(), num_samples=body.num_samples, params=body.sampling_params,
+            prompt=prompt_arg(body.prompt), num_samples=body.num_samples, params=body.sampling_params,
             prompt_logprobs=body.prompt_logprobs, topk_prompt_logprobs=body.topk_prompt_logprobs,
         )
         ref = await service.sample(

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from twinkle.loss import get_loss
 from twinkle.model.base import Backend, BatchItem, SampleItem
 from twinkle.types import (
     CapacityError,
@@ -56,6 +57,10 @@ from twinkle.types import (
     TwinkleError,
 )
 
+from .config import SAMPLER_DEFAULTS as _SAMPLER
+from .config import SCHEDULER_DEFAULTS as _SCHED
+from .export import encrypt_dir
+from .microbatch import merge_outputs, split_item
 from .ops import (
     ForwardBackwardOp,
     LoadOp,
@@ -77,21 +82,22 @@ _ALIASES = {"max_queue": "max_pending_total", "max_batch_size": "max_sample_batc
 
 @dataclass
 class SchedulerConfig:
-    """Tuning knobs. ``from_dict`` reads them from a model config (flat keys or a ``scheduler:`` section)."""
+    """Tuning knobs. ``from_dict`` reads them from a model config (flat keys or a ``scheduler:`` section).
+    The defaults are the config schema's (``twinkle.server.config.SchedulerSettings``), not written here."""
 
-    batch_token_budget: int = 16384
-    max_batch_items: int = 256
-    seq_grace_s: float = 2.0
+    batch_token_budget: int = _SCHED.batch_token_budget
+    max_batch_items: int = _SCHED.max_batch_items
+    seq_grace_s: float = _SCHED.seq_grace_s
     first_seq_id: int = 1
-    max_pending_per_adapter: int = 64
-    max_pending_total: int = 1024
-    result_memory: int = 32
-    sample_token_budget: int = 65536
-    max_sample_batch: int = 32
-    sampler_cache_size: int = 4
-    history: int = 32
-    prefill_chunk: int = 512  # prompt tokens prefilled per decode step of the continuous sampler
-    sample_slice_s: float = 0.05  # least decode time before training waiting in the same tick runs
+    max_pending_per_adapter: int = _SCHED.max_pending_per_adapter
+    max_pending_total: int = _SCHED.max_queue
+    result_memory: int = _SCHED.result_memory
+    sample_token_budget: int = _SCHED.sample_token_budget
+    max_sample_batch: int = _SAMPLER.max_batch_size
+    sampler_cache_size: int = _SCHED.sampler_cache_size
+    history: int = _SCHED.history
+    prefill_chunk: int = _SCHED.prefill_chunk
+    sample_slice_s: float = _SCHED.sample_slice_s
 
     @classmethod
     def from_dict(cls, config: dict[str, Any] | None) -> SchedulerConfig:
@@ -114,7 +120,7 @@ class SchedulerConfig:
                     value = kind(value)
                 except (TypeError, ValueError) as e:
                     raise InvalidInputError(f"{f.name} must be a {kind.__name__}", field=f.name) from e
-                if value < 0 or (value == 0 and f.name != "seq_grace_s" and f.name != "first_seq_id"):
+                if value < 0 or (value == 0 and f.name not in ("seq_grace_s", "first_seq_id", "sample_slice_s")):
                     raise InvalidInputError(f"{f.name} must be positive", field=f.name)
                 setattr(out, f.name, value)
         return out
@@ -151,6 +157,7 @@ class _SampleRequest:
     arrived: float = field(default_factory=time.monotonic)
     finished: bool = False
     name: str | None = None  # the backend adapter it samples with (set when planned)
+    on_tokens: Callable[[list[tuple[int, int, float]]], None] | None = None
 
 
 @dataclass(eq=False)
@@ -202,6 +209,7 @@ class Scheduler:
         self._new_work = False  # set on the loop side when work arrives; read by the decode slice
         self._engine: Any = None
         self._engine_probed = False
+        self._streamed: list[tuple[Any, int, int, float]] = []  # backend thread: tokens of this step
         self._ckpt_cache: OrderedDict[tuple[str, int], str] = OrderedDict()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -212,7 +220,7 @@ class Scheduler:
         self.stats: dict[str, Any] = {
             "ticks": 0, "batches_run": 0, "mixed_batches": 0, "rows_run": 0, "tokens_run": 0,
             "barriers_run": 0, "sample_batches": 0, "samples_run": 0, "errors": 0, "dedup_hits": 0,
-            "seq_skips": 0, "late_requests": 0, "rejected_capacity": 0, "busy_s": 0.0,
+            "seq_skips": 0, "late_requests": 0, "rejected_capacity": 0, "samples_cancelled": 0, "busy_s": 0.0,
             "max_adapters_in_batch": 0,
         }
         self.last_batch: dict[str, Any] | None = None
@@ -296,7 +304,10 @@ class Scheduler:
             self._release(q)
 
     def submit_sample(self, op: SampleOp, *, adapter: str | None = None, checkpoint: str | None = None,
-                      cache_key: tuple[str, int] | None = None) -> asyncio.Future:
+                      cache_key: tuple[str, int] | None = None,
+                      on_tokens: Callable[[list[tuple[int, int, float]]], None] | None = None) -> asyncio.Future:
+        """Queue a sample request. ``on_tokens`` (called on the event loop with ``(sample index, token,
+        logprob)`` triples as they are produced) streams it, where the backend has a continuous sampler."""
         self._ensure_loop()
         if self._pending_total >= self.config.max_pending_total:
             self.stats["rejected_capacity"] += 1
@@ -304,10 +315,23 @@ class Scheduler:
         fut = self._new_future()
         max_tokens = op.params.max_tokens if op.params.max_tokens is not None else 16
         cost = (len(op.prompt) + max_tokens) * max(1, op.num_samples)
-        self._samples.append(_SampleRequest(op, adapter, checkpoint, cache_key, fut, cost=cost))
+        self._samples.append(_SampleRequest(op, adapter, checkpoint, cache_key, fut, cost=cost, on_tokens=on_tokens))
         self._pending_total += 1
         self._wake_up()
         return fut
+
+    def cancel_sample(self, fut: asyncio.Future) -> bool:
+        """Drop a queued sampling request (its caller gave up). False when it is already running or done."""
+        for s in self._samples:
+            if s.future is fut and not s.finished:
+                self._samples.remove(s)
+                s.finished = True
+                self._pending_total -= 1
+                self.stats["samples_cancelled"] += 1
+                if not fut.done():
+                    fut.cancel()
+                return True
+        return False
 
     def drop_adapter(self, adapter: str, error: TwinkleError | None = None) -> int:
         """Forget ``adapter``: fail its queued (not yet running) requests. Returns how many were failed."""
@@ -582,10 +606,11 @@ class Scheduler:
             tenants.setdefault(s.cache_key or s.adapter, deque()).append(s)
         held: set[int] = set()
         progress = True
-        while progress and len(taken) < self.config.max_sample_batch:
+        room = self.config.max_sample_batch - len(self._in_engine)
+        while progress and len(taken) < room:
             progress = False
             for tq in tenants.values():
-                if not tq or len(taken) >= self.config.max_sample_batch:
+                if not tq or len(taken) >= room:
                     continue
                 s = tq[0]
                 q = self._queues.get(s.adapter) if s.adapter is not None else None
@@ -686,7 +711,8 @@ class Scheduler:
             if not req.path:
                 raise InvalidInputError("save needs a checkpoint directory", field="path")
             optimizer = op.kind == "training"
-            _atomic_save(b, a, Path(req.path), optimizer=optimizer, overwrite=op.overwrite)
+            seal = (lambda d: encrypt_dir(d, op.age_recipients)) if op.age_recipients else None
+            _atomic_save(b, a, Path(req.path), optimizer=optimizer, overwrite=op.overwrite, seal=seal)
             return {"type": op.type, "path": req.path, "kind": op.kind, "step": b.step_count(a),
                     "size_bytes": _dir_size(Path(req.path))}
         if isinstance(op, LoadOp):
@@ -700,6 +726,15 @@ class Scheduler:
     def _run_batch(self, reqs: list[_Request]) -> None:
         items = [_batch_item(r) for r in reqs]
         t0 = time.perf_counter()
+        if len(items) == 1 and items[0].num_tokens > self.config.batch_token_budget:
+            try:
+                out = self._run_micro_batches(items[0])
+                if out is not None:
+                    self._post(self._deliver, [(reqs[0], (True, out))], _batch_info(reqs, time.perf_counter() - t0))
+                    return
+            except BaseException as e:  # noqa: BLE001 - the request fails alone, its gradients rolled back
+                self._post(self._deliver, [(reqs[0], (False, _as_twinkle(e, "forward_backward")))], None)
+                return
         try:
             outs = self.backend.run_batch(items)
             if len(outs) != len(items):
@@ -720,6 +755,29 @@ class Scheduler:
                 self._post(self._deliver, [(r, (True, out))], _batch_info([r], time.perf_counter() - t1))
             except BaseException as e:  # noqa: BLE001
                 self._post(self._deliver, [(r, (False, _as_twinkle(e, "forward_backward")))], None)
+
+    def _run_micro_batches(self, item: BatchItem) -> Any:
+        """A request over ``batch_token_budget`` tokens as consecutive passes of at most that many tokens (see
+        ``twinkle.server.microbatch``), all or nothing: on a failure the adapter's gradients are restored.
+        Returns None (run it as one pass) when the backend cannot snapshot gradients."""
+        snapshot = getattr(self.backend, "grad_snapshot", None)
+        restore = getattr(self.backend, "grad_restore", None)
+        if item.adapter is None or snapshot is None or restore is None:
+            return None
+        saved = snapshot(item.adapter) if not item.forward_only else ()
+        if saved is None:
+            return None
+        parts = split_item(item, self.config.batch_token_budget, paired=get_loss(item.loss_fn).paired)
+        outs = []
+        try:
+            for part in parts:
+                outs.append(self.backend.run_batch([part])[0])
+        except BaseException:
+            if not item.forward_only:
+                restore(item.adapter, saved)
+            raise
+        self.stats["micro_batches"] = self.stats.get("micro_batches", 0) + len(parts)
+        return merge_outputs(outs, [len(p.data) for p in parts])
 
     def _run_samples(self, tick: _Tick) -> None:
         for name in tick.evict:
@@ -746,10 +804,18 @@ class Scheduler:
         if bad:
             self._post(self._deliver_samples, bad, None)
         engine = self._get_engine()
+        whole = [s for s in good if getattr(s.op, "images", None)]  # image prompts: the backend's own path
+        if whole:
+            good = [s for s in good if not getattr(s.op, "images", None)]
+            self._sample_whole(whole, tick)
         if engine is None:
             if good:
                 self._sample_whole(good, tick)
             return
+        with_images = [s for s in good if getattr(s.op, "images", None)]
+        if with_images:  # image prompts take the backend's own sampling path (not the continuous engine)
+            self._sample_whole(with_images, tick)
+            good = [s for s in good if not getattr(s.op, "images", None)]
         for s in good:
             item = _sample_item(s, tick.sample_names.get(id(s)))
             try:
@@ -769,6 +835,8 @@ class Scheduler:
                 try:
                     self._engine = make(kv_budget=self.config.sample_token_budget,
                                         prefill_chunk=self.config.prefill_chunk)
+                    if self._engine is not None:
+                        self._engine.stream = self._on_token
                 except BaseException:  # noqa: BLE001
                     log.warning("continuous sampler unavailable; sampling whole batches", exc_info=True)
         return self._engine
@@ -789,6 +857,9 @@ class Scheduler:
             except BaseException as e:  # noqa: BLE001
                 self._fail_engine(_as_twinkle(e, "sample"))
                 return
+            if self._streamed:
+                self._post(self._deliver_tokens, self._streamed)
+                self._streamed = []
             if done:
                 self._post(self._deliver_samples, [(key, (True, out)) for key, out in done], 0.0)
             elapsed = time.perf_counter() - t0
@@ -796,6 +867,22 @@ class Scheduler:
                 return
             if training_waits and elapsed >= slice_s:
                 return
+
+    def _on_token(self, key: Any, index: int, token: int, logprob: float) -> None:
+        if getattr(key, "on_tokens", None) is not None:
+            self._streamed.append((key, index, token, logprob))
+
+    def _deliver_tokens(self, items: list[tuple[Any, int, int, float]]) -> None:
+        by_req: dict[int, tuple[Any, list[tuple[int, int, float]]]] = {}
+        for s, index, token, logprob in items:
+            by_req.setdefault(id(s), (s, []))[1].append((index, token, logprob))
+        for s, toks in by_req.values():
+            if s.finished:
+                continue
+            try:
+                s.on_tokens(toks)
+            except Exception:  # noqa: BLE001 - a listener must not break the scheduler
+                log.warning("sample stream listener failed", exc_info=True)
 
     def _samples_waiting(self) -> bool:
         return bool(self._samples)
@@ -924,7 +1011,8 @@ def _batch_item(req: _Request) -> BatchItem:
 def _sample_item(s: _SampleRequest, adapter: str | None) -> SampleItem:
     op = s.op
     return SampleItem(adapter=adapter, prompt=list(op.prompt), num_samples=op.num_samples, params=op.params,
-                      prompt_logprobs=op.prompt_logprobs, topk_prompt_logprobs=op.topk_prompt_logprobs)
+                      prompt_logprobs=op.prompt_logprobs, topk_prompt_logprobs=op.topk_prompt_logprobs,
+                      images=list(getattr(op, "images", None) or []) or None)
 
 
 def _batch_info(reqs: list[_Request], seconds: float) -> dict[str, Any]:
@@ -952,15 +1040,19 @@ def _dir_size(path: Path) -> int:
 _save_lock = threading.Lock()
 
 
-def _atomic_save(backend: Backend, adapter: str, path: Path, *, optimizer: bool, overwrite: bool) -> None:
+def _atomic_save(backend: Backend, adapter: str, path: Path, *, optimizer: bool, overwrite: bool,
+                 seal: Callable[[Path], None] | None = None) -> None:
     """Write into a temporary sibling directory, then rename into place: a crash never leaves a half-written
-    checkpoint, and an existing checkpoint is only replaced (``overwrite``) once the new one is complete."""
+    checkpoint, and an existing checkpoint is only replaced (``overwrite``) once the new one is complete.
+    ``seal`` (age encryption of an external export) runs on the temporary directory before the rename."""
     if path.exists() and not overwrite:
         raise InvalidInputError(f"checkpoint {path.name!r} already exists", field="name")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         backend.save(adapter, tmp, optimizer=optimizer)
+        if seal is not None:
+            seal(tmp)
         with _save_lock:
             if path.exists():
                 old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"

@@ -29,11 +29,12 @@ import gc
 import logging
 import secrets
 import time
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, NamedTuple
 
 from twinkle.data.convert import loss_weight_and_tokens
 from twinkle.loss import describe_losses
+from twinkle.model.images import check_image_data, expand_prompt
 from twinkle.types import (
     ForwardBackwardOutput,
     InvalidInputError,
@@ -42,6 +43,7 @@ from twinkle.types import (
     ModelInfo,
     OptimStepResponse,
     SampleResponse,
+    StateLostError,
     TwinkleError,
 )
 from twinkle.types.api import (
@@ -68,6 +70,7 @@ from .ops import (
     SetSchedulerOp,
     op_kind,
 )
+from .recovery import Recovery
 from .state.checkpoints import KIND_DIR, Checkpoints, Ckpt, parse_checkpoint_path
 from .state.common import jsonable, swallow, unwrap, validate_checkpoint_name, validate_user_name
 from .state.common import now as _now
@@ -93,6 +96,18 @@ _jsonable = jsonable
 _swallow = swallow
 
 
+
+class SampleTarget(NamedTuple):
+    """What a sample request samples with (``Service.sample_target``)."""
+
+    worker: Any
+    adapter_id: str | None
+    checkpoint_dir: str | None
+    after: Any  # an awaitable to wait for first (the run's adapter being ready), or None
+    run: Any
+    run_id: str | None
+    session_id: str | None
+
 class Service:
     """The gateway service. ``workers`` maps a served base-model name to its replicas' workers."""
 
@@ -114,6 +129,8 @@ class Service:
         self.checkpoints = Checkpoints(self.store, self.checkpoint_root)
         self.futures = Futures(self.store, config.persistence.future_ttl_seconds)
         self.samplers = Samplers(self.store)
+        self.recovery = Recovery(self)
+        self._lost_at_start: list[RunInfo] = []
         self._model_info: dict[str, ModelInfo] = {}
         self._reaper: asyncio.Task[Any] | None = None
         self._kick: asyncio.Event | None = None
@@ -149,7 +166,7 @@ class Service:
         gc.disable()
         try:
             self.sessions.load()
-            self.runs.load()
+            self._lost_at_start = self.runs.load()
             self.checkpoints.load()
             self.samplers.load()
         finally:
@@ -158,8 +175,12 @@ class Service:
             gc.freeze()
 
     async def start(self) -> None:
-        """Start the lease reaper and fetch each model's info (idempotent)."""
+        """Start the lease reaper, reload the runs the previous process had loaded (in the background) and
+        fetch each model's info (idempotent)."""
         self._ensure_reaper()
+        lost, self._lost_at_start = self._lost_at_start, []
+        if lost:
+            self.recovery.restore_after_restart(lost, _now())
         await self._refresh_model_info()
 
     async def stop(self) -> None:
@@ -257,6 +278,9 @@ class Service:
 
     async def _end_session(self, s: SessionInfo, state: str, reason: str) -> None:
         self.sessions.end(s, state, reason)
+        n = self.futures.cancel_session(s.session_id, f"session {s.session_id} ended ({reason})")
+        if n:
+            log.info("session %s (%s): cancelled %d queued sampling requests", s.session_id, reason, n)
         for run_id in list(s.run_ids):
             run = self.runs.by_id.get(run_id)
             if run is not None and run.state == "active":
@@ -346,9 +370,9 @@ class Service:
 
     def _spawn(
         self, user: User, typ: str, run_id: str | None, coro: Coroutine[Any, Any, Any], *,
-        after: asyncio.Future[Any] | None = None, ready_for: str | None = None,
+        after: asyncio.Future[Any] | None = None, ready_for: str | None = None, session_id: str | None = None,
     ) -> FutureRef:
-        ref, task = self._spawn_task(user, typ, run_id, coro, after=after)
+        ref, task = self._spawn_task(user, typ, run_id, coro, after=after, session_id=session_id)
         if ready_for is not None:
             self.runs.extra[ready_for].ready = task
             task.add_done_callback(lambda t: self._on_ready(ready_for, t))
@@ -356,9 +380,9 @@ class Service:
 
     def _spawn_task(
         self, user: User, typ: str, run_id: str | None, coro: Coroutine[Any, Any, Any], *,
-        after: asyncio.Future[Any] | None = None,
+        after: asyncio.Future[Any] | None = None, session_id: str | None = None,
     ) -> tuple[FutureRef, asyncio.Task[Any]]:
-        ref, task = self.futures.spawn(user.name, typ, run_id, coro, after=after)
+        ref, task = self.futures.spawn(user.name, typ, run_id, coro, after=after, session_id=session_id)
         task.add_done_callback(swallow)
         return ref, task
 
@@ -445,12 +469,13 @@ class Service:
         if seq_id is not None and not replay:
             run.last_seq_id = seq_id
         try:
+            self._check_rollback(run)
             typ, go = self._prepare(user, run, worker, op, seq_id, replay=replay)
         except TwinkleError:
             # refused here: tell the worker the seq_id is consumed, so the run's next ops do not wait for it
             self._skip_on_worker(worker, run.run_id, seq_id)
             raise
-        ref, task = self._spawn_task(user, typ, run.run_id, go, after=extra.ready)
+        ref, task = self._spawn_task(user, typ, run.run_id, self._guard(run, go), after=extra.ready)
         if seq_id is not None:
             self.runs.remember(run, seq_id, Applied(typ, ref, task))
         return self._with_stop(ref, sess)
@@ -461,6 +486,22 @@ class Service:
         if sess is not None and sess.stop_requested_at is not None:
             return ref.model_copy(update={"stop_requested": True})
         return ref
+
+    def _check_rollback(self, run: RunInfo) -> None:
+        msg = self.recovery.take_rollback(run)
+        if msg is not None:
+            raise StateLostError(msg, field="run_id")
+
+    async def _guard(self, run: RunInfo, fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+        """Run a worker call of ``run``. When its adapter turns out missing (the replica restarted), the run is
+        reloaded from its checkpoint and the call runs again if nothing was lost; otherwise it fails with what
+        happened to the run (which checkpoint, which step), not with the worker's "adapter not loaded"."""
+        try:
+            return await fn()
+        except Exception as e:
+            if not await self.recovery.on_failure(run, e):
+                raise
+        return await fn()
 
     def _replay(self, user: User, hit: Applied) -> FutureRef:
         """A repeated seq_id: the first call's future (or, once that result left memory, a new future that
@@ -502,15 +543,17 @@ class Service:
 
     def _prepare(
         self, user: User, run: RunInfo, worker: WorkerAPI, op: Op, seq_id: int | None, *, replay: bool = False,
-    ) -> tuple[str, Coroutine[Any, Any, Any]]:
-        """Validate ``op`` for ``run``; returns ``(future type, coroutine that executes it)``. ``replay``: the
+    ) -> tuple[str, Callable[[], Coroutine[Any, Any, Any]]]:
+        """Validate ``op`` for ``run``; returns ``(future type, coroutine function that executes it)``. ``replay``: the
         seq_id was seen before (a client retry), so checks of state the first execution changed are left to the
         worker, which answers a repeated seq_id from its first execution."""
         m = self._model_cfg(run.base_model)
         runs = self.runs
+        extra = runs.extra[run.run_id]
         if isinstance(op, ForwardBackwardOp):
             if not op.data:
                 raise InvalidInputError("data must hold at least one datum", field="data")
+            check_image_data(op.data, self._model_info.get(m.served_name), m.served_name)
             self._check_tokens(m, sum(d.model_input.length for d in op.data), "data")
             typ = "forward" if op.forward_only else "forward_backward"
             weight = loss_weight_and_tokens(op.data)[0]
@@ -520,6 +563,7 @@ class Service:
                 if not isinstance(out, ForwardBackwardOutput):
                     out = ForwardBackwardOutput.model_validate(out)
                 if not op.forward_only:
+                    extra.dirty = True
                     runs.record(run, typ, with_mean_loss(out.metrics, weight))
                 return out
         elif isinstance(op, OptimStepOp):
@@ -532,6 +576,7 @@ class Service:
                 elif not isinstance(out, OptimStepResponse):
                     out = OptimStepResponse.model_validate(out)
                 run.step += 1
+                extra.dirty = True
                 runs.record(run, typ, out.metrics)
                 return out
         elif isinstance(op, SaveOp):
@@ -552,6 +597,7 @@ class Service:
                 await worker.execute(run.run_id, op, seq_id=seq_id, path=ck.dir)
                 if op.optimizer:
                     run.step = ck.info.step
+                extra.dirty = True
                 runs.record(run, "load", {})
                 return {"run_id": run.run_id, "path": ck.info.path, "model_id": run.run_id, "step": run.step}
         elif isinstance(op, (SetOptimizerOp, SetSchedulerOp)):
@@ -562,7 +608,7 @@ class Service:
                 return jsonable(out) if out is not None else {"run_id": run.run_id}
         else:
             raise InvalidInputError(f"unknown operation {getattr(op, 'type', op)!r}", field="type")
-        return typ, _go()
+        return typ, _go
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     async def _do_save(self, run: RunInfo, worker: WorkerAPI, op: SaveOp, seq_id: int | None) -> CheckpointInfo:
@@ -580,6 +626,7 @@ class Service:
         info = self.checkpoints.record(run, op, d, size, run.step)
         if op.kind == "training":
             run.last_checkpoint = info.path
+            self.runs.extra[run.run_id].dirty = False
         self.runs.record(run, "save", {})
         return info.model_copy()
 
@@ -672,16 +719,38 @@ class Service:
         run_id: str | None = None, checkpoint: str | None = None,
     ) -> FutureRef:
         self._ensure_reaper()
+        t = self.sample_target(user, op, sampler_id=sampler_id, base_model=base_model, run_id=run_id,
+                               checkpoint=checkpoint)
+        worker, adapter_id, ck_dir, run = t.worker, t.adapter_id, t.checkpoint_dir, t.run
+
+        async def _go() -> Any:
+            out = await worker.sample(op, adapter_id=adapter_id, checkpoint_path=ck_dir)
+            return out if isinstance(out, SampleResponse) else SampleResponse.model_validate(out)
+
+        return self._spawn(user, "sample", t.run_id, _go() if run is None else self._guard(run, _go), after=t.after,
+                           session_id=t.session_id)
+
+    def sample_target(
+        self, user: User, op: SampleOp, *, sampler_id: str | None = None, base_model: str | None = None,
+        run_id: str | None = None, checkpoint: str | None = None,
+    ) -> SampleTarget:
+        """Validate a sample request (``op`` gets its defaults) and resolve what it samples with. Another
+        user's run or checkpoint is a 404. Used by ``sample`` and the streaming/OpenAI routes."""
+        session_id: str | None = None
         if sampler_id is not None:
             row = self.samplers.row(user, sampler_id)
             base_model, run_id, checkpoint = row["base_model"], row.get("run_id"), row.get("model_path")
+            session_id = row.get("session_id")
         adapter_id: str | None = None
         ck_dir: str | None = None
         replica: int | None = None
         after = None
+        run: RunInfo | None = None
         if run_id is not None:
             run = self.runs.get_active(user, run_id)
+            self._check_rollback(run)
             base_model, adapter_id = run.base_model, run.run_id
+            session_id = session_id or run.session_id
             replica = self.runs.replica(run)
             after = self.runs.extra[run.run_id].ready
         elif checkpoint is not None:
@@ -693,6 +762,7 @@ class Service:
         m = self._model_cfg(base_model)
         if not op.prompt:
             raise InvalidInputError("prompt must hold at least one token", field="prompt")
+        op.prompt, op.images = expand_prompt(op.prompt, self._model_info.get(m.served_name), m.served_name)
         self._check_tokens(m, len(op.prompt), "prompt")
         if op.num_samples < 1 or op.num_samples > m.sampler.max_num_samples:
             raise LimitExceededError(
@@ -709,12 +779,7 @@ class Service:
         if replica is None:
             replica = self.runs.least_loaded_replica(m.served_name, len(self.workers[m.served_name]))
         worker = self._worker(m.served_name, replica)
-
-        async def _go() -> Any:
-            out = await worker.sample(op, adapter_id=adapter_id, checkpoint_path=ck_dir)
-            return out if isinstance(out, SampleResponse) else SampleResponse.model_validate(out)
-
-        return self._spawn(user, "sample", run_id, _go(), after=after)
+        return SampleTarget(worker, adapter_id, ck_dir, after, run, run_id, session_id)
 
     # ---- futures -----------------------------------------------------------------------------------------
     async def wait(self, user: User, future_id: str, timeout: float = 30.0) -> FutureState:

@@ -5,11 +5,10 @@ A plain class. The Ray Serve application wraps it as one deployment per (base mo
 deployment must allow many concurrent calls (``max_ongoing_requests`` well above the number of clients),
 otherwise Ray Serve queues requests in front of the worker and nothing is ever batched.
 
-Model config keys read here (the server's config schema validates them; unknown keys are ignored here):
-``backend``, ``model_id``, ``max_adapters`` (16), ``max_lora_rank`` (128), ``max_tokens_per_request``
-(32768), and the :class:`~twinkle.server.scheduler.SchedulerConfig` fields (flat, or in a ``scheduler:`` /
-``sampler:`` section): ``batch_token_budget``, ``seq_grace_s``, ``max_pending_per_adapter``,
-``max_pending_total``, ``result_memory``, ``sampler_cache_size``, ``max_sample_batch``, ...
+Model config keys read here (the server's config schema validates them and holds every default; unknown keys
+are ignored here): ``backend``, ``model_id``, ``max_adapters``, ``max_lora_rank``, ``max_tokens_per_request``,
+and the :class:`~twinkle.server.scheduler.SchedulerConfig` fields (flat, or in a ``scheduler:`` / ``sampler:``
+section): ``batch_token_budget``, ``seq_grace_s``, ``max_pending_per_adapter``, ``max_queue``, ...
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ from twinkle.types import (
     TwinkleError,
 )
 
+from .config import model_default
 from .ops import (
     ForwardBackwardOp,
     LoadOp,
@@ -61,9 +61,10 @@ class ModelWorker:
             raise InvalidInputError("model_config must be a mapping", field="model_config")
         self.config = dict(model_config)
         self.replica_index = replica_index
-        self.max_adapters = _positive_int(self.config, "max_adapters", 16)
-        self.max_lora_rank = _positive_int(self.config, "max_lora_rank", 128)
-        self.max_tokens_per_request = _positive_int(self.config, "max_tokens_per_request", 32768)
+        self.max_adapters = _positive_int(self.config, "max_adapters", model_default("max_adapters"))
+        self.max_lora_rank = _positive_int(self.config, "max_lora_rank", model_default("max_lora_rank"))
+        self.max_tokens_per_request = _positive_int(self.config, "max_tokens_per_request",
+                                                    model_default("max_tokens_per_request"))
         sched_config = SchedulerConfig.from_dict(self.config)
         self._started_at = time.time()
         executor = new_backend_executor()
@@ -180,6 +181,15 @@ class ModelWorker:
     async def sample(self, op: SampleOp, *, adapter_id: str | None = None,
                      checkpoint_path: str | None = None) -> SampleResponse:
         """Sample with a run's live adapter, a saved adapter (cached read-only, LRU) or the base model."""
+        fut = self._submit_sample(op, adapter_id, checkpoint_path)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:  # the caller gave up (its session ended): drop the work if still queued
+            self._scheduler.cancel_sample(fut)
+            raise
+
+    def _submit_sample(self, op: SampleOp, adapter_id: str | None, checkpoint_path: str | None,
+                       on_tokens: Any = None) -> asyncio.Future:
         if not isinstance(op, SampleOp):
             raise InvalidInputError("expected a sample operation", field="type")
         if adapter_id is not None and checkpoint_path is not None:
@@ -191,8 +201,38 @@ class ModelWorker:
                 raise NotFoundError(f"adapter {adapter_id!r} is not loaded on this worker", field="model_id")
         elif checkpoint_path is not None:
             cache_key = self._checkpoint_key(checkpoint_path)
-        fut = self._scheduler.submit_sample(op, adapter=adapter_id, checkpoint=checkpoint_path, cache_key=cache_key)
-        return await asyncio.shield(fut)
+        return self._scheduler.submit_sample(op, adapter=adapter_id, checkpoint=checkpoint_path, cache_key=cache_key,
+                                             on_tokens=on_tokens)
+
+    # ---- streaming and text (see twinkle.server.sample_stream; used by the SSE and OpenAI routes) -----------
+    def _hub(self) -> Any:
+        hub = getattr(self, "_streams", None)
+        if hub is None:
+            from .sample_stream import StreamHub
+
+            tok = self.backend.tokenizer() if hasattr(self.backend, "tokenizer") else None
+            decode = (lambda ids: tok.decode(ids, skip_special_tokens=True)) if tok is not None else None
+            hub = self._streams = StreamHub(decode)
+        return hub
+
+    async def sample_stream_open(self, op: SampleOp, *, adapter_id: str | None = None,
+                                 checkpoint_path: str | None = None) -> str:
+        """Start a streamed sample request; read it with :meth:`sample_stream_poll`."""
+        sid, on_tokens, on_done = self._hub().open()
+        fut = self._submit_sample(op, adapter_id, checkpoint_path, on_tokens)
+        fut.add_done_callback(on_done)
+        return sid
+
+    async def sample_stream_poll(self, stream_id: str, after: int = 0, timeout: float = 10.0) -> dict[str, Any]:
+        return await self._hub().poll(stream_id, after, timeout)
+
+    async def tokenize(self, *, text: str | None = None, messages: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of ``text``, or of chat ``messages`` with the tokenizer's chat template (generation
+        prompt added)."""
+        from .openai_text import tokenize
+
+        tok = self.backend.tokenizer() if hasattr(self.backend, "tokenizer") else None
+        return tokenize(tok, text=text, messages=messages)
 
     # ---- status ----------------------------------------------------------------------------------------------
     async def status(self) -> dict[str, Any]:

@@ -14,7 +14,14 @@ from .errors import (
     TwinkleError,
     UnsupportedError,
 )
-from .outputs import ForwardBackwardOutput, ModelInfo, OptimStepResponse, SampledSequence, SampleResponse
+from .outputs import (
+    ForwardBackwardOutput,
+    ModelInfo,
+    OptimStepResponse,
+    SampledSequence,
+    SampleResponse,
+    VisionInfo,
+)
 from .params import AdamParams, LoraConfig, LRSchedulerConfig, OptimizerConfig, SamplingParams
 
 __all__ = [
@@ -33,6 +40,7 @@ __all__ = [
     "LoraConfig",
     "LRSchedulerConfig",
     "ModelInfo",
+    "VisionInfo",
     "ModelInput",
     "NotFoundError",
     "OptimStepResponse",

@@ -11,7 +11,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .data import Datum, ModelInput
-from .params import AdamParams, LoraConfig, LRSchedulerConfig, OptimizerConfig, SamplingParams, TopKLogprobs
+from .params import (
+    AdamParams,
+    LoraConfig,
+    LRSchedulerConfig,
+    OptimizerConfig,
+    SamplingParams,
+    TopKLogprobs,
+    TtlSeconds,
+)
 
 
 class _Api(BaseModel):
@@ -174,7 +182,7 @@ class SaveCheckpointRequest(_Api):
     seq_id: int | None = None
     name: str
     kind: Literal["training", "sampler"] = "training"
-    ttl_seconds: float | None = Field(None, gt=0)
+    ttl_seconds: TtlSeconds | None = None
     overwrite: bool = False
 
 
@@ -194,8 +202,8 @@ class CheckpointInfo(_Reply):
     checkpoint_id: str = Field(description="'weights/<name>' or 'sampler_weights/<name>'")
     run_id: str
     name: str
-    kind: Literal["training", "sampler"]
-    path: str = Field(description="tinker://<run>/<weights|sampler_weights>/<name>")
+    kind: Literal["training", "sampler", "external"]
+    path: str = Field(description="tinker://<run>/<weights|sampler_weights|external_weights>/<name>")
     created_at: float
     step: int = 0
     size_bytes: int | None = None

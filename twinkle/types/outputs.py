@@ -37,6 +37,27 @@ class SampleResponse(_Out):
     topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
+class VisionInfo(_Out):
+    """How a vision-language model turns an image into tokens (Qwen-VL rules; see docs/multimodal.md).
+
+    An image of ``width x height`` is resized so both sides are multiples of ``patch_size * merge_size`` and
+    the area lies in ``[min_pixels, max_pixels]``; it then takes ``(h / patch_size) * (w / patch_size) /
+    merge_size**2`` tokens. Clients count tokens from these numbers without transformers.
+    """
+
+    patch_size: int
+    merge_size: int
+    temporal_patch_size: int = 2
+    min_pixels: int
+    max_pixels: int
+    image_token_id: int
+    vision_start_token_id: int | None = None
+    vision_end_token_id: int | None = None
+    formats: list[str] = Field(default_factory=lambda: ["png", "jpeg"])
+    max_image_pixels: int = Field(4096 * 4096, description="largest decoded image (width x height) accepted")
+    max_image_bytes: int = Field(8 * 1024 * 1024, description="largest encoded image accepted")
+
+
 class ModelInfo(_Out):
     """What a backend tells about its base model."""
 
@@ -48,3 +69,4 @@ class ModelInfo(_Out):
     tokenizer_id: str | None = Field(None, description="a path or hub id the client can load a tokenizer from")
     eos_token_ids: list[int] = Field(default_factory=list)
     num_parameters: int | None = None
+    vision: VisionInfo | None = Field(None, description="set when the model accepts images")

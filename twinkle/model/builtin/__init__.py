@@ -23,6 +23,8 @@ from pathlib import Path
 
 from twinkle.types import InvalidInputError
 
+from ._vision import VisionSpec
+
 BUILDER_VERSION = 1
 META_FILE = "twinkle_builtin.json"
 
@@ -43,6 +45,7 @@ class BuiltinSpec:
     tie_word_embeddings: bool = True
     init_std: float = 0.02
     seed: int = 20240601
+    vision: VisionSpec | None = None  # a Qwen3-VL when set (see ``_vision``)
 
 
 BUILTIN_MODELS: dict[str, BuiltinSpec] = {
@@ -57,6 +60,13 @@ BUILTIN_MODELS: dict[str, BuiltinSpec] = {
         description="toy Qwen2, ~26M parameters, random init: for benchmarks and longer demos",
         hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
         seed=2,
+    ),
+    "tiny-vl": BuiltinSpec(
+        name="tiny-vl",
+        description="toy Qwen3-VL, ~1.4M parameters, random init: the tiny text tower with a 2-layer vision "
+                    "tower (patch 8, merge 2; a 64x64 image is 16 tokens), for image tests and tutorials",
+        hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        seed=3, vision=VisionSpec(),
     ),
 }
 
@@ -80,8 +90,16 @@ def _fingerprint(spec: BuiltinSpec) -> str:
     from ._corpus import corpus_lines
 
     h = hashlib.sha256()
-    h.update(json.dumps({"builder": BUILDER_VERSION, "spec": asdict(spec)}, sort_keys=True).encode())
+    d = asdict(spec)
+    if d.get("vision") is None:  # text models keep the hash they had before VL models existed
+        d.pop("vision", None)
+    h.update(json.dumps({"builder": BUILDER_VERSION, "spec": d}, sort_keys=True).encode())
     h.update(CHATML_TEMPLATE.encode())
+    if spec.vision is not None:
+        from ._vision import VISION_TOKENS, VL_CHAT_TEMPLATE
+
+        h.update(VL_CHAT_TEMPLATE.encode())
+        h.update(json.dumps(VISION_TOKENS).encode())
     for doc in corpus_lines():
         h.update(doc.encode())
     return h.hexdigest()[:10]
@@ -136,11 +154,23 @@ def _build_into(spec: BuiltinSpec, out: Path, weights: bool = True) -> None:
     from ._weights import write_model
 
     tok = train_tokenizer(corpus_lines(), spec.vocab_target)
-    write_tokenizer(tok, out, CHATML_TEMPLATE, spec.max_position_embeddings)
+    if spec.vision is None:
+        write_tokenizer(tok, out, CHATML_TEMPLATE, spec.max_position_embeddings)
+    else:
+        from ._vision import VISION_TOKENS, VL_CHAT_TEMPLATE, write_preprocessor
+
+        write_tokenizer(tok, out, VL_CHAT_TEMPLATE, spec.max_position_embeddings, extra_special=VISION_TOKENS)
+        write_preprocessor(spec.vision, out)
     vocab = -(-tok.get_vocab_size() // 64) * 64  # pad the embedding to a multiple of 64
     n_params = 0
-    if weights:
-        n_params = write_model(spec, out, vocab, eos_id=tok.token_to_id(IM_END), pad_id=tok.token_to_id(ENDOFTEXT))
+    eos_id, pad_id = tok.token_to_id(IM_END), tok.token_to_id(ENDOFTEXT)
+    if weights and spec.vision is None:
+        n_params = write_model(spec, out, vocab, eos_id=eos_id, pad_id=pad_id)
+    elif weights:
+        from ._vision import VISION_TOKENS, write_vl_model
+
+        ids = {t: tok.token_to_id(t) for t in VISION_TOKENS}
+        n_params = write_vl_model(spec, out, vocab, eos_id, pad_id, ids)
     meta = {
         "name": f"builtin://{spec.name}",
         "description": spec.description,
@@ -153,7 +183,7 @@ def _build_into(spec: BuiltinSpec, out: Path, weights: bool = True) -> None:
     }
     (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     (out / "README.md").write_text(
-        f"# builtin://{spec.name} (a toy)\n\n{spec.description}.\n\nRandomly initialised Qwen2 model built by "
+        f"# builtin://{spec.name} (a toy)\n\n{spec.description}.\n\nRandomly initialised model built by "
         "twinkle with a fixed seed; it knows nothing until you train it. The tokenizer is a byte-level BPE "
         "trained on a few dozen KB of English text bundled with twinkle.\n"
     )

@@ -40,14 +40,20 @@ def train_tokenizer(docs: list[str], vocab_size: int):
     return tok
 
 
-def write_tokenizer(tok, out: Path, chat_template: str, model_max_length: int) -> None:
+def write_tokenizer(tok, out: Path, chat_template: str, model_max_length: int,
+                    extra_special: list[str] | None = None) -> None:
+    """``extra_special``: special tokens appended after the trained vocabulary (e.g. the vision markers),
+    so every id of the text tokenizer stays the same."""
+    extra = list(extra_special or [])
+    if extra:
+        tok.add_special_tokens(extra)
     tok.save(str(out / "tokenizer.json"))
     added = {
         str(tok.token_to_id(t)): {
             "content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
             "special": True,
         }
-        for t in SPECIAL_TOKENS
+        for t in SPECIAL_TOKENS + extra
     }
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -56,7 +62,7 @@ def write_tokenizer(tok, out: Path, chat_template: str, model_max_length: int) -
         "eos_token": IM_END,
         "pad_token": ENDOFTEXT,
         "unk_token": None,
-        "additional_special_tokens": [IM_START, IM_END],
+        "additional_special_tokens": [IM_START, IM_END, *extra],
         "model_max_length": model_max_length,
         "padding_side": "right",
         "clean_up_tokenization_spaces": False,
@@ -64,5 +70,5 @@ def write_tokenizer(tok, out: Path, chat_template: str, model_max_length: int) -
         "chat_template": chat_template,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    special = {"eos_token": IM_END, "pad_token": ENDOFTEXT, "additional_special_tokens": [IM_START, IM_END]}
+    special = {"eos_token": IM_END, "pad_token": ENDOFTEXT, "additional_special_tokens": [IM_START, IM_END, *extra]}
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2, sort_keys=True) + "\n")

@@ -268,7 +268,9 @@ class MegatronBackend(TransformersBackend):
         return None
 
     def _forward_logits(self, ids: torch.Tensor, segments: list[Segment], *, train: bool, mask: torch.Tensor | None = None,
-                        pos: torch.Tensor | None = None, cache: Any = None, use_cache: bool = False) -> tuple[torch.Tensor, Any]:
+                        pos: torch.Tensor | None = None, cache: Any = None, use_cache: bool = False,
+                        vision: Any = None) -> tuple[torch.Tensor, Any]:
+        # ``vision`` is always None here: image rows are refused before they are queued (no vision tower).
         # Sampling (use_cache) keeps a KV cache in megatron's StaticInferenceContext (``_kv_cache``). Anything the
         # cache cannot serve takes the whole-sequence path, whose "cache" is the token history: every call then
         # recomputes the sequence. RoPE is relative, so in both paths left padding (masked keys) leaves the real
@@ -306,7 +308,9 @@ class MegatronBackend(TransformersBackend):
             return causal_forward(self.model, ids, mask), ids
 
     def _row_logprobs(self, tokens: list[np.ndarray], targets: list[np.ndarray], segments: list[Segment],
-                      train: bool) -> list[torch.Tensor]:
+                      train: bool, images: list[list[Any]] | None = None) -> list[torch.Tensor]:
+        if images:  # refused before queueing (no vision tower in the megatron conversion); never reaches here
+            raise InvalidInputError("the megatron backend does not support image inputs", field="model_input")
         if self.dp == 1:
             return super()._row_logprobs(tokens, targets, segments, train)
         start, end, per = _parallel.row_range(len(tokens), self.dp, self.dp_rank)
@@ -320,6 +324,10 @@ class MegatronBackend(TransformersBackend):
     @collective
     def optim_step(self, adapter: str, params: AdamParams | None = None) -> dict[str, float]:
         return super().optim_step(adapter, params)
+
+    def grad_snapshot(self, adapter: str) -> None:
+        """Gradients live on every rank: no snapshot, so the scheduler runs a large request as one pass."""
+        return None
 
     def _reduce_grads(self, params: list[Any]) -> None:
         if self.dp > 1:

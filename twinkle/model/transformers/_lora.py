@@ -59,11 +59,12 @@ class LoraPair(nn.Module):
 class MultiLoraLinear(nn.Module):
     """``base(x)`` plus, for each row segment, that segment's adapter update (none for ``None``)."""
 
-    def __init__(self, base: nn.Linear, routing_ref: list[Routing | None]) -> None:
+    def __init__(self, base: nn.Linear, routing_ref: list[Routing | None], unit: int = 1) -> None:
         super().__init__()
         self.base = base
         self.adapters = nn.ModuleDict()
         self._routing = routing_ref  # one-element list shared by all layers of the model
+        self.unit = unit  # segments count rows of `unit` input rows each (vision mergers: merge_size**2 patches)
 
     @property
     def in_features(self) -> int:
@@ -83,6 +84,8 @@ class MultiLoraLinear(nn.Module):
         if routing is None or not self.adapters:
             return out
         segs = routing.segments
+        if self.unit != 1:
+            segs = [(a // self.unit, b // self.unit, n) for a, b, n in segs]
         if len(segs) == 1:
             name = segs[0][2]
             if name is None or name not in self.adapters:

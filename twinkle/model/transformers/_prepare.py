@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -18,10 +20,16 @@ class PreparedItem:
     config: dict[str, float]
     tokens: list[np.ndarray]  # per datum, int64 (N,)
     inputs: list[dict[str, np.ndarray]]  # per datum loss_fn_inputs as numpy
+    images: list[list[Any]] = field(default_factory=list)  # per datum, its images (vision models only)
 
 
-def prepare(items: list[BatchItem], adapters: set[str], vocab_size: int, max_length: int) -> list[PreparedItem]:
-    """Validate every item (raising a typed error naming the field) and convert its data to numpy."""
+Expand = Callable[[Any, str], "tuple[list[int], list[Any]]"]
+
+
+def prepare(items: list[BatchItem], adapters: set[str], vocab_size: int, max_length: int,
+            expand: Expand | None = None) -> list[PreparedItem]:
+    """Validate every item (raising a typed error naming the field) and convert its data to numpy.
+    ``expand(model_input, field)``: a vision model's image expansion (tokens, images)."""
     if not isinstance(items, list) or not items:
         raise InvalidInputError("a batch needs at least one item", field="data")
     out = []
@@ -40,10 +48,15 @@ def prepare(items: list[BatchItem], adapters: set[str], vocab_size: int, max_len
                 f"loss_fn {spec.name!r} takes datums in (chosen, rejected) pairs; got {len(item.data)}", field="data"
             )
         floats = [k for k in spec.inputs if k != "target_tokens"]  # every other input of a loss is a float
-        toks, inps = [], []
+        toks, inps, imgs = [], [], []
         for i, d in enumerate(item.data):
             where = f"data[{i}]"
-            t = np.asarray(d.model_input.to_ints(), dtype=np.int64)
+            if expand is not None:
+                ids, row_images = expand(d.model_input, f"{where}.model_input")
+            else:
+                ids, row_images = d.model_input.to_ints(), []
+            imgs.append(row_images)
+            t = np.asarray(ids, dtype=np.int64)
             n = t.size
             if n == 0:
                 raise InvalidInputError(f"{where}.model_input is empty", field=f"{where}.model_input")
@@ -94,5 +107,5 @@ def prepare(items: list[BatchItem], adapters: set[str], vocab_size: int, max_len
                     )
             toks.append(t)
             inps.append(inp)
-        out.append(PreparedItem(item, spec, config, toks, inps))
+        out.append(PreparedItem(item, spec, config, toks, inps, imgs))
     return out

@@ -33,6 +33,7 @@ from . import _checkpoint
 from ._adapter import AdapterState, resolve_targets
 from ._lora import LoraPair, MultiLoraLinear, Routing, Segment
 from ._prepare import PreparedItem, prepare
+from ._vision import VisionInputs, VisionSupport, is_vision_module, merger_unit
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,24 @@ def _resolve_path(model_id: str) -> Path:
                             field="model_id")
 
 
+def _load_model(auto: Any, path: str, dtype: torch.dtype, attn_implementation: str | None) -> Any:
+    """Load with ``attn_implementation`` (default ``sdpa``); a model that does not support it (Gemma 2 refuses
+    SDPA) falls back to what it supports (``eager``), with a log line saying so."""
+    kw: dict[str, Any] = {"dtype": dtype}
+    if attn_implementation:
+        kw["attn_implementation"] = attn_implementation
+    try:
+        return auto.from_pretrained(path, **kw)
+    except ValueError as e:
+        if not attn_implementation or "attention implementation" not in str(e).lower() \
+                and "attn_implementation" not in str(e):
+            raise
+        log.warning("%s: attention %r is not supported (%s); using 'eager'", path, attn_implementation,
+                    str(e).split(".")[0])
+        kw["attn_implementation"] = "eager"
+        return auto.from_pretrained(path, **kw)
+
+
 class TransformersBackend(Backend):
     """HF transformers base model + a ``MultiLoraLinear`` on every linear layer (see ``_lora``)."""
 
@@ -61,7 +80,7 @@ class TransformersBackend(Backend):
 
     def __init__(self, model_id: str, *, dtype: str = "float32", device: str | None = None, max_adapters: int = 64,
                  max_lora_rank: int = 256, attn_implementation: str | None = "sdpa") -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
         if dtype not in _DTYPES:
             raise InvalidInputError(f"unknown dtype {dtype!r}; one of {sorted(_DTYPES)}", field="dtype")
@@ -71,17 +90,20 @@ class TransformersBackend(Backend):
         self.dtype = _DTYPES[dtype]
         self.max_adapters = max_adapters
         self.max_lora_rank = max_lora_rank
-        kw: dict[str, Any] = {"dtype": self.dtype}
-        if attn_implementation:
-            kw["attn_implementation"] = attn_implementation
-        self.model = AutoModelForCausalLM.from_pretrained(str(self.path), **kw).to(self.device)
+        is_vl = getattr(AutoConfig.from_pretrained(str(self.path)), "vision_config", None) is not None
+        auto = AutoModelForImageTextToText if is_vl else AutoModelForCausalLM
+        self.model = _load_model(auto, str(self.path), self.dtype, attn_implementation).to(self.device)
         self.model.eval()
         self.model.requires_grad_(False)
         self._tokenizer = AutoTokenizer.from_pretrained(str(self.path))
         cfg = self.model.config
-        self.vocab_size = int(cfg.vocab_size)
-        self.max_length = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
+        text_cfg = cfg.get_text_config()
+        self.vocab_size = int(text_cfg.vocab_size)
+        self.max_length = int(getattr(text_cfg, "max_position_embeddings", 2048) or 2048)
+        self._vision: VisionSupport | None = VisionSupport(self.path, self.model, cfg) if is_vl else None
+        self._vrouting: list[Routing | None] = [None]  # vision-tower LoRA routing, in patch units
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self._keep_kw = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self._routing: list[Routing | None] = [None]
         self._layers: dict[str, MultiLoraLinear] = {}
         self._wrap_linears()
@@ -97,7 +119,10 @@ class TransformersBackend(Backend):
         for name, mod in targets:
             parent_name, _, attr = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
-            wrapped = MultiLoraLinear(mod, self._routing)
+            if self._vision is not None and is_vision_module(name):
+                wrapped = MultiLoraLinear(mod, self._vrouting, unit=merger_unit(name, self._vision.info.merge_size))
+            else:
+                wrapped = MultiLoraLinear(mod, self._routing)
             setattr(parent, attr, wrapped)
             self._layers[name] = wrapped
             if mod is out_emb:
@@ -106,7 +131,8 @@ class TransformersBackend(Backend):
     def _eos_ids(self) -> list[int]:
         ids: list[int] = []
         gc = getattr(self.model, "generation_config", None)
-        for src in (getattr(gc, "eos_token_id", None), self.model.config.eos_token_id, self._tokenizer.eos_token_id):
+        for src in (getattr(gc, "eos_token_id", None), getattr(self.model.config.get_text_config(), "eos_token_id", None),
+                    self._tokenizer.eos_token_id):
             for x in src if isinstance(src, (list, tuple)) else [src]:
                 if isinstance(x, int) and x not in ids:
                     ids.append(x)
@@ -119,7 +145,7 @@ class TransformersBackend(Backend):
         n = sum(p.numel() for n_, p in self.model.named_parameters() if ".adapters." not in n_)
         return ModelInfo(model_name=self.model_id, backend=self.name, arch=arch, vocab_size=self.vocab_size,
                          max_length=self.max_length, tokenizer_id=str(self.path), eos_token_ids=self._eos,
-                         num_parameters=n)
+                         num_parameters=n, vision=self._vision.info if self._vision is not None else None)
 
     def tokenizer(self) -> Any:
         return self._tokenizer
@@ -146,7 +172,10 @@ class TransformersBackend(Backend):
                 raise InvalidInputError(f"checkpoint targets modules absent from the model: {missing[:3]}",
                                         field="path")
             return modules
-        return resolve_targets(config, list(self._layers), self._unembed)
+        chosen = resolve_targets(config, list(self._layers), self._unembed)
+        if config.target_modules in (None, "all-linear") and not config.train_vision:
+            chosen = [m for m in chosen if not is_vision_module(m)] or chosen
+        return chosen
 
     def add_adapter(self, adapter: str, config: LoraConfig, *, _modules: list[str] | None = None) -> None:
         if not isinstance(config, LoraConfig):
@@ -191,24 +220,34 @@ class TransformersBackend(Backend):
 
     # -- compute ---------------------------------------------------------------------------------------------
     def _forward_logits(self, ids: torch.Tensor, segments: list[Segment], *, train: bool, mask: torch.Tensor | None = None,
-                        pos: torch.Tensor | None = None, cache: Any = None, use_cache: bool = False) -> tuple[torch.Tensor, Any]:
+                        pos: torch.Tensor | None = None, cache: Any = None, use_cache: bool = False,
+                        vision: VisionInputs | None = None, last_only: bool = False) -> tuple[torch.Tensor, Any]:
         self._routing[0] = Routing(segments, dropout=train)
+        if vision is not None:
+            self._vrouting[0] = Routing(vision.patch_segments, dropout=train)
+            pos = vision.position_ids
         try:
             kw: dict[str, Any] = {"input_ids": ids, "use_cache": use_cache}
+            if vision is not None:
+                kw["pixel_values"] = vision.pixel_values
+                kw["image_grid_thw"] = vision.image_grid_thw
             if mask is not None:
                 kw["attention_mask"] = mask
             if pos is not None:
                 kw["position_ids"] = pos
             if cache is not None:
                 kw[self._cache_kw] = cache
+            if last_only and self._keep_kw:
+                kw["logits_to_keep"] = 1
             out = self.model(**kw)
         finally:
             self._routing[0] = None
+            self._vrouting[0] = None
         new_cache = (out.get("cache") or out.get("past_key_values")) if use_cache else None
         return out.logits, new_cache
 
     def _row_logprobs(self, tokens: list[np.ndarray], targets: list[np.ndarray], segments: list[Segment],
-                      train: bool) -> list[torch.Tensor]:
+                      train: bool, images: list[list[Any]] | None = None) -> list[torch.Tensor]:
         """Per-row logprobs of the target tokens (shape of each target array) in one forward pass."""
         b, width = len(tokens), max(t.size for t in tokens)
         ids = np.zeros((b, width), dtype=np.int64)
@@ -218,7 +257,11 @@ class TransformersBackend(Backend):
             ids[r, : t.size] = t
             if tg is not None:
                 tg[r, : t.size] = y
-        logits, _ = self._forward_logits(torch.from_numpy(ids).to(self.device), segments, train=train)
+        ids_t = torch.from_numpy(ids).to(self.device)
+        vis = None
+        if images is not None and self._vision is not None:
+            vis = self._vision.inputs(ids_t, images, segments)
+        logits, _ = self._forward_logits(ids_t, segments, train=train, vision=vis)
         logits = logits.float()
         if tg is not None:
             y = torch.from_numpy(tg).to(self.device)
@@ -232,16 +275,18 @@ class TransformersBackend(Backend):
         return out
 
     def run_batch(self, items: list[BatchItem]) -> list[ForwardBackwardOutput]:
-        prepared = prepare(items, set(self._adapters), self.vocab_size, self.max_length)
+        prepared = prepare(items, set(self._adapters), self.vocab_size, self.max_length, expand=self._expand)
         order = sorted(range(len(prepared)), key=lambda i: (items[i].adapter is not None, items[i].adapter or ""))
         tokens: list[np.ndarray] = []
         targets: list[np.ndarray] = []
+        images: list[list[Any]] = []
         segments: list[Segment] = []
         spans: dict[int, tuple[int, int]] = {}
         for i in order:
             p = prepared[i]
             start = len(tokens)
             tokens.extend(p.tokens)
+            images.extend(p.images or [[] for _ in p.tokens])
             targets.extend(inp["target_tokens"] for inp in p.inputs)
             spans[i] = (start, len(tokens))
             a = p.item.adapter
@@ -251,7 +296,7 @@ class TransformersBackend(Backend):
                 segments.append((start, len(tokens), a))
         train = any(not p.item.forward_only for p in prepared)
         with torch.set_grad_enabled(train):
-            lps = self._row_logprobs(tokens, targets, segments, train)
+            lps = self._row_logprobs(tokens, targets, segments, train, images if any(images) else None)
             refs = self._reference_logprobs(prepared)
             total: torch.Tensor | None = None
             results: list[ForwardBackwardOutput] = []
@@ -269,15 +314,25 @@ class TransformersBackend(Backend):
                 total.backward()
         return results
 
+    def grad_snapshot(self, adapter: str) -> list[torch.Tensor | None] | None:
+        """A copy of ``adapter``'s accumulated gradients (the scheduler restores it if a micro-batch fails)."""
+        return [None if p.grad is None else p.grad.detach().clone() for p in self._get(adapter).parameters()]
+
+    def grad_restore(self, adapter: str, saved: list[torch.Tensor | None]) -> None:
+        for p, g in zip(self._get(adapter).parameters(), saved, strict=True):
+            p.grad = g
+
     def _reference_logprobs(self, prepared: list[PreparedItem]) -> dict[int, dict[int, torch.Tensor]]:
         need = [(i, j) for i, p in enumerate(prepared) if p.spec.needs_reference
                 for j, inp in enumerate(p.inputs) if "ref_logprobs" not in inp]
         if not need:
             return {}
         toks = [prepared[i].tokens[j] for i, j in need]
+        imgs = [prepared[i].images[j] if prepared[i].images else [] for i, j in need]
         tgts = [prepared[i].inputs[j]["target_tokens"] for i, j in need]
         with torch.no_grad():
-            lps = self._row_logprobs(toks, tgts, [(0, len(toks), None)], train=False)
+            lps = self._row_logprobs(toks, tgts, [(0, len(toks), None)], train=False,
+                                     images=imgs if any(imgs) else None)
         out: dict[int, dict[int, torch.Tensor]] = {}
         for (i, j), lp in zip(need, lps, strict=True):
             out.setdefault(i, {})[j] = lp.detach()
@@ -333,9 +388,56 @@ class TransformersBackend(Backend):
         st.step += 1
         return {"grad_norm:mean": norm, "lr:mean": float(params.learning_rate), "step:max": float(st.step)}
 
+    def _expand(self, model_input: Any, field: str) -> tuple[list[int], list[Any]]:
+        """Token ids of a model input with its images expanded (text-only models: ``to_ints``)."""
+        from twinkle.model.images import has_images, resolve_model_input
+
+        if not has_images(model_input):
+            return model_input.to_ints(), []
+        return resolve_model_input(model_input, self.model_info(), field)
+
+    def _sample_images(self, item: SampleItem) -> SampleResponse:
+        """One request whose prompt holds images: prefill with the pixels and explicit 3-D rope positions,
+        decode with the row's rope delta added to the text position (what HF ``generate`` does)."""
+        from twinkle.model.images import resolve_model_input
+        from twinkle.sampler._engine import generate
+        from twinkle.types import ModelInput
+
+        assert self._vision is not None
+        img_id = self._vision.info.image_token_id
+        prompt = ModelInput(chunks=list(item.images or []))  # images only: the pixels, in order
+        _, resolved = resolve_model_input(prompt, self.model_info(), "prompt")
+        runs = sum(1 for j, t in enumerate(item.prompt) if t == img_id and (j == 0 or item.prompt[j - 1] != img_id))
+        if runs != len(resolved) or item.prompt.count(img_id) != sum(r.tokens for r in resolved):
+            raise InvalidInputError("the prompt's image placeholders do not match its images", field="prompt")
+        state: dict[str, torch.Tensor] = {}
+
+        def forward(ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor, cache: Any,
+                    segments: list[Segment]) -> tuple[torch.Tensor, Any]:
+            if cache is None:
+                assert self._vision is not None
+                vis = self._vision.inputs(ids, [resolved] * ids.shape[0], segments, mask)
+                assert vis is not None
+                state["delta"] = vis.rope_deltas
+                return self._forward_logits(ids, segments, train=False, mask=mask, cache=None, use_cache=True,
+                                            vision=vis)
+            pos3 = (pos + state["delta"])[None].expand(3, -1, -1)
+            return self._forward_logits(ids, segments, train=False, mask=mask, pos=pos3, cache=cache, use_cache=True)
+
+        out = generate(forward, [item], eos_ids=self._eos, vocab_size=self.vocab_size, max_length=self.max_length,
+                       device=self.device, decode=self._decode_text)[0]
+        for field_name in ("prompt_logprobs", "topk_prompt_logprobs"):
+            vals = getattr(out, field_name)
+            if vals is not None:
+                setattr(out, field_name, [None if t == img_id else v for t, v in zip(item.prompt, vals, strict=True)])
+        return out
+
     def _sample_forward(self, ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor, cache: Any,
-                        segments: list[Segment]) -> tuple[torch.Tensor, Any]:
-        return self._forward_logits(ids, segments, train=False, mask=mask, pos=pos, cache=cache, use_cache=True)
+                        segments: list[Segment], last_only: bool = False) -> tuple[torch.Tensor, Any]:
+        """``last_only``: logits of the last position only (a prefill without prompt logprobs: the unembedding
+        of every prompt position is skipped, a large saving for big vocabularies)."""
+        return self._forward_logits(ids, segments, train=False, mask=mask, pos=pos, cache=cache, use_cache=True,
+                                    last_only=last_only)
 
     def _decode_text(self, toks: list[int]) -> str:
         return self._tokenizer.decode(toks, skip_special_tokens=False)
@@ -370,6 +472,17 @@ class TransformersBackend(Backend):
         from twinkle.sampler._engine import generate
 
         self.validate_sample(items)
+        if any(it.images for it in items):
+            if self._vision is None:
+                raise InvalidInputError(f"model {self.model_id!r} is text-only; it does not accept images",
+                                        field="prompt")
+            text = [i for i, it in enumerate(items) if not it.images]
+            res: dict[int, SampleResponse] = dict(zip(text, self.sample([items[i] for i in text]), strict=True)) \
+                if text else {}
+            for i, it in enumerate(items):
+                if it.images:
+                    res[i] = self._sample_images(it)
+            return [res[i] for i in range(len(items))]
         engine = self.sampler_engine(prefill_chunk=1 << 30)
         if engine is not None:
             for i, it in enumerate(items):

@@ -12,7 +12,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from twinkle.types import InternalError, NotFoundError, TwinkleError
+from twinkle.types import GoneError, InternalError, NotFoundError, TwinkleError
 from twinkle.types.api import FutureRef, FutureState
 
 from ..store import Store
@@ -33,6 +33,8 @@ class Future:
     state: FutureState | None = None
     done_at: float = 0.0
     task: asyncio.Task[Any] | None = None
+    session_id: str | None = None  # the session whose end cancels this work while it is still queued
+    cancel_reason: str | None = None
 
 
 class Futures:
@@ -42,6 +44,7 @@ class Futures:
         self.by_id: dict[str, Future] = {}
         self._done: deque[tuple[float, str]] = deque()  # (done_at, future id), in completion order
         self._next_prune = 0.0
+        self._by_session: dict[str, set[str]] = {}  # session id -> its cancellable futures still running
 
     def _new(self, user: str, typ: str, run_id: str | None) -> Future:
         fut = Future(future_id="f" + uuid.uuid4().hex, user=user, type=typ, run_id=run_id)
@@ -50,10 +53,14 @@ class Futures:
 
     def spawn(
         self, user: str, typ: str, run_id: str | None, coro: Coroutine[Any, Any, Any], *,
-        after: asyncio.Future[Any] | None = None,
+        after: asyncio.Future[Any] | None = None, session_id: str | None = None,
     ) -> tuple[FutureRef, asyncio.Task[Any]]:
-        """Run ``coro`` (after ``after`` finished, whatever its outcome) as a task whose outcome is the future's."""
+        """Run ``coro`` (after ``after`` finished, whatever its outcome) as a task whose outcome is the future's.
+        ``session_id``: the work is cancelled when that session ends (:meth:`cancel_session`)."""
         fut = self._new(user, typ, run_id)
+        if session_id is not None:
+            fut.session_id = session_id
+            self._by_session.setdefault(session_id, set()).add(fut.future_id)
 
         async def _runner() -> Any:
             try:
@@ -64,7 +71,8 @@ class Futures:
                 coro.close()
                 err = unwrap(exc)
                 if isinstance(err, asyncio.CancelledError):
-                    err = InternalError("the request was cancelled (server shutting down)")
+                    err = (GoneError(f"the request was cancelled: {fut.cancel_reason}") if fut.cancel_reason
+                           else InternalError("the request was cancelled (server shutting down)"))
                 if not isinstance(err, TwinkleError):
                     rid = uuid.uuid4().hex[:12]
                     log.error("request %s (%s on %s) failed [request id %s]", fut.future_id, typ, run_id, rid,
@@ -85,7 +93,24 @@ class Futures:
         self.finish(fut, result, None)
         return FutureRef(future_id=fut.future_id, run_id=run_id)
 
+    def cancel_session(self, session_id: str, reason: str) -> int:
+        """Cancel the session's queued work (its worker drops it before running it). Returns how many."""
+        n = 0
+        for fid in self._by_session.pop(session_id, ()):
+            fut = self.by_id.get(fid)
+            if fut is not None and fut.state is None and fut.task is not None and not fut.task.done():
+                fut.cancel_reason = reason
+                fut.task.cancel()
+                n += 1
+        return n
+
     def finish(self, fut: Future, result: Any, err: TwinkleError | None) -> None:
+        if fut.session_id is not None:
+            pending = self._by_session.get(fut.session_id)
+            if pending is not None:
+                pending.discard(fut.future_id)
+                if not pending:
+                    del self._by_session[fut.session_id]
         fut.done_at = now()
         self._done.append((fut.done_at, fut.future_id))
         if err is None:

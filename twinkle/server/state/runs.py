@@ -70,6 +70,8 @@ class RunExtra:
     ready: asyncio.Future[Any] | None = None  # the creation task; every op of the run waits for it
     metrics: list[MetricPoint] = field(default_factory=list)
     applied: OrderedDict[int, Applied] = field(default_factory=OrderedDict)  # seq_id -> the call it named
+    dirty: bool = False  # work applied since the last training checkpoint (lost if the adapter is lost)
+    rollback: str | None = None  # a one-time notice: the run was reloaded from an older checkpoint
 
 
 class Runs:
@@ -89,7 +91,7 @@ class Runs:
             if run.state == "active":
                 run.state = "lost"
                 lost.append(run)
-            self.extra[run.run_id] = RunExtra(replica=int(row.get("_replica", 0) or 0))
+            self.extra[run.run_id] = RunExtra(replica=int(row.get("_replica", 0) or 0), dirty=bool(row.get("_dirty")))
             self._add(run)
         for run in lost:
             self.save(run)
@@ -109,7 +111,9 @@ class Runs:
 
     def save(self, run: RunInfo) -> None:
         row = run.model_dump(mode="json")
-        row["_replica"] = self.extra[run.run_id].replica
+        extra = self.extra[run.run_id]
+        row["_replica"] = extra.replica
+        row["_dirty"] = extra.dirty
         self.store.put_run(row)
 
     def get(self, user: User, run_id: str, field: str = "run_id") -> RunInfo:
@@ -119,12 +123,17 @@ class Runs:
         return run
 
     def get_active(self, user: User, run_id: str) -> RunInfo:
-        run = self.get(user, run_id)
+        return self.get_active_or_raise(self.get(user, run_id))
+
+    @staticmethod
+    def get_active_or_raise(run: RunInfo) -> RunInfo:
+        """``run`` if it is active; otherwise the error that says what happened to it and how to go on."""
+        run_id = run.run_id
         if run.state == "lost":
-            raise StateLostError(
-                f"run {run_id!r} lost its adapter (server restart or worker failure); "
-                f"resume it from a checkpoint (last: {run.last_checkpoint})", field="run_id",
-            )
+            reason = run.metadata.get("lost_reason") or "server restart or worker failure"
+            where = (f"resume it from its last checkpoint {run.last_checkpoint}" if run.last_checkpoint
+                     else "it has no checkpoint: create a new run")
+            raise StateLostError(f"run {run_id!r} lost its adapter ({reason}); {where}", field="run_id")
         if run.state != "active":
             raise InvalidInputError(
                 f"run {run_id!r} is {run.state}; resume it from a checkpoint (last: {run.last_checkpoint})",

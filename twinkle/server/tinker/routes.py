@@ -31,7 +31,7 @@ from functools import wraps
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import ValidationError
 
 from twinkle.types import (
@@ -44,14 +44,21 @@ from twinkle.types import (
     UnsupportedError,
 )
 from twinkle.types.api import CheckpointInfo, RunInfo
+from twinkle.types.params import check_ttl_seconds
 
+from ..export import UrlSigner, parse_recipients
 from ..ops import ForwardBackwardOp, LoadOp, OptimStepOp, SampleOp, SaveOp
 from ..service import Service, User
+from ..stability import StabilityStore
 from . import codec
+from .client_limits import client_limits
 
 __all__ = ["RETRIEVE_HOLD_S", "create_router", "tinker_router"]
 
 log = logging.getLogger("twinkle.server.tinker")
+
+EXTERNAL_URL_TTL_S = 3600.0
+"""How long a signed external-weights download URL stays valid."""
 
 RETRIEVE_HOLD_S = 25.0
 """How long ``retrieve_future`` holds a poll open (the SDK's own timeout is 45 s)."""
@@ -191,9 +198,14 @@ def _sampling_params(raw: Any) -> SamplingParams:
         raise InvalidInputError(f"sampling_params.{loc}: {first.get('msg')}", field=f"sampling_params.{loc}") from None
 
 
-def _prompt_tokens(raw: Any) -> list[int]:
+def _prompt_tokens(raw: Any) -> Any:
+    """Token ids; a ``ModelInput`` when the prompt holds images (the gateway expands it)."""
     if not isinstance(raw, dict) or not isinstance(raw.get("chunks"), list):
         raise InvalidInputError("prompt must be a ModelInput {chunks}", field="prompt")
+    if any(isinstance(c, dict) and c.get("type") == "image" for c in raw["chunks"]):
+        from twinkle.model.images import prompt_from_json
+
+        return prompt_from_json(raw)
     toks: list[int] = []
     for i, chunk in enumerate(raw["chunks"]):
         kind = chunk.get("type", "encoded_text") if isinstance(chunk, dict) else None
@@ -249,6 +261,15 @@ def tinker_router(service_getter: Callable[[], Service] | None = None) -> APIRou
     dedup: OrderedDict[tuple[str, int, str], str] = OrderedDict()
     # ephemeral sampler ids already registered after their save completed
     ephemeral_done: set[str] = set()
+    # stable_reinforce: samples recorded with record_stability_info, read back by forward_backward
+    stability = StabilityStore()
+    signers: dict[str, UrlSigner] = {}
+
+    def url_signer(service: Service) -> UrlSigner:
+        root = service.checkpoints.root
+        if str(root) not in signers:
+            signers[str(root)] = UrlSigner.for_root(root)
+        return signers[str(root)]
 
     def svc(request: Request) -> Service:
         if service_getter is not None:
@@ -287,7 +308,9 @@ def tinker_router(service_getter: Callable[[], Service] | None = None) -> APIRou
     @router.post("/client/config")
     @_guard
     async def client_config(request: Request) -> Any:
-        return dict(_CLIENT_CONFIG)
+        service = svc(request)
+        caps = [m.max_tokens_per_request for m in service.capabilities().base_models]
+        return {**_CLIENT_CONFIG, **client_limits(caps, service.config.limits.max_request_bytes)}
 
     @router.post("/client/dynamic_config")
     @_guard
@@ -440,6 +463,8 @@ def tinker_router(service_getter: Callable[[], Service] | None = None) -> APIRou
             await refused(request, user, req.model_id, req.seq_id)
             raise InvalidInputError("forward_backward needs at least one datum", field="data")
         try:  # the loss registry refuses an unknown loss or a bad config here; the seq_id is consumed all the same
+            if req.loss_fn == "stable_reinforce" and not req.forward_only:
+                req.data = stability.apply(user.name, req.data, req.target_spans or [None] * len(req.data))
             op = ForwardBackwardOp(
                 data=req.data, loss_fn=req.loss_fn, loss_fn_config=req.loss_fn_config, forward_only=req.forward_only
             )
@@ -521,9 +546,10 @@ def tinker_router(service_getter: Callable[[], Service] | None = None) -> APIRou
             tag_parts: tuple[Any, ...] = ("eph", sampler_id)
         else:
             name = _checkpoint_name(body.get("path"), "path")
-            kind = "training" if route == "save_weights" else "sampler"
+            kind = {"save_weights": "training", "save_weights_external": "external"}.get(route, "sampler")
+            recipients = parse_recipients(body.get("age_encryption_recipients")) if kind == "external" else ()
             op = SaveOp(name=name, kind=kind, ttl_seconds=float(ttl) if ttl else None,
-                        overwrite=bool(body.get("overwrite", False)))
+                        overwrite=bool(body.get("overwrite", False)), age_recipients=recipients)
             tag_parts = ("save",)
         return op, tag_parts
 
@@ -540,10 +566,8 @@ def tinker_router(service_getter: Callable[[], Service] | None = None) -> APIRou
     @router.post("/save_weights_external")
     @_guard
     async def save_weights_external(request: Request) -> Any:
-        body = await _json(request)
-        if body.get("age_encryption_recipients"):
-            raise UnsupportedError("age_encryption_recipients is not supported", field="age_encryption_recipients")
-        # Twinkle's sampler checkpoints already are plain peft adapters (the "external" format).
+        # a peft adapter (adapter_config.json + adapter_model.safetensors) under external_weights/<name>, each
+        # file age-encrypted (<file>.age) when age_encryption_recipients are given
         return await _save(request, "save_weights_external")
 
     @router.post("/load_weights")
@@ -607,9 +631,9 @@ def tinker_router(service_getter: Callable[[], Service] | None = None) -> APIRou
             raise UnsupportedError("target_prompt_logprobs is not supported", field="target_prompt_logprobs")
         if int(body.get("prompt_alt_tokens_k") or 0) > 0:
             raise UnsupportedError("prompt_alt_tokens_k is not supported", field="prompt_alt_tokens_k")
-        if body.get("record_stability_info"):
-            raise UnsupportedError("record_stability_info (stable_reinforce) is not supported",
-                                   field="record_stability_info")
+        record = body.get("record_stability_info")
+        if record is not None and not isinstance(record, bool):
+            raise InvalidInputError("record_stability_info must be a boolean", field="record_stability_info")
         if int(body.get("topk_sample_logprobs") or 0) > 0:
             raise UnsupportedError("topk_sample_logprobs is not supported (prompt top-k is)",
                                    field="topk_sample_logprobs")
@@ -638,7 +662,7 @@ def tinker_router(service_getter: Callable[[], Service] | None = None) -> APIRou
         else:
             raise InvalidInputError("asample needs sampling_session_id, model_path or base_model",
                                     field="sampling_session_id")
-        rid = _tag(ref.future_id, "smp", "" if last_n is None else last_n, topk)
+        rid = _tag(ref.future_id, "smp", "" if last_n is None else last_n, topk, "rec" if record else "")
         return {
             "request_id": rid,
             "sample_sequence_ids": [f"{ref.future_id}-{i}" for i in range(num_samples)],
@@ -663,6 +687,8 @@ def tinker_router(service_getter: Callable[[], Service] | None = None) -> APIRou
             if category not in ("user", "server", "unknown"):
                 category = "unknown"
             return {"error": str(err.get("error") or err.get("message") or "request failed"), "category": category}
+        if tag == "smp" and len(extra) > 2 and extra[2] == "rec":
+            stability.record(user.name, future_id, state.result)
         return await _shape_result(svc(request), user, tag, extra, state.result)
 
     async def _shape_result(service: Service, user: User, tag: str, extra: list[str], result: Any) -> Any:
@@ -737,9 +763,37 @@ def tinker_router(service_getter: Callable[[], Service] | None = None) -> APIRou
     @router.get("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/external_weights_urls")
     @_guard
     async def external_weights_urls(run_id: str, checkpoint_id: str, request: Request) -> Any:
-        auth(request)
-        raise UnsupportedError("external_weights_urls is not supported: checkpoints are files on the server; "
-                               "use the native API to download them", field="checkpoint_id")
+        user = auth(request)
+        service = svc(request)
+        if not checkpoint_id.startswith("external_weights/"):
+            raise InvalidInputError("only external_weights/<name> checkpoints have download URLs",
+                                    field="checkpoint_id")
+        await service.get_run(user, run_id)  # 404 for an unknown / foreign run
+        ck = next((c for c in await service.list_checkpoints(user, run_id) if c.checkpoint_id == checkpoint_id),
+                  None)
+        if ck is None:
+            raise NotFoundError(f"checkpoint {checkpoint_id!r} of run {run_id!r} not found", field="checkpoint_id")
+        directory = service.checkpoints.directory_of(ck)
+        signer = url_signer(service)
+        base = str(request.base_url).rstrip("/")
+        urls, expires = {}, 0.0
+        for f in sorted(p for p in directory.rglob("*") if p.is_file()):
+            rel = f.relative_to(directory).as_posix()
+            token, expires = signer.sign({"u": user.name, "p": ck.path, "f": rel}, EXTERNAL_URL_TTL_S)
+            urls[rel] = f"{base}/api/v1/external_weights_files/{token}"
+        return {"urls": urls, "expires": codec._iso(expires or None)}
+
+    @router.get("/external_weights_files/{token}")
+    @_guard
+    async def external_weights_file(token: str, request: Request) -> Any:
+        """A file of an external weights export, by a signed URL (no API key: the URL is the credential)."""
+        service = svc(request)
+        claims = url_signer(service).verify(token)
+        directory = service.checkpoints.readable_dir(str(claims.get("u")), str(claims.get("p")))
+        f = (directory / str(claims.get("f"))).resolve()
+        if directory not in f.parents or not f.is_file():
+            raise NotFoundError("download link not found", field="token")
+        return FileResponse(f, media_type="application/octet-stream", filename=f.name)
 
     @router.post("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/publish")
     @_guard
@@ -761,9 +815,7 @@ def tinker_router(service_getter: Callable[[], Service] | None = None) -> APIRou
         user = auth(request)
         body = await _json(request)
         ttl = body.get("ttl_seconds")
-        if ttl is not None and (not isinstance(ttl, (int, float)) or ttl <= 0):
-            raise InvalidInputError("ttl_seconds must be a positive number or null", field="ttl_seconds")
-        await svc(request).set_checkpoint_ttl(user, run_id, checkpoint_id, float(ttl) if ttl is not None else None)
+        await svc(request).set_checkpoint_ttl(user, run_id, checkpoint_id, check_ttl_seconds(ttl))
         return {}
 
     @router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}")

@@ -1,0 +1,107 @@
+"""The architecture families users bring, each a tiny random model built offline (``_families``), through one
+contract: a mixed two-adapter batch gives the same gradients as separate passes; forward logprobs equal
+forward_backward logprobs; a saved adapter loads with ``PeftModel.from_pretrained`` and gives the same
+logits; greedy sampling equals HF ``generate`` of the merged model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from twinkle.model.base import BatchItem, SampleItem
+from twinkle.model.transformers import TransformersBackend
+from twinkle.model.transformers._families import FAMILIES, build_family
+from twinkle.types import Datum, LoraConfig, ModelInput, SamplingParams
+
+ROWS = [[5, 17, 42, 99, 7, 3, 11], [8, 9, 10, 11, 12], [30, 31, 32, 33, 34, 35]]
+PROMPT = [5, 17, 42, 99]
+
+
+def _datum(row: list[int]) -> Datum:
+    return Datum(model_input=ModelInput.from_ints(row[:-1]),
+                 loss_fn_inputs={"target_tokens": np.asarray(row[1:]), "weights": np.ones(len(row) - 1, np.float32)})
+
+
+def _grads(b: TransformersBackend, name: str) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in b._adapters[name].parameters()]
+
+
+def _zero(b: TransformersBackend) -> None:
+    for st in b._adapters.values():
+        for p in st.parameters():
+            p.grad = None
+
+
+FAST = ("qwen3", "gemma2")  # the rest run in the full (slow) tier
+PARAMS = [pytest.param(f, marks=() if f in FAST else pytest.mark.slow) for f in FAMILIES]
+
+
+@pytest.mark.parametrize("family", PARAMS)
+def test_family_contract(family, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    path = build_family(family, tmp_path / family)
+    b = TransformersBackend(str(path), device="cpu")
+    for i, name in enumerate(("a", "b")):
+        b.add_adapter(name, LoraConfig(rank=4, seed=i))
+        g = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for pair in b._adapters[name].pairs.values():
+                pair.lora_B.copy_(torch.randn(pair.lora_B.shape, generator=g) * 0.3)
+
+    # two adapters in one mixed batch == separate passes
+    da, db = [_datum(r) for r in ROWS[:2]], [_datum(ROWS[2])]
+    b.run_batch([BatchItem("a", da), BatchItem("b", db)])
+    mixed_a, mixed_b = _grads(b, "a"), _grads(b, "b")
+    _zero(b)
+    b.run_batch([BatchItem("a", da)])
+    sep_a = _grads(b, "a")
+    _zero(b)
+    b.run_batch([BatchItem("b", db)])
+    sep_b = _grads(b, "b")
+    _zero(b)
+    for x, y in zip(mixed_a + mixed_b, sep_a + sep_b, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+    assert any(float(x.abs().sum()) > 0 for x in mixed_a)
+
+    # forward logprobs == forward_backward logprobs
+    fwd = b.run_batch([BatchItem("a", da, forward_only=True)])[0]
+    fb = b.run_batch([BatchItem("a", da)])[0]
+    _zero(b)
+    for x, y in zip(fwd.loss_fn_outputs, fb.loss_fn_outputs, strict=True):
+        np.testing.assert_allclose(x["logprobs"].to_numpy(), y["logprobs"].to_numpy(), atol=1e-5)
+
+    # the saved adapter in peft: same logits; merged model's greedy generate == our greedy sampling
+    b.save("a", tmp_path / "ck", optimizer=False)
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                              attn_implementation=b.model.config._attn_implementation).eval()
+    pm = PeftModel.from_pretrained(hf, str(tmp_path / "ck")).eval()
+    row = ROWS[0]
+    with torch.no_grad():
+        logits = pm(input_ids=torch.tensor([row[:-1]])).logits[0].float()
+    peft_lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(row[1:])[:, None]).squeeze(-1).numpy()
+    np.testing.assert_allclose(fwd.loss_fn_outputs[0]["logprobs"].to_numpy(), peft_lp, atol=1e-4)
+    merged = pm.merge_and_unload()
+    with torch.no_grad():
+        gen = merged.generate(input_ids=torch.tensor([PROMPT]), max_new_tokens=6, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)[0, len(PROMPT):].tolist()
+    ours = b.sample([SampleItem("a", PROMPT, 1, SamplingParams(max_tokens=6, temperature=0.0, stop=[]))])[0]
+    assert ours.sequences[0].tokens == gen
+    b.close()
+
+
+@pytest.mark.parametrize("family", ["gemma2", "phi3", "olmo2", "qwen3_moe"])
+def test_megatron_refuses_unsupported_families_by_name(family):
+    convert = pytest.importorskip("twinkle.model.megatron.convert")
+    from twinkle.model.transformers._families import _config
+    from twinkle.types import TwinkleError
+
+    cfg = _config(family, 512, 2, 0)
+    if cfg.model_type in convert.SUPPORTED:
+        pytest.skip(f"megatron converts {family}")
+    with pytest.raises(TwinkleError) as e:
+        convert.geometry(cfg)
+    assert repr(cfg.model_type) in str(e.value) and e.value.field == "model_id"

@@ -1,0 +1,139 @@
+"""The OpenAI-compatible endpoint and native SSE streaming, on the in-process app with the real transformers
+backend (builtin tiny model), driven by the real ``openai`` package."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from twinkle.server.app import create_app, worker_config
+from twinkle.server.config import parse_config
+from twinkle.server.store import Store
+from twinkle.server.worker import ModelWorker
+
+openai = pytest.importorskip("openai")
+API = "/api/v1/twinkle"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    tmp: Path = tmp_path_factory.mktemp("oai")
+    cfg = parse_config({
+        "persistence": {"sqlite_path": str(tmp / "db.sqlite"), "checkpoint_root": str(tmp / "ck")},
+        "models": [{"name": "tiny", "backend": "transformers", "model_id": "builtin://tiny"}],
+    })
+    store = Store(cfg.persistence.sqlite_file())
+    keys = {"alice": store.create_key("alice")[1], "bob": store.create_key("bob")[1]}
+    app = create_app(cfg, {"tiny": [ModelWorker(worker_config(cfg.models[0]))]}, store=store)
+    return app, keys
+
+
+def _http(app, key):
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
+                             headers={"X-API-Key": key}, timeout=60)
+
+
+def _oai(app, key):
+    return openai.AsyncOpenAI(base_url="http://t/v1", api_key=key, max_retries=0,
+                              http_client=httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t"))
+
+
+async def _done(c, ref):
+    r = await c.get(f"{API}/futures/{ref['future_id']}", params={"timeout": 30})
+    body = r.json()
+    assert body["status"] == "complete", body
+    return body["result"]
+
+
+async def _run_and_ckpt(c):
+    sid = (await c.post(f"{API}/sessions", json={"lease_seconds": 120})).json()["session_id"]
+    r = await c.post(f"{API}/runs", json={"session_id": sid, "base_model": "tiny", "lora": {"rank": 4}})
+    run = (await _done(c, r.json()))["run_id"]
+    datum = {"model_input": {"chunks": [{"type": "encoded_text", "tokens": [5, 9, 17, 33]}]},
+             "loss_fn_inputs": {"target_tokens": {"data": [9, 17, 33, 2], "dtype": "int64"}}}
+    for _ in range(2):  # move the adapter away from the base model
+        await _done(c, (await c.post(f"{API}/runs/{run}/forward_backward", json={"data": [datum]})).json())
+        await _done(c, (await c.post(f"{API}/runs/{run}/optim_step",
+                                     json={"adam_params": {"learning_rate": 0.05}})).json())
+    ck = await _done(c, (await c.post(f"{API}/runs/{run}/checkpoints", json={"name": "s1", "kind": "sampler"})).json())
+    return run, ck["path"]
+
+
+@pytest.mark.slow
+def test_openai_package_and_sse(env):
+    app, keys = env
+
+    async def main():
+        async with _http(app, keys["alice"]) as c:
+            run, ck_path = await _run_and_ckpt(c)
+            # native SSE: the token events add up to the final SampleResponse
+            body = {"run_id": run, "prompt": {"chunks": [{"type": "encoded_text", "tokens": [5, 6, 7]}]},
+                    "num_samples": 2, "sampling_params": {"max_tokens": 6, "temperature": 1.0, "seed": 3, "stop": []}}
+            r = await c.post(f"{API}/sample/stream", json=body)
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            events = [(b.split("\n")[0][7:], json.loads(b.split("\n")[1][6:])) for b in r.text.strip().split("\n\n")]
+            assert events[-1][0] == "done"
+            final = events[-1][1]["sequences"]
+            for i in range(2):
+                assert [e["token"] for k, e in events if k == "token" and e["index"] == i] == final[i]["tokens"]
+            plain = await _done(c, (await c.post(f"{API}/sample", json=body)).json())
+            assert [s["tokens"] for s in plain["sequences"]] == [s["tokens"] for s in final]  # same seed
+            r = await c.post(f"{API}/sample/stream", json={**body, "run_id": "nope"})
+            assert r.status_code == 404
+
+        oa = _oai(app, keys["alice"])
+        ids = [m.id for m in (await oa.models.list()).data]
+        assert "tiny" in ids and run in ids and ck_path in ids
+        msgs = [{"role": "user", "content": "hello there"}]
+        full = await oa.chat.completions.create(model=run, messages=msgs, max_tokens=12, temperature=0)
+        text = full.choices[0].message.content
+        assert full.usage.completion_tokens > 0 and full.choices[0].finish_reason in ("stop", "length")
+        stream = await oa.chat.completions.create(model=run, messages=msgs, max_tokens=12, temperature=0, stream=True)
+        pieces = [ch.choices[0].delta.content or "" async for ch in stream if ch.choices]
+        assert "".join(pieces) == text and len([p for p in pieces if p]) >= 1
+        # the same adapter by its checkpoint, by run/name, and the base model: all answer
+        for model in (ck_path, f"{run}/s1", "tiny"):
+            out = await oa.completions.create(model=model, prompt="once upon", max_tokens=5, temperature=0)
+            assert out.choices[0].finish_reason in ("stop", "length")
+        ck = await oa.chat.completions.create(model=ck_path, messages=msgs, max_tokens=12, temperature=0)
+        assert ck.choices[0].message.content == text  # the saved adapter is the live one
+
+        ob = _oai(app, keys["bob"])
+        for model in (run, ck_path, f"{run}/s1"):
+            with pytest.raises(openai.NotFoundError):
+                await ob.chat.completions.create(model=model, messages=msgs, max_tokens=4)
+        with pytest.raises(openai.AuthenticationError):
+            await _oai(app, "wrong-key").models.list()
+        with pytest.raises(openai.BadRequestError):
+            await oa.chat.completions.create(model="tiny", messages=[], max_tokens=4)
+
+    asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_client_sampler_stream_yields_text_pieces(env):
+    import twinkle_client
+    from twinkle.types import InvalidInputError, SamplingParams
+    from twinkle_client._transport import SyncASGITransport
+    from twinkle_client.sampler import Sampler
+
+    app, keys = env
+    transport = SyncASGITransport(app)
+    try:
+        sess = twinkle_client.connect("http://t", keys["alice"], transport=transport, heartbeat=False,
+                                      make_current=False)
+        sampler = Sampler(base_model="tiny", session=sess)
+        pieces = list(sampler.generate("hello", max_tokens=10, temperature=0.0, stream=True))
+        assert pieces and "".join(pieces) == sampler.generate("hello", max_tokens=10, temperature=0.0)
+        events = list(sampler.stream([5, 6, 7], SamplingParams(max_tokens=5, temperature=0.0, stop=[])))
+        final = events[-1]["done"]
+        assert [e["token"] for e in events[:-1]] == final.sequences[0].tokens
+        with pytest.raises(InvalidInputError) as e:  # refused before the stream starts: a plain 4xx
+            list(Sampler(base_model="nope", session=sess).stream([5], SamplingParams(max_tokens=2)))
+        assert e.value.field == "base_model"
+    finally:
+        transport.close()

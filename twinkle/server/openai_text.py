@@ -1,0 +1,23 @@
+"""Text <-> tokens for the OpenAI-compatible routes, on the model worker (which holds the tokenizer)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twinkle.types import InvalidInputError
+
+
+def tokenize(tok: Any, *, text: str | None = None, messages: list[dict[str, Any]] | None = None) -> list[int]:
+    if tok is None:
+        raise InvalidInputError("this model has no tokenizer: send token ids to the native API", field="model")
+    if messages is not None:
+        if getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return [int(t) for t in ids]
+        # no chat template: a plain "role: content" transcript ending with the assistant's turn
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    if text is None:
+        raise InvalidInputError("give a prompt", field="prompt")
+    return [int(t) for t in tok.encode(text, add_special_tokens=False)]

@@ -1,0 +1,229 @@
+"""OpenAI-compatible endpoint: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (see
+``docs/openai-compat.md``).
+
+``model`` names a base model (its served name), a live training run of the caller (its run id) or a saved
+adapter (a ``tinker://<run>/sampler_weights/<name>`` path, or ``<run id>/<checkpoint name>``). Auth is the same
+API key (``Authorization: Bearer``); another user's run or checkpoint is a 404 like everywhere else. The chat
+template comes from the model's tokenizer (on the worker). ``stream: true`` answers with server-sent events
+in OpenAI's chunk format, ending with ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from twinkle.types import InvalidInputError, NotFoundError, SampleResponse, SamplingParams, TwinkleError
+
+from .deps import get_service, get_user
+from .ops import SampleOp
+from .routes_stream import open_stream
+from .service import Service, User
+
+__all__ = ["create_openai_router"]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=10.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=128)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    logprobs: Any = None
+
+
+class CompletionBody(_Body):
+    prompt: str | list[int]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = ""
+
+
+class ChatBody(_Body):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+def _text_content(m: ChatMessage) -> str:
+    if m.content is None:
+        return ""
+    if isinstance(m.content, str):
+        return m.content
+    parts = []
+    for p in m.content:
+        if p.get("type") != "text":
+            raise InvalidInputError("only text content parts are supported", field="messages")
+        parts.append(str(p.get("text", "")))
+    return "".join(parts)
+
+
+async def _target(service: Service, user: User, model: str) -> dict[str, Any]:
+    """The sample target ``model`` names (see the module docstring)."""
+    if service.config.model(model) is not None:
+        return {"base_model": model}
+    if model.startswith("tinker://"):
+        return {"checkpoint": model}
+    runs, _ = await service.list_runs(user, limit=1000)
+    if any(r.run_id == model and r.state == "active" for r in runs):
+        return {"run_id": model}
+    if "/" in model:
+        run_id, _, name = model.partition("/")
+        for ck in await service.list_checkpoints(user):
+            if ck.run_id == run_id and ck.name == name and ck.kind == "sampler":
+                return {"checkpoint": ck.path}
+    raise NotFoundError(f"model {model!r} not found", field="model")
+
+
+def _params(body: _Body, max_tokens: int | None) -> SamplingParams:
+    stop: Any = body.stop
+    if stop is None:
+        stop = None  # EOS only
+    elif isinstance(stop, str):
+        stop = [stop]
+    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                          stop=stop)
+
+
+def _finish(reason: str) -> str:
+    return "stop" if reason == "stop" else "length"
+
+
+def _chunk(cid: str, obj: str, model: str, created: int, choices: list[dict[str, Any]]) -> bytes:
+    data = {"id": cid, "object": obj, "created": created, "model": model, "choices": choices}
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def _strip_stop(text: str, stops: list[str]) -> str:
+    for s in stops:
+        i = text.find(s)
+        if i >= 0:
+            text = text[:i]
+    return text
+
+
+def create_openai_router() -> APIRouter:
+    r = APIRouter(prefix="/v1", tags=["openai"])
+    who = Depends(get_user)
+    svc = Depends(get_service)
+
+    @r.get("/models")
+    async def models(user: User = who, service: Service = svc) -> dict[str, Any]:
+        now = int(time.time())
+        data = [{"id": m.name, "object": "model", "created": now, "owned_by": "twinkle"}
+                for m in service.capabilities().base_models]
+        runs, _ = await service.list_runs(user, limit=1000)
+        data += [{"id": run.run_id, "object": "model", "created": now, "owned_by": user.name,
+                  "root": run.base_model} for run in runs if run.state == "active"]
+        data += [{"id": ck.path, "object": "model", "created": int(ck.created_at), "owned_by": user.name}
+                 for ck in await service.list_checkpoints(user) if ck.kind == "sampler"]
+        return {"object": "list", "data": data}
+
+    async def _run(service: Service, user: User, body: _Body, ids: list[int], obj: str, chat: bool) -> Any:
+        target = await _target(service, user, body.model)
+        max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        op = SampleOp(prompt=ids, num_samples=body.n, params=_params(body, max_tokens))
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        polls = await open_stream(service, user, op, **target)
+        cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+
+        def choice(i: int, text: str, reason: str | None) -> dict[str, Any]:
+            if chat:
+                return {"index": i, "delta": {"content": text} if text else {}, "finish_reason": reason}
+            return {"index": i, "text": text, "finish_reason": reason, "logprobs": None}
+
+        if body.stream:
+            async def gen() -> AsyncIterator[bytes]:
+                sent = {i: "" for i in range(body.n)}
+                try:
+                    if chat:
+                        yield _chunk(cid, obj, body.model, created,
+                                     [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                       "finish_reason": None} for i in range(body.n)])
+                    async for p in polls:
+                        for ev in p["events"]:
+                            i, piece = ev["index"], ev["text"]
+                            if not piece:
+                                continue
+                            full = _strip_stop(sent[i] + piece, stops)
+                            piece = full[len(sent[i]):]
+                            if piece:
+                                sent[i] = full
+                                yield _chunk(cid, obj, body.model, created, [choice(i, piece, None)])
+                        if p["done"]:
+                            res = p["result"]
+                            res = res if isinstance(res, SampleResponse) else SampleResponse.model_validate(res)
+                            yield _chunk(cid, obj, body.model, created,
+                                         [choice(i, "", _finish(s.stop_reason)) for i, s in enumerate(res.sequences)])
+                except Exception as e:  # noqa: BLE001 - headers are sent: report inside the stream
+                    err = e if isinstance(e, TwinkleError) else None
+                    payload = {"error": {"message": str(err) if err else "sampling failed on the server",
+                                         "type": getattr(err, "code", "internal")}}
+                    yield f"data: {json.dumps(payload)}\n\n".encode()
+                yield b"data: [DONE]\n\n"
+
+            return StreamingResponse(gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+        texts: dict[int, str] = {}
+        res: SampleResponse | None = None
+        async for p in polls:
+            for ev in p["events"]:
+                texts[ev["index"]] = texts.get(ev["index"], "") + ev["text"]
+            if p["done"]:
+                res = p["result"]
+        assert res is not None
+        res = res if isinstance(res, SampleResponse) else SampleResponse.model_validate(res)
+        choices = []
+        completion = 0
+        for i, s in enumerate(res.sequences):
+            text = _strip_stop(texts.get(i, ""), stops)
+            completion += len(s.tokens)
+            if chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                                "finish_reason": _finish(s.stop_reason), "logprobs": None})
+            else:
+                choices.append({"index": i, "text": text, "finish_reason": _finish(s.stop_reason), "logprobs": None})
+        usage = {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion}
+        return {"id": cid, "object": obj, "created": created, "model": body.model, "choices": choices, "usage": usage}
+
+    async def _worker_for(service: Service, user: User, model: str) -> Any:
+        target = await _target(service, user, model)
+        probe = SampleOp(prompt=[0], params=SamplingParams(max_tokens=1))
+        return service.sample_target(user, probe, **target).worker
+
+    @r.post("/completions")
+    async def completions(body: CompletionBody, user: User = who, service: Service = svc) -> Any:
+        if isinstance(body.prompt, str):
+            worker = await _worker_for(service, user, body.model)
+            ids = await worker.tokenize(text=body.prompt)
+        else:
+            ids = list(body.prompt)
+        if not ids:
+            raise InvalidInputError("prompt is empty", field="prompt")
+        return await _run(service, user, body, ids, "text_completion", chat=False)
+
+    @r.post("/chat/completions")
+    async def chat_completions(body: ChatBody, user: User = who, service: Service = svc) -> Any:
+        worker = await _worker_for(service, user, body.model)
+        messages = [{"role": m.role, "content": _text_content(m)} for m in body.messages]
+        ids = await worker.tokenize(messages=messages)
+        obj = "chat.completion.chunk" if body.stream else "chat.completion"
+        return await _run(service, user, body, ids, obj, chat=True)
+
+    return r

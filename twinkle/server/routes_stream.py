@@ -1,0 +1,91 @@
+"""Streamed sampling: ``POST /api/v1/twinkle/sample/stream`` (server-sent events) and the shared event source.
+
+Events (``text/event-stream``): ``event: token`` with ``{"index", "token", "logprob", "text"}`` per sampled
+token (``index``: which of the ``num_samples`` sequences; ``text``: what the token added to it), then
+``event: done`` with the whole ``SampleResponse`` (the same JSON ``/sample`` returns), or ``event: error``
+with ``{error, category, code, detail}``. A bad request is refused with a plain 4xx before the stream starts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import StreamingResponse
+
+from twinkle.types import SampleResponse, TwinkleError
+from twinkle.types.api import SampleRequest
+
+from .deps import get_service, get_user
+from .ops import SampleOp
+from .service import Service, User
+
+__all__ = ["create_stream_router", "open_stream", "sse"]
+
+_POLL_S = 10.0
+
+
+async def open_stream(service: Service, user: User, op: SampleOp, *, base_model: str | None = None,
+                      run_id: str | None = None, checkpoint: str | None = None) -> AsyncIterator[dict[str, Any]]:
+    """Validate and start a streamed sample request (raises a ``TwinkleError`` at once when it is refused);
+    returns an iterator of ``{"events": [...], "done", "result"}`` polls."""
+    t = service.sample_target(user, op, base_model=base_model, run_id=run_id, checkpoint=checkpoint)
+    if t.after is not None and not t.after.done():
+        await t.after
+    worker = t.worker
+    sid = await worker.sample_stream_open(op, adapter_id=t.adapter_id, checkpoint_path=t.checkpoint_dir)
+
+    async def polls() -> AsyncIterator[dict[str, Any]]:
+        nxt = 0
+        while True:
+            r = await worker.sample_stream_poll(sid, nxt, _POLL_S)
+            nxt = r["next"]
+            yield r
+            if r["done"]:
+                return
+
+    return polls()
+
+
+def sse(event: str, data: Any) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def error_event(e: BaseException) -> bytes:
+    if isinstance(e, TwinkleError):
+        body = {"error": str(e), "category": getattr(e, "category", "server"), "code": getattr(e, "code", "error"),
+                "detail": dict(getattr(e, "detail", {}) or {})}
+    else:
+        body = {"error": "sampling failed on the server", "category": "server", "code": "internal", "detail": {}}
+    return sse("error", body)
+
+
+def create_stream_router() -> APIRouter:
+    r = APIRouter(prefix="/api/v1/twinkle", tags=["native"])
+    who = Depends(get_user)
+    svc = Depends(get_service)
+
+    @r.post("/sample/stream")
+    async def sample_stream(body: SampleRequest, user: User = who, service: Service = svc) -> StreamingResponse:
+        op = SampleOp(prompt=body.prompt.to_ints(), num_samples=body.num_samples, params=body.sampling_params,
+                      prompt_logprobs=body.prompt_logprobs, topk_prompt_logprobs=body.topk_prompt_logprobs)
+        polls = await open_stream(service, user, op, base_model=body.base_model, run_id=body.run_id,
+                                  checkpoint=body.checkpoint)
+
+        async def gen() -> AsyncIterator[bytes]:
+            try:
+                async for p in polls:
+                    for ev in p["events"]:
+                        yield sse("token", ev)
+                    if p["done"]:
+                        res = p["result"]
+                        res = res if isinstance(res, SampleResponse) else SampleResponse.model_validate(res)
+                        yield sse("done", res.model_dump(mode="json"))
+            except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream
+                yield error_event(e)
+
+        return StreamingResponse(gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    return r

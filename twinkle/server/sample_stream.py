@@ -1,0 +1,110 @@
+"""Streams of sampled tokens inside a model worker, read by the gateway with long polls.
+
+The worker opens a stream for a sample request (the scheduler calls back with ``(sample index, token,
+logprob)`` triples as the continuous sampler produces them); the gateway calls ``poll(stream_id, after,
+timeout)`` which returns as soon as there are events past ``after`` (or the request finished, or the
+timeout passed). Each event carries the text the token added to its sequence (decoded incrementally by the
+worker's tokenizer; an incomplete UTF-8 character is held back until it completes). The final poll carries
+the whole ``SampleResponse``; a stream is forgotten after it was read to the end or ``ttl_s`` after its last
+poll. Polling keeps this working the same in process and across Ray Serve handles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twinkle.types import NotFoundError, SampleResponse, TwinkleError
+
+Decode = Callable[[list[int]], str]
+
+
+@dataclass
+class _Stream:
+    events: list[dict[str, Any]] = field(default_factory=list)
+    tokens: dict[int, list[int]] = field(default_factory=dict)
+    emitted: dict[int, int] = field(default_factory=dict)  # sample index -> chars of text sent
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    result: SampleResponse | None = None
+    error: TwinkleError | None = None
+    done: bool = False
+    touched: float = field(default_factory=time.monotonic)
+
+
+class StreamHub:
+    def __init__(self, decode: Decode | None, ttl_s: float = 120.0) -> None:
+        self._decode = decode
+        self._streams: dict[str, _Stream] = {}
+        self.ttl_s = ttl_s
+
+    def open(self) -> tuple[str, Callable[[list[tuple[int, int, float]]], None], Callable[[asyncio.Future], None]]:
+        """A new stream: its id, the ``on_tokens`` listener and the done-callback for the request's future."""
+        self._expire()
+        sid = "s" + uuid.uuid4().hex
+        st = self._streams[sid] = _Stream()
+
+        def on_tokens(items: list[tuple[int, int, float]]) -> None:
+            for index, token, logprob in items:
+                toks = st.tokens.setdefault(index, [])
+                toks.append(token)
+                st.events.append({"index": index, "token": token, "logprob": logprob, "text": self._text(st, index)})
+            st.changed.set()
+
+        def on_done(fut: asyncio.Future) -> None:
+            st.done = True
+            if fut.cancelled():
+                st.error = TwinkleError("the sample request was cancelled")
+            elif fut.exception() is not None:
+                e = fut.exception()
+                st.error = e if isinstance(e, TwinkleError) else TwinkleError(str(e))
+            else:
+                st.result = fut.result()
+                for seq_i, seq in enumerate(st.result.sequences):  # whole-batch backends: tokens come at the end
+                    have = len(st.tokens.get(seq_i, []))
+                    if have < len(seq.tokens):
+                        on_tokens([(seq_i, t, lp) for t, lp in zip(seq.tokens[have:], (seq.logprobs or [])[have:]
+                                                                  or [0.0] * len(seq.tokens), strict=False)])
+            st.changed.set()
+
+        return sid, on_tokens, on_done
+
+    def _text(self, st: _Stream, index: int) -> str:
+        if self._decode is None:
+            return ""
+        text = self._decode(st.tokens[index])
+        if text.endswith("\ufffd"):
+            return ""
+        sent = st.emitted.get(index, 0)
+        st.emitted[index] = len(text)
+        return text[sent:]
+
+    async def poll(self, sid: str, after: int = 0, timeout: float = 10.0) -> dict[str, Any]:
+        st = self._streams.get(sid) if isinstance(sid, str) else None
+        if st is None:
+            raise NotFoundError(f"stream {sid!r} not found", field="stream_id")
+        after = max(0, int(after))
+        st.touched = time.monotonic()
+        if len(st.events) <= after and not st.done:
+            st.changed.clear()
+            try:
+                await asyncio.wait_for(st.changed.wait(), timeout=max(0.0, min(float(timeout), 60.0)))
+            except TimeoutError:
+                pass
+        events = st.events[after:]
+        out: dict[str, Any] = {"events": events, "next": after + len(events), "done": st.done}
+        if st.done:
+            if st.error is not None:
+                self._streams.pop(sid, None)
+                raise st.error
+            out["result"] = st.result
+            self._streams.pop(sid, None)
+        return out
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for sid in [k for k, v in self._streams.items() if now - v.touched > self.ttl_s]:
+            del self._streams[sid]
