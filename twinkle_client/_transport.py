@@ -7,6 +7,7 @@ against an in-process app with no sockets, as httpx itself is.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -43,7 +44,8 @@ class _Requests:
     @staticmethod
     def _build(path: str, json: Any, params: dict[str, Any] | None, timeout: float | None) -> tuple[str, dict[str, Any]]:
         url = path if path.startswith("/") else f"{API_PREFIX}/{path}"
-        kwargs: dict[str, Any] = {"params": params}
+        # W3C trace context: the server's spans for this call join this trace (its id is in error messages)
+        kwargs: dict[str, Any] = {"params": params, "headers": {"traceparent": new_traceparent()}}
         if json is not None:
             kwargs["json"] = json
         if timeout is not None:
@@ -253,3 +255,8 @@ class SyncASGITransport(httpx.BaseTransport):
             self._portal.call(self._shutdown)
             self._shutdown = None
         self._cm.__exit__(None, None, None)
+
+
+def new_traceparent() -> str:
+    """A fresh W3C ``traceparent`` (sampled): ``00-<trace id>-<span id of this call>-01``."""
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
