@@ -26,10 +26,16 @@ class RemoteFuture(Generic[T]):
     """A server-side computation. ``result()`` blocks (long-polling) and returns the parsed value; ``await fut``
     does the same without blocking the event loop."""
 
-    def __init__(self, session: Session, ref: FutureRef, parse: Callable[[Any], T], kind: str = ""):
+    def __init__(self, session: Session, ref: FutureRef, parse: Callable[[Any], T], kind: str = "", *,
+                 submitted: float | None = None):
         self.session = session
         self.ref = ref
         self.kind = kind
+        self.submitted = time.monotonic() if submitted is None else submitted
+        self.timing: dict[str, Any] | None = None
+        """Once done: ``{kind, queue_s, exec_s, server_s, round_trip_s}`` (seconds; the server's part is None
+        when it did not report it): queue wait and execution on the worker, the gateway's total, and this
+        client's submit -> result."""
         self._parse = parse
         self._done = False
         self._value: T | None = None
@@ -89,6 +95,18 @@ class RemoteFuture(Generic[T]):
         else:
             self._value = self._parse(state.result)
         self._done = True
+        self._record_timing(state)
+
+    def _record_timing(self, state: FutureState) -> None:
+        t = state.timing
+        self.timing = {
+            "kind": self.kind or state.type or "", "queue_s": t.queue_s if t else None,
+            "exec_s": t.exec_s if t else None, "server_s": t.server_s if t else None,
+            "round_trip_s": max(0.0, time.monotonic() - self.submitted),
+        }
+        latency = getattr(self.session, "latency", None)
+        if latency is not None and state.status == "complete":
+            latency.append(self.timing)
 
     def __repr__(self) -> str:
         return f"RemoteFuture({self.kind or 'request'}, id={self.future_id!r}, done={self._done})"

@@ -79,6 +79,7 @@ class Sampler:
             "sampling_params": params.model_dump(exclude_none=True),
             "prompt_logprobs": prompt_logprobs,
             "topk_prompt_logprobs": topk_prompt_logprobs,
+            "session_id": self.session.session_id,  # the panel's Stop reaches a loop that only samples
         }
         if self.checkpoint is not None:
             body["checkpoint"] = self.checkpoint

@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import httpx
@@ -36,6 +37,7 @@ from ._transport import HTTP, AsyncHTTP
 
 __all__ = ["AsyncSession", "Session", "connect", "current_session"]
 
+_LATENCY_KEPT = 2000  # finished requests whose timing a session remembers (LiveCurve reads them)
 _current: Session | None = None
 _current_lock = threading.Lock()
 
@@ -73,6 +75,9 @@ class Session:
         self._caps: Capabilities | None = None
         self._stop = threading.Event()
         self.stop_requested = threading.Event()  # set from a training reply: someone pressed Stop (see _stop.py)
+        # Where each finished request's time went ({kind, queue_s, exec_s, server_s, round_trip_s}, newest last);
+        # LiveCurve shows a step's latency split from it.
+        self.latency: deque[dict[str, Any]] = deque(maxlen=_LATENCY_KEPT)
         self._thread: threading.Thread | None = None
         self.run_state = _state.SessionState(info.session_id, persist=persist_state)
         self._persist = persist_state
@@ -294,17 +299,18 @@ class Session:
                wait: float = 0.0) -> RemoteFuture[Any]:
         """POST a future-returning request. ``wait`` > 0: the server holds the reply up to ``wait`` seconds and
         includes the result when it is ready by then (one round trip for a blocking call)."""
+        t0 = time.monotonic()
         if wait > 0:
             reply = self.http.post(path, body, params={"wait": round(wait, 3)}, timeout=wait + 30.0)
         else:
             reply = self.http.post(path, body)
-        return self._future(reply, parse, kind)
+        return self._future(reply, parse, kind, t0)
 
-    def _future(self, reply: Any, parse: Any, kind: str) -> RemoteFuture[Any]:
+    def _future(self, reply: Any, parse: Any, kind: str, submitted: float | None = None) -> RemoteFuture[Any]:
         ref = FutureRef.model_validate(reply)
         if ref.stop_requested:
             self.stop_requested.set()
-        fut: RemoteFuture[Any] = RemoteFuture(self, ref, parse, kind)
+        fut: RemoteFuture[Any] = RemoteFuture(self, ref, parse, kind, submitted=submitted)
         if ref.state is not None:
             fut._settle(ref.state)
         return fut
@@ -405,11 +411,12 @@ class AsyncSession:
                      wait: float = 0.0) -> RemoteFuture[Any]:
         """``Session.submit`` without blocking the event loop; ``await`` the returned future for the result."""
         http = self.session.ahttp
+        t0 = time.monotonic()
         if wait > 0:
             reply = await http.post(path, body, params={"wait": round(wait, 3)}, timeout=wait + 30.0)
         else:
             reply = await http.post(path, body)
-        return self.session._future(reply, parse, kind)
+        return self.session._future(reply, parse, kind, t0)
 
     async def runs(self, *, all_sessions: bool = True, limit: int = 100) -> list[RunInfo]:
         body = await self.session.ahttp.get("runs", params={"limit": limit, "offset": 0})

@@ -127,6 +127,8 @@ class LiveCurve:
         self.log_y = log_y
         self._handle: Any = None
         self._times: list[float] = []  # monotonic time of each log() of this curve (steps/s, ETA)
+        self.latency: list[dict[str, float]] = []  # per log(): the step's queue wait / execution / rest (seconds)
+        self._lat_last: Any = None  # the newest session timing already counted
         self.loggers = _loggers.open_loggers(log_to, title)
         self.stop_reason = ""
         self.stop_message: str | None = None
@@ -189,6 +191,7 @@ class LiveCurve:
         rec["step"] = float(step)
         pts.append(rec)
         self._times.append(time.monotonic())
+        self._take_latency(step)
         for lg in self.loggers:
             lg.log(run, rec)
         self._dirty = True
@@ -196,6 +199,41 @@ class LiveCurve:
             self._text_update(run, rec)
         elif time.monotonic() - self._last_draw >= self.throttle_s:
             self.refresh()
+
+    def _take_latency(self, step: int) -> None:
+        """Sum the timings of the session's requests that finished since the last ``log()`` into this step's
+        latency split: queue wait and execution on the server's worker, and the rest (ordering behind the run's
+        earlier requests, transport, the client)."""
+        sess = self._session()
+        lat = getattr(sess, "latency", None) if sess is not None else None
+        if not lat:
+            return
+        new: list[dict[str, Any]] = []
+        for t in reversed(lat):
+            if t is self._lat_last:
+                break
+            new.append(t)
+        self._lat_last = lat[-1]
+        timed = [t for t in new if t.get("exec_s") is not None]
+        if not timed:
+            return
+        queue = sum(float(t["queue_s"] or 0.0) for t in timed)
+        execution = sum(float(t["exec_s"] or 0.0) for t in timed)
+        total = sum(float(t["round_trip_s"] or 0.0) for t in new)
+        self.latency.append({"step": float(step), "total_s": total, "queue_s": queue, "exec_s": execution,
+                             "other_s": max(0.0, total - queue - execution), "requests": float(len(new))})
+
+    def latency_text(self) -> str:
+        """The last step's latency split, one line (the widget's status line and the PNG footer show it)."""
+        if not self.latency:
+            return ""
+        last = self.latency[-1]
+        return (f"step latency {_secs(last['total_s'])}: queue {_secs(last['queue_s'])} · "
+                f"execution {_secs(last['exec_s'])} · other {_secs(last['other_s'])}")
+
+    def latency_frame(self) -> Any:
+        """Every step's latency split as a pandas DataFrame (step, total_s, queue_s, exec_s, other_s, requests)."""
+        return _frame([dict(r) for r in self.latency])
 
     def _text_update(self, run: str, rec: dict[str, float]) -> None:
         shown = {k: f"{rec[k]:.4g}" for k in self.metrics if k in rec}
@@ -237,7 +275,8 @@ class LiveCurve:
         if sps is None:
             return ""
         eta = f" · ETA {_duration(left)}" if left and not self.stopped else ""
-        return f"{len(self._times)} steps here · {sps:.2f} steps/s{eta}"
+        lat = f" · {self.latency_text()}" if self.latency else ""
+        return f"{len(self._times)} steps here · {sps:.2f} steps/s{eta}{lat}"
 
     def chart_obj(self) -> Any:
         """The current curve as a :class:`twinkle_client.history.Chart` (PNG/SVG/frame)."""
@@ -258,6 +297,11 @@ class LiveCurve:
         text = " · ".join(f"<b>{html.escape(r)}</b> step {int(p['step'])}"
                           + "".join(f", {html.escape(m)} {p[m]:.4g}" for m in self.metrics if m in p)
                           for r, p in last.items())
+        if self.latency:
+            last = self.latency[-1]
+            text += (f"<br><span class='twk-latency' title='this session’s last step: waiting in the server’s "
+                     f"queue, executing, and the rest (ordering, transport, client)'>"
+                     f"{html.escape(self.latency_text())}{_latency_bar(last)}</span>")
         if self.stop_message:
             text += f" — <i>{html.escape(self.stop_message)}</i>"
         elif self.stopped:
@@ -354,6 +398,21 @@ class LiveCurve:
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
         """A PNG (+ a text line): renders in any notebook viewer, trusted or not."""
         return self.chart_obj()._repr_mimebundle_()
+
+
+def _secs(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def _latency_bar(split: dict[str, float], width: int = 160) -> str:
+    """A small stacked bar: queue (amber), execution (blue), other (grey), proportional to the step's total."""
+    total = max(1e-9, split["queue_s"] + split["exec_s"] + split["other_s"])
+    parts = [("queue", split["queue_s"], "#f0ad4e"), ("execution", split["exec_s"], "#1f77b4"),
+             ("other", split["other_s"], "#bbbbbb")]
+    cells = "".join(
+        f"<span class='twk-lat-{name}' title='{name} {_secs(v)}' style='display:inline-block;height:8px;"
+        f"width:{max(0.0, v / total * width):.1f}px;background:{color}'></span>" for name, v, color in parts)
+    return f" <span style='display:inline-block;vertical-align:middle;white-space:nowrap'>{cells}</span>"
 
 
 def _duration(seconds: float) -> str:

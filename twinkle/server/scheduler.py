@@ -56,6 +56,7 @@ from twinkle.types import (
     OptimStepResponse,
     TwinkleError,
 )
+from twinkle.types.outputs import attach_timing
 
 from .config import SAMPLER_DEFAULTS as _SAMPLER
 from .config import SCHEDULER_DEFAULTS as _SCHED
@@ -928,10 +929,13 @@ class Scheduler:
 
     # ---- completion (event-loop side) ----------------------------------------------------------------------
     def _deliver(self, pairs: list[tuple[_Request, tuple[bool, Any]]], info: dict[str, Any] | None) -> None:
+        done_at = time.monotonic()
         for req, (ok, value) in pairs:
             if req.finished:
                 continue
             if ok:
+                if req.started is not None:  # the client's widget shows a step's queue wait and execution
+                    attach_timing(value, req.started - req.arrived, done_at - req.started)
                 if not req.future.done():
                     req.future.set_result(value)
             else:
@@ -989,6 +993,8 @@ class Scheduler:
             if self.observer is not None:
                 self.observer.sample_done(s, None if ok else value, time.monotonic())
             if ok:
+                if s.started is not None:
+                    attach_timing(value, s.started - s.arrived, time.monotonic() - s.started)
                 self.stats["samples_run"] += 1
                 if not s.future.done():
                     s.future.set_result(value)

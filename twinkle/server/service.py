@@ -41,6 +41,7 @@ from twinkle.types import (
     LimitExceededError,
     LoraConfig,
     ModelInfo,
+    NotFoundError,
     OptimStepResponse,
     SampleResponse,
     StateLostError,
@@ -737,9 +738,14 @@ class Service:
 
     async def sample(
         self, user: User, op: SampleOp, *, sampler_id: str | None = None, base_model: str | None = None,
-        run_id: str | None = None, checkpoint: str | None = None,
+        run_id: str | None = None, checkpoint: str | None = None, session_id: str | None = None,
     ) -> FutureRef:
         self._ensure_reaper()
+        stop_of = None
+        if session_id is not None:  # the caller's own session (a pending Stop rides on the reply)
+            stop_of = self.sessions.by_id.get(session_id)
+            if stop_of is None or stop_of.user != user.name:
+                raise NotFoundError(f"session {session_id!r} not found", field="session_id")
         t = self.sample_target(user, op, sampler_id=sampler_id, base_model=base_model, run_id=run_id,
                                checkpoint=checkpoint)
         worker, adapter_id, ck_dir, run = t.worker, t.adapter_id, t.checkpoint_dir, t.run
@@ -751,8 +757,12 @@ class Service:
                        sampled=sum(len(seq.tokens) for seq in out.sequences))
             return out
 
-        return self._spawn(user, "sample", t.run_id, _go() if run is None else self._guard(run, _go), after=t.after,
-                           session_id=t.session_id, base_model=t.base_model)
+        ref = self._spawn(user, "sample", t.run_id, _go() if run is None else self._guard(run, _go), after=t.after,
+                          session_id=t.session_id, base_model=t.base_model)
+        # a loop that only samples sees the panel's Stop too
+        if stop_of is None and t.session_id:
+            stop_of = self.sessions.by_id.get(t.session_id)
+        return self._with_stop(ref, stop_of)
 
     def sample_target(
         self, user: User, op: SampleOp, *, sampler_id: str | None = None, base_model: str | None = None,
