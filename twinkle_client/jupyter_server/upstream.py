@@ -191,7 +191,7 @@ class Upstream:
         return caps
 
     async def overview(self, conn: Connection) -> dict[str, Any]:
-        """Capabilities, status, the caller's sessions and runs in one reply (the panel's poll)."""
+        """Capabilities, status, live load, the caller's sessions and runs in one reply (the panel's poll)."""
         async with self._client(conn) as client:
             # Sessions/runs carry the key check each poll; capabilities are cached for a minute.
             sessions, runs = await asyncio.gather(
@@ -212,13 +212,16 @@ class Upstream:
                 caps = await self._cached_capabilities(client, conn)
             except UpstreamError:
                 caps = None
-            try:
-                status = await self._call(client, conn, "GET", f"{API_PREFIX}/status", None)
-            except UpstreamError:
-                status = None
+            status, load = await asyncio.gather(
+                self._call(client, conn, "GET", f"{API_PREFIX}/status", None),
+                # live load (queue depth, tokens/s) + the caller's own usage; absent on servers without it
+                self._call(client, conn, "GET", f"{API_PREFIX}/load", None),
+                return_exceptions=True,
+            )
         return {
             "capabilities": caps,
-            "status": status,
+            "status": None if isinstance(status, BaseException) else status,
+            "load": None if isinstance(load, BaseException) else load,
             "sessions": (sessions or {}).get("sessions", []) if isinstance(sessions, dict) else [],
             "runs": (runs or {}).get("runs", []) if isinstance(runs, dict) else [],
         }
