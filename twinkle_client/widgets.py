@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import html
 import math
+import re
 import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar
+
+from twinkle.types import ImageChunk, ModelInput
 
 from . import _loggers
 
@@ -427,6 +430,21 @@ def _duration(seconds: float) -> str:
 # ---- samples -----------------------------------------------------------------------------------------------------
 
 
+_IMAGE_MIME = {"png": "image/png", "jpeg": "image/jpeg", "jpg": "image/jpeg", "gif": "image/gif",
+               "webp": "image/webp"}
+_MAX_INLINE_IMAGE = 4 << 20  # base64 characters; bigger prompt images are not inlined into the notebook
+_B64 = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
+
+
+def image_data_uri(chunk: ImageChunk) -> str | None:
+    """``data:image/...;base64,...`` for an image chunk (None: an unknown format, not base64, or too large)."""
+    mime = _IMAGE_MIME.get(chunk.format.lower())
+    data = "".join(chunk.data.split())
+    if mime is None or not data or len(data) > _MAX_INLINE_IMAGE or not _B64.match(data):
+        return None
+    return f"data:{mime};base64,{data}"
+
+
 def _heat(lp: float | None) -> str:
     if lp is None or not math.isfinite(lp):
         return "#eeeeee"
@@ -466,8 +484,12 @@ def render_samples_table(samples: Sequence[dict[str, Any]]) -> str:
         mean = (sum(lps) / len(lps)) if lps else None
         reward = s.get("reward")
         spans = render_sample_html("", s["pieces"], lps).split("<div>", 2)[-1].rsplit("</div>", 2)[0]
+        imgs = "".join(
+            f"<img src='{uri}' alt='prompt image {i + 1}' style='max-height:96px;max-width:160px;"
+            f"margin:0 4px 4px 0;vertical-align:top'>" for i, uri in enumerate(s.get("images") or []))
         rows.append(
-            f"<tr><td>{e(s.get('title') or '')}</td><td style='color:#555'>{e(s['prompt'])}</td>"
+            f"<tr><td>{e(s.get('title') or '')}</td><td style='color:#555'>"
+            f"{f'<div>{imgs}</div>' if imgs else ''}{e(s['prompt'])}</td>"
             f"<td style='font-family:monospace'>{spans}</td>"
             f"<td>{'' if mean is None else f'{mean:.3f}'}</td>"
             f"<td>{'' if reward is None else f'reward <b>{reward:.3g}</b>'}</td></tr>")
@@ -503,12 +525,30 @@ class SampleViewer:
             return [f"⟨{t}⟩" for t in tokens]
         return [self.tokenizer.decode([t]) for t in tokens]
 
-    def add(self, prompt: str | Sequence[int], tokens: Sequence[int], logprobs: Sequence[float] | None = None,
+    def _prompt_text(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(tokens)) if self.tokenizer is not None else str(list(tokens))
+
+    def add(self, prompt: Any, tokens: Sequence[int], logprobs: Sequence[float] | None = None,
             reward: float | None = None, title: str | None = None) -> None:
-        if not isinstance(prompt, str):
-            prompt = self.tokenizer.decode(list(prompt)) if self.tokenizer is not None else str(list(prompt))
+        """``prompt``: text, token ids, or a ``ModelInput`` — one with image chunks shows its images (inlined as
+        data URIs, so the saved notebook shows them anywhere) beside the answer."""
+        images: list[str] = []
+        if isinstance(prompt, ModelInput):
+            parts: list[str] = []
+            for c in prompt.chunks:
+                if isinstance(c, ImageChunk):
+                    uri = image_data_uri(c)
+                    if uri is not None:
+                        images.append(uri)
+                    parts.append("[image]")
+                else:
+                    parts.append(self._prompt_text(c.tokens))
+            prompt = "".join(parts)
+        elif not isinstance(prompt, str):
+            prompt = self._prompt_text(prompt)
         rec = {"prompt": prompt, "tokens": list(tokens), "pieces": self._pieces(tokens),
-               "logprobs": list(logprobs) if logprobs is not None else None, "reward": reward, "title": title}
+               "logprobs": list(logprobs) if logprobs is not None else None, "reward": reward, "title": title,
+               "images": images}
         self.samples.append(rec)
         if self.mode == "widget":
             self.widget.value = render_samples_table(self.samples[-self.max_shown:])
@@ -520,7 +560,8 @@ class SampleViewer:
             mean = (sum(rec["logprobs"]) / len(rec["logprobs"])) if rec["logprobs"] else None
             extra = "".join([f" reward={reward:.3g}" if reward is not None else "",
                              f" mean_logprob={mean:.3f}" if mean is not None else ""])
-            print(f"{title + ': ' if title else ''}{prompt!r} -> {''.join(rec['pieces'])!r}{extra}")
+            pics = f"[{len(images)} image{'s' if len(images) != 1 else ''}] " if images else ""
+            print(f"{title + ': ' if title else ''}{pics}{prompt!r} -> {''.join(rec['pieces'])!r}{extra}")
 
     def add_response(self, prompt: str | Sequence[int], response: Any, rewards: Sequence[float] | None = None) -> None:
         """Add every sequence of a ``SampleResponse``."""
