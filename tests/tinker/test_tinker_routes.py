@@ -43,10 +43,12 @@ def _post_fb(client, body: bytes):
 
 
 def test_config_handshake_and_session(client, fake):
-    r = client.post("/api/v1/client/config", json={"sdk_version": "0.38.0"})
+    assert client.post("/api/v1/client/config", json={"sdk_version": "0.38.0"}).status_code == 401  # keyed
+    assert client.get("/api/v1/healthz").json() == {"status": "ok"}  # the one public route
+    r = client.post("/api/v1/client/config", json={"sdk_version": "0.38.0"}, headers=H)
     assert r.json()["pjwt_auth_enabled"] is False and r.json()["parallel_fwdbwd_chunks"] is False
-    assert client.post("/api/v1/client/dynamic_config", json={}).json()["refresh_interval_sec"] == 300
-    assert client.post("/api/v1/telemetry", json={"events": []}).json() == {"status": "accepted"}
+    assert client.post("/api/v1/client/dynamic_config", json={}, headers=H).json()["refresh_interval_sec"] == 300
+    assert client.post("/api/v1/telemetry", json={"events": []}, headers=H).json() == {"status": "accepted"}
     sid = _session(client)
     assert client.post("/api/v1/session_heartbeat", headers=H, json={"session_id": sid}).json() == {"type": "session_heartbeat"}
     assert client.post(f"/api/v1/sessions/{sid}/finish", headers=H, json={"reason": {"type": "success"}}).status_code == 200

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from twinkle.types import InvalidInputError, LimitExceededError, TwinkleError
 
 from .config import ModelConfig, ServerConfig
+from .deps import validation_error
 from .routes_native import create_native_router, health_router
 from .routes_openai import create_openai_router
 from .routes_stream import create_stream_router
@@ -63,14 +64,6 @@ def error_response(err: TwinkleError, request_id: str | None = None) -> JSONResp
     if status == 402:  # the Tinker SDK loops on 402; never send it
         status = 400
     return JSONResponse(status_code=status, content=body, headers=headers)
-
-
-def _field_of(loc: tuple[Any, ...]) -> str:
-    parts = [p for p in loc if p not in ("body", "query", "path", "header")]
-    out = ""
-    for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else ("." if out else "") + str(p)
-    return out or "body"
 
 
 class _GuardMiddleware:
@@ -136,20 +129,7 @@ def _install_handlers(app: FastAPI, config: ServerConfig) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         await _skip_refused_seq(request, getattr(exc, "body", None))
-        errs = exc.errors()
-        first = errs[0] if errs else {}
-        field = _field_of(tuple(first.get("loc", ())))
-        ctx = first.get("ctx") or {}
-        inner = ctx.get("error")
-        if isinstance(inner, TwinkleError):  # a validator raised one of ours: keep its class and field
-            inner.detail.setdefault("field", inner.field or field)
-            return error_response(inner, getattr(request.state, "request_id", None))
-        msg = "; ".join(f"{_field_of(tuple(e.get('loc', ())))}: {e.get('msg')}" for e in errs[:5])
-        return error_response(InvalidInputError(f"invalid request: {msg}", field=field,
-                                                detail={"errors": [
-                                                    {"field": _field_of(tuple(e.get("loc", ()))), "msg": e.get("msg")}
-                                                    for e in errs[:20]]}),
-                              getattr(request.state, "request_id", None))
+        return error_response(validation_error(exc), getattr(request.state, "request_id", None))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -212,23 +192,8 @@ def create_app(
     app.include_router(create_openai_router())
     tinker = _tinker_router()
     if tinker is not None:
-        _drop_served_routes(tinker, native, prefix="/api/v1")
         app.include_router(tinker, prefix="/api/v1")
     return app
-
-
-def _drop_served_routes(router: Any, served_by: list[Any], prefix: str) -> None:
-    """Remove from ``router`` the routes (path + method) that ``served_by`` routers already serve, e.g.
-    ``GET /api/v1/healthz``, so each operation exists once (no duplicate OpenAPI operation ids)."""
-    served = {(getattr(r, "path", None), m) for other in served_by for r in other.routes
-              for m in (getattr(r, "methods", None) or ())}
-    keep = []
-    for r in router.routes:
-        methods = getattr(r, "methods", None) or ()
-        if methods and all((prefix + getattr(r, "path", ""), m) in served for m in methods):
-            continue
-        keep.append(r)
-    router.routes[:] = keep
 
 
 def _tinker_router() -> Any:

@@ -6,12 +6,17 @@ documentation. The route table lives in ``docs/native-api.md``.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from .data import Datum, ModelInput
 from .params import AdamParams, LoraConfig, LRSchedulerConfig, OptimizerConfig, SamplingParams, TopKLogprobs
+
+MAX_TTL_SECONDS = 10 * 366 * 86400.0
+"""A checkpoint's time to live is at most ten years (Tinker's range); larger values would overflow dates."""
+TTLSeconds = Annotated[float, Field(gt=0, le=MAX_TTL_SECONDS, allow_inf_nan=False,
+                                    description="seconds until the checkpoint expires (at most ten years)")]
 
 
 class _Api(BaseModel):
@@ -171,7 +176,7 @@ class SaveCheckpointRequest(_Api):
     seq_id: int | None = None
     name: str
     kind: Literal["training", "sampler"] = "training"
-    ttl_seconds: float | None = Field(None, gt=0)
+    ttl_seconds: TTLSeconds | None = None
     overwrite: bool = False
 
 
