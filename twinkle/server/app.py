@@ -29,6 +29,7 @@ from twinkle.types import InvalidInputError, LimitExceededError, TwinkleError
 
 from .config import ModelConfig, ServerConfig
 from .deps import validation_error
+from .docs_routes import docs_router
 from .routes_native import create_native_router, health_router
 from .routes_openai import create_openai_router
 from .routes_stream import create_stream_router
@@ -104,8 +105,23 @@ class _GuardMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
+        seen = 0
+
+        async def _receive() -> Any:
+            # Bodies without a Content-Length (chunked) are counted as they stream: refused the moment they
+            # pass the limit, never buffered whole.
+            nonlocal seen
+            message = await receive()
+            if message.get("type") == "http.request":
+                seen += len(message.get("body") or b"")
+                if seen > self.max_bytes:
+                    raise LimitExceededError(f"request body exceeds the limit of {self.max_bytes} bytes "
+                                             "(limits.max_request_bytes)", field="body",
+                                             detail={"limit": self.max_bytes})
+            return message
+
         try:
-            await self.app(scope, receive, _send)
+            await self.app(scope, _receive, _send)
         except Exception as e:
             if started:
                 raise
@@ -182,10 +198,12 @@ def create_app(
     app = FastAPI(
         title="Twinkle server", version="0.1.0", lifespan=_lifespan,
         description="Self-hosted training-as-a-service for LoRA adapters (native API + Tinker-compatible API).",
+        docs_url=None, redoc_url=None, openapi_url=None,  # served below, behind a key (see SECURITY.md)
     )
     app.state.service = service
     app.state.config = config
     _install_handlers(app, config)
+    app.include_router(docs_router(app))
     native = [health_router(), create_native_router(), create_stream_router()]
     for router in native:
         app.include_router(router)

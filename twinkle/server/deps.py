@@ -37,6 +37,8 @@ def validation_error(exc: RequestValidationError) -> TwinkleError:
     """The ``TwinkleError`` (a 400 naming the first bad field) for a request FastAPI could not validate."""
     errs = exc.errors()
     first = errs[0] if errs else {}
+    if first.get("type") == "json_invalid":  # its location is a character offset, not a field
+        return InvalidInputError(f"request body is not valid JSON: {first.get('msg')}", field="body")
     field = field_of(tuple(first.get("loc", ())))
     inner = (first.get("ctx") or {}).get("error")
     if isinstance(inner, TwinkleError):  # a validator raised one of ours: keep its class and field

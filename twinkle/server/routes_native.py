@@ -11,6 +11,7 @@ from twinkle.types.api import (
     CheckpointList,
     CreateRunRequest,
     CreateSessionRequest,
+    EmptyRequest,
     ForwardRequest,
     FutureRef,
     FutureState,
@@ -102,11 +103,13 @@ def create_native_router() -> APIRouter:
         return await service.get_session(user, session_id)
 
     @r.post("/sessions/{session_id}/heartbeat", response_model=SessionInfo)
-    async def heartbeat(session_id: str, user: User = who, service: Service = svc) -> SessionInfo:
+    async def heartbeat(session_id: str, body: EmptyRequest | None = None, user: User = who,
+                        service: Service = svc) -> SessionInfo:
         return await service.heartbeat(user, session_id)
 
     @r.post("/sessions/{session_id}/close", response_model=SessionInfo)
-    async def close_session(session_id: str, user: User = who, service: Service = svc) -> SessionInfo:
+    async def close_session(session_id: str, body: EmptyRequest | None = None, user: User = who,
+                            service: Service = svc) -> SessionInfo:
         return await service.close_session(user, session_id)
 
     # ---- runs --------------------------------------------------------------------------------------------
