@@ -14,6 +14,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q "torch==2.13.0" || .venv/bin/pip install -q "torch>=2.4" --index-url https://download.pytorch.org/whl/cpu
 fi
 .venv/bin/pip install -q -e ".[all]"
+# tinker-cookbook 0.6.1 pins tml-renderers, which the package index lacks: its other dependencies come from the
+# `cookbook` extra above, the package itself without dependencies (tests/integration/test_tinker_cookbook.py).
+.venv/bin/pip install -q --no-deps "tinker-cookbook==0.6.1"
 
 # The JupyterLab extension (TypeScript, built offline with jlpm from the npm registry) goes into
 # twinkle_client/labextension. A wheel ships it (setup.py); for this editable checkout we link it where the

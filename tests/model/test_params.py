@@ -86,3 +86,25 @@ def test_topk_prompt_logprobs_bounded() -> None:
         with pytest.raises(ValidationError) as e:
             SampleRequest(prompt=prompt, topk_prompt_logprobs=bad)
         assert e.value.errors()[0]["loc"][0] == "topk_prompt_logprobs"
+
+
+@pytest.mark.parametrize("ttl", [1e300, float("inf"), float("nan"), 0, -5, True, "x", 10 * 365 * 86400 + 1])
+def test_checkpoint_ttl_is_bounded(ttl) -> None:
+    """Issue 12 item 4: a huge TTL made every checkpoint listing of its user a 500; now it is refused up front."""
+    from twinkle.server.ops import SaveOp
+    from twinkle.types import InvalidInputError
+    from twinkle.types.api import SaveCheckpointRequest
+
+    with pytest.raises(InvalidInputError) as e:
+        SaveOp(name="c", ttl_seconds=ttl)
+    assert e.value.field == "ttl_seconds"
+    with pytest.raises(ValidationError) as v:
+        SaveCheckpointRequest(name="c", ttl_seconds=ttl)
+    assert v.value.errors()[0]["loc"][0] == "ttl_seconds"
+
+
+def test_checkpoint_ttl_accepts_sane_values() -> None:
+    from twinkle.server.ops import SaveOp
+
+    assert SaveOp(name="c", ttl_seconds=3600).ttl_seconds == 3600.0
+    assert SaveOp(name="c").ttl_seconds is None

@@ -49,9 +49,9 @@ def _recording_engine(backend, **kw):
     eng = backend.sampler_engine(**kw)
     inner = eng.forward
 
-    def forward(ids, mask, pos, cache, segments):
+    def forward(ids, mask, pos, cache, segments, **kw):
         calls.append(tuple(ids.shape))
-        return inner(ids, mask, pos, cache, segments)
+        return inner(ids, mask, pos, cache, segments, **kw)
 
     eng.forward = forward
     return eng, calls

@@ -40,3 +40,7 @@ BUILTIN: tuple[LossSpec, ...] = (
 
 for _spec in BUILTIN:
     register_loss(_spec, replace=True)
+
+from ._stable import SPEC as _STABLE  # noqa: E402  (stable_reinforce: its own module, see there)
+
+register_loss(_STABLE, replace=True)

@@ -15,7 +15,7 @@ as soon as its own sequences are. Sampling never sorts the vocabulary unless a r
 every sequence draws its random numbers from its own generator (seeded from the request's seed and the
 sample's index), so a seeded request gives the same tokens alone or batched with others.
 
-The engine is model-agnostic: the backend passes ``forward(ids, mask, pos, cache, segments)`` and the
+The engine is model-agnostic: the backend passes ``forward(ids, mask, pos, cache, segments, last_only=)`` and the
 cache must be a plain ``DynamicCache`` (see ``_kv``); image inputs can plug in at the prefill step.
 """
 
@@ -32,8 +32,11 @@ from twinkle.model.base import SampleItem
 from twinkle.types import SampledSequence, SampleResponse
 
 from . import _kv
-from ._engine import DEFAULT_MAX_TOKENS, ForwardFn, _stops
+from ._engine import DEFAULT_MAX_TOKENS, _stops
 
+# forward(ids, mask, pos, cache, segments, last_only=False) -> (logits, cache); ``last_only``: only the last
+# position's logits are needed (the backend may skip the unembedding of the others)
+ForwardFn = Callable[..., tuple[torch.Tensor, Any]]
 StreamFn = Callable[[Hashable, int, int, float], None]  # (request key, sample index, token, logprob)
 
 
@@ -207,7 +210,10 @@ class ContinuousSampler:
         cols = max(1, self.prefill_chunk // b)
         s, e = p.done, min(w, p.done + cols)
         mask = p.mask[:, :e] if p.mask is not None else None
-        logits, p.cache = self.forward(p.ids[:, s:e], mask, p.pos[:, s:e], p.cache, p.segments)
+        if any(q.item.prompt_logprobs or q.item.topk_prompt_logprobs for q in p.reqs):
+            logits, p.cache = self.forward(p.ids[:, s:e], mask, p.pos[:, s:e], p.cache, p.segments)
+        else:  # only the last position's logits are used
+            logits, p.cache = self.forward(p.ids[:, s:e], mask, p.pos[:, s:e], p.cache, p.segments, last_only=True)
         self.stats["prefill_chunks"] += 1
         for r, q in enumerate(p.reqs):
             if q.item.prompt_logprobs or q.item.topk_prompt_logprobs:

@@ -272,8 +272,10 @@ def launch(config: ServerConfig, *, address: str | None = None, num_cpus: int | 
     t0 = time.monotonic()
     if not address:  # a local Ray: what a killed launcher on this state or port left behind goes first
         state = str(config.persistence.sqlite_file())
-        reap_state(state)
-        prepare_port(config.http.host, config.http.port)
+        n = reap_state(state) + prepare_port(config.http.host, config.http.port)
+        if n:
+            print(f"Stopped {n} leftover processes of a killed twinkle launcher (same state or port)",
+                  file=sys.stderr, flush=True)
         mark_launch(state)
     _prepare_env(address, config.http.proxy)
     imports = _preimport()

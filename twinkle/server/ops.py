@@ -15,7 +15,7 @@ from twinkle.types import (
     OptimizerConfig,
     SamplingParams,
 )
-from twinkle.types.params import MAX_TOPK_LOGPROBS
+from twinkle.types.params import MAX_TOPK_LOGPROBS, check_ttl_seconds
 
 
 @dataclass
@@ -53,10 +53,14 @@ class SetSchedulerOp:
 @dataclass
 class SaveOp:
     name: str
-    kind: str = "training"  # "training" (weights + optimizer) | "sampler" (weights only)
+    kind: str = "training"  # "training" (weights + optimizer) | "sampler" | "external" (weights only)
     ttl_seconds: float | None = None
     overwrite: bool = False
     type: str = "save"
+    age_recipients: tuple[str, ...] = ()  # "external": encrypt every file to these age recipients
+
+    def __post_init__(self) -> None:
+        self.ttl_seconds = check_ttl_seconds(self.ttl_seconds)  # 1e300 would make the expiry date overflow
 
 
 @dataclass

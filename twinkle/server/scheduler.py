@@ -46,6 +46,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from twinkle.loss import get_loss
 from twinkle.model.base import Backend, BatchItem, SampleItem
 from twinkle.types import (
     CapacityError,
@@ -58,6 +59,8 @@ from twinkle.types import (
 
 from .config import SAMPLER_DEFAULTS as _SAMPLER
 from .config import SCHEDULER_DEFAULTS as _SCHED
+from .export import encrypt_dir
+from .microbatch import merge_outputs, split_item
 from .ops import (
     ForwardBackwardOp,
     LoadOp,
@@ -708,7 +711,8 @@ class Scheduler:
             if not req.path:
                 raise InvalidInputError("save needs a checkpoint directory", field="path")
             optimizer = op.kind == "training"
-            _atomic_save(b, a, Path(req.path), optimizer=optimizer, overwrite=op.overwrite)
+            seal = (lambda d: encrypt_dir(d, op.age_recipients)) if op.age_recipients else None
+            _atomic_save(b, a, Path(req.path), optimizer=optimizer, overwrite=op.overwrite, seal=seal)
             return {"type": op.type, "path": req.path, "kind": op.kind, "step": b.step_count(a),
                     "size_bytes": _dir_size(Path(req.path))}
         if isinstance(op, LoadOp):
@@ -722,6 +726,15 @@ class Scheduler:
     def _run_batch(self, reqs: list[_Request]) -> None:
         items = [_batch_item(r) for r in reqs]
         t0 = time.perf_counter()
+        if len(items) == 1 and items[0].num_tokens > self.config.batch_token_budget:
+            try:
+                out = self._run_micro_batches(items[0])
+                if out is not None:
+                    self._post(self._deliver, [(reqs[0], (True, out))], _batch_info(reqs, time.perf_counter() - t0))
+                    return
+            except BaseException as e:  # noqa: BLE001 - the request fails alone, its gradients rolled back
+                self._post(self._deliver, [(reqs[0], (False, _as_twinkle(e, "forward_backward")))], None)
+                return
         try:
             outs = self.backend.run_batch(items)
             if len(outs) != len(items):
@@ -742,6 +755,29 @@ class Scheduler:
                 self._post(self._deliver, [(r, (True, out))], _batch_info([r], time.perf_counter() - t1))
             except BaseException as e:  # noqa: BLE001
                 self._post(self._deliver, [(r, (False, _as_twinkle(e, "forward_backward")))], None)
+
+    def _run_micro_batches(self, item: BatchItem) -> Any:
+        """A request over ``batch_token_budget`` tokens as consecutive passes of at most that many tokens (see
+        ``twinkle.server.microbatch``), all or nothing: on a failure the adapter's gradients are restored.
+        Returns None (run it as one pass) when the backend cannot snapshot gradients."""
+        snapshot = getattr(self.backend, "grad_snapshot", None)
+        restore = getattr(self.backend, "grad_restore", None)
+        if item.adapter is None or snapshot is None or restore is None:
+            return None
+        saved = snapshot(item.adapter) if not item.forward_only else ()
+        if saved is None:
+            return None
+        parts = split_item(item, self.config.batch_token_budget, paired=get_loss(item.loss_fn).paired)
+        outs = []
+        try:
+            for part in parts:
+                outs.append(self.backend.run_batch([part])[0])
+        except BaseException:
+            if not item.forward_only:
+                restore(item.adapter, saved)
+            raise
+        self.stats["micro_batches"] = self.stats.get("micro_batches", 0) + len(parts)
+        return merge_outputs(outs, [len(p.data) for p in parts])
 
     def _run_samples(self, tick: _Tick) -> None:
         for name in tick.evict:
@@ -776,6 +812,10 @@ class Scheduler:
             if good:
                 self._sample_whole(good, tick)
             return
+        with_images = [s for s in good if getattr(s.op, "images", None)]
+        if with_images:  # image prompts take the backend's own sampling path (not the continuous engine)
+            self._sample_whole(with_images, tick)
+            good = [s for s in good if not getattr(s.op, "images", None)]
         for s in good:
             item = _sample_item(s, tick.sample_names.get(id(s)))
             try:
@@ -1000,15 +1040,19 @@ def _dir_size(path: Path) -> int:
 _save_lock = threading.Lock()
 
 
-def _atomic_save(backend: Backend, adapter: str, path: Path, *, optimizer: bool, overwrite: bool) -> None:
+def _atomic_save(backend: Backend, adapter: str, path: Path, *, optimizer: bool, overwrite: bool,
+                 seal: Callable[[Path], None] | None = None) -> None:
     """Write into a temporary sibling directory, then rename into place: a crash never leaves a half-written
-    checkpoint, and an existing checkpoint is only replaced (``overwrite``) once the new one is complete."""
+    checkpoint, and an existing checkpoint is only replaced (``overwrite``) once the new one is complete.
+    ``seal`` (age encryption of an external export) runs on the temporary directory before the rename."""
     if path.exists() and not overwrite:
         raise InvalidInputError(f"checkpoint {path.name!r} already exists", field="name")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         backend.save(adapter, tmp, optimizer=optimizer)
+        if seal is not None:
+            seal(tmp)
         with _save_lock:
             if path.exists():
                 old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"

@@ -6,17 +6,20 @@ documentation. The route table lives in ``docs/native-api.md``.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from .data import Datum, ModelInput
-from .params import AdamParams, LoraConfig, LRSchedulerConfig, OptimizerConfig, SamplingParams, TopKLogprobs
-
-MAX_TTL_SECONDS = 10 * 366 * 86400.0
-"""A checkpoint's time to live is at most ten years (Tinker's range); larger values would overflow dates."""
-TTLSeconds = Annotated[float, Field(gt=0, le=MAX_TTL_SECONDS, allow_inf_nan=False,
-                                    description="seconds until the checkpoint expires (at most ten years)")]
+from .params import (
+    AdamParams,
+    LoraConfig,
+    LRSchedulerConfig,
+    OptimizerConfig,
+    SamplingParams,
+    TopKLogprobs,
+    TtlSeconds,
+)
 
 
 class _Api(BaseModel):
@@ -182,7 +185,7 @@ class SaveCheckpointRequest(_Api):
     seq_id: int | None = None
     name: str
     kind: Literal["training", "sampler"] = "training"
-    ttl_seconds: TTLSeconds | None = None
+    ttl_seconds: TtlSeconds | None = None
     overwrite: bool = False
 
 
@@ -202,8 +205,8 @@ class CheckpointInfo(_Reply):
     checkpoint_id: str = Field(description="'weights/<name>' or 'sampler_weights/<name>'")
     run_id: str
     name: str
-    kind: Literal["training", "sampler"]
-    path: str = Field(description="tinker://<run>/<weights|sampler_weights>/<name>")
+    kind: Literal["training", "sampler", "external"]
+    path: str = Field(description="tinker://<run>/<weights|sampler_weights|external_weights>/<name>")
     created_at: float
     step: int = 0
     size_bytes: int | None = None

@@ -17,6 +17,7 @@ MAX_LORA_RANK = 8192  # the schema's ceiling for a model's max_lora_rank; each m
 MAX_TOPK_LOGPROBS = 20  # top-k prompt logprobs per position (the reply grows with k × prompt length)
 MAX_LEARNING_RATE = 10.0
 MAX_STEPS = 10**9
+MAX_TTL_SECONDS = 10 * 365 * 86400  # a checkpoint's time to live: ten years at most (its expiry must be a date)
 
 
 def _not_bool(value: Any) -> Any:
@@ -31,6 +32,20 @@ Integer = Annotated[int, BeforeValidator(_not_bool)]
 """An int that is not a bool (``1.0`` and ``"1"`` are accepted as 1, ``1.5`` is not)."""
 Seed = Annotated[int, BeforeValidator(_not_bool), Field(ge=0, le=MAX_SEED)]
 TopKLogprobs = Annotated[int, BeforeValidator(_not_bool), Field(ge=0, le=MAX_TOPK_LOGPROBS)]
+TtlSeconds = Annotated[float, BeforeValidator(_not_bool), Field(gt=0, le=MAX_TTL_SECONDS, allow_inf_nan=False)]
+
+
+def check_ttl_seconds(value: Any, field: str = "ttl_seconds") -> float | None:
+    """A checkpoint TTL from any API: None (keep forever) or a finite number of seconds in (0, ten years]."""
+    from .errors import InvalidInputError
+
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_TTL_SECONDS:
+        raise InvalidInputError(
+            f"{field} must be a number of seconds in (0, {MAX_TTL_SECONDS}] or null, got {value!r}", field=field
+        )
+    return float(value)
 
 
 class _Params(BaseModel):

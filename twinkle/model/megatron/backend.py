@@ -325,6 +325,10 @@ class MegatronBackend(TransformersBackend):
     def optim_step(self, adapter: str, params: AdamParams | None = None) -> dict[str, float]:
         return super().optim_step(adapter, params)
 
+    def grad_snapshot(self, adapter: str) -> None:
+        """Gradients live on every rank: no snapshot, so the scheduler runs a large request as one pass."""
+        return None
+
     def _reduce_grads(self, params: list[Any]) -> None:
         if self.dp > 1:
             _parallel.allreduce_grads(params, self._dp_group)

@@ -204,6 +204,13 @@ class MockBackend(Backend):
     def step_count(self, adapter: str) -> int:
         return self._get(adapter).step
 
+    def grad_snapshot(self, adapter: str) -> dict[str, np.ndarray]:
+        """A copy of ``adapter``'s accumulated gradients (the scheduler restores it if a micro-batch fails)."""
+        return {k: v.copy() for k, v in self._get(adapter).grads.items()}
+
+    def grad_restore(self, adapter: str, saved: dict[str, np.ndarray]) -> None:
+        self._get(adapter).grads = saved
+
     def _get(self, adapter: str | None) -> _Adapter:
         if adapter is None or adapter not in self._adapters:
             raise NotFoundError(f"adapter {adapter!r} not found", field="adapter")

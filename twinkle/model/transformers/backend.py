@@ -103,6 +103,7 @@ class TransformersBackend(Backend):
         self._vision: VisionSupport | None = VisionSupport(self.path, self.model, cfg) if is_vl else None
         self._vrouting: list[Routing | None] = [None]  # vision-tower LoRA routing, in patch units
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self._keep_kw = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self._routing: list[Routing | None] = [None]
         self._layers: dict[str, MultiLoraLinear] = {}
         self._wrap_linears()
@@ -220,7 +221,7 @@ class TransformersBackend(Backend):
     # -- compute ---------------------------------------------------------------------------------------------
     def _forward_logits(self, ids: torch.Tensor, segments: list[Segment], *, train: bool, mask: torch.Tensor | None = None,
                         pos: torch.Tensor | None = None, cache: Any = None, use_cache: bool = False,
-                        vision: VisionInputs | None = None) -> tuple[torch.Tensor, Any]:
+                        vision: VisionInputs | None = None, last_only: bool = False) -> tuple[torch.Tensor, Any]:
         self._routing[0] = Routing(segments, dropout=train)
         if vision is not None:
             self._vrouting[0] = Routing(vision.patch_segments, dropout=train)
@@ -236,6 +237,8 @@ class TransformersBackend(Backend):
                 kw["position_ids"] = pos
             if cache is not None:
                 kw[self._cache_kw] = cache
+            if last_only and self._keep_kw:
+                kw["logits_to_keep"] = 1
             out = self.model(**kw)
         finally:
             self._routing[0] = None
@@ -310,6 +313,14 @@ class TransformersBackend(Backend):
             if total is not None and total.requires_grad:
                 total.backward()
         return results
+
+    def grad_snapshot(self, adapter: str) -> list[torch.Tensor | None] | None:
+        """A copy of ``adapter``'s accumulated gradients (the scheduler restores it if a micro-batch fails)."""
+        return [None if p.grad is None else p.grad.detach().clone() for p in self._get(adapter).parameters()]
+
+    def grad_restore(self, adapter: str, saved: list[torch.Tensor | None]) -> None:
+        for p, g in zip(self._get(adapter).parameters(), saved, strict=True):
+            p.grad = g
 
     def _reference_logprobs(self, prepared: list[PreparedItem]) -> dict[int, dict[int, torch.Tensor]]:
         need = [(i, j) for i, p in enumerate(prepared) if p.spec.needs_reference
@@ -422,8 +433,11 @@ class TransformersBackend(Backend):
         return out
 
     def _sample_forward(self, ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor, cache: Any,
-                        segments: list[Segment]) -> tuple[torch.Tensor, Any]:
-        return self._forward_logits(ids, segments, train=False, mask=mask, pos=pos, cache=cache, use_cache=True)
+                        segments: list[Segment], last_only: bool = False) -> tuple[torch.Tensor, Any]:
+        """``last_only``: logits of the last position only (a prefill without prompt logprobs: the unembedding
+        of every prompt position is skipped, a large saving for big vocabularies)."""
+        return self._forward_logits(ids, segments, train=False, mask=mask, pos=pos, cache=cache, use_cache=True,
+                                    last_only=last_only)
 
     def _decode_text(self, toks: list[int]) -> str:
         return self._tokenizer.decode(toks, skip_special_tokens=False)

@@ -21,7 +21,7 @@ from ..store import Store
 from .common import now, validate_checkpoint_name
 from .identity import User
 
-KIND_DIR = {"training": "weights", "sampler": "sampler_weights"}
+KIND_DIR = {"training": "weights", "sampler": "sampler_weights", "external": "external_weights"}
 DIR_KIND = {v: k for k, v in KIND_DIR.items()}
 
 Key = tuple[str, str, str]  # (run_id, kind, name)
@@ -76,7 +76,7 @@ class Checkpoints:
     def key(run: RunInfo, op: SaveOp) -> Key:
         validate_checkpoint_name(op.name, "name")
         if op.kind not in KIND_DIR:
-            raise InvalidInputError(f"kind must be 'training' or 'sampler', not {op.kind!r}", field="kind")
+            raise InvalidInputError(f"kind must be 'training', 'sampler' or 'external', not {op.kind!r}", field="kind")
         if op.ttl_seconds is not None and op.ttl_seconds <= 0:
             raise InvalidInputError("ttl_seconds must be > 0", field="ttl_seconds")
         return (run.run_id, op.kind, op.name)
@@ -143,6 +143,20 @@ class Checkpoints:
         if ck is None or (ck.user != user.name and not ck.info.public):
             raise NotFoundError(f"checkpoint {path!r} not found", field="path")
         return ck.info.model_copy()
+
+    def directory_of(self, info: CheckpointInfo) -> Path:
+        """Where the files of a listed checkpoint are."""
+        ck = self.by_key.get((info.run_id, info.kind, info.name))
+        if ck is None:
+            raise NotFoundError(f"checkpoint {info.path!r} not found", field="checkpoint_id")
+        return Path(ck.dir).resolve()
+
+    def readable_dir(self, user_name: str, path: str) -> Path:
+        """The directory of checkpoint ``path`` if ``user_name`` may still read it (a signed download URL)."""
+        ck = self.by_key.get(parse_checkpoint_path(path, "token"))
+        if ck is None or (ck.user != user_name and not ck.info.public):
+            raise NotFoundError("download link not found", field="token")
+        return Path(ck.dir).resolve()
 
     def own(self, user: User, run_id: str, checkpoint_id: str) -> tuple[Key, Ckpt]:
         if not isinstance(checkpoint_id, str) or checkpoint_id.count("/") != 1:

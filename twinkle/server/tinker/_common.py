@@ -26,6 +26,7 @@ __all__ = [
     "TinkerRoute",
     "TinkerState",
     "error_response",
+    "max_request_bytes",
     "refused",
     "state_of",
     "submit_once",
@@ -108,14 +109,28 @@ async def tinker_user(request: Request, service: Service = Depends(tinker_servic
 
 
 class TinkerState:
-    """Per-service state of the Tinker front door. ``dedup``: (user, run, seq_id, route) → request id, so a
+    """Per-service state of the Tinker front door (one gateway replica; see docs/tinker-compat.md). ``dedup``: (user, run, seq_id, route) → request id, so a
     resubmitted seq_id (the SDK's holder retry) gets the same future; the user is part of the key, so
     another user's run id never hits it (ownership before dedup). ``ephemeral_done``: ephemeral sampler ids
     already registered after their save completed."""
 
     def __init__(self) -> None:
+        from ..stability import StabilityStore
+
         self.dedup: OrderedDict[tuple[str, str, int, str], str] = OrderedDict()
         self.ephemeral_done: set[str] = set()
+        # stable_reinforce: samples recorded with record_stability_info, read back by forward_backward
+        self.stability = StabilityStore()
+        self.signers: dict[str, Any] = {}
+
+    def url_signer(self, service: Service) -> Any:
+        """The signer of external-weights download URLs for this service's checkpoint root."""
+        from ..export import UrlSigner
+
+        root = service.checkpoints.root
+        if str(root) not in self.signers:
+            self.signers[str(root)] = UrlSigner.for_root(root)
+        return self.signers[str(root)]
 
 
 _STATES: weakref.WeakKeyDictionary[Any, TinkerState] = weakref.WeakKeyDictionary()
@@ -162,6 +177,16 @@ async def _skip_from_body(request: Request, body: dict[str, Any]) -> None:
     if user is None or not isinstance(model_id, str):
         return
     await refused(await tinker_service(request), user, model_id, body.get("seq_id"))
+
+
+def max_request_bytes(service: Service) -> int:
+    """The configured ``limits.max_request_bytes`` (the config schema's default for a service without one)."""
+    config = getattr(service, "config", None)
+    if config is not None:
+        return int(config.limits.max_request_bytes)
+    from ..config import LimitsConfig
+
+    return int(LimitsConfig().max_request_bytes)
 
 
 def tag(future_id: str, *parts: Any) -> str:

@@ -182,6 +182,28 @@ def _datum_from_pb(msg: pb.Datum, index: int) -> Datum:
     return Datum(model_input=ModelInput(chunks=chunks), loss_fn_inputs=inputs)
 
 
+_SPAN_KINDS = {"prompt_tokens": "prompt", "sampled_tokens": "sampled"}
+_MAX_SPANS = 65536
+
+
+def _spans_from_pb(msg: pb.Datum, index: int) -> list[tuple[str, str, int, int]] | None:
+    if not len(msg.loss_fn_input_spans):
+        return None
+    where = f"data[{index}].loss_fn_input_spans"
+    if len(msg.loss_fn_input_spans) > _MAX_SPANS:
+        raise InvalidInputError(f"{where} has more than {_MAX_SPANS} spans", field=where)
+    out = []
+    for span in msg.loss_fn_input_spans:
+        kind = span.WhichOneof("span")
+        if kind not in _SPAN_KINDS:
+            raise InvalidInputError(f"{where} has an empty span", field=where)
+        run = getattr(span, kind)
+        if run.offset < 0 or run.length < 0 or not run.sequence_id or len(run.sequence_id) > 256:
+            raise InvalidInputError(f"{where} has a span with a bad sequence_id, offset or length", field=where)
+        out.append((_SPAN_KINDS[kind], run.sequence_id, int(run.offset), int(run.length)))
+    return out
+
+
 def _loss_config(msg: pb.ForwardBackwardRequest) -> dict[str, float | str] | None:
     cfg: dict[str, float | str] = {k: float(v) for k, v in msg.loss_fn_config.items()}
     for k, v in msg.loss_fn_config_v2.items():  # v2 wins: it also carries text values
@@ -216,6 +238,7 @@ def decode_forward_backward(body: bytes, content_encoding: str | None = None, *,
         "loss_fn": msg.loss_fn or "cross_entropy",
         "loss_fn_config": _loss_config(msg),
         "forward_only": bool(msg.forward_only),
+        "target_spans": [_spans_from_pb(d, i) for i, d in enumerate(msg.data)],
     }
     try:
         return ForwardBackwardBody.model_validate(fields)

@@ -56,6 +56,8 @@ async def retrieve_future(body: RetrieveFutureRequest, user: User = _who, servic
         if category not in ("user", "server", "unknown"):
             category = "unknown"
         return {"error": str(err.get("error") or err.get("message") or "request failed"), "category": category}
+    if kind == "smp" and len(extra) > 2 and extra[2] == "rec":
+        state_of(service).stability.record(user.name, future_id, state.result)
     return await _shape_result(service, user, kind, extra, state.result)
 
 

@@ -11,8 +11,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from twinkle.types import AdamParams, Datum, LoraConfig, ModelInput, SamplingParams
-from twinkle.types.api import TTLSeconds
-from twinkle.types.params import Integer, TopKLogprobs
+from twinkle.types.params import Integer, TopKLogprobs, TtlSeconds
 
 __all__ = [
     "MAX_NUM_SAMPLES",
@@ -126,6 +125,8 @@ class ForwardBackwardBody(_Body):
     loss_fn: Text = "cross_entropy"
     loss_fn_config: dict[str, Any] | None = Field(None, description="checked by the loss registry")
     forward_only: bool = False
+    target_spans: list[list[tuple[str, str, int, int]] | None] | None = Field(
+        None, description="per datum, the provenance spans of its targets (protobuf only; stable_reinforce)")
 
 
 class ForwardBackwardInput(_Body):
@@ -176,7 +177,7 @@ class SaveWeightsRequest(_Body):
     model_id: Id
     path: Annotated[str, Field(max_length=256)] | None = None
     seq_id: SeqId | None = None
-    ttl_seconds: TTLSeconds | None = None
+    ttl_seconds: TtlSeconds | None = None
     overwrite: bool = False
     kind: Text | None = None
     sampling_session_seq_id: SeqId | None = None
@@ -229,7 +230,7 @@ class RetrieveFutureRequest(_Body):
 
 
 class SetTTLRequest(_Body):
-    ttl_seconds: TTLSeconds | None = None
+    ttl_seconds: TtlSeconds | None = None
 
 
 class WeightsInfoRequest(_Body):

@@ -4,23 +4,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import FileResponse
 
-from twinkle.types import NotFoundError, UnsupportedError
+from twinkle.types import InvalidInputError, NotFoundError
 from twinkle.types.api import CheckpointInfo
 
 from ..service import Service, User
 from . import codec
-from ._common import TinkerRoute, tinker_service, tinker_user
+from ._common import TinkerRoute, state_of, tinker_service, tinker_user
 from .models import EmptyBody, SetTTLRequest, WeightsInfoRequest
 
-__all__ = ["MAX_PAGE", "router"]
+__all__ = ["EXTERNAL_URL_TTL_S", "MAX_PAGE", "router"]
 
 router = APIRouter(route_class=TinkerRoute, tags=["tinker: runs and checkpoints"])
 _svc = Depends(tinker_service)
 _who = Depends(tinker_user)
 
 MAX_PAGE = 10000
+EXTERNAL_URL_TTL_S = 3600.0
+"""How long a signed external-weights download URL stays valid."""
 _CKPT = "/training_runs/{run_id}/checkpoints/{checkpoint_id:path}"
 
 
@@ -61,9 +64,35 @@ async def list_checkpoints(run_id: str, user: User = _who, service: Service = _s
 
 
 @router.get(_CKPT + "/external_weights_urls")
-async def external_weights_urls(run_id: str, checkpoint_id: str, user: User = _who) -> dict[str, Any]:
-    raise UnsupportedError("external_weights_urls is not supported: checkpoints are files on the server; "
-                           "use the native API to download them", field="checkpoint_id")
+async def external_weights_urls(run_id: str, checkpoint_id: str, request: Request, user: User = _who,
+                                service: Service = _svc) -> dict[str, Any]:
+    """Signed download URLs (valid ``EXTERNAL_URL_TTL_S``) for the files of an external weights export."""
+    if not checkpoint_id.startswith("external_weights/"):
+        raise InvalidInputError("only external_weights/<name> checkpoints have download URLs", field="checkpoint_id")
+    await service.get_run(user, run_id)  # 404 for an unknown / foreign run
+    ck = next((c for c in await service.list_checkpoints(user, run_id) if c.checkpoint_id == checkpoint_id), None)
+    if ck is None:
+        raise NotFoundError(f"checkpoint {checkpoint_id!r} of run {run_id!r} not found", field="checkpoint_id")
+    directory = service.checkpoints.directory_of(ck)
+    signer = state_of(service).url_signer(service)
+    base = str(request.base_url).rstrip("/")
+    urls, expires = {}, 0.0
+    for f in sorted(p for p in directory.rglob("*") if p.is_file()):
+        rel = f.relative_to(directory).as_posix()
+        token, expires = signer.sign({"u": user.name, "p": ck.path, "f": rel}, EXTERNAL_URL_TTL_S)
+        urls[rel] = f"{base}/api/v1/external_weights_files/{token}"
+    return {"urls": urls, "expires": codec._iso(expires or None)}
+
+
+@router.get("/external_weights_files/{token}")
+async def external_weights_file(token: str, service: Service = _svc) -> Any:
+    """A file of an external weights export, by a signed URL (no API key: the URL is the credential)."""
+    claims = state_of(service).url_signer(service).verify(token)
+    directory = service.checkpoints.readable_dir(str(claims.get("u")), str(claims.get("p")))
+    f = (directory / str(claims.get("f"))).resolve()
+    if directory not in f.parents or not f.is_file():
+        raise NotFoundError("download link not found", field="token")
+    return FileResponse(f, media_type="application/octet-stream", filename=f.name)
 
 
 @router.post(_CKPT + "/publish")

@@ -58,9 +58,6 @@ def _refuse_unsupported(body: AsampleRequest) -> None:
         raise UnsupportedError("target_prompt_logprobs is not supported", field="target_prompt_logprobs")
     if body.prompt_alt_tokens_k > 0:
         raise UnsupportedError("prompt_alt_tokens_k is not supported", field="prompt_alt_tokens_k")
-    if body.record_stability_info:
-        raise UnsupportedError("record_stability_info (stable_reinforce) is not supported",
-                               field="record_stability_info")
     if body.topk_sample_logprobs > 0:
         raise UnsupportedError("topk_sample_logprobs is not supported (prompt top-k is)", field="topk_sample_logprobs")
 
@@ -90,6 +87,7 @@ async def asample(body: AsampleRequest, user: User = _who, service: Service = _s
         raise InvalidInputError("asample needs sampling_session_id, model_path or base_model",
                                 field="sampling_session_id")
     return {
-        "request_id": tag(ref.future_id, "smp", "" if last_n is None else last_n, topk),
+        "request_id": tag(ref.future_id, "smp", "" if last_n is None else last_n, topk,
+                          "rec" if body.record_stability_info else ""),
         "sample_sequence_ids": [f"{ref.future_id}-{i}" for i in range(body.num_samples)],
     }

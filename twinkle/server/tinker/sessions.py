@@ -7,7 +7,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query
 
 from ..service import Service, User
-from ._common import TinkerRoute, tinker_service, tinker_user
+from ._common import TinkerRoute, max_request_bytes, tinker_service, tinker_user
+from .client_limits import client_limits
 from .models import (
     ClientConfigRequest,
     CreateSessionRequest,
@@ -36,9 +37,12 @@ _who = Depends(tinker_user)
 
 
 @router.post("/client/config")
-async def client_config(body: ClientConfigRequest | None = None, user: User = _who) -> dict[str, Any]:
-    """The SDK's first call: feature flags (proto results, no JWT, no parallel chunks)."""
-    return dict(CLIENT_CONFIG)
+async def client_config(body: ClientConfigRequest | None = None, user: User = _who,
+                        service: Service = _svc) -> dict[str, Any]:
+    """The SDK's first call: feature flags (proto results, no JWT, no parallel chunks) and the request sizes
+    the SDK splits forward_backward by."""
+    caps = [m.max_tokens_per_request for m in service.capabilities().base_models]
+    return {**CLIENT_CONFIG, **client_limits(caps, max_request_bytes(service))}
 
 
 @router.post("/client/dynamic_config")

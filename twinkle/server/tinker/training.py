@@ -13,7 +13,17 @@ from ..deps import field_of
 from ..ops import ForwardBackwardOp, OptimStepOp
 from ..service import Service, User
 from . import codec
-from ._common import PROTO, TinkerRoute, refused, submit_once, tag, tinker_service, tinker_user
+from ._common import (
+    PROTO,
+    TinkerRoute,
+    max_request_bytes,
+    refused,
+    state_of,
+    submit_once,
+    tag,
+    tinker_service,
+    tinker_user,
+)
 from .models import (
     CreateModelRequest,
     ForwardBackwardBody,
@@ -100,6 +110,9 @@ async def _submit_fb(request: Request, user: User, service: Service, req: Forwar
         await refused(service, user, req.model_id, req.seq_id)
         raise InvalidInputError("forward_backward needs at least one datum", field="data")
     try:  # the loss registry refuses an unknown loss or a bad config here; the seq_id is consumed all the same
+        if req.loss_fn == "stable_reinforce" and not req.forward_only:
+            req.data = state_of(service).stability.apply(user.name, req.data,
+                                                         req.target_spans or [None] * len(req.data))
         op = ForwardBackwardOp(data=req.data, loss_fn=req.loss_fn, loss_fn_config=req.loss_fn_config,
                                forward_only=req.forward_only)
     except TwinkleError:
@@ -120,8 +133,7 @@ async def forward_backward(request: Request, user: User = _who, service: Service
     """Protobuf (what the 0.38 SDK sends) or JSON; both become a ``ForwardBackwardBody``."""
     ctype = (request.headers.get("content-type") or "").lower()
     raw = await request.body()
-    limits = getattr(getattr(request.app.state, "config", None), "limits", None)
-    max_bytes = int(getattr(limits, "max_request_bytes", codec.DEFAULT_MAX_DECODED_BYTES))
+    max_bytes = max_request_bytes(service)
     if "json" in ctype:
         req = _json_body(raw)
     else:

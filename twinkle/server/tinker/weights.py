@@ -7,8 +7,9 @@ from typing import Any
 
 from fastapi import APIRouter, Depends
 
-from twinkle.types import InvalidInputError, TwinkleError, UnsupportedError
+from twinkle.types import InvalidInputError, TwinkleError
 
+from ..export import parse_recipients
 from ..ops import LoadOp, SaveOp
 from ..service import Service, User
 from ._common import (
@@ -44,8 +45,10 @@ def _save_op(body: SaveWeightsRequest, route: str) -> tuple[SaveOp, tuple[Any, .
                     overwrite=True)
         return op, ("eph", sampler_id)
     name = checkpoint_name(body.path, "path")
-    kind = "training" if route == "save_weights" else "sampler"
-    return SaveOp(name=name, kind=kind, ttl_seconds=body.ttl_seconds, overwrite=body.overwrite), ("save",)
+    kind = {"save_weights": "training", "save_weights_external": "external"}.get(route, "sampler")
+    recipients = parse_recipients(body.age_encryption_recipients) if kind == "external" else ()
+    return SaveOp(name=name, kind=kind, ttl_seconds=body.ttl_seconds, overwrite=body.overwrite,
+                  age_recipients=recipients), ("save",)
 
 
 async def _save(body: SaveWeightsRequest, route: str, user: User, service: Service) -> dict[str, Any]:
@@ -79,10 +82,8 @@ async def save_weights_for_sampler(body: SaveWeightsRequest, user: User = _who,
 @router.post("/save_weights_external")
 async def save_weights_external(body: SaveWeightsRequest, user: User = _who,
                                 service: Service = _svc) -> dict[str, Any]:
-    if body.age_encryption_recipients:
-        await refused(service, user, body.model_id, body.seq_id)
-        raise UnsupportedError("age_encryption_recipients is not supported", field="age_encryption_recipients")
-    # Twinkle's sampler checkpoints already are plain peft adapters (the "external" format).
+    """A peft adapter (adapter_config.json + adapter_model.safetensors) under external_weights/<path>, each
+    file age-encrypted (<file>.age) when age_encryption_recipients are given."""
     return await _save(body, "save_weights_external", user, service)
 
 
