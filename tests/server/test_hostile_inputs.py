@@ -158,6 +158,23 @@ def test_another_users_run_id_is_404_exactly_like_a_made_up_one(env):
     env.go(go())
 
 
+def test_status_names_only_your_own_runs(env):
+    body = {"model_id": env.run, "forward_backward_input": {"data": [TINKER_DATUM]}, "seq_id": 50}
+
+    async def go():
+        async with env.client(env.key_a) as a, env.client(env.key_b) as b:
+            r = await a.post(f"{API}/forward_backward", json=body)
+            assert r.status_code == 200, r.text
+            await a.post(f"{API}/retrieve_future", json={"request_id": r.json()["request_id"]})
+            mine = await a.get(f"{API}/twinkle/status")
+            theirs = await b.get(f"{API}/twinkle/status")
+            assert mine.status_code == theirs.status_code == 200
+            assert env.run in mine.text and env.run not in theirs.text
+            assert theirs.json()["workers"][0]["last_batch"]["other_adapters"] >= 1
+
+    env.go(go())
+
+
 def test_a_forged_request_id_cannot_pad_a_reply(env):
     async def go():
         async with env.client(env.key_a) as c:

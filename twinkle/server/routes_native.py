@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Depends, Query
 
 from twinkle.model.images import prompt_arg
@@ -61,6 +63,22 @@ async def _settle(service: Service, user: User, ref: FutureRef, wait: float) -> 
     return ref
 
 
+def _own_view(status: ServerStatus, own: set[str]) -> ServerStatus:
+    """``status`` with every other user's run ids replaced by a count (``other_adapters``)."""
+
+    def redact(batch: dict[str, Any] | None) -> dict[str, Any] | None:
+        if not batch:
+            return batch
+        ids = list(batch.get("adapters") or [])
+        mine = [a for a in ids if a in own]
+        return {**batch, "adapters": mine, "other_adapters": len(ids) - len(mine)}
+
+    for w in status.workers:
+        w.last_batch = redact(w.last_batch)
+        w.recent_batches = [b for b in (redact(b) for b in w.recent_batches) if b is not None]
+    return status
+
+
 def health_router() -> APIRouter:
     r = APIRouter()
 
@@ -85,7 +103,12 @@ def create_native_router() -> APIRouter:
 
     @r.get("/status", response_model=ServerStatus)
     async def status(user: User = who, service: Service = svc) -> ServerStatus:
-        return await service.status()
+        """Server and worker counters. Batch records name only the caller's own runs (an admin sees all)."""
+        status = await service.status()
+        if getattr(user, "is_admin", False):
+            return status
+        runs, _ = await service.list_runs(user, limit=1 << 30)
+        return _own_view(status, {r.run_id for r in runs})
 
     # ---- sessions ----------------------------------------------------------------------------------------
     @r.post("/sessions", response_model=SessionInfo)
