@@ -14,6 +14,7 @@ from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from twinkle.types import InvalidInputError, TwinkleError
 
@@ -69,6 +70,10 @@ class TinkerRoute(APIRoute):
             except TwinkleError as e:
                 log.info("tinker %s refused: %s", name, e)
                 return error_response(e)
+            except StarletteHTTPException as e:
+                if e.status_code != 400:  # 404/405 and the like: the app's handler answers them
+                    raise
+                return error_response(InvalidInputError(f"invalid request body: {e.detail}", field="body"))
             except RequestValidationError as e:
                 body = getattr(e, "body", None)
                 if isinstance(body, dict):
