@@ -262,3 +262,30 @@ def test_user_errors_log_one_line_without_traceback(env, caplog):
     with caplog.at_level("DEBUG"):
         env.go(go())
     assert not [rec for rec in caplog.records if rec.levelno >= 30 or rec.exc_info]
+
+
+def test_worker_user_errors_travel_as_values_not_as_logged_exceptions():
+    """A worker replica returns a user error as a value (Ray Serve would log a raised one as ERROR with a
+    traceback); the gateway's handle wrapper raises it again, field intact, after a pickle round trip."""
+    import pickle
+
+    from twinkle.server.app import WorkerRefusal, _HandleWorker, refusal_as_value
+    from twinkle.types import InvalidInputError
+
+    async def refuse():
+        raise InvalidInputError("bad beta", field="loss_fn_config.beta")
+
+    out = asyncio.run(refusal_as_value(refuse()))
+    out = pickle.loads(pickle.dumps(out))
+    assert isinstance(out, WorkerRefusal)
+
+    class Method:
+        async def remote(self, *a, **kw):
+            return out
+
+    class Handle:
+        execute = Method()
+
+    with pytest.raises(InvalidInputError) as e:
+        asyncio.run(_HandleWorker(Handle()).execute("a", None))
+    assert e.value.field == "loss_fn_config.beta"

@@ -17,6 +17,7 @@ import re
 import traceback
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
@@ -231,6 +232,21 @@ def _tinker_router() -> Any:
 # ---- Ray Serve -----------------------------------------------------------------------------------------------
 
 
+@dataclass
+class WorkerRefusal:
+    """A user error (``TwinkleError``) a worker replica returns as a value instead of raising it, so Ray Serve
+    does not log a bad input as an ERROR with a traceback; the gateway raises it again."""
+
+    error: TwinkleError
+
+
+async def refusal_as_value(call: Any) -> Any:
+    try:
+        return await call
+    except TwinkleError as e:
+        return WorkerRefusal(e)
+
+
 class _HandleWorker:
     """Adapts a Ray Serve ``DeploymentHandle`` of a worker deployment to :class:`~twinkle.server.worker_api.WorkerAPI`."""
 
@@ -241,12 +257,15 @@ class _HandleWorker:
         from .service import _unwrap
 
         try:
-            return await getattr(self._h, method).remote(*args, **kwargs)
+            out = await getattr(self._h, method).remote(*args, **kwargs)
         except Exception as e:
             err = _unwrap(e)
             if err is e:
                 raise
             raise err from None
+        if isinstance(out, WorkerRefusal):
+            raise out.error
+        return out
 
     async def create_adapter(self, adapter_id: str, lora: Any, **kw: Any) -> Any:
         return await self._call("create_adapter", adapter_id, lora, **kw)
@@ -316,18 +335,18 @@ def build_serve_app(config: ServerConfig) -> Any:
             self.worker = ModelWorker(model_config, replica)
 
         async def create_adapter(self, adapter_id: str, lora: Any, **kw: Any) -> Any:
-            return await self.worker.create_adapter(adapter_id, lora, **kw)
+            return await refusal_as_value(self.worker.create_adapter(adapter_id, lora, **kw))
 
         async def remove_adapter(self, adapter_id: str) -> Any:
             return await self.worker.remove_adapter(adapter_id)
 
         async def execute(self, adapter_id: str, op: Any, *, seq_id: int | None = None,
                           path: str | None = None) -> Any:
-            return await self.worker.execute(adapter_id, op, seq_id=seq_id, path=path)
+            return await refusal_as_value(self.worker.execute(adapter_id, op, seq_id=seq_id, path=path))
 
         async def sample(self, op: Any, *, adapter_id: str | None = None,
                          checkpoint_path: str | None = None) -> Any:
-            return await self.worker.sample(op, adapter_id=adapter_id, checkpoint_path=checkpoint_path)
+            return await refusal_as_value(self.worker.sample(op, adapter_id=adapter_id, checkpoint_path=checkpoint_path))
 
         async def skip(self, adapter_id: str, seq_id: int) -> None:
             await self.worker.skip(adapter_id, seq_id)
