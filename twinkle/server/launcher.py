@@ -170,21 +170,33 @@ _LEAN_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lean_sit
 _SHADOWED = ("rfc3987_syntax", "pandas")
 
 
-def _lean_imports() -> None:
-    """Keep heavy optional imports out of this process and of every Ray process it starts (they inherit
-    ``PYTHONPATH``): see ``_lean_site/``."""
+def _lean_imports() -> list[str]:
+    """Keep heavy optional imports out of this process while it starts Ray and Serve, and out of every Ray
+    process it starts (they inherit ``PYTHONPATH``): see ``_lean_site/``. Returns the names shadowed here;
+    ``launch`` hands them back (``_unshadow``) once the server is up, so the caller can import them again."""
+    shadowed = []
     for name in _SHADOWED:
         if name not in sys.modules:
             sys.modules[name] = None  # type: ignore[assignment]  # ``import`` raises ImportError
+            shadowed.append(name)
     parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if _LEAN_SITE not in parts:
         os.environ["PYTHONPATH"] = os.pathsep.join([_LEAN_SITE, *parts])
+    return shadowed
 
 
-def _prepare_env(address: str | None, proxy: str = "haproxy") -> None:
+def _unshadow(names: list[str]) -> None:
+    """Undo ``_lean_imports`` in this process (``import pandas`` works again in the caller)."""
+    for name in names:
+        if name in sys.modules and sys.modules[name] is None:
+            del sys.modules[name]
+
+
+def _prepare_env(address: str | None, proxy: str = "haproxy") -> list[str]:
     """Lean defaults for a fresh machine (no usage stats, quiet logs, slow pollers); a local Ray's processes
-    inherit this environment. Before anything imports Ray or Serve (Serve reads its constants at import)."""
-    _lean_imports()
+    inherit this environment. Before anything imports Ray or Serve (Serve reads its constants at import).
+    Returns the module names shadowed in this process (see ``_lean_imports``)."""
+    shadowed = _lean_imports()
     for k, v in _RAY_ENV.items():
         os.environ.setdefault(k, v)
     if "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ:
@@ -197,6 +209,7 @@ def _prepare_env(address: str | None, proxy: str = "haproxy") -> None:
     else:
         for k, v in _lean_env().items():
             os.environ.setdefault(k, v)
+    return shadowed
 
 
 def _preimport() -> threading.Thread:
@@ -277,7 +290,7 @@ def launch(config: ServerConfig, *, address: str | None = None, num_cpus: int | 
             print(f"Stopped {n} leftover processes of a killed twinkle launcher (same state or port)",
                   file=sys.stderr, flush=True)
         mark_launch(state)
-    _prepare_env(address, config.http.proxy)
+    shadowed = _prepare_env(address, config.http.proxy)
     imports = _preimport()
     _init_ray(address, num_cpus)
     imports.join()
@@ -300,8 +313,10 @@ def launch(config: ServerConfig, *, address: str | None = None, num_cpus: int | 
             raise RuntimeError(f"the server did not become healthy at {url}")
     except BaseException:
         print("Twinkle server failed to start; shutting down", file=sys.stderr, flush=True)
+        _unshadow(shadowed)
         shutdown(address)
         raise
+    _unshadow(shadowed)  # no process-global side effect left in the caller (its notebook may import pandas)
     t_end = time.monotonic()
     print(f"Twinkle server ready at {url}  (started in {t_end - t0:.1f} s: ray {t_ray - t0:.1f} s, "
           f"serve {t_serve - t_ray:.1f} s, deployments {t_end - t_serve:.1f} s)", flush=True)
