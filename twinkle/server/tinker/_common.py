@@ -7,7 +7,7 @@ import logging
 import uuid
 import weakref
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from fastapi import Depends, Request
@@ -60,7 +60,7 @@ class TinkerRoute(APIRoute):
     500 with an error id and no traceback. A training request refused for its body still consumed its
     ``seq_id``: the run's later requests are told not to wait for it."""
 
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         name = self.name
 

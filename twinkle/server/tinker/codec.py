@@ -34,7 +34,7 @@ from twinkle.types.api import CheckpointInfo, RunInfo
 from .._tinker_proto import tinker_pb2
 from .models import ForwardBackwardBody
 
-pb = tinker_pb2()  # the SDK's generated protobuf module, loaded without importing torch
+pb: Any = tinker_pb2()  # the SDK's generated protobuf module, loaded without importing torch
 
 __all__ = [
     "DEFAULT_MAX_DECODED_BYTES",
@@ -52,7 +52,7 @@ METRIC_REDUCTIONS = frozenset({"sum", "mean", "min", "max", "slack", "hash2", "u
 _REDUCTION_ALIASES = {"avg": "mean", "average": "mean", "total": "sum"}
 _TOPK_MASK_LOGPROB = -99999.0  # the SDK's sentinel for an empty top-k slot
 
-_PB_TO_NUMPY = {
+_PB_TO_NUMPY: dict[int, np.dtype[Any]] = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
     pb.DTYPE_INT64: np.dtype("<i8"),
     pb.DTYPE_INT32: np.dtype("<i4"),
@@ -116,7 +116,7 @@ def _dense_elements(shape: list[int], where: str) -> int:
     return n
 
 
-def _tensor_from_pb(msg: pb.Tensor, where: str) -> TensorData:
+def _tensor_from_pb(msg: Any, where: str) -> TensorData:
     np_dtype = _PB_TO_NUMPY.get(msg.dtype)
     if np_dtype is None:
         raise InvalidInputError(f"{where} has an unsupported dtype ({msg.dtype})", field=where)
@@ -156,7 +156,7 @@ def _frombuffer(buf: bytes, dtype: np.dtype, where: str) -> np.ndarray:
     return np.frombuffer(buf, dtype=dtype)
 
 
-def _datum_from_pb(msg: pb.Datum, index: int) -> Datum:
+def _datum_from_pb(msg: Any, index: int) -> Datum:
     where = f"data[{index}]"
     chunks: list[EncodedTextChunk | ImageChunk] = []
     for j, chunk in enumerate(msg.model_input):
@@ -186,7 +186,7 @@ _SPAN_KINDS = {"prompt_tokens": "prompt", "sampled_tokens": "sampled"}
 _MAX_SPANS = 65536
 
 
-def _spans_from_pb(msg: pb.Datum, index: int) -> list[tuple[str, str, int, int]] | None:
+def _spans_from_pb(msg: Any, index: int) -> list[tuple[str, str, int, int]] | None:
     if not len(msg.loss_fn_input_spans):
         return None
     where = f"data[{index}].loss_fn_input_spans"
@@ -204,7 +204,7 @@ def _spans_from_pb(msg: pb.Datum, index: int) -> list[tuple[str, str, int, int]]
     return out
 
 
-def _loss_config(msg: pb.ForwardBackwardRequest) -> dict[str, float | str] | None:
+def _loss_config(msg: Any) -> dict[str, float | str] | None:
     cfg: dict[str, float | str] = {k: float(v) for k, v in msg.loss_fn_config.items()}
     for k, v in msg.loss_fn_config_v2.items():  # v2 wins: it also carries text values
         which = v.WhichOneof("value")
@@ -243,7 +243,7 @@ def decode_forward_backward(body: bytes, content_encoding: str | None = None, *,
     try:
         return ForwardBackwardBody.model_validate(fields)
     except ValidationError as e:
-        first = e.errors()[0] if e.errors() else {}
+        first: Any = e.errors()[0] if e.errors() else {}
         field = ".".join(str(p) for p in first.get("loc", ())) or "body"
         raise InvalidInputError(f"invalid forward_backward: {field}: {first.get('msg')}", field=field) from None
 
@@ -322,7 +322,7 @@ def encode_forward_backward_output(out: ForwardBackwardOutput | dict[str, Any]) 
     return msg.SerializeToString()
 
 
-def _set_topk(target: pb.TopkLogprobs, rows: list[Any], k: int | None = None) -> None:
+def _set_topk(target: Any, rows: list[Any], k: int | None = None) -> None:
     """``rows``: one entry per position, each None or a list of ``(token_id, logprob)``."""
     n = len(rows)
     if k is None:

@@ -100,7 +100,7 @@ def _json_body(raw: bytes) -> ForwardBackwardBody:
     try:
         return ForwardBackwardJSON.model_validate_json(raw or b"{}").to_body()
     except ValidationError as e:
-        first = e.errors()[0] if e.errors() else {}
+        first: Any = e.errors()[0] if e.errors() else {}
         field = field_of(tuple(first.get("loc", ())))
         raise InvalidInputError(f"invalid request: {field}: {first.get('msg')}", field=field) from None
 
