@@ -54,3 +54,11 @@ def test_import_pandas_works_after_launch(tmp_path: Path):
                          timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "ok http://" in out.stdout and "pandas" in out.stdout
+
+
+def test_replica_messages_fit_the_largest_accepted_request():
+    from twinkle.server.launcher import replica_message_limit
+
+    assert replica_message_limit(64 << 20) == 8 * (64 << 20) > 4 << 20  # Serve's own default is 4 MB
+    assert replica_message_limit(1024) == 64 << 20
+    assert replica_message_limit(1 << 40) == (1 << 31) - 1

