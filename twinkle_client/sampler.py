@@ -70,7 +70,7 @@ class Sampler:
         return self._sample(prompt, sampling_params, num_samples, prompt_logprobs, topk_prompt_logprobs)
 
     def _sample(self, prompt: Any, sampling_params: SamplingParams | dict[str, Any] | None, num_samples: int,
-                prompt_logprobs: bool, topk_prompt_logprobs: int, *, wait: bool = False):
+                prompt_logprobs: bool, topk_prompt_logprobs: int, *, wait: bool | str = False) -> Any:
         params = sampling_params if isinstance(sampling_params, SamplingParams) else SamplingParams(**(sampling_params or {}))
         body: dict[str, Any] = {
             "base_model": self.base_model,
@@ -84,8 +84,23 @@ class Sampler:
             body["checkpoint"] = self.checkpoint
         elif self.model is not None:
             body["run_id"] = self.model._adapter(self.adapter_name).run_id
+        if wait == "async":
+            return self._aresult(body)
         return self.session.submit("sample", body, SampleResponse.model_validate, "sample",
                                    wait=SUBMIT_WAIT_S if wait else 0.0)
+
+    async def _aresult(self, body: dict[str, Any]) -> SampleResponse:
+        fut = await self.session.aio.submit("sample", body, SampleResponse.model_validate, "sample",
+                                            wait=SUBMIT_WAIT_S)
+        return await fut
+
+    async def asample(
+        self, prompt: Any, sampling_params: SamplingParams | dict[str, Any] | None = None, num_samples: int = 1,
+        prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,
+    ) -> SampleResponse:
+        """``sample`` without blocking the event loop."""
+        return await self._sample(prompt, sampling_params, num_samples, prompt_logprobs, topk_prompt_logprobs,
+                                  wait="async")
 
     def sample(
         self, prompt: Any, sampling_params: SamplingParams | dict[str, Any] | None = None, num_samples: int = 1,
@@ -132,7 +147,7 @@ class Sampler:
         return list(resp.prompt_logprobs or [])
 
     def generate(
-        self, prompt: str | list[dict[str, str]], *, max_tokens: int = 64, temperature: float = 0.0,
+        self, prompt: str | list[dict[str, Any]], *, max_tokens: int = 64, temperature: float = 0.0,
         top_p: float = 1.0, top_k: int = -1, seed: int | None = None, system: str | None = None,
         stream: bool = False,
     ) -> str | Iterator[str]:
@@ -142,7 +157,11 @@ class Sampler:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if system:
             messages = [{"role": "system", "content": system}, *messages]
-        if getattr(tok, "chat_template", None):
+        from .images import has_image_parts, render_chat, vision_info
+
+        if has_image_parts(messages):  # {"type": "image", "image": PIL | bytes | path} parts
+            ids = render_chat(messages, tok, vision_info(self.session, self.base_model))
+        elif getattr(tok, "chat_template", None):
             ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
@@ -150,9 +169,10 @@ class Sampler:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
             ids = tok.encode(text, add_special_tokens=False)
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        prompt_in = ids if isinstance(ids, ModelInput) else list(ids)
         if stream:
-            return (ev["text"] for ev in self.stream(list(ids), params) if "text" in ev and ev["text"])
-        seq = self.sample(list(ids), params).sequences[0]
+            return (ev["text"] for ev in self.stream(prompt_in, params) if "text" in ev and ev["text"])
+        seq = self.sample(prompt_in, params).sequences[0]
         toks = list(seq.tokens)
         eos = getattr(tok, "eos_token_id", None)
         if seq.stop_reason == "stop" and toks and eos is not None and toks[-1] == eos:

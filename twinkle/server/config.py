@@ -24,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from twinkle.types import InvalidInputError
 from twinkle.types.params import MAX_LORA_RANK
 
+from .telemetry.config import TelemetryConfig
+
 __all__ = [
     "AuthConfig",
     "ConfigError",
@@ -116,7 +118,7 @@ class SchedulerSettings(_Strict):
     """The per-replica scheduler's knobs (``docs/scheduler.md``). The worker and the scheduler take their
     defaults from here: this class is the one place they are written."""
 
-    batch_token_budget: int = Field(8192, ge=1, description="tokens in one mixed batch (a larger request runs alone)")
+    batch_token_budget: int = Field(8192, ge=1, description="tokens in one mixed batch; a larger request runs alone, in micro-batches of this size")
     max_batch_items: int = Field(256, ge=1, description="requests in one mixed batch")
     seq_grace_s: float = Field(2.0, ge=0, le=3600, description="how long a request whose seq_id is ahead waits "
                                "for the missing ones before the sequence moves on")
@@ -236,6 +238,8 @@ class ServerConfig(_Strict):
     lease_seconds: float = Field(60.0, gt=0, description="a session that stops heart-beating this long is unloaded")
     max_lease_seconds: float = Field(86400.0, gt=0, description="cap on a session's requested lease")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig,
+                                       description="metrics, traces, JSON logs (docs/observability.md)")
     models: list[ModelConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

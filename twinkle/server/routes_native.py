@@ -109,6 +109,14 @@ def create_native_router() -> APIRouter:
     async def close_session(session_id: str, user: User = who, service: Service = svc) -> SessionInfo:
         return await service.close_session(user, session_id)
 
+    @r.post("/sessions/{session_id}/stop", response_model=SessionInfo)
+    async def stop_session(session_id: str, user: User = who, service: Service = svc) -> SessionInfo:
+        return await service.request_stop(user, session_id)
+
+    @r.delete("/sessions/{session_id}/stop", response_model=SessionInfo)
+    async def clear_stop(session_id: str, user: User = who, service: Service = svc) -> SessionInfo:
+        return await service.clear_stop(user, session_id)
+
     # ---- runs --------------------------------------------------------------------------------------------
     @r.post("/runs", response_model=FutureRef)
     async def create_run(body: CreateRunRequest, wait: float = wait_q, user: User = who, service: Service = svc) -> FutureRef:
@@ -140,6 +148,11 @@ def create_native_router() -> APIRouter:
     @r.delete("/runs/{run_id}", response_model=RunInfo)
     async def delete_run(run_id: str, user: User = who, service: Service = svc) -> RunInfo:
         return await service.delete_run(user, run_id)
+
+    @r.post("/runs/{run_id}/stop", response_model=SessionInfo)
+    async def stop_run(run_id: str, user: User = who, service: Service = svc) -> SessionInfo:
+        run = await service.get_run(user, run_id)
+        return await service.request_stop(user, run.session_id)
 
     @r.get("/runs/{run_id}/metrics", response_model=MetricHistory)
     async def metrics(run_id: str, user: User = who, service: Service = svc) -> MetricHistory:

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .data import Datum, ModelInput
+from .outputs import VisionInfo
 from .params import (
     AdamParams,
     LoraConfig,
@@ -43,6 +44,7 @@ class BaseModelInfo(_Reply):
     max_tokens_per_request: int
     tokenizer_id: str | None = None
     replicas: int = 1
+    vision: VisionInfo | None = None  # set when the model accepts images (docs/multimodal.md)
 
 
 class LossInfo(_Reply):
@@ -101,6 +103,9 @@ class SessionInfo(_Reply):
     lease_seconds: float
     metadata: dict[str, Any] = Field(default_factory=dict)
     run_ids: list[str] = Field(default_factory=list)
+    stop_requested_at: float | None = Field(
+        None, description="when someone asked this session's training loop to stop (panel Stop, `%twinkle stop`); "
+        "cleared by the client once its loop stopped")
 
 
 class SessionList(_Reply):
@@ -234,6 +239,9 @@ class FutureRef(_Reply):
     run_id: str | None = None
     state: FutureState | None = Field(
         None, description="the finished state, when the request asked to wait (?wait=S) and it finished in time")
+    stop_requested: bool = Field(
+        False, description="the run's session has a pending stop request: the client ends its loop at the next "
+        "step boundary and clears it (DELETE sessions/{id}/stop)")
 
 
 class FutureState(_Reply):

@@ -350,8 +350,9 @@ class TransformersBackend(Backend):
                 for j, r in refs.get(i, {}).items():
                     inputs[j]["ref_logprobs"] = r
                 lo = p.spec.fn(lps[s:e], inputs, p.config)
+                # A NaN/inf loss is refused before any gradient is kept (a forward too: its metric would be NaN).
+                check_finite_loss(p.spec.name, float(lo.loss.detach()))
                 if not p.item.forward_only:
-                    check_finite_loss(p.spec.name, float(lo.loss.detach()))  # before any gradient is kept
                     total = lo.loss if total is None else total + lo.loss
                 results.append(self._output(lo))
             try:
