@@ -99,6 +99,16 @@ def _offline() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+def hf_cache_dir() -> str | None:
+    """The Hugging Face hub cache directory the environment names (None: huggingface_hub's default)."""
+    return _hf_cache_dir()
+
+
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` ask for no network."""
+    return _offline()
+
+
 def _resolve_hf(repo_spec: str, model_id: str) -> Path:
     repo, rev = _split_revision(repo_spec, model_id)
     try:
@@ -288,4 +298,5 @@ def _raise_template_error(message: str) -> None:
     raise InvalidInputError(f"chat template error: {message}", field="messages")
 
 
-__all__ = ["LightTokenizer", "SCHEMES", "load_tokenizer", "models_dir", "resolve_model", "twinkle_home"]
+__all__ = ["LightTokenizer", "SCHEMES", "hf_cache_dir", "hub_offline", "load_tokenizer", "models_dir", "resolve_model",
+           "twinkle_home"]

