@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -13,6 +14,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 from .config import ServerConfig
@@ -147,7 +149,7 @@ _PROXY_KEYS = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_ENABLE_DIRECT_INGRESS", "
 
 
 def _proxy_ports() -> dict[str, str]:
-    from twinkle.local_server import free_port
+    from twinkle.net import free_port
 
     return {k: str(free_port()) for k in _PROXY_PORT_KEYS}
 
@@ -158,10 +160,10 @@ def _lean_env() -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
     }
     env.update({k: os.environ.get(k, v) for k, v in _RAY_ENV.items()})
-    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TWINKLE_HOME", "HF_HOME", "PYTHONPATH",
-              *_PROXY_KEYS):
+    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TWINKLE_HOME", "HF_HOME", *_PROXY_KEYS):
         if k in os.environ:
             env[k] = os.environ[k]
+    env["PYTHONPATH"] = lean_pythonpath()
     return env
 
 
@@ -170,21 +172,26 @@ _LEAN_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lean_sit
 _SHADOWED = ("rfc3987_syntax", "pandas")
 
 
-def _lean_imports() -> None:
-    """Keep heavy optional imports out of this process and of every Ray process it starts (they inherit
-    ``PYTHONPATH``): see ``_lean_site/``."""
+def lean_pythonpath() -> str:
+    """``PYTHONPATH`` for the server's Ray processes: ``_lean_site/`` first, so that heavy optional imports
+    fail fast there (see ``_lean_site/README.md``). The calling process is not changed."""
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != _LEAN_SITE]
+    return os.pathsep.join([_LEAN_SITE, *parts])
+
+
+def shadow_optional_imports() -> None:
+    """Make ``import pandas`` (and the other ``_SHADOWED`` modules) fail in *this* process. Only for a process
+    that exists to run the server (``twinkle-server launch``); ``launch()`` itself never calls it, so a
+    notebook that launches a server keeps its pandas."""
     for name in _SHADOWED:
         if name not in sys.modules:
             sys.modules[name] = None  # type: ignore[assignment]  # ``import`` raises ImportError
-    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if _LEAN_SITE not in parts:
-        os.environ["PYTHONPATH"] = os.pathsep.join([_LEAN_SITE, *parts])
 
 
 def _prepare_env(address: str | None, proxy: str = "haproxy") -> None:
     """Lean defaults for a fresh machine (no usage stats, quiet logs, slow pollers); a local Ray's processes
-    inherit this environment. Before anything imports Ray or Serve (Serve reads its constants at import)."""
-    _lean_imports()
+    inherit this environment. Before anything imports Ray or Serve (Serve reads its constants at import).
+    ``launch`` puts back every non-Ray variable once Ray's processes exist (``_caller_env_restored``)."""
     for k, v in _RAY_ENV.items():
         os.environ.setdefault(k, v)
     if "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ:
@@ -195,8 +202,26 @@ def _prepare_env(address: str | None, proxy: str = "haproxy") -> None:
     if address:
         _use_cluster_token()
     else:
+        os.environ["PYTHONPATH"] = lean_pythonpath()
         for k, v in _lean_env().items():
             os.environ.setdefault(k, v)
+
+
+@contextlib.contextmanager
+def _caller_env_restored() -> Iterator[None]:
+    """The environment changes made for Ray's processes stay out of the caller: on exit every variable
+    that does not configure Ray (``PYTHONPATH``, ``OMP_NUM_THREADS``, ``TOKENIZERS_PARALLELISM``, ...) is
+    back to its value before, so a notebook's later subprocesses and tokenizers behave as before. ``RAY_*``
+    settings stay: this process's Ray driver and Serve read them."""
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        for k in [k for k in os.environ if not k.startswith("RAY_") and k not in before]:
+            del os.environ[k]
+        for k, v in before.items():
+            if not k.startswith("RAY_") and os.environ.get(k) != v:
+                os.environ[k] = v
 
 
 def _preimport() -> threading.Thread:
@@ -277,10 +302,11 @@ def launch(config: ServerConfig, *, address: str | None = None, num_cpus: int | 
             print(f"Stopped {n} leftover processes of a killed twinkle launcher (same state or port)",
                   file=sys.stderr, flush=True)
         mark_launch(state)
-    _prepare_env(address, config.http.proxy)
-    imports = _preimport()
-    _init_ray(address, num_cpus)
-    imports.join()
+    with _caller_env_restored():  # Ray's processes are started (and inherit the environment) in here
+        _prepare_env(address, config.http.proxy)
+        imports = _preimport()
+        _init_ray(address, num_cpus)
+        imports.join()
     from ray import serve
 
     from .app import build_serve_app, serve_logging_config
