@@ -255,7 +255,7 @@ class LightTokenizer:
     # -- chat ----------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], tokenize: bool = True,
                             add_generation_prompt: bool = False, **kwargs: Any) -> Any:
-        from twinkle.data.chat import CHATML_TEMPLATE, _chatml, check_messages
+        from twinkle.data.chat import CHATML_TEMPLATE, render_chatml, check_messages
 
         msgs = check_messages(messages)
         template = self.chat_template or CHATML_TEMPLATE
@@ -265,7 +265,7 @@ class LightTokenizer:
             if template != CHATML_TEMPLATE:
                 raise UnsupportedError("rendering this chat template needs jinja2 installed",
                                        field="chat_template") from None
-            text = _chatml(msgs, add_generation_prompt)
+            text = render_chatml(msgs, add_generation_prompt)
         else:
             env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             env.globals["raise_exception"] = _raise_template_error
