@@ -255,7 +255,7 @@ class LightTokenizer:
     # -- chat ----------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], tokenize: bool = True,
                             add_generation_prompt: bool = False, **kwargs: Any) -> Any:
-        from twinkle.data.chat import CHATML_TEMPLATE, render_chatml, check_messages
+        from twinkle.data.chat import CHATML_TEMPLATE, check_messages, render_chatml
 
         msgs = check_messages(messages)
         template = self.chat_template or CHATML_TEMPLATE

@@ -17,7 +17,7 @@ import re
 import traceback
 import uuid
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote
 
 from fastapi import FastAPI, Request
@@ -375,8 +375,8 @@ def build_serve_app(config: ServerConfig) -> Any:
     for m in config.models:
         opts = m.ray_actor_options.to_ray()
         handles[m.served_name] = [
-            WorkerDeployment.options(name=_deployment_name(m.served_name, i), ray_actor_options=opts).bind(
+            cast(Any, WorkerDeployment).options(name=_deployment_name(m.served_name, i), ray_actor_options=opts).bind(
                 worker_config(m), i)
             for i in range(m.replicas)
         ]
-    return Gateway.bind(config.model_dump(mode="json"), handles)
+    return cast(Any, Gateway).bind(config.model_dump(mode="json"), handles)  # serve.deployment's (untyped) class

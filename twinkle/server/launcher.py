@@ -385,16 +385,16 @@ def reap_haproxy(node_id: str, grace_s: float = 3.0) -> int:
     killed raylet) HAProxy is left holding the server's port. Returns how many were signalled (Linux only)."""
     marker = f"/haproxy-serve/{node_id}/"
     found = []
-    for pid in os.listdir("/proc") if os.path.isdir("/proc") else ():
-        if not pid.isdigit():
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
                 cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
         if "haproxy" in cmd and marker in cmd:
-            found.append(int(pid))
+            found.append(int(entry))
     for pid in found:
         try:
             os.kill(pid, signal.SIGTERM)

@@ -37,7 +37,8 @@ class TwinkleError(Exception):
         if klass is None and status is not None:
             klass = _BY_STATUS.get(status, TwinkleError)
         klass = klass or TwinkleError
-        detail = body.get("detail") if isinstance(body.get("detail"), dict) else {}
+        raw = body.get("detail")
+        detail: dict[str, Any] = raw if isinstance(raw, dict) else {}
         err = klass(str(body.get("error", "unknown error")), detail=detail)
         err.field = detail.get("field")
         if status is not None:

@@ -33,6 +33,7 @@ from twinkle.types.api import CheckpointInfo, RunInfo
 from .._tinker_proto import tinker_pb2
 
 pb = tinker_pb2()  # the SDK's generated protobuf module, loaded without importing torch
+# (generated code without stubs: its message types are ``Any`` in the signatures below)
 
 __all__ = [
     "METRIC_REDUCTIONS",
@@ -50,7 +51,7 @@ METRIC_REDUCTIONS = frozenset({"sum", "mean", "min", "max", "slack", "hash2", "u
 _REDUCTION_ALIASES = {"avg": "mean", "average": "mean", "total": "sum"}
 _TOPK_MASK_LOGPROB = -99999.0  # the SDK's sentinel for an empty top-k slot
 
-_PB_TO_NUMPY = {
+_PB_TO_NUMPY: dict[int, np.dtype[Any]] = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
     pb.DTYPE_INT64: np.dtype("<i8"),
     pb.DTYPE_INT32: np.dtype("<i4"),
@@ -86,7 +87,7 @@ def _decompress_zstd(body: bytes) -> bytes:
         raise InvalidInputError(f"forward_backward body is not valid zstd: {e}", field="body") from None
 
 
-def _tensor_from_pb(msg: pb.Tensor, where: str) -> TensorData:
+def _tensor_from_pb(msg: Any, where: str) -> TensorData:
     np_dtype = _PB_TO_NUMPY.get(msg.dtype)
     if np_dtype is None:
         raise InvalidInputError(f"{where} has an unsupported dtype ({msg.dtype})", field=where)
@@ -124,7 +125,7 @@ def _frombuffer(buf: bytes, dtype: np.dtype, where: str) -> np.ndarray:
     return np.frombuffer(buf, dtype=dtype)
 
 
-def _datum_from_pb(msg: pb.Datum, index: int) -> Datum:
+def _datum_from_pb(msg: Any, index: int) -> Datum:
     where = f"data[{index}]"
     chunks: list[EncodedTextChunk | ImageChunk] = []
     for j, chunk in enumerate(msg.model_input):
@@ -154,7 +155,7 @@ _SPAN_KINDS = {"prompt_tokens": "prompt", "sampled_tokens": "sampled"}
 _MAX_SPANS = 65536
 
 
-def _spans_from_pb(msg: pb.Datum, index: int) -> list[tuple[str, str, int, int]] | None:
+def _spans_from_pb(msg: Any, index: int) -> list[tuple[str, str, int, int]] | None:
     if not len(msg.loss_fn_input_spans):
         return None
     where = f"data[{index}].loss_fn_input_spans"
@@ -172,7 +173,7 @@ def _spans_from_pb(msg: pb.Datum, index: int) -> list[tuple[str, str, int, int]]
     return out
 
 
-def _loss_config(msg: pb.ForwardBackwardRequest) -> dict[str, float | str] | None:
+def _loss_config(msg: Any) -> dict[str, float | str] | None:
     cfg: dict[str, float | str] = {k: float(v) for k, v in msg.loss_fn_config.items()}
     for k, v in msg.loss_fn_config_v2.items():  # v2 wins: it also carries text values
         which = v.WhichOneof("value")
@@ -306,7 +307,7 @@ def encode_forward_backward_output(out: ForwardBackwardOutput | dict[str, Any]) 
     return msg.SerializeToString()
 
 
-def _set_topk(target: pb.TopkLogprobs, rows: list[Any], k: int | None = None) -> None:
+def _set_topk(target: Any, rows: list[Any], k: int | None = None) -> None:
     """``rows``: one entry per position, each None or a list of ``(token_id, logprob)``."""
     n = len(rows)
     if k is None:

@@ -114,7 +114,7 @@ def _guard(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         except TwinkleError as e:
             return _error(e)
         except ValidationError as e:
-            first = e.errors()[0] if e.errors() else {}
+            first: dict[str, Any] = dict(e.errors()[0]) if e.errors() else {}
             loc = ".".join(str(p) for p in first.get("loc", ())) or None
             return _error(InvalidInputError(f"invalid request: {first.get('msg', e)}", field=loc))
         except Exception:  # a server bug: log it, never leak a traceback
