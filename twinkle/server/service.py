@@ -86,7 +86,7 @@ __all__ = [
 log = logging.getLogger("twinkle.server")
 
 _VERSION = "0.1.0"
-_REAP_MAX_SLEEP_S = 30.0  # the reaper wakes at least this often (a lapsed lease is caught within ~1 s anyway)
+_REAP_MAX_SLEEP_S = 30.0  # the reaper wakes at least this often (and at each deadline + _REAP_SLACK_S)
 _REAP_SLACK_S = 0.5  # wake this long after a deadline, so one tick handles it
 
 # Kept importable under their old names (``app`` imports ``_unwrap``).

@@ -12,8 +12,10 @@ Wire rules (see ``docs/tinker-compat.md``):
 
 - auth is ``X-API-Key`` (``Authorization: Bearer`` also accepted);
 - every future-returning route answers ``{"request_id", "model_id"?, "sample_sequence_ids"?}``; the request id
-  is the service future id plus a tag saying how to shape the result, so the routes keep no state that a
-  second gateway replica would miss;
+  is the service future id plus a tag saying how to shape the result, so retrieving a future needs no table;
+  the routes do keep per-process state (the ``seq_id`` dedup table, the ephemeral sampler ids already
+  registered, the samples recorded for ``stable_reinforce``, the URL signers), held by the one gateway
+  replica;
 - ``retrieve_future`` long-polls up to ``RETRIEVE_HOLD_S`` and answers ``try_again`` when the work is still
   running, a protobuf body for ForwardBackward/Forward/Sample results, JSON otherwise, and
   ``{"error", "category"}`` (lower case) for a failed future;
