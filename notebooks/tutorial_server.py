@@ -28,6 +28,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 MODEL = "builtin://tiny"
+VL_MODEL = "builtin://tiny-vl"  # 07_images.ipynb
 
 
 def _integration_module() -> ModuleType:
@@ -47,6 +48,8 @@ def start_server(lease_seconds: float = 60.0) -> Any:
     port = it._free_port()
     cfg = it.make_server_config(workdir, port, lease_seconds=lease_seconds)
     cfg["models"] = [m for m in cfg["models"] if m["model_id"] == MODEL]
+    cfg["models"].append({"backend": "transformers", "model_id": VL_MODEL, "max_adapters": 8,
+                          "ray_actor_options": {"num_cpus": 0}})
     cfg_path = workdir / "server_config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     handle = it.ServerHandle(url=f"http://127.0.0.1:{port}", port=port, workdir=workdir, config_path=cfg_path,
@@ -59,7 +62,7 @@ def start_server(lease_seconds: float = 60.0) -> Any:
 
 def tutorial_env(url: str, api_key: str, home: str | None = None) -> dict[str, str]:
     """The environment variables a tutorial kernel needs."""
-    env = {"TWINKLE_SERVER_URL": url, "TWINKLE_API_KEY": api_key, "TWINKLE_MODEL": MODEL,
+    env = {"TWINKLE_SERVER_URL": url, "TWINKLE_API_KEY": api_key, "TWINKLE_MODEL": MODEL, "TWINKLE_VL_MODEL": VL_MODEL,
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env["TWINKLE_HOME"] = home or os.environ.get("TWINKLE_HOME") or tempfile.mkdtemp(prefix="twinkle-nb-home-")
     return env

@@ -65,6 +65,12 @@ def error_from_response(response: httpx.Response) -> TwinkleError:
                  429: CapacityError}.get(status, InvalidInputError if 400 <= status < 500 else InternalError)
         err = klass(f"HTTP {status}: {text or response.reason_phrase}")
         err.status = status
+    ids = [f"{name} {response.headers[h]}" for name, h in (("request id", "x-request-id"), ("trace id", "x-trace-id"))
+           if response.headers.get(h) and response.headers[h] not in err.message]
+    if ids:  # the ids an operator looks up in the server's logs and traces
+        err.request_id, err.trace_id = response.headers.get("x-request-id"), response.headers.get("x-trace-id")
+        err.message = f"{err.message} ({', '.join(ids)})"
+        err.args = (err.message,)
     if isinstance(err, CapacityError):
         retry = response.headers.get("retry-after")
         try:

@@ -6,6 +6,7 @@ against an in-process app with no sockets, as httpx itself is.
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -65,7 +66,8 @@ class HTTP:
         budget = self.retry_seconds if retry_seconds is None else retry_seconds
         deadline = time.monotonic() + budget
         delay = 0.1
-        kwargs: dict[str, Any] = {"params": params}
+        # W3C trace context: the server's spans for this call join this trace (its id is in error messages)
+        kwargs: dict[str, Any] = {"params": params, "headers": {"traceparent": new_traceparent()}}
         if json is not None:
             kwargs["json"] = json
         if timeout is not None:
@@ -157,3 +159,8 @@ class SyncASGITransport(httpx.BaseTransport):
             self._portal.call(self._shutdown)
             self._shutdown = None
         self._cm.__exit__(None, None, None)
+
+
+def new_traceparent() -> str:
+    """A fresh W3C ``traceparent`` (sampled): ``00-<trace id>-<span id of this call>-01``."""
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"

@@ -132,7 +132,7 @@ class Sampler:
         return list(resp.prompt_logprobs or [])
 
     def generate(
-        self, prompt: str | list[dict[str, str]], *, max_tokens: int = 64, temperature: float = 0.0,
+        self, prompt: str | list[dict[str, Any]], *, max_tokens: int = 64, temperature: float = 0.0,
         top_p: float = 1.0, top_k: int = -1, seed: int | None = None, system: str | None = None,
         stream: bool = False,
     ) -> str | Iterator[str]:
@@ -142,7 +142,11 @@ class Sampler:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if system:
             messages = [{"role": "system", "content": system}, *messages]
-        if getattr(tok, "chat_template", None):
+        from .images import has_image_parts, render_chat, vision_info
+
+        if has_image_parts(messages):  # {"type": "image", "image": PIL | bytes | path} parts
+            ids = render_chat(messages, tok, vision_info(self.session, self.base_model))
+        elif getattr(tok, "chat_template", None):
             ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
@@ -150,9 +154,10 @@ class Sampler:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
             ids = tok.encode(text, add_special_tokens=False)
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        prompt_in = ids if isinstance(ids, ModelInput) else list(ids)
         if stream:
-            return (ev["text"] for ev in self.stream(list(ids), params) if "text" in ev and ev["text"])
-        seq = self.sample(list(ids), params).sequences[0]
+            return (ev["text"] for ev in self.stream(prompt_in, params) if "text" in ev and ev["text"])
+        seq = self.sample(prompt_in, params).sequences[0]
         toks = list(seq.tokens)
         eos = getattr(tok, "eos_token_id", None)
         if seq.stop_reason == "stop" and toks and eos is not None and toks[-1] == eos:

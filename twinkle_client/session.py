@@ -237,6 +237,26 @@ class Session:
 
         return metrics_frame(self.metrics(run_id))
 
+    def usage_rows(self, since: str | float | None = None, until: str | float | None = None,
+                   user: str | None = None) -> list[dict[str, Any]]:
+        """Your metered usage per base model: tokens trained/prefilled/sampled, requests, checkpoint bytes.
+        ``since``/``until``: ISO time, epoch seconds or a duration back from now (``24h``, ``7d``); ``user``:
+        admins only. Another user's usage is refused (403)."""
+        params = {k: v for k, v in (("since", since), ("until", until), ("user", user)) if v is not None}
+        return list(self.http.get("usage", params=params)["rows"])
+
+    def server_load(self) -> dict[str, Any]:
+        """The server's live load and your usage: ``{window_s, tokens_per_s: {trained, prefilled, sampled},
+        queue_depth, replicas: [...], usage: [...]}`` (what the JupyterLab panel shows)."""
+        return dict(self.http.get("load"))
+
+    def usage(self, since: str | float | None = None, until: str | float | None = None,
+              user: str | None = None) -> Any:
+        """:meth:`usage_rows` as a pandas DataFrame (a list of dicts without pandas)."""
+        from .widgets import _frame
+
+        return _frame(self.usage_rows(since, until, user))
+
     # ---- futures --------------------------------------------------------------------------------------------
     def submit(self, path: str, body: dict[str, Any], parse: Any = lambda x: x, kind: str = "", *,
                wait: float = 0.0) -> RemoteFuture[Any]:

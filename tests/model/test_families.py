@@ -105,3 +105,31 @@ def test_megatron_refuses_unsupported_families_by_name(family):
     with pytest.raises(TwinkleError) as e:
         convert.geometry(cfg)
     assert repr(cfg.model_type) in str(e.value) and e.value.field == "model_id"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
+    torch.set_num_threads(1)
+    path = build_family("qwen3", tmp_path / "m")
+    grads = []
+    for ckpt in (False, True):
+        b = TransformersBackend(str(path), device="cpu", gradient_checkpointing=ckpt, autocast="bfloat16")
+        assert b.autocast is None  # CPU: ignored, float32 stays exact
+        b.add_adapter("a", LoraConfig(rank=4, seed=0, dropout=0.1))
+        b.add_adapter("ref", LoraConfig(rank=4, seed=1))
+        with torch.no_grad():
+            for pair in b._adapters["a"].pairs.values():
+                pair.lora_B.normal_(0, 0.3, generator=torch.Generator().manual_seed(3))
+        calls = []
+        layer = b.model.model.layers[0]
+        if ckpt:
+            inner = layer._gradient_checkpointing_func
+            layer._gradient_checkpointing_func = lambda *a, _c=calls, _f=inner, **k: (_c.append(1), _f(*a, **k))[1]
+        torch.manual_seed(0)
+        b.run_batch([BatchItem("a", [_datum(r) for r in ROWS[:2]]), BatchItem("ref", [_datum(ROWS[2])])])
+        assert len(calls) == (1 if ckpt else 0)  # the layer ran under torch.utils.checkpoint
+        grads.append(_grads(b, "a") + _grads(b, "ref"))
+        if ckpt:
+            assert b._ckpt_layers and not any(m.training for m in b._ckpt_layers)
+        b.close()
+    for x, y in zip(*grads, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)

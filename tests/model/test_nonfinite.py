@@ -96,6 +96,8 @@ def test_nonfinite_loss_and_gradient_are_not_applied(backend, tmp_path: Path) ->
     with pytest.raises(NonFiniteError) as e:
         b.run_batch([BatchItem(a, _data(vocab, 1, q=-3e38), "importance_sampling")])
     assert e.value.status == 400 and e.value.detail["non_finite"] == "loss"
+    with pytest.raises(NonFiniteError):  # a forward too: its loss:sum would be NaN on the wire
+        b.run_batch([BatchItem(a, _data(vocab, 1, q=-3e38), "importance_sampling", forward_only=True)])
     b.optim_step(a, adam)  # nothing accumulated: a step on no gradient (AdamW may still decay: wd is 0 here)
     # 2. A NaN gradient (as a backward overflow would leave it): the step is refused and the gradient dropped.
     snap = _snapshot(b, a, tmp_path / "mid")

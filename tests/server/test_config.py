@@ -159,11 +159,19 @@ def test_keys_cli(tmp_path, capsys):
 
 def test_defaults_live_in_the_schema_only():
     """The worker and the scheduler take their defaults from the schema (they used to disagree with it)."""
+    from dataclasses import fields
+
     from twinkle.server.config import ModelConfig, SamplerSettings, SchedulerSettings
     from twinkle.server.scheduler import SchedulerConfig
     from twinkle.server.worker import ModelWorker
 
+    # Every scheduler knob is settable in the YAML (a new knob must join the schema, with its default there).
+    knobs = {f.name for f in fields(SchedulerConfig)} - {"first_seq_id"}
+    renamed = {"max_pending_total": "max_queue", "max_sample_batch": None}  # None: sampler.max_batch_size
+    assert {renamed.get(k, k) for k in knobs} - {None} == set(SchedulerSettings.model_fields)
     sched, d = SchedulerConfig(), SchedulerSettings()
+    for k in knobs - set(renamed):
+        assert getattr(sched, k) == getattr(d, k), k
     assert (sched.batch_token_budget, sched.max_pending_total, sched.seq_grace_s, sched.sampler_cache_size) == (
         d.batch_token_budget, d.max_queue, d.seq_grace_s, d.sampler_cache_size)
     assert sched.max_sample_batch == SamplerSettings().max_batch_size

@@ -1,52 +1,68 @@
-"""Fixtures: the Tinker router on a FastAPI app backed by ``FakeService``, in process and on a real socket."""
+"""Fixtures: the Tinker routes on the real gateway app (``create_app``: the real ``Service`` on an in-process
+mock-backend ``ModelWorker``, no Ray), in process (TestClient) and on a real socket (uvicorn, for the SDK).
+
+Keys: ``tml-test`` and ``plain-key`` are alice's, ``tml-bob`` is bob's. The served model is ``fake/base``
+(the mock backend's tiny model)."""
 
 from __future__ import annotations
 
-import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from fake_service import FakeService
+
+from twinkle.local_server import free_port
+from twinkle.server.service import Service
+
+KEYS = {"tml-test": "alice", "plain-key": "alice", "tml-bob": "bob"}
+BASE_MODEL = "fake/base"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def make_service(workdir: Path) -> Service:
+    from twinkle.server.app import worker_config
+    from twinkle.server.config import parse_config
+    from twinkle.server.worker import ModelWorker
+
+    cfg = parse_config({
+        "persistence": {"sqlite_path": str(workdir / "db.sqlite"), "checkpoint_root": str(workdir / "ck")},
+        "auth": {"bootstrap_key_env": None},
+        "models": [{"name": BASE_MODEL, "backend": "mock", "model_id": "mock://tiny", "max_lora_rank": 16}],
+    })
+    service = Service(cfg, {BASE_MODEL: [ModelWorker(worker_config(cfg.models[0]))]})
+    for key, user in KEYS.items():
+        service.add_bootstrap_key(key, user)
+    return service
 
 
-def make_app(service: FakeService):
-    from fastapi import FastAPI
+def make_app(service: Service):
+    from twinkle.server.app import create_app
 
-    from twinkle.server.tinker import tinker_router
-
-    app = FastAPI()
-    app.include_router(tinker_router(lambda: service), prefix="/api/v1")
-    return app
+    return create_app(service.config, service=service)
 
 
 @pytest.fixture
-def fake() -> FakeService:
-    return FakeService()
+def service(tmp_path) -> Service:
+    return make_service(tmp_path)
 
 
 @pytest.fixture
-def client(fake):
+def client(service):
     from fastapi.testclient import TestClient
 
-    with TestClient(make_app(fake)) as c:
+    with TestClient(make_app(service)) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
-def live_server() -> Iterator[tuple[str, FakeService]]:
+def live_server() -> Iterator[tuple[str, Service]]:
     """uvicorn on a free loopback port (the SDK needs a real socket)."""
     import uvicorn
 
-    service = FakeService()
-    port = _free_port()
+    service = make_service(Path(tempfile.mkdtemp(prefix="twinkle-tinker-")))
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(make_app(service), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -1,4 +1,4 @@
-"""The Tinker routes against a fake Service: raw HTTP (wire shapes, errors, dedup) via TestClient."""
+"""The Tinker routes on the real gateway (mock-backend worker): raw HTTP (wire shapes, errors, dedup) via TestClient."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import numpy as np
 from tinker import types as tt
 from tinker.proto.request_conv import forward_backward_request_to_proto
 from tinker.proto.response_conv import deserialize_forward_backward_output, deserialize_sample_response
+
+from twinkle.server.state.checkpoints import parse_checkpoint_path
 
 H = {"X-API-Key": "tml-test"}
 
@@ -42,9 +44,13 @@ def _post_fb(client, body: bytes):
                        headers={**H, "Content-Type": "application/x-protobuf"})
 
 
-def test_config_handshake_and_session(client, fake):
+def test_config_handshake_and_session(client, service):
     r = client.post("/api/v1/client/config", json={"sdk_version": "0.38.0"})
     assert r.json()["pjwt_auth_enabled"] is False and r.json()["parallel_fwdbwd_chunks"] is False
+    # the SDK splits forward_backward by these: 12 estimated bytes a token at least, so a chunk fits the
+    # model's tokens-per-request cap
+    cap = service.capabilities().base_models[0].max_tokens_per_request
+    assert r.json()["fwdbwd_max_chunk_bytes_count"] == cap * 12 and r.json()["fwdbwd_max_chunk_len"] == 1024
     assert client.post("/api/v1/client/dynamic_config", json={}).json()["refresh_interval_sec"] == 300
     assert client.post("/api/v1/telemetry", json={"events": []}).json() == {"status": "accepted"}
     sid = _session(client)
@@ -61,10 +67,10 @@ def test_auth_errors_are_401_with_body(client):
     assert r.status_code == 401 and r.json()["category"] == "user" and r.json()["error"]
 
 
-def test_create_model_passes_lora_fields_and_get_info(client, fake):
+def test_create_model_passes_lora_fields_and_get_info(client, service):
     sid = _session(client)
     mid = _model(client, sid)
-    lora = fake.runs[mid].lora
+    lora = service.runs.by_id[mid].lora
     assert (lora.rank, lora.seed, lora.train_attn, lora.train_mlp, lora.train_unembed) == (8, 3, True, False, False)
     info = client.post("/api/v1/get_info", headers=H, json={"model_id": mid}).json()
     parsed = tt.GetInfoResponse.model_validate(info)
@@ -80,21 +86,32 @@ def test_unsupported_optimizer_and_route_are_clear_400(client):
     assert r.status_code == 400 and "create_custom_loss" in r.json()["error"]
 
 
-def test_forward_backward_proto_result_and_replay_dedup(client, fake):
+def test_forward_backward_proto_result_and_replay_dedup(client, service):
     sid = _session(client)
     mid = _model(client, sid)
     body = _fb_body(mid, 1)
     r1 = _post_fb(client, body)
     r2 = _post_fb(client, body)  # an SDK retry with the same seq_id
     assert r1.status_code == 200 and r1.json()["request_id"] == r2.json()["request_id"]
-    assert fake.applied.count((mid, "fb")) == 1
     res = client.post("/api/v1/retrieve_future", headers={**H, "Accept": "application/x-protobuf"},
                       json={"request_id": r1.json()["request_id"]})
     assert res.headers["content-type"].startswith("application/x-protobuf")
     out = deserialize_forward_backward_output(res.content)
-    expected = [fake.lp(1.0, t) for t in (2, 3)]
-    assert np.allclose(out.loss_fn_outputs[0]["logprobs"].tolist(), expected)
-    assert set(out.metrics) == {"loss:sum"}
+    kinds = [p.kind for p in service.runs.extra[mid].metrics]
+    assert kinds.count("forward_backward") == 1  # applied and counted once
+    datum = {"model_input": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},
+             "loss_fn_inputs": {"target_tokens": {"data": [2, 3], "dtype": "int64", "shape": [2]},
+                                "weights": {"data": [1.0, 1.0], "dtype": "float32", "shape": [2]}}}
+    fwd = client.post("/api/v1/forward", headers=H, json={  # no optim_step since: the same weights
+        "forward_input": {"data": [datum], "loss_fn": "cross_entropy"}, "model_id": mid, "seq_id": 2})
+    assert fwd.status_code == 200, fwd.text
+    again = deserialize_forward_backward_output(client.post(
+        "/api/v1/retrieve_future", headers={**H, "Accept": "application/x-protobuf"},
+        json={"request_id": fwd.json()["request_id"]}).content)
+    lps = out.loss_fn_outputs[0]["logprobs"].tolist()
+    assert len(lps) == 2 and all(x < 0 for x in lps)
+    assert np.allclose(lps, again.loss_fn_outputs[0]["logprobs"].tolist())
+    assert "loss:sum" in out.metrics
 
 
 def test_bad_input_is_400_naming_field(client):
@@ -102,8 +119,13 @@ def test_bad_input_is_400_naming_field(client):
     mid = _model(client, sid)
     r = _post_fb(client, _fb_body(mid, 1, loss_fn="no_such_loss"))
     assert r.status_code == 400 and r.json()["detail"]["field"] == "loss_fn"
-    r = _post_fb(client, _fb_body(mid, 2, tokens=(1, 2, 999)))
-    assert r.status_code == 400 and "vocabulary" in r.json()["error"]
+    r = _post_fb(client, _fb_body(mid, 2, tokens=(1, 2, 10**6)))
+    if r.status_code == 200:  # the worker checks token ids: the future fails with the user error
+        r = client.post("/api/v1/retrieve_future", headers=H, json={"request_id": r.json()["request_id"]})
+        assert r.json()["category"] == "user"
+    else:
+        assert r.status_code == 400
+    assert "vocabulary" in r.json()["error"]
     r = _post_fb(client, b"\x01\x02garbage")
     assert r.status_code == 400
     r = client.post("/api/v1/optim_step", headers=H, json={"model_id": mid, "seq_id": 3,
@@ -113,7 +135,7 @@ def test_bad_input_is_400_naming_field(client):
     assert _post_fb(client, _fb_body(mid, 4)).status_code == 200
 
 
-def test_optim_step_accepts_every_param_spelling(client, fake):
+def test_optim_step_accepts_every_param_spelling(client):
     sid = _session(client)
     mid = _model(client, sid)
     for i, key in enumerate(("adam_params", "optim_params", "optimizer_params")):
@@ -121,13 +143,13 @@ def test_optim_step_accepts_every_param_spelling(client, fake):
                                                               key: {"learning_rate": 0.01}})
         assert r.status_code == 200, r.text
         res = client.post("/api/v1/retrieve_future", headers=H, json={"request_id": r.json()["request_id"]}).json()
-        assert tt.OptimStepResponse.model_validate(res).metrics == {"lr:mean": 0.01}
+        assert tt.OptimStepResponse.model_validate(res).metrics["lr:mean"] == 0.01
     r = client.post("/api/v1/optim_step", headers=H, json={"model_id": mid, "seq_id": 20,
                                                           "optimizer_params": {"type": "dimuon", "learning_rate": 0.1}})
     assert r.status_code == 400 and "AdamW" in r.json()["error"]
 
 
-def test_save_load_and_rest_checkpoints(client, fake):
+def test_save_load_and_rest_checkpoints(client, service):
     sid = _session(client)
     mid = _model(client, sid)
 
@@ -162,14 +184,14 @@ def test_save_load_and_rest_checkpoints(client, fake):
     assert {c.checkpoint_id for c in cks.checkpoints} >= {"weights/s1", "sampler_weights/p1"}
     assert client.put(f"/api/v1/training_runs/{mid}/checkpoints/weights/s1/ttl", headers=H,
                       json={"ttl_seconds": 7200}).status_code == 200
-    assert fake.checkpoints[saved["path"]].expires_at is not None
+    assert service.checkpoints.by_key[parse_checkpoint_path(saved["path"])].info.expires_at is not None
     assert client.post(f"/api/v1/training_runs/{mid}/checkpoints/weights/s1/publish", headers=H).status_code == 200
-    assert fake.checkpoints[saved["path"]].public
+    assert service.checkpoints.by_key[parse_checkpoint_path(saved["path"])].info.public
     info = tt.WeightsInfoResponse.model_validate(
         client.post("/api/v1/weights_info", headers=H, json={"tinker_path": saved["path"]}).json())
     assert info.base_model == "fake/base" and info.lora_rank == 8 and info.train_mlp is False
     assert client.delete(f"/api/v1/training_runs/{mid}/checkpoints/sampler_weights/p1", headers=H).status_code == 200
-    assert f"tinker://{mid}/sampler_weights/p1" not in fake.checkpoints
+    assert (mid, "sampler", "p1") not in service.checkpoints.by_key
     user_cks = tt.CheckpointsListResponse.model_validate(client.get("/api/v1/checkpoints", headers=H).json())
     assert "sampler_weights/p1" not in {c.checkpoint_id for c in user_cks.checkpoints}
     # another user sees nothing of it
@@ -187,7 +209,7 @@ def test_asample_sequence_ids_and_proto(client):
     assert len(r["sample_sequence_ids"]) == 3 and len(set(r["sample_sequence_ids"])) == 3
     res = client.post("/api/v1/retrieve_future", headers=H, json={"request_id": r["request_id"]})
     out = deserialize_sample_response(res.content)
-    assert len(out.sequences) == 3 and out.sequences[0].tokens == [7, 8]
+    assert len(out.sequences) == 3 and all(len(q.tokens) == 2 for q in out.sequences)
     assert out.prompt_logprobs[:2] == [None, None] and out.prompt_logprobs[2] is not None
     assert out.topk_prompt_logprobs[1] is None and len(out.topk_prompt_logprobs[3]) == 2
     bad = client.post("/api/v1/asample", headers=H, json={
@@ -196,12 +218,16 @@ def test_asample_sequence_ids_and_proto(client):
     assert bad.status_code == 400 and "prompt_alt_tokens_k" in bad.json()["error"]
 
 
-def test_failed_future_has_lower_case_category(client, fake):
+def test_failed_future_has_lower_case_category(client, service, monkeypatch):
+    import twinkle.server.tinker.routes as routes
+    from twinkle.server.state.futures import Future
+
+    monkeypatch.setattr(routes, "RETRIEVE_HOLD_S", 0.2)  # the pending one below is never finished
     from twinkle.types.api import FutureState
 
-    fake.futures["fx"] = FutureState(future_id="fx", status="failed", type="forward_backward",
-                                     error={"error": "boom", "category": "User"})
+    service.futures.by_id["fx"] = Future("fx", "alice", "forward_backward", None, state=FutureState(
+        future_id="fx", status="failed", type="forward_backward", error={"error": "boom", "category": "User"}))
     r = client.post("/api/v1/retrieve_future", headers=H, json={"request_id": "fx|fb"}).json()
     assert r == {"error": "boom", "category": "user"}
-    fake.futures["fp"] = FutureState(future_id="fp", status="pending")
+    service.futures.by_id["fp"] = Future("fp", "alice", "forward_backward", None)
     assert client.post("/api/v1/retrieve_future", headers=H, json={"request_id": "fp|fb"}).json()["type"] == "try_again"

@@ -1,4 +1,5 @@
-"""The real, unpatched tinker 0.38 SDK against the Tinker routes on a socket, backed by a fake Service."""
+"""The real, unpatched tinker 0.38 SDK against the Tinker routes on a socket: the real gateway app on a
+mock-backend worker in process (no Ray)."""
 
 from __future__ import annotations
 
@@ -27,15 +28,15 @@ def service_client(live_server):
     sc = tinker.ServiceClient(base_url=url, api_key="tml-test")
     yield sc
     sc.close("success").result()
-    _, fake = live_server
-    assert all(s.state == "closed" for s in fake.sessions.values() if s.metadata.get("sdk_version"))
+    _, service = live_server
+    assert all(s.state == "closed" for s in service.sessions.by_id.values() if s.client == "tinker")
 
 
 def test_sdk_train_save_resume_sample(service_client, live_server):
-    _, fake = live_server
+    _, service = live_server
     tc = service_client.create_lora_training_client(base_model="fake/base", rank=4, train_unembed=False)
     tc = tc.result() if hasattr(tc, "result") else tc
-    assert fake.runs[tc.model_id].lora.train_unembed is False
+    assert service.runs.by_id[tc.model_id].lora.train_unembed is False
     batch = [_datum([1, 2, 3, 4]), _datum([5, 6, 7])]
     t0 = time.time()
     losses = []
@@ -58,7 +59,7 @@ def test_sdk_train_save_resume_sample(service_client, live_server):
     sampler = tc.save_weights_and_get_sampling_client().result()
     res = sampler.sample(tt.ModelInput.from_ints([1, 2]), 2, tt.SamplingParams(max_tokens=3, temperature=0.0)).result()
     assert len(res.sequences) == 2 and all(s.sequence_id for s in res.sequences)
-    assert res.sequences[0].tokens == [3, 4, 5] and res.sequences[0].stop_reason == "length"
+    assert len(res.sequences[0].tokens) == 3 and res.sequences[0].stop_reason == "length"
     lps = sampler.compute_logprobs(tt.ModelInput.from_ints([1, 2, 3])).result()
     assert lps[0] is None and len(lps) == 3
 
@@ -100,7 +101,7 @@ def test_sdk_async_variants(service_client):
 
 @pytest.mark.slow
 def test_init_tinker_client_lifts_only_the_prefix_check(live_server):
-    url, fake = live_server
+    url, _ = live_server
     code = f"""
 import twinkle_client, sys
 assert "torch" not in sys.modules

@@ -220,8 +220,9 @@ def clip_order(config: dict[str, float]) -> None:
 
 
 def check_finite_loss(name: str, value: float) -> None:
-    """Called by every backend before a training pass's gradients are accumulated: a NaN or infinite loss is
-    refused (``NonFiniteError``, a 400) and nothing of that pass is kept, so the run stays usable."""
+    """Called by every backend on each item's loss before any gradient is accumulated: a NaN or infinite loss
+    is refused (``NonFiniteError``, a 400) and nothing of that pass is kept, so the run stays usable. A forward
+    is refused too: its ``loss:sum`` would be NaN, which JSON cannot carry."""
     if not math.isfinite(value):
         raise NonFiniteError(
             f"loss_fn {name!r} gave a non-finite loss ({value}) on this batch; nothing was accumulated and the "

@@ -29,7 +29,6 @@ from twinkle.types import (
     EncodedTextChunk,
     ImageChunk,
     InvalidInputError,
-    LimitExceededError,
     ModelInfo,
     ModelInput,
     VisionInfo,
@@ -57,7 +56,7 @@ def decode_image(chunk: ImageChunk, vision: VisionInfo, field: str) -> tuple[Any
     if not isinstance(raw, str):
         raise InvalidInputError("image data must be base64 text", field=f"{field}.data")
     if len(raw) // 4 * 3 > vision.max_image_bytes:
-        raise LimitExceededError(f"image data is about {len(raw) // 4 * 3} bytes; the limit is "
+        raise InvalidInputError(f"image data is about {len(raw) // 4 * 3} bytes; the limit is "
                                  f"{vision.max_image_bytes}", field=f"{field}.data")
     try:
         data = base64.b64decode(raw, validate=True)
@@ -71,11 +70,11 @@ def decode_image(chunk: ImageChunk, vision: VisionInfo, field: str) -> tuple[Any
         im = Image.open(io.BytesIO(data))  # reads the header only
         w, h = im.size
         if w * h > vision.max_image_pixels:
-            raise LimitExceededError(f"image is {w}x{h} pixels; the limit is {vision.max_image_pixels} pixels",
+            raise InvalidInputError(f"image is {w}x{h} pixels; the limit is {vision.max_image_pixels} pixels",
                                      field=f"{field}.data")
         im.load()
         rgb = im.convert("RGB")
-    except LimitExceededError:
+    except InvalidInputError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise InvalidInputError(f"image data cannot be decoded as {fmt}: {e}", field=f"{field}.data") from None

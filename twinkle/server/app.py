@@ -11,9 +11,11 @@ Nothing here imports torch; ``ray`` is imported only by ``build_serve_app``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
+import sys
 import traceback
 import uuid
 from contextlib import asynccontextmanager
@@ -108,6 +110,10 @@ class _GuardMiddleware:
                 started = True
                 headers = [h for h in message.get("headers", ()) if h[0].lower() != b"x-request-id"]
                 headers.append(rid_header)
+                tracing = sys.modules.get("twinkle.server.telemetry.tracing")
+                tid = tracing.trace_id_hex() if tracing is not None else None
+                if tid:  # traces exported: the client shows this id in its error messages
+                    headers.append((b"x-trace-id", tid.encode("latin-1")))
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -206,7 +212,13 @@ def create_app(
     app.state.service = service
     app.state.config = config
     _install_handlers(app, config)
-    native = [health_router(), create_native_router(), create_stream_router()]
+    if config.telemetry.enabled:
+        from .telemetry.setup import install_telemetry
+
+        install_telemetry(app, config, service)
+    from .telemetry.routes import create_usage_router
+
+    native = [health_router(), create_native_router(), create_stream_router(), create_usage_router()]
     for router in native:
         app.include_router(router)
     app.include_router(create_openai_router())
@@ -257,8 +269,12 @@ class _HandleWorker:
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         from .service import _unwrap
 
+        response = getattr(self._h, method).remote(*args, **kwargs)
         try:
-            return await getattr(self._h, method).remote(*args, **kwargs)
+            return await response
+        except asyncio.CancelledError:
+            response.cancel()  # the caller gave up (e.g. its session ended): cancel the call on the replica too
+            raise
         except Exception as e:
             err = _unwrap(e)
             if err is e:
@@ -272,10 +288,11 @@ class _HandleWorker:
         return await self._call("remove_adapter", adapter_id)
 
     async def execute(self, adapter_id: str, op: Any, *, seq_id: int | None = None, path: str | None = None) -> Any:
-        return await self._call("execute", adapter_id, op, seq_id=seq_id, path=path)
+        return await self._call("execute", adapter_id, op, seq_id=seq_id, path=path, **_trace_kw())
 
     async def sample(self, op: Any, *, adapter_id: str | None = None, checkpoint_path: str | None = None) -> Any:
-        return await self._call("sample", op, adapter_id=adapter_id, checkpoint_path=checkpoint_path)
+        return await self._call("sample", op, adapter_id=adapter_id, checkpoint_path=checkpoint_path,
+                                **_trace_kw())
 
     async def sample_stream_open(self, op: Any, *, adapter_id: str | None = None,
                                  checkpoint_path: str | None = None) -> Any:
@@ -298,6 +315,18 @@ class _HandleWorker:
 
     async def model_info(self) -> Any:
         return await self._call("model_info")
+
+    async def telemetry_exposition(self) -> Any:
+        return await self._call("telemetry_exposition")
+
+
+def _trace_kw() -> dict[str, Any]:
+    """``{"_trace": <W3C headers>}`` when this process exports traces and a span is current, else ``{}``."""
+    tracing = sys.modules.get("twinkle.server.telemetry.tracing")
+    if tracing is None:
+        return {}
+    carrier = tracing.inject()
+    return {"_trace": carrier} if carrier else {}
 
 
 def serve_logging_config(replica: bool = False) -> dict[str, Any]:
@@ -339,11 +368,21 @@ def build_serve_app(config: ServerConfig) -> Any:
             return await self.worker.remove_adapter(adapter_id)
 
         async def execute(self, adapter_id: str, op: Any, *, seq_id: int | None = None,
-                          path: str | None = None) -> Any:
+                          path: str | None = None, _trace: dict[str, str] | None = None) -> Any:
+            if _trace:  # the gateway's trace context (telemetry with traces on)
+                from twinkle.server.telemetry.tracing import attached
+
+                with attached(_trace):
+                    return await self.worker.execute(adapter_id, op, seq_id=seq_id, path=path)
             return await self.worker.execute(adapter_id, op, seq_id=seq_id, path=path)
 
         async def sample(self, op: Any, *, adapter_id: str | None = None,
-                         checkpoint_path: str | None = None) -> Any:
+                         checkpoint_path: str | None = None, _trace: dict[str, str] | None = None) -> Any:
+            if _trace:
+                from twinkle.server.telemetry.tracing import attached
+
+                with attached(_trace):
+                    return await self.worker.sample(op, adapter_id=adapter_id, checkpoint_path=checkpoint_path)
             return await self.worker.sample(op, adapter_id=adapter_id, checkpoint_path=checkpoint_path)
 
         async def skip(self, adapter_id: str, seq_id: int) -> None:
@@ -357,6 +396,9 @@ def build_serve_app(config: ServerConfig) -> Any:
 
         async def model_info(self) -> Any:
             return await self.worker.model_info()
+
+        async def telemetry_exposition(self) -> Any:
+            return await self.worker.telemetry_exposition()
 
     @serve.deployment(name="gateway", num_replicas=1, max_ongoing_requests=100000, graceful_shutdown_timeout_s=10,
                       ray_actor_options={"num_cpus": 0}, logging_config=logging_config)
@@ -374,9 +416,11 @@ def build_serve_app(config: ServerConfig) -> Any:
     handles: dict[str, list[Any]] = {}
     for m in config.models:
         opts = m.ray_actor_options.to_ray()
+        wc = {**worker_config(m),
+              "telemetry": config.telemetry.model_dump(mode="json") if config.telemetry.enabled else False}
         handles[m.served_name] = [
             cast(Any, WorkerDeployment).options(name=_deployment_name(m.served_name, i), ray_actor_options=opts).bind(
-                worker_config(m), i)
+                wc, i)
             for i in range(m.replicas)
         ]
     return cast(Any, Gateway).bind(config.model_dump(mode="json"), handles)  # serve.deployment's (untyped) class

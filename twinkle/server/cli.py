@@ -9,6 +9,7 @@ Examples::
     twinkle-server keys create --user alice -c server_config.yaml   # the key alone on the last line
     twinkle-server keys list -c server_config.yaml
     twinkle-server keys revoke k-0123abcd -c server_config.yaml
+    twinkle-server usage -c server_config.yaml --since 24h --format csv
 """
 
 from __future__ import annotations
@@ -59,7 +60,16 @@ def _cmd_check(args: argparse.Namespace) -> int:
             except TwinkleError as e:
                 raise ConfigError(f"models[{i}].backend: {e}", field=f"models[{i}].backend") from None
     names = ", ".join(f"{m.served_name} ({m.backend}, {m.model_id}, x{m.replicas})" for m in cfg.models)
-    print(f"config OK: {args.config}\n  http {cfg.http.host}:{cfg.http.port}\n  models: {names}")
+    tel = cfg.telemetry
+    if tel.enabled:
+        parts = [f"prometheus {tel.prometheus.path} ({tel.prometheus.access})" if tel.prometheus.enabled else ""]
+        if tel.otlp.endpoint:
+            parts.append(f"otlp {tel.otlp.protocol} {tel.otlp.endpoint}")
+        telemetry = "on: " + ", ".join(p for p in parts if p)
+    else:
+        telemetry = "off"
+    print(f"config OK: {args.config}\n  http {cfg.http.host}:{cfg.http.port}\n  models: {names}\n"
+          f"  telemetry: {telemetry}")
     return 0
 
 
@@ -96,6 +106,13 @@ def _cmd_keys_revoke(args: argparse.Namespace) -> int:
         print(f"error: no active key {args.key_id!r}", file=sys.stderr)
         return 1
     print(f"revoked {args.key_id}")
+    return 0
+
+
+def _cmd_usage(args: argparse.Namespace) -> int:
+    from .telemetry.report import format_usage, usage_report
+
+    print(format_usage(usage_report(_store(_load(args)), args.user, args.since, args.until), args.format))
     return 0
 
 
@@ -141,6 +158,14 @@ def _parser() -> argparse.ArgumentParser:
     _with_config(kr)
     kr.add_argument("key_id")
     kr.set_defaults(func=_cmd_keys_revoke)
+
+    up = sub.add_parser("usage", help="tokens trained/prefilled/sampled and checkpoint storage per user")
+    _with_config(up)
+    up.add_argument("--user", default=None, help="one user (default: everyone)")
+    up.add_argument("--since", default=None, help="ISO time, epoch seconds or a duration back (24h, 7d)")
+    up.add_argument("--until", default=None, help="ISO time, epoch seconds or a duration back")
+    up.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    up.set_defaults(func=_cmd_usage)
     return p
 
 

@@ -24,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from twinkle.types import InvalidInputError
 from twinkle.types.params import MAX_LORA_RANK
 
+from .telemetry.config import TelemetryConfig
+
 __all__ = [
     "AuthConfig",
     "ConfigError",
@@ -116,7 +118,7 @@ class SchedulerSettings(_Strict):
     """The per-replica scheduler's knobs (``docs/scheduler.md``). The worker and the scheduler take their
     defaults from here: this class is the one place they are written."""
 
-    batch_token_budget: int = Field(8192, ge=1, description="tokens in one mixed batch (a larger request runs alone)")
+    batch_token_budget: int = Field(8192, ge=1, description="tokens in one mixed batch; a larger request runs alone, in micro-batches of this size")
     max_batch_items: int = Field(256, ge=1, description="requests in one mixed batch")
     seq_grace_s: float = Field(2.0, ge=0, le=3600, description="how long a request whose seq_id is ahead waits "
                                "for the missing ones before the sequence moves on")
@@ -160,6 +162,11 @@ class ModelConfig(_Strict):
     max_queue: int | None = Field(None, ge=1, exclude=True, description="older spelling of scheduler.max_queue")
     sampler: SamplerSettings = Field(default_factory=SamplerSettings)
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    attn_implementation: str | None = Field(None, description="transformers backend: sdpa (default; eager where a "
+                                            "model refuses it), eager, flash_attention_2, ...")
+    gradient_checkpointing: bool = Field(False, description="transformers backend: recompute layers in backward")
+    autocast: Literal["bfloat16", "float16"] | None = Field(None, description="transformers backend: mixed "
+                                                            "precision forward passes on CUDA (ignored on CPU)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     seed: int = 0
     trust_remote_code: bool = False
@@ -231,6 +238,8 @@ class ServerConfig(_Strict):
     lease_seconds: float = Field(60.0, gt=0, description="a session that stops heart-beating this long is unloaded")
     max_lease_seconds: float = Field(86400.0, gt=0, description="cap on a session's requested lease")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig,
+                                       description="metrics, traces, JSON logs (docs/observability.md)")
     models: list[ModelConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -27,7 +27,7 @@ from twinkle.types import InvalidInputError, NotFoundError
 __all__ = ["AGE_SUFFIX", "UrlSigner", "encrypt_dir", "parse_recipients"]
 
 AGE_SUFFIX = ".age"
-_MAX_RECIPIENTS = 64
+_MAX_RECIPIENTS = 10  # as the SDK documents
 
 
 def parse_recipients(raw: Any) -> tuple[str, ...]:

@@ -86,7 +86,7 @@ class Recovery:
         was reloaded and nothing was lost); raises ``StateLostError`` when the run was rolled back or lost;
         returns False to keep ``err``."""
         err = unwrap(err)
-        if not worker_failed(err):
+        if not worker_failed(err) or self.svc.runs.extra[run.run_id].unloading:
             return False
         check = self.check_replica(run.base_model, self.svc.runs.replica(run))
         if not adapter_missing(err):
@@ -137,8 +137,8 @@ class Recovery:
             extra = svc.runs.extra[run.run_id]
             if run.base_model != base_model or extra.replica % n != replica % n or run.run_id in held:
                 continue
-            if extra.ready is not None and not extra.ready.done():
-                continue  # being created (or reloaded) right now
+            if extra.unloading or (extra.ready is not None and not extra.ready.done()):
+                continue  # being removed on purpose, or being created (or reloaded) right now
             self.reload(run, "its worker replica restarted and lost the adapter")
 
     # ---- reload --------------------------------------------------------------------------------------------

@@ -42,6 +42,11 @@ async def open_stream(service: Service, user: User, op: SampleOp, *, base_model:
         while True:
             r = await worker.sample_stream_poll(sid, nxt, _POLL_S)
             nxt = r["next"]
+            if r["done"] and r.get("result") is not None:  # usage metering, as for /sample
+                res = r["result"]
+                res = r["result"] = res if isinstance(res, SampleResponse) else SampleResponse.model_validate(res)
+                service.meter(user.name, t.base_model, prefilled=len(op.prompt),
+                              sampled=sum(len(q.tokens) for q in res.sequences))
             yield r
             if r["done"]:
                 return

@@ -140,6 +140,8 @@ class _Request:
     arrived: float = field(default_factory=time.monotonic)
     queue: _AdapterQueue | None = None
     finished: bool = False
+    started: float | None = None  # monotonic time its batch/barrier started (telemetry)
+    ctx: Any = None  # the caller's trace context (telemetry)
 
     @property
     def is_compute(self) -> bool:
@@ -157,6 +159,8 @@ class _SampleRequest:
     arrived: float = field(default_factory=time.monotonic)
     finished: bool = False
     name: str | None = None  # the backend adapter it samples with (set when planned)
+    started: float | None = None  # monotonic time it reached the sampler (telemetry)
+    ctx: Any = None  # the caller's trace context (telemetry)
     on_tokens: Callable[[list[tuple[int, int, float]]], None] | None = None
 
 
@@ -221,10 +225,12 @@ class Scheduler:
             "ticks": 0, "batches_run": 0, "mixed_batches": 0, "rows_run": 0, "tokens_run": 0,
             "barriers_run": 0, "sample_batches": 0, "samples_run": 0, "errors": 0, "dedup_hits": 0,
             "seq_skips": 0, "late_requests": 0, "rejected_capacity": 0, "samples_cancelled": 0, "busy_s": 0.0,
-            "max_adapters_in_batch": 0,
+            "max_adapters_in_batch": 0, "micro_batches": 0,
         }
         self.last_batch: dict[str, Any] | None = None
         self.recent_batches: deque[dict[str, Any]] = deque(maxlen=self.config.history)
+        # telemetry (twinkle.server.telemetry.metrics.WorkerMetrics) or None: then nothing is measured
+        self.observer: Any = None
 
     # ---- thread access -------------------------------------------------------------------------------------
     async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -253,6 +259,8 @@ class Scheduler:
         self._check_capacity(q)
         fut = self._new_future()
         req = _Request(adapter, op, seq_id, fut, path=path, tokens=tokens, queue=q)
+        if self.observer is not None:
+            req.ctx = self.observer.capture()
         q.pending += 1
         self._pending_total += 1
         if seq_id is not None:
@@ -315,7 +323,10 @@ class Scheduler:
         fut = self._new_future()
         max_tokens = op.params.max_tokens if op.params.max_tokens is not None else 16
         cost = (len(op.prompt) + max_tokens) * max(1, op.num_samples)
-        self._samples.append(_SampleRequest(op, adapter, checkpoint, cache_key, fut, cost=cost, on_tokens=on_tokens))
+        sreq = _SampleRequest(op, adapter, checkpoint, cache_key, fut, cost=cost, on_tokens=on_tokens)
+        if self.observer is not None:
+            sreq.ctx = self.observer.capture()
+        self._samples.append(sreq)
         self._pending_total += 1
         self._wake_up()
         return fut
@@ -689,6 +700,7 @@ class Scheduler:
             pass
 
     def _run_barrier(self, req: _Request) -> None:
+        req.started = time.monotonic()
         try:
             result: Any = self._apply_barrier(req)
             outcome: tuple[bool, Any] = (True, result)
@@ -726,6 +738,9 @@ class Scheduler:
     def _run_batch(self, reqs: list[_Request]) -> None:
         items = [_batch_item(r) for r in reqs]
         t0 = time.perf_counter()
+        started = time.monotonic()
+        for r in reqs:
+            r.started = started
         if len(items) == 1 and items[0].num_tokens > self.config.batch_token_budget:
             try:
                 out = self._run_micro_batches(items[0])
@@ -776,7 +791,7 @@ class Scheduler:
             if not item.forward_only:
                 restore(item.adapter, saved)
             raise
-        self.stats["micro_batches"] = self.stats.get("micro_batches", 0) + len(parts)
+        self.stats["micro_batches"] += len(parts)
         return merge_outputs(outs, [len(p.data) for p in parts])
 
     def _run_samples(self, tick: _Tick) -> None:
@@ -793,7 +808,9 @@ class Scheduler:
                 failed_loads[name] = e
         good: list[_SampleRequest] = []
         bad: list[tuple[_SampleRequest, tuple[bool, Any]]] = []
+        started = time.monotonic()
         for s in tick.samples:
+            s.started = started
             cached = tick.sample_names.get(id(s))
             if cached is not None and cached in failed_loads:
                 bad.append((s, (False, _as_twinkle(failed_loads[cached], "sample"))))
@@ -804,10 +821,6 @@ class Scheduler:
         if bad:
             self._post(self._deliver_samples, bad, None)
         engine = self._get_engine()
-        whole = [s for s in good if getattr(s.op, "images", None)]  # image prompts: the backend's own path
-        if whole:
-            good = [s for s in good if not getattr(s.op, "images", None)]
-            self._sample_whole(whole, tick)
         if engine is None:
             if good:
                 self._sample_whole(good, tick)
@@ -928,6 +941,8 @@ class Scheduler:
             if not req.is_compute:
                 self.stats["barriers_run"] += 1
             self._finish(req)
+        if self.observer is not None:
+            self._observe(pairs, info)
         if info is not None:
             self.stats["batches_run"] += 1
             self.stats["rows_run"] += info["rows"]
@@ -937,6 +952,10 @@ class Scheduler:
             self.stats["max_adapters_in_batch"] = max(self.stats["max_adapters_in_batch"], len(info["adapters"]))
             self.last_batch = info
             self.recent_batches.append(info)
+
+    def _observe(self, pairs: list[tuple[_Request, tuple[bool, Any]]], info: dict[str, Any] | None) -> None:
+        self.observer.completed([(req, None if ok else value) for req, (ok, value) in pairs], info,
+                                time.monotonic())
 
     def _finish(self, req: _Request) -> None:
         req.finished = True
@@ -967,6 +986,8 @@ class Scheduler:
                         self._sampling[s.adapter] = n
                     else:
                         self._sampling.pop(s.adapter, None)
+            if self.observer is not None:
+                self.observer.sample_done(s, None if ok else value, time.monotonic())
             if ok:
                 self.stats["samples_run"] += 1
                 if not s.future.done():

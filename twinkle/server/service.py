@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 from twinkle.loss import describe_losses
 from twinkle.model.images import check_image_data, expand_prompt
 from twinkle.types import (
+    ForbiddenError,
     ForwardBackwardOutput,
     InvalidInputError,
     LimitExceededError,
@@ -70,13 +71,14 @@ from .ops import (
     op_kind,
 )
 from .recovery import Recovery
-from .state.checkpoints import KIND_DIR, Checkpoints, Ckpt, parse_checkpoint_path
+from .state.checkpoints import Checkpoints, Ckpt, parse_checkpoint_path
 from .state.common import jsonable, swallow, unwrap, validate_checkpoint_name, validate_user_name
 from .state.common import now as _now
 from .state.futures import Futures
 from .state.identity import Identity, Sessions, User
 from .state.runs import Applied, Runs
 from .state.samplers import Samplers
+from .telemetry.usage import Usage
 from .worker_api import WorkerAPI
 
 __all__ = [
@@ -89,10 +91,8 @@ _VERSION = "0.1.0"
 _REAP_MAX_SLEEP_S = 30.0  # the reaper wakes at least this often (and at each deadline + _REAP_SLACK_S)
 _REAP_SLACK_S = 0.5  # wake this long after a deadline, so one tick handles it
 
-# Kept importable under their old names (``app`` imports ``_unwrap``).
+# Kept importable under its old name (``app`` imports ``_unwrap``).
 _unwrap = unwrap
-_jsonable = jsonable
-_swallow = swallow
 
 
 
@@ -106,6 +106,8 @@ class SampleTarget(NamedTuple):
     run: Any
     run_id: str | None
     session_id: str | None
+    base_model: str = ""  # the served model name (usage metering)
+
 
 class Service:
     """The gateway service. ``workers`` maps a served base-model name to its replicas' workers."""
@@ -128,6 +130,8 @@ class Service:
         self.checkpoints = Checkpoints(self.store, self.checkpoint_root)
         self.futures = Futures(self.store, config.persistence.future_ttl_seconds)
         self.samplers = Samplers(self.store)
+        self.usage = Usage(self.store)
+        self.metrics: Any = None  # telemetry.metrics.GatewayMetrics when telemetry is on
         self.recovery = Recovery(self)
         self._lost_at_start: list[RunInfo] = []
         self._model_info: dict[str, ModelInfo] = {}
@@ -184,6 +188,7 @@ class Service:
 
     async def stop(self) -> None:
         self._closing = True
+        self.usage.flush()
         if self._reaper is not None:
             self._reaper.cancel()
             try:
@@ -272,6 +277,7 @@ class Service:
 
     async def _unload_run(self, run: RunInfo, *, checkpoint: bool, new_state: str = "unloaded") -> None:
         extra = self.runs.extra[run.run_id]
+        extra.unloading = True
         if extra.ready is not None:
             try:
                 await asyncio.shield(extra.ready)
@@ -355,8 +361,10 @@ class Service:
     def _spawn(
         self, user: User, typ: str, run_id: str | None, coro: Coroutine[Any, Any, Any], *,
         after: asyncio.Future[Any] | None = None, ready_for: str | None = None, session_id: str | None = None,
+        base_model: str | None = None,
     ) -> FutureRef:
-        ref, task = self._spawn_task(user, typ, run_id, coro, after=after, session_id=session_id)
+        ref, task = self._spawn_task(user, typ, run_id, coro, after=after, session_id=session_id,
+                                     base_model=base_model)
         if ready_for is not None:
             self.runs.extra[ready_for].ready = task
             task.add_done_callback(lambda t: self._on_ready(ready_for, t))
@@ -364,8 +372,15 @@ class Service:
 
     def _spawn_task(
         self, user: User, typ: str, run_id: str | None, coro: Coroutine[Any, Any, Any], *,
-        after: asyncio.Future[Any] | None = None, session_id: str | None = None,
+        after: asyncio.Future[Any] | None = None, session_id: str | None = None, base_model: str | None = None,
     ) -> tuple[FutureRef, asyncio.Task[Any]]:
+        if self.metrics is not None:
+            if base_model is None:
+                run = self.runs.by_id.get(run_id) if run_id is not None else None
+                base_model = run.base_model if run is not None else ""
+            coro = self.metrics.track(typ, base_model, coro, {
+                "enduser.id": user.name, "twinkle.run_id": run_id,
+                "twinkle.session_id": session_id or (run_id.split(":", 1)[0] if run_id else None)})
         ref, task = self.futures.spawn(user.name, typ, run_id, coro, after=after, session_id=session_id)
         task.add_done_callback(swallow)
         return ref, task
@@ -531,13 +546,19 @@ class Service:
             if not op.data:
                 raise InvalidInputError("data must hold at least one datum", field="data")
             check_image_data(op.data, self._model_info.get(m.served_name), m.served_name)
-            self._check_tokens(m, sum(d.model_input.length for d in op.data), "data")
+            n_tokens = sum(d.model_input.length for d in op.data)
+            self._check_tokens(m, n_tokens, "data")
             typ = "forward" if op.forward_only else "forward_backward"
 
             async def _go() -> Any:
                 out = await worker.execute(run.run_id, op, seq_id=seq_id)
                 if not isinstance(out, ForwardBackwardOutput):
                     out = ForwardBackwardOutput.model_validate(out)
+                if not replay:  # a replayed seq_id was answered from its first execution: metered then
+                    if op.forward_only:
+                        self.meter(user.name, run.base_model, prefilled=n_tokens)
+                    else:
+                        self.meter(user.name, run.base_model, trained=n_tokens)
                 if not op.forward_only:
                     extra.dirty = True
                     runs.record(run, typ, out.metrics)
@@ -701,10 +722,13 @@ class Service:
 
         async def _go() -> Any:
             out = await worker.sample(op, adapter_id=adapter_id, checkpoint_path=ck_dir)
-            return out if isinstance(out, SampleResponse) else SampleResponse.model_validate(out)
+            out = out if isinstance(out, SampleResponse) else SampleResponse.model_validate(out)
+            self.meter(user.name, t.base_model, prefilled=len(op.prompt),
+                       sampled=sum(len(seq.tokens) for seq in out.sequences))
+            return out
 
         return self._spawn(user, "sample", t.run_id, _go() if run is None else self._guard(run, _go), after=t.after,
-                           session_id=t.session_id)
+                           session_id=t.session_id, base_model=t.base_model)
 
     def sample_target(
         self, user: User, op: SampleOp, *, sampler_id: str | None = None, base_model: str | None = None,
@@ -755,7 +779,22 @@ class Service:
         if replica is None:
             replica = self.runs.least_loaded_replica(m.served_name, len(self.workers[m.served_name]))
         worker = self._worker(m.served_name, replica)
-        return SampleTarget(worker, adapter_id, ck_dir, after, run, run_id, session_id)
+        return SampleTarget(worker, adapter_id, ck_dir, after, run, run_id, session_id, m.served_name)
+
+    # ---- usage -------------------------------------------------------------------------------------------
+    def meter(self, user: str, base_model: str, *, trained: int = 0, prefilled: int = 0, sampled: int = 0) -> None:
+        """Account tokens to ``user`` (the usage ledger, and the token counters when telemetry is on)."""
+        self.usage.add(user, base_model, trained=trained, prefilled=prefilled, sampled=sampled)
+        if self.metrics is not None:
+            self.metrics.usage(user, base_model, trained, prefilled, sampled)
+
+    async def get_usage(self, user: User, *, of_user: str | None = None, all_users: bool = False,
+                        since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
+        """Usage rows. A user reads their own; an admin may name another user or ask for everyone."""
+        if (all_users or (of_user is not None and of_user != user.name)) and not user.is_admin:
+            raise ForbiddenError("usage of other users is visible to admins only", field="user")
+        who = None if all_users else (of_user or user.name)
+        return self.usage.report(who, since, until)
 
     # ---- futures -----------------------------------------------------------------------------------------
     async def wait(self, user: User, future_id: str, timeout: float = 30.0) -> FutureState:
@@ -776,6 +815,7 @@ class Service:
                 max_adapters=m.max_adapters * m.replicas, max_tokens_per_request=min(
                     m.max_tokens_per_request, self.config.limits.max_tokens_per_request),
                 tokenizer_id=info.tokenizer_id if info else None, replicas=m.replicas,
+                vision=info.vision if info else None,
             ))
         return Capabilities(version=_VERSION, base_models=models, losses=describe_losses())
 
@@ -809,7 +849,3 @@ class Service:
             workers=workers,
         )
 
-
-# Kept importable for code that imported it from here.
-_KIND_DIR = KIND_DIR
-_ = Ckpt

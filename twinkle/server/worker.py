@@ -78,6 +78,14 @@ class ModelWorker:
         self._info: ModelInfo = self._scheduler.call_blocking(backend.model_info)
         self._adapters: dict[str, LoraConfig | None] = {}  # None: being created by a load
         self.base_model = str(self.config.get("name") or self.config.get("model_id") or self._info.model_name)
+        self._metrics: Any = None
+        if self.config.get("telemetry"):  # telemetry on: prometheus_client is imported only then
+            from .telemetry.setup import worker_observer
+
+            self._metrics = worker_observer(self.config["telemetry"], self.base_model, replica_index,
+                                            queue_depth=lambda: float(self._scheduler.queue_depth()),
+                                            adapters=lambda: float(len(self._adapters)))
+            self._scheduler.observer = self._metrics
 
     # ---- model -----------------------------------------------------------------------------------------------
     async def model_info(self) -> ModelInfo:
@@ -252,6 +260,10 @@ class ModelWorker:
             **{k: v for k, v in s.stats.items() if k != "batches_run"},
         }
 
+    async def telemetry_exposition(self) -> str | None:
+        """This replica's Prometheus exposition (None: telemetry is off)."""
+        return self._metrics.metrics.exposition() if self._metrics is not None else None
+
     async def close(self) -> None:
         await self._scheduler.close()
         try:
@@ -270,8 +282,8 @@ class ModelWorker:
         if isinstance(op, (SaveOp, LoadOp)):
             if not path or not os.path.isabs(path):
                 raise InvalidInputError("the worker needs an absolute checkpoint directory", field="path")
-            if isinstance(op, SaveOp) and op.kind not in ("training", "sampler"):
-                raise InvalidInputError("kind must be 'training' or 'sampler'", field="kind")
+            if isinstance(op, SaveOp) and op.kind not in ("training", "sampler", "external"):
+                raise InvalidInputError("kind must be 'training', 'sampler' or 'external'", field="kind")
             if isinstance(op, LoadOp):
                 rank = _checkpoint_rank(Path(path))
                 if rank is not None:

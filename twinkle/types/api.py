@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .data import Datum, ModelInput
+from .outputs import VisionInfo
 from .params import (
     AdamParams,
     LoraConfig,
@@ -43,6 +44,7 @@ class BaseModelInfo(_Reply):
     max_tokens_per_request: int
     tokenizer_id: str | None = None
     replicas: int = 1
+    vision: VisionInfo | None = None  # set when the model accepts images (docs/multimodal.md)
 
 
 class LossInfo(_Reply):

@@ -56,7 +56,8 @@ class ModelInput(_Model):
         out: list[int] = []
         for c in self.chunks:
             if not isinstance(c, EncodedTextChunk):
-                raise InvalidInputError("only encoded_text chunks are supported by this model", field="model_input.chunks.type")
+                raise InvalidInputError("this operation takes text tokens only (no image chunks here; see docs/multimodal.md)",
+                                        field="model_input.chunks.type")
             out.extend(c.tokens)
         return out
 

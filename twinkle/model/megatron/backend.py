@@ -165,6 +165,11 @@ class MegatronBackend(TransformersBackend):
         self.vocab_size = int(self.geometry.vocab)
         self.max_length = int(getattr(self.hf_config, "max_position_embeddings", 2048) or 2048)
         self._routing: list[Routing | None] = [None]
+        # the transformers backend's vision and gradient-checkpointing state: unused here (no vision tower,
+        # megatron's own recompute is not wired), kept so the shared training/sampling code reads it
+        self._vision = None
+        self._vrouting: list[Routing | None] = [None]
+        self._ckpt_layers: list[Any] = []
         self._layers: dict[str, Any] = {}
         self._all_shards = [part_shards(self.geometry, self.tp, r) for r in range(self.tp)]
         self._shards = self._all_shards[self.tp_rank]
@@ -270,7 +275,7 @@ class MegatronBackend(TransformersBackend):
 
     def _forward_logits(self, ids: torch.Tensor, segments: list[Segment], *, train: bool, mask: torch.Tensor | None = None,
                         pos: torch.Tensor | None = None, cache: Any = None, use_cache: bool = False,
-                        vision: Any = None) -> tuple[torch.Tensor, Any]:
+                        vision: Any = None, last_only: bool = False) -> tuple[torch.Tensor, Any]:
         # ``vision`` is always None here: image rows are refused before they are queued (no vision tower).
         # Sampling (use_cache) keeps a KV cache in megatron's StaticInferenceContext (``_kv_cache``). Anything the
         # cache cannot serve takes the whole-sequence path, whose "cache" is the token history: every call then

@@ -327,8 +327,7 @@ class MockBackend(Backend):
                 for inp, ref in zip(inputs, refs, strict=True):
                     inp["ref_logprobs"] = ref
             result = spec.numpy_fn(lps[k], inputs, cfg)
-            if not item.forward_only:
-                check_finite_loss(spec.name, float(result.loss))  # before any gradient is kept
+            check_finite_loss(spec.name, float(result.loss))  # before any gradient is kept; a forward too
             dlps.append([np.asarray(g, dtype=np.float64).reshape(lp.shape) for g, lp in zip(result.grads, lps[k], strict=True)])
             outputs.append(ForwardBackwardOutput(
                 loss_fn_outputs=[{"logprobs": TensorData.from_numpy(lp.astype(np.float32))} for lp in lps[k]],

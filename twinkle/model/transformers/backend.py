@@ -79,7 +79,12 @@ class TransformersBackend(Backend):
     name = "transformers"
 
     def __init__(self, model_id: str, *, dtype: str = "float32", device: str | None = None, max_adapters: int = 64,
-                 max_lora_rank: int = 256, attn_implementation: str | None = "sdpa") -> None:
+                 max_lora_rank: int = 256, attn_implementation: str | None = "sdpa",
+                 gradient_checkpointing: bool = False, autocast: str | None = None) -> None:
+        """``attn_implementation``: ``sdpa`` (default; a model that refuses it falls back to ``eager``), ``eager``,
+        ``flash_attention_2``...; ``gradient_checkpointing``: recompute each decoder layer in the backward pass
+        (less activation memory); ``autocast``: ``bfloat16``/``float16`` mixed precision for forward passes on
+        CUDA (ignored elsewhere, so CPU float32 stays exact)."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
         if dtype not in _DTYPES:
@@ -95,6 +100,23 @@ class TransformersBackend(Backend):
         self.model = _load_model(auto, str(self.path), self.dtype, attn_implementation).to(self.device)
         self.model.eval()
         self.model.requires_grad_(False)
+        self.gradient_checkpointing = bool(gradient_checkpointing)
+        self._ckpt_layers: list[nn.Module] = []
+        self._train_routing: tuple[Routing | None, Routing | None] = (None, None)
+        if self.gradient_checkpointing:
+            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.x
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self._ckpt_layers = [m for m in self.model.modules() if getattr(m, "gradient_checkpointing", False)]
+        self.autocast: torch.dtype | None = None
+        if autocast:
+            if autocast not in ("bfloat16", "bf16", "float16", "fp16"):
+                raise InvalidInputError("autocast is bfloat16 or float16", field="autocast")
+            if self.device.type == "cuda":
+                self.autocast = _DTYPES[autocast]
+            else:
+                log.info("autocast %s ignored on %s (float32 stays exact)", autocast, self.device.type)
         self._tokenizer = AutoTokenizer.from_pretrained(str(self.path))
         cfg = self.model.config
         text_cfg = cfg.get_text_config()
@@ -239,12 +261,28 @@ class TransformersBackend(Backend):
                 kw[self._cache_kw] = cache
             if last_only and self._keep_kw:
                 kw["logits_to_keep"] = 1
-            out = self.model(**kw)
+            with self._compute_context(train):
+                out = self.model(**kw)
         finally:
+            if train and self._ckpt_layers:  # checkpointed layers re-run in backward with this routing
+                self._train_routing = (self._routing[0], self._vrouting[0])
             self._routing[0] = None
             self._vrouting[0] = None
         new_cache = (out.get("cache") or out.get("past_key_values")) if use_cache else None
         return out.logits, new_cache
+
+    def _compute_context(self, train: bool) -> Any:
+        """Autocast (when configured) and, in training passes, the checkpointed layers switched on."""
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        if self.autocast is not None:
+            stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast))
+        if train and self._ckpt_layers:
+            for m in self._ckpt_layers:  # HF checkpoints a layer only when it is "training"; dropout stays off
+                m.training = True
+            stack.callback(lambda: [setattr(m, "training", False) for m in self._ckpt_layers])
+        return stack
 
     def _row_logprobs(self, tokens: list[np.ndarray], targets: list[np.ndarray], segments: list[Segment],
                       train: bool, images: list[list[Any]] | None = None) -> list[torch.Tensor]:
@@ -306,12 +344,19 @@ class TransformersBackend(Backend):
                 for j, r in refs.get(i, {}).items():
                     inputs[j]["ref_logprobs"] = r
                 lo = p.spec.fn(lps[s:e], inputs, p.config)
+                # A NaN/inf loss is refused before any gradient is kept (a forward too: its metric would be NaN).
+                check_finite_loss(p.spec.name, float(lo.loss.detach()))
                 if not p.item.forward_only:
-                    check_finite_loss(p.spec.name, float(lo.loss.detach()))  # before any gradient is kept
                     total = lo.loss if total is None else total + lo.loss
                 results.append(self._output(lo))
-            if total is not None and total.requires_grad:
-                total.backward()
+            try:
+                if total is not None and total.requires_grad:
+                    if self._ckpt_layers:
+                        self._routing[0], self._vrouting[0] = self._train_routing
+                    total.backward()
+            finally:
+                self._routing[0] = None
+                self._vrouting[0] = None
         return results
 
     def grad_snapshot(self, adapter: str) -> list[torch.Tensor | None] | None:

@@ -64,6 +64,7 @@ class RunExtra:
     applied: OrderedDict[int, Applied] = field(default_factory=OrderedDict)  # seq_id -> the call it named
     dirty: bool = False  # work applied since the last training checkpoint (lost if the adapter is lost)
     rollback: str | None = None  # a one-time notice: the run was reloaded from an older checkpoint
+    unloading: bool = False  # its adapter is being removed on purpose (session end, delete): never reload it
 
 
 class Runs:

@@ -312,7 +312,8 @@ def tinker_router(service_getter: Callable[[], Service] | None = None) -> APIRou
     async def client_config(request: Request) -> Any:
         service = svc(request)
         caps = [m.max_tokens_per_request for m in service.capabilities().base_models]
-        return {**_CLIENT_CONFIG, **client_limits(caps, service.config.limits.max_request_bytes)}
+        limits = getattr(getattr(service, "config", None), "limits", None)
+        return {**_CLIENT_CONFIG, **client_limits(caps, getattr(limits, "max_request_bytes", 64 * 2**20))}
 
     @router.post("/client/dynamic_config")
     @_guard
