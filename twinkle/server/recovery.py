@@ -62,6 +62,12 @@ class Recovery:
         self.svc = service
         self._checks: dict[tuple[str, int], asyncio.Task[Any]] = {}  # (model, replica) -> a running check
 
+    def stop(self) -> None:
+        """Shutdown: stop the replica checks still running (reloads are the runs' ``ready`` tasks)."""
+        for t in self._checks.values():
+            t.cancel()
+        self._checks.clear()
+
     # ---- messages ------------------------------------------------------------------------------------------
     def _checkpoint(self, run: RunInfo) -> Ckpt | None:
         if not run.last_checkpoint:

@@ -196,6 +196,7 @@ class Service:
             except (asyncio.CancelledError, Exception):
                 pass
             self._reaper = None
+        self.recovery.stop()
 
     def _ensure_reaper(self) -> None:
         if self._reaper is None or self._reaper.done():
