@@ -117,6 +117,36 @@ def test_launch_leaves_the_callers_pandas_and_environment_alone(clean_env, monke
     assert out.returncode == 0, out.stderr
 
 
+def test_launch_gives_back_the_callers_signal_handlers(clean_env, monkeypatch, tmp_path):
+    import signal
+
+    from twinkle.net import free_port
+    from twinkle.server.config import parse_config
+
+    def fake_init_ray(address, num_cpus):
+        assert signal.getsignal(signal.SIGINT) is not mine  # launch's own handler while it runs
+        raise RuntimeError("stop here")
+
+    def mine(signum, frame):
+        pass
+
+    monkeypatch.setattr(launcher, "_init_ray", fake_init_ray)
+    monkeypatch.setattr(launcher, "_preimport", lambda: __import__("threading").Thread(target=lambda: None))
+    cfg = parse_config({
+        "http": {"port": free_port()},
+        "persistence": {"sqlite_path": str(tmp_path / "db.sqlite"), "checkpoint_root": str(tmp_path / "ck")},
+        "models": [{"name": "mock", "backend": "mock", "model_id": "mock://tiny"}],
+    })
+    old_int, old_term = signal.signal(signal.SIGINT, mine), signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(RuntimeError, match="stop here"):
+            launcher.launch(cfg, block=True)
+        assert signal.getsignal(signal.SIGINT) is mine
+        assert signal.getsignal(signal.SIGTERM) == old_term
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+
+
 def test_the_server_cli_process_shadows_pandas(monkeypatch):
     """``twinkle-server launch`` is a process of its own: there the heavy optional imports are shadowed."""
     for name in launcher._SHADOWED:  # teardown puts back each entry as it was (or removes it)

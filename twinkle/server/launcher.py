@@ -284,7 +284,22 @@ def _init_ray(address: str | None, num_cpus: int | None) -> None:
 
 def launch(config: ServerConfig, *, address: str | None = None, num_cpus: int | None = None,
            block: bool = True, ready_timeout: float = 600.0) -> str:
-    """Deploy the server and (with ``block``) serve until a signal arrives. Returns the URL."""
+    """Deploy the server and (with ``block``) serve until a signal arrives. Returns the URL.
+
+    The calling process keeps its imports and its environment (only ``RAY_*`` settings stay, see
+    ``_caller_env_restored``); with ``block`` its SIGINT/SIGTERM handlers are its own again on return."""
+    if not block:
+        return _launch(config, address=address, num_cpus=num_cpus, block=False, ready_timeout=ready_timeout)
+    previous = [(sig, signal.getsignal(sig)) for sig in (signal.SIGINT, signal.SIGTERM)]
+    try:
+        return _launch(config, address=address, num_cpus=num_cpus, block=True, ready_timeout=ready_timeout)
+    finally:
+        for sig, handler in previous:
+            signal.signal(sig, handler)
+
+
+def _launch(config: ServerConfig, *, address: str | None, num_cpus: int | None, block: bool,
+            ready_timeout: float) -> str:
     stop = threading.Event()
 
     def _on_signal(signum: int, frame: Any) -> None:
