@@ -59,10 +59,6 @@ def _area(module: str) -> str:
     return ".".join(parts[:2]) if parts[0] == "twinkle" else parts[0]
 
 
-# The transformers backend runs the sampler's engine in-process (one engine split over two packages by owner).
-_PRIVATE_OK = {("twinkle.model", "twinkle.sampler")}
-
-
 def test_no_private_imports_across_packages():
     """A module imports only public names from outside its own area (``twinkle.<area>`` or ``twinkle_client``):
     no ``_private`` module and no ``_private`` name."""
@@ -81,8 +77,6 @@ def test_no_private_imports_across_packages():
                 else:
                     target = node.module or ""
                 if target.split(".")[0] not in _PACKAGES or _area(target) == _area(module):
-                    continue
-                if (_area(module), _area(target)) in _PRIVATE_OK:
                     continue
                 private = [p for p in target.split(".") if p.startswith("_") and not p.startswith("__")]
                 private += [a.name for a in node.names if a.name.startswith("_")]
