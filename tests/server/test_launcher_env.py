@@ -85,18 +85,20 @@ def test_launch_leaves_the_callers_pandas_and_environment_alone(clean_env, monke
     import threading
 
     from twinkle.net import free_port
+    from twinkle.server import orphans
     from twinkle.server.config import parse_config
 
-    for k in ("PYTHONPATH", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM"):
+    keys = ("PYTHONPATH", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", orphans.LAUNCH_ID, orphans.LAUNCH_STATE)
+    for k in keys:
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    before = {k: os.environ.get(k) for k in ("PYTHONPATH", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM")}
+    before = {k: os.environ.get(k) for k in keys}
     seen = {}
 
     def fake_init_ray(address, num_cpus):  # what Ray's processes would inherit, then stop the launch there
         launcher._prepare_env(address)
         seen.update(pythonpath=os.environ.get("PYTHONPATH", ""), pandas=sys.modules.get("pandas", "absent"),
-                    tokenizers=os.environ.get("TOKENIZERS_PARALLELISM"))
+                    tokenizers=os.environ.get("TOKENIZERS_PARALLELISM"), launch=os.environ.get(orphans.LAUNCH_ID))
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(launcher, "_init_ray", fake_init_ray)
@@ -110,6 +112,7 @@ def test_launch_leaves_the_callers_pandas_and_environment_alone(clean_env, monke
         launcher.launch(cfg, block=False)
     assert seen["pythonpath"].split(os.pathsep)[0] == launcher._LEAN_SITE  # Ray's processes: lean
     assert seen["tokenizers"] == "false"
+    assert seen["launch"]  # Ray's processes carry the orphan marker
     assert seen["pandas"] is not None  # never shadowed in this process
     assert {k: os.environ.get(k) for k in before} == before  # the caller's environment is back
     assert sys.modules.get("pandas", "absent") is not None

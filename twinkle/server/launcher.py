@@ -316,8 +316,9 @@ def _launch(config: ServerConfig, *, address: str | None, num_cpus: int | None, 
         if n:
             print(f"Stopped {n} leftover processes of a killed twinkle launcher (same state or port)",
                   file=sys.stderr, flush=True)
-        mark_launch(state)
     with _caller_env_restored():  # Ray's processes are started (and inherit the environment) in here
+        if not address:  # the orphan markers: for Ray's processes, not for the caller's later subprocesses
+            mark_launch(str(config.persistence.sqlite_file()))
         _prepare_env(address, config.http.proxy)
         imports = _preimport()
         _init_ray(address, num_cpus)
