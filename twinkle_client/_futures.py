@@ -7,13 +7,13 @@ the call is one HTTP round trip instead of submit + poll."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any, Generic, Protocol, TypeVar
 
 from twinkle.types import TwinkleError
 from twinkle.types.api import FutureRef, FutureState
 
-from ._transport import HTTP
+from ._transport import HTTP, AsyncHTTP
 
 T = TypeVar("T")
 _POLL_S = 30.0
@@ -22,13 +22,18 @@ SUBMIT_WAIT_S = 30.0
 
 
 class HasHTTP(Protocol):
-    """What a future needs of its session (``twinkle_client.Session`` is one): the HTTP client to poll with."""
+    """What a future needs of its session (``twinkle_client.Session`` is one): the HTTP clients to poll with (a
+    protocol, so that this module does not import the session that imports it)."""
 
     http: HTTP
 
+    @property
+    def ahttp(self) -> AsyncHTTP: ...
+
 
 class RemoteFuture(Generic[T]):
-    """A server-side computation. ``result()`` blocks (long-polling) and returns the parsed value."""
+    """A server-side computation. ``result()`` blocks (long-polling) and returns the parsed value; ``await fut``
+    does the same without blocking the event loop."""
 
     def __init__(self, session: HasHTTP, ref: FutureRef, parse: Callable[[Any], T], kind: str = ""):
         self.session = session
@@ -58,6 +63,25 @@ class RemoteFuture(Generic[T]):
         if self._error is not None:
             raise self._error
         return self._value  # type: ignore[return-value]
+
+    async def result_async(self, timeout: float | None = None) -> T:
+        """``result()`` without blocking the event loop (long-polls with the session's async client)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._done:
+            wait = _POLL_S if deadline is None else max(0.0, min(_POLL_S, deadline - time.monotonic()))
+            body = await self.session.ahttp.get(
+                f"futures/{self.future_id}", params={"timeout": round(wait, 3)}, timeout=wait + 30.0
+            )
+            self._settle(FutureState.model_validate(body))
+            if not self._done and deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"future {self.future_id} ({self.kind}) not done after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+    def __await__(self) -> Generator[Any, None, T]:
+        """``await future``: the parsed result, without blocking the event loop."""
+        return self.result_async().__await__()
 
     def _poll(self, wait: float) -> None:
         body = self.session.http.get(

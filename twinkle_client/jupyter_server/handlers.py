@@ -7,6 +7,7 @@
 | DELETE | ``twinkle/connection`` | forgets the connection typed into the panel |
 | GET | ``twinkle/overview`` | ``{state, message, connection, capabilities, status, sessions, runs, checked_at}`` |
 | GET/DELETE | ``twinkle/api/<native path>`` | the Twinkle server's JSON (read-only routes, and deleting a checkpoint) |
+| POST | ``twinkle/api/{sessions,runs}/<id>/stop`` | asks that session's training loop to stop at its next step boundary |
 
 ``state`` is ``connected`` | ``not_configured`` | ``server_down`` | ``bad_key`` | ``error``.
 """
@@ -145,6 +146,10 @@ class ProxyHandler(_Base):
     @web.authenticated
     async def delete(self, path: str) -> None:
         await self._forward("DELETE", path)
+
+    @web.authenticated
+    async def post(self, path: str) -> None:
+        await self._forward("POST", path)
 
 
 def setup_handlers(web_app: Any, upstream: Upstream | None = None, store: ConnectionStore | None = None) -> None:

@@ -34,7 +34,8 @@ _RUNS_LIMIT = 50
 # Ids are word characters, '.', '-' and ':' (run ids look like "s5c4…:train:0"); never '/' or "..".
 _ID = r"(?!\.\.)[\w.:-]+"
 _GET_ALLOWED = re.compile(rf"^(capabilities|status|sessions(/{_ID})?|runs(/{_ID}(/(metrics|checkpoints))?)?|checkpoints)$")
-_DELETE_ALLOWED = re.compile(rf"^runs/{_ID}/checkpoints/(training|sampler|weights|sampler_weights)/{_ID}$")
+_POST_ALLOWED = re.compile(rf"^(sessions|runs)/{_ID}/stop$")  # the Stop buttons (work while the kernel is busy)
+_DELETE_ALLOWED = re.compile(rf"^runs/{_ID}(/checkpoints/(training|sampler|weights|sampler_weights)/{_ID})?$")
 
 
 def normalize_url(url: str) -> str:
@@ -225,9 +226,11 @@ class Upstream:
 
 
 def allowed(method: str, path: str) -> bool:
-    """Whether the browser may proxy ``method path`` (read-only routes, and deleting a checkpoint)."""
+    """Whether the browser may proxy ``method path`` (read-only routes, a stop request, deleting a checkpoint)."""
     if method == "GET":
         return bool(_GET_ALLOWED.match(path))
+    if method == "POST":
+        return bool(_POST_ALLOWED.match(path))
     if method == "DELETE":
         return bool(_DELETE_ALLOWED.match(path))
     return False

@@ -1,7 +1,10 @@
 import { describe, expect, it } from 'vitest';
 
 import {
+  DEFAULT_FILTER,
   displayMetrics,
+  filterRuns,
+  filterSessions,
   formatNumber,
   loadCheckpointCode,
   lossKey,
@@ -10,7 +13,7 @@ import {
   statusText,
   timeAgo
 } from '../format';
-import type { ICheckpointInfo, IOverview, IRunInfo } from '../types';
+import type { ICheckpointInfo, IOverview, IRunInfo, ISessionInfo } from '../types';
 
 function overview(state: IOverview['state'], runs: Partial<IRunInfo>[] = []): IOverview {
   return {
@@ -56,6 +59,11 @@ describe('displayMetrics', () => {
       ['grad_norm:mean', 'grad_norm', 61.7],
       ['lr:mean', 'lr', 0.01]
     ]);
+  });
+  it('shows the per-token mean loss, not the batch total, when both exist', () => {
+    const shown = displayMetrics({ 'loss:sum': 586.5, loss: 1.943, 'grad_norm:mean': 2 });
+    expect(shown[0]).toEqual(['loss', 'loss', 1.943]);
+    expect(shown.map(s => s[1])).toEqual(['loss', 'grad_norm']);
   });
 });
 
@@ -127,5 +135,32 @@ describe('loadCheckpointCode', () => {
   it('skips the optimizer for a sampler checkpoint', () => {
     const code = loadCheckpointCode({ ...ckpt, kind: 'sampler', path: 'tinker://run-1/sampler_weights/s' });
     expect(code).toContain('model.load("tinker://run-1/sampler_weights/s", load_optimizer=False)');
+  });
+});
+
+describe('filterRuns / filterSessions', () => {
+  const run = (id: string, name: string, session: string, state: IRunInfo['state'], step: number, t: number): IRunInfo => ({
+    run_id: id, session_id: session, user: 'u', base_model: 'm', lora: {}, name, state, step, created_at: t,
+    last_request_time: t, last_metrics: {}
+  });
+  const runs = [run('s1:train:0', 'sft', 's1', 'active', 5, 10), run('s2:train:0', 'dpo', 's2', 'active', 50, 30),
+    run('s2:train:1', 'old-sft', 's2', 'unloaded', 9, 20)];
+  it('filters by name, this kernel, active; sorts', () => {
+    expect(filterRuns(runs, DEFAULT_FILTER, 's1').map(r => r.name)).toEqual(['dpo', 'sft']);
+    expect(filterRuns(runs, { ...DEFAULT_FILTER, active: false }, 's1').map(r => r.name)).toEqual(['dpo', 'old-sft', 'sft']);
+    expect(filterRuns(runs, { ...DEFAULT_FILTER, active: false, text: 'SFT' }, null).map(r => r.name)).toEqual(['old-sft', 'sft']);
+    expect(filterRuns(runs, { ...DEFAULT_FILTER, mine: true }, 's1').map(r => r.name)).toEqual(['sft']);
+    expect(filterRuns(runs, { ...DEFAULT_FILTER, mine: true }, null)).toEqual([]);
+    expect(filterRuns(runs, { ...DEFAULT_FILTER, active: false, sort: 'name' }, null).map(r => r.name)).toEqual(['dpo', 'old-sft', 'sft']);
+    expect(filterRuns(runs, { ...DEFAULT_FILTER, active: false, sort: 'step' }, null).map(r => r.step)).toEqual([50, 9, 5]);
+  });
+  it('hides ended sessions by default', () => {
+    const sess = (id: string, state: ISessionInfo['state'], hb: number): ISessionInfo => ({
+      session_id: id, user: 'u', state, created_at: 0, last_heartbeat: hb, lease_seconds: 60
+    });
+    const all = [sess('s1', 'active', 5), sess('s2', 'expired', 9), sess('s3', 'active', 7)];
+    expect(filterSessions(all, DEFAULT_FILTER, 's1').map(s => s.session_id)).toEqual(['s3', 's1']);
+    expect(filterSessions(all, { ...DEFAULT_FILTER, active: false }, 's1').map(s => s.session_id)).toEqual(['s2', 's3', 's1']);
+    expect(filterSessions(all, { ...DEFAULT_FILTER, mine: true }, 's1').map(s => s.session_id)).toEqual(['s1']);
   });
 });

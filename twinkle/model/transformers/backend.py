@@ -77,6 +77,12 @@ class TransformersBackend(Backend):
     """HF transformers base model + a ``MultiLoraLinear`` on every linear layer (see ``_lora``)."""
 
     name = "transformers"
+    # defaults for subclasses that build their model differently (megatron): no checkpointing, no autocast
+    _ckpt_layers: list[nn.Module] | tuple[()] = ()
+    _train_routing: tuple[Routing | None, Routing | None] = (None, None)
+    autocast: torch.dtype | None = None
+    _keep_kw = False
+    _continuous: bool | None = None
 
     def __init__(self, model_id: str, *, dtype: str = "float32", device: str | None = None, max_adapters: int = 64,
                  max_lora_rank: int = 256, attn_implementation: str | None = "sdpa",
@@ -356,7 +362,8 @@ class TransformersBackend(Backend):
                     total.backward()
             finally:
                 self._routing[0] = None
-                self._vrouting[0] = None
+                if hasattr(self, "_vrouting"):
+                    self._vrouting[0] = None
         return results
 
     def grad_snapshot(self, adapter: str) -> list[torch.Tensor | None] | None:
@@ -481,8 +488,10 @@ class TransformersBackend(Backend):
                         segments: list[Segment], last_only: bool = False) -> tuple[torch.Tensor, Any]:
         """``last_only``: logits of the last position only (a prefill without prompt logprobs: the unembedding
         of every prompt position is skipped, a large saving for big vocabularies)."""
-        return self._forward_logits(ids, segments, train=False, mask=mask, pos=pos, cache=cache, use_cache=True,
-                                    last_only=last_only)
+        if last_only:
+            return self._forward_logits(ids, segments, train=False, mask=mask, pos=pos, cache=cache, use_cache=True,
+                                        last_only=True)
+        return self._forward_logits(ids, segments, train=False, mask=mask, pos=pos, cache=cache, use_cache=True)
 
     def _decode_text(self, toks: list[int]) -> str:
         return self._tokenizer.decode(toks, skip_special_tokens=False)

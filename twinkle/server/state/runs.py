@@ -31,6 +31,15 @@ _MAX_METRIC_POINTS = 10000
 APPLIED_MEMORY = 64  # seq ids remembered per run (more than the worker's default ``result_memory`` of 32)
 
 
+def with_mean_loss(metrics: dict[str, Any], weight: float) -> dict[str, Any]:
+    """Run metrics carry ``loss`` = per-token mean (``loss:sum`` / the batch's loss weight): the one loss the
+    notebook, the panel, ``%twinkle runs`` and the frames all show (the batch total stays as ``loss:sum``)."""
+    total = metrics.get("loss:sum")
+    if total is None or weight <= 0 or "loss" in metrics:
+        return metrics
+    return {"loss": float(total) / weight, **metrics}
+
+
 @dataclass
 class Applied:
     """A training call accepted for a run under a ``seq_id``: a retry of it is answered from this one."""
