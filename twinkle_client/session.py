@@ -12,7 +12,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Literal, overload
 
 import httpx
 
@@ -38,6 +38,14 @@ __all__ = ["AsyncSession", "Session", "connect", "current_session"]
 
 _current: Session | None = None
 _current_lock = threading.Lock()
+
+
+@overload
+def current_session(required: Literal[True] = True) -> Session: ...
+
+
+@overload
+def current_session(required: bool) -> Session | None: ...
 
 
 def current_session(required: bool = True) -> Session | None:

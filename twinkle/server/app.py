@@ -20,7 +20,7 @@ import traceback
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote
 
 from fastapi import FastAPI, Request
@@ -422,8 +422,8 @@ def build_serve_app(config: ServerConfig) -> Any:
         wc = {**worker_config(m),
               "telemetry": config.telemetry.model_dump(mode="json") if config.telemetry.enabled else False}
         handles[m.served_name] = [
-            WorkerDeployment.options(  # type: ignore[attr-defined]  # serve.deployment adds it
-                name=_deployment_name(m.served_name, i), ray_actor_options=opts).bind(wc, i)
+            cast(Any, WorkerDeployment).options(name=_deployment_name(m.served_name, i), ray_actor_options=opts).bind(
+                wc, i)
             for i in range(m.replicas)
         ]
-    return Gateway.bind(config.model_dump(mode="json"), handles)  # type: ignore[attr-defined]
+    return cast(Any, Gateway).bind(config.model_dump(mode="json"), handles)  # serve.deployment's (untyped) class
