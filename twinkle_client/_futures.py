@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from twinkle.types import TwinkleError
 from twinkle.types.api import FutureRef, FutureState
 
-if TYPE_CHECKING:
-    from .session import Session
+from ._transport import HTTP, AsyncHTTP
 
 T = TypeVar("T")
 _POLL_S = 30.0
@@ -22,11 +21,21 @@ SUBMIT_WAIT_S = 30.0
 """How long a blocking call asks the server to hold the submit for its result (``?wait=``)."""
 
 
+class HasHTTP(Protocol):
+    """What a future needs of its session (``twinkle_client.Session`` is one): the HTTP clients to poll with (a
+    protocol, so that this module does not import the session that imports it)."""
+
+    http: HTTP
+
+    @property
+    def ahttp(self) -> AsyncHTTP: ...
+
+
 class RemoteFuture(Generic[T]):
     """A server-side computation. ``result()`` blocks (long-polling) and returns the parsed value; ``await fut``
     does the same without blocking the event loop."""
 
-    def __init__(self, session: Session, ref: FutureRef, parse: Callable[[Any], T], kind: str = "", *,
+    def __init__(self, session: HasHTTP, ref: FutureRef, parse: Callable[[Any], T], kind: str = "", *,
                  submitted: float | None = None):
         self.session = session
         self.ref = ref

@@ -328,7 +328,8 @@ class RemoteModel:
             a.in_step = True
         data = to_datums(inputs)
         weight, tokens = loss_weight_and_tokens(data)
-        body = {"data": [d.model_dump(mode="json", exclude_none=True) for d in data], "loss_fn": loss_fn}
+        body: dict[str, Any] = {"data": [d.model_dump(mode="json", exclude_none=True) for d in data],
+                                "loss_fn": loss_fn}
         if loss_fn_config:
             body["loss_fn_config"] = loss_fn_config
 
@@ -375,7 +376,7 @@ class RemoteModel:
             out = {"grad_norm": float(m.get("grad_norm:mean", m.get("grad_norm", 0.0))),
                    "lr": float(m.get("lr:mean", m.get("lr", 0.0))),
                    "step": int(m.get("step:max", m.get("step", a.step)))}
-            a.step = out["step"]
+            a.step = int(out["step"])
             a.last.update(out)
             return out
 

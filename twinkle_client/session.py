@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Literal, overload
 
 import httpx
 
@@ -40,6 +40,14 @@ __all__ = ["AsyncSession", "Session", "connect", "current_session"]
 _LATENCY_KEPT = 2000  # finished requests whose timing a session remembers (LiveCurve reads them)
 _current: Session | None = None
 _current_lock = threading.Lock()
+
+
+@overload
+def current_session(required: Literal[True] = True) -> Session: ...
+
+
+@overload
+def current_session(required: bool) -> Session | None: ...
 
 
 def current_session(required: bool = True) -> Session | None:

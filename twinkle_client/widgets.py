@@ -546,22 +546,23 @@ class SampleViewer:
             prompt = "".join(parts)
         elif not isinstance(prompt, str):
             prompt = self._prompt_text(prompt)
-        rec = {"prompt": prompt, "tokens": list(tokens), "pieces": self._pieces(tokens),
-               "logprobs": list(logprobs) if logprobs is not None else None, "reward": reward, "title": title,
-               "images": images}
+        pieces = self._pieces(tokens)
+        lps = list(logprobs) if logprobs is not None else None
+        rec = {"prompt": prompt, "tokens": list(tokens), "pieces": pieces, "logprobs": lps, "reward": reward,
+               "title": title, "images": images}
         self.samples.append(rec)
-        if self.mode == "widget":
+        if self.widget is not None:  # widget mode
             self.widget.value = render_samples_table(self.samples[-self.max_shown:])
             if self._handle is not None:
                 from IPython.display import HTML
 
                 self._handle.update(HTML(self.widget.value))
         else:
-            mean = (sum(rec["logprobs"]) / len(rec["logprobs"])) if rec["logprobs"] else None
+            mean = (sum(lps) / len(lps)) if lps else None
             extra = "".join([f" reward={reward:.3g}" if reward is not None else "",
                              f" mean_logprob={mean:.3f}" if mean is not None else ""])
             pics = f"[{len(images)} image{'s' if len(images) != 1 else ''}] " if images else ""
-            print(f"{title + ': ' if title else ''}{pics}{prompt!r} -> {''.join(rec['pieces'])!r}{extra}")
+            print(f"{title + ': ' if title else ''}{pics}{prompt!r} -> {''.join(pieces)!r}{extra}")
 
     def add_response(self, prompt: str | Sequence[int], response: Any, rewards: Sequence[float] | None = None) -> None:
         """Add every sequence of a ``SampleResponse``."""

@@ -595,8 +595,8 @@ class Scheduler:
         for r in pre + batch + post:
             self._order.move_to_end(r.adapter)
         for a in list(self._order):
-            q = self._queues.get(a)
-            if q is None or not q.ready:
+            queue = self._queues.get(a)
+            if queue is None or not queue.ready:
                 del self._order[a]
         samples, evict, loads, names = self._plan_samples()
         if not (pre or batch or post or samples or self._in_engine):
@@ -812,9 +812,9 @@ class Scheduler:
         started = time.monotonic()
         for s in tick.samples:
             s.started = started
-            name = tick.sample_names.get(id(s))
-            if name is not None and name in failed_loads:
-                bad.append((s, (False, _as_twinkle(failed_loads[name], "sample"))))
+            cached = tick.sample_names.get(id(s))
+            if cached is not None and cached in failed_loads:
+                bad.append((s, (False, _as_twinkle(failed_loads[cached], "sample"))))
             else:
                 good.append(s)
         if failed_loads:
@@ -1044,7 +1044,7 @@ def _sample_item(s: _SampleRequest, adapter: str | None) -> SampleItem:
 
 def _batch_info(reqs: list[_Request], seconds: float) -> dict[str, Any]:
     adapters = list(dict.fromkeys(r.adapter for r in reqs))
-    rows = sum(len(r.op.data) for r in reqs)  # type: ignore[union-attr]
+    rows = sum(len(getattr(r.op, "data", ())) for r in reqs)  # forward_backward ops carry rows
     return {"adapters": adapters, "requests": len(reqs), "rows": rows, "tokens": sum(r.tokens for r in reqs),
             "mixed": len(adapters) > 1, "seconds": round(seconds, 6), "time": time.time()}
 

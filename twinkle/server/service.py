@@ -36,6 +36,7 @@ from twinkle.data.convert import loss_weight_and_tokens
 from twinkle.loss import describe_losses
 from twinkle.model.images import check_image_data, expand_prompt
 from twinkle.types import (
+    ForbiddenError,
     ForwardBackwardOutput,
     InvalidInputError,
     LimitExceededError,
@@ -89,7 +90,7 @@ __all__ = [
 log = logging.getLogger("twinkle.server")
 
 _VERSION = "0.1.0"
-_REAP_MAX_SLEEP_S = 30.0  # the reaper wakes at least this often (a lapsed lease is caught within ~1 s anyway)
+_REAP_MAX_SLEEP_S = 30.0  # the reaper wakes at least this often (and at each deadline + _REAP_SLACK_S)
 _REAP_SLACK_S = 0.5  # wake this long after a deadline, so one tick handles it
 
 # Kept importable under its old name (``app`` imports ``_unwrap``).
@@ -825,8 +826,6 @@ class Service:
     async def get_usage(self, user: User, *, of_user: str | None = None, all_users: bool = False,
                         since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
         """Usage rows. A user reads their own; an admin may name another user or ask for everyone."""
-        from .telemetry.routes import ForbiddenError
-
         if (all_users or (of_user is not None and of_user != user.name)) and not user.is_admin:
             raise ForbiddenError("usage of other users is visible to admins only", field="user")
         who = None if all_users else (of_user or user.name)

@@ -27,6 +27,12 @@ class _Api(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class EmptyRequest(BaseModel):
+    """The (optional) body of a route that takes no parameters: any object is accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
 class _Reply(BaseModel):
     model_config = ConfigDict(extra="ignore")
 

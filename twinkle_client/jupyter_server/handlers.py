@@ -91,7 +91,9 @@ class ConnectionHandler(_Base):
     @web.authenticated
     async def delete(self) -> None:
         self.store.clear_panel()
-        await self.get()
+        shown = self.get()  # typed Optional by tornado's ``authenticated``
+        if shown is not None:
+            await shown
 
 
 class OverviewHandler(_Base):

@@ -194,11 +194,12 @@ class Upstream:
         """Capabilities, status, live load, the caller's sessions and runs in one reply (the panel's poll)."""
         async with self._client(conn) as client:
             # Sessions/runs carry the key check each poll; capabilities are cached for a minute.
-            sessions, runs = await asyncio.gather(
+            results: tuple[Any, Any] = await asyncio.gather(
                 self._call(client, conn, "GET", f"{API_PREFIX}/sessions", None),
                 self._call(client, conn, "GET", f"{API_PREFIX}/runs", {"limit": _RUNS_LIMIT}),
                 return_exceptions=True,
             )
+            sessions, runs = results
             for item in (sessions, runs):
                 if isinstance(item, UpstreamError):
                     if item.state == "not_found":
