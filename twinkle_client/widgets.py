@@ -131,7 +131,10 @@ class LiveCurve:
         self._handle: Any = None
         self._times: list[float] = []  # monotonic time of each log() of this curve (steps/s, ETA)
         self.latency: list[dict[str, float]] = []  # per log(): the step's queue wait / execution / rest (seconds)
-        self._lat_last: Any = None  # the newest session timing already counted
+        self._lat_last: Any = None  # the newest session timing already counted (requests before this curve: none)
+        sess = self._session()
+        if sess is not None and getattr(sess, "latency", None):
+            self._lat_last = sess.latency[-1]
         self.loggers = _loggers.open_loggers(log_to, title)
         self.stop_reason = ""
         self.stop_message: str | None = None
@@ -301,10 +304,9 @@ class LiveCurve:
                           + "".join(f", {html.escape(m)} {p[m]:.4g}" for m in self.metrics if m in p)
                           for r, p in last.items())
         if self.latency:
-            last = self.latency[-1]
             text += (f"<br><span class='twk-latency' title='this session’s last step: waiting in the server’s "
                      f"queue, executing, and the rest (ordering, transport, client)'>"
-                     f"{html.escape(self.latency_text())}{_latency_bar(last)}</span>")
+                     f"{html.escape(self.latency_text())}{_latency_bar(self.latency[-1])}</span>")
         if self.stop_message:
             text += f" — <i>{html.escape(self.stop_message)}</i>"
         elif self.stopped:

@@ -38,6 +38,14 @@ def test_step_latency_split_reaches_the_curve(tmp_path):
         assert abs(last["queue_s"] + last["exec_s"] + last["other_s"] - last["total_s"]) < 1e-6
         assert curve.latency_text().startswith("step latency ") and "execution" in curve.latency_text()
         assert "step latency" in curve._footer()
+        # the widget's status line: the split as text and a stacked bar (queue / execution / other)
+        live = LiveCurve(mode="widget", display=False, session=sess, throttle_s=0.0)
+        model.forward_backward(inputs=BATCH)
+        model.clip_grad_and_step()
+        live.log({"loss": 1.0}, step=3)
+        assert "twk-latency" in live.status.value and "twk-lat-execution" in live.status.value
+        assert "step latency" in live.status.value
+        assert live.latency[-1]["requests"] == 2  # a new curve counts only the requests made since it began
         # the wire: a finished future's state carries the split (native API), a fresh sample too
         fid = model.forward_backward_async(inputs=BATCH).future_id
         body = sess.http.get(f"futures/{fid}", params={"timeout": 10})

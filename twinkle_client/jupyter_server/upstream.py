@@ -213,6 +213,8 @@ class Upstream:
                 caps = await self._cached_capabilities(client, conn)
             except UpstreamError:
                 caps = None
+            status: Any
+            load: Any
             status, load = await asyncio.gather(
                 self._call(client, conn, "GET", f"{API_PREFIX}/status", None),
                 # live load (queue depth, tokens/s) + the caller's own usage; absent on servers without it
