@@ -30,7 +30,7 @@ from twinkle.types.api import (
     SessionInfo,
 )
 
-from . import _state
+from . import _frames, _state
 from ._errors import ConnectionLostError, check_unexpanded
 from ._futures import RemoteFuture
 from ._transport import HTTP, AsyncHTTP
@@ -252,19 +252,13 @@ class Session:
 
     def runs_frame(self, **kw: Any) -> Any:
         """``runs()`` as a pandas DataFrame (pandas needed)."""
-        from .widgets import runs_frame
-
-        return runs_frame(self.runs(**kw))
+        return _frames.runs_frame(self.runs(**kw))
 
     def checkpoints_frame(self, run_id: str | None = None) -> Any:
-        from .widgets import checkpoints_frame
-
-        return checkpoints_frame(self.checkpoints(run_id))
+        return _frames.checkpoints_frame(self.checkpoints(run_id))
 
     def metrics_frame(self, run_id: str) -> Any:
-        from .widgets import metrics_frame
-
-        return metrics_frame(self.metrics(run_id))
+        return _frames.metrics_frame(self.metrics(run_id))
 
     # ---- async twin -------------------------------------------------------------------------------------------
     @property
@@ -298,9 +292,7 @@ class Session:
     def usage(self, since: str | float | None = None, until: str | float | None = None,
               user: str | None = None) -> Any:
         """:meth:`usage_rows` as a pandas DataFrame (a list of dicts without pandas)."""
-        from .widgets import _frame
-
-        return _frame(self.usage_rows(since, until, user))
+        return _frames.frame(self.usage_rows(since, until, user))
 
     # ---- futures --------------------------------------------------------------------------------------------
     def submit(self, path: str, body: dict[str, Any], parse: Any = lambda x: x, kind: str = "", *,
@@ -399,9 +391,7 @@ def default_lease_seconds() -> float | None:
             return float(env)
         except ValueError:
             raise ConnectionLostError(f"TWINKLE_LEASE_SECONDS={env!r} is not a number of seconds") from None
-    from .widgets import in_notebook
-
-    return NOTEBOOK_LEASE_S if in_notebook() else None
+    return NOTEBOOK_LEASE_S if _frames.in_notebook() else None
 
 
 class AsyncSession:

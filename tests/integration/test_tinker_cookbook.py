@@ -85,7 +85,8 @@ def _ce_datum(rng, n: int):
 def test_large_batch_is_split_by_the_sdk_and_micro_batched(srv):
     import httpx
 
-    cfg = httpx.post(f"{srv.url}/api/v1/client/config", json={"sdk_version": tinker.__version__}).json()
+    cfg = httpx.post(f"{srv.url}/api/v1/client/config", json={"sdk_version": tinker.__version__},
+                     headers={"X-API-Key": srv.api_key}).json()
     cap = srv.config.models[0].max_tokens_per_request
     budget = srv.config.models[0].scheduler.batch_token_budget
     assert cfg["fwdbwd_max_chunk_bytes_count"] == cap * 12 and budget < cap
