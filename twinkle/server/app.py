@@ -303,6 +303,9 @@ class _HandleWorker:
     async def sample_stream_poll(self, stream_id: str, after: int = 0, timeout: float = 10.0) -> Any:
         return await self._call("sample_stream_poll", stream_id, after, timeout)
 
+    async def sample_stream_close(self, stream_id: str) -> Any:
+        return await self._call("sample_stream_close", stream_id)
+
     async def tokenize(self, **kw: Any) -> Any:
         return await self._call("tokenize", **kw)
 

@@ -18,9 +18,17 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from twinkle.types import InvalidInputError, NotFoundError, SampleResponse, SamplingParams, TwinkleError
+from twinkle.types import (
+    InvalidInputError,
+    NotFoundError,
+    SampleResponse,
+    SamplingParams,
+    TwinkleError,
+    UnsupportedError,
+)
+from twinkle.types.params import MAX_TOKENS, Integer, Number, Seed, StopTexts
 
 from .deps import get_service, get_user
 from .ops import SampleOp
@@ -31,21 +39,32 @@ __all__ = ["create_openai_router"]
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """The sampling fields OpenAI clients send, with the same number types (finite, not bool, in range) as
+    ``SamplingParams``, so every bad number is a 400 naming the OpenAI field before anything runs."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=10.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=128)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    max_tokens: Integer | None = Field(None, ge=1, le=MAX_TOKENS)
+    temperature: Number = Field(1.0, ge=0.0, le=10.0)
+    top_p: Number = Field(1.0, gt=0.0, le=1.0)
+    n: Integer = Field(1, ge=1, le=128)
+    stop: StopTexts | None = None
+    seed: Seed | None = None
     stream: bool = False
     logprobs: Any = None
 
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v: Any) -> Any:
+        if v not in (None, False, 0):  # answering without them would silently drop what was asked for
+            raise UnsupportedError("logprobs are not supported by this endpoint: use the native /sample API",
+                                   field="logprobs")
+        return v
+
 
 class CompletionBody(_Body):
-    prompt: str | list[int]
+    prompt: str | list[Integer]
 
 
 class ChatMessage(BaseModel):
@@ -57,7 +76,7 @@ class ChatMessage(BaseModel):
 
 class ChatBody(_Body):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Integer | None = Field(None, ge=1, le=MAX_TOKENS)
 
 
 def _text_content(m: ChatMessage) -> str:
@@ -100,6 +119,9 @@ def _params(body: _Body, max_tokens: int | None) -> SamplingParams:
                           stop=stop)
 
 
+_OPENAI_FIELD = {"num_samples": "n", "sampling_params.max_tokens": "max_tokens", "prompt": "prompt"}
+
+
 def _finish(reason: str) -> str:
     return "stop" if reason == "stop" else "length"
 
@@ -139,7 +161,14 @@ def create_openai_router() -> APIRouter:
         max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
         op = SampleOp(prompt=ids, num_samples=body.n, params=_params(body, max_tokens))
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        polls = await open_stream(service, user, op, **target)
+        try:
+            polls = await open_stream(service, user, op, **target)
+        except TwinkleError as e:  # name the field as the OpenAI client sent it
+            field = _OPENAI_FIELD.get(str(e.field or ""))
+            if field is not None:
+                e.field = field
+                e.detail["field"] = field
+            raise
         cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
 
@@ -176,6 +205,8 @@ def create_openai_router() -> APIRouter:
                     payload = {"error": {"message": str(err) if err else "sampling failed on the server",
                                          "type": getattr(err, "code", "internal")}}
                     yield f"data: {json.dumps(payload)}\n\n".encode()
+                finally:  # also when the client disconnected mid-stream: its queued work is dropped
+                    await polls.aclose()
                 yield b"data: [DONE]\n\n"
 
             return StreamingResponse(gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
