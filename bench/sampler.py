@@ -12,9 +12,12 @@ Systems, on the same model, prompts (24-38 random tokens) and settings (temperat
 Rows: 1, 8 and 32 concurrent requests with ``num_samples`` 1, and 1 and 8 requests with ``num_samples`` 8.
 Rounds alternate which system goes first; the medians are compared (ratios vs HF generate).
 TTFT: the latency of a 1-token request (p50/p99 of ``--ttft-n`` requests), idle and while another tenant
-(its own API key and adapter) trains forward_backward + optim_step in a loop.
+(its own API key and adapter) trains forward_backward + optim_step in a loop. ``--ttft-baseline`` measures it
+again on a second server whose scheduler never splits training for sampling (``train_slice_s: 0``), the
+behaviour before interleaving; ``--ttft-only`` skips the throughput rows.
 
     .venv/bin/python bench/sampler.py [--model builtin://small] [--max-tokens 64] [--rounds 2] [--threads 1]
+    .venv/bin/python bench/sampler.py --ttft-only --ttft-baseline
 """
 
 from __future__ import annotations
@@ -123,6 +126,52 @@ def _ttft(sampler: Any, prompts: list[list[int]], n: int) -> list[float]:
     return out
 
 
+def _server(model: str, threads: int, scheduler: dict[str, Any] | None = None) -> Any:
+    """A local server; ``scheduler``: settings for the model's ``scheduler:`` section."""
+    from twinkle.local_server import LocalServer
+
+    class _Server(LocalServer):
+        def config(self) -> dict[str, Any]:
+            cfg = super().config()
+            if scheduler:
+                cfg["models"][0]["scheduler"] = dict(scheduler)
+            return cfg
+
+    return _Server(model, threads=threads)
+
+
+def _ttft_pair(server: Any, native: Any, args: Any, vocab: int) -> tuple[list[float], list[float]]:
+    """TTFT idle, then while another tenant trains (on ``server``, sampling through ``native``)."""
+    ttft_prompts = _prompts(8, vocab, 7)
+    idle = _ttft(native, ttft_prompts, args.ttft_n)
+    stop = threading.Event()
+    trainer_key = server.create_key(user="trainer")
+    th = _trainer(server.url, trainer_key, args.model, stop, args.train_rows, args.train_seq)
+    time.sleep(3.0)
+    busy = _ttft(native, ttft_prompts, args.ttft_n)
+    stop.set()
+    th.join(timeout=60)
+    return idle, busy
+
+
+def _ttft_rows(label: str, idle: list[float], busy: list[float]) -> None:
+    print(f"| {label}: idle | {_pct(idle, 0.5) * 1e3:.0f} | {_pct(idle, 0.99) * 1e3:.0f} | |")
+    print(f"| {label}: while another tenant trains | {_pct(busy, 0.5) * 1e3:.0f} | {_pct(busy, 0.99) * 1e3:.0f} "
+          f"| {_pct(busy, 0.99) / _pct(idle, 0.99):.2f}x |")
+
+
+def _throughput_table(args: Any, cases: list[tuple[int, int]], results: dict[Any, dict[str, list[float]]]) -> None:
+    print(f"Sampling throughput, {args.model}, rank-8 adapter, {args.max_tokens} new tokens per sequence, "
+          f"{args.threads} torch thread(s) each side, median of {args.rounds} rounds (tokens/s)")
+    print("| requests x num_samples | HF generate | native | tinker SDK | native / HF | tinker / HF |")
+    print("|---|---|---|---|---|---|")
+    for c, n in cases:
+        r = {k: statistics.median(v) for k, v in results[(c, n)].items()}
+        print(f"| {c} x {n} | {r['hf']:.0f} | {r['native']:.0f} | {r['tinker']:.0f} | "
+              f"{r['native'] / r['hf']:.2f}x | {r['tinker'] / r['hf']:.2f}x |")
+    print()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="builtin://small")
@@ -133,13 +182,15 @@ def main() -> None:
     ap.add_argument("--ttft-n", type=int, default=30)
     ap.add_argument("--train-rows", type=int, default=4)
     ap.add_argument("--train-seq", type=int, default=64)
+    ap.add_argument("--ttft-only", action="store_true", help="skip the throughput rows")
+    ap.add_argument("--ttft-baseline", action="store_true",
+                    help="also measure TTFT on a server that never splits training for sampling")
     args = ap.parse_args()
 
     import tinker
     import torch
 
     import twinkle_client
-    from twinkle.local_server import LocalServer
     from twinkle.model.hub import resolve_model
     from twinkle_client.model import TransformersModel
     from twinkle_client.sampler import Sampler
@@ -148,10 +199,10 @@ def main() -> None:
     hf = HF(str(resolve_model(args.model)))
     vocab = int(hf.model.config.vocab_size)
     levels = [int(x) for x in args.levels.split(",")]
-    cases = [(c, 1) for c in levels] + [(1, 8), (8, 8)]
+    cases = [] if args.ttft_only else [(c, 1) for c in levels] + [(1, 8), (8, 8)]
     mt = args.max_tokens
 
-    with LocalServer(args.model, threads=args.threads) as server:
+    with _server(args.model, args.threads) as server:
         twinkle_client.init_twinkle_client(server.url, api_key=server.api_key)
         model = TransformersModel(args.model)
         model.add_adapter_to_model("bench-sampler", r=8)
@@ -177,34 +228,26 @@ def main() -> None:
                 print(f"round {rnd} {c}x{n}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in results[(c, n)].items()),
                       flush=True)
 
-        ttft_prompts = _prompts(8, vocab, 7)
-        idle = _ttft(native, ttft_prompts, args.ttft_n)
-        stop = threading.Event()
-        trainer_key = server.create_key(user="trainer")
-        th = _trainer(server.url, trainer_key, args.model, stop, args.train_rows, args.train_seq)
-        time.sleep(3.0)
-        busy = _ttft(native, ttft_prompts, args.ttft_n)
-        stop.set()
-        th.join(timeout=60)
+        idle, busy = _ttft_pair(server, native, args, vocab)
+
+    base: tuple[list[float], list[float]] | None = None
+    if args.ttft_baseline:
+        with _server(args.model, args.threads, {"train_slice_s": 0}) as server:
+            sess = twinkle_client.connect(server.url, server.api_key)
+            bmodel = TransformersModel(args.model, session=sess)
+            bmodel.add_adapter_to_model("bench-sampler", r=8)
+            bnative = Sampler(bmodel)
+            _native_run(bnative, _prompts(2, vocab, 99), 1, 4)
+            base = _ttft_pair(server, bnative, args, vocab)
 
     print()
-    print(f"Sampling throughput, {args.model}, rank-8 adapter, {mt} new tokens per sequence, "
-          f"{args.threads} torch thread(s) each side, median of {args.rounds} rounds (tokens/s)")
-    print("| requests x num_samples | HF generate | native | tinker SDK | native / HF | tinker / HF |")
-    print("|---|---|---|---|---|---|")
-    for c, n in cases:
-        r = {k: statistics.median(v) for k, v in results[(c, n)].items()}
-        print(f"| {c} x {n} | {r['hf']:.0f} | {r['native']:.0f} | {r['tinker']:.0f} | "
-              f"{r['native'] / r['hf']:.2f}x | {r['tinker'] / r['hf']:.2f}x |")
+    if cases:
+        _throughput_table(args, cases, results)
     print()
     print(f"TTFT (1-token request, native client), {args.ttft_n} requests; training load: another tenant's "
           f"forward_backward + optim_step on {args.train_rows} x {args.train_seq} tokens in a loop")
-    print("| | p50 ms | p99 ms |")
-    print("|---|---|---|")
-    print(f"| idle | {_pct(idle, 0.5) * 1e3:.0f} | {_pct(idle, 0.99) * 1e3:.0f} |")
-    print(f"| while another tenant trains | {_pct(busy, 0.5) * 1e3:.0f} | {_pct(busy, 0.99) * 1e3:.0f} |")
-    print(f"p99 ratio (training / idle): {_pct(busy, 0.99) / _pct(idle, 0.99):.2f}x")
-
-
-if __name__ == "__main__":
-    main()
+    print("| | p50 ms | p99 ms | p99 training / idle |")
+    print("|---|---|---|---|")
+    _ttft_rows("interleaved (default)", idle, busy)
+    if base is not None:
+        _ttft_rows("never split (train_slice_s: 0)", *base)

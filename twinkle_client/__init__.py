@@ -28,14 +28,24 @@ __all__ = [
 ]
 
 
-def init_twinkle_client(base_url: str | None = None, api_key: str | None = None, **kwargs: Any) -> Session:
+def init_twinkle_client(base_url: str | None = None, api_key: str | None = None, *, new: bool = False,
+                        quiet: bool = False, **kwargs: Any) -> Session:
     """Connect to a Twinkle server (``base_url`` / ``api_key`` default to ``TWINKLE_SERVER_URL`` /
-    ``TWINKLE_API_KEY``) and make it the session the ``twinkle_client.model`` classes use."""
+    ``TWINKLE_API_KEY``) and make it the session the ``twinkle_client.model`` classes use.
+
+    In a kernel whose previous incarnation left a session on this server, that session is re-attached (its runs
+    continue where they were), or — if its lease lapsed — its runs are restored from their automatic
+    checkpoints; ``new=True`` opens a fresh session instead. What happened is printed (``quiet`` silences it)."""
+    from ._reattach import open_session
+
     url = base_url or os.environ.get("TWINKLE_SERVER_URL")
     key = api_key or os.environ.get("TWINKLE_API_KEY")
     if not url:
         raise ConnectionLostError("no server URL: pass base_url= or set TWINKLE_SERVER_URL")
-    return connect(url, key, **kwargs)
+    sess = open_session(url, key, new=new, **kwargs)
+    if not quiet:
+        print(f"twinkle: {sess.notice}")
+    return sess
 
 
 def init_tinker_client(*args: Any, **kwargs: Any) -> Any:

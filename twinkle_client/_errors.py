@@ -43,6 +43,39 @@ class ConnectionLostError(TwinkleError):
     code = "connection_lost"
 
 
+def check_unexpanded(value: str | None, what: str) -> None:
+    """``$NAME`` left in a URL or key means the variable is not set: say which, and the near miss if any."""
+    import difflib
+    import os
+    import re
+
+    m = re.search(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", value or "")
+    if m is None:
+        return
+    name = m.group(1)
+    near = difflib.get_close_matches(name, list(os.environ), n=1, cutoff=0.8)
+    hint = f" — did you mean ${near[0]}?" if near else " — set it (e.g. in the shell that starts Jupyter) or pass the value"
+    raise ConnectionLostError(f"the {what} contains ${name}, but no environment variable {name} is set{hint}")
+
+
+def explain_transport_error(url: str, e: Exception) -> str:
+    """One actionable line for a network failure (TLS, proxy, DNS, refused, timeout)."""
+    text = f"{type(e).__name__}: {e}"
+    low = text.lower()
+    if "certificate" in low or "ssl" in low or "tls" in low:
+        return (f"TLS to {url} failed ({e}); use the server's CA (SSL_CERT_FILE=/path/ca.pem) or http:// if the "
+                "server does not speak TLS")
+    if isinstance(e, httpx.ProxyError) or "proxy" in low:
+        return (f"the HTTP proxy refused or failed the request to {url} ({e}); set NO_PROXY={httpx.URL(url).host} "
+                "to bypass it, or fix HTTP(S)_PROXY")
+    if "name or service not known" in low or "nodename nor servname" in low or "getaddrinfo" in low:
+        return (f"no answer from the Twinkle server at {url}: the host name {httpx.URL(url).host!r} does not "
+                "resolve (typo in the URL?)")
+    if "connection refused" in low or "errno 111" in low:
+        return f"no answer from the Twinkle server at {url}: connection refused (is the server running, on this port?)"
+    return f"no answer from the Twinkle server at {url} ({text})"
+
+
 def error_from_response(response: httpx.Response) -> TwinkleError:
     """Build the typed exception for a non-2xx ``response`` (a twinkle body, a FastAPI 422, or anything)."""
     status = response.status_code
@@ -58,6 +91,14 @@ def error_from_response(response: httpx.Response) -> TwinkleError:
         loc = [str(p) for p in first.get("loc", []) if p not in ("body", "query", "path")]
         field = ".".join(loc) or None
         err = InvalidInputError(f"{field or 'request'}: {first.get('msg', 'invalid value')}", field=field)
+        err.status = status
+    elif body is None and response.content:
+        # not JSON: some other web server (or a proxy's error page) answered — never dump its page
+        kind = response.headers.get("content-type", "").split(";")[0].strip() or "non-JSON"
+        klass: type[TwinkleError] = AuthenticationError if status in (401, 403) else InternalError if status >= 500 else NotFoundError
+        err = klass(f"{response.request.url.host}:{response.request.url.port or ''} answered HTTP {status} with a "
+                    f"{kind} page, not the Twinkle API: check the URL (host, port, no extra path) points at a "
+                    "Twinkle server")
         err.status = status
     else:
         text = body.get("detail") if isinstance(body, dict) else response.text[:500]

@@ -6,6 +6,7 @@ against an in-process app with no sockets, as httpx itself is.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import threading
 import time
@@ -14,13 +15,75 @@ from typing import Any
 
 import httpx
 
-from ._errors import CapacityError, ConnectionLostError, error_from_response
+from ._errors import CapacityError, ConnectionLostError, error_from_response, explain_transport_error
 
 API_PREFIX = "/api/v1/twinkle"
 _USER_AGENT = "twinkle-client/0.1"
 
 
-class HTTP:
+class _Requests:
+    """What the sync and async clients share: headers, URL and argument building, decoding and error mapping
+    (httpx's Client/AsyncClient split: the same requests, two ways to wait for them)."""
+
+    def __init__(self, base_url: str, api_key: str | None, *, timeout: float, retry_seconds: float):
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.retry_seconds = retry_seconds
+        self.timeout = timeout
+        self.headers = {"User-Agent": _USER_AGENT}
+        if api_key:
+            self.headers["X-API-Key"] = api_key
+        self._closed = threading.Event()
+        self.on_connection_change: Callable[[bool], None] | None = None
+
+    def _client_kwargs(self) -> dict[str, Any]:
+        return {"base_url": self.base_url, "headers": self.headers,
+                "timeout": httpx.Timeout(self.timeout, connect=10.0),
+                "limits": httpx.Limits(max_keepalive_connections=8, max_connections=16)}
+
+    @staticmethod
+    def _build(path: str, json: Any, params: dict[str, Any] | None, timeout: float | None) -> tuple[str, dict[str, Any]]:
+        url = path if path.startswith("/") else f"{API_PREFIX}/{path}"
+        # W3C trace context: the server's spans for this call join this trace (its id is in error messages)
+        kwargs: dict[str, Any] = {"params": params, "headers": {"traceparent": new_traceparent()}}
+        if json is not None:
+            kwargs["json"] = json
+        if timeout is not None:
+            kwargs["timeout"] = httpx.Timeout(timeout, connect=10.0)
+        return url, kwargs
+
+    def _network_error(self, e: Exception, retry: bool, deadline: float, delay: float) -> None:
+        """Raise unless this network failure should be retried after ``delay``."""
+        if isinstance(e, RuntimeError) and "closed" not in str(e).lower():
+            raise e
+        self._notify(False)
+        if not retry or self._closed.is_set() or time.monotonic() + delay > deadline:
+            raise ConnectionLostError(explain_transport_error(self.base_url, e)) from None
+
+    def _decode(self, response: httpx.Response, retry: bool, deadline: float) -> tuple[bool, Any]:
+        """``(True, body)`` for a success; ``(False, seconds)`` to retry a 429; raises the typed error."""
+        self._notify(True)
+        if response.status_code < 400:
+            return True, (response.json() if response.content else None)
+        err = error_from_response(response)
+        if isinstance(err, CapacityError) and retry and time.monotonic() + err.retry_after <= deadline:
+            return False, max(0.0, err.retry_after)
+        raise err
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def _notify(self, ok: bool) -> None:
+        cb = self.on_connection_change
+        if cb is not None:
+            try:
+                cb(ok)
+            except Exception:  # a UI callback must never break a request
+                pass
+
+
+class HTTP(_Requests):
     """Thin JSON-over-HTTP helper. ``retry_seconds``: how long a network blip or a 429 is retried before
     giving up with ``ConnectionLostError`` / ``CapacityError``."""
 
@@ -33,23 +96,10 @@ class HTTP:
         timeout: float = 60.0,
         retry_seconds: float = 60.0,
     ):
-        self.base_url = base_url.rstrip("/")
-        self.api_key = api_key
-        self.retry_seconds = retry_seconds
-        headers = {"User-Agent": _USER_AGENT}
-        if api_key:
-            headers["X-API-Key"] = api_key
-        self._client = httpx.Client(
-            base_url=self.base_url,
-            headers=headers,
-            transport=transport,
-            timeout=httpx.Timeout(timeout, connect=10.0),
-            limits=httpx.Limits(max_keepalive_connections=8, max_connections=16),
-        )
-        self._closed = threading.Event()
-        self.on_connection_change: Callable[[bool], None] | None = None
+        super().__init__(base_url, api_key, timeout=timeout, retry_seconds=retry_seconds)
+        self.transport = transport
+        self._client = httpx.Client(transport=transport, **self._client_kwargs())
 
-    # ------------------------------------------------------------------------------------------------------
     def request(
         self,
         method: str,
@@ -62,40 +112,21 @@ class HTTP:
         retry_seconds: float | None = None,
     ) -> Any:
         """Send one request; return the decoded JSON body. Non-2xx raise the typed ``TwinkleError``."""
-        url = path if path.startswith("/") else f"{API_PREFIX}/{path}"
-        budget = self.retry_seconds if retry_seconds is None else retry_seconds
-        deadline = time.monotonic() + budget
+        url, kwargs = self._build(path, json, params, timeout)
+        deadline = time.monotonic() + (self.retry_seconds if retry_seconds is None else retry_seconds)
         delay = 0.1
-        # W3C trace context: the server's spans for this call join this trace (its id is in error messages)
-        kwargs: dict[str, Any] = {"params": params, "headers": {"traceparent": new_traceparent()}}
-        if json is not None:
-            kwargs["json"] = json
-        if timeout is not None:
-            kwargs["timeout"] = httpx.Timeout(timeout, connect=10.0)
         while True:
             try:
                 response = self._client.request(method, url, **kwargs)
             except (httpx.TransportError, RuntimeError) as e:  # connect/read errors, a closed pool
-                if isinstance(e, RuntimeError) and "closed" not in str(e).lower():
-                    raise
-                self._notify(False)
-                if not retry or self._closed.is_set() or time.monotonic() + delay > deadline:
-                    raise ConnectionLostError(
-                        f"no answer from the Twinkle server at {self.base_url} ({type(e).__name__}: {e})"
-                    ) from None
+                self._network_error(e, retry, deadline, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
-            self._notify(True)
-            if response.status_code < 400:
-                if not response.content:
-                    return None
-                return response.json()
-            err = error_from_response(response)
-            if isinstance(err, CapacityError) and retry and time.monotonic() + err.retry_after <= deadline:
-                time.sleep(max(0.0, err.retry_after))
-                continue
-            raise err
+            ok, value = self._decode(response, retry, deadline)
+            if ok:
+                return value
+            time.sleep(value)
 
     def get(self, path: str, **kw: Any) -> Any:
         return self.request("GET", path, **kw)
@@ -110,17 +141,82 @@ class HTTP:
         self._closed.set()
         self._client.close()
 
-    @property
-    def closed(self) -> bool:
-        return self._closed.is_set()
+    def async_twin(self) -> AsyncHTTP:
+        """An ``AsyncHTTP`` to the same server with the same key (for ``await``-ing calls in a notebook)."""
+        return AsyncHTTP(self.base_url, self.api_key, transport=self.transport, timeout=self.timeout,
+                         retry_seconds=self.retry_seconds)
 
-    def _notify(self, ok: bool) -> None:
-        cb = self.on_connection_change
-        if cb is not None:
+
+class _ThreadedTransport(httpx.AsyncBaseTransport):
+    """A sync transport (an in-process test app) used from async code: each request runs in a worker thread."""
+
+    def __init__(self, inner: httpx.BaseTransport):
+        self._inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        body = await request.aread()
+        req = httpx.Request(request.method, request.url, headers=request.headers, content=body)
+        resp = await asyncio.to_thread(self._inner.handle_request, req)
+        content = await asyncio.to_thread(resp.read)
+        return httpx.Response(resp.status_code, headers=resp.headers, content=content, request=request)
+
+
+class AsyncHTTP(_Requests):
+    """The async twin of :class:`HTTP` (same requests, same errors and retries; ``await`` instead of block)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        *,
+        transport: httpx.AsyncBaseTransport | httpx.BaseTransport | None = None,
+        timeout: float = 60.0,
+        retry_seconds: float = 60.0,
+    ):
+        super().__init__(base_url, api_key, timeout=timeout, retry_seconds=retry_seconds)
+        if isinstance(transport, httpx.BaseTransport):
+            transport = _ThreadedTransport(transport)
+        self._client = httpx.AsyncClient(transport=transport, **self._client_kwargs())
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        retry: bool = True,
+        retry_seconds: float | None = None,
+    ) -> Any:
+        url, kwargs = self._build(path, json, params, timeout)
+        deadline = time.monotonic() + (self.retry_seconds if retry_seconds is None else retry_seconds)
+        delay = 0.1
+        while True:
             try:
-                cb(ok)
-            except Exception:  # a UI callback must never break a request
-                pass
+                response = await self._client.request(method, url, **kwargs)
+            except (httpx.TransportError, RuntimeError) as e:
+                self._network_error(e, retry, deadline, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            ok, value = self._decode(response, retry, deadline)
+            if ok:
+                return value
+            await asyncio.sleep(value)
+
+    async def get(self, path: str, **kw: Any) -> Any:
+        return await self.request("GET", path, **kw)
+
+    async def post(self, path: str, json: Any = None, **kw: Any) -> Any:
+        return await self.request("POST", path, json=json if json is not None else {}, **kw)
+
+    async def delete(self, path: str, **kw: Any) -> Any:
+        return await self.request("DELETE", path, **kw)
+
+    async def aclose(self) -> None:
+        self._closed.set()
+        await self._client.aclose()
 
 
 class SyncASGITransport(httpx.BaseTransport):
@@ -146,7 +242,7 @@ class SyncASGITransport(httpx.BaseTransport):
         async def _send() -> httpx.Response:
             req = httpx.Request(request.method, request.url, headers=request.headers, content=body)
             resp = await self._inner.handle_async_request(req)
-            content = b"".join([chunk async for chunk in resp.stream])
+            content = await resp.aread()  # an async transport's stream
             return httpx.Response(resp.status_code, headers=resp.headers, content=content, request=request)
 
         return self._portal.call(_send)

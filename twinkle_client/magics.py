@@ -5,6 +5,7 @@
     %twinkle status
     %twinkle runs
     %twinkle checkpoints [RUN]
+    %twinkle stop [SESSION|RUN]     # end that session's training loop at its next step boundary
     %twinkle disconnect [--keep]    # --keep: stop heart-beating but leave the session open for re-attach
     %twinkle --help
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-from typing import Any
+from typing import Any, NoReturn
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
@@ -29,10 +30,10 @@ from .widgets import checkpoints_frame, in_notebook, runs_frame
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # no sys.exit inside a kernel
+    def error(self, message: str) -> NoReturn:  # no sys.exit inside a kernel
         raise UsageError(f"%twinkle: {message}\n\n{self.format_usage()}")
 
-    def exit(self, status: int = 0, message: str | None = None) -> None:
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
         if message:
             print(message)
         raise _Exit()
@@ -49,12 +50,16 @@ def _parser() -> _Parser:
     c.add_argument("url", nargs="?", help="server URL (default: $TWINKLE_SERVER_URL)")
     c.add_argument("--api-key", dest="api_key", help="API key (default: $TWINKLE_API_KEY)")
     c.add_argument("--session-id", dest="session_id", help="re-attach to an existing session")
-    c.add_argument("--lease", type=float, help="lease in seconds")
+    c.add_argument("--lease", type=float, help="lease in seconds (default: $TWINKLE_LEASE_SECONDS or 600 in a notebook)")
+    c.add_argument("--new", action="store_true",
+                   help="open a fresh session instead of re-attaching to the one the previous kernel left")
     sub.add_parser("resume", help="re-attach to the session saved by the last connect")
     sub.add_parser("status", help="show the current session, server, base models and your runs")
     sub.add_parser("runs", help="list your training runs")
     k = sub.add_parser("checkpoints", help="list checkpoints (of one run, or all of yours)")
     k.add_argument("run", nargs="?")
+    st = sub.add_parser("stop", help="ask a training loop to stop at its next step boundary (from any kernel)")
+    st.add_argument("target", nargs="?", help="a session id or run id (default: this kernel's session)")
     d = sub.add_parser("disconnect", help="close the current session (its adapters are checkpointed and freed)")
     d.add_argument("--keep", action="store_true", help="leave the session open on the server (re-attach later)")
     return p
@@ -95,23 +100,31 @@ class TwinkleMagics(Magics):
             raise UsageError(f"%twinkle {args.cmd}: {type(e).__name__}: {e}") from None
 
     # ---- commands ------------------------------------------------------------------------------------------------
+    def _user_ns(self) -> dict[str, Any]:
+        if self.shell is None:  # a Magics instance registered outside a shell
+            raise UsageError("%twinkle runs inside IPython")
+        return self.shell.user_ns
+
     def _cmd_connect(self, args: argparse.Namespace) -> None:
+        from ._reattach import open_session
+
         url = args.url or os.environ.get("TWINKLE_SERVER_URL")
         if not url:
             raise UsageError("%twinkle connect: give a URL or set TWINKLE_SERVER_URL")
         key = args.api_key or os.environ.get("TWINKLE_API_KEY")
         old = _session.current_session(required=False)
-        sess = _session.connect(url, key, session_id=args.session_id, lease_seconds=args.lease, retry_seconds=5.0)
+        sess = open_session(url, key, session_id=args.session_id, new=args.new, lease_seconds=args.lease,
+                            retry_seconds=5.0)
         if old is not None and old is not sess and old.session_id != sess.session_id:
             old.detach()
-        self.shell.user_ns["twinkle_session"] = sess
-        print(f"connected to {sess.url} — session {sess.session_id} (lease {sess.info.lease_seconds:.0f} s); "
+        self._user_ns()["twinkle_session"] = sess
+        print(f"connected to {sess.url} — {sess.notice} (lease {sess.info.lease_seconds:.0f} s); "
               f"available as `twinkle_session`")
 
     def _cmd_resume(self, args: argparse.Namespace) -> None:
-        sess = _session.Session.resume(retry_seconds=5.0)
-        self.shell.user_ns["twinkle_session"] = sess
-        print(f"re-attached to {sess.url} — session {sess.session_id}")
+        sess = _session.Session.resume(retry_seconds=5.0, quiet=True)
+        self._user_ns()["twinkle_session"] = sess
+        print(f"connected to {sess.url} — {sess.notice}")
 
     def _cmd_status(self, args: argparse.Namespace) -> None:
         sess = _session.current_session()
@@ -136,6 +149,13 @@ class TwinkleMagics(Magics):
         frame = checkpoints_frame(_session.current_session().checkpoints(args.run))
         _display(frame, _table(frame))
 
+    def _cmd_stop(self, args: argparse.Namespace) -> None:
+        sess = _session.current_session()
+        target = args.target or sess.session_id
+        kind = "sessions" if target.startswith("s") and ":" not in target else "runs"
+        info = sess.http.post(f"{kind}/{target}/stop")
+        print(f"stop requested for session {info['session_id']}: its loop ends after the step in flight")
+
     def _cmd_disconnect(self, args: argparse.Namespace) -> None:
         sess = _session.current_session(required=False)
         if sess is None:
@@ -147,4 +167,4 @@ class TwinkleMagics(Magics):
         else:
             sess.close()
             print(f"closed session {sess.session_id}")
-        self.shell.user_ns.pop("twinkle_session", None)
+        self._user_ns().pop("twinkle_session", None)

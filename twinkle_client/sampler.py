@@ -9,7 +9,7 @@ from typing import Any
 
 from twinkle.types import InvalidInputError, ModelInput, SampleResponse, SamplingParams, TwinkleError
 
-from ._futures import SUBMIT_WAIT_S
+from ._futures import SUBMIT_WAIT_S, RemoteFuture
 from .model import RemoteModel
 from .session import Session, current_session
 from .tokenizer import load_tokenizer_from_candidates
@@ -66,11 +66,11 @@ class Sampler:
     def sample_async(
         self, prompt: Any, sampling_params: SamplingParams | dict[str, Any] | None = None, num_samples: int = 1,
         prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,
-    ):
+    ) -> RemoteFuture[SampleResponse]:
         return self._sample(prompt, sampling_params, num_samples, prompt_logprobs, topk_prompt_logprobs)
 
     def _sample(self, prompt: Any, sampling_params: SamplingParams | dict[str, Any] | None, num_samples: int,
-                prompt_logprobs: bool, topk_prompt_logprobs: int, *, wait: bool = False):
+                prompt_logprobs: bool, topk_prompt_logprobs: int, *, wait: bool | str = False) -> Any:
         params = sampling_params if isinstance(sampling_params, SamplingParams) else SamplingParams(**(sampling_params or {}))
         body: dict[str, Any] = {
             "base_model": self.base_model,
@@ -79,13 +79,29 @@ class Sampler:
             "sampling_params": params.model_dump(exclude_none=True),
             "prompt_logprobs": prompt_logprobs,
             "topk_prompt_logprobs": topk_prompt_logprobs,
+            "session_id": self.session.session_id,  # the panel's Stop reaches a loop that only samples
         }
         if self.checkpoint is not None:
             body["checkpoint"] = self.checkpoint
         elif self.model is not None:
             body["run_id"] = self.model._adapter(self.adapter_name).run_id
+        if wait == "async":
+            return self._aresult(body)
         return self.session.submit("sample", body, SampleResponse.model_validate, "sample",
                                    wait=SUBMIT_WAIT_S if wait else 0.0)
+
+    async def _aresult(self, body: dict[str, Any]) -> SampleResponse:
+        fut = await self.session.aio.submit("sample", body, SampleResponse.model_validate, "sample",
+                                            wait=SUBMIT_WAIT_S)
+        return await fut
+
+    async def asample(
+        self, prompt: Any, sampling_params: SamplingParams | dict[str, Any] | None = None, num_samples: int = 1,
+        prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,
+    ) -> SampleResponse:
+        """``sample`` without blocking the event loop."""
+        return await self._sample(prompt, sampling_params, num_samples, prompt_logprobs, topk_prompt_logprobs,
+                                  wait="async")
 
     def sample(
         self, prompt: Any, sampling_params: SamplingParams | dict[str, Any] | None = None, num_samples: int = 1,

@@ -12,7 +12,8 @@ import os
 import socket
 import threading
 import time
-from typing import Any
+from collections import deque
+from typing import Any, Literal, overload
 
 import httpx
 
@@ -29,15 +30,24 @@ from twinkle.types.api import (
     SessionInfo,
 )
 
-from . import _state
-from ._errors import ConnectionLostError
+from . import _frames, _state
+from ._errors import ConnectionLostError, check_unexpanded
 from ._futures import RemoteFuture
-from ._transport import HTTP
+from ._transport import HTTP, AsyncHTTP
 
-__all__ = ["Session", "connect", "current_session"]
+__all__ = ["AsyncSession", "Session", "connect", "current_session"]
 
+_LATENCY_KEPT = 2000  # finished requests whose timing a session remembers (LiveCurve reads them)
 _current: Session | None = None
 _current_lock = threading.Lock()
+
+
+@overload
+def current_session(required: Literal[True] = True) -> Session: ...
+
+
+@overload
+def current_session(required: bool) -> Session | None: ...
 
 
 def current_session(required: bool = True) -> Session | None:
@@ -67,8 +77,15 @@ class Session:
         self.state = "connected"  # connected | reconnecting | expired | closed
         self.last_error: str | None = None
         self.heartbeats = 0
+        self._ahttp: tuple[Any, AsyncHTTP] | None = None  # (event loop, its async client)
+        self.notice = ""  # what connecting did (re-attached, restored runs, ...), one line
+        self.restored: list[RunInfo] = []
         self._caps: Capabilities | None = None
         self._stop = threading.Event()
+        self.stop_requested = threading.Event()  # set from a training reply: someone pressed Stop (see _stop.py)
+        # Where each finished request's time went ({kind, queue_s, exec_s, server_s, round_trip_s}, newest last);
+        # LiveCurve shows a step's latency split from it.
+        self.latency: deque[dict[str, Any]] = deque(maxlen=_LATENCY_KEPT)
         self._thread: threading.Thread | None = None
         self.run_state = _state.SessionState(info.session_id, persist=persist_state)
         self._persist = persist_state
@@ -102,16 +119,23 @@ class Session:
     @classmethod
     def resume(
         cls, api_key: str | None = None, *, url: str | None = None, session_id: str | None = None,
-        state_file: str | os.PathLike[str] | None = None, **kw: Any,
+        state_file: str | os.PathLike[str] | None = None, quiet: bool = False, **kw: Any,
     ) -> Session:
-        """Re-attach to the session recorded in the local state file (after a kernel restart)."""
+        """Re-attach to the session recorded in the local state file (after a kernel restart). When its lease
+        has lapsed, a new session is opened and its runs are restored from their automatic checkpoints (with
+        the optimizer state) in this same call; ``session.notice`` (printed unless ``quiet``) says so."""
+        from ._reattach import open_session
+
         saved = _state.read_connection(state_file) or {}
         url = url or saved.get("url")
         session_id = session_id or saved.get("session_id")
         if not url or not session_id:
             where = state_file or (_state.twinkle_home() / "connection.json")
             raise ConnectionLostError(f"no saved Twinkle session to resume in {where}")
-        return connect(url, api_key or saved.get("api_key"), session_id=session_id, **kw)
+        sess = open_session(url, api_key or saved.get("api_key"), session_id=session_id, **kw)
+        if not quiet:
+            print(sess.notice)
+        return sess
 
     def heartbeat(self) -> SessionInfo:
         """Extend the lease now (the background thread does this every lease/3 seconds)."""
@@ -182,6 +206,19 @@ class Session:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    # ---- stopping a loop (see twinkle_client/_stop.py) -------------------------------------------------------
+    def request_stop(self) -> SessionInfo:
+        """Ask this session's training loop to stop at its next step boundary (works from any process)."""
+        return SessionInfo.model_validate(self.http.post(f"sessions/{self.session_id}/stop"))
+
+    def clear_stop(self) -> None:
+        """Forget a stop request (called once the loop stopped, and when a new loop starts)."""
+        self.stop_requested.clear()
+        try:
+            self.http.delete(f"sessions/{self.session_id}/stop", retry_seconds=5.0)
+        except TwinkleError:
+            pass
+
     # ---- server queries -----------------------------------------------------------------------------------
     def capabilities(self, refresh: bool = False) -> Capabilities:
         if self._caps is None or refresh:
@@ -215,19 +252,29 @@ class Session:
 
     def runs_frame(self, **kw: Any) -> Any:
         """``runs()`` as a pandas DataFrame (pandas needed)."""
-        from .widgets import runs_frame
-
-        return runs_frame(self.runs(**kw))
+        return _frames.runs_frame(self.runs(**kw))
 
     def checkpoints_frame(self, run_id: str | None = None) -> Any:
-        from .widgets import checkpoints_frame
-
-        return checkpoints_frame(self.checkpoints(run_id))
+        return _frames.checkpoints_frame(self.checkpoints(run_id))
 
     def metrics_frame(self, run_id: str) -> Any:
-        from .widgets import metrics_frame
+        return _frames.metrics_frame(self.metrics(run_id))
 
-        return metrics_frame(self.metrics(run_id))
+    # ---- async twin -------------------------------------------------------------------------------------------
+    @property
+    def ahttp(self) -> AsyncHTTP:
+        """The async client of this session, for the running event loop (one per loop)."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        if self._ahttp is None or self._ahttp[0] is not loop:
+            self._ahttp = (loop, self.http.async_twin())
+        return self._ahttp[1]
+
+    @property
+    def aio(self) -> AsyncSession:
+        """This session's ``await``-able twin: ``await session.aio.runs()``, ``await session.aio.submit(...)``."""
+        return AsyncSession(self)
 
     def usage_rows(self, since: str | float | None = None, until: str | float | None = None,
                    user: str | None = None) -> list[dict[str, Any]]:
@@ -245,21 +292,25 @@ class Session:
     def usage(self, since: str | float | None = None, until: str | float | None = None,
               user: str | None = None) -> Any:
         """:meth:`usage_rows` as a pandas DataFrame (a list of dicts without pandas)."""
-        from .widgets import _frame
-
-        return _frame(self.usage_rows(since, until, user))
+        return _frames.frame(self.usage_rows(since, until, user))
 
     # ---- futures --------------------------------------------------------------------------------------------
     def submit(self, path: str, body: dict[str, Any], parse: Any = lambda x: x, kind: str = "", *,
                wait: float = 0.0) -> RemoteFuture[Any]:
         """POST a future-returning request. ``wait`` > 0: the server holds the reply up to ``wait`` seconds and
         includes the result when it is ready by then (one round trip for a blocking call)."""
+        t0 = time.monotonic()
         if wait > 0:
             reply = self.http.post(path, body, params={"wait": round(wait, 3)}, timeout=wait + 30.0)
         else:
             reply = self.http.post(path, body)
+        return self._future(reply, parse, kind, t0)
+
+    def _future(self, reply: Any, parse: Any, kind: str, submitted: float | None = None) -> RemoteFuture[Any]:
         ref = FutureRef.model_validate(reply)
-        fut: RemoteFuture[Any] = RemoteFuture(self, ref, parse, kind)
+        if ref.stop_requested:
+            self.stop_requested.set()
+        fut: RemoteFuture[Any] = RemoteFuture(self, ref, parse, kind, submitted=submitted)
         if ref.state is not None:
             fut._settle(ref.state)
         return fut
@@ -327,6 +378,68 @@ class Session:
         return f"Session(url={self.url!r}, session_id={self.session_id!r}, state={self.state!r})"
 
 
+NOTEBOOK_LEASE_S = 600.0
+"""The lease a notebook kernel asks for when none is given: a kernel restart or a long pause between cells
+must not unload the adapters (a script gets the server's default, 60 s unless configured)."""
+
+
+def default_lease_seconds() -> float | None:
+    """``$TWINKLE_LEASE_SECONDS``, else ``NOTEBOOK_LEASE_S`` inside a Jupyter kernel, else the server's default."""
+    env = os.environ.get("TWINKLE_LEASE_SECONDS")
+    if env:
+        try:
+            return float(env)
+        except ValueError:
+            raise ConnectionLostError(f"TWINKLE_LEASE_SECONDS={env!r} is not a number of seconds") from None
+    return NOTEBOOK_LEASE_S if _frames.in_notebook() else None
+
+
+class AsyncSession:
+    """The async twin of a :class:`Session` (httpx's Client/AsyncClient split): the same requests, awaited.
+    Lease, heartbeat and local state stay with the wrapped session."""
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    @property
+    def session_id(self) -> str:
+        return self.session.session_id
+
+    async def submit(self, path: str, body: dict[str, Any], parse: Any = lambda x: x, kind: str = "", *,
+                     wait: float = 0.0) -> RemoteFuture[Any]:
+        """``Session.submit`` without blocking the event loop; ``await`` the returned future for the result."""
+        http = self.session.ahttp
+        t0 = time.monotonic()
+        if wait > 0:
+            reply = await http.post(path, body, params={"wait": round(wait, 3)}, timeout=wait + 30.0)
+        else:
+            reply = await http.post(path, body)
+        return self.session._future(reply, parse, kind, t0)
+
+    async def runs(self, *, all_sessions: bool = True, limit: int = 100) -> list[RunInfo]:
+        body = await self.session.ahttp.get("runs", params={"limit": limit, "offset": 0})
+        out = RunList.model_validate(body).runs
+        return out if all_sessions else [r for r in out if r.session_id == self.session_id]
+
+    async def get_run(self, run_id: str) -> RunInfo:
+        return RunInfo.model_validate(await self.session.ahttp.get(f"runs/{run_id}"))
+
+    async def metrics(self, run_id: str) -> MetricHistory:
+        return MetricHistory.model_validate(await self.session.ahttp.get(f"runs/{run_id}/metrics"))
+
+    async def checkpoints(self, run_id: str | None = None) -> list[CheckpointInfo]:
+        path = f"runs/{run_id}/checkpoints" if run_id else "checkpoints"
+        return CheckpointList.model_validate(await self.session.ahttp.get(path)).checkpoints
+
+    async def heartbeat(self) -> SessionInfo:
+        self.session.info = SessionInfo.model_validate(
+            await self.session.ahttp.post(f"sessions/{self.session_id}/heartbeat", retry=False))
+        return self.session.info
+
+    async def request_stop(self) -> SessionInfo:
+        return SessionInfo.model_validate(await self.session.ahttp.post(f"sessions/{self.session_id}/stop"))
+
+
 def connect(
     url: str,
     api_key: str | None = None,
@@ -347,6 +460,8 @@ def connect(
     """
     if not url:
         raise ConnectionLostError("no server URL given (pass url= or set TWINKLE_SERVER_URL)")
+    check_unexpanded(url, "server URL")
+    check_unexpanded(api_key, "API key")
     if "://" not in url:
         url = "http://" + url
     http = HTTP(url, api_key, transport=transport, retry_seconds=retry_seconds)
@@ -361,6 +476,7 @@ def connect(
             meta = {"client": "twinkle_client", "host": socket.gethostname(), "pid": os.getpid()}
             meta.update(metadata or {})
             body: dict[str, Any] = {"metadata": meta}
+            lease_seconds = lease_seconds if lease_seconds is not None else default_lease_seconds()
             if lease_seconds is not None:
                 body["lease_seconds"] = lease_seconds
             info = SessionInfo.model_validate(http.post("sessions", body, retry_seconds=min(retry_seconds, 2.0)))

@@ -90,14 +90,14 @@ def _hub_snapshot(repo_spec: str, text: str) -> Path:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise UnsupportedError(f"tokenizer {text!r} needs the huggingface_hub package", field="tokenizer_id") from None
-    from twinkle.model.hub import _hf_cache_dir, _offline
+    from twinkle.model.hub import hf_cache_dir, hub_offline
 
-    cache = _hf_cache_dir()
+    cache = hf_cache_dir()
     try:
         return Path(snapshot_download(repo, revision=rev or None, cache_dir=cache, local_files_only=True))
     except Exception as e:
         local_error = e
-    if _offline():
+    if hub_offline():
         raise NotFoundError(f"tokenizer {text!r} is not in the Hugging Face cache and downloads are off "
                             f"({type(local_error).__name__})", field="tokenizer_id")
     try:  # only the tokenizer's files, never the weights

@@ -67,6 +67,16 @@ export class TwinkleApi {
     return (body?.checkpoints ?? []) as ICheckpointInfo[];
   }
 
+  /** Asks a session's (or a run's session's) training loop to stop at its next step boundary. Goes through the
+   * Jupyter server to the Twinkle server, so it works while the kernel running the loop is busy. */
+  async stop(kind: 'sessions' | 'runs', id: string): Promise<void> {
+    await readJson(await this.fetcher(`api/${kind}/${encodeURIComponent(id)}/stop`, { method: 'POST' }));
+  }
+
+  async deleteRun(runId: string): Promise<void> {
+    await readJson(await this.fetcher(`api/runs/${encodeURIComponent(runId)}`, { method: 'DELETE' }));
+  }
+
   async deleteCheckpoint(ckpt: ICheckpointInfo): Promise<void> {
     const path = `api/runs/${encodeURIComponent(ckpt.run_id)}/checkpoints/${encodeURIComponent(ckpt.kind)}/${encodeURIComponent(ckpt.name)}`;
     await readJson(await this.fetcher(path, { method: 'DELETE' }));

@@ -1,6 +1,14 @@
 /** Pure helpers: loss series, sparkline geometry, labels and generated code (unit-tested). */
 
-import type { ConnectionState, ICheckpointInfo, IMetricPoint, IRunInfo, IOverview } from './types';
+import type {
+  ConnectionState,
+  ICheckpointInfo,
+  IMetricPoint,
+  IOverview,
+  IRunInfo,
+  IServerLoad,
+  ISessionInfo
+} from './types';
 
 /** The name of the loss metric in a metrics dict: `loss`, `loss:mean`, `loss:sum`, else the first key naming loss. */
 export function lossKey(metrics: Record<string, number>): string | null {
@@ -30,12 +38,15 @@ export function lossSeries(points: IMetricPoint[]): number[] {
 
 /**
  * Metrics to show for a run as `[key, label, value]`: the server's reduction suffix (`loss:sum` → `loss`) is
- * dropped from the label, `step` (shown elsewhere) is skipped, loss first, at most `max` entries.
+ * dropped from the label, `step` (shown elsewhere) is skipped, loss first (the per-token mean `loss` over the
+ * batch total `loss:sum`), at most `max` entries.
  */
 export function displayMetrics(metrics: Record<string, number>, max = 5): [string, string, number][] {
   const out: [string, string, number][] = [];
   const seen = new Set<string>();
-  const keys = Object.keys(metrics).sort((a, b) => Number(!a.startsWith('loss')) - Number(!b.startsWith('loss')));
+  // `loss` (the per-token mean the server records, the number the notebook shows) beats `loss:sum` (batch total)
+  const rank = (k: string): number => (k === 'loss' ? 0 : k.startsWith('loss') ? 1 : 2);
+  const keys = Object.keys(metrics).sort((a, b) => rank(a) - rank(b));
   for (const k of keys) {
     const label = k.split(':')[0];
     if (label === 'step' || seen.has(label) || typeof metrics[k] !== 'number') {
@@ -178,4 +189,96 @@ export function loadCheckpointCode(ckpt: ICheckpointInfo, run?: IRunInfo, backen
   const opt = ckpt.kind === 'training' ? '' : ', load_optimizer=False';
   lines.push(`model.load(${pyString(ckpt.path)}${opt})`);
   return lines.join('\n');
+}
+
+/** The panel's list filter: text matches a run's name or id (a session's id), `mine` = this kernel's
+ * session only, `active` = active runs / sessions only; runs sorted by `sort`. */
+export interface IListFilter {
+  text: string;
+  mine: boolean;
+  active: boolean;
+  sort: 'recent' | 'name' | 'step';
+}
+
+export const DEFAULT_FILTER: IListFilter = { text: '', mine: false, active: true, sort: 'recent' };
+
+export function filterRuns(runs: IRunInfo[], f: IListFilter, ownSession: string | null): IRunInfo[] {
+  const q = f.text.trim().toLowerCase();
+  const out = runs.filter(
+    r =>
+      (!q || (r.name ?? '').toLowerCase().includes(q) || r.run_id.toLowerCase().includes(q)) &&
+      (!f.mine || (ownSession !== null && r.session_id === ownSession)) &&
+      (!f.active || r.state === 'active')
+  );
+  const recent = (r: IRunInfo): number => r.last_request_time ?? r.created_at;
+  const by: Record<IListFilter['sort'], (a: IRunInfo, b: IRunInfo) => number> = {
+    recent: (a, b) => recent(b) - recent(a),
+    name: (a, b) => (a.name ?? a.run_id).localeCompare(b.name ?? b.run_id),
+    step: (a, b) => b.step - a.step
+  };
+  return out.sort(by[f.sort]);
+}
+
+export function filterSessions(sessions: ISessionInfo[], f: IListFilter, ownSession: string | null): ISessionInfo[] {
+  const q = f.text.trim().toLowerCase();
+  return sessions
+    .filter(
+      s =>
+        (!q || s.session_id.toLowerCase().includes(q)) &&
+        (!f.mine || s.session_id === ownSession) &&
+        (!f.active || s.state === 'active')
+    )
+    .sort((a, b) => b.last_heartbeat - a.last_heartbeat);
+}
+
+/** A count with a k/M/G suffix: 950 → `950`, 12345 → `12.3k`, 4.2e6 → `4.2M`. */
+export function compactCount(n: number): string {
+  const a = Math.abs(n);
+  for (const [div, suffix] of [
+    [1e9, 'G'],
+    [1e6, 'M'],
+    [1e3, 'k']
+  ] as [number, string][]) {
+    if (a >= div) {
+      const v = n / div;
+      return `${v >= 100 ? v.toFixed(0) : v.toFixed(1)}${suffix}`;
+    }
+  }
+  return String(Math.round(n));
+}
+
+/** Bytes as B / KB / MB / GB (powers of 1024). */
+export function formatBytes(n: number): string {
+  const units = ['B', 'KB', 'MB', 'GB', 'TB'];
+  let v = n;
+  let i = 0;
+  while (v >= 1024 && i < units.length - 1) {
+    v /= 1024;
+    i += 1;
+  }
+  return i === 0 ? `${Math.round(v)} B` : `${v.toFixed(1)} ${units[i]}`;
+}
+
+/**
+ * The panel's live-load lines from `GET load`: the server's queue depth, tokens/s over its window (all users),
+ * and the caller's own usage summed over base models.
+ */
+export function loadLines(load: IServerLoad): { queue: string; rate: string; usage: string } {
+  const busy = load.replicas.filter(r => r.queue_depth > 0).length;
+  const queue =
+    `queue ${load.queue_depth} request${load.queue_depth === 1 ? '' : 's'}` +
+    (load.replicas.length > 1 ? ` (${busy}/${load.replicas.length} replicas busy)` : '');
+  const r = load.tokens_per_s ?? {};
+  const rate =
+    `tokens/s (last ${Math.round(load.window_s)} s, all users): ` +
+    `trained ${formatNumber(r.trained ?? 0)} · prefilled ${formatNumber(r.prefilled ?? 0)} · ` +
+    `sampled ${formatNumber(r.sampled ?? 0)}`;
+  const sum = (k: 'tokens_trained' | 'tokens_prefilled' | 'tokens_sampled' | 'checkpoint_bytes'): number =>
+    load.usage.reduce((n, u) => n + (u[k] ?? 0), 0);
+  const usage = load.usage.length
+    ? `your usage: ${compactCount(sum('tokens_trained'))} trained · ${compactCount(sum('tokens_prefilled'))} ` +
+      `prefilled · ${compactCount(sum('tokens_sampled'))} sampled tokens · ${formatBytes(sum('checkpoint_bytes'))} ` +
+      'of checkpoints'
+    : 'your usage: nothing yet';
+  return { queue, rate, usage };
 }

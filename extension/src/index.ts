@@ -142,9 +142,62 @@ function activate(
     }
   };
 
+  const stop = async (kind: 'sessions' | 'runs', id: string): Promise<void> => {
+    try {
+      await api.stop(kind, id);
+      Notification.info('Stop requested: the loop ends after the step in flight.', { autoClose: 3000 });
+    } catch (err) {
+      Notification.error(`Twinkle: stop failed: ${String((err as Error).message ?? err)}`, { autoClose: 8000 });
+    }
+    poller.kick();
+  };
+
+  const deleteRun = async (run: IRunInfo): Promise<void> => {
+    const result = await showDialog({
+      title: 'Delete training run?',
+      body:
+        `Delete ${run.name || run.run_id} (${run.run_id}, step ${run.step})? ` +
+        (run.state === 'active' ? 'Its adapter is unloaded without a checkpoint. ' : '') +
+        'Saved checkpoints stay. This cannot be undone.',
+      buttons: [Dialog.cancelButton(), Dialog.warnButton({ label: 'Delete' })]
+    });
+    if (!result.button.accept) {
+      return;
+    }
+    try {
+      await api.deleteRun(run.run_id);
+      Notification.success(`Deleted ${run.name || run.run_id}`, { autoClose: 2000 });
+    } catch (err) {
+      await showErrorMessage('Twinkle: delete failed', String((err as Error).message ?? err));
+    }
+    poller.kick();
+  };
+
+  // The LiveCurve widget's Stop button (class twk-stop-button, and twk-stop-session-<id> when the kernel knew its
+  // session): the busy kernel cannot read the widget's click, so the click goes to the server from here.
+  document.addEventListener(
+    'click',
+    ev => {
+      const btn = (ev.target as Element | null)?.closest?.('.twk-stop-button');
+      if (!btn) {
+        return;
+      }
+      const cls = Array.from(btn.classList).find(c => c.startsWith('twk-stop-session-'));
+      const sid = cls ? cls.slice('twk-stop-session-'.length) : (model.overview?.connection?.session_id ?? null);
+      if (sid) {
+        void stop('sessions', sid);
+      } else {
+        Notification.warning('Twinkle: no session known for this Stop button (not connected?)', { autoClose: 5000 });
+      }
+    },
+    true
+  );
+
   const panel = new TwinklePanel(model, {
     ...actions,
-    deleteCheckpoint: (c: ICheckpointInfo) => void actions.deleteCheckpoint(c)
+    deleteCheckpoint: (c: ICheckpointInfo) => void actions.deleteCheckpoint(c),
+    stopRun: (run: IRunInfo) => void stop('runs', run.run_id),
+    deleteRun: (run: IRunInfo) => void deleteRun(run)
   });
   panel.title.icon = twinkleIcon;
   app.shell.add(panel, 'left', { rank: 900 });

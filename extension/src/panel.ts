@@ -3,9 +3,14 @@
 import { Widget } from '@lumino/widgets';
 
 import {
+  DEFAULT_FILTER,
+  type IListFilter,
   STATE_LABELS,
   displayMetrics,
+  filterRuns,
+  filterSessions,
   formatNumber,
+  loadLines,
   sparklinePoints,
   timeAgo
 } from './format';
@@ -18,7 +23,12 @@ export interface IPanelActions {
   copyPath(ckpt: ICheckpointInfo): void;
   insertLoadCell(ckpt: ICheckpointInfo, run: IRunInfo): void;
   deleteCheckpoint(ckpt: ICheckpointInfo): void;
+  stopRun(run: IRunInfo): void;
+  deleteRun(run: IRunInfo): void;
 }
+
+/** Runs and sessions shown per page ("Show more" adds a page). */
+export const PAGE_SIZE = 10;
 
 type Child = Node | string | null | undefined | false;
 
@@ -72,6 +82,13 @@ function sparkline(values: number[]): SVGElement {
 }
 
 export class TwinklePanel extends Widget {
+  /** The list filter (kept across re-renders: the filter bar is built once, so typing keeps focus). */
+  filter: IListFilter = { ...DEFAULT_FILTER };
+  private _pages = { runs: 1, sessions: 1 };
+  private _top = h('div', { class: 'twk-root twk-top' });
+  private _bar: HTMLElement;
+  private _lists = h('div', { class: 'twk-root twk-lists' });
+
   constructor(
     private readonly model: TwinkleModel,
     private readonly actions: IPanelActions
@@ -80,7 +97,47 @@ export class TwinklePanel extends Widget {
     this.id = 'twinkle-panel';
     this.addClass('twk-panel');
     this.title.caption = 'Twinkle';
+    this._bar = this._filterBar();
+    this.node.append(this._top, this._bar, this._lists);
     model.onChange(() => this.render());
+    this.render();
+  }
+
+  private _filterBar(): HTMLElement {
+    const text = h('input', {
+      class: 'jp-mod-styled twk-filter-text',
+      type: 'search',
+      placeholder: 'filter by name or id'
+    }) as HTMLInputElement;
+    text.addEventListener('input', () => this._set({ text: text.value }));
+    const toggle = (key: 'mine' | 'active', label: string, title: string): HTMLElement => {
+      const box = h('input', { type: 'checkbox', class: `twk-filter-${key}` }) as HTMLInputElement;
+      box.checked = this.filter[key];
+      box.addEventListener('change', () => this._set({ [key]: box.checked }));
+      return h('label', { class: 'twk-filter-toggle', title }, box, ` ${label}`);
+    };
+    const sort = h('select', { class: 'jp-mod-styled twk-filter-sort', title: 'sort runs' }) as HTMLSelectElement;
+    for (const [v, label] of [
+      ['recent', 'recent first'],
+      ['name', 'by name'],
+      ['step', 'by step']
+    ]) {
+      sort.append(h('option', { value: v }, label));
+    }
+    sort.addEventListener('change', () => this._set({ sort: sort.value as IListFilter['sort'] }));
+    return h(
+      'div',
+      { class: 'twk-filterbar' },
+      text,
+      toggle('mine', 'this kernel', "only this kernel's session and its runs"),
+      toggle('active', 'active', 'only active sessions and runs'),
+      sort
+    );
+  }
+
+  private _set(change: Partial<IListFilter>): void {
+    this.filter = { ...this.filter, ...change };
+    this._pages = { runs: 1, sessions: 1 };
     this.render();
   }
 
@@ -88,8 +145,8 @@ export class TwinklePanel extends Widget {
     const m = this.model;
     const ov = m.localError === null ? m.overview : null;
     const state = m.state as ConnectionState;
-    const root = h('div', { class: 'twk-root' });
-    root.append(
+    const root = this._top;
+    root.replaceChildren(
       h(
         'div',
         { class: 'twk-header' },
@@ -107,11 +164,22 @@ export class TwinklePanel extends Widget {
     if (ov && ov.connection) {
       root.append(this._connection(ov));
     }
-    if (ov && ov.state === 'connected') {
-      root.append(this._sessions(ov));
-      root.append(this._runs(ov));
+    const connected = !!ov && ov.state === 'connected';
+    this._bar.style.display = connected ? '' : 'none';
+    this._lists.replaceChildren();
+    if (ov && connected) {
+      this._lists.append(this._sessions(ov), this._runs(ov));
     }
-    this.node.replaceChildren(root);
+  }
+
+  private _more(kind: 'runs' | 'sessions', shown: number, total: number): HTMLElement | null {
+    if (shown >= total) {
+      return null;
+    }
+    return button(`Show more (${total - shown} more)`, 'show the next page', `twk-more twk-more-${kind}`, () => {
+      this._pages[kind] += 1;
+      this.render();
+    });
   }
 
   private _connection(ov: IOverview): HTMLElement {
@@ -154,12 +222,26 @@ export class TwinklePanel extends Widget {
         )
       );
     }
+    if (ov.load) {
+      const l = loadLines(ov.load);
+      rows.push(
+        h(
+          'div',
+          { class: 'twk-load', title: 'live load of the Twinkle server (refreshed with the panel)' },
+          h('div', { class: 'twk-kv twk-load-queue', 'data-queue': String(ov.load.queue_depth) }, l.queue),
+          h('div', { class: 'twk-kv twk-load-rate' }, l.rate),
+          h('div', { class: 'twk-kv twk-load-usage' }, l.usage)
+        )
+      );
+    }
     return h('section', { class: 'twk-section twk-connection' }, h('h3', {}, 'Connection'), ...rows);
   }
 
   private _sessions(ov: IOverview): HTMLElement {
     const own = ov.connection?.session_id ?? null;
-    const items = ov.sessions.map(s => {
+    const all = filterSessions(ov.sessions, this.filter, own);
+    const page = all.slice(0, PAGE_SIZE * this._pages.sessions);
+    const items = page.map(s => {
       const age = Date.now() / 1000 - s.last_heartbeat;
       const left = Math.max(0, s.lease_seconds - age);
       const lease =
@@ -176,26 +258,29 @@ export class TwinklePanel extends Widget {
     return h(
       'section',
       { class: 'twk-section twk-sessions' },
-      h('h3', {}, `Sessions (${ov.sessions.length})`),
-      items.length ? h('ul', {}, ...items) : h('div', { class: 'twk-dim' }, 'No sessions.')
+      h('h3', {}, `Sessions (${all.length} of ${ov.sessions.length})`),
+      items.length ? h('ul', {}, ...items) : h('div', { class: 'twk-dim' }, 'No sessions match.'),
+      this._more('sessions', page.length, all.length)
     );
   }
 
   private _runs(ov: IOverview): HTMLElement {
-    const runs = [...ov.runs].sort((a, b) => (b.last_request_time ?? b.created_at) - (a.last_request_time ?? a.created_at));
-    const cards = runs.map(r => this._run(r));
+    const all = filterRuns([...ov.runs], this.filter, ov.connection?.session_id ?? null);
+    const page = all.slice(0, PAGE_SIZE * this._pages.runs);
+    const cards = page.map(r => this._run(r));
     return h(
       'section',
       { class: 'twk-section twk-runs' },
-      h('h3', {}, `Training runs (${runs.length})`),
-      cards.length ? h('div', {}, ...cards) : h('div', { class: 'twk-dim' }, 'No training runs yet.')
+      h('h3', {}, `Training runs (${all.length} of ${ov.runs.length})`),
+      cards.length ? h('div', {}, ...cards) : h('div', { class: 'twk-dim' }, 'No training runs match.'),
+      this._more('runs', page.length, all.length)
     );
   }
 
   private _run(run: IRunInfo): HTMLElement {
     const loss = this.model.loss(run.run_id);
     const metrics = displayMetrics(run.last_metrics ?? {}).map(([k, label, v]) =>
-      h('span', { class: 'twk-metric', 'data-metric': k }, `${label} ${formatNumber(v)}`)
+      h('span', { class: 'twk-metric', 'data-metric': k, 'data-value': String(v) }, `${label} ${formatNumber(v)}`)
     );
     const ckpts = this.model.checkpoints(run.run_id);
     const err = this.model.runError(run.run_id);
@@ -207,7 +292,13 @@ export class TwinklePanel extends Widget {
         { class: 'twk-run-head' },
         h('b', { class: 'twk-run-name' }, run.name || run.run_id),
         h('span', { class: `twk-runstate twk-runstate-${run.state}` }, run.state),
-        h('span', { class: 'twk-dim' }, ` step ${run.step}`)
+        h('span', { class: 'twk-dim' }, ` step ${run.step}`),
+        run.state === 'active'
+          ? button('Stop', 'End the training loop of this run at its next step boundary', 'twk-stop', () =>
+              this.actions.stopRun(run)
+            )
+          : null,
+        button('✕', 'Delete this run (asks first)', 'twk-delete-run', () => this.actions.deleteRun(run))
       ),
       h('div', { class: 'twk-dim' }, h('code', {}, run.run_id), ` · ${run.base_model}`),
       h('div', { class: 'twk-metrics' }, ...metrics),

@@ -13,99 +13,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
+from browser_env import CHROMIUM, EXT, KEY, REPO
 from jupyter_proc import JupyterServer, free_port
 
-REPO = Path(__file__).resolve().parents[2]
-EXT = REPO / "extension"
 ART = REPO / "artifacts" / "browser"
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-KEY = "browser-test-key-0001"
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
-
-
-def _missing() -> str | None:
-    if not Path(CHROMIUM).exists():
-        return f"{CHROMIUM} missing (apt-get install -y chromium)"
-    if not (EXT / "node_modules" / "playwright-core").is_dir():
-        return "extension/node_modules missing (bash extension/build.sh)"
-    if not (REPO / "twinkle_client" / "labextension" / "package.json").is_file():
-        return "labextension not built (bash extension/build.sh)"
-    if shutil.which("node") is None:
-        return "node missing"
-    return None
-
-
-def _launch(tmp: Path) -> tuple[subprocess.Popen, str, object]:
-    port = free_port()
-    (tmp / "server.yaml").write_text(
-        f"http: {{host: 127.0.0.1, port: {port}}}\n"
-        f"persistence: {{sqlite_path: {tmp / 'db.sqlite'}, checkpoint_root: {tmp / 'ckpt'}}}\n"
-        "lease_seconds: 120\n"
-        "models:\n"
-        "  - {name: mock, backend: mock, model_id: 'mock://tiny', replicas: 1, ray_actor_options: {num_cpus: 0},"
-        " max_adapters: 4, max_lora_rank: 16}\n"
-    )
-    env = {**os.environ, "TWINKLE_BOOTSTRAP_KEY": KEY, "TWINKLE_HOME": str(tmp / "home"),
-           "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
-    log = open(tmp / "server.log", "ab")  # noqa: SIM115 - kept open for the child's lifetime
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "twinkle.server.cli", "launch", "-c", str(tmp / "server.yaml")],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True,
-    )
-    return proc, f"http://127.0.0.1:{port}", log
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(90)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-
-
-@pytest.fixture(scope="module")
-def panel_server(tmp_path_factory):
-    """A real Twinkle server (Ray Serve, one mock-backend model) with a bootstrap key; one retry on a failed start."""
-    why = _missing()
-    if why:
-        if os.environ.get("CI") == "true":
-            pytest.fail(why)
-        pytest.skip(why)
-    tmp = tmp_path_factory.mktemp("twinkle-server")
-    for attempt in (1, 2):
-        proc, url, log = _launch(tmp)
-        deadline = time.time() + 300
-        while proc.poll() is None and time.time() < deadline:
-            try:
-                if httpx.get(url + "/api/v1/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
-            _stop(proc)
-            log.close()
-            if attempt == 2:
-                raise RuntimeError("twinkle server did not start:\n" + (tmp / "server.log").read_text()[-3000:])
-            continue
-        try:
-            yield url
-        finally:
-            _stop(proc)
-            log.close()
-        return
 
 
 NOTEBOOK_CELLS = [
@@ -125,6 +42,12 @@ NOTEBOOK_CELLS = [
     ),
     "path = model.save('step-20')\nprint(path)",
 ]
+
+
+def _count(text: str) -> float:
+    """``950`` / ``12.3k`` / ``2.5M`` (the panel's compact counts) as a number."""
+    scale = {"k": 1e3, "M": 1e6, "G": 1e9}.get(text[-1:], 1.0)
+    return float(text[:-1] if scale != 1.0 else text) * scale
 
 
 def _notebook(url: str) -> dict:
@@ -181,6 +104,9 @@ def test_panel_follows_training(panel_server, tmp_path):
     assert res["finalSpark"] >= later
     assert "default" in res["runText"] and "loss" in res["runText"]
     assert res["activeStatus"] == "Twinkle: connected · 1 active run"
+    assert "queue " in res["loadText"] and "tokens/s (last 60 s, all users): trained" in res["loadText"]
+    trained = [_count(t.split("your usage: ")[1].split(" trained")[0]) for t in (res["usageFirst"], res["usageLater"])]
+    assert trained[1] > trained[0] > 0  # the caller's own usage grows while the notebook trains
     assert res["checkpoint"].startswith("tinker://") and res["checkpoint"].endswith("/weights/step-20")
     assert f'model.load("{res["checkpoint"]}")' in res["insertedCode"]
     assert "model = MockModel(model_id=\"mock\")" in res["insertedCode"]

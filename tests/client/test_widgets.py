@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from twinkle.types import SampledSequence, SampleResponse
 from twinkle_client.widgets import LiveCurve, SampleViewer, render_sample_html, runs_frame, svg_curve
@@ -15,10 +16,10 @@ def test_widget_state_receives_every_step():
         state = curve.widget.get_state()
         assert [p["step"] for p in state["data"]["a"]] == list(range(1, step + 1))
         assert state["data"]["a"][-1]["loss"] == 1.0 / step
-        assert f"loss: {1.0 / step:.4g}" in curve.chart.value
+        assert f"a: {1.0 / step:.4g}" in curve.chart.value
     curve.log({"loss": 2.0}, step=1, run="b")  # a second run is overlaid
     assert set(curve.widget.get_state()["data"]) == {"a", "b"}
-    assert curve.chart.value.count("<polyline") == 2 and "a loss" in curve.chart.value
+    assert curve.chart.value.count("<polyline") == 2 and "b: 2" in curve.chart.value
 
 
 def test_throttle_skips_redraws_but_close_flushes():
@@ -61,6 +62,7 @@ def test_sample_viewer_heatmap_and_reward(capsys):
     resp = SampleResponse(sequences=[SampledSequence(stop_reason="stop", tokens=[5, 6], logprobs=[-0.1, -0.2])])
     v.add_response([1, 2], resp, rewards=[0.5])
     assert "reward <b>0.5</b>" in v.widget.value and "⟨5⟩" in v.widget.value
+    assert v.widget.value.startswith("<table class='twk-samples'>") and "<td>-0.150</td>" in v.widget.value
     t = SampleViewer(mode="text")
     t.add("hi", [7], [-0.5], reward=0.0)
     assert "'hi' -> '⟨7⟩' reward=0 mean_logprob=-0.500" in capsys.readouterr().out
@@ -75,3 +77,104 @@ def test_frames_and_svg():
     df = runs_frame([r])
     assert df.loc[0, "rank"] == 4 and df.loc[0, "loss"] == 0.5
     assert "waiting for the first step" in svg_curve({})
+
+
+def test_frames_show_times_as_datetimes_and_the_mean_loss():
+    import datetime as dt
+
+    from twinkle.types import LoraConfig
+    from twinkle.types.api import RunInfo
+    from twinkle_client.widgets import checkpoints_frame
+
+    r = RunInfo(run_id="r1", session_id="s", user="u", base_model="m", lora=LoraConfig(rank=4), state="active",
+                step=3, created_at=1_700_000_000.5, last_request_time=1_700_000_060.0,
+                last_metrics={"loss:sum": 586.5, "loss": 1.943, "grad_norm:mean": 0.5})
+    df = runs_frame([r])
+    assert df.loc[0, "loss"] == 1.943 and df.loc[0, "grad_norm"] == 0.5
+    assert df.loc[0, "created"] == dt.datetime.fromtimestamp(1_700_000_000)
+    assert (df.loc[0, "last_active"] - df.loc[0, "created"]).total_seconds() == 60
+    ck = checkpoints_frame([{"run_id": "r1", "name": "a", "kind": "training", "step": 3, "path": "p",
+                             "created_at": 1_700_000_000.0}])
+    assert isinstance(ck.loc[0, "created"], dt.datetime) and "created_at" not in ck.columns
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    import struct
+
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_one_panel_per_metric_smoothing_log_and_hover():
+    import re
+
+    from twinkle_client import _charts
+
+    hist = {"dpo": [{"step": s, "loss": 0.69 / s, "margin": 2.0 * s, "accuracy": min(1.0, 0.5 + s / 20)}
+                    for s in range(1, 11)]}
+    panels = _charts.layout(hist, ("loss", "margin", "accuracy", "absent"), log_y=("loss",))
+    assert [p.metric for p in panels] == ["loss", "margin", "accuracy"] and panels[0].log and not panels[1].log
+    svg = _charts.svg_chart(panels, title="DPO", smoothing=0.6)
+    assert svg.count("class='twk-panel-title'") == 3  # three y-axes, not one
+    assert "(log)" in svg
+    assert svg.count("stroke-opacity='0.25'") == 3  # raw points faint under the smoothed line
+    tips = re.findall(r"<title>([^<]+)</title>", svg)
+    assert "dpo · step 10 · margin 20 (smoothed" in " ".join(tips)
+    w, h = _png_size(_charts.png_chart(panels, title="DPO"))
+    assert w == 720 and h > 150
+    assert _charts.smooth([1.0, 1.0, 1.0], 0.9) == pytest.approx([1.0, 1.0, 1.0])  # debiased: no ramp from 0
+    assert _charts.smooth([0.0, 10.0], 0.5)[1] == pytest.approx(10 * 0.5 / 0.75)
+
+
+def test_curve_ends_as_a_png_with_rate_and_eta(monkeypatch):
+    import base64
+
+    curve = LiveCurve(metrics=("loss",), mode="widget", throttle_s=0.0, display=False, total=10)
+    updates = []
+
+    class Handle:
+        def update(self, obj, raw=False):
+            updates.append((obj, raw))
+
+    curve._handle = Handle()
+    for i in curve.iterate(list(range(4))):  # 4 of the 10 steps
+        curve.log({"loss": 4.0 - i}, step=i + 1)
+    sps, left = curve.rate()
+    assert sps > 0 and left == pytest.approx(6 / sps)
+    assert "steps/s" in curve.chart.value
+    (bundle, raw), = updates  # at the end the widget output is replaced by a static picture
+    assert raw and set(bundle) == {"image/png", "text/plain"}
+    assert _png_size(base64.b64decode(bundle["image/png"]))[0] == 720
+    assert "4 steps" in bundle["text/plain"]
+
+
+def test_log_to_needs_the_package():
+    from twinkle.types import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="log_to='nope'|use one of"):
+        LiveCurve(mode="text", log_to="nope")
+
+
+def test_sample_viewer_shows_prompt_images_beside_the_answer(capsys):
+    """Issue 14: a prompt that carried images shows them in the samples table, inlined as data URIs (the saved
+    notebook shows them anywhere); a chunk that is not a known image format / not base64 is not inlined."""
+    import base64
+
+    from twinkle.types import EncodedTextChunk, ImageChunk, ModelInput
+    from twinkle_client.widgets import SampleViewer, image_data_uri
+
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 16).decode()
+    prompt = ModelInput(chunks=[EncodedTextChunk(tokens=[1, 2]), ImageChunk(data=png, format="png", expected_tokens=4),
+                                EncodedTextChunk(tokens=[3])])
+    v = SampleViewer(mode="widget", display=False)
+    v.add(prompt, [7, 8], [-0.1, -2.0], reward=1.0, title="sample 0")
+    html_out = v.widget.value
+    assert f"<img src='data:image/png;base64,{png}'" in html_out
+    assert html_out.index("<img") < html_out.index("⟨7⟩")  # the image sits before (beside) the answer
+    assert "[1, 2][image][3]" in html_out
+    assert v.samples[0]["images"] == [f"data:image/png;base64,{png}"]
+    assert image_data_uri(ImageChunk(data=png, format="svg+xml")) is None  # no script-capable formats
+    assert image_data_uri(ImageChunk(data="not base64 <script>", format="png")) is None
+    t = SampleViewer(mode="text", display=False)
+    t.add(prompt, [7], None)
+    assert "[1 image]" in capsys.readouterr().out

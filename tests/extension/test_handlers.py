@@ -80,7 +80,7 @@ def test_kernel_connection_is_shown_without_the_key(jupyter, fake, kernel_conn):
     r = jupyter.client.delete("/twinkle/api/runs/run-1/checkpoints/training/step-1")
     assert r.status_code == 200 and r.json()["name"] == "step-1"
     assert fake.checkpoints["run-1"] == ["step-2"]
-    assert jupyter.client.delete("/twinkle/api/runs/run-1").status_code == 403
+    assert jupyter.client.delete("/twinkle/api/sessions/s-1").status_code == 403  # runs/{id} is deletable (panel ✕)
     assert jupyter.client.get("/twinkle/api/futures/abc").status_code == 403
     assert jupyter.client.get("/twinkle/api/runs/missing/metrics").status_code == 404
 

@@ -85,7 +85,8 @@ def _ce_datum(rng, n: int):
 def test_large_batch_is_split_by_the_sdk_and_micro_batched(srv):
     import httpx
 
-    cfg = httpx.post(f"{srv.url}/api/v1/client/config", json={"sdk_version": tinker.__version__}).json()
+    cfg = httpx.post(f"{srv.url}/api/v1/client/config", json={"sdk_version": tinker.__version__},
+                     headers={"X-API-Key": srv.api_key}).json()
     cap = srv.config.models[0].max_tokens_per_request
     budget = srv.config.models[0].scheduler.batch_token_budget
     assert cfg["fwdbwd_max_chunk_bytes_count"] == cap * 12 and budget < cap
@@ -262,10 +263,15 @@ def test_shorter(srv, tmp_path):
     assert _metrics(tmp_path / "sh")
 
 
+@pytest.mark.timeout(1800)
 def test_guess_number(srv, tmp_path):
+    """256 ten-turn episodes of 64-token turns (the tiny model never guesses right): ~2 560 samples, then one
+    forward_backward of ~110 000 tokens (a 413 before the chunk limits and micro-batches). Minutes on a CPU."""
     from tinker_cookbook.recipes.multiplayer_rl.guess_number import train as m
 
     cfg = m.build_config(m.CLIConfig(model_name=srv.base_model, renderer_name="role_colon",
                                      log_path=str(tmp_path / "gn"), max_steps=1, behavior_if_log_dir_exists="delete"))
+    before = _scheduler_stats(srv)["micro_batches"]
     asyncio.run(m.train.main(cfg))
     assert _metrics(tmp_path / "gn")
+    assert _scheduler_stats(srv)["micro_batches"] > before

@@ -71,7 +71,7 @@ def test_both_apis_refuse_a_bad_dro_beta_and_list_losses(tmp_path: Path) -> None
                 body = (f'{{"model_id": "{run}", "forward_backward_input": {{"data": [{datum}], '
                         f'"loss_fn": "dro", "loss_fn_config": {cfg}}}}}')
                 r = await c.post("/api/v1/forward_backward", content=body, headers=headers)
-                assert r.status_code == 400 and r.json()["detail"]["field"] == "loss_fn_config", r.text
+                assert r.status_code == 400 and r.json()["detail"]["field"].endswith("loss_fn_config"), r.text
                 body = f'{{"data": [{datum}], "loss_fn": "dro", "loss_fn_config": {cfg}}}'
                 r = await c.post(f"{API}/runs/{run}/forward_backward", content=body, headers=headers)
                 assert r.status_code == 400 and r.json()["detail"]["field"] == "loss_fn_config", r.text

@@ -72,9 +72,12 @@ def test_health_auth_and_openapi(tmp_path):
                 assert r.json()["code"] == "unauthenticated"
             r = await anon.get(f"{API}/capabilities", headers={"X-API-Key": "tml-wrong"})
             assert r.status_code == 401
-            spec = (await anon.get("/openapi.json")).json()
-            assert f"{API}/runs/{{run_id}}/forward_backward" in spec["paths"]
+            for path in ("/openapi.json", "/docs", "/redoc"):  # only healthz is public
+                assert (await anon.get(path)).status_code == 401, path
         async with env.client(env.key_a, bearer=True) as c:
+            spec = (await c.get("/openapi.json")).json()
+            assert f"{API}/runs/{{run_id}}/forward_backward" in spec["paths"]
+            assert (await c.get("/docs")).status_code == 200
             caps = (await c.get(f"{API}/capabilities")).json()
             assert caps["base_models"][0]["name"] == "mock" and caps["base_models"][0]["vocab_size"] > 0
 

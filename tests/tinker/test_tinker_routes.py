@@ -45,14 +45,16 @@ def _post_fb(client, body: bytes):
 
 
 def test_config_handshake_and_session(client, service):
-    r = client.post("/api/v1/client/config", json={"sdk_version": "0.38.0"})
+    assert client.post("/api/v1/client/config", json={"sdk_version": "0.38.0"}).status_code == 401  # keyed
+    assert client.get("/api/v1/healthz").json() == {"status": "ok"}  # the one public route
+    r = client.post("/api/v1/client/config", json={"sdk_version": "0.38.0"}, headers=H)
     assert r.json()["pjwt_auth_enabled"] is False and r.json()["parallel_fwdbwd_chunks"] is False
     # the SDK splits forward_backward by these: 12 estimated bytes a token at least, so a chunk fits the
     # model's tokens-per-request cap
     cap = service.capabilities().base_models[0].max_tokens_per_request
     assert r.json()["fwdbwd_max_chunk_bytes_count"] == cap * 12 and r.json()["fwdbwd_max_chunk_len"] == 1024
-    assert client.post("/api/v1/client/dynamic_config", json={}).json()["refresh_interval_sec"] == 300
-    assert client.post("/api/v1/telemetry", json={"events": []}).json() == {"status": "accepted"}
+    assert client.post("/api/v1/client/dynamic_config", json={}, headers=H).json()["refresh_interval_sec"] == 300
+    assert client.post("/api/v1/telemetry", json={"events": []}, headers=H).json() == {"status": "accepted"}
     sid = _session(client)
     assert client.post("/api/v1/session_heartbeat", headers=H, json={"session_id": sid}).json() == {"type": "session_heartbeat"}
     assert client.post(f"/api/v1/sessions/{sid}/finish", headers=H, json={"reason": {"type": "success"}}).status_code == 200

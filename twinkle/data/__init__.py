@@ -19,7 +19,7 @@ from .chat import (
     encode_text,
     render_chat,
 )
-from .convert import IGNORE_INDEX, to_datum, to_datums
+from .convert import IGNORE_INDEX, loss_weight_and_tokens, to_datum, to_datums
 from .dataset import Dataset, load_dataset
 from .dpo import DPOPairPreprocessor, flatten_pairs
 from .loader import DataLoader
@@ -33,6 +33,7 @@ from .self_cognition import (
 )
 
 __all__ = [
+    "loss_weight_and_tokens",
     "CHATML_TEMPLATE",
     "DEFAULT_AUTHOR",
     "DEFAULT_NAME",

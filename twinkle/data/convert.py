@@ -65,6 +65,17 @@ def to_datum(item: Any, index: int = 0) -> Datum:
     )
 
 
+def loss_weight_and_tokens(data: Iterable[Datum]) -> tuple[float, int]:
+    """(sum of loss weights, input tokens) of a batch. ``loss:sum / weight`` is THE per-token mean loss that the
+    local model, the remote client, the server's run metrics and the panel all show (one definition)."""
+    weight, tokens = 0.0, 0
+    for d in data:
+        w = d.loss_fn_inputs.get("weights")
+        weight += float(w.to_numpy().sum()) if w is not None else float(d.model_input.length)
+        tokens += d.model_input.length
+    return weight, tokens
+
+
 def to_datums(inputs: Any) -> list[Datum]:
     """A batch (list/tuple/iterable of examples, or one mapping of equal-length lists) → list of Datum."""
     if isinstance(inputs, (Datum, Mapping)) and not _is_columnar(inputs):

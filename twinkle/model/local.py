@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twinkle.data import to_datums
+from twinkle.data import loss_weight_and_tokens, to_datums
 from twinkle.model.base import Backend, BatchItem
 from twinkle.types import (
     AdamParams,
@@ -33,10 +33,9 @@ class _Meter:
 
     def add(self, out: ForwardBackwardOutput, data: list[Any]) -> None:
         self.loss += float(out.metrics.get("loss:sum", 0.0))
-        for d in data:
-            w = d.loss_fn_inputs.get("weights")
-            self.weight += float(w.to_numpy().sum()) if w is not None else d.model_input.length
-            self.tokens += d.model_input.length
+        weight, tokens = loss_weight_and_tokens(data)
+        self.weight += weight
+        self.tokens += tokens
 
 
 def to_lora_config(config: Any = None, **kwargs: Any) -> LoraConfig:

@@ -31,7 +31,7 @@ class _LazyTinker(types.ModuleType):
     def __getattr__(self, name: str) -> Any:
         with _lock:
             if type(self) is _LazyTinker:
-                self.__class__ = types.ModuleType  # from now on a plain module
+                self.__class__ = types.ModuleType  # type: ignore[assignment]  # from now on a plain module
                 spec = self.__spec__
                 try:
                     spec.loader.exec_module(self)  # type: ignore[union-attr]

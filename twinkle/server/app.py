@@ -19,7 +19,8 @@ import sys
 import traceback
 import uuid
 from contextlib import asynccontextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 from urllib.parse import unquote
 
 from fastapi import FastAPI, Request
@@ -30,6 +31,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from twinkle.types import InvalidInputError, LimitExceededError, TwinkleError
 
 from .config import ModelConfig, ServerConfig
+from .deps import validation_error
+from .docs_routes import docs_router
 from .routes_native import create_native_router, health_router
 from .routes_openai import create_openai_router
 from .routes_stream import create_stream_router
@@ -65,14 +68,6 @@ def error_response(err: TwinkleError, request_id: str | None = None) -> JSONResp
     if status == 402:  # the Tinker SDK loops on 402; never send it
         status = 400
     return JSONResponse(status_code=status, content=body, headers=headers)
-
-
-def _field_of(loc: tuple[Any, ...]) -> str:
-    parts = [p for p in loc if p not in ("body", "query", "path", "header")]
-    out = ""
-    for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else ("." if out else "") + str(p)
-    return out or "body"
 
 
 class _GuardMiddleware:
@@ -117,8 +112,23 @@ class _GuardMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
+        seen = 0
+
+        async def _receive() -> Any:
+            # Bodies without a Content-Length (chunked) are counted as they stream: refused the moment they
+            # pass the limit, never buffered whole.
+            nonlocal seen
+            message = await receive()
+            if message.get("type") == "http.request":
+                seen += len(message.get("body") or b"")
+                if seen > self.max_bytes:
+                    raise LimitExceededError(f"request body exceeds the limit of {self.max_bytes} bytes "
+                                             "(limits.max_request_bytes)", field="body",
+                                             detail={"limit": self.max_bytes})
+            return message
+
         try:
-            await self.app(scope, receive, _send)
+            await self.app(scope, _receive, _send)
         except Exception as e:
             if started:
                 raise
@@ -142,20 +152,7 @@ def _install_handlers(app: FastAPI, config: ServerConfig) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         await _skip_refused_seq(request, getattr(exc, "body", None))
-        errs = exc.errors()
-        first = errs[0] if errs else {}
-        field = _field_of(tuple(first.get("loc", ())))
-        ctx = first.get("ctx") or {}
-        inner = ctx.get("error")
-        if isinstance(inner, TwinkleError):  # a validator raised one of ours: keep its class and field
-            inner.detail.setdefault("field", inner.field or field)
-            return error_response(inner, getattr(request.state, "request_id", None))
-        msg = "; ".join(f"{_field_of(tuple(e.get('loc', ())))}: {e.get('msg')}" for e in errs[:5])
-        return error_response(InvalidInputError(f"invalid request: {msg}", field=field,
-                                                detail={"errors": [
-                                                    {"field": _field_of(tuple(e.get("loc", ()))), "msg": e.get("msg")}
-                                                    for e in errs[:20]]}),
-                              getattr(request.state, "request_id", None))
+        return error_response(validation_error(exc), getattr(request.state, "request_id", None))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -208,10 +205,12 @@ def create_app(
     app = FastAPI(
         title="Twinkle server", version="0.1.0", lifespan=_lifespan,
         description="Self-hosted training-as-a-service for LoRA adapters (native API + Tinker-compatible API).",
+        docs_url=None, redoc_url=None, openapi_url=None,  # served below, behind a key (see SECURITY.md)
     )
     app.state.service = service
     app.state.config = config
     _install_handlers(app, config)
+    app.include_router(docs_router(app))
     if config.telemetry.enabled:
         from .telemetry.setup import install_telemetry
 
@@ -224,23 +223,8 @@ def create_app(
     app.include_router(create_openai_router())
     tinker = _tinker_router()
     if tinker is not None:
-        _drop_served_routes(tinker, native, prefix="/api/v1")
         app.include_router(tinker, prefix="/api/v1")
     return app
-
-
-def _drop_served_routes(router: Any, served_by: list[Any], prefix: str) -> None:
-    """Remove from ``router`` the routes (path + method) that ``served_by`` routers already serve, e.g.
-    ``GET /api/v1/healthz``, so each operation exists once (no duplicate OpenAPI operation ids)."""
-    served = {(getattr(r, "path", None), m) for other in served_by for r in other.routes
-              for m in (getattr(r, "methods", None) or ())}
-    keep = []
-    for r in router.routes:
-        methods = getattr(r, "methods", None) or ()
-        if methods and all((prefix + getattr(r, "path", ""), m) in served for m in methods):
-            continue
-        keep.append(r)
-    router.routes[:] = keep
 
 
 def _tinker_router() -> Any:
@@ -260,6 +244,21 @@ def _tinker_router() -> Any:
 # ---- Ray Serve -----------------------------------------------------------------------------------------------
 
 
+@dataclass
+class WorkerRefusal:
+    """A user error (``TwinkleError``) a worker replica returns as a value instead of raising it, so Ray Serve
+    does not log a bad input as an ERROR with a traceback; the gateway raises it again."""
+
+    error: TwinkleError
+
+
+async def refusal_as_value(call: Any) -> Any:
+    try:
+        return await call
+    except TwinkleError as e:
+        return WorkerRefusal(e)
+
+
 class _HandleWorker:
     """Adapts a Ray Serve ``DeploymentHandle`` of a worker deployment to :class:`~twinkle.server.worker_api.WorkerAPI`."""
 
@@ -271,7 +270,7 @@ class _HandleWorker:
 
         response = getattr(self._h, method).remote(*args, **kwargs)
         try:
-            return await response
+            out = await response
         except asyncio.CancelledError:
             response.cancel()  # the caller gave up (e.g. its session ended): cancel the call on the replica too
             raise
@@ -280,6 +279,9 @@ class _HandleWorker:
             if err is e:
                 raise
             raise err from None
+        if isinstance(out, WorkerRefusal):
+            raise out.error
+        return out
 
     async def create_adapter(self, adapter_id: str, lora: Any, **kw: Any) -> Any:
         return await self._call("create_adapter", adapter_id, lora, **kw)
@@ -365,7 +367,7 @@ def build_serve_app(config: ServerConfig) -> Any:
             self.worker = ModelWorker(model_config, replica)
 
         async def create_adapter(self, adapter_id: str, lora: Any, **kw: Any) -> Any:
-            return await self.worker.create_adapter(adapter_id, lora, **kw)
+            return await refusal_as_value(self.worker.create_adapter(adapter_id, lora, **kw))
 
         async def remove_adapter(self, adapter_id: str) -> Any:
             return await self.worker.remove_adapter(adapter_id)
@@ -376,8 +378,8 @@ def build_serve_app(config: ServerConfig) -> Any:
                 from twinkle.server.telemetry.tracing import attached
 
                 with attached(_trace):
-                    return await self.worker.execute(adapter_id, op, seq_id=seq_id, path=path)
-            return await self.worker.execute(adapter_id, op, seq_id=seq_id, path=path)
+                    return await refusal_as_value(self.worker.execute(adapter_id, op, seq_id=seq_id, path=path))
+            return await refusal_as_value(self.worker.execute(adapter_id, op, seq_id=seq_id, path=path))
 
         async def sample(self, op: Any, *, adapter_id: str | None = None,
                          checkpoint_path: str | None = None, _trace: dict[str, str] | None = None) -> Any:
@@ -385,8 +387,9 @@ def build_serve_app(config: ServerConfig) -> Any:
                 from twinkle.server.telemetry.tracing import attached
 
                 with attached(_trace):
-                    return await self.worker.sample(op, adapter_id=adapter_id, checkpoint_path=checkpoint_path)
-            return await self.worker.sample(op, adapter_id=adapter_id, checkpoint_path=checkpoint_path)
+                    return await refusal_as_value(
+                        self.worker.sample(op, adapter_id=adapter_id, checkpoint_path=checkpoint_path))
+            return await refusal_as_value(self.worker.sample(op, adapter_id=adapter_id, checkpoint_path=checkpoint_path))
 
         async def skip(self, adapter_id: str, seq_id: int) -> None:
             await self.worker.skip(adapter_id, seq_id)
@@ -422,8 +425,8 @@ def build_serve_app(config: ServerConfig) -> Any:
         wc = {**worker_config(m),
               "telemetry": config.telemetry.model_dump(mode="json") if config.telemetry.enabled else False}
         handles[m.served_name] = [
-            WorkerDeployment.options(name=_deployment_name(m.served_name, i), ray_actor_options=opts).bind(
+            cast(Any, WorkerDeployment).options(name=_deployment_name(m.served_name, i), ray_actor_options=opts).bind(
                 wc, i)
             for i in range(m.replicas)
         ]
-    return Gateway.bind(config.model_dump(mode="json"), handles)
+    return cast(Any, Gateway).bind(config.model_dump(mode="json"), handles)  # serve.deployment's (untyped) class

@@ -134,6 +134,9 @@ class SchedulerSettings(_Strict):
                                "continuous sampler")
     sample_slice_s: float = Field(0.05, ge=0, le=60, description="least decode time before training that waits "
                                   "in the same tick runs")
+    train_slice_s: float = Field(0.1, ge=0, le=60, description="while sampling is active, a training batch runs "
+                                 "in micro-batches of about this long with decode steps between them (0: never "
+                                 "split for sampling)")
 
 
 class MegatronSettings(_Strict):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Depends, Query
 
 from twinkle.model.images import prompt_arg
@@ -11,6 +13,7 @@ from twinkle.types.api import (
     CheckpointList,
     CreateRunRequest,
     CreateSessionRequest,
+    EmptyRequest,
     ForwardRequest,
     FutureRef,
     FutureState,
@@ -60,6 +63,22 @@ async def _settle(service: Service, user: User, ref: FutureRef, wait: float) -> 
     return ref
 
 
+def _own_view(status: ServerStatus, own: set[str]) -> ServerStatus:
+    """``status`` with every other user's run ids replaced by a count (``other_adapters``)."""
+
+    def redact(batch: dict[str, Any] | None) -> dict[str, Any] | None:
+        if not batch:
+            return batch
+        ids = list(batch.get("adapters") or [])
+        mine = [a for a in ids if a in own]
+        return {**batch, "adapters": mine, "other_adapters": len(ids) - len(mine)}
+
+    for w in status.workers:
+        w.last_batch = redact(w.last_batch)
+        w.recent_batches = [b for b in (redact(b) for b in w.recent_batches) if b is not None]
+    return status
+
+
 def health_router() -> APIRouter:
     r = APIRouter()
 
@@ -84,7 +103,12 @@ def create_native_router() -> APIRouter:
 
     @r.get("/status", response_model=ServerStatus)
     async def status(user: User = who, service: Service = svc) -> ServerStatus:
-        return await service.status()
+        """Server and worker counters. Batch records name only the caller's own runs (an admin sees all)."""
+        status = await service.status()
+        if getattr(user, "is_admin", False):
+            return status
+        runs, _ = await service.list_runs(user, limit=1 << 30)
+        return _own_view(status, {r.run_id for r in runs})
 
     # ---- sessions ----------------------------------------------------------------------------------------
     @r.post("/sessions", response_model=SessionInfo)
@@ -102,12 +126,23 @@ def create_native_router() -> APIRouter:
         return await service.get_session(user, session_id)
 
     @r.post("/sessions/{session_id}/heartbeat", response_model=SessionInfo)
-    async def heartbeat(session_id: str, user: User = who, service: Service = svc) -> SessionInfo:
+    async def heartbeat(session_id: str, body: EmptyRequest | None = None, user: User = who,
+                        service: Service = svc) -> SessionInfo:
         return await service.heartbeat(user, session_id)
 
     @r.post("/sessions/{session_id}/close", response_model=SessionInfo)
-    async def close_session(session_id: str, user: User = who, service: Service = svc) -> SessionInfo:
+    async def close_session(session_id: str, body: EmptyRequest | None = None, user: User = who,
+                            service: Service = svc) -> SessionInfo:
         return await service.close_session(user, session_id)
+
+    @r.post("/sessions/{session_id}/stop", response_model=SessionInfo)
+    async def stop_session(session_id: str, body: EmptyRequest | None = None, user: User = who,
+                           service: Service = svc) -> SessionInfo:
+        return await service.request_stop(user, session_id)
+
+    @r.delete("/sessions/{session_id}/stop", response_model=SessionInfo)
+    async def clear_stop(session_id: str, user: User = who, service: Service = svc) -> SessionInfo:
+        return await service.clear_stop(user, session_id)
 
     # ---- runs --------------------------------------------------------------------------------------------
     @r.post("/runs", response_model=FutureRef)
@@ -140,6 +175,12 @@ def create_native_router() -> APIRouter:
     @r.delete("/runs/{run_id}", response_model=RunInfo)
     async def delete_run(run_id: str, user: User = who, service: Service = svc) -> RunInfo:
         return await service.delete_run(user, run_id)
+
+    @r.post("/runs/{run_id}/stop", response_model=SessionInfo)
+    async def stop_run(run_id: str, body: EmptyRequest | None = None, user: User = who,
+                       service: Service = svc) -> SessionInfo:
+        run = await service.get_run(user, run_id)
+        return await service.request_stop(user, run.session_id)
 
     @r.get("/runs/{run_id}/metrics", response_model=MetricHistory)
     async def metrics(run_id: str, user: User = who, service: Service = svc) -> MetricHistory:
@@ -209,7 +250,8 @@ def create_native_router() -> APIRouter:
             prompt_logprobs=body.prompt_logprobs, topk_prompt_logprobs=body.topk_prompt_logprobs,
         )
         ref = await service.sample(
-            user, op, base_model=body.base_model, run_id=body.run_id, checkpoint=body.checkpoint
+            user, op, base_model=body.base_model, run_id=body.run_id, checkpoint=body.checkpoint,
+            session_id=body.session_id,
         )
         return await _settle(service, user, ref, wait)
 

@@ -56,6 +56,7 @@ from twinkle.types import (
     OptimStepResponse,
     TwinkleError,
 )
+from twinkle.types.outputs import attach_timing
 
 from .config import SAMPLER_DEFAULTS as _SAMPLER
 from .config import SCHEDULER_DEFAULTS as _SCHED
@@ -74,6 +75,8 @@ from .ops import (
 )
 
 log = logging.getLogger("twinkle.server.scheduler")
+# a sample request within this many seconds counts as active sampling: training batches run interleaved
+_SAMPLING_RECENT_S = 2.0
 
 
 # Names the server's config schema uses for the same knobs.
@@ -98,6 +101,7 @@ class SchedulerConfig:
     history: int = _SCHED.history
     prefill_chunk: int = _SCHED.prefill_chunk
     sample_slice_s: float = _SCHED.sample_slice_s
+    train_slice_s: float = _SCHED.train_slice_s
 
     @classmethod
     def from_dict(cls, config: dict[str, Any] | None) -> SchedulerConfig:
@@ -120,7 +124,8 @@ class SchedulerConfig:
                     value = kind(value)
                 except (TypeError, ValueError) as e:
                     raise InvalidInputError(f"{f.name} must be a {kind.__name__}", field=f.name) from e
-                if value < 0 or (value == 0 and f.name not in ("seq_grace_s", "first_seq_id", "sample_slice_s")):
+                if value < 0 or (value == 0 and f.name not in ("seq_grace_s", "first_seq_id", "sample_slice_s",
+                                                   "train_slice_s")):
                     raise InvalidInputError(f"{f.name} must be positive", field=f.name)
                 setattr(out, f.name, value)
         return out
@@ -214,6 +219,8 @@ class Scheduler:
         self._engine: Any = None
         self._engine_probed = False
         self._streamed: list[tuple[Any, int, int, float]] = []  # backend thread: tokens of this step
+        self._last_sample_at = -1e9  # monotonic time of the last sample request (interleaving, see _run_batch)
+        self._train_tps: float | None = None  # backend thread: measured training tokens/s (slice sizes)
         self._ckpt_cache: OrderedDict[tuple[str, int], str] = OrderedDict()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -225,7 +232,7 @@ class Scheduler:
             "ticks": 0, "batches_run": 0, "mixed_batches": 0, "rows_run": 0, "tokens_run": 0,
             "barriers_run": 0, "sample_batches": 0, "samples_run": 0, "errors": 0, "dedup_hits": 0,
             "seq_skips": 0, "late_requests": 0, "rejected_capacity": 0, "samples_cancelled": 0, "busy_s": 0.0,
-            "max_adapters_in_batch": 0, "micro_batches": 0,
+            "max_adapters_in_batch": 0, "micro_batches": 0, "interleaved_batches": 0, "sample_slices_between": 0,
         }
         self.last_batch: dict[str, Any] | None = None
         self.recent_batches: deque[dict[str, Any]] = deque(maxlen=self.config.history)
@@ -327,6 +334,7 @@ class Scheduler:
         if self.observer is not None:
             sreq.ctx = self.observer.capture()
         self._samples.append(sreq)
+        self._last_sample_at = time.monotonic()
         self._pending_total += 1
         self._wake_up()
         return fut
@@ -594,17 +602,19 @@ class Scheduler:
         for r in pre + batch + post:
             self._order.move_to_end(r.adapter)
         for a in list(self._order):
-            q = self._queues.get(a)
-            if q is None or not q.ready:
+            queue = self._queues.get(a)
+            if queue is None or not queue.ready:
                 del self._order[a]
         samples, evict, loads, names = self._plan_samples()
         if not (pre or batch or post or samples or self._in_engine):
             return None
         return _Tick(pre, batch, post, samples, evict, loads, names)
 
-    def _plan_samples(self) -> tuple[list[_SampleRequest], list[str], list[tuple[str, str]], dict[int, str | None]]:
+    def _plan_samples(self, exclude: frozenset[str] = frozenset()
+                      ) -> tuple[list[_SampleRequest], list[str], list[tuple[str, str]], dict[int, str | None]]:
         """New sample requests for the running decode batch: round-robin over tenants (adapter or checkpoint)
-        while the KV-cache budget (``sample_token_budget``) holds; the rest wait in arrival order."""
+        while the KV-cache budget (``sample_token_budget``) holds; the rest wait in arrival order. Samples of
+        the adapters in ``exclude`` (a weight-changing barrier of theirs is about to run) wait."""
         if not self._samples:
             return [], [], [], {}
         taken: list[_SampleRequest] = []
@@ -625,7 +635,7 @@ class Scheduler:
                     continue
                 s = tq[0]
                 q = self._queues.get(s.adapter) if s.adapter is not None else None
-                if q is not None and q.ready and not q.ready[0].is_compute:
+                if (q is not None and q.ready and not q.ready[0].is_compute) or s.adapter in exclude:
                     tq.clear()  # this adapter's barrier goes first: its samples wait
                     continue
                 full = (taken or used) and used + s.cost > self.config.sample_token_budget
@@ -680,7 +690,7 @@ class Scheduler:
             if tick.samples or self._engine_busy():
                 self._run_samples(tick)
             if tick.batch:
-                self._run_batch(tick.batch)
+                self._run_batch(tick.batch, frozenset(r.adapter for r in tick.post))
             for req in tick.post:
                 self._run_barrier(req)
         except BaseException as e:  # noqa: BLE001 - a scheduler bug must not leave callers hanging
@@ -735,28 +745,45 @@ class Scheduler:
                     "lora": lora.model_dump() if lora is not None else None}
         raise InvalidInputError(f"unknown operation {getattr(op, 'type', op)!r}", field="type")
 
-    def _run_batch(self, reqs: list[_Request]) -> None:
+    def _run_batch(self, reqs: list[_Request], exclude: frozenset[str] = frozenset()) -> None:
+        """The tick's mixed training batch. While sampling is active it runs interleaved (``_run_interleaved``);
+        a single request over ``batch_token_budget`` tokens runs in micro-batches; otherwise one pass.
+        ``exclude``: adapters whose weight-changing barrier follows in this tick (no new samples of theirs)."""
         items = [_batch_item(r) for r in reqs]
-        t0 = time.perf_counter()
         started = time.monotonic()
         for r in reqs:
             r.started = started
+        if self._interleave_wanted(items):
+            self._run_interleaved(reqs, items, exclude)
+            return
         if len(items) == 1 and items[0].num_tokens > self.config.batch_token_budget:
-            try:
-                out = self._run_micro_batches(items[0])
-                if out is not None:
-                    self._post(self._deliver, [(reqs[0], (True, out))], _batch_info(reqs, time.perf_counter() - t0))
-                    return
-            except BaseException as e:  # noqa: BLE001 - the request fails alone, its gradients rolled back
-                self._post(self._deliver, [(reqs[0], (False, _as_twinkle(e, "forward_backward")))], None)
-                return
+            self._run_split(reqs[0], items[0], self.config.batch_token_budget, None)
+            return
+        self._run_mixed(reqs, items)
+
+    def _run_split(self, req: _Request, item: BatchItem, budget: int, between: Callable[[], None] | None) -> None:
+        t0 = time.perf_counter()
+        try:
+            out = self._run_micro_batches(item, budget, between)
+        except BaseException as e:  # noqa: BLE001 - the request fails alone, its gradients rolled back
+            self._post(self._deliver, [(req, (False, _as_twinkle(e, "forward_backward")))], None)
+            return
+        if out is None:
+            self._run_mixed([req], [item])
+        else:
+            self._post(self._deliver, [(req, (True, out))], _batch_info([req], time.perf_counter() - t0))
+
+    def _run_mixed(self, reqs: list[_Request], items: list[BatchItem]) -> None:
+        """One backend pass for ``items``; if it fails, each request again alone (a failure stays its own)."""
+        t0 = time.perf_counter()
         try:
             outs = self.backend.run_batch(items)
             if len(outs) != len(items):
                 raise InternalError(f"backend returned {len(outs)} results for {len(items)} requests")
+            seconds = time.perf_counter() - t0
+            self._measure_training(sum(it.num_tokens for it in items), seconds)
             pairs = [(r, (True, o)) for r, o in zip(reqs, outs, strict=True)]
-            info = _batch_info(reqs, time.perf_counter() - t0)
-            self._post(self._deliver, pairs, info)
+            self._post(self._deliver, pairs, _batch_info(reqs, seconds))
             return
         except BaseException as e:  # noqa: BLE001
             if len(reqs) == 1:
@@ -771,10 +798,11 @@ class Scheduler:
             except BaseException as e:  # noqa: BLE001
                 self._post(self._deliver, [(r, (False, _as_twinkle(e, "forward_backward")))], None)
 
-    def _run_micro_batches(self, item: BatchItem) -> Any:
-        """A request over ``batch_token_budget`` tokens as consecutive passes of at most that many tokens (see
-        ``twinkle.server.microbatch``), all or nothing: on a failure the adapter's gradients are restored.
-        Returns None (run it as one pass) when the backend cannot snapshot gradients."""
+    def _run_micro_batches(self, item: BatchItem, budget: int,
+                           between: Callable[[], None] | None = None) -> Any:
+        """A request as consecutive passes of at most ``budget`` tokens (see ``twinkle.server.microbatch``),
+        all or nothing: on a failure the adapter's gradients are restored. ``between`` (never raises) runs
+        between two passes. Returns None (run it as one pass) when the backend cannot snapshot gradients."""
         snapshot = getattr(self.backend, "grad_snapshot", None)
         restore = getattr(self.backend, "grad_restore", None)
         if item.adapter is None or snapshot is None or restore is None:
@@ -782,11 +810,15 @@ class Scheduler:
         saved = snapshot(item.adapter) if not item.forward_only else ()
         if saved is None:
             return None
-        parts = split_item(item, self.config.batch_token_budget, paired=get_loss(item.loss_fn).paired)
+        parts = split_item(item, budget, paired=get_loss(item.loss_fn).paired)
         outs = []
         try:
-            for part in parts:
+            for i, part in enumerate(parts):
+                if i and between is not None:
+                    between()
+                t0 = time.perf_counter()
                 outs.append(self.backend.run_batch([part])[0])
+                self._measure_training(part.num_tokens, time.perf_counter() - t0)
         except BaseException:
             if not item.forward_only:
                 restore(item.adapter, saved)
@@ -794,7 +826,93 @@ class Scheduler:
         self.stats["micro_batches"] += len(parts)
         return merge_outputs(outs, [len(p.data) for p in parts])
 
-    def _run_samples(self, tick: _Tick) -> None:
+    # ---- interleaving training with sampling (backend thread) ----------------------------------------------
+    def _measure_training(self, tokens: int, seconds: float) -> None:
+        if tokens <= 0 or seconds <= 0:
+            return
+        tps = tokens / seconds
+        self._train_tps = tps if self._train_tps is None else 0.7 * self._train_tps + 0.3 * tps
+
+    def _sampling_active(self) -> bool:
+        recent = time.monotonic() - self._last_sample_at < _SAMPLING_RECENT_S
+        return self._engine_busy() or bool(self._samples) or recent
+
+    def _interleave_wanted(self, items: list[BatchItem]) -> bool:
+        """Split a training batch for sampling: interleaving is on, sampling is active (running, waiting, or
+        a request came in the last few seconds), the batch would take longer than a slice, and the backend
+        has a continuous sampler and gradient snapshots (micro-batches are all or nothing)."""
+        if self.config.train_slice_s <= 0 or self._train_tps is None or not self._sampling_active():
+            return False
+        if getattr(self.backend, "grad_snapshot", None) is None or getattr(self.backend, "grad_restore", None) is None:
+            return False
+        tokens = sum(it.num_tokens for it in items)
+        if tokens / self._train_tps <= self.config.train_slice_s:
+            return False
+        return self._get_engine() is not None
+
+    def _run_interleaved(self, reqs: list[_Request], items: list[BatchItem], exclude: frozenset[str]) -> None:
+        """The training batch in slices of about ``train_slice_s`` (whole datums; small requests of several
+        runs still share a pass), with a sampling slice between two of them: new sample requests are admitted
+        and prefilled, running ones decode. Every request's gradient is the sum over its parts, as unsplit."""
+        assert self._train_tps is not None
+        slice_tokens = max(1, min(self.config.batch_token_budget, int(self._train_tps * self.config.train_slice_s)))
+        last = {"t": time.perf_counter()}
+
+        def between() -> None:
+            self._sample_between(exclude, time.perf_counter() - last["t"])
+            last["t"] = time.perf_counter()
+
+        i = 0
+        while i < len(reqs):
+            if i:
+                between()
+            if items[i].num_tokens > slice_tokens:
+                self._run_split(reqs[i], items[i], slice_tokens, between)
+                i += 1
+                continue
+            j, used = i, 0
+            while j < len(reqs) and items[j].num_tokens <= slice_tokens and (j == i or used + items[j].num_tokens
+                                                                              <= slice_tokens):
+                used += items[j].num_tokens
+                j += 1
+            self._run_mixed(reqs[i:j], items[i:j])
+            i = j
+        self.stats["interleaved_batches"] += 1
+
+    def _sample_between(self, exclude: frozenset[str], train_s: float) -> None:
+        """A sampling slice between two training slices: at most ``max(sample_slice_s, train_s)`` of decode
+        steps (so each kind gets about half of the device while both wait). Never raises."""
+        loop = self._loop
+        deadline = time.perf_counter() + max(self.config.sample_slice_s, train_s)
+        while not self._closed and loop is not None and (self._samples or self._engine_busy()):
+            planned: tuple[Any, ...] = ([], [], [], {})
+            if self._samples:
+                async def plan() -> tuple[Any, ...]:
+                    return self._plan_samples(exclude)
+
+                try:
+                    planned = asyncio.run_coroutine_threadsafe(plan(), loop).result(timeout=5.0)
+                except BaseException:  # noqa: BLE001 - loop closing or busy: sampling waits for the next tick
+                    log.debug("could not plan samples between training slices", exc_info=True)
+                    return
+            sub = _Tick([], [], [], *planned)
+            if not sub.samples and not self._engine_busy():
+                return  # what waits cannot be admitted now (budget, a barrier): training goes on
+            try:
+                self._run_samples(sub, deadline - time.perf_counter())
+            except BaseException as e:  # noqa: BLE001
+                err = _as_twinkle(e, "sample")
+                self._post(self._deliver_samples, [(s, (False, err)) for s in sub.samples], None)
+                if self._engine is not None:
+                    self._fail_engine(err)
+                return
+            self.stats["sample_slices_between"] += 1
+            if time.perf_counter() >= deadline or not self._samples:
+                return
+
+    def _run_samples(self, tick: _Tick, slice_s: float | None = None) -> None:
+        """Hand the tick's sample requests to the engine and decode a slice (``slice_s``: between two
+        training slices, how long at most)."""
         for name in tick.evict:
             try:
                 self.backend.remove_adapter(name)
@@ -811,9 +929,9 @@ class Scheduler:
         started = time.monotonic()
         for s in tick.samples:
             s.started = started
-            name = tick.sample_names.get(id(s))
-            if name is not None and name in failed_loads:
-                bad.append((s, (False, _as_twinkle(failed_loads[name], "sample"))))
+            cached = tick.sample_names.get(id(s))
+            if cached is not None and cached in failed_loads:
+                bad.append((s, (False, _as_twinkle(failed_loads[cached], "sample"))))
             else:
                 good.append(s)
         if failed_loads:
@@ -838,7 +956,7 @@ class Scheduler:
                 engine.admit(s, item)
             except BaseException as e:  # noqa: BLE001
                 self._post(self._deliver_samples, [(s, (False, _as_twinkle(e, "sample")))], None)
-        self._decode_slice(engine, bool(tick.batch))
+        self._decode_slice(engine, bool(tick.batch), slice_s)
 
     def _get_engine(self) -> Any:
         if not self._engine_probed:
@@ -857,11 +975,14 @@ class Scheduler:
     def _engine_busy(self) -> bool:
         return self._engine is not None and not self._engine.idle()
 
-    def _decode_slice(self, engine: Any, training_waits: bool) -> None:
+    def _decode_slice(self, engine: Any, training_waits: bool, bound_s: float | None = None) -> None:
         """Decode steps until the engine is idle, or new work arrived, or (training waits in this tick) the
-        slice is over: sampling gets at least as much device time as the last training batch took."""
+        slice is over: sampling gets at least as much device time as the last training batch took.
+        ``bound_s``: a slice between two training slices, which ends after that long (or on new work)."""
         slice_s = self.config.sample_slice_s
-        if training_waits and self.last_batch is not None:
+        if bound_s is not None:
+            training_waits, slice_s = True, bound_s
+        elif training_waits and self.last_batch is not None:
             slice_s = max(slice_s, float(self.last_batch.get("seconds", 0.0)))
         t0 = time.perf_counter()
         while not engine.idle():
@@ -928,10 +1049,13 @@ class Scheduler:
 
     # ---- completion (event-loop side) ----------------------------------------------------------------------
     def _deliver(self, pairs: list[tuple[_Request, tuple[bool, Any]]], info: dict[str, Any] | None) -> None:
+        done_at = time.monotonic()
         for req, (ok, value) in pairs:
             if req.finished:
                 continue
             if ok:
+                if req.started is not None:  # the client's widget shows a step's queue wait and execution
+                    attach_timing(value, req.started - req.arrived, done_at - req.started)
                 if not req.future.done():
                     req.future.set_result(value)
             else:
@@ -989,6 +1113,8 @@ class Scheduler:
             if self.observer is not None:
                 self.observer.sample_done(s, None if ok else value, time.monotonic())
             if ok:
+                if s.started is not None:
+                    attach_timing(value, s.started - s.arrived, time.monotonic() - s.started)
                 self.stats["samples_run"] += 1
                 if not s.future.done():
                     s.future.set_result(value)
@@ -1038,7 +1164,7 @@ def _sample_item(s: _SampleRequest, adapter: str | None) -> SampleItem:
 
 def _batch_info(reqs: list[_Request], seconds: float) -> dict[str, Any]:
     adapters = list(dict.fromkeys(r.adapter for r in reqs))
-    rows = sum(len(r.op.data) for r in reqs)  # type: ignore[union-attr]
+    rows = sum(len(getattr(r.op, "data", ())) for r in reqs)  # forward_backward ops carry rows
     return {"adapters": adapters, "requests": len(reqs), "rows": rows, "tokens": sum(r.tokens for r in reqs),
             "mixed": len(adapters) > 1, "seconds": round(seconds, 6), "time": time.time()}
 

@@ -32,14 +32,17 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, NamedTuple
 
+from twinkle.data.convert import loss_weight_and_tokens
 from twinkle.loss import describe_losses
 from twinkle.model.images import check_image_data, expand_prompt
 from twinkle.types import (
+    ForbiddenError,
     ForwardBackwardOutput,
     InvalidInputError,
     LimitExceededError,
     LoraConfig,
     ModelInfo,
+    NotFoundError,
     OptimStepResponse,
     SampleResponse,
     StateLostError,
@@ -75,7 +78,7 @@ from .state.common import jsonable, swallow, unwrap, validate_checkpoint_name, v
 from .state.common import now as _now
 from .state.futures import Futures
 from .state.identity import Identity, Sessions, User
-from .state.runs import Applied, Runs
+from .state.runs import Applied, Runs, with_mean_loss
 from .state.samplers import Samplers
 from .telemetry.usage import Usage
 from .worker_api import WorkerAPI
@@ -87,7 +90,7 @@ __all__ = [
 log = logging.getLogger("twinkle.server")
 
 _VERSION = "0.1.0"
-_REAP_MAX_SLEEP_S = 30.0  # the reaper wakes at least this often (a lapsed lease is caught within ~1 s anyway)
+_REAP_MAX_SLEEP_S = 30.0  # the reaper wakes at least this often (and at each deadline + _REAP_SLACK_S)
 _REAP_SLACK_S = 0.5  # wake this long after a deadline, so one tick handles it
 
 # Kept importable under its old name (``app`` imports ``_unwrap``).
@@ -253,6 +256,21 @@ class Service:
         self._ensure_reaper()
         s = self.sessions.get(user, session_id)
         self.sessions.touch(s)
+        return s.model_copy(deep=True)
+
+    async def request_stop(self, user: User, session_id: str) -> SessionInfo:
+        """Ask the session's training loop to stop at its next step boundary: the flag rides on the replies of
+        the session's training calls (``FutureRef.stop_requested``) until the client clears it."""
+        s = self.sessions.get_active(user, session_id)
+        s.stop_requested_at = _now()
+        self.sessions.save(s)
+        return s.model_copy(deep=True)
+
+    async def clear_stop(self, user: User, session_id: str) -> SessionInfo:
+        s = self.sessions.get(user, session_id)
+        if s.stop_requested_at is not None:
+            s.stop_requested_at = None
+            self.sessions.save(s)
         return s.model_copy(deep=True)
 
     async def list_sessions(self, user: User) -> list[SessionInfo]:
@@ -463,7 +481,7 @@ class Service:
         if seq_id is not None:
             hit = self.runs.seen(run, seq_id, op_kind(op))
             if hit is not None:
-                return self._replay(user, hit)
+                return self._with_stop(self._replay(user, hit), sess)
         replay = seq_id is not None and run.last_seq_id is not None and seq_id <= run.last_seq_id
         if seq_id is not None and not replay:
             run.last_seq_id = seq_id
@@ -477,6 +495,13 @@ class Service:
         ref, task = self._spawn_task(user, typ, run.run_id, self._guard(run, go), after=extra.ready)
         if seq_id is not None:
             self.runs.remember(run, seq_id, Applied(typ, ref, task))
+        return self._with_stop(ref, sess)
+
+    @staticmethod
+    def _with_stop(ref: FutureRef, sess: SessionInfo | None) -> FutureRef:
+        """A pending stop request of the run's session rides on the reply (see ``request_stop``)."""
+        if sess is not None and sess.stop_requested_at is not None:
+            return ref.model_copy(update={"stop_requested": True})
         return ref
 
     def _check_rollback(self, run: RunInfo) -> None:
@@ -549,6 +574,7 @@ class Service:
             n_tokens = sum(d.model_input.length for d in op.data)
             self._check_tokens(m, n_tokens, "data")
             typ = "forward" if op.forward_only else "forward_backward"
+            weight = loss_weight_and_tokens(op.data)[0]
 
             async def _go() -> Any:
                 out = await worker.execute(run.run_id, op, seq_id=seq_id)
@@ -561,7 +587,7 @@ class Service:
                         self.meter(user.name, run.base_model, trained=n_tokens)
                 if not op.forward_only:
                     extra.dirty = True
-                    runs.record(run, typ, out.metrics)
+                    runs.record(run, typ, with_mean_loss(out.metrics, weight))
                 return out
         elif isinstance(op, OptimStepOp):
             typ = "optim_step"
@@ -713,9 +739,14 @@ class Service:
 
     async def sample(
         self, user: User, op: SampleOp, *, sampler_id: str | None = None, base_model: str | None = None,
-        run_id: str | None = None, checkpoint: str | None = None,
+        run_id: str | None = None, checkpoint: str | None = None, session_id: str | None = None,
     ) -> FutureRef:
         self._ensure_reaper()
+        stop_of = None
+        if session_id is not None:  # the caller's own session (a pending Stop rides on the reply)
+            stop_of = self.sessions.by_id.get(session_id)
+            if stop_of is None or stop_of.user != user.name:
+                raise NotFoundError(f"session {session_id!r} not found", field="session_id")
         t = self.sample_target(user, op, sampler_id=sampler_id, base_model=base_model, run_id=run_id,
                                checkpoint=checkpoint)
         worker, adapter_id, ck_dir, run = t.worker, t.adapter_id, t.checkpoint_dir, t.run
@@ -727,8 +758,12 @@ class Service:
                        sampled=sum(len(seq.tokens) for seq in out.sequences))
             return out
 
-        return self._spawn(user, "sample", t.run_id, _go() if run is None else self._guard(run, _go), after=t.after,
-                           session_id=t.session_id, base_model=t.base_model)
+        ref = self._spawn(user, "sample", t.run_id, _go() if run is None else self._guard(run, _go), after=t.after,
+                          session_id=t.session_id, base_model=t.base_model)
+        # a loop that only samples sees the panel's Stop too
+        if stop_of is None and t.session_id:
+            stop_of = self.sessions.by_id.get(t.session_id)
+        return self._with_stop(ref, stop_of)
 
     def sample_target(
         self, user: User, op: SampleOp, *, sampler_id: str | None = None, base_model: str | None = None,
@@ -791,8 +826,6 @@ class Service:
     async def get_usage(self, user: User, *, of_user: str | None = None, all_users: bool = False,
                         since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
         """Usage rows. A user reads their own; an admin may name another user or ask for everyone."""
-        from .telemetry.routes import ForbiddenError
-
         if (all_users or (of_user is not None and of_user != user.name)) and not user.is_admin:
             raise ForbiddenError("usage of other users is visible to admins only", field="user")
         who = None if all_users else (of_user or user.name)

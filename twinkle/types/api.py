@@ -27,6 +27,12 @@ class _Api(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class EmptyRequest(BaseModel):
+    """The (optional) body of a route that takes no parameters: any object is accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
 class _Reply(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -103,6 +109,9 @@ class SessionInfo(_Reply):
     lease_seconds: float
     metadata: dict[str, Any] = Field(default_factory=dict)
     run_ids: list[str] = Field(default_factory=list)
+    stop_requested_at: float | None = Field(
+        None, description="when someone asked this session's training loop to stop (panel Stop, `%twinkle stop`); "
+        "cleared by the client once its loop stopped")
 
 
 class SessionList(_Reply):
@@ -226,6 +235,8 @@ class SampleRequest(_Api):
     sampling_params: SamplingParams = Field(default_factory=SamplingParams)
     prompt_logprobs: bool = False
     topk_prompt_logprobs: TopKLogprobs = 0
+    session_id: str | None = Field(None, description="the caller's session: a pending Stop of it rides on the reply "
+                                   "(stop_requested), so a loop that only samples stops too")
 
 
 # ---- futures -------------------------------------------------------------------------------------------------
@@ -236,6 +247,18 @@ class FutureRef(_Reply):
     run_id: str | None = None
     state: FutureState | None = Field(
         None, description="the finished state, when the request asked to wait (?wait=S) and it finished in time")
+    stop_requested: bool = Field(
+        False, description="the run's session has a pending stop request: the client ends its loop at the next "
+        "step boundary and clears it (DELETE sessions/{id}/stop)")
+
+
+class StepTiming(_Reply):
+    """Where a finished request's time went on the server (seconds)."""
+
+    queue_s: float | None = Field(None, description="waited in the worker's queue before its batch/barrier started")
+    exec_s: float | None = Field(None, description="the batch, barrier or sampling pass that served it")
+    server_s: float = Field(description="the gateway's submit -> result (includes queue_s, exec_s, ordering "
+                            "behind the run's earlier requests and transport to the worker)")
 
 
 class FutureState(_Reply):
@@ -244,6 +267,7 @@ class FutureState(_Reply):
     type: str | None = Field(None, description="forward_backward | optim_step | save | load | sample | create_run ...")
     result: Any = None
     error: dict[str, Any] | None = None
+    timing: StepTiming | None = Field(None, description="set when the request completed in this gateway process")
 
 
 FutureRef.model_rebuild()

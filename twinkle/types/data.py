@@ -128,7 +128,10 @@ class Datum(_Model):
     def _coerce_input(cls, v: Any) -> Any:
         if isinstance(v, dict) and isinstance(v.get("model_input"), (list, tuple, np.ndarray)):
             v = dict(v)
-            v["model_input"] = ModelInput.from_ints(list(v["model_input"]))
+            toks = v["model_input"]
+            toks = toks.tolist() if isinstance(toks, np.ndarray) else list(toks)
+            # validated like any chunk: a non-integer token is a 400 naming it, not a TypeError
+            v["model_input"] = {"chunks": [{"type": "encoded_text", "tokens": toks}]}
         return v
 
 

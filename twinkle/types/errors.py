@@ -17,6 +17,9 @@ class TwinkleError(Exception):
     status: int = 500
     category: str = "server"
     code: str = "internal_error"
+    # Set by the client on an error it received: the server's ids for the request (its logs, its traces).
+    request_id: str | None = None
+    trace_id: str | None = None
 
     def __init__(self, message: str, *, field: str | None = None, detail: dict[str, Any] | None = None):
         super().__init__(message)
@@ -37,7 +40,8 @@ class TwinkleError(Exception):
         if klass is None and status is not None:
             klass = _BY_STATUS.get(status, TwinkleError)
         klass = klass or TwinkleError
-        detail = body.get("detail") if isinstance(body.get("detail"), dict) else {}
+        raw = body.get("detail")
+        detail: dict[str, Any] = raw if isinstance(raw, dict) else {}
         err = klass(str(body.get("error", "unknown error")), detail=detail)
         err.field = detail.get("field")
         if status is not None:
@@ -68,6 +72,14 @@ class AuthenticationError(TwinkleError):
     status = 401
     category = "user"
     code = "unauthenticated"
+
+
+class ForbiddenError(TwinkleError):
+    """The caller is known but may not read this (another user's usage, the metrics endpoint)."""
+
+    status = 403
+    category = "user"
+    code = "forbidden"
 
 
 class NotFoundError(TwinkleError):
@@ -134,6 +146,7 @@ _BY_CODE: dict[str, type[TwinkleError]] = {
         NonFiniteError,
         UnsupportedError,
         AuthenticationError,
+        ForbiddenError,
         NotFoundError,
         GoneError,
         LimitExceededError,
@@ -145,6 +158,7 @@ _BY_CODE: dict[str, type[TwinkleError]] = {
 _BY_STATUS: dict[int, type[TwinkleError]] = {
     400: InvalidInputError,
     401: AuthenticationError,
+    403: ForbiddenError,
     404: NotFoundError,
     410: GoneError,
     413: LimitExceededError,

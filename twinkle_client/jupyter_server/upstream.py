@@ -34,7 +34,8 @@ _RUNS_LIMIT = 50
 # Ids are word characters, '.', '-' and ':' (run ids look like "s5c4…:train:0"); never '/' or "..".
 _ID = r"(?!\.\.)[\w.:-]+"
 _GET_ALLOWED = re.compile(rf"^(capabilities|status|sessions(/{_ID})?|runs(/{_ID}(/(metrics|checkpoints))?)?|checkpoints)$")
-_DELETE_ALLOWED = re.compile(rf"^runs/{_ID}/checkpoints/(training|sampler|weights|sampler_weights)/{_ID}$")
+_POST_ALLOWED = re.compile(rf"^(sessions|runs)/{_ID}/stop$")  # the Stop buttons (work while the kernel is busy)
+_DELETE_ALLOWED = re.compile(rf"^runs/{_ID}(/checkpoints/(training|sampler|weights|sampler_weights)/{_ID})?$")
 
 
 def normalize_url(url: str) -> str:
@@ -190,14 +191,15 @@ class Upstream:
         return caps
 
     async def overview(self, conn: Connection) -> dict[str, Any]:
-        """Capabilities, status, the caller's sessions and runs in one reply (the panel's poll)."""
+        """Capabilities, status, live load, the caller's sessions and runs in one reply (the panel's poll)."""
         async with self._client(conn) as client:
             # Sessions/runs carry the key check each poll; capabilities are cached for a minute.
-            sessions, runs = await asyncio.gather(
+            results: tuple[Any, Any] = await asyncio.gather(
                 self._call(client, conn, "GET", f"{API_PREFIX}/sessions", None),
                 self._call(client, conn, "GET", f"{API_PREFIX}/runs", {"limit": _RUNS_LIMIT}),
                 return_exceptions=True,
             )
+            sessions, runs = results
             for item in (sessions, runs):
                 if isinstance(item, UpstreamError):
                     if item.state == "not_found":
@@ -211,22 +213,29 @@ class Upstream:
                 caps = await self._cached_capabilities(client, conn)
             except UpstreamError:
                 caps = None
-            try:
-                status = await self._call(client, conn, "GET", f"{API_PREFIX}/status", None)
-            except UpstreamError:
-                status = None
+            status: Any
+            load: Any
+            status, load = await asyncio.gather(
+                self._call(client, conn, "GET", f"{API_PREFIX}/status", None),
+                # live load (queue depth, tokens/s) + the caller's own usage; absent on servers without it
+                self._call(client, conn, "GET", f"{API_PREFIX}/load", None),
+                return_exceptions=True,
+            )
         return {
             "capabilities": caps,
-            "status": status,
+            "status": None if isinstance(status, BaseException) else status,
+            "load": None if isinstance(load, BaseException) else load,
             "sessions": (sessions or {}).get("sessions", []) if isinstance(sessions, dict) else [],
             "runs": (runs or {}).get("runs", []) if isinstance(runs, dict) else [],
         }
 
 
 def allowed(method: str, path: str) -> bool:
-    """Whether the browser may proxy ``method path`` (read-only routes, and deleting a checkpoint)."""
+    """Whether the browser may proxy ``method path`` (read-only routes, a stop request, deleting a checkpoint)."""
     if method == "GET":
         return bool(_GET_ALLOWED.match(path))
+    if method == "POST":
+        return bool(_POST_ALLOWED.match(path))
     if method == "DELETE":
         return bool(_DELETE_ALLOWED.match(path))
     return False

@@ -77,6 +77,12 @@ class TransformersBackend(Backend):
     """HF transformers base model + a ``MultiLoraLinear`` on every linear layer (see ``_lora``)."""
 
     name = "transformers"
+    # defaults for subclasses that build their model differently (megatron): no checkpointing, no autocast
+    _ckpt_layers: list[nn.Module] | tuple[()] = ()
+    _train_routing: tuple[Routing | None, Routing | None] = (None, None)
+    autocast: torch.dtype | None = None
+    _keep_kw = False
+    _continuous: bool | None = None
 
     def __init__(self, model_id: str, *, dtype: str = "float32", device: str | None = None, max_adapters: int = 64,
                  max_lora_rank: int = 256, attn_implementation: str | None = "sdpa",
@@ -356,7 +362,8 @@ class TransformersBackend(Backend):
                     total.backward()
             finally:
                 self._routing[0] = None
-                self._vrouting[0] = None
+                if hasattr(self, "_vrouting"):
+                    self._vrouting[0] = None
         return results
 
     def grad_snapshot(self, adapter: str) -> list[torch.Tensor | None] | None:
@@ -445,7 +452,7 @@ class TransformersBackend(Backend):
         """One request whose prompt holds images: prefill with the pixels and explicit 3-D rope positions,
         decode with the row's rope delta added to the text position (what HF ``generate`` does)."""
         from twinkle.model.images import resolve_model_input
-        from twinkle.sampler._engine import generate
+        from twinkle.sampler.engine import generate
         from twinkle.types import ModelInput
 
         assert self._vision is not None
@@ -481,8 +488,10 @@ class TransformersBackend(Backend):
                         segments: list[Segment], last_only: bool = False) -> tuple[torch.Tensor, Any]:
         """``last_only``: logits of the last position only (a prefill without prompt logprobs: the unembedding
         of every prompt position is skipped, a large saving for big vocabularies)."""
-        return self._forward_logits(ids, segments, train=False, mask=mask, pos=pos, cache=cache, use_cache=True,
-                                    last_only=last_only)
+        if last_only:
+            return self._forward_logits(ids, segments, train=False, mask=mask, pos=pos, cache=cache, use_cache=True,
+                                        last_only=True)
+        return self._forward_logits(ids, segments, train=False, mask=mask, pos=pos, cache=cache, use_cache=True)
 
     def _decode_text(self, toks: list[int]) -> str:
         return self._tokenizer.decode(toks, skip_special_tokens=False)
@@ -490,17 +499,17 @@ class TransformersBackend(Backend):
     def continuous_ok(self) -> bool:
         """Whether this model's KV cache supports continuous batching (probed once with a 1-token forward)."""
         if getattr(self, "_continuous", None) is None:
-            from twinkle.sampler import _kv
+            from twinkle.sampler.engine import kv_cache_supports_continuous
 
             with torch.no_grad():
                 ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)
                 _, cache = self._sample_forward(ids, None, ids, None, [(0, 1, None)])
-            self._continuous = _kv.supports(cache)
+            self._continuous = kv_cache_supports_continuous(cache)
         return self._continuous
 
     def sampler_engine(self, *, kv_budget: int | None = None, prefill_chunk: int = 512) -> Any:
         """A ``ContinuousSampler`` over this model (``None`` when its cache kind does not support it)."""
-        from twinkle.sampler._continuous import ContinuousSampler
+        from twinkle.sampler.engine import ContinuousSampler
 
         if not self.continuous_ok():
             return None
@@ -509,12 +518,12 @@ class TransformersBackend(Backend):
                                  prefill_chunk=prefill_chunk, kv_budget=kv_budget)
 
     def validate_sample(self, items: list[SampleItem]) -> None:
-        from twinkle.sampler._engine import validate_sample_items
+        from twinkle.sampler.engine import validate_sample_items
 
         validate_sample_items(items, set(self._adapters), self.vocab_size, self.max_length)
 
     def sample(self, items: list[SampleItem]) -> list[SampleResponse]:
-        from twinkle.sampler._engine import generate
+        from twinkle.sampler.engine import generate
 
         self.validate_sample(items)
         if any(it.images for it in items):

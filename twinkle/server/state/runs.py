@@ -8,6 +8,7 @@ or ``deleted``. ``step`` counts applied optimizer steps; the metric history is k
 from __future__ import annotations
 
 import asyncio
+import builtins
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,15 @@ from .identity import User
 
 _MAX_METRIC_POINTS = 10000
 APPLIED_MEMORY = 64  # seq ids remembered per run (more than the worker's default ``result_memory`` of 32)
+
+
+def with_mean_loss(metrics: dict[str, Any], weight: float) -> dict[str, Any]:
+    """Run metrics carry ``loss`` = per-token mean (``loss:sum`` / the batch's loss weight): the one loss the
+    notebook, the panel, ``%twinkle runs`` and the frames all show (the batch total stays as ``loss:sum``)."""
+    total = metrics.get("loss:sum")
+    if total is None or weight <= 0 or "loss" in metrics:
+        return metrics
+    return {"loss": float(total) / weight, **metrics}
 
 
 @dataclass
@@ -221,7 +231,7 @@ class Runs:
         )
         return mine[offset:offset + limit], len(mine)
 
-    def metrics(self, run: RunInfo) -> list[MetricPoint]:
+    def metrics(self, run: RunInfo) -> builtins.list[MetricPoint]:  # ``list`` here is the method above
         return list(self.extra[run.run_id].metrics)
 
     def seen(self, run: RunInfo, seq_id: int, kind: str) -> Applied | None:

@@ -40,6 +40,23 @@ RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
 TOKEN_KINDS = ("trained", "prefilled", "sampled")
 
 
+class _Labelled:
+    """``metric.labels(*values)`` with the child cached per value tuple: prometheus_client validates and
+    locks on every ``labels()`` call; label values are bounded, so the cache is too."""
+
+    __slots__ = ("_cache", "_metric")
+
+    def __init__(self, metric: Any):
+        self._metric = metric
+        self._cache: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._cache.get(values)
+        if child is None:
+            child = self._cache[values] = self._metric.labels(*values)
+        return child
+
+
 def _err_kind(err: BaseException) -> str:
     code = getattr(err, "code", None)
     return code if isinstance(code, str) and code.isidentifier() and len(code) <= 40 else "internal_error"
@@ -80,6 +97,8 @@ class WorkerMetrics:
         if adapters is not None:
             loaded.set_function(adapters)
         self._gpu(r)
+        self._l_queue_wait, self._l_execution = _Labelled(self.queue_wait), _Labelled(self.execution)
+        self._l_errors, self._l_batches = _Labelled(self.errors), _Labelled(self.batches)
 
     @staticmethod
     def _gpu(r: CollectorRegistry) -> None:
@@ -111,16 +130,16 @@ class WorkerMetrics:
                      err: BaseException | None) -> None:
         """One request left the scheduler (monotonic times; ``started`` None: it never ran)."""
         if started is not None:
-            self.queue_wait.labels(operation).observe(max(0.0, started - arrived))
-            self.execution.labels(operation).observe(max(0.0, finished - started))
+            self._l_queue_wait(operation).observe(max(0.0, started - arrived))
+            self._l_execution(operation).observe(max(0.0, finished - started))
         if err is not None:
-            self.errors.labels(operation, _err_kind(err)).inc()
+            self._l_errors(operation, _err_kind(err)).inc()
 
     def batch(self, lengths: list[int], adapters: int, seconds: float) -> None:
         """One forward/backward batch: ``lengths`` are its rows' token counts."""
         rows = len(lengths)
         tokens = sum(lengths)
-        self.batches.labels("true" if adapters > 1 else "false").inc()
+        self._l_batches("true" if adapters > 1 else "false").inc()
         self.batch_rows.observe(rows)
         self.batch_tokens.observe(tokens)
         self.batch_adapters.observe(adapters)
@@ -180,6 +199,10 @@ class GatewayMetrics:
         self.state = Gauge("twinkle_state", "Server state: sessions_active, runs_active, futures_pending",
                            ["what"], registry=r)
         self.checkpoint_bytes = Gauge("twinkle_checkpoint_bytes", "Bytes of stored checkpoints", registry=r)
+        self._l_tokens, self._l_user_tokens = _Labelled(self.tokens), _Labelled(self.user_tokens)
+        self._l_op_duration, self._l_rejections = _Labelled(self.op_duration), _Labelled(self.rejections)
+        self._l_op_errors, self._l_steps = _Labelled(self.op_errors), _Labelled(self.steps)
+        self._l_http_requests, self._l_http_duration = _Labelled(self.http_requests), _Labelled(self.http_duration)
         self.tracing = False  # set when traces are exported (operation spans in track)
         self.scrape_errors = Counter("twinkle_worker_scrape_errors", "Worker replicas that did not answer a "
                                      "scrape", ["base_model"], registry=r)
@@ -188,21 +211,21 @@ class GatewayMetrics:
     def usage(self, user: str, base_model: str, trained: int, prefilled: int, sampled: int) -> None:
         for kind, n in (("trained", trained), ("prefilled", prefilled), ("sampled", sampled)):
             if n:
-                self.tokens.labels(base_model, kind).inc(n)
-                self.user_tokens.labels(user, base_model, kind).inc(n)
+                self._l_tokens(base_model, kind).inc(n)
+                self._l_user_tokens(user, base_model, kind).inc(n)
 
     def operation_done(self, operation: str, base_model: str, seconds: float, err: BaseException | None) -> None:
-        self.op_duration.labels(operation, base_model).observe(seconds)
+        self._l_op_duration(operation, base_model).observe(seconds)
         if err is not None:
             if getattr(err, "status", None) == 429:
-                self.rejections.labels(operation, base_model).inc()
+                self._l_rejections(operation, base_model).inc()
             else:
-                self.op_errors.labels(operation, base_model, _err_kind(err)).inc()
+                self._l_op_errors(operation, base_model, _err_kind(err)).inc()
         elif operation == "optim_step":
-            self.steps.labels(base_model).inc()
+            self._l_steps(base_model).inc()
 
     def rejected(self, operation: str, base_model: str) -> None:
-        self.rejections.labels(operation, base_model).inc()
+        self._l_rejections(operation, base_model).inc()
 
     async def track(self, operation: str, base_model: str, coro: Awaitable[Any],
                     attrs: dict[str, Any] | None = None) -> Any:
@@ -291,8 +314,8 @@ class HttpMetricsMiddleware:
             method = scope.get("method", "GET")
             if method not in _METHODS:
                 method = "OTHER"
-            m.http_requests.labels(template, method, str(status[0])).inc()
-            m.http_duration.labels(template, method).observe(time.perf_counter() - t0)
+            m._l_http_requests(template, method, str(status[0])).inc()
+            m._l_http_duration(template, method).observe(time.perf_counter() - t0)
 
 
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})

@@ -135,8 +135,8 @@ class Usage:
             except BaseException:
                 st._db.execute("ROLLBACK")
                 with self._buf_lock:  # keep the counts for the next flush
-                    for (u, m, h, *v) in rows:
-                        cur = self._buf.setdefault((u, m, h), [0, 0, 0, 0])
+                    for key, v in buf.items():
+                        cur = self._buf.setdefault(key, [0, 0, 0, 0])
                         for i, n in enumerate(v):
                             cur[i] += n
                 raise
@@ -147,7 +147,8 @@ class Usage:
         """One row per (user, base model): token sums over ``[since, until)`` (hour granularity: an hour is
         counted when it starts inside the window) and the checkpoint bytes stored now."""
         self.flush()
-        where, args = [], []
+        where: list[str] = []
+        args: list[Any] = []
         if user is not None:
             where.append("user=?")
             args.append(user)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import base64
 import math
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from twinkle.types import (
     Datum,
@@ -23,6 +23,7 @@ from twinkle.types import (
     ForwardBackwardOutput,
     ImageChunk,
     InvalidInputError,
+    LimitExceededError,
     ModelInput,
     SampleResponse,
     TensorData,
@@ -31,15 +32,16 @@ from twinkle.types import (
 from twinkle.types.api import CheckpointInfo, RunInfo
 
 from .._tinker_proto import tinker_pb2
+from .models import ForwardBackwardBody
 
-pb = tinker_pb2()  # the SDK's generated protobuf module, loaded without importing torch
+pb: Any = tinker_pb2()  # the SDK's generated protobuf module (no stubs), loaded without importing torch
 
 __all__ = [
+    "DEFAULT_MAX_DECODED_BYTES",
+    "MAX_DENSE_ELEMENTS",
     "METRIC_REDUCTIONS",
-    "ForwardBackwardRequest",
     "checkpoint_to_json",
     "decode_forward_backward",
-    "decode_forward_backward_json",
     "encode_forward_backward_output",
     "encode_sample_response",
     "normalize_metrics",
@@ -50,7 +52,7 @@ METRIC_REDUCTIONS = frozenset({"sum", "mean", "min", "max", "slack", "hash2", "u
 _REDUCTION_ALIASES = {"avg": "mean", "average": "mean", "total": "sum"}
 _TOPK_MASK_LOGPROB = -99999.0  # the SDK's sentinel for an empty top-k slot
 
-_PB_TO_NUMPY = {
+_PB_TO_NUMPY: dict[int, np.dtype[Any]] = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
     pb.DTYPE_INT64: np.dtype("<i8"),
     pb.DTYPE_INT32: np.dtype("<i4"),
@@ -59,38 +61,67 @@ _PB_TO_NUMPY = {
 _FLOAT_KINDS = {pb.DTYPE_FLOAT32, pb.DTYPE_BFLOAT16}
 
 
-@dataclass
-class ForwardBackwardRequest:
-    """A decoded forward_backward request, in Twinkle types."""
-
-    model_id: str
-    seq_id: int
-    data: list[Datum]
-    loss_fn: str
-    loss_fn_config: dict[str, float | str] | None
-    forward_only: bool
-    target_spans: list[list[tuple[str, str, int, int]] | None] | None = None
-    """Per datum, its ``loss_fn_input_spans`` (provenance of the targets) as (kind, sequence_id, offset,
-    length) runs, or None without any (see ``twinkle.server.stability``)."""
-
-
 # ---- requests -------------------------------------------------------------------------------------------------
 
 
-def _decompress_zstd(body: bytes) -> bytes:
-    import zstandard
+DEFAULT_MAX_DECODED_BYTES = 64 * 1024 * 1024
+"""The decoded size a body may reach when the caller names no limit (the gateway passes max_request_bytes)."""
+MAX_DENSE_ELEMENTS = 16 * 1024 * 1024
+"""Elements one tensor may hold once densified (a sparse tensor's shape is checked before allocating)."""
+_CHUNK = 1 << 16
 
+
+def _decompress_bounded(body: bytes, encoding: str, max_bytes: int) -> bytes:
+    """Inflate a zstd or gzip body in chunks, refusing (413) as soon as the output would pass ``max_bytes``:
+    a small bomb never allocates its decompressed size."""
+    import io
+
+    if encoding == "zstd":
+        import zstandard
+
+        reader: Any = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body))
+        errors: tuple[type[BaseException], ...] = (zstandard.ZstdError,)
+    else:
+        import gzip
+        import zlib
+
+        reader = gzip.GzipFile(fileobj=io.BytesIO(body))
+        errors = (OSError, EOFError, zlib.error)
+    out = bytearray()
     try:
-        return zstandard.ZstdDecompressor().decompress(body, max_output_size=1 << 31)
-    except zstandard.ZstdError as e:
-        raise InvalidInputError(f"forward_backward body is not valid zstd: {e}", field="body") from None
+        with reader:
+            while True:
+                chunk = reader.read(_CHUNK)
+                if not chunk:
+                    break
+                if len(out) + len(chunk) > max_bytes:
+                    raise LimitExceededError(
+                        f"forward_backward body decompresses to more than max_request_bytes ({max_bytes})",
+                        field="body", detail={"limit": max_bytes})
+                out += chunk
+    except errors as e:
+        raise InvalidInputError(f"forward_backward body is not valid {encoding}: {e}", field="body") from None
+    return bytes(out)
 
 
-def _tensor_from_pb(msg: pb.Tensor, where: str) -> TensorData:
+def _dense_elements(shape: list[int], where: str) -> int:
+    n = 1
+    for s in shape:
+        if s < 0:
+            raise InvalidInputError(f"{where}: negative dimension in shape {shape}", field=where)
+        n *= s
+        if n > MAX_DENSE_ELEMENTS:
+            raise LimitExceededError(f"{where}: shape {shape} exceeds {MAX_DENSE_ELEMENTS} elements",
+                                     field=where, detail={"limit": MAX_DENSE_ELEMENTS})
+    return n
+
+
+def _tensor_from_pb(msg: Any, where: str) -> TensorData:
     np_dtype = _PB_TO_NUMPY.get(msg.dtype)
     if np_dtype is None:
         raise InvalidInputError(f"{where} has an unsupported dtype ({msg.dtype})", field=where)
     shape = [int(s) for s in msg.shape]
+    _dense_elements(shape, where)  # before anything is allocated for it
     if msg.WhichOneof("encoding") == "sparse_csr":
         csr = msg.sparse_csr
         values = _frombuffer(csr.values, np_dtype, where)
@@ -98,12 +129,13 @@ def _tensor_from_pb(msg: pb.Tensor, where: str) -> TensorData:
         col = _frombuffer(csr.col_indices, np.dtype("<i8"), where)
         if len(shape) != 2 or crow.size != shape[0] + 1 or col.size != values.size:
             raise InvalidInputError(f"{where}: malformed sparse CSR tensor (shape {shape})", field=where)
+        counts = np.diff(crow)
+        if crow[0] != 0 or crow[-1] != col.size or (counts < 0).any():
+            raise InvalidInputError(f"{where}: CSR row pointers out of range", field=where)
+        if col.size and (col.min() < 0 or col.max() >= shape[1]):
+            raise InvalidInputError(f"{where}: CSR column index out of range", field=where)
         dense = np.zeros(shape, dtype=values.dtype)
-        for r in range(shape[0]):
-            lo, hi = int(crow[r]), int(crow[r + 1])
-            if not 0 <= lo <= hi <= col.size:
-                raise InvalidInputError(f"{where}: CSR row pointers out of range", field=where)
-            dense[r, col[lo:hi]] = values[lo:hi]
+        dense[np.repeat(np.arange(shape[0]), counts), col] = values
         arr = dense
     else:
         arr = _frombuffer(msg.dense, np_dtype, where)
@@ -124,7 +156,7 @@ def _frombuffer(buf: bytes, dtype: np.dtype, where: str) -> np.ndarray:
     return np.frombuffer(buf, dtype=dtype)
 
 
-def _datum_from_pb(msg: pb.Datum, index: int) -> Datum:
+def _datum_from_pb(msg: Any, index: int) -> Datum:
     where = f"data[{index}]"
     chunks: list[EncodedTextChunk | ImageChunk] = []
     for j, chunk in enumerate(msg.model_input):
@@ -154,7 +186,7 @@ _SPAN_KINDS = {"prompt_tokens": "prompt", "sampled_tokens": "sampled"}
 _MAX_SPANS = 65536
 
 
-def _spans_from_pb(msg: pb.Datum, index: int) -> list[tuple[str, str, int, int]] | None:
+def _spans_from_pb(msg: Any, index: int) -> list[tuple[str, str, int, int]] | None:
     if not len(msg.loss_fn_input_spans):
         return None
     where = f"data[{index}].loss_fn_input_spans"
@@ -172,7 +204,7 @@ def _spans_from_pb(msg: pb.Datum, index: int) -> list[tuple[str, str, int, int]]
     return out
 
 
-def _loss_config(msg: pb.ForwardBackwardRequest) -> dict[str, float | str] | None:
+def _loss_config(msg: Any) -> dict[str, float | str] | None:
     cfg: dict[str, float | str] = {k: float(v) for k, v in msg.loss_fn_config.items()}
     for k, v in msg.loss_fn_config_v2.items():  # v2 wins: it also carries text values
         which = v.WhichOneof("value")
@@ -183,10 +215,15 @@ def _loss_config(msg: pb.ForwardBackwardRequest) -> dict[str, float | str] | Non
     return cfg or None
 
 
-def decode_forward_backward(body: bytes, content_encoding: str | None = None) -> ForwardBackwardRequest:
-    """Decode the SDK's protobuf forward_backward body (zstd when ``Content-Encoding: zstd``)."""
-    if content_encoding and "zstd" in content_encoding.lower():
-        body = _decompress_zstd(body)
+def decode_forward_backward(body: bytes, content_encoding: str | None = None, *,
+                            max_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> ForwardBackwardBody:
+    """Decode the SDK's protobuf forward_backward body (zstd or gzip per ``Content-Encoding``, inflated at
+    most to ``max_bytes``) into the same model the JSON form validates into."""
+    encoding = (content_encoding or "").lower()
+    if "zstd" in encoding:
+        body = _decompress_bounded(body, "zstd", max_bytes)
+    elif "gzip" in encoding:
+        body = _decompress_bounded(body, "gzip", max_bytes)
     msg = pb.ForwardBackwardRequest()
     try:
         msg.ParseFromString(body)
@@ -194,42 +231,21 @@ def decode_forward_backward(body: bytes, content_encoding: str | None = None) ->
         raise InvalidInputError(f"forward_backward body is not a valid ForwardBackwardRequest: {e}", field="body") from None
     if not msg.model_id:
         raise InvalidInputError("forward_backward needs model_id", field="model_id")
-    return ForwardBackwardRequest(
-        model_id=msg.model_id,
-        seq_id=int(msg.seq_id),
-        data=[_datum_from_pb(d, i) for i, d in enumerate(msg.data)],
-        loss_fn=msg.loss_fn or "cross_entropy",
-        loss_fn_config=_loss_config(msg),
-        forward_only=bool(msg.forward_only),
-        target_spans=[_spans_from_pb(d, i) for i, d in enumerate(msg.data)],
-    )
-
-
-def decode_forward_backward_json(body: dict[str, Any], forward_only: bool = False) -> ForwardBackwardRequest:
-    """The JSON form older SDKs send: ``{forward_backward_input: {data, loss_fn, loss_fn_config}, model_id, seq_id}``."""
-    fbi = body.get("forward_backward_input") or body.get("forward_input") or {}
-    if not isinstance(fbi, dict):
-        raise InvalidInputError("forward_backward_input must be an object", field="forward_backward_input")
-    data = []
-    for i, d in enumerate(fbi.get("data") or []):
-        try:
-            data.append(Datum.model_validate(d))
-        except InvalidInputError:
-            raise
-        except Exception as e:
-            raise InvalidInputError(f"data[{i}] is not a valid Datum: {e}", field=f"data[{i}]") from None
-    model_id = body.get("model_id")
-    if not model_id:
-        raise InvalidInputError("forward_backward needs model_id", field="model_id")
-    cfg = fbi.get("loss_fn_config")
-    return ForwardBackwardRequest(
-        model_id=str(model_id),
-        seq_id=int(body.get("seq_id") or 0),
-        data=data,
-        loss_fn=fbi.get("loss_fn") or "cross_entropy",
-        loss_fn_config=(dict(cfg) if isinstance(cfg, dict) else cfg) if cfg else None,  # the loss registry checks it
-        forward_only=bool(body.get("forward_only", forward_only)),
-    )
+    fields = {
+        "model_id": msg.model_id,
+        "seq_id": int(msg.seq_id),
+        "data": [_datum_from_pb(d, i) for i, d in enumerate(msg.data)],
+        "loss_fn": msg.loss_fn or "cross_entropy",
+        "loss_fn_config": _loss_config(msg),
+        "forward_only": bool(msg.forward_only),
+        "target_spans": [_spans_from_pb(d, i) for i, d in enumerate(msg.data)],
+    }
+    try:
+        return ForwardBackwardBody.model_validate(fields)
+    except ValidationError as e:
+        first: Any = e.errors()[0] if e.errors() else {}
+        field = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        raise InvalidInputError(f"invalid forward_backward: {field}: {first.get('msg')}", field=field) from None
 
 
 # ---- results --------------------------------------------------------------------------------------------------
@@ -306,7 +322,7 @@ def encode_forward_backward_output(out: ForwardBackwardOutput | dict[str, Any]) 
     return msg.SerializeToString()
 
 
-def _set_topk(target: pb.TopkLogprobs, rows: list[Any], k: int | None = None) -> None:
+def _set_topk(target: Any, rows: list[Any], k: int | None = None) -> None:
     """``rows``: one entry per position, each None or a list of ``(token_id, logprob)``."""
     n = len(rows)
     if k is None:
