@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from twinkle.types import (
     InvalidInputError,
+    LimitExceededError,
     NotFoundError,
     SampleResponse,
     SamplingParams,
@@ -118,6 +119,10 @@ def _params(body: _Body, max_tokens: int | None) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                           stop=stop)
 
+
+MAX_CHARS_PER_TOKEN = 64
+"""A text longer than (token limit × this) cannot fit: real vocabularies average a few characters per token,
+so this refuses only texts that are far over the limit, before the worker spends seconds tokenizing them."""
 
 _OPENAI_FIELD = {"num_samples": "n", "sampling_params.max_tokens": "max_tokens", "prompt": "prompt"}
 
@@ -233,15 +238,22 @@ def create_openai_router() -> APIRouter:
         usage = {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion}
         return {"id": cid, "object": obj, "created": created, "model": body.model, "choices": choices, "usage": usage}
 
-    async def _worker_for(service: Service, user: User, model: str) -> Any:
+    async def _worker_for(service: Service, user: User, model: str, text_chars: int) -> Any:
+        """The worker that tokenizes for ``model``; refuses a text too long to fit the model's token limit
+        before it is tokenized (tokenizing megabytes costs the worker seconds per request)."""
         target = await _target(service, user, model)
         probe = SampleOp(prompt=[0], params=SamplingParams(max_tokens=1))
-        return service.sample_target(user, probe, **target).worker
+        t = service.sample_target(user, probe, **target)
+        limit = service.token_limit(t.base_model)
+        if text_chars > limit * MAX_CHARS_PER_TOKEN:
+            raise LimitExceededError(f"the prompt's {text_chars} characters cannot fit the limit of {limit} tokens",
+                                     field="prompt")
+        return t.worker
 
     @r.post("/completions")
     async def completions(body: CompletionBody, user: User = who, service: Service = svc) -> Any:
         if isinstance(body.prompt, str):
-            worker = await _worker_for(service, user, body.model)
+            worker = await _worker_for(service, user, body.model, len(body.prompt))
             ids = await worker.tokenize(text=body.prompt)
         else:
             ids = list(body.prompt)
@@ -251,8 +263,9 @@ def create_openai_router() -> APIRouter:
 
     @r.post("/chat/completions")
     async def chat_completions(body: ChatBody, user: User = who, service: Service = svc) -> Any:
-        worker = await _worker_for(service, user, body.model)
         messages = [{"role": m.role, "content": _text_content(m)} for m in body.messages]
+        chars = sum(len(m["content"]) + len(m["role"]) + 8 for m in messages)  # 8: a template's least overhead
+        worker = await _worker_for(service, user, body.model, chars)
         ids = await worker.tokenize(messages=messages)
         obj = "chat.completion.chunk" if body.stream else "chat.completion"
         return await _run(service, user, body, ids, obj, chat=True)

@@ -462,8 +462,13 @@ class Service:
         run = self.runs.get(user, run_id)
         return MetricHistory(run_id=run.run_id, points=self.runs.metrics(run))
 
+    def token_limit(self, base_model: str) -> int:
+        """The most tokens one request to ``base_model`` (a served name) may hold."""
+        m = self._model_cfg(base_model)
+        return int(min(m.max_tokens_per_request, self.config.limits.max_tokens_per_request))
+
     def _check_tokens(self, m: Any, n: int, field: str) -> None:
-        limit = min(m.max_tokens_per_request, self.config.limits.max_tokens_per_request)
+        limit = self.token_limit(m.served_name)
         if n > limit:
             raise LimitExceededError(f"{n} tokens in one request exceed the limit of {limit}", field=field)
 
