@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from twinkle.net import free_port
 from twinkle.types import InvalidInputError, TwinkleError
 
 __all__ = ["LocalServer", "ServerStartError", "free_port"]
@@ -39,13 +39,6 @@ _SERVER_CLI = [sys.executable, "-m", "twinkle.server.cli"]
 
 class ServerStartError(TwinkleError):
     """The local server exited or did not become healthy in time (the message holds its log's tail)."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _healthy(url: str) -> bool:

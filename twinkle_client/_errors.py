@@ -95,7 +95,7 @@ def error_from_response(response: httpx.Response) -> TwinkleError:
     elif body is None and response.content:
         # not JSON: some other web server (or a proxy's error page) answered — never dump its page
         kind = response.headers.get("content-type", "").split(";")[0].strip() or "non-JSON"
-        klass = AuthenticationError if status in (401, 403) else InternalError if status >= 500 else NotFoundError
+        klass: type[TwinkleError] = AuthenticationError if status in (401, 403) else InternalError if status >= 500 else NotFoundError
         err = klass(f"{response.request.url.host}:{response.request.url.port or ''} answered HTTP {status} with a "
                     f"{kind} page, not the Twinkle API: check the URL (host, port, no extra path) points at a "
                     "Twinkle server")

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from twinkle.types import TwinkleError
 from twinkle.types.api import FutureRef, FutureState
 
-if TYPE_CHECKING:
-    from .session import Session
+from ._transport import HTTP, AsyncHTTP
 
 T = TypeVar("T")
 _POLL_S = 30.0
@@ -22,14 +21,30 @@ SUBMIT_WAIT_S = 30.0
 """How long a blocking call asks the server to hold the submit for its result (``?wait=``)."""
 
 
+class HasHTTP(Protocol):
+    """What a future needs of its session (``twinkle_client.Session`` is one): the HTTP clients to poll with (a
+    protocol, so that this module does not import the session that imports it)."""
+
+    http: HTTP
+
+    @property
+    def ahttp(self) -> AsyncHTTP: ...
+
+
 class RemoteFuture(Generic[T]):
     """A server-side computation. ``result()`` blocks (long-polling) and returns the parsed value; ``await fut``
     does the same without blocking the event loop."""
 
-    def __init__(self, session: Session, ref: FutureRef, parse: Callable[[Any], T], kind: str = ""):
+    def __init__(self, session: HasHTTP, ref: FutureRef, parse: Callable[[Any], T], kind: str = "", *,
+                 submitted: float | None = None):
         self.session = session
         self.ref = ref
         self.kind = kind
+        self.submitted = time.monotonic() if submitted is None else submitted
+        self.timing: dict[str, Any] | None = None
+        """Once done: ``{kind, queue_s, exec_s, server_s, round_trip_s}`` (seconds; the server's part is None
+        when it did not report it): queue wait and execution on the worker, the gateway's total, and this
+        client's submit -> result."""
         self._parse = parse
         self._done = False
         self._value: T | None = None
@@ -89,6 +104,18 @@ class RemoteFuture(Generic[T]):
         else:
             self._value = self._parse(state.result)
         self._done = True
+        self._record_timing(state)
+
+    def _record_timing(self, state: FutureState) -> None:
+        t = state.timing
+        self.timing = {
+            "kind": self.kind or state.type or "", "queue_s": t.queue_s if t else None,
+            "exec_s": t.exec_s if t else None, "server_s": t.server_s if t else None,
+            "round_trip_s": max(0.0, time.monotonic() - self.submitted),
+        }
+        latency = getattr(self.session, "latency", None)
+        if latency is not None and state.status == "complete":
+            latency.append(self.timing)
 
     def __repr__(self) -> str:
         return f"RemoteFuture({self.kind or 'request'}, id={self.future_id!r}, done={self._done})"

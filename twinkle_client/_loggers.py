@@ -16,10 +16,10 @@ __all__ = ["open_loggers"]
 class _TensorBoard:
     def __init__(self, title: str):
         try:
-            from torch.utils.tensorboard import SummaryWriter  # type: ignore[import-not-found]
+            from torch.utils.tensorboard import SummaryWriter  # type: ignore[import-not-found,unused-ignore]
         except ImportError:
             try:
-                from tensorboardX import SummaryWriter  # type: ignore[import-not-found,no-redef]
+                from tensorboardX import SummaryWriter  # type: ignore[import-not-found,no-redef,unused-ignore]
             except ImportError:
                 raise InvalidInputError("log_to='tensorboard' needs the tensorboard package (pip install "
                                         "tensorboard) or tensorboardX", field="log_to") from None

@@ -242,7 +242,7 @@ class SyncASGITransport(httpx.BaseTransport):
         async def _send() -> httpx.Response:
             req = httpx.Request(request.method, request.url, headers=request.headers, content=body)
             resp = await self._inner.handle_async_request(req)
-            content = b"".join([chunk async for chunk in resp.stream])
+            content = await resp.aread()  # an async transport's stream
             return httpx.Response(resp.status_code, headers=resp.headers, content=content, request=request)
 
         return self._portal.call(_send)

@@ -105,9 +105,9 @@ class Chart:
         display(HTML(self.svg()))
 
     def frame(self) -> Any:
-        from .widgets import _frame
+        from ._frames import frame
 
-        return _frame([{"run": run, **p} for run, pts in self.history.items() for p in pts])
+        return frame([{"run": run, **p} for run, pts in self.history.items() for p in pts])
 
 
 def compare(*runs: Any, metrics: Sequence[str] = ("loss",), smoothing: float = 0.0,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-from typing import Any
+from typing import Any, NoReturn
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
@@ -30,10 +30,10 @@ from .widgets import checkpoints_frame, in_notebook, runs_frame
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # no sys.exit inside a kernel
+    def error(self, message: str) -> NoReturn:  # no sys.exit inside a kernel
         raise UsageError(f"%twinkle: {message}\n\n{self.format_usage()}")
 
-    def exit(self, status: int = 0, message: str | None = None) -> None:
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
         if message:
             print(message)
         raise _Exit()
@@ -100,6 +100,11 @@ class TwinkleMagics(Magics):
             raise UsageError(f"%twinkle {args.cmd}: {type(e).__name__}: {e}") from None
 
     # ---- commands ------------------------------------------------------------------------------------------------
+    def _user_ns(self) -> dict[str, Any]:
+        if self.shell is None:  # a Magics instance registered outside a shell
+            raise UsageError("%twinkle runs inside IPython")
+        return self.shell.user_ns
+
     def _cmd_connect(self, args: argparse.Namespace) -> None:
         from ._reattach import open_session
 
@@ -112,13 +117,13 @@ class TwinkleMagics(Magics):
                             retry_seconds=5.0)
         if old is not None and old is not sess and old.session_id != sess.session_id:
             old.detach()
-        self.shell.user_ns["twinkle_session"] = sess
+        self._user_ns()["twinkle_session"] = sess
         print(f"connected to {sess.url} — {sess.notice} (lease {sess.info.lease_seconds:.0f} s); "
               f"available as `twinkle_session`")
 
     def _cmd_resume(self, args: argparse.Namespace) -> None:
         sess = _session.Session.resume(retry_seconds=5.0, quiet=True)
-        self.shell.user_ns["twinkle_session"] = sess
+        self._user_ns()["twinkle_session"] = sess
         print(f"connected to {sess.url} — {sess.notice}")
 
     def _cmd_status(self, args: argparse.Namespace) -> None:
@@ -162,4 +167,4 @@ class TwinkleMagics(Magics):
         else:
             sess.close()
             print(f"closed session {sess.session_id}")
-        self.shell.user_ns.pop("twinkle_session", None)
+        self._user_ns().pop("twinkle_session", None)

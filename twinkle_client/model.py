@@ -66,6 +66,39 @@ def to_lora_config(config: Any = None, **overrides: Any) -> LoraConfig:
         raise InvalidInputError(f"invalid LoRA config: {e}", field="config") from None
 
 
+def _optimizer_body(optimizer: str, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+                    grad_clip_norm: float, momentum: float, extra: dict[str, Any]) -> dict[str, Any]:
+    lr = extra.pop("learning_rate", lr)
+    if extra:
+        raise InvalidInputError(f"unknown optimizer option(s): {', '.join(extra)}", field=next(iter(extra)))
+    try:
+        cfg = OptimizerConfig(name=optimizer.lower(), lr=lr, betas=tuple(betas), eps=eps,
+                              weight_decay=weight_decay, grad_clip_norm=grad_clip_norm, momentum=momentum)
+    except Exception as e:
+        raise InvalidInputError(f"invalid optimizer settings: {e}", field="optimizer") from None
+    return {"optimizer": cfg.model_dump(mode="json")}
+
+
+def _scheduler_body(scheduler: str, num_warmup_steps: int, num_training_steps: int | None,
+                    min_lr_ratio: float) -> dict[str, Any]:
+    name = _SCHEDULER_ALIASES.get(scheduler.lower())
+    if name is None:
+        raise InvalidInputError(f"unknown LR scheduler {scheduler!r} (cosine, linear, constant)", field="scheduler")
+    try:
+        cfg = LRSchedulerConfig(name=name, warmup_steps=num_warmup_steps, total_steps=num_training_steps,
+                                min_lr_ratio=min_lr_ratio)
+    except Exception as e:
+        raise InvalidInputError(f"invalid LR scheduler settings: {e}", field="scheduler") from None
+    return {"scheduler": cfg.model_dump(mode="json")}
+
+
+def _save_body(name: str, save_optimizer: bool, overwrite: bool, ttl_seconds: float | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"name": name, "kind": "training" if save_optimizer else "sampler", "overwrite": overwrite}
+    if ttl_seconds is not None:
+        body["ttl_seconds"] = ttl_seconds
+    return body
+
+
 @dataclass
 class _Adapter:
     name: str
@@ -122,29 +155,48 @@ class RemoteModel:
     def add_adapter_to_model(self, adapter_name: str = "default", config: Any = None, **kwargs: Any) -> RunInfo:
         """Create the adapter as a training run on the server. If this session already has an active run of
         that name (a re-run cell, a re-attached kernel), it is re-used and training continues where it was."""
-        lora = to_lora_config(config, **kwargs)
-        if lora.seed is None:
-            lora = lora.model_copy(update={"seed": self.seed})
-        existing = [r for r in self.session.runs(all_sessions=False)
-                    if r.name == adapter_name and r.state == "active" and r.base_model == self.model_id]
-        if existing:
-            run = existing[-1]
-            if run.lora.rank != lora.rank:
-                raise InvalidInputError(
-                    f"this session already has adapter {adapter_name!r} with rank {run.lora.rank}, not {lora.rank}",
-                    field="config.rank")
-            last_seq = getattr(run, "last_seq_id", None)
-            if last_seq is not None:
-                self.session.run_state.bump_seq_id(run.run_id, int(last_seq) + 1)
-            elif self.session.run_state.get(run.run_id, "next_seq_id") is None:
-                # no record of where this run's sequence stands (state file from another machine): jump far
-                # ahead so no earlier seq_id is replayed; the server skips the gap after a short grace
-                self.session.run_state.bump_seq_id(run.run_id, int(time.time() * 1000))
-        else:
-            body = {"session_id": self.session.session_id, "base_model": self.model_id,
-                    "lora": lora.model_dump(exclude_none=True), "name": adapter_name,
-                    "metadata": {"adapter": adapter_name, "client": "twinkle_client", "backend": self.backend}}
+        lora = self._lora(config, **kwargs)
+        run, body = self._reuse_or_create(self.session.runs(all_sessions=False), adapter_name, lora)
+        if run is None:
             run = self.session.submit("runs", body, RunInfo.model_validate, "create_run", wait=SUBMIT_WAIT_S).result()
+        return self._register(adapter_name, run, lora)
+
+    async def aadd_adapter_to_model(self, adapter_name: str = "default", config: Any = None, **kwargs: Any) -> RunInfo:
+        """``add_adapter_to_model`` without blocking the event loop."""
+        lora = self._lora(config, **kwargs)
+        run, body = self._reuse_or_create(await self.session.aio.runs(all_sessions=False), adapter_name, lora)
+        if run is None:
+            fut = await self.session.aio.submit("runs", body, RunInfo.model_validate, "create_run", wait=SUBMIT_WAIT_S)
+            run = await fut
+        return self._register(adapter_name, run, lora)
+
+    def _lora(self, config: Any, **kwargs: Any) -> LoraConfig:
+        lora = to_lora_config(config, **kwargs)
+        return lora.model_copy(update={"seed": self.seed}) if lora.seed is None else lora
+
+    def _reuse_or_create(self, runs: list[RunInfo], adapter_name: str,
+                         lora: LoraConfig) -> tuple[RunInfo | None, dict[str, Any]]:
+        """``(this session's active run of that name, {})`` to re-use, or ``(None, the create request's body)``."""
+        existing = [r for r in runs if r.name == adapter_name and r.state == "active" and r.base_model == self.model_id]
+        if not existing:
+            return None, {"session_id": self.session.session_id, "base_model": self.model_id,
+                          "lora": lora.model_dump(exclude_none=True), "name": adapter_name,
+                          "metadata": {"adapter": adapter_name, "client": "twinkle_client", "backend": self.backend}}
+        run = existing[-1]
+        if run.lora.rank != lora.rank:
+            raise InvalidInputError(
+                f"this session already has adapter {adapter_name!r} with rank {run.lora.rank}, not {lora.rank}",
+                field="config.rank")
+        last_seq = getattr(run, "last_seq_id", None)
+        if last_seq is not None:
+            self.session.run_state.bump_seq_id(run.run_id, int(last_seq) + 1)
+        elif self.session.run_state.get(run.run_id, "next_seq_id") is None:
+            # no record of where this run's sequence stands (state file from another machine): jump far
+            # ahead so no earlier seq_id is replayed; the server skips the gap after a short grace
+            self.session.run_state.bump_seq_id(run.run_id, int(time.time() * 1000))
+        return run, {}
+
+    def _register(self, adapter_name: str, run: RunInfo, lora: LoraConfig) -> RunInfo:
         self._adapters[adapter_name] = _Adapter(adapter_name, run, lora, step=run.step)
         if self._current is None:
             self._current = adapter_name
@@ -207,35 +259,45 @@ class RemoteModel:
     ) -> None:
         """Configure the adapter's optimizer. Re-sending the settings a re-attached run already has is a no-op
         (its optimizer state is kept)."""
-        lr = kwargs.pop("learning_rate", lr)
-        if kwargs:
-            raise InvalidInputError(f"unknown optimizer option(s): {', '.join(kwargs)}", field=next(iter(kwargs)))
-        try:
-            cfg = OptimizerConfig(name=optimizer.lower(), lr=lr, betas=tuple(betas), eps=eps,
-                                  weight_decay=weight_decay, grad_clip_norm=grad_clip_norm, momentum=momentum)
-        except Exception as e:
-            raise InvalidInputError(f"invalid optimizer settings: {e}", field="optimizer") from None
-        self._configure(adapter_name, "optimizer", {"optimizer": cfg.model_dump(mode="json")})
+        body = _optimizer_body(optimizer, lr, betas, eps, weight_decay, grad_clip_norm, momentum, kwargs)
+        self._configure(adapter_name, "optimizer", body)
+
+    async def aset_optimizer(
+        self, optimizer: str = "AdamW", *, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8, weight_decay: float = 0.0, grad_clip_norm: float = 0.0, momentum: float = 0.0,
+        adapter_name: str | None = None, **kwargs: Any,
+    ) -> None:
+        """``set_optimizer`` without blocking the event loop."""
+        body = _optimizer_body(optimizer, lr, betas, eps, weight_decay, grad_clip_norm, momentum, kwargs)
+        await self._aconfigure(adapter_name, "optimizer", body)
 
     def set_lr_scheduler(
         self, scheduler: str = "constant", *, num_warmup_steps: int = 0, num_training_steps: int | None = None,
         min_lr_ratio: float = 0.0, adapter_name: str | None = None,
     ) -> None:
-        name = _SCHEDULER_ALIASES.get(scheduler.lower())
-        if name is None:
-            raise InvalidInputError(f"unknown LR scheduler {scheduler!r} (cosine, linear, constant)", field="scheduler")
-        try:
-            cfg = LRSchedulerConfig(name=name, warmup_steps=num_warmup_steps, total_steps=num_training_steps,
-                                    min_lr_ratio=min_lr_ratio)
-        except Exception as e:
-            raise InvalidInputError(f"invalid LR scheduler settings: {e}", field="scheduler") from None
-        self._configure(adapter_name, "lr_scheduler", {"scheduler": cfg.model_dump(mode="json")})
+        body = _scheduler_body(scheduler, num_warmup_steps, num_training_steps, min_lr_ratio)
+        self._configure(adapter_name, "lr_scheduler", body)
+
+    async def aset_lr_scheduler(
+        self, scheduler: str = "constant", *, num_warmup_steps: int = 0, num_training_steps: int | None = None,
+        min_lr_ratio: float = 0.0, adapter_name: str | None = None,
+    ) -> None:
+        """``set_lr_scheduler`` without blocking the event loop."""
+        body = _scheduler_body(scheduler, num_warmup_steps, num_training_steps, min_lr_ratio)
+        await self._aconfigure(adapter_name, "lr_scheduler", body)
 
     def _configure(self, adapter_name: str | None, op: str, body: dict[str, Any]) -> None:
         a = self._adapter(adapter_name)
         if self.session.run_state.get(a.run_id, op) == body:
             return
         self._submit(a, op, body, lambda x: x, seq=False, wait=True).result()  # no seq_id in these requests
+        self.session.run_state.set(a.run_id, op, body)
+
+    async def _aconfigure(self, adapter_name: str | None, op: str, body: dict[str, Any]) -> None:
+        a = self._adapter(adapter_name)
+        if self.session.run_state.get(a.run_id, op) == body:
+            return
+        await self._submit(a, op, body, lambda x: x, seq=False, wait="async")
         self.session.run_state.set(a.run_id, op, body)
 
     def forward_backward_async(
@@ -266,7 +328,8 @@ class RemoteModel:
             a.in_step = True
         data = to_datums(inputs)
         weight, tokens = loss_weight_and_tokens(data)
-        body = {"data": [d.model_dump(mode="json", exclude_none=True) for d in data], "loss_fn": loss_fn}
+        body: dict[str, Any] = {"data": [d.model_dump(mode="json", exclude_none=True) for d in data],
+                                "loss_fn": loss_fn}
         if loss_fn_config:
             body["loss_fn_config"] = loss_fn_config
 
@@ -313,7 +376,7 @@ class RemoteModel:
             out = {"grad_norm": float(m.get("grad_norm:mean", m.get("grad_norm", 0.0))),
                    "lr": float(m.get("lr:mean", m.get("lr", 0.0))),
                    "step": int(m.get("step:max", m.get("step", a.step)))}
-            a.step = out["step"]
+            a.step = int(out["step"])
             a.last.update(out)
             return out
 
@@ -351,21 +414,36 @@ class RemoteModel:
              overwrite: bool = True, ttl_seconds: float | None = None) -> str:
         """Save a checkpoint on the server; returns its ``tinker://<run>/...`` path."""
         a = self._adapter(adapter_name)
-        body: dict[str, Any] = {"name": name, "kind": "training" if save_optimizer else "sampler",
-                                "overwrite": overwrite}
-        if ttl_seconds is not None:
-            body["ttl_seconds"] = ttl_seconds
-        info = self._submit(a, "checkpoints", body, CheckpointInfo.model_validate, wait=True).result()
-        return info.path
+        body = _save_body(name, save_optimizer, overwrite, ttl_seconds)
+        return self._submit(a, "checkpoints", body, CheckpointInfo.model_validate, wait=True).result().path
+
+    async def asave(self, name: str, save_optimizer: bool = True, adapter_name: str | None = None, *,
+                    overwrite: bool = True, ttl_seconds: float | None = None) -> str:
+        """``save`` without blocking the event loop."""
+        a = self._adapter(adapter_name)
+        body = _save_body(name, save_optimizer, overwrite, ttl_seconds)
+        return (await self._submit(a, "checkpoints", body, CheckpointInfo.model_validate, wait="async")).path
 
     def load(self, name_or_path: str, load_optimizer: bool = True, adapter_name: str | None = None) -> LoraConfig:
         """Load a checkpoint (a name of this run or a ``tinker://`` path) into the adapter."""
         a = self._adapter(adapter_name)
         self._submit(a, "load", {"checkpoint": name_or_path, "optimizer": load_optimizer}, lambda x: x,
                      wait=True).result()
-        a.run = self.session.get_run(a.run_id)
-        a.step = a.run.step
-        return a.run.lora
+        return self._loaded(a, self.session.get_run(a.run_id))
+
+    async def aload(self, name_or_path: str, load_optimizer: bool = True,
+                    adapter_name: str | None = None) -> LoraConfig:
+        """``load`` without blocking the event loop."""
+        a = self._adapter(adapter_name)
+        await self._submit(a, "load", {"checkpoint": name_or_path, "optimizer": load_optimizer}, lambda x: x,
+                           wait="async")
+        return self._loaded(a, await self.session.aio.get_run(a.run_id))
+
+    @staticmethod
+    def _loaded(a: _Adapter, run: RunInfo) -> LoraConfig:
+        a.run = run
+        a.step = run.step
+        return run.lora
 
     def checkpoints(self, adapter_name: str | None = None) -> list[CheckpointInfo]:
         return self.session.checkpoints(self._adapter(adapter_name).run_id)

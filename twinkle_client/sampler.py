@@ -9,7 +9,7 @@ from typing import Any
 
 from twinkle.types import InvalidInputError, ModelInput, SampleResponse, SamplingParams, TwinkleError
 
-from ._futures import SUBMIT_WAIT_S
+from ._futures import SUBMIT_WAIT_S, RemoteFuture
 from .model import RemoteModel
 from .session import Session, current_session
 from .tokenizer import load_tokenizer_from_candidates
@@ -66,7 +66,7 @@ class Sampler:
     def sample_async(
         self, prompt: Any, sampling_params: SamplingParams | dict[str, Any] | None = None, num_samples: int = 1,
         prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,
-    ):
+    ) -> RemoteFuture[SampleResponse]:
         return self._sample(prompt, sampling_params, num_samples, prompt_logprobs, topk_prompt_logprobs)
 
     def _sample(self, prompt: Any, sampling_params: SamplingParams | dict[str, Any] | None, num_samples: int,
@@ -79,6 +79,7 @@ class Sampler:
             "sampling_params": params.model_dump(exclude_none=True),
             "prompt_logprobs": prompt_logprobs,
             "topk_prompt_logprobs": topk_prompt_logprobs,
+            "session_id": self.session.session_id,  # the panel's Stop reaches a loop that only samples
         }
         if self.checkpoint is not None:
             body["checkpoint"] = self.checkpoint

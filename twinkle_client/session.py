@@ -12,7 +12,8 @@ import os
 import socket
 import threading
 import time
-from typing import Any
+from collections import deque
+from typing import Any, Literal, overload
 
 import httpx
 
@@ -29,15 +30,24 @@ from twinkle.types.api import (
     SessionInfo,
 )
 
-from . import _state
+from . import _frames, _state
 from ._errors import ConnectionLostError, check_unexpanded
 from ._futures import RemoteFuture
 from ._transport import HTTP, AsyncHTTP
 
 __all__ = ["AsyncSession", "Session", "connect", "current_session"]
 
+_LATENCY_KEPT = 2000  # finished requests whose timing a session remembers (LiveCurve reads them)
 _current: Session | None = None
 _current_lock = threading.Lock()
+
+
+@overload
+def current_session(required: Literal[True] = True) -> Session: ...
+
+
+@overload
+def current_session(required: bool) -> Session | None: ...
 
 
 def current_session(required: bool = True) -> Session | None:
@@ -73,6 +83,9 @@ class Session:
         self._caps: Capabilities | None = None
         self._stop = threading.Event()
         self.stop_requested = threading.Event()  # set from a training reply: someone pressed Stop (see _stop.py)
+        # Where each finished request's time went ({kind, queue_s, exec_s, server_s, round_trip_s}, newest last);
+        # LiveCurve shows a step's latency split from it.
+        self.latency: deque[dict[str, Any]] = deque(maxlen=_LATENCY_KEPT)
         self._thread: threading.Thread | None = None
         self.run_state = _state.SessionState(info.session_id, persist=persist_state)
         self._persist = persist_state
@@ -239,19 +252,13 @@ class Session:
 
     def runs_frame(self, **kw: Any) -> Any:
         """``runs()`` as a pandas DataFrame (pandas needed)."""
-        from .widgets import runs_frame
-
-        return runs_frame(self.runs(**kw))
+        return _frames.runs_frame(self.runs(**kw))
 
     def checkpoints_frame(self, run_id: str | None = None) -> Any:
-        from .widgets import checkpoints_frame
-
-        return checkpoints_frame(self.checkpoints(run_id))
+        return _frames.checkpoints_frame(self.checkpoints(run_id))
 
     def metrics_frame(self, run_id: str) -> Any:
-        from .widgets import metrics_frame
-
-        return metrics_frame(self.metrics(run_id))
+        return _frames.metrics_frame(self.metrics(run_id))
 
     # ---- async twin -------------------------------------------------------------------------------------------
     @property
@@ -285,26 +292,25 @@ class Session:
     def usage(self, since: str | float | None = None, until: str | float | None = None,
               user: str | None = None) -> Any:
         """:meth:`usage_rows` as a pandas DataFrame (a list of dicts without pandas)."""
-        from .widgets import _frame
-
-        return _frame(self.usage_rows(since, until, user))
+        return _frames.frame(self.usage_rows(since, until, user))
 
     # ---- futures --------------------------------------------------------------------------------------------
     def submit(self, path: str, body: dict[str, Any], parse: Any = lambda x: x, kind: str = "", *,
                wait: float = 0.0) -> RemoteFuture[Any]:
         """POST a future-returning request. ``wait`` > 0: the server holds the reply up to ``wait`` seconds and
         includes the result when it is ready by then (one round trip for a blocking call)."""
+        t0 = time.monotonic()
         if wait > 0:
             reply = self.http.post(path, body, params={"wait": round(wait, 3)}, timeout=wait + 30.0)
         else:
             reply = self.http.post(path, body)
-        return self._future(reply, parse, kind)
+        return self._future(reply, parse, kind, t0)
 
-    def _future(self, reply: Any, parse: Any, kind: str) -> RemoteFuture[Any]:
+    def _future(self, reply: Any, parse: Any, kind: str, submitted: float | None = None) -> RemoteFuture[Any]:
         ref = FutureRef.model_validate(reply)
         if ref.stop_requested:
             self.stop_requested.set()
-        fut: RemoteFuture[Any] = RemoteFuture(self, ref, parse, kind)
+        fut: RemoteFuture[Any] = RemoteFuture(self, ref, parse, kind, submitted=submitted)
         if ref.state is not None:
             fut._settle(ref.state)
         return fut
@@ -385,9 +391,7 @@ def default_lease_seconds() -> float | None:
             return float(env)
         except ValueError:
             raise ConnectionLostError(f"TWINKLE_LEASE_SECONDS={env!r} is not a number of seconds") from None
-    from .widgets import in_notebook
-
-    return NOTEBOOK_LEASE_S if in_notebook() else None
+    return NOTEBOOK_LEASE_S if _frames.in_notebook() else None
 
 
 class AsyncSession:
@@ -405,11 +409,12 @@ class AsyncSession:
                      wait: float = 0.0) -> RemoteFuture[Any]:
         """``Session.submit`` without blocking the event loop; ``await`` the returned future for the result."""
         http = self.session.ahttp
+        t0 = time.monotonic()
         if wait > 0:
             reply = await http.post(path, body, params={"wait": round(wait, 3)}, timeout=wait + 30.0)
         else:
             reply = await http.post(path, body)
-        return self.session._future(reply, parse, kind)
+        return self.session._future(reply, parse, kind, t0)
 
     async def runs(self, *, all_sessions: bool = True, limit: int = 100) -> list[RunInfo]:
         body = await self.session.ahttp.get("runs", params={"limit": limit, "offset": 0})

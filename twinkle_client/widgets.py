@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import html
 import math
-import sys
+import re
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
+from twinkle.types import ImageChunk, ModelInput
+
 from . import _loggers
+from ._frames import checkpoints_frame, in_notebook, metrics_frame, runs_frame, when
+from ._frames import frame as _frame
 
 __all__ = [
     "LiveCurve",
@@ -37,18 +41,6 @@ __all__ = [
 
 T = TypeVar("T")
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
-
-
-def in_notebook() -> bool:
-    """True inside a Jupyter kernel (not a terminal IPython, not a script)."""
-    ip = sys.modules.get("IPython")
-    if ip is None:
-        return False
-    try:
-        shell = ip.get_ipython()
-    except Exception:
-        return False
-    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
 
 
 def _widgets_module() -> Any:
@@ -127,6 +119,11 @@ class LiveCurve:
         self.log_y = log_y
         self._handle: Any = None
         self._times: list[float] = []  # monotonic time of each log() of this curve (steps/s, ETA)
+        self.latency: list[dict[str, float]] = []  # per log(): the step's queue wait / execution / rest (seconds)
+        self._lat_last: Any = None  # the newest session timing already counted (requests before this curve: none)
+        sess = self._session()
+        if sess is not None and getattr(sess, "latency", None):
+            self._lat_last = sess.latency[-1]
         self.loggers = _loggers.open_loggers(log_to, title)
         self.stop_reason = ""
         self.stop_message: str | None = None
@@ -189,6 +186,7 @@ class LiveCurve:
         rec["step"] = float(step)
         pts.append(rec)
         self._times.append(time.monotonic())
+        self._take_latency(step)
         for lg in self.loggers:
             lg.log(run, rec)
         self._dirty = True
@@ -196,6 +194,41 @@ class LiveCurve:
             self._text_update(run, rec)
         elif time.monotonic() - self._last_draw >= self.throttle_s:
             self.refresh()
+
+    def _take_latency(self, step: int) -> None:
+        """Sum the timings of the session's requests that finished since the last ``log()`` into this step's
+        latency split: queue wait and execution on the server's worker, and the rest (ordering behind the run's
+        earlier requests, transport, the client)."""
+        sess = self._session()
+        lat = getattr(sess, "latency", None) if sess is not None else None
+        if not lat:
+            return
+        new: list[dict[str, Any]] = []
+        for t in reversed(lat):
+            if t is self._lat_last:
+                break
+            new.append(t)
+        self._lat_last = lat[-1]
+        timed = [t for t in new if t.get("exec_s") is not None]
+        if not timed:
+            return
+        queue = sum(float(t["queue_s"] or 0.0) for t in timed)
+        execution = sum(float(t["exec_s"] or 0.0) for t in timed)
+        total = sum(float(t["round_trip_s"] or 0.0) for t in new)
+        self.latency.append({"step": float(step), "total_s": total, "queue_s": queue, "exec_s": execution,
+                             "other_s": max(0.0, total - queue - execution), "requests": float(len(new))})
+
+    def latency_text(self) -> str:
+        """The last step's latency split, one line (the widget's status line and the PNG footer show it)."""
+        if not self.latency:
+            return ""
+        last = self.latency[-1]
+        return (f"step latency {_secs(last['total_s'])}: queue {_secs(last['queue_s'])} · "
+                f"execution {_secs(last['exec_s'])} · other {_secs(last['other_s'])}")
+
+    def latency_frame(self) -> Any:
+        """Every step's latency split as a pandas DataFrame (step, total_s, queue_s, exec_s, other_s, requests)."""
+        return _frame([dict(r) for r in self.latency])
 
     def _text_update(self, run: str, rec: dict[str, float]) -> None:
         shown = {k: f"{rec[k]:.4g}" for k in self.metrics if k in rec}
@@ -237,7 +270,8 @@ class LiveCurve:
         if sps is None:
             return ""
         eta = f" · ETA {_duration(left)}" if left and not self.stopped else ""
-        return f"{len(self._times)} steps here · {sps:.2f} steps/s{eta}"
+        lat = f" · {self.latency_text()}" if self.latency else ""
+        return f"{len(self._times)} steps here · {sps:.2f} steps/s{eta}{lat}"
 
     def chart_obj(self) -> Any:
         """The current curve as a :class:`twinkle_client.history.Chart` (PNG/SVG/frame)."""
@@ -258,6 +292,10 @@ class LiveCurve:
         text = " · ".join(f"<b>{html.escape(r)}</b> step {int(p['step'])}"
                           + "".join(f", {html.escape(m)} {p[m]:.4g}" for m in self.metrics if m in p)
                           for r, p in last.items())
+        if self.latency:
+            text += (f"<br><span class='twk-latency' title='this session’s last step: waiting in the server’s "
+                     f"queue, executing, and the rest (ordering, transport, client)'>"
+                     f"{html.escape(self.latency_text())}{_latency_bar(self.latency[-1])}</span>")
         if self.stop_message:
             text += f" — <i>{html.escape(self.stop_message)}</i>"
         elif self.stopped:
@@ -356,6 +394,21 @@ class LiveCurve:
         return self.chart_obj()._repr_mimebundle_()
 
 
+def _secs(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def _latency_bar(split: dict[str, float], width: int = 160) -> str:
+    """A small stacked bar: queue (amber), execution (blue), other (grey), proportional to the step's total."""
+    total = max(1e-9, split["queue_s"] + split["exec_s"] + split["other_s"])
+    parts = [("queue", split["queue_s"], "#f0ad4e"), ("execution", split["exec_s"], "#1f77b4"),
+             ("other", split["other_s"], "#bbbbbb")]
+    cells = "".join(
+        f"<span class='twk-lat-{name}' title='{name} {_secs(v)}' style='display:inline-block;height:8px;"
+        f"width:{max(0.0, v / total * width):.1f}px;background:{color}'></span>" for name, v, color in parts)
+    return f" <span style='display:inline-block;vertical-align:middle;white-space:nowrap'>{cells}</span>"
+
+
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     if seconds < 60:
@@ -366,6 +419,21 @@ def _duration(seconds: float) -> str:
 
 
 # ---- samples -----------------------------------------------------------------------------------------------------
+
+
+_IMAGE_MIME = {"png": "image/png", "jpeg": "image/jpeg", "jpg": "image/jpeg", "gif": "image/gif",
+               "webp": "image/webp"}
+_MAX_INLINE_IMAGE = 4 << 20  # base64 characters; bigger prompt images are not inlined into the notebook
+_B64 = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
+
+
+def image_data_uri(chunk: ImageChunk) -> str | None:
+    """``data:image/...;base64,...`` for an image chunk (None: an unknown format, not base64, or too large)."""
+    mime = _IMAGE_MIME.get(chunk.format.lower())
+    data = "".join(chunk.data.split())
+    if mime is None or not data or len(data) > _MAX_INLINE_IMAGE or not _B64.match(data):
+        return None
+    return f"data:{mime};base64,{data}"
 
 
 def _heat(lp: float | None) -> str:
@@ -407,8 +475,12 @@ def render_samples_table(samples: Sequence[dict[str, Any]]) -> str:
         mean = (sum(lps) / len(lps)) if lps else None
         reward = s.get("reward")
         spans = render_sample_html("", s["pieces"], lps).split("<div>", 2)[-1].rsplit("</div>", 2)[0]
+        imgs = "".join(
+            f"<img src='{uri}' alt='prompt image {i + 1}' style='max-height:96px;max-width:160px;"
+            f"margin:0 4px 4px 0;vertical-align:top'>" for i, uri in enumerate(s.get("images") or []))
         rows.append(
-            f"<tr><td>{e(s.get('title') or '')}</td><td style='color:#555'>{e(s['prompt'])}</td>"
+            f"<tr><td>{e(s.get('title') or '')}</td><td style='color:#555'>"
+            f"{f'<div>{imgs}</div>' if imgs else ''}{e(s['prompt'])}</td>"
             f"<td style='font-family:monospace'>{spans}</td>"
             f"<td>{'' if mean is None else f'{mean:.3f}'}</td>"
             f"<td>{'' if reward is None else f'reward <b>{reward:.3g}</b>'}</td></tr>")
@@ -444,24 +516,44 @@ class SampleViewer:
             return [f"⟨{t}⟩" for t in tokens]
         return [self.tokenizer.decode([t]) for t in tokens]
 
-    def add(self, prompt: str | Sequence[int], tokens: Sequence[int], logprobs: Sequence[float] | None = None,
+    def _prompt_text(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(tokens)) if self.tokenizer is not None else str(list(tokens))
+
+    def add(self, prompt: Any, tokens: Sequence[int], logprobs: Sequence[float] | None = None,
             reward: float | None = None, title: str | None = None) -> None:
-        if not isinstance(prompt, str):
-            prompt = self.tokenizer.decode(list(prompt)) if self.tokenizer is not None else str(list(prompt))
-        rec = {"prompt": prompt, "tokens": list(tokens), "pieces": self._pieces(tokens),
-               "logprobs": list(logprobs) if logprobs is not None else None, "reward": reward, "title": title}
+        """``prompt``: text, token ids, or a ``ModelInput`` — one with image chunks shows its images (inlined as
+        data URIs, so the saved notebook shows them anywhere) beside the answer."""
+        images: list[str] = []
+        if isinstance(prompt, ModelInput):
+            parts: list[str] = []
+            for c in prompt.chunks:
+                if isinstance(c, ImageChunk):
+                    uri = image_data_uri(c)
+                    if uri is not None:
+                        images.append(uri)
+                    parts.append("[image]")
+                else:
+                    parts.append(self._prompt_text(c.tokens))
+            prompt = "".join(parts)
+        elif not isinstance(prompt, str):
+            prompt = self._prompt_text(prompt)
+        pieces = self._pieces(tokens)
+        lps = list(logprobs) if logprobs is not None else None
+        rec = {"prompt": prompt, "tokens": list(tokens), "pieces": pieces, "logprobs": lps, "reward": reward,
+               "title": title, "images": images}
         self.samples.append(rec)
-        if self.mode == "widget":
+        if self.widget is not None:  # widget mode
             self.widget.value = render_samples_table(self.samples[-self.max_shown:])
             if self._handle is not None:
                 from IPython.display import HTML
 
                 self._handle.update(HTML(self.widget.value))
         else:
-            mean = (sum(rec["logprobs"]) / len(rec["logprobs"])) if rec["logprobs"] else None
+            mean = (sum(lps) / len(lps)) if lps else None
             extra = "".join([f" reward={reward:.3g}" if reward is not None else "",
                              f" mean_logprob={mean:.3f}" if mean is not None else ""])
-            print(f"{title + ': ' if title else ''}{prompt!r} -> {''.join(rec['pieces'])!r}{extra}")
+            pics = f"[{len(images)} image{'s' if len(images) != 1 else ''}] " if images else ""
+            print(f"{title + ': ' if title else ''}{pics}{prompt!r} -> {''.join(pieces)!r}{extra}")
 
     def add_response(self, prompt: str | Sequence[int], response: Any, rewards: Sequence[float] | None = None) -> None:
         """Add every sequence of a ``SampleResponse``."""
@@ -470,50 +562,3 @@ class SampleViewer:
 
     def frame(self) -> Any:
         return _frame([{k: v for k, v in s.items() if k != "pieces"} for s in self.samples])
-
-
-# ---- DataFrames ---------------------------------------------------------------------------------------------------
-
-
-def _frame(rows: list[dict[str, Any]]) -> Any:
-    try:
-        import pandas as pd
-    except ImportError:
-        return rows
-    return pd.DataFrame(rows)
-
-
-def when(epoch: float | None) -> Any:
-    """Epoch seconds as a local ``datetime`` to the second (what the frames and ``%twinkle runs`` show)."""
-    import datetime as _dt
-
-    if epoch is None:
-        return None
-    return _dt.datetime.fromtimestamp(float(epoch)).replace(microsecond=0)
-
-
-def runs_frame(runs: Iterable[Any]) -> Any:
-    """One row per run: the per-token mean ``loss`` the server recorded last (the panel's number), times as
-    local datetimes."""
-    rows = []
-    for r in runs:
-        d = r.model_dump() if hasattr(r, "model_dump") else dict(r)
-        m = d.get("last_metrics") or {}
-        rows.append({"run_id": d["run_id"], "name": d.get("name"), "base_model": d.get("base_model"),
-                     "state": d.get("state"), "step": d.get("step"), "rank": (d.get("lora") or {}).get("rank"),
-                     "loss": m.get("loss"), "grad_norm": m.get("grad_norm:mean", m.get("grad_norm")),
-                     "created": when(d.get("created_at")), "last_active": when(d.get("last_request_time")),
-                     "last_checkpoint": d.get("last_checkpoint"), "session_id": d.get("session_id")})
-    return _frame(rows)
-
-
-def checkpoints_frame(checkpoints: Iterable[Any]) -> Any:
-    rows = [c.model_dump() if hasattr(c, "model_dump") else dict(c) for c in checkpoints]
-    return _frame([{**{k: r.get(k) for k in ("run_id", "name", "kind", "step", "path")},
-                    "created": when(r.get("created_at")), "size_bytes": r.get("size_bytes")} for r in rows])
-
-
-def metrics_frame(history: Any) -> Any:
-    """A run's metric history (from the server: the whole run, also after a kernel restart) as a frame."""
-    points = history.points if hasattr(history, "points") else history
-    return _frame([{"step": p.step, "time": when(p.time), "kind": p.kind, **p.metrics} for p in points])

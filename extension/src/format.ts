@@ -1,6 +1,14 @@
 /** Pure helpers: loss series, sparkline geometry, labels and generated code (unit-tested). */
 
-import type { ConnectionState, ICheckpointInfo, IMetricPoint, IOverview, IRunInfo, ISessionInfo } from './types';
+import type {
+  ConnectionState,
+  ICheckpointInfo,
+  IMetricPoint,
+  IOverview,
+  IRunInfo,
+  IServerLoad,
+  ISessionInfo
+} from './types';
 
 /** The name of the loss metric in a metrics dict: `loss`, `loss:mean`, `loss:sum`, else the first key naming loss. */
 export function lossKey(metrics: Record<string, number>): string | null {
@@ -221,4 +229,56 @@ export function filterSessions(sessions: ISessionInfo[], f: IListFilter, ownSess
         (!f.active || s.state === 'active')
     )
     .sort((a, b) => b.last_heartbeat - a.last_heartbeat);
+}
+
+/** A count with a k/M/G suffix: 950 → `950`, 12345 → `12.3k`, 4.2e6 → `4.2M`. */
+export function compactCount(n: number): string {
+  const a = Math.abs(n);
+  for (const [div, suffix] of [
+    [1e9, 'G'],
+    [1e6, 'M'],
+    [1e3, 'k']
+  ] as [number, string][]) {
+    if (a >= div) {
+      const v = n / div;
+      return `${v >= 100 ? v.toFixed(0) : v.toFixed(1)}${suffix}`;
+    }
+  }
+  return String(Math.round(n));
+}
+
+/** Bytes as B / KB / MB / GB (powers of 1024). */
+export function formatBytes(n: number): string {
+  const units = ['B', 'KB', 'MB', 'GB', 'TB'];
+  let v = n;
+  let i = 0;
+  while (v >= 1024 && i < units.length - 1) {
+    v /= 1024;
+    i += 1;
+  }
+  return i === 0 ? `${Math.round(v)} B` : `${v.toFixed(1)} ${units[i]}`;
+}
+
+/**
+ * The panel's live-load lines from `GET load`: the server's queue depth, tokens/s over its window (all users),
+ * and the caller's own usage summed over base models.
+ */
+export function loadLines(load: IServerLoad): { queue: string; rate: string; usage: string } {
+  const busy = load.replicas.filter(r => r.queue_depth > 0).length;
+  const queue =
+    `queue ${load.queue_depth} request${load.queue_depth === 1 ? '' : 's'}` +
+    (load.replicas.length > 1 ? ` (${busy}/${load.replicas.length} replicas busy)` : '');
+  const r = load.tokens_per_s ?? {};
+  const rate =
+    `tokens/s (last ${Math.round(load.window_s)} s, all users): ` +
+    `trained ${formatNumber(r.trained ?? 0)} · prefilled ${formatNumber(r.prefilled ?? 0)} · ` +
+    `sampled ${formatNumber(r.sampled ?? 0)}`;
+  const sum = (k: 'tokens_trained' | 'tokens_prefilled' | 'tokens_sampled' | 'checkpoint_bytes'): number =>
+    load.usage.reduce((n, u) => n + (u[k] ?? 0), 0);
+  const usage = load.usage.length
+    ? `your usage: ${compactCount(sum('tokens_trained'))} trained · ${compactCount(sum('tokens_prefilled'))} ` +
+      `prefilled · ${compactCount(sum('tokens_sampled'))} sampled tokens · ${formatBytes(sum('checkpoint_bytes'))} ` +
+      'of checkpoints'
+    : 'your usage: nothing yet';
+  return { queue, rate, usage };
 }

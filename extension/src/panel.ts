@@ -10,6 +10,7 @@ import {
   filterRuns,
   filterSessions,
   formatNumber,
+  loadLines,
   sparklinePoints,
   timeAgo
 } from './format';
@@ -218,6 +219,18 @@ export class TwinklePanel extends Widget {
           'div',
           { class: 'twk-kv twk-dim' },
           `server v${ov.status.version} · ${ov.status.sessions_active} sessions, ${ov.status.runs_active} runs active`
+        )
+      );
+    }
+    if (ov.load) {
+      const l = loadLines(ov.load);
+      rows.push(
+        h(
+          'div',
+          { class: 'twk-load', title: 'live load of the Twinkle server (refreshed with the panel)' },
+          h('div', { class: 'twk-kv twk-load-queue', 'data-queue': String(ov.load.queue_depth) }, l.queue),
+          h('div', { class: 'twk-kv twk-load-rate' }, l.rate),
+          h('div', { class: 'twk-kv twk-load-usage' }, l.usage)
         )
       );
     }

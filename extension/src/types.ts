@@ -89,6 +89,27 @@ export interface ICheckpointInfo {
   size_bytes?: number | null;
 }
 
+/** One row of the caller's usage (`GET /api/v1/twinkle/usage`, all time). */
+export interface IUsageRow {
+  user: string;
+  base_model: string;
+  tokens_trained: number;
+  tokens_prefilled: number;
+  tokens_sampled: number;
+  requests: number;
+  checkpoint_bytes: number;
+  checkpoints: number;
+}
+
+/** `GET /api/v1/twinkle/load`: the server's live load (all users) and the caller's own usage. */
+export interface IServerLoad {
+  window_s: number;
+  tokens_per_s: Record<string, number>;
+  queue_depth: number;
+  replicas: { base_model: string; replica: number; queue_depth: number; adapters: number }[];
+  usage: IUsageRow[];
+}
+
 export interface IOverview {
   state: ConnectionState;
   message: string;
@@ -97,6 +118,8 @@ export interface IOverview {
   status: IServerStatus | null;
   sessions: ISessionInfo[];
   runs: IRunInfo[];
+  /** null when the server has no load route (older servers) or it failed this poll. */
+  load?: IServerLoad | null;
   checked_at: number;
 }
 

@@ -103,6 +103,15 @@ try {
   result.sparkline = [first, later];
   result.runText = await page.evaluate(() => document.querySelector('#twinkle-panel .twk-run.twk-run-active')?.innerText ?? '');
   result.activeStatus = await statusText();
+  // the live load (GET load through the Jupyter server): queue, tokens/s, your usage; the usage grows while training
+  const usageText = () => page.evaluate(() => document.querySelector('#twinkle-panel .twk-load-usage')?.textContent ?? '');
+  result.loadText = await poll(async () => {
+    const t = await page.evaluate(() => document.querySelector('#twinkle-panel .twk-load')?.innerText ?? '');
+    return /your usage: [0-9.]+k? trained/.test(t) ? t : '';
+  }, 'the live load to show your usage', 60000);
+  result.usageFirst = await usageText();
+  result.usageLater = await poll(async () => { const t = await usageText(); return t !== result.usageFirst ? t : ''; },
+    'your usage to grow', 60000);
   await shot('04-sparkline-grew');
 
   // cell 3: save a checkpoint (queued behind cell 2)

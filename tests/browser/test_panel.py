@@ -44,6 +44,12 @@ NOTEBOOK_CELLS = [
 ]
 
 
+def _count(text: str) -> float:
+    """``950`` / ``12.3k`` / ``2.5M`` (the panel's compact counts) as a number."""
+    scale = {"k": 1e3, "M": 1e6, "G": 1e9}.get(text[-1:], 1.0)
+    return float(text[:-1] if scale != 1.0 else text) * scale
+
+
 def _notebook(url: str) -> dict:
     cells = [
         {"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [],
@@ -98,6 +104,9 @@ def test_panel_follows_training(panel_server, tmp_path):
     assert res["finalSpark"] >= later
     assert "default" in res["runText"] and "loss" in res["runText"]
     assert res["activeStatus"] == "Twinkle: connected · 1 active run"
+    assert "queue " in res["loadText"] and "tokens/s (last 60 s, all users): trained" in res["loadText"]
+    trained = [_count(t.split("your usage: ")[1].split(" trained")[0]) for t in (res["usageFirst"], res["usageLater"])]
+    assert trained[1] > trained[0] > 0  # the caller's own usage grows while the notebook trains
     assert res["checkpoint"].startswith("tinker://") and res["checkpoint"].endswith("/weights/step-20")
     assert f'model.load("{res["checkpoint"]}")' in res["insertedCode"]
     assert "model = MockModel(model_id=\"mock\")" in res["insertedCode"]

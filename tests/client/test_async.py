@@ -10,6 +10,7 @@ import pytest
 from inprocess_server import InProcessServer
 
 import twinkle_client
+from twinkle.types import InvalidInputError
 from twinkle_client.model import MockModel
 from twinkle_client.sampler import Sampler
 
@@ -95,4 +96,38 @@ def test_gather_two_adapters_is_faster_than_sequential(server):
     assert t_con < t_seq * 0.8, (t_seq, t_con)
     for name in ("a", "b"):
         assert sess.get_run(model._adapter(name).run_id).step == 3 * STEPS
+    sess.detach()
+
+
+def test_async_twins_for_setup_and_checkpoints(server):
+    """Issue 17: adapters, optimizer/scheduler, save and load have ``a*`` twins over the same request building;
+    two adapters are set up concurrently from one coroutine, and a re-run re-uses the session's run."""
+    sess = twinkle_client.connect(URL, "key-alice", transport=server.transport, heartbeat=False)
+    model = MockModel(session=sess)
+
+    async def setup(name: str) -> str:
+        run = await model.aadd_adapter_to_model(name, {"rank": 4})
+        await model.aset_optimizer("AdamW", lr=1e-2, adapter_name=name)
+        await model.aset_lr_scheduler("cosine", num_training_steps=10, adapter_name=name)
+        await model.aforward_backward(inputs=BATCH, adapter_name=name)
+        await model.aclip_grad_and_step(adapter_name=name)
+        return run.run_id
+
+    async def go():
+        ids = await asyncio.gather(setup("x"), setup("y"))
+        path = await model.asave("one", adapter_name="x")
+        await model.aforward_backward(inputs=BATCH, adapter_name="x")
+        await model.aclip_grad_and_step(adapter_name="x")
+        lora = await model.aload("one", adapter_name="x")  # back to step 1, optimizer included
+        again = await model.aadd_adapter_to_model("x", {"rank": 4})  # a re-run cell: the same run
+        return ids, path, lora, again
+
+    (id_x, id_y), path, lora, again = asyncio.run(go())
+    assert id_x != id_y and again.run_id == id_x
+    assert path.startswith("tinker://") and path.endswith("/one")
+    assert lora.rank == 4 and model._adapter("x").step == 1 == sess.get_run(id_x).step
+    assert sess.get_run(id_y).step == 1
+    with pytest.raises(InvalidInputError) as e:
+        asyncio.run(model.aset_optimizer("AdamW", lr=1e-2, bogus=1, adapter_name="x"))
+    assert "bogus" in str(e.value)
     sess.detach()

@@ -93,7 +93,7 @@ def test_resume_after_lease_expiry_restores_from_automatic_checkpoint(server, ca
 
 def test_notebook_default_lease(monkeypatch):
     assert default_lease_seconds() is None  # a script: the server's default
-    monkeypatch.setattr("twinkle_client.widgets.in_notebook", lambda: True)
+    monkeypatch.setattr("twinkle_client._frames.in_notebook", lambda: True)
     assert default_lease_seconds() == 600.0
     monkeypatch.setenv("TWINKLE_LEASE_SECONDS", "120")
     assert default_lease_seconds() == 120.0

@@ -153,3 +153,28 @@ def test_log_to_needs_the_package():
 
     with pytest.raises(InvalidInputError, match="log_to='nope'|use one of"):
         LiveCurve(mode="text", log_to="nope")
+
+
+def test_sample_viewer_shows_prompt_images_beside_the_answer(capsys):
+    """Issue 14: a prompt that carried images shows them in the samples table, inlined as data URIs (the saved
+    notebook shows them anywhere); a chunk that is not a known image format / not base64 is not inlined."""
+    import base64
+
+    from twinkle.types import EncodedTextChunk, ImageChunk, ModelInput
+    from twinkle_client.widgets import SampleViewer, image_data_uri
+
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 16).decode()
+    prompt = ModelInput(chunks=[EncodedTextChunk(tokens=[1, 2]), ImageChunk(data=png, format="png", expected_tokens=4),
+                                EncodedTextChunk(tokens=[3])])
+    v = SampleViewer(mode="widget", display=False)
+    v.add(prompt, [7, 8], [-0.1, -2.0], reward=1.0, title="sample 0")
+    html_out = v.widget.value
+    assert f"<img src='data:image/png;base64,{png}'" in html_out
+    assert html_out.index("<img") < html_out.index("⟨7⟩")  # the image sits before (beside) the answer
+    assert "[1, 2][image][3]" in html_out
+    assert v.samples[0]["images"] == [f"data:image/png;base64,{png}"]
+    assert image_data_uri(ImageChunk(data=png, format="svg+xml")) is None  # no script-capable formats
+    assert image_data_uri(ImageChunk(data="not base64 <script>", format="png")) is None
+    t = SampleViewer(mode="text", display=False)
+    t.add(prompt, [7], None)
+    assert "[1 image]" in capsys.readouterr().out

@@ -61,6 +61,8 @@ class FakeTwinkle:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
+    load: dict[str, Any] | None = None
+
     def _ckpt(self, run: str, name: str) -> dict[str, Any]:
         return {"checkpoint_id": f"weights/{name}", "run_id": run, "name": name, "kind": "training",
                 "path": f"tinker://{run}/weights/{name}", "created_at": 1.0, "step": 1}
@@ -72,6 +74,8 @@ class FakeTwinkle:
         if method == "GET" and path == "status":
             return {"version": "0.1.0", "uptime_s": 5.0, "sessions_active": 1, "runs_active": 1,
                     "workers": [{"base_model": "builtin://tiny", "replica": 0, "adapters": 1}]}
+        if method == "GET" and path == "load" and self.load is not None:  # None: an older server without it
+            return self.load
         if method == "GET" and path == "sessions":
             return {"sessions": [{"session_id": "sess-1", "user": "alice", "state": "active", "created_at": 1.0,
                                   "last_heartbeat": 2.0, "lease_seconds": 60.0, "run_ids": ["run-1"]}]}

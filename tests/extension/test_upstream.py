@@ -180,3 +180,22 @@ def test_server_error_message_is_passed_on():
 )
 def test_only_read_routes_and_checkpoint_delete_are_proxied(method, path, ok):
     assert allowed(method, path) is ok
+
+
+def test_overview_carries_the_live_load_when_the_server_has_it():
+    """The panel's live load (queue depth, tokens/s, your usage) comes with the overview poll; a server without
+    the load route still gives a working overview (``load`` null)."""
+    up = Upstream(timeout=2.0)
+    with FakeTwinkle() as fake:
+        conn = connection_file.Connection(url=fake.url, api_key=fake.api_key)
+        ov = asyncio.run(up.overview(conn))
+        assert ov["load"] is None and ov["runs"]  # older server: the rest still works
+        fake.load = {"window_s": 60, "tokens_per_s": {"trained": 12.5, "prefilled": 0.0, "sampled": 3.0},
+                     "queue_depth": 2, "replicas": [{"base_model": "builtin://tiny", "replica": 0, "queue_depth": 2,
+                                                     "adapters": 1}],
+                     "usage": [{"user": "alice", "base_model": "builtin://tiny", "tokens_trained": 90,
+                                "tokens_prefilled": 0, "tokens_sampled": 4, "requests": 6, "checkpoint_bytes": 0,
+                                "checkpoints": 0}]}
+        ov = asyncio.run(up.overview(conn))
+        assert ov["load"]["queue_depth"] == 2 and ov["load"]["usage"][0]["tokens_trained"] == 90
+        assert any(c.endswith("/load") for c in fake.calls)

@@ -10,7 +10,7 @@ Use the ``twinkle_server`` fixture (session scope). It yields a :class:`ServerHa
   (a mock-backend model and a transformers model on the builtin tiny model)
 * ``base_model`` -- ``"builtin://tiny"``
 * ``lease_seconds`` -- the server's default lease (60 s); lease tests ask for a short one per session
-  (``POST /api/v1/twinkle/sessions {"lease_seconds": 2}``); the reaper ticks every second
+  (``POST /api/v1/twinkle/sessions {"lease_seconds": 2}``); the reaper wakes at each lease deadline
 * ``config_path``, ``workdir`` (temp dir: ``server.db`` SQLite, ``checkpoints/`` root), ``log_path``
 * ``create_key(user) -> str`` -- another key through the CLI
 * ``restart()`` -- stop the server and launch it again on the SAME config/store/port (runs held in memory

@@ -103,5 +103,9 @@ def test_retried_forward_backward_does_not_change_next_step(twinkle_server, tmp_
     assert f_first == pytest.approx(c_first, rel=1e-5)  # the retry is answered from the first execution
     assert f_next == pytest.approx(c_next, rel=1e-5)  # ... and the gradients were applied once
     assert c_step == f_step == 1
+    # the worker's queue/execution split crosses the Ray hop with the result (FutureState.timing)
+    fb = [t for t in control_sess.latency if t["kind"] == "forward_backward"]
+    assert fb and all(t["exec_s"] is not None and t["exec_s"] > 0 and t["queue_s"] is not None for t in fb)
+    assert all(t["queue_s"] + t["exec_s"] <= t["server_s"] + 1e-3 for t in fb)
     control_sess.close()
     flaky_sess.close()

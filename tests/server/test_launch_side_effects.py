@@ -32,7 +32,6 @@ SCRIPT = textwrap.dedent("""
     launcher.mark_launch = lambda *a, **kw: None
     launcher._init_ray = lambda *a, **kw: None
     launcher._preimport = lambda: threading.Thread(target=lambda: None)
-    launcher._preimport_started = None
     launcher.wait_healthy = lambda *a, **kw: True
     launcher._controller_options = lambda *a, **kw: {}
     cfg = parse_config({"persistence": {"sqlite_path": sys.argv[1] + "/db.sqlite",

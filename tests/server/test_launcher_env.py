@@ -76,3 +76,91 @@ def test_controller_options_only_on_a_cluster(clean_env):
     opts = launcher._controller_options(start, "auto")
     assert opts == {"controller_options": {"runtime_env": {"env_vars": {"RAY_SERVE_ENABLE_HA_PROXY": "1"}}}}
     assert launcher._controller_options(lambda http_options=None: None, "auto") == {}  # older Ray
+
+
+def test_launch_leaves_the_callers_pandas_and_environment_alone(clean_env, monkeypatch, tmp_path):
+    """``launch()`` called in a notebook: Ray's processes get the lean ``PYTHONPATH`` (and thread settings),
+    the calling process keeps its own — ``import pandas`` works there afterwards, also in its subprocesses."""
+    import subprocess
+    import threading
+
+    from twinkle.net import free_port
+    from twinkle.server import orphans
+    from twinkle.server.config import parse_config
+
+    keys = ("PYTHONPATH", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", orphans.LAUNCH_ID, orphans.LAUNCH_STATE)
+    for k in keys:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    before = {k: os.environ.get(k) for k in keys}
+    seen = {}
+
+    def fake_init_ray(address, num_cpus):  # what Ray's processes would inherit, then stop the launch there
+        launcher._prepare_env(address)
+        seen.update(pythonpath=os.environ.get("PYTHONPATH", ""), pandas=sys.modules.get("pandas", "absent"),
+                    tokenizers=os.environ.get("TOKENIZERS_PARALLELISM"), launch=os.environ.get(orphans.LAUNCH_ID))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(launcher, "_init_ray", fake_init_ray)
+    monkeypatch.setattr(launcher, "_preimport", lambda: threading.Thread(target=lambda: None))
+    cfg = parse_config({
+        "http": {"port": free_port()},
+        "persistence": {"sqlite_path": str(tmp_path / "db.sqlite"), "checkpoint_root": str(tmp_path / "ck")},
+        "models": [{"name": "mock", "backend": "mock", "model_id": "mock://tiny"}],
+    })
+    with pytest.raises(RuntimeError, match="stop here"):
+        launcher.launch(cfg, block=False)
+    assert seen["pythonpath"].split(os.pathsep)[0] == launcher._LEAN_SITE  # Ray's processes: lean
+    assert seen["tokenizers"] == "false"
+    assert seen["launch"]  # Ray's processes carry the orphan marker
+    assert seen["pandas"] is not None  # never shadowed in this process
+    assert {k: os.environ.get(k) for k in before} == before  # the caller's environment is back
+    assert sys.modules.get("pandas", "absent") is not None
+    out = subprocess.run([sys.executable, "-c", "import pandas"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def test_launch_gives_back_the_callers_signal_handlers(clean_env, monkeypatch, tmp_path):
+    import signal
+
+    from twinkle.net import free_port
+    from twinkle.server.config import parse_config
+
+    def fake_init_ray(address, num_cpus):
+        assert signal.getsignal(signal.SIGINT) is not mine  # launch's own handler while it runs
+        raise RuntimeError("stop here")
+
+    def mine(signum, frame):
+        pass
+
+    monkeypatch.setattr(launcher, "_init_ray", fake_init_ray)
+    monkeypatch.setattr(launcher, "_preimport", lambda: __import__("threading").Thread(target=lambda: None))
+    cfg = parse_config({
+        "http": {"port": free_port()},
+        "persistence": {"sqlite_path": str(tmp_path / "db.sqlite"), "checkpoint_root": str(tmp_path / "ck")},
+        "models": [{"name": "mock", "backend": "mock", "model_id": "mock://tiny"}],
+    })
+    old_int, old_term = signal.signal(signal.SIGINT, mine), signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(RuntimeError, match="stop here"):
+            launcher.launch(cfg, block=True)
+        assert signal.getsignal(signal.SIGINT) is mine
+        assert signal.getsignal(signal.SIGTERM) == old_term
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+
+
+def test_the_server_cli_process_shadows_pandas(monkeypatch):
+    """``twinkle-server launch`` is a process of its own: there the heavy optional imports are shadowed."""
+    for name in launcher._SHADOWED:  # teardown puts back each entry as it was (or removes it)
+        monkeypatch.setitem(sys.modules, name, None)
+        del sys.modules[name]
+    launcher.shadow_optional_imports()
+    with pytest.raises(ImportError):
+        import pandas  # noqa: F401
+
+
+def test_pandas_is_back_after_the_shadowing_test():
+    import importlib
+
+    assert importlib.import_module("pandas") is not None

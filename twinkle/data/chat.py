@@ -55,7 +55,7 @@ def render_chat(tokenizer: Any, messages: Sequence[Message], add_generation_prom
         if not isinstance(text, str):  # some versions return a list for a single conversation
             text = text[0]
         return text
-    return _chatml(msgs, add_generation_prompt)
+    return render_chatml(msgs, add_generation_prompt)
 
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:
@@ -156,7 +156,8 @@ class ChatEncoder:
         )
 
 
-def _chatml(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+def render_chatml(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    """The ChatML rendering of ``messages`` (the fallback when a tokenizer has no chat template of its own)."""
     parts = [f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages]
     if add_generation_prompt:
         parts.append("<|im_start|>assistant\n")

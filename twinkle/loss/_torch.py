@@ -1,6 +1,6 @@
 """The built-in losses in torch. All are token-wise and SUM-reduced (no normalisation), as in Tinker.
 
-Notation (``docs/tinker-wire-protocol.md`` §2): ``lp`` learner logprob of each target token, ``q`` =
+Notation (Tinker's): ``lp`` learner logprob of each target token, ``q`` =
 ``loss_fn_inputs["logprobs"]`` (sampler logprobs), ``A`` = ``advantages``, ``w`` = ``weights``,
 ``r = exp(lp − q)``, ``sg`` = stop-gradient.
 """

@@ -85,8 +85,9 @@ def _split_revision(repo: str, model_id: str) -> tuple[str, str | None]:
     return repo, rev or None
 
 
-def _hf_cache_dir() -> str | None:
-    """Read at call time (huggingface_hub reads its env once, at import)."""
+def hf_cache_dir() -> str | None:
+    """The Hugging Face hub cache directory the environment names (None: huggingface_hub's default). Read at
+    call time (huggingface_hub reads its env once, at import)."""
     for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         if os.environ.get(var):
             return os.environ[var]
@@ -95,18 +96,9 @@ def _hf_cache_dir() -> str | None:
     return None
 
 
-def _offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def hf_cache_dir() -> str | None:
-    """The Hugging Face hub cache directory the environment names (None: huggingface_hub's default)."""
-    return _hf_cache_dir()
-
-
 def hub_offline() -> bool:
-    """Whether ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` ask for no network."""
-    return _offline()
+    """Hugging Face downloads are off (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``), read at call time."""
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def _resolve_hf(repo_spec: str, model_id: str) -> Path:
@@ -115,12 +107,12 @@ def _resolve_hf(repo_spec: str, model_id: str) -> Path:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise UnsupportedError(f"{model_id!r} needs the huggingface_hub package", field="model_id") from None
-    cache = _hf_cache_dir()
+    cache = hf_cache_dir()
     try:
         return Path(snapshot_download(repo, revision=rev, cache_dir=cache, local_files_only=True))
     except Exception as e:  # not cached (LocalEntryNotFoundError) or a broken cache entry
         local_error = e
-    if _offline():
+    if hub_offline():
         raise NotFoundError(
             f"model {model_id!r} is not in the Hugging Face cache ({cache or 'default location'}) and "
             f"downloads are off (HF_HUB_OFFLINE): {type(local_error).__name__}",
@@ -264,7 +256,7 @@ class LightTokenizer:
     # -- chat ----------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], tokenize: bool = True,
                             add_generation_prompt: bool = False, **kwargs: Any) -> Any:
-        from twinkle.data.chat import CHATML_TEMPLATE, _chatml, check_messages
+        from twinkle.data.chat import CHATML_TEMPLATE, check_messages, render_chatml
 
         msgs = check_messages(messages)
         template = self.chat_template or CHATML_TEMPLATE
@@ -274,7 +266,7 @@ class LightTokenizer:
             if template != CHATML_TEMPLATE:
                 raise UnsupportedError("rendering this chat template needs jinja2 installed",
                                        field="chat_template") from None
-            text = _chatml(msgs, add_generation_prompt)
+            text = render_chatml(msgs, add_generation_prompt)
         else:
             env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             env.globals["raise_exception"] = _raise_template_error

@@ -20,7 +20,7 @@ import traceback
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote
 
 from fastapi import FastAPI, Request
@@ -303,6 +303,9 @@ class _HandleWorker:
     async def sample_stream_poll(self, stream_id: str, after: int = 0, timeout: float = 10.0) -> Any:
         return await self._call("sample_stream_poll", stream_id, after, timeout)
 
+    async def sample_stream_close(self, stream_id: str) -> Any:
+        return await self._call("sample_stream_close", stream_id)
+
     async def tokenize(self, **kw: Any) -> Any:
         return await self._call("tokenize", **kw)
 
@@ -422,8 +425,8 @@ def build_serve_app(config: ServerConfig) -> Any:
         wc = {**worker_config(m),
               "telemetry": config.telemetry.model_dump(mode="json") if config.telemetry.enabled else False}
         handles[m.served_name] = [
-            WorkerDeployment.options(  # type: ignore[attr-defined]  # serve.deployment adds it
-                name=_deployment_name(m.served_name, i), ray_actor_options=opts).bind(wc, i)
+            cast(Any, WorkerDeployment).options(name=_deployment_name(m.served_name, i), ray_actor_options=opts).bind(
+                wc, i)
             for i in range(m.replicas)
         ]
-    return Gateway.bind(config.model_dump(mode="json"), handles)  # type: ignore[attr-defined]
+    return cast(Any, Gateway).bind(config.model_dump(mode="json"), handles)  # serve.deployment's (untyped) class

@@ -59,7 +59,7 @@ def load_backend_class(kind: str) -> type[Backend]:
 
 def backend_kwargs(cls: type, config: dict[str, Any]) -> dict[str, Any]:
     """The constructor arguments of ``cls`` found in ``config`` (plus ``backend_options`` verbatim)."""
-    params = inspect.signature(cls.__init__).parameters
+    params = inspect.signature(getattr(cls, "__init__")).parameters  # noqa: B009 - mypy: no __init__ access on an instance
     named = {
         n for n, p in params.items()
         if n != "self" and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)

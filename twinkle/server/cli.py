@@ -41,8 +41,9 @@ def _store(cfg: ServerConfig) -> Any:
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
-    from .launcher import launch
+    from .launcher import launch, shadow_optional_imports
 
+    shadow_optional_imports()  # this process exists only to run the server
     cfg = _load(args)
     launch(cfg, address=args.address, num_cpus=args.num_cpus)
     return 0

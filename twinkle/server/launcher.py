@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -13,6 +14,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 from .config import ServerConfig
@@ -158,7 +160,7 @@ _PROXY_KEYS = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_ENABLE_DIRECT_INGRESS", "
 
 
 def _proxy_ports() -> dict[str, str]:
-    from twinkle.local_server import free_port
+    from twinkle.net import free_port
 
     return {k: str(free_port()) for k in _PROXY_PORT_KEYS}
 
@@ -169,10 +171,10 @@ def _lean_env() -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
     }
     env.update({k: os.environ.get(k, v) for k, v in _RAY_ENV.items()})
-    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TWINKLE_HOME", "HF_HOME", "PYTHONPATH",
-              *_PROXY_KEYS):
+    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TWINKLE_HOME", "HF_HOME", *_PROXY_KEYS):
         if k in os.environ:
             env[k] = os.environ[k]
+    env["PYTHONPATH"] = lean_pythonpath()
     return env
 
 
@@ -181,33 +183,26 @@ _LEAN_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lean_sit
 _SHADOWED = ("rfc3987_syntax", "pandas")
 
 
-def _lean_imports() -> list[str]:
-    """Keep heavy optional imports out of this process while it starts Ray and Serve, and out of every Ray
-    process it starts (they inherit ``PYTHONPATH``): see ``_lean_site/``. Returns the names shadowed here;
-    ``launch`` hands them back (``_unshadow``) once the server is up, so the caller can import them again."""
-    shadowed = []
+def lean_pythonpath() -> str:
+    """``PYTHONPATH`` for the server's Ray processes: ``_lean_site/`` first, so that heavy optional imports
+    fail fast there (see ``_lean_site/README.md``). The calling process is not changed."""
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != _LEAN_SITE]
+    return os.pathsep.join([_LEAN_SITE, *parts])
+
+
+def shadow_optional_imports() -> None:
+    """Make ``import pandas`` (and the other ``_SHADOWED`` modules) fail in *this* process. Only for a process
+    that exists to run the server (``twinkle-server launch``); ``launch()`` itself never calls it, so a
+    notebook that launches a server keeps its pandas."""
     for name in _SHADOWED:
         if name not in sys.modules:
             sys.modules[name] = None  # type: ignore[assignment]  # ``import`` raises ImportError
-            shadowed.append(name)
-    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if _LEAN_SITE not in parts:
-        os.environ["PYTHONPATH"] = os.pathsep.join([_LEAN_SITE, *parts])
-    return shadowed
 
 
-def _unshadow(names: list[str]) -> None:
-    """Undo ``_lean_imports`` in this process (``import pandas`` works again in the caller)."""
-    for name in names:
-        if name in sys.modules and sys.modules[name] is None:
-            del sys.modules[name]
-
-
-def _prepare_env(address: str | None, proxy: str = "haproxy") -> list[str]:
+def _prepare_env(address: str | None, proxy: str = "haproxy") -> None:
     """Lean defaults for a fresh machine (no usage stats, quiet logs, slow pollers); a local Ray's processes
     inherit this environment. Before anything imports Ray or Serve (Serve reads its constants at import).
-    Returns the module names shadowed in this process (see ``_lean_imports``)."""
-    shadowed = _lean_imports()
+    ``launch`` puts back every non-Ray variable once Ray's processes exist (``_caller_env_restored``)."""
     for k, v in _RAY_ENV.items():
         os.environ.setdefault(k, v)
     if "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ:
@@ -218,9 +213,26 @@ def _prepare_env(address: str | None, proxy: str = "haproxy") -> list[str]:
     if address:
         _use_cluster_token()
     else:
+        os.environ["PYTHONPATH"] = lean_pythonpath()
         for k, v in _lean_env().items():
             os.environ.setdefault(k, v)
-    return shadowed
+
+
+@contextlib.contextmanager
+def _caller_env_restored() -> Iterator[None]:
+    """The environment changes made for Ray's processes stay out of the caller: on exit every variable
+    that does not configure Ray (``PYTHONPATH``, ``OMP_NUM_THREADS``, ``TOKENIZERS_PARALLELISM``, ...) is
+    back to its value before, so a notebook's later subprocesses and tokenizers behave as before. ``RAY_*``
+    settings stay: this process's Ray driver and Serve read them."""
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        for k in [k for k in os.environ if not k.startswith("RAY_") and k not in before]:
+            del os.environ[k]
+        for k, v in before.items():
+            if not k.startswith("RAY_") and os.environ.get(k) != v:
+                os.environ[k] = v
 
 
 def _preimport() -> threading.Thread:
@@ -283,7 +295,22 @@ def _init_ray(address: str | None, num_cpus: int | None) -> None:
 
 def launch(config: ServerConfig, *, address: str | None = None, num_cpus: int | None = None,
            block: bool = True, ready_timeout: float = 600.0) -> str:
-    """Deploy the server and (with ``block``) serve until a signal arrives. Returns the URL."""
+    """Deploy the server and (with ``block``) serve until a signal arrives. Returns the URL.
+
+    The calling process keeps its imports and its environment (only ``RAY_*`` settings stay, see
+    ``_caller_env_restored``); with ``block`` its SIGINT/SIGTERM handlers are its own again on return."""
+    if not block:
+        return _launch(config, address=address, num_cpus=num_cpus, block=False, ready_timeout=ready_timeout)
+    previous = [(sig, signal.getsignal(sig)) for sig in (signal.SIGINT, signal.SIGTERM)]
+    try:
+        return _launch(config, address=address, num_cpus=num_cpus, block=True, ready_timeout=ready_timeout)
+    finally:
+        for sig, handler in previous:
+            signal.signal(sig, handler)
+
+
+def _launch(config: ServerConfig, *, address: str | None, num_cpus: int | None, block: bool,
+            ready_timeout: float) -> str:
     stop = threading.Event()
 
     def _on_signal(signum: int, frame: Any) -> None:
@@ -300,12 +327,14 @@ def launch(config: ServerConfig, *, address: str | None = None, num_cpus: int | 
         if n:
             print(f"Stopped {n} leftover processes of a killed twinkle launcher (same state or port)",
                   file=sys.stderr, flush=True)
-        mark_launch(state)
-    os.environ.setdefault(_GRPC_LIMIT_ENV, str(replica_message_limit(config.limits.max_request_bytes)))
-    shadowed = _prepare_env(address, config.http.proxy)
-    imports = _preimport()
-    _init_ray(address, num_cpus)
-    imports.join()
+    with _caller_env_restored():  # Ray's processes are started (and inherit the environment) in here
+        if not address:  # the orphan markers: for Ray's processes, not for the caller's later subprocesses
+            mark_launch(str(config.persistence.sqlite_file()))
+        os.environ.setdefault(_GRPC_LIMIT_ENV, str(replica_message_limit(config.limits.max_request_bytes)))
+        _prepare_env(address, config.http.proxy)
+        imports = _preimport()
+        _init_ray(address, num_cpus)
+        imports.join()
     from ray import serve
 
     from .app import build_serve_app, serve_logging_config
@@ -325,10 +354,8 @@ def launch(config: ServerConfig, *, address: str | None = None, num_cpus: int | 
             raise RuntimeError(f"the server did not become healthy at {url}")
     except BaseException:
         print("Twinkle server failed to start; shutting down", file=sys.stderr, flush=True)
-        _unshadow(shadowed)
         shutdown(address)
         raise
-    _unshadow(shadowed)  # no process-global side effect left in the caller (its notebook may import pandas)
     t_end = time.monotonic()
     print(f"Twinkle server ready at {url}  (started in {t_end - t0:.1f} s: ray {t_ray - t0:.1f} s, "
           f"serve {t_serve - t_ray:.1f} s, deployments {t_end - t_serve:.1f} s)", flush=True)
@@ -386,16 +413,16 @@ def reap_haproxy(node_id: str, grace_s: float = 3.0) -> int:
     killed raylet) HAProxy is left holding the server's port. Returns how many were signalled (Linux only)."""
     marker = f"/haproxy-serve/{node_id}/"
     found = []
-    for pid in os.listdir("/proc") if os.path.isdir("/proc") else ():
-        if not pid.isdigit():
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
                 cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
         if "haproxy" in cmd and marker in cmd:
-            found.append(int(pid))
+            found.append(int(entry))
     for pid in found:
         try:
             os.kill(pid, signal.SIGTERM)

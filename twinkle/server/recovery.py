@@ -20,17 +20,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from twinkle.types import NotFoundError, StateLostError, TwinkleError
 from twinkle.types.api import RunInfo
 
 from .ops import LoadOp
-from .state.checkpoints import Ckpt, parse_checkpoint_path
+from .state.checkpoints import Checkpoints, Ckpt, parse_checkpoint_path
 from .state.common import swallow, unwrap
-
-if TYPE_CHECKING:
-    from .service import Service
+from .state.identity import Sessions
+from .state.runs import Runs
+from .worker_api import WorkerAPI
 
 log = logging.getLogger("twinkle.server")
 
@@ -45,8 +45,20 @@ def worker_failed(err: BaseException) -> bool:
     return adapter_missing(err) or not isinstance(err, TwinkleError)
 
 
+class RecoveryHost(Protocol):
+    """What recovery needs of the gateway service (``Service`` is one); a protocol, so that this module does not
+    import the service that imports it."""
+
+    workers: dict[str, list[WorkerAPI]]
+    sessions: Sessions
+    runs: Runs
+    checkpoints: Checkpoints
+
+    def _worker(self, base_model: str, replica: int) -> WorkerAPI: ...
+
+
 class Recovery:
-    def __init__(self, service: Service):
+    def __init__(self, service: RecoveryHost):
         self.svc = service
         self._checks: dict[tuple[str, int], asyncio.Task[Any]] = {}  # (model, replica) -> a running check
 

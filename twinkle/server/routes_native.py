@@ -250,7 +250,8 @@ def create_native_router() -> APIRouter:
             prompt_logprobs=body.prompt_logprobs, topk_prompt_logprobs=body.topk_prompt_logprobs,
         )
         ref = await service.sample(
-            user, op, base_model=body.base_model, run_id=body.run_id, checkpoint=body.checkpoint
+            user, op, base_model=body.base_model, run_id=body.run_id, checkpoint=body.checkpoint,
+            session_id=body.session_id,
         )
         return await _settle(service, user, ref, wait)
 

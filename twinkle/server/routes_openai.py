@@ -18,9 +18,18 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from twinkle.types import InvalidInputError, NotFoundError, SampleResponse, SamplingParams, TwinkleError
+from twinkle.types import (
+    InvalidInputError,
+    LimitExceededError,
+    NotFoundError,
+    SampleResponse,
+    SamplingParams,
+    TwinkleError,
+    UnsupportedError,
+)
+from twinkle.types.params import MAX_TOKENS, Integer, Number, Seed, StopTexts
 
 from .deps import get_service, get_user
 from .ops import SampleOp
@@ -31,21 +40,32 @@ __all__ = ["create_openai_router"]
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """The sampling fields OpenAI clients send, with the same number types (finite, not bool, in range) as
+    ``SamplingParams``, so every bad number is a 400 naming the OpenAI field before anything runs."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=10.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=128)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    max_tokens: Integer | None = Field(None, ge=1, le=MAX_TOKENS)
+    temperature: Number = Field(1.0, ge=0.0, le=10.0)
+    top_p: Number = Field(1.0, gt=0.0, le=1.0)
+    n: Integer = Field(1, ge=1, le=128)
+    stop: StopTexts | None = None
+    seed: Seed | None = None
     stream: bool = False
     logprobs: Any = None
 
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v: Any) -> Any:
+        if v not in (None, False, 0):  # answering without them would silently drop what was asked for
+            raise UnsupportedError("logprobs are not supported by this endpoint: use the native /sample API",
+                                   field="logprobs")
+        return v
+
 
 class CompletionBody(_Body):
-    prompt: str | list[int]
+    prompt: str | list[Integer]
 
 
 class ChatMessage(BaseModel):
@@ -57,7 +77,7 @@ class ChatMessage(BaseModel):
 
 class ChatBody(_Body):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Integer | None = Field(None, ge=1, le=MAX_TOKENS)
 
 
 def _text_content(m: ChatMessage) -> str:
@@ -100,6 +120,13 @@ def _params(body: _Body, max_tokens: int | None) -> SamplingParams:
                           stop=stop)
 
 
+MAX_CHARS_PER_TOKEN = 64
+"""A text longer than (token limit × this) cannot fit: real vocabularies average a few characters per token,
+so this refuses only texts that are far over the limit, before the worker spends seconds tokenizing them."""
+
+_OPENAI_FIELD = {"num_samples": "n", "sampling_params.max_tokens": "max_tokens", "prompt": "prompt"}
+
+
 def _finish(reason: str) -> str:
     return "stop" if reason == "stop" else "length"
 
@@ -139,7 +166,14 @@ def create_openai_router() -> APIRouter:
         max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
         op = SampleOp(prompt=ids, num_samples=body.n, params=_params(body, max_tokens))
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        polls = await open_stream(service, user, op, **target)
+        try:
+            polls = await open_stream(service, user, op, **target)
+        except TwinkleError as e:  # name the field as the OpenAI client sent it
+            field = _OPENAI_FIELD.get(str(e.field or ""))
+            if field is not None:
+                e.field = field
+                e.detail["field"] = field
+            raise
         cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
 
@@ -176,6 +210,8 @@ def create_openai_router() -> APIRouter:
                     payload = {"error": {"message": str(err) if err else "sampling failed on the server",
                                          "type": getattr(err, "code", "internal")}}
                     yield f"data: {json.dumps(payload)}\n\n".encode()
+                finally:  # also when the client disconnected mid-stream: its queued work is dropped
+                    await polls.aclose()
                 yield b"data: [DONE]\n\n"
 
             return StreamingResponse(gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -202,15 +238,22 @@ def create_openai_router() -> APIRouter:
         usage = {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion}
         return {"id": cid, "object": obj, "created": created, "model": body.model, "choices": choices, "usage": usage}
 
-    async def _worker_for(service: Service, user: User, model: str) -> Any:
+    async def _worker_for(service: Service, user: User, model: str, text_chars: int) -> Any:
+        """The worker that tokenizes for ``model``; refuses a text too long to fit the model's token limit
+        before it is tokenized (tokenizing megabytes costs the worker seconds per request)."""
         target = await _target(service, user, model)
         probe = SampleOp(prompt=[0], params=SamplingParams(max_tokens=1))
-        return service.sample_target(user, probe, **target).worker
+        t = service.sample_target(user, probe, **target)
+        limit = service.token_limit(t.base_model)
+        if text_chars > limit * MAX_CHARS_PER_TOKEN:
+            raise LimitExceededError(f"the prompt's {text_chars} characters cannot fit the limit of {limit} tokens",
+                                     field="prompt")
+        return t.worker
 
     @r.post("/completions")
     async def completions(body: CompletionBody, user: User = who, service: Service = svc) -> Any:
         if isinstance(body.prompt, str):
-            worker = await _worker_for(service, user, body.model)
+            worker = await _worker_for(service, user, body.model, len(body.prompt))
             ids = await worker.tokenize(text=body.prompt)
         else:
             ids = list(body.prompt)
@@ -220,8 +263,9 @@ def create_openai_router() -> APIRouter:
 
     @r.post("/chat/completions")
     async def chat_completions(body: ChatBody, user: User = who, service: Service = svc) -> Any:
-        worker = await _worker_for(service, user, body.model)
         messages = [{"role": m.role, "content": _text_content(m)} for m in body.messages]
+        chars = sum(len(m["content"]) + len(m["role"]) + 8 for m in messages)  # 8: a template's least overhead
+        worker = await _worker_for(service, user, body.model, chars)
         ids = await worker.tokenize(messages=messages)
         obj = "chat.completion.chunk" if body.stream else "chat.completion"
         return await _run(service, user, body, ids, obj, chat=True)

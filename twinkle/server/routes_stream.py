@@ -8,8 +8,9 @@ with ``{error, category, code, detail}``. A bad request is refused with a plain 
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends
@@ -28,7 +29,7 @@ _POLL_S = 10.0
 
 
 async def open_stream(service: Service, user: User, op: SampleOp, *, base_model: str | None = None,
-                      run_id: str | None = None, checkpoint: str | None = None) -> AsyncIterator[dict[str, Any]]:
+                      run_id: str | None = None, checkpoint: str | None = None) -> AsyncGenerator[dict[str, Any], None]:
     """Validate and start a streamed sample request (raises a ``TwinkleError`` at once when it is refused);
     returns an iterator of ``{"events": [...], "done", "result"}`` polls."""
     t = service.sample_target(user, op, base_model=base_model, run_id=run_id, checkpoint=checkpoint)
@@ -37,21 +38,38 @@ async def open_stream(service: Service, user: User, op: SampleOp, *, base_model:
     worker = t.worker
     sid = await worker.sample_stream_open(op, adapter_id=t.adapter_id, checkpoint_path=t.checkpoint_dir)
 
-    async def polls() -> AsyncIterator[dict[str, Any]]:
+    async def polls() -> AsyncGenerator[dict[str, Any], None]:
         nxt = 0
-        while True:
-            r = await worker.sample_stream_poll(sid, nxt, _POLL_S)
-            nxt = r["next"]
-            if r["done"] and r.get("result") is not None:  # usage metering, as for /sample
-                res = r["result"]
-                res = r["result"] = res if isinstance(res, SampleResponse) else SampleResponse.model_validate(res)
-                service.meter(user.name, t.base_model, prefilled=len(op.prompt),
-                              sampled=sum(len(q.tokens) for q in res.sequences))
-            yield r
-            if r["done"]:
-                return
+        finished = False
+        try:
+            while not finished:
+                r = await worker.sample_stream_poll(sid, nxt, _POLL_S)
+                finished = bool(r["done"])
+                nxt = r["next"]
+                if finished and r.get("result") is not None:  # usage metering, as for /sample
+                    res = r["result"]
+                    res = r["result"] = res if isinstance(res, SampleResponse) else SampleResponse.model_validate(res)
+                    service.meter(user.name, t.base_model, prefilled=len(op.prompt),
+                                  sampled=sum(len(q.tokens) for q in res.sequences))
+                yield r
+        except BaseException as e:
+            finished = finished or isinstance(e, TwinkleError)  # the worker already forgot a failed stream
+            raise
+        finally:
+            if not finished:  # the client went away (disconnect, cancellation): drop the queued work
+                _close_later(worker, sid)
 
     return polls()
+
+
+def _close_later(worker: Any, sid: str) -> None:
+    """Close a stream from a task of its own: the caller is being cancelled, so it cannot await."""
+    task = asyncio.ensure_future(worker.sample_stream_close(sid))
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+
+
+_closing: set[asyncio.Future] = set()
 
 
 def sse(event: str, data: Any) -> bytes:
@@ -90,6 +108,8 @@ def create_stream_router() -> APIRouter:
                         yield sse("done", res.model_dump(mode="json"))
             except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream
                 yield error_event(e)
+            finally:  # also when the client disconnected mid-stream: its queued work is dropped
+                await polls.aclose()
 
         return StreamingResponse(gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

@@ -32,6 +32,7 @@ class _Stream:
     result: SampleResponse | None = None
     error: TwinkleError | None = None
     done: bool = False
+    future: asyncio.Future | None = None  # the sample request's future (to cancel it when the reader leaves)
     touched: float = field(default_factory=time.monotonic)
 
 
@@ -71,6 +72,18 @@ class StreamHub:
             st.changed.set()
 
         return sid, on_tokens, on_done
+
+    def attach(self, sid: str, fut: asyncio.Future) -> None:
+        st = self._streams.get(sid)
+        if st is not None:
+            st.future = fut
+
+    def close(self, sid: str) -> asyncio.Future | None:
+        """Forget stream ``sid``; returns its request's future when the request has not finished."""
+        st = self._streams.pop(sid, None) if isinstance(sid, str) else None
+        if st is None or st.done or st.future is None or st.future.done():
+            return None
+        return st.future
 
     def _text(self, st: _Stream, index: int) -> str:
         if self._decode is None:

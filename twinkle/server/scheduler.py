@@ -56,6 +56,7 @@ from twinkle.types import (
     OptimStepResponse,
     TwinkleError,
 )
+from twinkle.types.outputs import attach_timing
 
 from .config import SAMPLER_DEFAULTS as _SAMPLER
 from .config import SCHEDULER_DEFAULTS as _SCHED
@@ -601,8 +602,8 @@ class Scheduler:
         for r in pre + batch + post:
             self._order.move_to_end(r.adapter)
         for a in list(self._order):
-            q = self._queues.get(a)
-            if q is None or not q.ready:
+            queue = self._queues.get(a)
+            if queue is None or not queue.ready:
                 del self._order[a]
         samples, evict, loads, names = self._plan_samples()
         if not (pre or batch or post or samples or self._in_engine):
@@ -928,9 +929,9 @@ class Scheduler:
         started = time.monotonic()
         for s in tick.samples:
             s.started = started
-            name = tick.sample_names.get(id(s))
-            if name is not None and name in failed_loads:
-                bad.append((s, (False, _as_twinkle(failed_loads[name], "sample"))))
+            cached = tick.sample_names.get(id(s))
+            if cached is not None and cached in failed_loads:
+                bad.append((s, (False, _as_twinkle(failed_loads[cached], "sample"))))
             else:
                 good.append(s)
         if failed_loads:
@@ -1048,10 +1049,13 @@ class Scheduler:
 
     # ---- completion (event-loop side) ----------------------------------------------------------------------
     def _deliver(self, pairs: list[tuple[_Request, tuple[bool, Any]]], info: dict[str, Any] | None) -> None:
+        done_at = time.monotonic()
         for req, (ok, value) in pairs:
             if req.finished:
                 continue
             if ok:
+                if req.started is not None:  # the client's widget shows a step's queue wait and execution
+                    attach_timing(value, req.started - req.arrived, done_at - req.started)
                 if not req.future.done():
                     req.future.set_result(value)
             else:
@@ -1109,6 +1113,8 @@ class Scheduler:
             if self.observer is not None:
                 self.observer.sample_done(s, None if ok else value, time.monotonic())
             if ok:
+                if s.started is not None:
+                    attach_timing(value, s.started - s.arrived, time.monotonic() - s.started)
                 self.stats["samples_run"] += 1
                 if not s.future.done():
                     s.future.set_result(value)
@@ -1158,7 +1164,7 @@ def _sample_item(s: _SampleRequest, adapter: str | None) -> SampleItem:
 
 def _batch_info(reqs: list[_Request], seconds: float) -> dict[str, Any]:
     adapters = list(dict.fromkeys(r.adapter for r in reqs))
-    rows = sum(len(r.op.data) for r in reqs)  # type: ignore[union-attr]
+    rows = sum(len(getattr(r.op, "data", ())) for r in reqs)  # forward_backward ops carry rows
     return {"adapters": adapters, "requests": len(reqs), "rows": rows, "tokens": sum(r.tokens for r in reqs),
             "mixed": len(adapters) > 1, "seconds": round(seconds, 6), "time": time.time()}
 

@@ -36,11 +36,13 @@ from twinkle.data.convert import loss_weight_and_tokens
 from twinkle.loss import describe_losses
 from twinkle.model.images import check_image_data, expand_prompt
 from twinkle.types import (
+    ForbiddenError,
     ForwardBackwardOutput,
     InvalidInputError,
     LimitExceededError,
     LoraConfig,
     ModelInfo,
+    NotFoundError,
     OptimStepResponse,
     SampleResponse,
     StateLostError,
@@ -88,7 +90,7 @@ __all__ = [
 log = logging.getLogger("twinkle.server")
 
 _VERSION = "0.1.0"
-_REAP_MAX_SLEEP_S = 30.0  # the reaper wakes at least this often (a lapsed lease is caught within ~1 s anyway)
+_REAP_MAX_SLEEP_S = 30.0  # the reaper wakes at least this often (and at each deadline + _REAP_SLACK_S)
 _REAP_SLACK_S = 0.5  # wake this long after a deadline, so one tick handles it
 
 # Kept importable under its old name (``app`` imports ``_unwrap``).
@@ -460,8 +462,13 @@ class Service:
         run = self.runs.get(user, run_id)
         return MetricHistory(run_id=run.run_id, points=self.runs.metrics(run))
 
+    def token_limit(self, base_model: str) -> int:
+        """The most tokens one request to ``base_model`` (a served name) may hold."""
+        m = self._model_cfg(base_model)
+        return int(min(m.max_tokens_per_request, self.config.limits.max_tokens_per_request))
+
     def _check_tokens(self, m: Any, n: int, field: str) -> None:
-        limit = min(m.max_tokens_per_request, self.config.limits.max_tokens_per_request)
+        limit = self.token_limit(m.served_name)
         if n > limit:
             raise LimitExceededError(f"{n} tokens in one request exceed the limit of {limit}", field=field)
 
@@ -737,9 +744,14 @@ class Service:
 
     async def sample(
         self, user: User, op: SampleOp, *, sampler_id: str | None = None, base_model: str | None = None,
-        run_id: str | None = None, checkpoint: str | None = None,
+        run_id: str | None = None, checkpoint: str | None = None, session_id: str | None = None,
     ) -> FutureRef:
         self._ensure_reaper()
+        stop_of = None
+        if session_id is not None:  # the caller's own session (a pending Stop rides on the reply)
+            stop_of = self.sessions.by_id.get(session_id)
+            if stop_of is None or stop_of.user != user.name:
+                raise NotFoundError(f"session {session_id!r} not found", field="session_id")
         t = self.sample_target(user, op, sampler_id=sampler_id, base_model=base_model, run_id=run_id,
                                checkpoint=checkpoint)
         worker, adapter_id, ck_dir, run = t.worker, t.adapter_id, t.checkpoint_dir, t.run
@@ -751,8 +763,12 @@ class Service:
                        sampled=sum(len(seq.tokens) for seq in out.sequences))
             return out
 
-        return self._spawn(user, "sample", t.run_id, _go() if run is None else self._guard(run, _go), after=t.after,
-                           session_id=t.session_id, base_model=t.base_model)
+        ref = self._spawn(user, "sample", t.run_id, _go() if run is None else self._guard(run, _go), after=t.after,
+                          session_id=t.session_id, base_model=t.base_model)
+        # a loop that only samples sees the panel's Stop too
+        if stop_of is None and t.session_id:
+            stop_of = self.sessions.by_id.get(t.session_id)
+        return self._with_stop(ref, stop_of)
 
     def sample_target(
         self, user: User, op: SampleOp, *, sampler_id: str | None = None, base_model: str | None = None,
@@ -815,8 +831,6 @@ class Service:
     async def get_usage(self, user: User, *, of_user: str | None = None, all_users: bool = False,
                         since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
         """Usage rows. A user reads their own; an admin may name another user or ask for everyone."""
-        from .telemetry.routes import ForbiddenError
-
         if (all_users or (of_user is not None and of_user != user.name)) and not user.is_admin:
             raise ForbiddenError("usage of other users is visible to admins only", field="user")
         who = None if all_users else (of_user or user.name)

@@ -60,7 +60,7 @@ class StabilityStore:
             for i, s in enumerate(seqs or []):
                 toks = s.get("tokens") if isinstance(s, dict) else s.tokens
                 lps = s.get("logprobs") if isinstance(s, dict) else s.logprobs
-                if lps is None or len(lps) != len(toks):
+                if lps is None or toks is None or len(lps) != len(toks):
                     continue
                 key = (user, f"{future_id}-{i}")
                 rec = _Record(np.asarray(toks, dtype=np.int64), np.asarray(lps, dtype=np.float32), now)

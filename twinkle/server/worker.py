@@ -229,7 +229,14 @@ class ModelWorker:
         sid, on_tokens, on_done = self._hub().open()
         fut = self._submit_sample(op, adapter_id, checkpoint_path, on_tokens)
         fut.add_done_callback(on_done)
+        self._hub().attach(sid, fut)
         return sid
+
+    async def sample_stream_close(self, stream_id: str) -> bool:
+        """The reader went away: forget the stream and drop its request if it is still queued (a request
+        already in the sampler finishes). True when queued work was dropped."""
+        fut = self._hub().close(stream_id)
+        return fut is not None and self._scheduler.cancel_sample(fut)
 
     async def sample_stream_poll(self, stream_id: str, after: int = 0, timeout: float = 10.0) -> dict[str, Any]:
         return await self._hub().poll(stream_id, after, timeout)

@@ -4,6 +4,7 @@ from .data import Datum, EncodedTextChunk, ImageChunk, ModelInput, TensorData, d
 from .errors import (
     AuthenticationError,
     CapacityError,
+    ForbiddenError,
     GoneError,
     InternalError,
     InvalidInputError,
@@ -30,6 +31,7 @@ __all__ = [
     "CapacityError",
     "Datum",
     "EncodedTextChunk",
+    "ForbiddenError",
     "ForwardBackwardOutput",
     "GoneError",
     "ImageChunk",

@@ -235,6 +235,8 @@ class SampleRequest(_Api):
     sampling_params: SamplingParams = Field(default_factory=SamplingParams)
     prompt_logprobs: bool = False
     topk_prompt_logprobs: TopKLogprobs = 0
+    session_id: str | None = Field(None, description="the caller's session: a pending Stop of it rides on the reply "
+                                   "(stop_requested), so a loop that only samples stops too")
 
 
 # ---- futures -------------------------------------------------------------------------------------------------
@@ -250,12 +252,22 @@ class FutureRef(_Reply):
         "step boundary and clears it (DELETE sessions/{id}/stop)")
 
 
+class StepTiming(_Reply):
+    """Where a finished request's time went on the server (seconds)."""
+
+    queue_s: float | None = Field(None, description="waited in the worker's queue before its batch/barrier started")
+    exec_s: float | None = Field(None, description="the batch, barrier or sampling pass that served it")
+    server_s: float = Field(description="the gateway's submit -> result (includes queue_s, exec_s, ordering "
+                            "behind the run's earlier requests and transport to the worker)")
+
+
 class FutureState(_Reply):
     future_id: str
     status: Literal["pending", "complete", "failed"]
     type: str | None = Field(None, description="forward_backward | optim_step | save | load | sample | create_run ...")
     result: Any = None
     error: dict[str, Any] | None = None
+    timing: StepTiming | None = Field(None, description="set when the request completed in this gateway process")
 
 
 FutureRef.model_rebuild()

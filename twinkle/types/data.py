@@ -74,6 +74,24 @@ class TensorData(_Model):
     dtype: Literal["int64", "float32"]
     shape: list[int] | None = None
 
+    @model_validator(mode="after")
+    def _values_fit_dtype(self) -> TensorData:
+        """Every value is finite and representable in ``dtype`` (a NaN token id or a 1e308 weight used to
+        fail inside the model as a server error, or silently turn into garbage)."""
+        if self.data:
+            try:
+                a = np.asarray(self.data, dtype=np.float64)
+            except (OverflowError, ValueError):
+                raise ValueError(f"values do not fit {self.dtype}") from None
+            if not np.isfinite(a).all():
+                raise ValueError("values must be finite numbers (no NaN or Infinity)")
+            if self.dtype == "int64":
+                if not (a == np.round(a)).all() or np.abs(a).max() >= 2.0**63:
+                    raise ValueError("int64 values must be integers within the int64 range")
+            elif np.abs(a).max() > float(np.finfo(np.float32).max):
+                raise ValueError("float32 values must be within the float32 range")
+        return self
+
     @classmethod
     def from_numpy(cls, arr: np.ndarray | list[Any], dtype: str | None = None) -> TensorData:
         a = np.asarray(arr)

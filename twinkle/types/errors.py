@@ -17,6 +17,9 @@ class TwinkleError(Exception):
     status: int = 500
     category: str = "server"
     code: str = "internal_error"
+    # Set by the client on an error it received: the server's ids for the request (its logs, its traces).
+    request_id: str | None = None
+    trace_id: str | None = None
 
     def __init__(self, message: str, *, field: str | None = None, detail: dict[str, Any] | None = None):
         super().__init__(message)
@@ -69,6 +72,14 @@ class AuthenticationError(TwinkleError):
     status = 401
     category = "user"
     code = "unauthenticated"
+
+
+class ForbiddenError(TwinkleError):
+    """The caller is known but may not read this (another user's usage, the metrics endpoint)."""
+
+    status = 403
+    category = "user"
+    code = "forbidden"
 
 
 class NotFoundError(TwinkleError):
@@ -135,6 +146,7 @@ _BY_CODE: dict[str, type[TwinkleError]] = {
         NonFiniteError,
         UnsupportedError,
         AuthenticationError,
+        ForbiddenError,
         NotFoundError,
         GoneError,
         LimitExceededError,
@@ -146,6 +158,7 @@ _BY_CODE: dict[str, type[TwinkleError]] = {
 _BY_STATUS: dict[int, type[TwinkleError]] = {
     400: InvalidInputError,
     401: AuthenticationError,
+    403: ForbiddenError,
     404: NotFoundError,
     410: GoneError,
     413: LimitExceededError,

@@ -4,13 +4,27 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from .data import TensorData
 
 
 class _Out(BaseModel):
     model_config = ConfigDict(extra="ignore")
+    # Where the request's time went on the worker ({queue_s, exec_s}); set by the scheduler, carried to the
+    # gateway with the object (pickled with it), never serialized into a reply body. See :func:`attach_timing`.
+    _timing: dict[str, float] | None = PrivateAttr(default=None)
+
+
+def attach_timing(value: object, queue_s: float, exec_s: float) -> None:
+    """Record on a result object how long its request waited in the worker's queue and ran (seconds)."""
+    if isinstance(value, _Out):
+        value._timing = {"queue_s": max(0.0, queue_s), "exec_s": max(0.0, exec_s)}
+
+
+def timing_of(value: object) -> dict[str, float] | None:
+    """The worker-side timing :func:`attach_timing` recorded on ``value``, if any."""
+    return dict(value._timing) if isinstance(value, _Out) and value._timing is not None else None
 
 
 class ForwardBackwardOutput(_Out):

@@ -18,6 +18,9 @@ MAX_TOPK_LOGPROBS = 20  # top-k prompt logprobs per position (the reply grows wi
 MAX_LEARNING_RATE = 10.0
 MAX_STEPS = 10**9
 MAX_TTL_SECONDS = 10 * 365 * 86400  # a checkpoint's time to live: ten years at most (its expiry must be a date)
+MAX_TOKENS = 2**31 - 1  # the widest max_tokens any API accepts; each model's sampler.max_tokens caps it lower
+MAX_STOP_SEQUENCES = 64  # stop strings or token ids per request: each one is checked after every sampled token
+MAX_STOP_CHARS = 1000  # characters in one stop string
 
 
 def _not_bool(value: Any) -> Any:
@@ -32,6 +35,22 @@ Integer = Annotated[int, BeforeValidator(_not_bool)]
 """An int that is not a bool (``1.0`` and ``"1"`` are accepted as 1, ``1.5`` is not)."""
 Seed = Annotated[int, BeforeValidator(_not_bool), Field(ge=0, le=MAX_SEED)]
 TopKLogprobs = Annotated[int, BeforeValidator(_not_bool), Field(ge=0, le=MAX_TOPK_LOGPROBS)]
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+
+
+def _stop_bounds(value: Any) -> Any:
+    """One clear message for an over-long stop list (before the union tries each of its shapes)."""
+    items = value if isinstance(value, list) else [value]
+    if len(items) > MAX_STOP_SEQUENCES:
+        raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(items)}")
+    if any(isinstance(s, str) and len(s) > MAX_STOP_CHARS for s in items):
+        raise ValueError(f"a stop string has at most {MAX_STOP_CHARS} characters")
+    return value
+
+
+StopTexts = Annotated[StopString | list[StopString], BeforeValidator(_stop_bounds)]
+Stop = Annotated[StopString | list[StopString] | list[Integer], BeforeValidator(_stop_bounds)]
+"""Stop strings or token ids: few and short, since each is checked after every sampled token."""
 TtlSeconds = Annotated[float, BeforeValidator(_not_bool), Field(gt=0, le=MAX_TTL_SECONDS, allow_inf_nan=False)]
 
 
@@ -137,9 +156,9 @@ class SamplingParams(_Params):
     """Sampling settings. ``temperature`` 0 is greedy. ``stop``: None keeps EOS as the stop; ``[]`` disables
     it; strings or token ids add stops. A stop token is included at the end of the returned tokens."""
 
-    max_tokens: Integer | None = Field(None, ge=0, le=2**31 - 1, description="each model's context caps it too")
+    max_tokens: Integer | None = Field(None, ge=0, le=MAX_TOKENS, description="each model's context caps it too")
     seed: Seed | None = None
-    stop: str | list[str] | list[int] | None = None
+    stop: Stop | None = None
     temperature: Number = Field(1.0, ge=0.0, le=100.0)
     top_k: Integer = Field(-1, ge=-1, le=2**31 - 1, description="-1 (or 0): no top-k")
     top_p: Number = Field(1.0, gt=0.0, le=1.0)

@@ -5,7 +5,7 @@
 | GET | ``twinkle/connection`` | ``{configured, connection}`` (never the key) |
 | POST | ``twinkle/connection`` ``{url, api_key}`` | checks the server, then the same plus ``state``/``message`` |
 | DELETE | ``twinkle/connection`` | forgets the connection typed into the panel |
-| GET | ``twinkle/overview`` | ``{state, message, connection, capabilities, status, sessions, runs, checked_at}`` |
+| GET | ``twinkle/overview`` | ``{state, message, connection, capabilities, status, load, sessions, runs, checked_at}`` |
 | GET/DELETE | ``twinkle/api/<native path>`` | the Twinkle server's JSON (read-only routes, and deleting a checkpoint) |
 | POST | ``twinkle/api/{sessions,runs}/<id>/stop`` | asks that session's training loop to stop at its next step boundary |
 
@@ -91,7 +91,9 @@ class ConnectionHandler(_Base):
     @web.authenticated
     async def delete(self) -> None:
         self.store.clear_panel()
-        await self.get()
+        shown = self.get()  # typed Optional by tornado's ``authenticated``
+        if shown is not None:
+            await shown
 
 
 class OverviewHandler(_Base):
@@ -104,6 +106,7 @@ class OverviewHandler(_Base):
             "connection": None,
             "capabilities": None,
             "status": None,
+            "load": None,
             "sessions": [],
             "runs": [],
             "checked_at": time.time(),

@@ -191,14 +191,15 @@ class Upstream:
         return caps
 
     async def overview(self, conn: Connection) -> dict[str, Any]:
-        """Capabilities, status, the caller's sessions and runs in one reply (the panel's poll)."""
+        """Capabilities, status, live load, the caller's sessions and runs in one reply (the panel's poll)."""
         async with self._client(conn) as client:
             # Sessions/runs carry the key check each poll; capabilities are cached for a minute.
-            sessions, runs = await asyncio.gather(
+            results: tuple[Any, Any] = await asyncio.gather(
                 self._call(client, conn, "GET", f"{API_PREFIX}/sessions", None),
                 self._call(client, conn, "GET", f"{API_PREFIX}/runs", {"limit": _RUNS_LIMIT}),
                 return_exceptions=True,
             )
+            sessions, runs = results
             for item in (sessions, runs):
                 if isinstance(item, UpstreamError):
                     if item.state == "not_found":
@@ -212,13 +213,18 @@ class Upstream:
                 caps = await self._cached_capabilities(client, conn)
             except UpstreamError:
                 caps = None
-            try:
-                status = await self._call(client, conn, "GET", f"{API_PREFIX}/status", None)
-            except UpstreamError:
-                status = None
+            status: Any
+            load: Any
+            status, load = await asyncio.gather(
+                self._call(client, conn, "GET", f"{API_PREFIX}/status", None),
+                # live load (queue depth, tokens/s) + the caller's own usage; absent on servers without it
+                self._call(client, conn, "GET", f"{API_PREFIX}/load", None),
+                return_exceptions=True,
+            )
         return {
             "capabilities": caps,
-            "status": status,
+            "status": None if isinstance(status, BaseException) else status,
+            "load": None if isinstance(load, BaseException) else load,
             "sessions": (sessions or {}).get("sessions", []) if isinstance(sessions, dict) else [],
             "runs": (runs or {}).get("runs", []) if isinstance(runs, dict) else [],
         }

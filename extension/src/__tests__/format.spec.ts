@@ -2,18 +2,21 @@ import { describe, expect, it } from 'vitest';
 
 import {
   DEFAULT_FILTER,
+  compactCount,
   displayMetrics,
   filterRuns,
   filterSessions,
+  formatBytes,
   formatNumber,
   loadCheckpointCode,
+  loadLines,
   lossKey,
   lossSeries,
   sparklinePoints,
   statusText,
   timeAgo
 } from '../format';
-import type { ICheckpointInfo, IOverview, IRunInfo, ISessionInfo } from '../types';
+import type { ICheckpointInfo, IOverview, IRunInfo, IServerLoad, ISessionInfo } from '../types';
 
 function overview(state: IOverview['state'], runs: Partial<IRunInfo>[] = []): IOverview {
   return {
@@ -162,5 +165,62 @@ describe('filterRuns / filterSessions', () => {
     expect(filterSessions(all, DEFAULT_FILTER, 's1').map(s => s.session_id)).toEqual(['s3', 's1']);
     expect(filterSessions(all, { ...DEFAULT_FILTER, active: false }, 's1').map(s => s.session_id)).toEqual(['s2', 's3', 's1']);
     expect(filterSessions(all, { ...DEFAULT_FILTER, mine: true }, 's1').map(s => s.session_id)).toEqual(['s1']);
+  });
+});
+
+describe('live load', () => {
+  const load = (over: Partial<IServerLoad> = {}): IServerLoad => ({
+    window_s: 60,
+    tokens_per_s: { trained: 1234.5, prefilled: 0, sampled: 42 },
+    queue_depth: 3,
+    replicas: [
+      { base_model: 'm', replica: 0, queue_depth: 3, adapters: 2 },
+      { base_model: 'm', replica: 1, queue_depth: 0, adapters: 0 }
+    ],
+    usage: [
+      {
+        user: 'alice',
+        base_model: 'm',
+        tokens_trained: 12000,
+        tokens_prefilled: 500,
+        tokens_sampled: 2500000,
+        requests: 9,
+        checkpoint_bytes: 3 * 1024 * 1024,
+        checkpoints: 1
+      },
+      {
+        user: 'alice',
+        base_model: 'n',
+        tokens_trained: 345,
+        tokens_prefilled: 0,
+        tokens_sampled: 0,
+        requests: 1,
+        checkpoint_bytes: 0,
+        checkpoints: 0
+      }
+    ],
+    ...over
+  });
+
+  it('shows queue depth, busy replicas, tokens/s and your usage summed over base models', () => {
+    const l = loadLines(load());
+    expect(l.queue).toBe('queue 3 requests (1/2 replicas busy)');
+    expect(l.rate).toBe('tokens/s (last 60 s, all users): trained 1235 · prefilled 0 · sampled 42');
+    expect(l.usage).toBe(
+      'your usage: 12.3k trained · 500 prefilled · 2.5M sampled tokens · 3.0 MB of checkpoints'
+    );
+  });
+
+  it('one replica, one request, nothing used yet', () => {
+    const l = loadLines(load({ queue_depth: 1, replicas: [load().replicas[0]], usage: [] }));
+    expect(l.queue).toBe('queue 1 request');
+    expect(l.usage).toBe('your usage: nothing yet');
+  });
+
+  it('compact counts and bytes', () => {
+    expect(compactCount(950)).toBe('950');
+    expect(compactCount(123456789)).toBe('123M');
+    expect(formatBytes(512)).toBe('512 B');
+    expect(formatBytes(1536)).toBe('1.5 KB');
   });
 });

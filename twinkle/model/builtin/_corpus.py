@@ -15,7 +15,7 @@ def prose_files() -> list[Path]:
 
 
 def _self_cognition_text() -> list[str]:
-    from twinkle.data.chat import _chatml
+    from twinkle.data.chat import render_chatml
     from twinkle.data.self_cognition import SelfCognitionPreprocessor, load_self_cognition_raw
 
     lines: list[str] = []
@@ -24,18 +24,18 @@ def _self_cognition_text() -> list[str]:
     for row in raw:
         conv = pre(row)["messages"]
         lines.append(f"User: {conv[0]['content']}\nAssistant: {conv[1]['content']}\n")
-        lines.append(_chatml(conv, add_generation_prompt=False))
+        lines.append(render_chatml(conv, add_generation_prompt=False))
     return lines
 
 
 def _arithmetic_text() -> list[str]:
-    from twinkle.data.chat import _chatml
+    from twinkle.data.chat import render_chatml
 
     lines = []
     for a in range(21):
         for b in range(21):
             q = f"What is {a} + {b}?"
-            lines.append(_chatml([{"role": "user", "content": q},
+            lines.append(render_chatml([{"role": "user", "content": q},
                                   {"role": "assistant", "content": f"{a} + {b} = {a + b}."}], False))
     for a in range(13):
         for b in range(13):

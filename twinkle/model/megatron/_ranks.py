@@ -133,8 +133,11 @@ def serve(backend: Any) -> None:
 
 
 # -- starting the group ----------------------------------------------------------------------------------------
-def start(world: int, backend_kwargs: dict[str, Any], *, launcher: str = "auto", rank_num_cpus: float = 1.0) -> Ranks:
-    """Rank 0: start followers 1..world-1 and join the process group with them."""
+def start(world: int, factory: Callable[..., Any], backend_kwargs: dict[str, Any], *, launcher: str = "auto",
+          rank_num_cpus: float = 1.0) -> Ranks:
+    """Rank 0: start followers 1..world-1 and join the process group with them. Each follower builds its backend
+    as ``factory(**backend_kwargs, _ranks=...)`` (the backend passes its own class: this module does not import
+    the backend, which imports it)."""
     import torch.distributed as dist
 
     store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False, timeout=_TIMEOUT)
@@ -142,7 +145,7 @@ def start(world: int, backend_kwargs: dict[str, Any], *, launcher: str = "auto",
     followers: list[Any] = []
     try:
         for rank in range(1, world):
-            args = (rank, world, store.port, backend_kwargs)
+            args = (rank, world, store.port, factory, backend_kwargs)
             followers.append(_start_ray(args, rank_num_cpus) if use_ray else _start_process(args))
         _wait_joined(store, followers)
         if torch.cuda.is_available():
@@ -155,7 +158,8 @@ def start(world: int, backend_kwargs: dict[str, Any], *, launcher: str = "auto",
     return Ranks(0, world, followers)
 
 
-def follower_main(rank: int, world: int, port: int, backend_kwargs: dict[str, Any], local_device: int = 0) -> None:
+def follower_main(rank: int, world: int, port: int, factory: Callable[..., Any], backend_kwargs: dict[str, Any],
+                  local_device: int = 0) -> None:
     """Entry point of a follower process: join the group, build the backend for ``rank``, serve."""
     import torch.distributed as dist
 
@@ -167,10 +171,8 @@ def follower_main(rank: int, world: int, port: int, backend_kwargs: dict[str, An
     store.set(f"twinkle/joined/{rank}", "1")
     dist.init_process_group(group_backend(), store=store, rank=rank, world_size=world, timeout=_TIMEOUT)
     ranks = Ranks(rank, world)
-    from .backend import MegatronBackend
-
     try:
-        backend = MegatronBackend(**backend_kwargs, _ranks=ranks)
+        backend = factory(**backend_kwargs, _ranks=ranks)
     except Exception:  # noqa: BLE001 - the backend already told rank 0 (all_ok) and logged it
         log.exception("megatron rank %d failed to start", rank)
     else:
@@ -202,8 +204,8 @@ def _alive(follower: Any) -> bool:
     return follower.is_alive()
 
 
-def _process_entry(rank: int, world: int, port: int, backend_kwargs: dict[str, Any]) -> None:
-    follower_main(rank, world, port, backend_kwargs, local_device=rank)
+def _process_entry(rank: int, world: int, port: int, factory: Callable[..., Any], backend_kwargs: dict[str, Any]) -> None:
+    follower_main(rank, world, port, factory, backend_kwargs, local_device=rank)
 
 
 def _start_process(args: tuple) -> Any:
@@ -239,8 +241,8 @@ def _start_ray(args: tuple, num_cpus: float) -> Any:
 class _RankActor:
     """A follower as a Ray actor (Ray gives it its own GPU, visible as device 0)."""
 
-    def run(self, rank: int, world: int, port: int, backend_kwargs: dict[str, Any]) -> None:
-        follower_main(rank, world, port, backend_kwargs, local_device=0)
+    def run(self, rank: int, world: int, port: int, factory: Callable[..., Any], backend_kwargs: dict[str, Any]) -> None:
+        follower_main(rank, world, port, factory, backend_kwargs, local_device=0)
 
 
 def _stop(follower: Any, timeout: float) -> None:

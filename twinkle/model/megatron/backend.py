@@ -129,7 +129,8 @@ class MegatronBackend(TransformersBackend):
             kwargs = dict(model_id=model_id, dtype=dtype, device=follower_device, max_adapters=max_adapters,
                           max_lora_rank=max_lora_rank, tensor_parallel_size=tp, data_parallel_size=dp,
                           kv_cache=bool(kv_cache))
-            _ranks = _ranks_mod.start(world, kwargs, launcher=launcher, rank_num_cpus=float(rank_num_cpus))
+            _ranks = _ranks_mod.start(world, type(self), kwargs, launcher=launcher,
+                                     rank_num_cpus=float(rank_num_cpus))
         self._ranks = _ranks
         self.kv_cache = bool(kv_cache)  # sampling keeps a KV cache (False: recompute the sequence every step)
         self.tp, self.dp, self.world = tp, dp, world

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
@@ -14,8 +14,20 @@ from twinkle.types import InvalidInputError, LoraConfig, LRSchedulerConfig, NotF
 
 from ._adapter import AdapterState, peft_target_modules
 
-if TYPE_CHECKING:
-    from .backend import TransformersBackend
+
+class CheckpointHost(Protocol):
+    """What saving and loading need of a backend (``TransformersBackend`` and its subclasses are one); a
+    protocol, so that this module does not import the backend that imports it."""
+
+    name: str
+    model_id: str
+    path: Path
+    _layers: dict[str, Any]  # module name -> MultiLoraLinear
+    _adapters: dict[str, AdapterState]
+
+    def add_adapter(self, adapter: str, config: LoraConfig, *, _modules: list[str] | None = None) -> None: ...
+
+    def remove_adapter(self, adapter: str) -> None: ...
 
 TRAINING_STATE = "training_state.pt"
 _PREFIX = "base_model.model."
@@ -27,7 +39,7 @@ def _atomic_write(path: Path, write: Any) -> None:
     os.replace(tmp, path)
 
 
-def save(backend: TransformersBackend, st: AdapterState, path: Path, *, optimizer: bool) -> None:
+def save(backend: CheckpointHost, st: AdapterState, path: Path, *, optimizer: bool) -> None:
     from peft import LoraConfig as PeftLoraConfig
     from safetensors.torch import save_file
 
@@ -73,7 +85,7 @@ def _read_config(path: Path) -> tuple[LoraConfig, list[str] | None]:
                       target_modules=sorted(tm) if isinstance(tm, list) else tm), None
 
 
-def load(backend: TransformersBackend, adapter: str, path: Path, *, optimizer: bool) -> LoraConfig:
+def load(backend: CheckpointHost, adapter: str, path: Path, *, optimizer: bool) -> LoraConfig:
     from safetensors.torch import load_file
 
     if not (path / ADAPTER_WEIGHTS).is_file() or not (path / ADAPTER_CONFIG).is_file():

@@ -452,7 +452,7 @@ class TransformersBackend(Backend):
         """One request whose prompt holds images: prefill with the pixels and explicit 3-D rope positions,
         decode with the row's rope delta added to the text position (what HF ``generate`` does)."""
         from twinkle.model.images import resolve_model_input
-        from twinkle.sampler._engine import generate
+        from twinkle.sampler.engine import generate
         from twinkle.types import ModelInput
 
         assert self._vision is not None
@@ -499,17 +499,17 @@ class TransformersBackend(Backend):
     def continuous_ok(self) -> bool:
         """Whether this model's KV cache supports continuous batching (probed once with a 1-token forward)."""
         if getattr(self, "_continuous", None) is None:
-            from twinkle.sampler import _kv
+            from twinkle.sampler.engine import kv_cache_supports_continuous
 
             with torch.no_grad():
                 ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)
                 _, cache = self._sample_forward(ids, None, ids, None, [(0, 1, None)])
-            self._continuous = _kv.supports(cache)
+            self._continuous = kv_cache_supports_continuous(cache)
         return self._continuous
 
     def sampler_engine(self, *, kv_budget: int | None = None, prefill_chunk: int = 512) -> Any:
         """A ``ContinuousSampler`` over this model (``None`` when its cache kind does not support it)."""
-        from twinkle.sampler._continuous import ContinuousSampler
+        from twinkle.sampler.engine import ContinuousSampler
 
         if not self.continuous_ok():
             return None
@@ -518,12 +518,12 @@ class TransformersBackend(Backend):
                                  prefill_chunk=prefill_chunk, kv_budget=kv_budget)
 
     def validate_sample(self, items: list[SampleItem]) -> None:
-        from twinkle.sampler._engine import validate_sample_items
+        from twinkle.sampler.engine import validate_sample_items
 
         validate_sample_items(items, set(self._adapters), self.vocab_size, self.max_length)
 
     def sample(self, items: list[SampleItem]) -> list[SampleResponse]:
-        from twinkle.sampler._engine import generate
+        from twinkle.sampler.engine import generate
 
         self.validate_sample(items)
         if any(it.images for it in items):

@@ -92,7 +92,7 @@ class Checkpoints:
         t = now()
         kdir = KIND_DIR[op.kind]
         info = CheckpointInfo(
-            checkpoint_id=f"{kdir}/{op.name}", run_id=run.run_id, name=op.name, kind=op.kind,  # type: ignore[arg-type]
+            checkpoint_id=f"{kdir}/{op.name}", run_id=run.run_id, name=op.name, kind=op.kind,
             path=f"tinker://{run.run_id}/{kdir}/{op.name}", created_at=t, step=step,
             size_bytes=size, expires_at=(t + op.ttl_seconds) if op.ttl_seconds else None,
         )

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twinkle.types import GoneError, InternalError, NotFoundError, TwinkleError
-from twinkle.types.api import FutureRef, FutureState
+from twinkle.types.api import FutureRef, FutureState, StepTiming
+from twinkle.types.outputs import timing_of
 
 from ..store import Store
 from .common import jsonable, now, swallow, unwrap
@@ -35,6 +36,7 @@ class Future:
     task: asyncio.Task[Any] | None = None
     session_id: str | None = None  # the session whose end cancels this work while it is still queued
     cancel_reason: str | None = None
+    created_at: float = field(default_factory=now)
 
 
 class Futures:
@@ -114,7 +116,9 @@ class Futures:
         fut.done_at = now()
         self._done.append((fut.done_at, fut.future_id))
         if err is None:
-            fut.state = FutureState(future_id=fut.future_id, status="complete", type=fut.type, result=result)
+            fut.state = FutureState(future_id=fut.future_id, status="complete", type=fut.type, result=result,
+                                    timing=StepTiming(server_s=max(0.0, fut.done_at - fut.created_at),
+                                                      **(timing_of(result) or {})))
         else:
             body = err.to_dict()
             body["status"] = err.status

@@ -9,6 +9,7 @@ order, from a heap (work proportional to what expires, not to the number of stor
 from __future__ import annotations
 
 import asyncio
+import builtins
 import heapq
 import time
 import uuid
@@ -119,7 +120,7 @@ class Sessions:
             md.setdefault("tags", list(tags))
         t = now()
         s = SessionInfo(
-            session_id="s" + uuid.uuid4().hex[:20], user=user.name, client=client, state="active",  # type: ignore[arg-type]
+            session_id="s" + uuid.uuid4().hex[:20], user=user.name, client=client, state="active",
             created_at=t, last_heartbeat=t, lease_seconds=lease, metadata=md, run_ids=[],
         )
         self._add(s)
@@ -145,7 +146,7 @@ class Sessions:
     def next_deadline(self) -> float | None:
         return self._lease_heap[0][0] if self._lease_heap else None
 
-    def lapsed(self, t: float) -> list[SessionInfo]:
+    def lapsed(self, t: float) -> builtins.list[SessionInfo]:  # ``list`` here is the method above
         """The active sessions whose lease ran out before ``t`` (each returned once)."""
         out = []
         heap = self._lease_heap

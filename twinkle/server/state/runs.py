@@ -8,6 +8,7 @@ or ``deleted``. ``step`` counts applied optimizer steps; the metric history is k
 from __future__ import annotations
 
 import asyncio
+import builtins
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -230,7 +231,7 @@ class Runs:
         )
         return mine[offset:offset + limit], len(mine)
 
-    def metrics(self, run: RunInfo) -> list[MetricPoint]:
+    def metrics(self, run: RunInfo) -> builtins.list[MetricPoint]:  # ``list`` here is the method above
         return list(self.extra[run.run_id].metrics)
 
     def seen(self, run: RunInfo, seq_id: int, kind: str) -> Applied | None:

@@ -9,21 +9,13 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
-from twinkle.types import TwinkleError
+from twinkle.types import ForbiddenError
 
 from ..deps import get_service, get_user
 from ..service import Service, User
 from .usage import parse_time
 
 __all__ = ["ForbiddenError", "ServerLoad", "UsageReport", "UsageRow", "create_usage_router"]
-
-
-class ForbiddenError(TwinkleError):
-    """The caller is known but may not read this (another user's usage)."""
-
-    status = 403
-    category = "user"
-    code = "forbidden"
 
 
 class UsageRow(BaseModel):

@@ -9,10 +9,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from twinkle.types import AuthenticationError
+from twinkle.types import AuthenticationError, ForbiddenError
 
 from .metrics import GatewayMetrics, HttpMetricsMiddleware
-from .routes import ForbiddenError
 
 __all__ = ["install_telemetry"]
 

@@ -37,15 +37,31 @@ _FLUSH_DELAY_S = 1.0
 RATE_WINDOW_S = 60.0
 
 
-def parse_time(value: str | float | None, *, now: float | None = None, field: str = "since") -> float | None:
-    """``None``, epoch seconds, an ISO date/time (UTC unless it names a zone) or a duration back from now
-    (``90m``, ``24h``, ``7d``)."""
-    from datetime import datetime, timezone
+_MAX_EPOCH = 253402300799.0  # 9999-12-31T23:59:59Z
 
+
+def parse_time(value: str | float | None, *, now: float | None = None, field: str = "since") -> float | None:
+    """A time as epoch seconds in [0, year 9999] (anything else, NaN included, is a 400 on ``field``):
+    ``None``, epoch seconds, an ISO date/time (UTC unless it names a zone) or a duration back from now
+    (``90m``, ``24h``, ``7d``)."""
     from twinkle.types import InvalidInputError
 
     if value is None or value == "":
         return None
+    try:
+        t = _parse_time(value, now, field)
+    except OverflowError:
+        t = float("nan")
+    if not 0.0 <= t <= _MAX_EPOCH:  # also false for NaN
+        raise InvalidInputError(f"{field}={value!r} is not a time between 1970 and 9999", field=field)
+    return t
+
+
+def _parse_time(value: str | float, now: float | None, field: str) -> float:
+    from datetime import datetime, timezone
+
+    from twinkle.types import InvalidInputError
+
     if isinstance(value, (int, float)):
         return float(value)
     v = str(value).strip()
@@ -135,8 +151,8 @@ class Usage:
             except BaseException:
                 st._db.execute("ROLLBACK")
                 with self._buf_lock:  # keep the counts for the next flush
-                    for (u, m, h, *v) in rows:
-                        cur = self._buf.setdefault((u, m, h), [0, 0, 0, 0])
+                    for key, v in buf.items():
+                        cur = self._buf.setdefault(key, [0, 0, 0, 0])
                         for i, n in enumerate(v):
                             cur[i] += n
                 raise
@@ -147,7 +163,8 @@ class Usage:
         """One row per (user, base model): token sums over ``[since, until)`` (hour granularity: an hour is
         counted when it starts inside the window) and the checkpoint bytes stored now."""
         self.flush()
-        where, args = [], []
+        where: list[str] = []
+        args: list[Any] = []
         if user is not None:
             where.append("user=?")
             args.append(user)

@@ -34,7 +34,7 @@ from twinkle.types.api import CheckpointInfo, RunInfo
 from .._tinker_proto import tinker_pb2
 from .models import ForwardBackwardBody
 
-pb: Any = tinker_pb2()  # the SDK's generated protobuf module, loaded without importing torch
+pb: Any = tinker_pb2()  # the SDK's generated protobuf module (no stubs), loaded without importing torch
 
 __all__ = [
     "DEFAULT_MAX_DECODED_BYTES",

@@ -1,0 +1,62 @@
+"""``twinkle.server.launch()`` called from Python (a notebook's process): the server comes up, Ray's processes run
+lean (``_lean_site`` first on their ``PYTHONPATH``: no pandas there) and the calling process keeps its pandas and
+its environment. The launch runs in a child interpreter, so this test's process never starts Ray."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    from twinkle.net import free_port
+    from twinkle.server import launch, parse_config
+    from twinkle.server import launcher
+
+    workdir = sys.argv[1]
+    cfg = parse_config({
+        "http": {"port": free_port()},
+        "persistence": {"sqlite_path": workdir + "/db.sqlite", "checkpoint_root": workdir + "/ck"},
+        "models": [{"name": "mock", "backend": "mock", "model_id": "mock://tiny"}],
+    })
+    before = {k: os.environ.get(k) for k in ("PYTHONPATH", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM")}
+    url = launch(cfg, block=False, ready_timeout=300)
+    try:
+        import ray
+
+        @ray.remote(num_cpus=0)
+        def probe():
+            try:
+                import pandas  # noqa: F401
+                ray_pandas = True
+            except ImportError:
+                ray_pandas = False
+            return os.environ.get("PYTHONPATH", ""), ray_pandas
+
+        ray_path, ray_pandas = ray.get(probe.remote(), timeout=120)
+        import pandas  # the caller's own
+        after = {k: os.environ.get(k) for k in before}
+        print("RESULT " + json.dumps({"url": url, "ray_path": ray_path, "ray_pandas": ray_pandas,
+                                      "lean": launcher._LEAN_SITE, "pandas": pandas.__version__,
+                                      "env_kept": after == before}))
+    finally:
+        launcher.shutdown()
+""")
+
+
+def test_launch_in_process_keeps_the_callers_pandas(tmp_path):
+    out = subprocess.run([sys.executable, "-c", _SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                         timeout=420)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, (out.stdout[-2000:], out.stderr[-4000:])
+    r = json.loads(lines[-1][len("RESULT "):])
+    assert r["ray_path"].split(":")[0] == r["lean"]  # Ray's processes: lean
+    assert r["ray_pandas"] is False
+    assert r["pandas"]  # the calling process: its pandas imports
+    assert r["env_kept"] is True

@@ -1,0 +1,123 @@
+"""Red-team findings on the sampling inputs of the OpenAI-compatible routes and native SSE streaming: every
+bad number is a 400 naming the field (never a 500), booleans are not numbers, stop lists are bounded (each
+stop is checked after every sampled token: 10^5 of them made one 4×200-token request take 85 s), and OpenAI
+limit errors name the OpenAI field. In process, mock backend: nothing here samples more than a few tokens."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from twinkle.server.app import create_app, worker_config
+from twinkle.server.config import parse_config
+from twinkle.server.store import Store
+from twinkle.server.worker import ModelWorker
+from twinkle.types import SamplingParams
+from twinkle.types.params import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
+
+API = "/api/v1/twinkle"
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    tmp: Path = tmp_path_factory.mktemp("redteam")
+    cfg = parse_config({
+        "persistence": {"sqlite_path": str(tmp / "db.sqlite"), "checkpoint_root": str(tmp / "ck")},
+        "models": [{"name": "tiny", "backend": "mock", "model_id": "mock://tiny"}],
+    })
+    store = Store(cfg.persistence.sqlite_file())
+    key = store.create_key("alice")[1]
+    app = create_app(cfg, {"tiny": [ModelWorker(worker_config(cfg.models[0]))]}, store=store)
+    with TestClient(app, raise_server_exceptions=False, headers={"X-API-Key": key}) as c:
+        yield c
+
+
+def _post(c: TestClient, path: str, body: dict) -> tuple[int, dict]:
+    r = c.post(path, content=json.dumps(body, allow_nan=True), headers={"content-type": "application/json"})
+    return r.status_code, (r.json() if r.headers.get("content-type", "").startswith("application/json") else {})
+
+
+BASE = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 2}
+BAD_NUMBERS = [
+    ("max_tokens", 10**19), ("max_tokens", True), ("max_completion_tokens", 10**19),
+    ("seed", 10**19), ("seed", -1), ("seed", True), ("seed", "x"),
+    ("n", True), ("temperature", True), ("temperature", float("nan")), ("temperature", float("inf")),
+    ("top_p", True), ("top_p", float("nan")), ("top_p", 1e308),
+]
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize(("field", "value"), BAD_NUMBERS, ids=[f"{f}={v!r}" for f, v in BAD_NUMBERS])
+def test_openai_bad_numbers_are_400_naming_the_field(client, route, field, value):
+    body = dict(BASE)
+    if route.endswith("chat/completions"):
+        body.pop("prompt")
+        body["messages"] = [{"role": "user", "content": "hi"}]
+    elif field == "max_completion_tokens":
+        pytest.skip("not a /v1/completions field")
+    body[field] = value
+    status, err = _post(client, route, body)
+    assert status == 400, (status, err)
+    assert err["detail"]["field"].split(".")[0] == field, err
+
+
+def test_openai_prompt_booleans_are_not_token_ids(client):
+    status, err = _post(client, "/v1/completions", {**BASE, "prompt": [5, True]})
+    assert status == 400 and err["detail"]["field"].startswith("prompt"), err
+
+
+@pytest.mark.parametrize("stop", [[5, 6], ["a"] * (MAX_STOP_SEQUENCES + 1), ["x" * (MAX_STOP_CHARS + 1)]],
+                         ids=["token-ids", "too-many", "too-long"])
+def test_openai_stop_is_bounded_text(client, stop):
+    status, err = _post(client, "/v1/completions", {**BASE, "stop": stop})
+    assert status == 400 and err["detail"]["field"].startswith("stop"), (status, err)
+    if len(stop) > MAX_STOP_SEQUENCES:
+        assert err["detail"]["field"] == "stop" and "at most" in err["error"], err
+
+
+def test_openai_logprobs_are_refused_not_silently_dropped(client):
+    status, err = _post(client, "/v1/completions", {**BASE, "logprobs": 5})
+    assert status == 400 and err["detail"]["field"] == "logprobs", err
+
+
+@pytest.mark.parametrize(("field", "value"), [("n", 10_000), ("max_tokens", 10**9)])
+def test_openai_limit_errors_name_the_openai_field(client, field, value):
+    status, err = _post(client, "/v1/completions", {**BASE, field: value})
+    assert 400 <= status < 500 and err["detail"]["field"] == field, (status, err)
+
+
+def test_openai_within_limits_still_answers(client):
+    status, body = _post(client, "/v1/completions", {**BASE, "stop": ["a"] * MAX_STOP_SEQUENCES, "seed": 3})
+    assert status == 200 and body["choices"], body
+
+
+def test_native_stream_stop_list_is_bounded(client):
+    body = {"base_model": "tiny", "prompt": {"chunks": [{"type": "encoded_text", "tokens": [5, 6]}]},
+            "sampling_params": {"max_tokens": 4, "stop": [f"zq{i}" for i in range(100_000)]}}
+    status, err = _post(client, f"{API}/sample/stream", body)
+    assert status == 400 and err["detail"]["field"] == "sampling_params.stop", (status, err)
+    assert "at most 64 stop sequences" in err["error"], err
+
+
+def test_sampling_params_stop_bounds():
+    SamplingParams(stop=["a"] * MAX_STOP_SEQUENCES)
+    SamplingParams(stop=list(range(MAX_STOP_SEQUENCES)))
+    for bad in (["a"] * (MAX_STOP_SEQUENCES + 1), "x" * (MAX_STOP_CHARS + 1), [True], list(range(10**5))):
+        with pytest.raises(ValueError):
+            SamplingParams(stop=bad)
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_openai_text_far_over_the_token_limit_is_refused_before_tokenizing(client, route):
+    """A 2 MB prompt cost the worker ~4 s of tokenizing (200 000 chat messages ~9 s) before the 413."""
+    text = "x" * 2_000_000
+    body = {"model": "tiny", "max_tokens": 2}
+    if route.endswith("chat/completions"):
+        body["messages"] = [{"role": "user", "content": text}]
+    else:
+        body["prompt"] = text
+    status, err = _post(client, route, body)
+    assert status == 413 and err["detail"]["field"] == "prompt" and "characters" in err["error"], (status, err)
