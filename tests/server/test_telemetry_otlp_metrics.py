@@ -77,6 +77,14 @@ def _check_same(pushed: dict[str, dict], text: str) -> None:
                     assert p["monotonic"] and p["temporality"] == _CUMULATIVE, name
 
 
+def _stop_tracing() -> None:
+    """An OTLP endpoint also turns traces on (one global provider per process): shut it down so later apps in
+    this process send no spans to a receiver that is gone."""
+    tracing = sys.modules.get("twinkle.server.telemetry.tracing")
+    if tracing is not None and tracing._provider is not None:
+        tracing._provider.shutdown()
+
+
 def test_otlp_metric_push_matches_prometheus_endpoint(tmp_path):
     rx = OtlpReceiver()
     try:
@@ -131,14 +139,16 @@ def test_otlp_metric_push_matches_prometheus_endpoint(tmp_path):
             for p in metric["points"]:
                 assert not ({"run_id", "session_id", "request_id", "future_id"} & set(p["attrs"]))
     finally:
-        tracing = sys.modules.get("twinkle.server.telemetry.tracing")
-        if tracing is not None and tracing._provider is not None:
-            tracing._provider.shutdown()  # flush this app's spans while the receiver listens; later apps: none
+        _stop_tracing()  # flush this app's spans while the receiver still listens
         rx.close()
 
 
 def test_otlp_metric_push_is_off_without_endpoint_and_exporters_follow_protocol(tmp_path):
     env = Env(tmp_path, {"enabled": True})
+    assert not hasattr(env.app.state, "otlp_metrics")
+    (tmp_path / "b").mkdir()
+    env = Env(tmp_path / "b", {"enabled": True, "otlp": {"endpoint": "http://127.0.0.1:9", "metrics": False}})
+    _stop_tracing()
     assert not hasattr(env.app.state, "otlp_metrics")
     from twinkle.server.telemetry.otlp_metrics import make_exporter
 

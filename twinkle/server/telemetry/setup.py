@@ -38,7 +38,8 @@ def install_telemetry(app: FastAPI, config: Any, service: Any) -> GatewayMetrics
 
         setup_tracing(tel, "gateway")
         metrics.tracing = True
-        _install_metric_push(app, tel, metrics, service)
+        if tel.otlp.metrics:
+            _install_metric_push(app, tel, metrics, service)
     from .logs import configure_logging
 
     configure_logging(config)
