@@ -46,7 +46,9 @@ def _server_cfg(otlp_port: int) -> dict:
     (two users' runs share its batches) and traces sent to the test's OTLP/HTTP receiver."""
     cfg = yaml.safe_load((COOKBOOK / "server_config.yaml").read_text())
     cfg["auth"] = {"bootstrap_key_env": None}
-    cfg["telemetry"]["otlp"] = {"endpoint": f"http://127.0.0.1:{otlp_port}", "protocol": "http/protobuf"}
+    cfg["telemetry"]["otlp"] = {"endpoint": f"http://127.0.0.1:{otlp_port}", "protocol": "http/protobuf",
+                                "metrics": True}  # the cookbook scrapes only; here metrics are pushed as well
+    cfg["telemetry"]["metric_export_interval_s"] = 1
     cfg["models"] = [{"name": "mock", "backend": "mock", "model_id": "mock://tiny", "replicas": 2,
                       "max_queue": 2, "ray_actor_options": {"num_cpus": 0}},
                      {"name": "mock-one", "backend": "mock", "model_id": "mock://tiny",
@@ -222,6 +224,24 @@ def test_prometheus_scrapes_workload_and_dashboard_has_data(stack):
     replicas = {r["metric"]["replica"] for r in _query(prom, "twinkle_worker_process_resident_memory_bytes")}
     assert replicas == {"0", "1"}
     assert _scalar(prom, 'sum(twinkle_queue_wait_seconds_count{operation="forward_backward"})') == 10
+
+    # the same metrics arrive pushed over OTLP (gateway + both worker replicas), with the same totals
+    want = {(name, kind): n for u, name in ((alice, "alice"), (bob, "bob"))
+            for kind, n in (("trained", u.trained), ("prefilled", u.prefilled), ("sampled", u.sampled))}
+    deadline = time.monotonic() + 30
+    while True:
+        pushed = srv.otlp.last_metrics()
+        got_pushed = {(p["attrs"]["user"], p["attrs"]["kind"]): p["value"]
+                      for p in pushed.get("twinkle_user_tokens", {}).get("points", [])}
+        if {k: got_pushed.get(k, 0) for k in want} == want or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert {k: got_pushed.get(k, 0) for k in want} == want
+    waits = [p for p in pushed["twinkle_queue_wait_seconds"]["points"]
+             if p["attrs"].get("operation") == "forward_backward"]
+    assert {p["attrs"]["replica"] for p in pushed["twinkle_worker_process_resident_memory_bytes"]["points"]} \
+        == {"0", "1"}
+    assert sum(p["count"] for p in waits) == 10
 
     # usage metering: the route (own / admin) and the CLI agree with what was sent
     mine = alice.c.get("/usage").json()["rows"]
