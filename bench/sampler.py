@@ -251,3 +251,7 @@ def main() -> None:
     _ttft_rows("interleaved (default)", idle, busy)
     if base is not None:
         _ttft_rows("never split (train_slice_s: 0)", *base)
+
+
+if __name__ == "__main__":
+    main()

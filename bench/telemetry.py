@@ -9,10 +9,15 @@ the scheduler's observer, the usage counters).
    one between the two gateways (the order flips each round) so machine noise hits both; p50/p99 per side and the ratio on/off.
 2. A scrape of ``/metrics`` (telemetry on) after the run: its latency, so an operator knows what a 15 s scrape
    interval costs.
-3. Idle CPU: each gateway's lifespan running (reaper etc.) with no requests for ``--idle`` seconds, process
+3. ``--otlp``: the "on" side also runs the OTLP metric push (every ``--otlp-interval`` s, default 1 s, 15x
+   the default rate) through the real collect + translate + protobuf encode path; the exporter drops the
+   bytes instead of sending them (the network hop runs in a thread, off the request path). Prints the cost
+   of one push.
+4. Idle CPU: each gateway's lifespan running (reaper etc.) with no requests for ``--idle`` seconds, process
    CPU time measured; telemetry adds no timers, so both should be ~0.
 
     .venv/bin/python bench/telemetry.py [--requests 400] [--rounds 8] [--idle 10] [--interleave block|request]
+                                        [--otlp] [--otlp-interval 1]
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -38,6 +44,33 @@ from twinkle.server.worker import ModelWorker  # noqa: E402
 API = "/api/v1/twinkle"
 DATUM = {"model_input": {"chunks": [{"type": "encoded_text", "tokens": list(range(5, 13))}]},
          "loss_fn_inputs": {"target_tokens": {"data": list(range(6, 14)), "dtype": "int64"}}}
+
+
+class _EncodeOnly:
+    """An OTLP metric exporter that encodes (the real protobuf work) and drops the bytes."""
+
+    def __init__(self) -> None:
+        self.pushes: list[float] = []
+        self.bytes = 0
+
+    def export(self, data: object, timeout_millis: float = 0) -> object:
+        from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
+        from opentelemetry.sdk.metrics.export import MetricExportResult
+
+        self.bytes = len(encode_metrics(data).SerializeToString())  # type: ignore[arg-type]
+        return MetricExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _pusher(side: Side, interval: float) -> Any:
+    from types import SimpleNamespace
+
+    from twinkle.server.telemetry.otlp_metrics import OtlpMetricsPusher
+
+    tel = SimpleNamespace(metric_export_interval_s=interval, service_name="bench", resource_attributes={})
+    return OtlpMetricsPusher(tel, side.app.state.metrics, side.app.state.service, exporter=_EncodeOnly())
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -82,18 +115,27 @@ class Side:
         self.seq += 1
 
 
-async def _idle_cpu(side: Side, seconds: float) -> float:
+async def _idle_cpu(side: Side, seconds: float, pusher: Any = None) -> float:
     async with side.app.router.lifespan_context(side.app):
+        if pusher is not None:
+            pusher.start()
         await asyncio.sleep(1.0)
         c0 = time.process_time()
         t0 = time.monotonic()
         await asyncio.sleep(seconds)
-        return (time.process_time() - c0) / (time.monotonic() - t0) * 100
+        cpu = (time.process_time() - c0) / (time.monotonic() - t0) * 100
+        if pusher is not None:
+            await pusher.stop()
+        return cpu
 
 
 async def main_async(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="twinkle-bench-tel-"))
     off, on = Side(work, False), Side(work, True)
+    pusher: Any = _pusher(on, args.otlp_interval) if args.otlp else None
+    if pusher is not None:
+        pusher.start()
+        on.name = "on+otlp"
     async with off.client() as c_off, on.client() as c_on:
         await off.setup(c_off)
         await on.setup(c_on)
@@ -120,6 +162,13 @@ async def main_async(args: argparse.Namespace) -> None:
             scrape.append(time.perf_counter() - t0)
             assert r.status_code == 200
         size = len(r.content)
+        if pusher is not None:
+            await pusher.stop()
+            pushes = []
+            for _ in range(20):
+                t0 = time.perf_counter()
+                assert await pusher.push()
+                pushes.append(time.perf_counter() - t0)
     print(f"trivial forward_backward round trip, in-process gateway + mock worker, {len(on.lat)} per side, "
           f"{args.rounds} alternating rounds, interleaved by {args.interleave} "
           f"(load average {os.getloadavg()[0]:.1f})")
@@ -130,8 +179,11 @@ async def main_async(args: argparse.Namespace) -> None:
     ratio = _pct(on.lat, .5) / _pct(off.lat, .5)
     print(f"p50 on/off = {ratio:.3f} (target <= 1.05: {'OK' if ratio <= 1.05 else 'OVER'})")
     print(f"/metrics scrape: p50 {_pct(scrape, .5) * 1e3:.2f} ms, {size} bytes")
+    if pusher is not None:
+        print(f"OTLP metric push (collect + translate + encode): p50 {_pct(pushes, .5) * 1e3:.2f} ms, "
+              f"{pusher.exporter.bytes} bytes, every {args.otlp_interval:g} s during the run")
     cpu_off = await _idle_cpu(off, args.idle)
-    cpu_on = await _idle_cpu(on, args.idle)
+    cpu_on = await _idle_cpu(on, args.idle, _pusher(on, args.otlp_interval) if args.otlp else None)
     print(f"idle CPU over {args.idle:.0f} s: off {cpu_off:.2f} % of a core, on {cpu_on:.2f} % "
           f"(difference {cpu_on - cpu_off:+.2f} points)")
 
@@ -142,6 +194,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--idle", type=float, default=10.0)
     ap.add_argument("--interleave", choices=["block", "request"], default="block")
+    ap.add_argument("--otlp", action="store_true", help="the on side also pushes metrics over OTLP (encode only)")
+    ap.add_argument("--otlp-interval", type=float, default=1.0)
     asyncio.run(main_async(ap.parse_args()))
 
 

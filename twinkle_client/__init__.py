@@ -36,7 +36,7 @@ def init_twinkle_client(base_url: str | None = None, api_key: str | None = None,
     In a kernel whose previous incarnation left a session on this server, that session is re-attached (its runs
     continue where they were), or — if its lease lapsed — its runs are restored from their automatic
     checkpoints; ``new=True`` opens a fresh session instead. What happened is printed (``quiet`` silences it)."""
-    from ._reattach import open_session
+    from .session import open_session
 
     url = base_url or os.environ.get("TWINKLE_SERVER_URL")
     key = api_key or os.environ.get("TWINKLE_API_KEY")

@@ -106,7 +106,7 @@ class TwinkleMagics(Magics):
         return self.shell.user_ns
 
     def _cmd_connect(self, args: argparse.Namespace) -> None:
-        from ._reattach import open_session
+        from .session import open_session
 
         url = args.url or os.environ.get("TWINKLE_SERVER_URL")
         if not url:

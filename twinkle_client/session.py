@@ -30,12 +30,12 @@ from twinkle.types.api import (
     SessionInfo,
 )
 
-from . import _frames, _state
+from . import _frames, _reattach, _state
 from ._errors import ConnectionLostError, check_unexpanded
-from ._futures import RemoteFuture
+from ._futures import SUBMIT_WAIT_S, RemoteFuture
 from ._transport import HTTP, AsyncHTTP
 
-__all__ = ["AsyncSession", "Session", "connect", "current_session"]
+__all__ = ["AsyncSession", "Session", "connect", "current_session", "open_session", "restore_runs"]
 
 _LATENCY_KEPT = 2000  # finished requests whose timing a session remembers (LiveCurve reads them)
 _current: Session | None = None
@@ -124,8 +124,6 @@ class Session:
         """Re-attach to the session recorded in the local state file (after a kernel restart). When its lease
         has lapsed, a new session is opened and its runs are restored from their automatic checkpoints (with
         the optimizer state) in this same call; ``session.notice`` (printed unless ``quiet``) says so."""
-        from ._reattach import open_session
-
         saved = _state.read_connection(state_file) or {}
         url = url or saved.get("url")
         session_id = session_id or saved.get("session_id")
@@ -492,3 +490,63 @@ def connect(
     if make_current:
         _set_current(session)
     return session
+
+
+# ---- re-attach without traps (the policy is described in ``_reattach``) ------------------------------------
+def restore_runs(session: Session, old_session_id: str) -> list[RunInfo]:
+    """Re-create, in ``session``, every run of ``old_session_id`` that was unloaded with a training checkpoint
+    (the automatic one taken when its lease lapsed, or the last one saved), with its optimizer state."""
+    restored = []
+    for r in session.runs():
+        if r.session_id != old_session_id or r.state not in ("unloaded", "lost") or not r.last_checkpoint:
+            continue
+        body = {"session_id": session.session_id, "checkpoint": r.last_checkpoint, "optimizer": True}
+        reply = session.http.post("runs/resume", body, params={"wait": SUBMIT_WAIT_S}, timeout=SUBMIT_WAIT_S + 30)
+        ref = FutureRef.model_validate(reply)
+        fut: RemoteFuture[RunInfo] = RemoteFuture(session, ref, RunInfo.model_validate, "resume_run")
+        if ref.state is not None:
+            fut._settle(ref.state)
+        restored.append(fut.result())
+    return restored
+
+
+def open_session(url: str, api_key: str | None, *, session_id: str | None = None, new: bool = False,
+                 **kw: Any) -> Session:
+    """Connect the notebook way (see the module doc). ``session_id``: re-attach to that one; else the one the
+    last kernel left (unless ``new``). The returned session's ``notice`` is a line worth printing."""
+    explicit = session_id is not None
+    if session_id is None and not new:
+        saved = _state.read_connection() or {}
+        if (saved.get("session_id") and _reattach.same_url(saved.get("url", ""), url)
+                and saved.get("api_key") == api_key
+                and (saved.get("pid") == os.getpid() or not _reattach.alive(saved.get("pid")))):
+            session_id = saved["session_id"]
+    if session_id is None:
+        sess = connect(url, api_key, **kw)
+        sess.notice = f"new session {sess.session_id}"
+        return sess
+    cur = current_session(required=False)
+    if cur is not None and cur.session_id == session_id and _reattach.same_url(cur.url, url):
+        cur.notice = f"already attached to session {session_id}"
+        return cur
+    try:
+        sess = connect(url, api_key, session_id=session_id, **kw)
+    except GoneError:
+        sess = connect(url, api_key, **kw)
+        try:
+            restored = restore_runs(sess, session_id)
+        except TwinkleError as e:
+            sess.notice = (f"session {session_id} ended (lease expired?) and its runs could not be restored ({e}); "
+                           f"new session {sess.session_id}")
+            return sess
+        sess.restored = restored
+        if restored:
+            sess.notice = (f"session {session_id} had expired; restored {_reattach.describe_runs(restored)} from the automatic "
+                           f"checkpoint into new session {sess.session_id}")
+        else:
+            sess.notice = f"session {session_id} had ended with no run to restore; new session {sess.session_id}"
+        return sess
+    runs = [r for r in sess.runs(all_sessions=False) if r.state == "active"]
+    how = "re-attached to" if explicit else "re-attached to the previous kernel's"
+    sess.notice = f"{how} session {session_id} ({_reattach.describe_runs(runs)}); `--new` / new=True starts a fresh one"
+    return sess

@@ -78,13 +78,20 @@ try {
   result.live = { first: first.points, later: liveNow.points, status: liveNow.status, stopDisabled: liveNow.stopDisabled };
 
   await poll(async () => /who are you\? -> /.test(await outputs()), 'the answer after training', 300000);
-  const done = await curve();
-  result.final = done;
-  result.answer = ((await outputs()).match(/who are you\? -> .*/) || [''])[0];
-  await showCurve();
+  // When the loop ends the live widget gives way to its static PNG (so the saved notebook renders anywhere).
+  const pngs = await page.evaluate(() => [...document.querySelectorAll('.jp-OutputArea-output img')]
+    .filter((i) => (i.getAttribute('src') || '').startsWith('data:image/png')).length);
+  const text = await outputs();
+  result.final = { live: await curve(), pngs, steps: (text.match(/(\d+) steps, loss [\d.]+ -> [\d.]+/) || [null, null])[1] };
+  result.answer = (text.match(/who are you\? -> .*/) || [''])[0];
+  await page.evaluate(() => {
+    const img = [...document.querySelectorAll('.jp-OutputArea-output img')].find(
+      (i) => (i.getAttribute('src') || '').startsWith('data:image/png'));
+    if (img) img.scrollIntoView({ block: 'center' });
+  });
   await page.waitForTimeout(500);
   await page.screenshot({ path: path.join(ART, 'quickstart.png') });
-  log(`screenshot quickstart.png: ${done.points} points, ${result.answer}`);
+  log(`screenshot quickstart.png: ${pngs} static curve(s), ${result.final.steps} steps, ${result.answer}`);
   result.ok = true;
 } catch (e) {
   result.error = String(e && e.stack || e);

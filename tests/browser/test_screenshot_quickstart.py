@@ -110,8 +110,8 @@ def test_quickstart_screenshot_shows_live_curve(tutorial_server, tmp_path):
     live, final = res["live"], res["final"]
     assert 2 <= live["first"] <= live["later"] < 100, res["steps"]
     assert not live["stopDisabled"]  # mid-training: the Stop button is live
-    assert final["points"] == 100 and final["stopDisabled"]  # the loop ended with all 100 steps drawn
-    assert "step 100" in final["status"]
+    # the loop ran all 100 steps, and the live widget gave way to its static PNG (renders in a saved notebook)
+    assert final["steps"] == "100" and final["pngs"] >= 1 and final["live"] is None, final
     assert "Twinkle" in res["answer"]
     for name in ("quickstart-live.png", "quickstart.png"):
         assert (ART / name).stat().st_size > 20_000

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import pytest
-from fake_native_server import KEY, FakeServer
+from inprocess_server import KEY, FaultyTransport, InProcessServer
 
 
 @pytest.fixture(autouse=True)
@@ -18,14 +18,17 @@ def _twinkle_home(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def fake():
-    return FakeServer()
+def net(tmp_path):
+    """The real gateway on a mock worker, in-process, behind a fault-injecting transport (fresh per test)."""
+    srv = InProcessServer(tmp_path / "server")
+    yield FaultyTransport(srv)
+    srv.close()
 
 
 @pytest.fixture
-def session(fake):
+def session(net):
     import twinkle_client
 
-    sess = twinkle_client.connect("http://fake", KEY, transport=fake.transport(), heartbeat=False, retry_seconds=2.0)
+    sess = twinkle_client.connect("http://fake", KEY, transport=net, heartbeat=False, retry_seconds=2.0)
     yield sess
     sess.detach()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from fake_native_server import KEY
+from inprocess_server import KEY
 from IPython.core.error import UsageError
 from IPython.testing.globalipapp import start_ipython
 
@@ -19,17 +19,17 @@ def ip():
 
 
 @pytest.fixture
-def routed(fake, monkeypatch):
-    """Make every connect() of the magic reach the in-memory server."""
+def routed(net, monkeypatch):
+    """Make every connect() of the magic reach the in-process server (through ``net``)."""
     real = session_mod.connect
 
     def connect(url, api_key=None, session_id=None, **kw):
-        kw.setdefault("transport", fake.transport())
+        kw.setdefault("transport", net)
         kw["heartbeat"] = False
         return real(url, api_key, session_id, **kw)
 
     monkeypatch.setattr(session_mod, "connect", connect)
-    return fake
+    return net
 
 
 def test_help_lists_commands(ip, capsys):
@@ -56,7 +56,7 @@ def test_connect_status_runs_checkpoints_disconnect(ip, routed, capsys, monkeypa
 
     ip.run_line_magic("twinkle", "status")
     out = capsys.readouterr().out
-    assert "builtin://tiny (transformers) adapters 1/4" in out and m.run_id in out and "step 1" in out
+    assert "mock://tiny (mock) adapters 1/8" in out and m.run_id in out and "step 1" in out
 
     ip.run_line_magic("twinkle", "runs")
     out = capsys.readouterr().out
@@ -68,7 +68,7 @@ def test_connect_status_runs_checkpoints_disconnect(ip, routed, capsys, monkeypa
 
     ip.run_line_magic("twinkle", "disconnect")
     assert "closed session" in capsys.readouterr().out
-    assert routed.sessions[sess.session_id]["state"] == "closed"
+    assert routed.server.get(f"sessions/{sess.session_id}")["state"] == "closed"
     assert "twinkle_session" not in ip.user_ns
 
 
@@ -76,7 +76,7 @@ def test_keep_and_resume(ip, routed, capsys):
     ip.run_line_magic("twinkle", f"connect http://fake --api-key {KEY}")
     sid = twinkle_client.current_session().session_id
     ip.run_line_magic("twinkle", "disconnect --keep")
-    assert routed.sessions[sid]["state"] == "active"
+    assert routed.server.get(f"sessions/{sid}")["state"] == "active"
     ip.run_line_magic("twinkle", "resume")
     assert twinkle_client.current_session().session_id == sid
     assert "re-attached" in capsys.readouterr().out
@@ -84,7 +84,7 @@ def test_keep_and_resume(ip, routed, capsys):
 
 
 def test_errors_are_one_clear_line(ip, routed):
-    with pytest.raises(UsageError, match="AuthenticationError: missing or unknown API key"):
+    with pytest.raises(UsageError, match="AuthenticationError: unknown or revoked API key"):
         ip.run_line_magic("twinkle", "connect http://fake --api-key wrong")
     with pytest.raises(UsageError, match="ConnectionLostError: not connected"):
         ip.run_line_magic("twinkle", "status")

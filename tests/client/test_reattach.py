@@ -10,9 +10,8 @@ import pytest
 from inprocess_server import InProcessServer
 
 from twinkle_client import _state
-from twinkle_client._reattach import open_session
 from twinkle_client.model import MockModel
-from twinkle_client.session import Session, default_lease_seconds
+from twinkle_client.session import Session, default_lease_seconds, open_session
 
 URL = "http://twinkle.test"
 BATCH = [{"input_ids": list(range(5, 25))}]

@@ -1,4 +1,5 @@
-"""Session lifecycle against the in-memory native API (httpx.MockTransport, no sockets)."""
+"""Session lifecycle against the real gateway on a mock worker, in-process behind a fault-injecting transport
+(``conftest.net``: no sockets)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import stat
 import time
 
 import pytest
-from fake_native_server import KEY
+from inprocess_server import KEY
 
 import twinkle_client
 from twinkle.types import AuthenticationError, GoneError
@@ -16,10 +17,10 @@ from twinkle_client import _state
 from twinkle_client._errors import ConnectionLostError
 
 
-def test_connect_creates_session_and_state_file(fake):
-    sess = twinkle_client.connect("http://fake", KEY, transport=fake.transport(), heartbeat=False)
-    assert sess.session_id in fake.sessions
-    assert fake.sessions[sess.session_id]["metadata"]["client"] == "twinkle_client"
+def test_connect_creates_session_and_state_file(net):
+    sess = twinkle_client.connect("http://fake", KEY, transport=net, heartbeat=False)
+    held = net.server.get(f"sessions/{sess.session_id}")
+    assert held["state"] == "active" and held["metadata"]["client"] == "twinkle_client"
     conn = _state.twinkle_home() / "connection.json"
     data = json.loads(conn.read_text())
     assert data == {**data, "url": "http://fake", "api_key": KEY, "session_id": sess.session_id, "pid": os.getpid()}
@@ -27,36 +28,36 @@ def test_connect_creates_session_and_state_file(fake):
     assert (_state.twinkle_home() / "connections" / f"{os.getpid()}.json").exists()
     assert twinkle_client.current_session() is sess
     sess.close()
-    assert fake.sessions[sess.session_id]["state"] == "closed"
+    assert net.server.get(f"sessions/{sess.session_id}")["state"] == "closed"
     assert not conn.exists()
     with pytest.raises(ConnectionLostError, match="not connected"):
         twinkle_client.current_session()
 
 
-def test_context_manager_closes(fake):
-    with twinkle_client.connect("http://fake", KEY, transport=fake.transport(), heartbeat=False) as sess:
+def test_context_manager_closes(net):
+    with twinkle_client.connect("http://fake", KEY, transport=net, heartbeat=False) as sess:
         sid = sess.session_id
-        assert fake.sessions[sid]["state"] == "active"
-    assert fake.sessions[sid]["state"] == "closed"
+        assert net.server.get(f"sessions/{sid}")["state"] == "active"
+    assert net.server.get(f"sessions/{sid}")["state"] == "closed"
     assert sess.closed
 
 
-def test_background_heartbeat_extends_lease(fake):
-    sess = twinkle_client.connect("http://fake", KEY, transport=fake.transport(), lease_seconds=0.6)
+def test_background_heartbeat_extends_lease(net):
+    sess = twinkle_client.connect("http://fake", KEY, transport=net, lease_seconds=0.6)
     try:
         assert sess.heartbeat_interval == pytest.approx(0.2)
         deadline = time.time() + 5
-        while fake.heartbeats < 3 and time.time() < deadline:
+        while net.heartbeats < 3 and time.time() < deadline:
             time.sleep(0.05)
-        assert fake.heartbeats >= 3
+        assert net.heartbeats >= 3
         assert sess.state == "connected"
     finally:
         sess.close()
 
 
-def test_heartbeat_marks_expired_session(fake):
-    sess = twinkle_client.connect("http://fake", KEY, transport=fake.transport(), lease_seconds=0.3)
-    fake.sessions[sess.session_id]["state"] = "expired"
+def test_heartbeat_marks_expired_session(net):
+    sess = twinkle_client.connect("http://fake", KEY, transport=net, lease_seconds=0.3)
+    net.server.expire_sessions()  # its lease lapses on the server (the reaper runs an hour ahead)
     deadline = time.time() + 5
     while sess.state != "expired" and time.time() < deadline:
         time.sleep(0.05)
@@ -65,11 +66,11 @@ def test_heartbeat_marks_expired_session(fake):
     sess.close()
 
 
-def test_network_blip_reconnects(fake):
-    sess = twinkle_client.connect("http://fake", KEY, transport=fake.transport(), lease_seconds=0.6,
+def test_network_blip_reconnects(net):
+    sess = twinkle_client.connect("http://fake", KEY, transport=net, lease_seconds=0.6,
                                   retry_seconds=5.0)
     try:
-        fake.down = True
+        net.down = True
         deadline = time.time() + 5
         while sess.state != "reconnecting" and time.time() < deadline:
             time.sleep(0.02)
@@ -78,45 +79,45 @@ def test_network_blip_reconnects(fake):
         t0 = time.time()
         import threading
 
-        threading.Timer(0.4, lambda: setattr(fake, "down", False)).start()
+        threading.Timer(0.4, lambda: setattr(net, "down", False)).start()
         caps = sess.capabilities(refresh=True)
-        assert caps.base_models[0].name == "builtin://tiny"
+        assert caps.base_models[0].name == "mock://tiny"
         assert time.time() - t0 >= 0.3
         deadline = time.time() + 5
         while sess.state != "connected" and time.time() < deadline:
             time.sleep(0.02)
         assert sess.state == "connected"
     finally:
-        fake.down = False
+        net.down = False
         sess.close()
 
 
-def test_no_server_answers_fast_with_clear_error(fake):
-    fake.down = True
+def test_no_server_answers_fast_with_clear_error(net):
+    net.down = True
     t0 = time.time()
     with pytest.raises(ConnectionLostError, match="no answer from the Twinkle server at http://fake"):
-        twinkle_client.connect("http://fake", KEY, transport=fake.transport(), retry_seconds=0.5)
+        twinkle_client.connect("http://fake", KEY, transport=net, retry_seconds=0.5)
     assert time.time() - t0 < 3
 
 
-def test_bad_key_is_authentication_error(fake):
+def test_bad_key_is_authentication_error(net):
     with pytest.raises(AuthenticationError, match="API key") as ei:
-        twinkle_client.connect("http://fake", "wrong", transport=fake.transport())
+        twinkle_client.connect("http://fake", "wrong", transport=net)
     assert ei.value.status == 401
 
 
-def test_reattach_by_session_id_and_resume(fake):
-    first = twinkle_client.connect("http://fake", KEY, transport=fake.transport(), heartbeat=False)
+def test_reattach_by_session_id_and_resume(net):
+    first = twinkle_client.connect("http://fake", KEY, transport=net, heartbeat=False)
     sid = first.session_id
     first.detach()  # the process "dies" without closing
-    again = twinkle_client.connect("http://fake", KEY, session_id=sid, transport=fake.transport(), heartbeat=False)
-    assert again.session_id == sid and len(fake.sessions) == 1
+    again = twinkle_client.connect("http://fake", KEY, session_id=sid, transport=net, heartbeat=False)
+    assert again.session_id == sid and len(net.server.get("sessions")["sessions"]) == 1
     again.detach()
-    resumed = twinkle_client.Session.resume(transport=fake.transport(), heartbeat=False)
+    resumed = twinkle_client.Session.resume(transport=net, heartbeat=False)
     assert resumed.session_id == sid and resumed.api_key == KEY
     resumed.close()
     with pytest.raises(GoneError, match="closed"):
-        twinkle_client.connect("http://fake", KEY, session_id=sid, transport=fake.transport(), heartbeat=False)
+        twinkle_client.connect("http://fake", KEY, session_id=sid, transport=net, heartbeat=False)
 
 
 def test_resume_without_state_file_says_so():
@@ -124,10 +125,10 @@ def test_resume_without_state_file_says_so():
         twinkle_client.Session.resume()
 
 
-def test_init_twinkle_client_reads_env(fake, monkeypatch):
+def test_init_twinkle_client_reads_env(net, monkeypatch):
     monkeypatch.setenv("TWINKLE_SERVER_URL", "http://fake")
     monkeypatch.setenv("TWINKLE_API_KEY", KEY)
-    sess = twinkle_client.init_twinkle_client(transport=fake.transport(), heartbeat=False)
+    sess = twinkle_client.init_twinkle_client(transport=net, heartbeat=False)
     assert sess.url == "http://fake" and sess.api_key == KEY
     assert twinkle_client.current_session() is sess
     sess.detach()
@@ -136,14 +137,14 @@ def test_init_twinkle_client_reads_env(fake, monkeypatch):
         twinkle_client.init_twinkle_client()
 
 
-def test_repr_html_shows_server_models_runs_capacity_lease(session, fake):
+def test_repr_html_shows_server_models_runs_capacity_lease(session, net):
     from twinkle_client.model import TransformersModel
 
     m = TransformersModel(session=session)
     m.add_adapter_to_model("mine", {"rank": 8})
     page = session._repr_html_()
     assert "http://fake" in page and session.session_id in page
-    assert "builtin://tiny" in page and "rank ≤ 64" in page
+    assert "mock://tiny" in page and "rank ≤ 16" in page
     assert m.run_id in page and "mine" in page
-    assert "adapters 1/4" in page
+    assert "adapters 1/8" in page
     assert "lease" in page and "connected" in page

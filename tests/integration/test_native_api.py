@@ -127,9 +127,12 @@ def test_two_clients_learn_and_their_steps_are_batched_together(twinkle_server):
             _done(a, busy)
 
         def mixed() -> list[dict]:
+            # alice's status names only her own run; bob's adapter in the same batch is a count (isolation)
             st = a.get(f"{API}/status").json()
-            return [bt for w in st["workers"] if w["base_model"] == base for bt in w["recent_batches"]
-                    if bt["mixed"] and set(runs.values()) <= set(bt["adapters"])]
+            seen = [bt for w in st["workers"] if w["base_model"] == base for bt in w["recent_batches"]]
+            assert all(runs["bob"] not in bt["adapters"] for bt in seen)
+            return [bt for bt in seen
+                    if bt["mixed"] and runs["alice"] in bt["adapters"] and bt.get("other_adapters", 0) >= 1]
 
         for _ in range(3):
             together(3)

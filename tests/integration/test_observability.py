@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from tests.integration.conftest import _free_port, own_server
+from tests.otlp_receiver import OtlpReceiver
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -45,72 +46,14 @@ def _server_cfg(otlp_port: int) -> dict:
     (two users' runs share its batches) and traces sent to the test's OTLP/HTTP receiver."""
     cfg = yaml.safe_load((COOKBOOK / "server_config.yaml").read_text())
     cfg["auth"] = {"bootstrap_key_env": None}
-    cfg["telemetry"]["otlp"] = {"endpoint": f"http://127.0.0.1:{otlp_port}", "protocol": "http/protobuf"}
+    cfg["telemetry"]["otlp"] = {"endpoint": f"http://127.0.0.1:{otlp_port}", "protocol": "http/protobuf",
+                                "metrics": True}  # the cookbook scrapes only; here metrics are pushed as well
+    cfg["telemetry"]["metric_export_interval_s"] = 1
     cfg["models"] = [{"name": "mock", "backend": "mock", "model_id": "mock://tiny", "replicas": 2,
                       "max_queue": 2, "ray_actor_options": {"num_cpus": 0}},
                      {"name": "mock-one", "backend": "mock", "model_id": "mock://tiny",
                       "ray_actor_options": {"num_cpus": 0}}]
     return cfg
-
-
-class OtlpReceiver:
-    """A minimal OTLP/HTTP trace receiver: decodes ExportTraceServiceRequest with opentelemetry-proto."""
-
-    def __init__(self) -> None:
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-            ExportTraceServiceRequest,
-            ExportTraceServiceResponse,
-        )
-
-        self.spans: list[dict] = []
-        lock = self.lock = threading.Lock()
-        spans = self.spans
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                req = ExportTraceServiceRequest()
-                req.ParseFromString(body)
-                with lock:
-                    for rs in req.resource_spans:
-                        res = {a.key: a.value.string_value for a in rs.resource.attributes}
-                        for ss in rs.scope_spans:
-                            for sp in ss.spans:
-                                spans.append({
-                                    "name": sp.name, "trace_id": sp.trace_id.hex(), "span_id": sp.span_id.hex(),
-                                    "parent": sp.parent_span_id.hex(), "resource": res,
-                                    "attrs": {a.key: _any(a.value) for a in sp.attributes},
-                                    "links": [{"trace_id": ln.trace_id.hex(), "span_id": ln.span_id.hex(),
-                                               "attrs": {a.key: _any(a.value) for a in ln.attributes}}
-                                              for ln in sp.links]})
-                out = ExportTraceServiceResponse().SerializeToString()
-                self.send_response(200)
-                self.send_header("content-type", "application/x-protobuf")
-                self.send_header("content-length", str(len(out)))
-                self.end_headers()
-                self.wfile.write(out)
-
-            def log_message(self, *a: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def trace(self, trace_id: str) -> list[dict]:
-        with self.lock:
-            return [s for s in self.spans if s["trace_id"] == trace_id]
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-
-
-def _any(v) -> object:
-    kind = v.WhichOneof("value")
-    return getattr(v, kind) if kind else None
 
 
 @pytest.fixture(scope="module")
@@ -281,6 +224,24 @@ def test_prometheus_scrapes_workload_and_dashboard_has_data(stack):
     replicas = {r["metric"]["replica"] for r in _query(prom, "twinkle_worker_process_resident_memory_bytes")}
     assert replicas == {"0", "1"}
     assert _scalar(prom, 'sum(twinkle_queue_wait_seconds_count{operation="forward_backward"})') == 10
+
+    # the same metrics arrive pushed over OTLP (gateway + both worker replicas), with the same totals
+    want = {(name, kind): n for u, name in ((alice, "alice"), (bob, "bob"))
+            for kind, n in (("trained", u.trained), ("prefilled", u.prefilled), ("sampled", u.sampled))}
+    deadline = time.monotonic() + 30
+    while True:
+        pushed = srv.otlp.last_metrics()
+        got_pushed = {(p["attrs"]["user"], p["attrs"]["kind"]): p["value"]
+                      for p in pushed.get("twinkle_user_tokens", {}).get("points", [])}
+        if {k: got_pushed.get(k, 0) for k in want} == want or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert {k: got_pushed.get(k, 0) for k in want} == want
+    waits = [p for p in pushed["twinkle_queue_wait_seconds"]["points"]
+             if p["attrs"].get("operation") == "forward_backward"]
+    assert {p["attrs"]["replica"] for p in pushed["twinkle_worker_process_resident_memory_bytes"]["points"]} \
+        == {"0", "1"}
+    assert sum(p["count"] for p in waits) == 10
 
     # usage metering: the route (own / admin) and the CLI agree with what was sent
     mine = alice.c.get("/usage").json()["rows"]

@@ -92,6 +92,7 @@ def _train(backend, *, interleave: bool) -> tuple[ForwardBackwardOutput, list, l
         backend.remove_adapter("t")
 
 
+@pytest.mark.slow
 def test_interleaved_training_equals_unsplit_and_lets_samples_in(backend):
     whole, g1, ev1, s1, _ = _train(backend, interleave=False)
     split, g2, ev2, s2, state = _train(backend, interleave=True)

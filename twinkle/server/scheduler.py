@@ -31,6 +31,7 @@ Nothing here imports torch: the backend does.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import heapq
 import itertools
 import logging
@@ -879,6 +880,24 @@ class Scheduler:
             i = j
         self.stats["interleaved_batches"] += 1
 
+    def _await_on_loop(self, loop: asyncio.AbstractEventLoop, coro: Any) -> Any:
+        """Run ``coro`` on the event loop and wait for its result; None when the scheduler or loop closes first
+        (never abandoned otherwise: a plan that ran must reach the engine, else its samples would hang)."""
+        try:
+            cfut = asyncio.run_coroutine_threadsafe(coro, loop)
+        except RuntimeError:  # loop closed
+            coro.close()
+            return None
+        while True:
+            try:
+                return cfut.result(timeout=1.0)
+            except concurrent.futures.TimeoutError:
+                if self._closed or loop.is_closed():
+                    return None
+            except BaseException:  # noqa: BLE001 - cancelled at shutdown
+                log.debug("could not plan samples between training slices", exc_info=True)
+                return None
+
     def _sample_between(self, exclude: frozenset[str], train_s: float) -> None:
         """A sampling slice between two training slices: at most ``max(sample_slice_s, train_s)`` of decode
         steps (so each kind gets about half of the device while both wait). Never raises."""
@@ -890,11 +909,10 @@ class Scheduler:
                 async def plan() -> tuple[Any, ...]:
                     return self._plan_samples(exclude)
 
-                try:
-                    planned = asyncio.run_coroutine_threadsafe(plan(), loop).result(timeout=5.0)
-                except BaseException:  # noqa: BLE001 - loop closing or busy: sampling waits for the next tick
-                    log.debug("could not plan samples between training slices", exc_info=True)
+                got = self._await_on_loop(loop, plan())
+                if got is None:
                     return
+                planned = got
             sub = _Tick([], [], [], *planned)
             if not sub.samples and not self._engine_busy():
                 return  # what waits cannot be admitted now (budget, a barrier): training goes on

@@ -13,6 +13,7 @@ Example::
       otlp:
         endpoint: http://localhost:4318
         protocol: http/protobuf  # or grpc
+        metrics: true            # push metrics over OTLP too (traces always go there)
       trace_sample_ratio: 1.0
       metric_export_interval_s: 15
       logs: {format: json, level: info}
@@ -72,6 +73,8 @@ class OtlpConfig(_Strict):
     headers: dict[str, str] = Field(default_factory=dict,
                                     description="extra headers sent to the collector (e.g. an auth header)")
     timeout_s: float = Field(10.0, gt=0, le=300)
+    metrics: bool = Field(True, description="push metrics too (every metric_export_interval_s); false when the "
+                                            "collector takes traces only (e.g. Tempo) and Prometheus scrapes")
 
     @field_validator("endpoint")
     @classmethod

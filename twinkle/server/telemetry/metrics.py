@@ -255,9 +255,11 @@ class GatewayMetrics:
         self.operation_done(operation, base_model, time.perf_counter() - t0, None)
         return out
 
-    # ---- scrape --------------------------------------------------------------------------------------------
-    async def render(self, service: Any) -> bytes:
-        """The exposition: the gateway's own metrics and every worker replica's, labelled by replica."""
+    # ---- scrape ----------------------------------------------------------------------------------------------
+    async def collect(self, service: Any) -> list[Metric]:
+        """Every metric family the endpoint serves: the gateway's own, then every worker replica's (labelled by
+        ``base_model`` and ``replica``). The Prometheus scrape and the OTLP push (:mod:`.otlp_metrics`) both
+        read this, so they show the same families, labels and values."""
         import asyncio
 
         self.state.labels("sessions_active").set(len(service.sessions.active))
@@ -278,10 +280,13 @@ class GatewayMetrics:
                 self.scrape_errors.labels(labels["base_model"]).inc()
                 continue
             parts.append((labels, res))
-        own = prometheus_client.generate_latest(self.registry)
+        return list(self.registry.collect()) + merge_expositions(parts)
+
+    async def render(self, service: Any) -> bytes:
+        """The Prometheus exposition of :meth:`collect`."""
         merged = CollectorRegistry(auto_describe=False)
-        merged.register(_Static(merge_expositions(parts)))
-        return own + prometheus_client.generate_latest(merged)
+        merged.register(_Static(await self.collect(service)))
+        return prometheus_client.generate_latest(merged)
 
 
 class HttpMetricsMiddleware:

@@ -38,10 +38,34 @@ def install_telemetry(app: FastAPI, config: Any, service: Any) -> GatewayMetrics
 
         setup_tracing(tel, "gateway")
         metrics.tracing = True
+        if tel.otlp.metrics:
+            _install_metric_push(app, tel, metrics, service)
     from .logs import configure_logging
 
     configure_logging(config)
     return metrics
+
+
+def _install_metric_push(app: FastAPI, tel: Any, metrics: GatewayMetrics, service: Any) -> None:
+    """OTLP metric push for the app's lifetime: started inside the app's lifespan, stopped (with a last push)
+    before the service stops, so the worker replicas still answer."""
+    from contextlib import asynccontextmanager
+
+    from .otlp_metrics import OtlpMetricsPusher
+
+    pusher = app.state.otlp_metrics = OtlpMetricsPusher(tel, metrics, service)
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(a: Any) -> Any:
+        async with inner(a) as state:
+            pusher.start()
+            try:
+                yield state
+            finally:
+                await pusher.stop()
+
+    app.router.lifespan_context = lifespan
 
 
 def _authorize(request: Request, service: Any, access: str, token: str | None) -> None:
