@@ -3,10 +3,9 @@
 * guess_number's training batch (256 datums x 441 tokens = 112 896 tokens, importance_sampling inputs at 24
   estimated bytes a token) is 7 chunks under the shipped config's advertised limits: well under the worker's
   ``max_pending_per_adapter`` (64), and it trains;
-* a batch split into more chunks than ``max_pending_per_adapter`` still fails today: the worker refuses the
-  surplus chunks as FAILED FUTURES (``CapacityError`` inside the gateway's task), which the SDK does not retry,
-  instead of an HTTP 429 at submit (which it retries with backoff). xfail(strict) until admission moves to the
-  gateway's submit path (see docs/status.md).
+* a batch split into more chunks than ``max_pending_per_adapter`` trains: the gateway admits a run's ops at
+  submit (``Service._admit``), so the surplus chunks get an HTTP 429 + Retry-After that the SDK retries, not a
+  failed future from the worker's queue (which it never retries: "too many requests queued for this adapter").
 """
 
 from __future__ import annotations
@@ -55,7 +54,6 @@ def test_guess_number_shaped_batch_trains():
     assert n_chunks * 4 <= limit, (n_chunks, limit)
 
 
-@pytest.mark.xfail(strict=True, reason="chunks over max_pending_per_adapter fail as futures, not as a 429 at submit")
 def test_more_chunks_than_the_per_adapter_queue_still_trains():
     raw = yaml.safe_load(TRANSFORMER_CONFIG.read_text())
     model = raw["models"][0]

@@ -36,6 +36,7 @@ from twinkle.data.convert import loss_weight_and_tokens
 from twinkle.loss import describe_losses
 from twinkle.model.images import check_image_data, expand_prompt
 from twinkle.types import (
+    CapacityError,
     ForbiddenError,
     ForwardBackwardOutput,
     InvalidInputError,
@@ -487,6 +488,7 @@ class Service:
             hit = self.runs.seen(run, seq_id, op_kind(op))
             if hit is not None:
                 return self._with_stop(self._replay(user, hit), sess)
+        self._admit(run, extra)
         replay = seq_id is not None and run.last_seq_id is not None and seq_id <= run.last_seq_id
         if seq_id is not None and not replay:
             run.last_seq_id = seq_id
@@ -498,9 +500,22 @@ class Service:
             self._skip_on_worker(worker, run.run_id, seq_id)
             raise
         ref, task = self._spawn_task(user, typ, run.run_id, self._guard(run, go), after=extra.ready)
+        extra.inflight += 1
+        task.add_done_callback(lambda _t: setattr(extra, "inflight", extra.inflight - 1))
         if seq_id is not None:
             self.runs.remember(run, seq_id, Applied(typ, ref, task))
         return self._with_stop(ref, sess)
+
+    def _admit(self, run: RunInfo, extra: Any) -> None:
+        """Back-pressure at submit: a run with ``max_pending_per_adapter`` ops in flight gets an HTTP 429 with
+        Retry-After before its seq_id is consumed (the Tinker SDK retries it with backoff), not a failed future
+        from the worker's queue (which the SDK never retries: a batch split into many chunks would fail for its
+        size). The worker keeps its own check as the last line; it never fires for ops admitted here."""
+        m = self.config.model(run.base_model)
+        limit = m.scheduler.max_pending_per_adapter if m is not None else None
+        if limit is not None and extra.inflight >= limit:
+            raise CapacityError(f"too many requests in flight for this run ({extra.inflight}); retry shortly",
+                                retry_after=1.0)
 
     @staticmethod
     def _with_stop(ref: FutureRef, sess: SessionInfo | None) -> FutureRef:

@@ -74,6 +74,7 @@ class RunExtra:
     dirty: bool = False  # work applied since the last training checkpoint (lost if the adapter is lost)
     rollback: str | None = None  # a one-time notice: the run was reloaded from an older checkpoint
     unloading: bool = False  # its adapter is being removed on purpose (session end, delete): never reload it
+    inflight: int = 0  # ops submitted and not finished: admission against max_pending_per_adapter (Service.submit)
 
 
 class Runs:
