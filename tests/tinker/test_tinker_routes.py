@@ -221,10 +221,11 @@ def test_asample_sequence_ids_and_proto(client):
 
 
 def test_failed_future_has_lower_case_category(client, service, monkeypatch):
-    import twinkle.server.tinker.routes as routes
+    import twinkle.server.tinker.futures as futures_routes
     from twinkle.server.state.futures import Future
 
-    monkeypatch.setattr(routes, "RETRIEVE_HOLD_S", 0.2)  # the pending one below is never finished
+    # the retrieve route's long-poll hold lives in the futures router: the pending one below is never finished
+    monkeypatch.setattr(futures_routes, "RETRIEVE_HOLD_S", 0.2)
     from twinkle.types.api import FutureState
 
     service.futures.by_id["fx"] = Future("fx", "alice", "forward_backward", None, state=FutureState(
