@@ -1,6 +1,6 @@
 """Test tiers for the whole repository.
 
-``pytest -m "not slow"`` is the fast tier (unit tests of every module, well under a minute); plain ``pytest``
+``pytest -m "not slow" -n 2`` is the fast tier (unit tests of every module, under a minute on 2 cores); plain ``pytest``
 runs everything. A test is slow when it starts a real server (``integration``), drives a browser
 (``browser``), runs a tutorial notebook (nbval), or carries ``@pytest.mark.slow`` itself.
 """

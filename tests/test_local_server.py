@@ -111,6 +111,7 @@ def test_temporary_workdir_is_removed_and_errors_keep_it(monkeypatch):
     assert not s.workdir.exists()
 
 
+@pytest.mark.slow  # signal handling of a child process: run sequentially (pytest-xdist workers change SIGINT)
 def test_ctrl_c_inside_the_with_block_still_stops_the_server(tmp_path, monkeypatch):
     script = tmp_path / "fake_launch.py"
     script.write_text(_FAKE_LAUNCH)
