@@ -5,33 +5,23 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from twinkle.server.app import create_app, worker_config
-from twinkle.server.config import parse_config
-from twinkle.server.store import Store
-from twinkle.server.worker import ModelWorker
 from twinkle.types import TensorData
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _mock_app import mock_app_client  # noqa: E402
 
 API = "/api/v1/twinkle"
 
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    tmp: Path = tmp_path_factory.mktemp("redteam-num")
-    cfg = parse_config({
-        "persistence": {"sqlite_path": str(tmp / "db.sqlite"), "checkpoint_root": str(tmp / "ck")},
-        "models": [{"name": "tiny", "backend": "mock", "model_id": "mock://tiny"}],
-    })
-    store = Store(cfg.persistence.sqlite_file())
-    key = store.create_key("alice")[1]
-    app = create_app(cfg, {"tiny": [ModelWorker(worker_config(cfg.models[0]))]}, store=store)
-    with TestClient(app, raise_server_exceptions=False, headers={"X-API-Key": key}) as c:
-        yield c
+    yield from mock_app_client(tmp_path_factory.mktemp("redteam-num"))
 
 
 BAD_TENSORS = [
