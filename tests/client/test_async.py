@@ -1,9 +1,13 @@
 """Async twins: ``await`` on remote futures, ``a*`` model/sampler methods, ``session.aio``; two adapters trained
-with asyncio.gather finish faster than one after the other (real gateway + mock backend, in-process)."""
+with asyncio.gather have their requests in flight at the same time (real gateway + mock backend, in-process).
+
+Overlap is asserted by counting requests in flight at the transport, never by wall-clock time (timings are only
+printed: on a loaded CI machine a 0.8x speed-up bound is noise, and a test must not assert speed)."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -29,10 +33,36 @@ def server(tmp_path_factory):
 RTT_S = 0.03  # a server 30 ms away (in-process there is no network to overlap)
 
 
-def _far(server):
+class _InFlight:
+    """Counts requests in flight through the wrapped transport and remembers the most seen at once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.now = 0
+        self.peak = 0
+
+    def reset(self) -> None:
+        with self._lock:
+            self.now = self.peak = 0
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self.now -= 1
+
+
+def _far(server, in_flight: _InFlight | None = None):
     def handler(request, send):
-        time.sleep(RTT_S)
-        return send(request)
+        if in_flight is None:
+            time.sleep(RTT_S)
+            return send(request)
+        with in_flight:
+            time.sleep(RTT_S)
+            return send(request)
 
     return server.wrap(handler)
 
@@ -74,8 +104,9 @@ def test_await_future_and_async_session(server):
     sess.detach()
 
 
-def test_gather_two_adapters_is_faster_than_sequential(server):
-    sess, model = _two_adapters(server, _far(server))
+def test_gather_two_adapters_overlaps_their_requests(server):
+    in_flight = _InFlight()
+    sess, model = _two_adapters(server, _far(server, in_flight))
 
     async def sequential():
         return [await _train(model, "a", STEPS), await _train(model, "b", STEPS)]
@@ -83,19 +114,23 @@ def test_gather_two_adapters_is_faster_than_sequential(server):
     async def concurrent():
         return list(await asyncio.gather(_train(model, "a", STEPS), _train(model, "b", STEPS)))
 
-    asyncio.run(sequential())  # warm-up (the first steps compile/allocate)
+    in_flight.reset()
     t0 = time.perf_counter()
     seq_losses = asyncio.run(sequential())
     t_seq = time.perf_counter() - t0
+    seq_peak = in_flight.peak
+    in_flight.reset()
     t0 = time.perf_counter()
     con_losses = asyncio.run(concurrent())
     t_con = time.perf_counter() - t0
+    con_peak = in_flight.peak
     print(f"two adapters x {STEPS} steps, {RTT_S * 1000:.0f} ms RTT: sequential {t_seq:.2f}s, asyncio.gather {t_con:.2f}s "
           f"(ratio {t_seq / t_con:.2f})")
     assert all(len(x) == STEPS for x in seq_losses + con_losses)
-    assert t_con < t_seq * 0.8, (t_seq, t_con)
+    assert seq_peak == 1  # one after the other: never two requests on the wire at once
+    assert con_peak >= 2  # gathered: both adapters' requests wait on the (slow) network together
     for name in ("a", "b"):
-        assert sess.get_run(model._adapter(name).run_id).step == 3 * STEPS
+        assert sess.get_run(model._adapter(name).run_id).step == 2 * STEPS
     sess.detach()
 
 
