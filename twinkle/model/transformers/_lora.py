@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _decode
+
 Segment = tuple[int, int, "str | None"]
 
 
@@ -24,6 +26,7 @@ class Routing:
 
     segments: list[Segment]
     dropout: bool = False  # apply LoRA dropout (training passes only)
+    infer: bool = False  # a no-grad sampling pass: base layers may use their packed weight (``_decode``)
 
 
 class LoraPair(nn.Module):
@@ -65,6 +68,7 @@ class MultiLoraLinear(nn.Module):
         self.adapters = nn.ModuleDict()
         self._routing = routing_ref  # one-element list shared by all layers of the model
         self.unit = unit  # segments count rows of `unit` input rows each (vision mergers: merge_size**2 patches)
+        self.packed: torch.Tensor | None = None  # the base weight packed for inference (``_decode.pack_all``)
 
     @property
     def in_features(self) -> int:
@@ -79,8 +83,11 @@ class MultiLoraLinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         routing = self._routing[0]
+        if self.packed is not None and routing is not None and routing.infer:
+            out = _decode.linear(x, self.packed, self.base.bias)
+        else:
+            out = self.base(x)
         if routing is None or not self.adapters:
             return out
         segs = routing.segments

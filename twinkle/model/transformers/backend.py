@@ -83,14 +83,18 @@ class TransformersBackend(Backend):
     autocast: torch.dtype | None = None
     _keep_kw = False
     _continuous: bool | None = None
+    decode_kernels = False
+    _packed: bool | None = None
 
     def __init__(self, model_id: str, *, dtype: str = "float32", device: str | None = None, max_adapters: int = 64,
                  max_lora_rank: int = 256, attn_implementation: str | None = "sdpa",
-                 gradient_checkpointing: bool = False, autocast: str | None = None) -> None:
+                 gradient_checkpointing: bool = False, autocast: str | None = None,
+                 decode_kernels: bool = True) -> None:
         """``attn_implementation``: ``sdpa`` (default; a model that refuses it falls back to ``eager``), ``eager``,
         ``flash_attention_2``...; ``gradient_checkpointing``: recompute each decoder layer in the backward pass
         (less activation memory); ``autocast``: ``bfloat16``/``float16`` mixed precision for forward passes on
-        CUDA (ignored elsewhere, so CPU float32 stays exact)."""
+        CUDA (ignored elsewhere, so CPU float32 stays exact); ``decode_kernels``: on CPU, sample with the base
+        weights packed once for oneDNN (a second copy of them; see ``_decode``)."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
         if dtype not in _DTYPES:
@@ -138,6 +142,8 @@ class TransformersBackend(Backend):
         self._adapters: dict[str, AdapterState] = {}
         self._eos = self._eos_ids()
         self._continuous: bool | None = None
+        self.decode_kernels = bool(decode_kernels)
+        self._packed: bool | None = None
 
     # -- setup -----------------------------------------------------------------------------------------------
     def _wrap_linears(self) -> None:
@@ -249,8 +255,10 @@ class TransformersBackend(Backend):
     # -- compute ---------------------------------------------------------------------------------------------
     def _forward_logits(self, ids: torch.Tensor, segments: list[Segment], *, train: bool, mask: torch.Tensor | None = None,
                         pos: torch.Tensor | None = None, cache: Any = None, use_cache: bool = False,
-                        vision: VisionInputs | None = None, last_only: bool = False) -> tuple[torch.Tensor, Any]:
-        self._routing[0] = Routing(segments, dropout=train)
+                        vision: VisionInputs | None = None, last_only: bool = False,
+                        infer: bool = False) -> tuple[torch.Tensor, Any]:
+        """``infer``: a no-grad sampling pass (base layers may use their packed inference weights)."""
+        self._routing[0] = Routing(segments, dropout=train, infer=infer and not train)
         if vision is not None:
             self._vrouting[0] = Routing(vision.patch_segments, dropout=train)
             pos = vision.position_ids
@@ -488,10 +496,17 @@ class TransformersBackend(Backend):
                         segments: list[Segment], last_only: bool = False) -> tuple[torch.Tensor, Any]:
         """``last_only``: logits of the last position only (a prefill without prompt logprobs: the unembedding
         of every prompt position is skipped, a large saving for big vocabularies)."""
-        if last_only:
-            return self._forward_logits(ids, segments, train=False, mask=mask, pos=pos, cache=cache, use_cache=True,
-                                        last_only=True)
-        return self._forward_logits(ids, segments, train=False, mask=mask, pos=pos, cache=cache, use_cache=True)
+        return self._forward_logits(ids, segments, train=False, mask=mask, pos=pos, cache=cache, use_cache=True,
+                                    last_only=last_only, infer=self._decode_kernels())
+
+    def _decode_kernels(self) -> bool:
+        """Pack the base linear weights for inference on first use (see ``_decode``); whether they are."""
+        if self._packed is None:
+            from . import _decode
+
+            self._packed = self.decode_kernels and _decode.pack_all(
+                self._layers.values(), device=self.device, dtype=self.dtype)
+        return self._packed
 
     def _decode_text(self, toks: list[int]) -> str:
         return self._tokenizer.decode(toks, skip_special_tokens=False)
