@@ -39,6 +39,7 @@ __all__ = [
     "SchedulerSettings",
     "ServerConfig",
     "dump_config",
+    "expand_env",
     "load_config",
     "parse_config",
 ]
@@ -303,8 +304,34 @@ def parse_config(data: Any, source: str = "<dict>") -> ServerConfig:
         raise ConfigError(msg, field=field) from None
 
 
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(data: Any, where: str = "") -> Any:
+    """``${NAME}`` and ``${NAME:-default}`` in the string values of a loaded YAML file, from the environment
+    (``$`` alone is left as it is). An unset variable without a default is an error naming the key."""
+    if isinstance(data, dict):
+        return {k: expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [expand_env(v, f"{where}[{i}]") for i, v in enumerate(data)]
+    if not isinstance(data, str) or "${" not in data:
+        return data
+
+    def one(m: re.Match[str]) -> str:
+        value = os.environ.get(m.group(1))
+        if m.group(2) is not None and not value:  # as in the shell: the default when unset or empty
+            return m.group(2)
+        if value is None:
+            raise ConfigError(f"{where or '<top level>'}: environment variable {m.group(1)} is not set "
+                              f"(write ${{{m.group(1)}:-default}} to give a default)", field=where)
+        return value
+
+    return _ENV_REF.sub(one, data)
+
+
 def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> ServerConfig:
-    """Read and validate a YAML file. ``overrides`` are dotted keys (``{"http.port": 8001}``)."""
+    """Read and validate a YAML file. ``overrides`` are dotted keys (``{"http.port": 8001}``). String values
+    may name environment variables: ``${NAME}`` or ``${NAME:-default}`` (see :func:`expand_env`)."""
     import yaml
 
     p = Path(path)
@@ -314,6 +341,7 @@ def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None =
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"config {p} is not valid YAML: {e}", field="config") from None
+    data = expand_env(data)
     if overrides:
         data = dict(data or {})
         for dotted, value in overrides.items():
