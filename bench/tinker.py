@@ -230,7 +230,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--servers", default="ray,ray-serveproxy,uvicorn",
                    help="latency on: ray (twinkle-server launch, default HAProxy ingress and placement), ray-replica "
-                        "(the mock worker in its own replica: placement: replica), ray-serveproxy (http.proxy: serve), uvicorn (the gateway app without Ray)")
+                        "(the mock worker in its own replica: placement: replica), ray-direct (http.proxy: direct), ray-serveproxy (http.proxy: serve), uvicorn (the gateway app without Ray)")
     args = p.parse_args()
     servers = [s for s in args.servers.split(",") if s]
     print(f"load average at start: {os.getloadavg()}")
@@ -241,6 +241,7 @@ def main() -> None:
         for kind, proxy, placement, label in (
                 ("ray", "haproxy", "auto", "real server (HAProxy ingress, worker in the gateway: the defaults)"),
                 ("ray-replica", "haproxy", "replica", "real server (HAProxy ingress, worker in its own replica)"),
+                ("ray-direct", "direct", "auto", "real server (http.proxy: direct, worker in the gateway)"),
                 ("ray-serveproxy", "serve", "auto", "real server (Python proxy actor, worker in the gateway)")):
             if kind not in servers:
                 continue

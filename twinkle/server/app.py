@@ -23,10 +23,12 @@ from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import unquote
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette._utils import get_route_path
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from twinkle.types import InvalidInputError, LimitExceededError, TwinkleError
 
@@ -218,14 +220,39 @@ def create_app(
         install_telemetry(app, config, service)
     from .telemetry.routes import create_usage_router
 
-    native = [health_router(), create_native_router(), create_stream_router(), create_usage_router()]
-    for router in native:
-        app.include_router(router)
-    app.include_router(create_openai_router())
+    # FastAPI matches a request against the routers in the order they were included, trying each route in turn
+    # (tens of microseconds per route): each area below is skipped at once for a path outside it, and the
+    # Tinker area (the SDK's hot path: forward_backward, retrieve_future) comes before the native one.
+    app.include_router(health_router())
     tinker = _tinker_router()
     if tinker is not None:
-        app.include_router(tinker, prefix="/api/v1")
+        tinker_area = _AreaRouter("/api/v1/", reject="/api/v1/twinkle/")
+        tinker_area.include_router(tinker, prefix="/api/v1")
+        app.include_router(tinker_area)
+    native = _AreaRouter("/api/v1/twinkle/")
+    for router in (create_native_router(), create_stream_router(), create_usage_router()):
+        native.include_router(router)
+    app.include_router(native)
+    app.include_router(create_openai_router())
     return app
+
+
+class _AreaRouter(APIRouter):
+    """Routes under one path prefix, skipped at once for any other path. FastAPI ≥ 0.16x asks an included router
+    whether it ``matches`` a request and then tries its routes one by one; a request for another area would try
+    them all (~0.5 ms for the native routes before a Tinker one). Older FastAPI copies the routes into the app
+    and never calls this ``matches``: then it changes nothing."""
+
+    def __init__(self, accept: str, *, reject: str | None = None):
+        super().__init__()
+        self._accept = accept
+        self._reject = reject
+
+    def matches(self, scope: Any) -> tuple[Match, Any]:
+        path = get_route_path(scope)
+        if not path.startswith(self._accept) or (self._reject is not None and path.startswith(self._reject)):
+            return Match.NONE, {}
+        return super().matches(scope)
 
 
 def _tinker_router() -> Any:
