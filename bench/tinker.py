@@ -1,10 +1,11 @@
-"""Tinker-compatibility overhead, measured side by side in one run against ONE server.
+"""Tinker-compatibility overhead, measured side by side in one run (servers measured in alternation).
 
 1. Latency of a trivial forward_backward round trip (1 datum, 2 tokens, mock backend) through the unmodified
    Tinker SDK (submit + retrieve_future), next to the same round trip with raw HTTP on the Tinker routes and
    through the native ``twinkle_client``: p50 / p99 in ms. Measured on the real server (``twinkle-server
-   launch``: HAProxy -> gateway replica -> worker replica; and with ``http.proxy: serve``, Ray Serve's Python
-   proxy actor in place of HAProxy) and, for reference, on the gateway app with
+   launch`` with its default config, and variants: HAProxy ingress, the worker in its own replica, Ray Serve's
+   Python proxy actor; ``--before-tree`` adds a server run from another checkout) and, for reference, on the
+   gateway app with
    an in-process worker under uvicorn (no Ray hops; shares this process's GIL). ``GET healthz`` is the floor
    of one HTTP round trip through each server.
 2. SFT throughput (forward_backward + optim_step on builtin://tiny, transformers backend): tokens/s through the
@@ -12,7 +13,7 @@
 
 The throughput server is the gateway app (``create_app`` + in-process ``ModelWorker``) under uvicorn on loopback.
 
-    .venv/bin/python bench/tinker.py [--n 200] [--steps 10] [--batch 8] [--seq 64] [--servers ray,ray-replica,ray-serveproxy,uvicorn]
+    .venv/bin/python bench/tinker.py [--n 200] [--steps 10] [--batch 8] [--seq 64] [--servers ray,ray-haproxy,ray-replica,ray-serveproxy,uvicorn] [--before-tree /work/main]
 """
 
 from __future__ import annotations
@@ -67,12 +68,15 @@ def _serverproc() -> Any:
     return mod
 
 
-def _start_ray(workdir: Path, proxy: str = "haproxy", placement: str = "auto") -> tuple[Any, str, str]:
+def _start_ray(workdir: Path, proxy: str | None = "haproxy", placement: str | None = "auto",
+               tree: str | None = None) -> tuple[Any, str, str]:
+    """``tree``: run the server from another checkout (``PYTHONPATH``), e.g. main, with that tree's defaults."""
     sp = _serverproc()
-    cfg, url = sp.write_config(workdir, [{**sp.MOCK_MODEL, "placement": placement}], proxy=proxy)
+    model = dict(sp.MOCK_MODEL) if placement is None else {**sp.MOCK_MODEL, "placement": placement}
+    cfg, url = sp.write_config(workdir, [model], proxy=proxy)
     key = sp.create_key(cfg)
     log = workdir / "server.log"
-    proc = sp.launch(cfg, log)
+    proc = sp.launch(cfg, log, env={"PYTHONPATH": tree} if tree else None, cwd=tree)
     sp.wait_healthy(proc, url, log)
     return proc, url, key
 
@@ -90,6 +94,7 @@ class _Prober:
 
         self.label = label
         self.times: dict[str, list[float]] = {k: [] for k in ("floor", "sdk", "raw", "native")}
+        self.client_cpu: dict[str, float] = {}
         self._plain = httpx.Client(base_url=url)
         self._sc = tinker.ServiceClient(base_url=url, api_key=key)
         self._tc = self._sc.create_lora_training_client(base_model=base_model, rank=4).result()
@@ -106,11 +111,14 @@ class _Prober:
         self._model.add_adapter_to_model("bench", r=4)
 
     def _time(self, name: str, fn: Any, n: int, keep: bool) -> None:
+        cpu = time.process_time()
         for _ in range(n):
             t = time.perf_counter()
             fn()
             if keep:
                 self.times[name].append(time.perf_counter() - t)
+        if keep:  # this (client) process's CPU per call, all its threads: what the client itself costs
+            self.client_cpu[name] = self.client_cpu.get(name, 0.0) + (time.process_time() - cpu)
 
     def round(self, n: int, keep: bool = True) -> None:
         from tinker import types as tt
@@ -147,6 +155,8 @@ class _Prober:
             _row("native twinkle_client", t["native"]),
             f"SDK / raw HTTP p50 ratio: {statistics.median(t['sdk']) / statistics.median(t['raw']):.2f}x; "
             f"SDK / native p50 ratio: {statistics.median(t['sdk']) / statistics.median(t['native']):.2f}x",
+            "client process CPU per call (ms): " + ", ".join(
+                f"{k} {self.client_cpu.get(k, 0.0) / max(1, len(t[k])) * 1000:.2f}" for k in t),
         ]
 
 
@@ -229,8 +239,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--servers", default="ray,ray-serveproxy,uvicorn",
-                   help="latency on: ray (twinkle-server launch, default HAProxy ingress and placement), ray-replica "
-                        "(the mock worker in its own replica: placement: replica), ray-direct (http.proxy: direct), ray-serveproxy (http.proxy: serve), uvicorn (the gateway app without Ray)")
+                   help="latency on: ray (twinkle-server launch, default config), ray-haproxy (http.proxy: haproxy), "
+                        "ray-replica (haproxy, the worker in its own replica: placement: replica), ray-serveproxy "
+                        "(http.proxy: serve), uvicorn (the gateway app without Ray)")
+    p.add_argument("--before-tree", default=None,
+                   help="also measure a server run from this checkout (e.g. /work/main) with its default config, "
+                        "first in the table: the ratios are against it")
     args = p.parse_args()
     servers = [s for s in args.servers.split(",") if s]
     print(f"load average at start: {os.getloadavg()}")
@@ -238,10 +252,15 @@ def main() -> None:
     procs: list[Any] = []
     probers: list[_Prober] = []
     try:
+        if args.before_tree:
+            workdir = Path(tempfile.mkdtemp(prefix="twinkle-bench-tinker-"))
+            proc, url, key = _start_ray(workdir, None, None, args.before_tree)
+            procs.append(proc)
+            probers.append(_Prober(url, key, "mock", f"before: real server from {args.before_tree}, its defaults"))
         for kind, proxy, placement, label in (
-                ("ray", "haproxy", "auto", "real server (HAProxy ingress, worker in the gateway: the defaults)"),
+                ("ray", None, None, "real server, default config (direct ingress, worker in the gateway)"),
+                ("ray-haproxy", "haproxy", "auto", "real server (HAProxy ingress, worker in the gateway)"),
                 ("ray-replica", "haproxy", "replica", "real server (HAProxy ingress, worker in its own replica)"),
-                ("ray-direct", "direct", "auto", "real server (http.proxy: direct, worker in the gateway)"),
                 ("ray-serveproxy", "serve", "auto", "real server (Python proxy actor, worker in the gateway)")):
             if kind not in servers:
                 continue

@@ -42,6 +42,12 @@ def test_direct_ingress_puts_the_gateway_replica_on_the_server_port(clean_env):
     assert set(env) <= set(launcher._PROXY_KEYS)  # passed on to a cluster's Serve controller too
 
 
+def test_auto_ingress_is_direct_locally_and_haproxy_on_a_cluster():
+    assert launcher.ingress("auto", None) == "direct"
+    assert launcher.ingress("auto", "ray://head:10001") == "haproxy"
+    assert launcher.ingress("serve", None) == "serve" and launcher.ingress("haproxy", None) == "haproxy"
+
+
 def test_missing_haproxy_falls_back_to_the_python_proxy(clean_env, tmp_path, caplog):
     clean_env.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(tmp_path / "no-such-haproxy"))
     with caplog.at_level("WARNING", logger="twinkle.server"):

@@ -59,12 +59,12 @@ class _Strict(BaseModel):
 class HttpConfig(_Strict):
     host: str = Field("0.0.0.0", description="interface the HTTP proxy binds to")
     port: int = Field(8000, ge=1, le=65535)
-    proxy: Literal["haproxy", "direct", "serve"] = Field(
-        "haproxy",
-        description="HTTP ingress: 'haproxy' (Ray Serve's HAProxy ingress in front of the gateway replica's own "
-        "HTTP server; Linux, shipped with ray[serve]), 'direct' (the gateway replica's own HTTP server listens on "
-        "http.port: no proxy hop, no HAProxy processes; one gateway replica) or 'serve' (Ray Serve's Python "
-        "proxy actor)",
+    proxy: Literal["auto", "direct", "haproxy", "serve"] = Field(
+        "auto",
+        description="HTTP ingress: 'direct' (the gateway replica's own HTTP server listens on http.port: no proxy "
+        "hop, no HAProxy processes), 'haproxy' (Ray Serve's HAProxy ingress in front of the gateway replica's own "
+        "HTTP server; Linux, shipped with ray[serve]), 'serve' (Ray Serve's Python proxy actor); 'auto': direct on "
+        "a local Ray, haproxy on an existing cluster (--address)",
     )
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from .config import ServerConfig
 from .orphans import mark_launch, prepare_port, reap_state
 
-__all__ = ["launch", "reap_haproxy", "wait_healthy"]
+__all__ = ["ingress", "launch", "reap_haproxy", "wait_healthy"]
 
 log = logging.getLogger("twinkle.server")
 
@@ -127,6 +127,14 @@ def _haproxy_binary() -> str | None:
         if os.access(cand, os.X_OK):
             return cand
     return None
+
+
+def ingress(proxy: str, address: str | None) -> str:
+    """``http.proxy`` resolved: ``auto`` is ``direct`` on a local Ray (one machine, one gateway replica: nothing
+    to balance) and ``haproxy`` on an existing cluster (HAProxy on each node the cluster's Serve runs)."""
+    if proxy != "auto":
+        return proxy
+    return "haproxy" if address else "direct"
 
 
 def _proxy_env(proxy: str, port: int = 8000) -> dict[str, str]:
@@ -346,7 +354,7 @@ def _launch(config: ServerConfig, *, address: str | None, num_cpus: int | None, 
         if not address:  # the orphan markers: for Ray's processes, not for the caller's later subprocesses
             mark_launch(str(config.persistence.sqlite_file()))
         os.environ.setdefault(_GRPC_LIMIT_ENV, str(replica_message_limit(config.limits.max_request_bytes)))
-        _prepare_env(address, config.http.proxy, config.http.port)
+        _prepare_env(address, ingress(config.http.proxy, address), config.http.port)
         imports = _preimport()
         _init_ray(address, num_cpus)
         imports.join()
