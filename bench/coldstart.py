@@ -88,10 +88,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="also host and train builtin://tiny (transformers)")
     ap.add_argument("--repeat", type=int, default=1)
-    ap.add_argument("--proxy", default="haproxy",
-                    help="http.proxy: haproxy (default), direct, serve, a comma-separated list of them, or both "
+    ap.add_argument("--proxy", default="auto",
+                    help="http.proxy: auto (default), direct, haproxy, serve, a comma-separated list of them, or both "
                          "(haproxy,serve); several: alternating runs, for comparison")
-    args = ap.parse_args()
     ap.add_argument("--placement", default="auto",
                     help="models[].placement for every model: auto (default), gateway, replica, or a comma-separated "
                          "list (alternating runs with each --proxy)")
