@@ -441,6 +441,11 @@ def build_serve_app(config: ServerConfig) -> Any:
     @serve.ingress()
     class Gateway:
         def __init__(self, config_json: dict[str, Any], handles: dict[str, list[Any]]):
+            from ._reuse_addr import reuse_address
+
+            if not reuse_address() and os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1":
+                log.warning("could not set SO_REUSEADDR on the gateway's HTTP socket: after a crash with open "
+                            "connections the port may stay busy for a minute")
             self._config = ServerConfig.model_validate(config_json)
             self._handles = handles
             self._local: dict[str, list[Any]] = {}
