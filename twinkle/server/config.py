@@ -60,10 +60,12 @@ class _Strict(BaseModel):
 class HttpConfig(_Strict):
     host: str = Field("0.0.0.0", description="interface the HTTP proxy binds to")
     port: int = Field(8000, ge=1, le=65535)
-    proxy: Literal["haproxy", "serve"] = Field(
-        "haproxy",
-        description="HTTP ingress: 'haproxy' (Ray Serve's HAProxy ingress in front of the gateway replica's own "
-        "HTTP server; Linux, shipped with ray[serve]) or 'serve' (Ray Serve's Python proxy actor)",
+    proxy: Literal["auto", "direct", "haproxy", "serve"] = Field(
+        "auto",
+        description="HTTP ingress: 'direct' (the gateway replica's own HTTP server listens on http.port: no proxy "
+        "hop, no HAProxy processes), 'haproxy' (Ray Serve's HAProxy ingress in front of the gateway replica's own "
+        "HTTP server; Linux, shipped with ray[serve]), 'serve' (Ray Serve's Python proxy actor); 'auto': direct on "
+        "a local Ray, haproxy on an existing cluster (--address)",
     )
 
 
@@ -156,6 +158,10 @@ class ModelConfig(_Strict):
                          "twinkle.model.base.Backend subclass (docs/models.md, custom backends)")
     model_id: str = Field(description="builtin://tiny, hf://org/name, ms://org/name or a local directory")
     replicas: int = Field(1, ge=1, description="worker deployments of this model (each holds its own adapters)")
+    placement: Literal["auto", "gateway", "replica"] = Field(
+        "auto", description="where the worker runs on Ray Serve: 'gateway' (inside the gateway replica: no "
+        "gateway -> worker hop, one process less), 'replica' (its own worker deployment(s), isolated from the "
+        "gateway), 'auto' (gateway when this is the server's only model, with one replica, not megatron)")
     ray_actor_options: RayActorOptions = Field(default_factory=RayActorOptions)
     max_adapters: int = Field(16, ge=1, description="adapters loaded at once on ONE replica")
     max_lora_rank: int = Field(64, ge=1, le=MAX_LORA_RANK, description="larger LoRA ranks answer 413")
@@ -254,6 +260,21 @@ class ServerConfig(_Strict):
                 raise ValueError(f"two models are named {m.served_name!r}; give each a distinct 'name'")
             seen.add(m.served_name)
         return self
+
+    @model_validator(mode="after")
+    def _gateway_placement(self) -> ServerConfig:
+        for i, m in enumerate(self.models):
+            if m.placement == "gateway" and m.replicas != 1:
+                raise ValueError(f"models[{i}]: placement 'gateway' hosts one replica; set replicas: 1 or "
+                                 "placement: replica")
+        return self
+
+    def in_gateway(self, m: ModelConfig) -> bool:
+        """Whether model ``m``'s worker runs inside the gateway replica (``placement``; ``auto``: the only
+        model, one replica, not megatron, which starts processes of its own)."""
+        if m.placement != "auto":
+            return m.placement == "gateway"
+        return len(self.models) == 1 and m.replicas == 1 and m.backend != "megatron"
 
     def model(self, name: str) -> ModelConfig | None:
         for m in self.models:
