@@ -1,8 +1,10 @@
 """The request scheduler inside a model worker.
 
 One scheduler drives one ``Backend``. It lives on an asyncio loop (the Ray Serve replica's loop, or a test's
-``asyncio.run``) and runs every backend call in ONE dedicated thread, so torch never blocks the loop and the
-backend stays single-threaded as its contract requires.
+``asyncio.run``) and runs every training call and barrier in ONE dedicated thread, so torch never blocks the
+loop. Sampling runs there too, unless the backend opts in to concurrent sampling (``backend.concurrent_sampling()``,
+config ``concurrent_sampling``): then the continuous sampler runs on a second thread of its own, beside
+training (see ``_dispatch_samples`` and docs/scheduler.md).
 
 Rules:
 
