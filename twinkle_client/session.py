@@ -422,6 +422,9 @@ class AsyncSession:
     async def get_run(self, run_id: str) -> RunInfo:
         return RunInfo.model_validate(await self.session.ahttp.get(f"runs/{run_id}"))
 
+    async def delete_run(self, run_id: str) -> RunInfo:
+        return RunInfo.model_validate(await self.session.ahttp.delete(f"runs/{run_id}"))
+
     async def metrics(self, run_id: str) -> MetricHistory:
         return MetricHistory.model_validate(await self.session.ahttp.get(f"runs/{run_id}/metrics"))
 
