@@ -140,6 +140,9 @@ class SchedulerSettings(_Strict):
     train_slice_s: float = Field(0.1, ge=0, le=60, description="while sampling is active, a training batch runs "
                                  "in micro-batches of about this long with decode steps between them (0: never "
                                  "split for sampling)")
+    concurrent_sampling: bool = Field(True, description="sample on a thread of its own, beside training (the "
+                                      "transformers backend without gradient checkpointing); false: one thread, "
+                                      "training interleaved in slices (train_slice_s)")
 
 
 class MegatronSettings(_Strict):
