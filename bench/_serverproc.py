@@ -53,9 +53,10 @@ def healthy(url: str) -> bool:
         return False
 
 
-def launch(cfg: Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+def launch(cfg: Path, log: Path, env: dict[str, str] | None = None, cwd: str | None = None) -> subprocess.Popen:
+    """``cwd``: run from another checkout (``python -m`` imports ``twinkle`` from the working directory first)."""
     return subprocess.Popen([sys.executable, "-m", "twinkle.server.cli", "launch", "-c", str(cfg)],
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                            cwd=cwd, stdout=open(log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
                             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 

@@ -6,7 +6,7 @@ descendants: Ray's GCS, raylet, agents, Serve controller/proxy, gateway, workers
 Targets: < 1.2 GB PSS, < 3 % of a core. Prints a per-process table and the totals, then stops the server
 with SIGTERM and reports leftover processes.
 
-    .venv/bin/python bench/idle.py [--tiny] [--settle 15] [--window 30]
+    .venv/bin/python bench/idle.py [--tiny] [--settle 15] [--window 30] [--variants haproxy:replica,haproxy:auto] [--repeat 2]
 """
 
 from __future__ import annotations
@@ -28,16 +28,34 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="also host builtin://tiny (transformers)")
     ap.add_argument("--settle", type=float, default=15.0)
     ap.add_argument("--window", type=float, default=30.0)
+    ap.add_argument("--variants", default="haproxy:auto",
+                    help="comma-separated http.proxy:placement pairs measured one after the other (repeated "
+                         "--repeat times, alternating), e.g. haproxy:replica,haproxy:auto,direct:auto")
+    ap.add_argument("--repeat", type=int, default=1)
     args = ap.parse_args()
+    variants = [tuple(v.split(":")) for v in args.variants.split(",") if v]
+    totals: dict[str, list[tuple[int, float, float]]] = {}
+    for _ in range(args.repeat):
+        for proxy, placement in variants:
+            totals.setdefault(f"{proxy}:{placement}", []).append(
+                measure(args.tiny, args.settle, args.window, proxy, placement))
+    print("\nvariant (http.proxy:placement)    processes   PSS MB   CPU % of a core (each run)")
+    for name, runs in totals.items():
+        print(f"  {name:<32} {' '.join(str(r[0]) for r in runs):>9}  {' '.join(f'{r[1]:.0f}' for r in runs)}  "
+              f"{' '.join(f'{r[2]:.2f}' for r in runs)}")
+
+
+def measure(tiny: bool, settle: float, window: float, proxy: str, placement: str) -> tuple[int, float, float]:
     work = Path(tempfile.mkdtemp(prefix="twinkle-idle-"))
-    models = [sp.MOCK_MODEL] + ([sp.TINY_MODEL] if args.tiny else [])
-    cfg, url = sp.write_config(work, models)
+    models = [{**m, "placement": placement} for m in [sp.MOCK_MODEL] + ([sp.TINY_MODEL] if tiny else [])]
+    cfg, url = sp.write_config(work, models, proxy=proxy)
     log = work / "server.log"
     proc = sp.launch(cfg, log)
     try:
         ready = sp.wait_healthy(proc, url, log)
-        print(f"healthy after {ready:.1f} s (load average {os.getloadavg()[0]:.1f}); settling {args.settle:.0f} s")
-        time.sleep(args.settle)
+        print(f"\n[http.proxy {proxy}, placement {placement}] healthy after {ready:.1f} s (load average "
+              f"{os.getloadavg()[0]:.1f}); settling {settle:.0f} s")
+        time.sleep(settle)
         procs = sp.tree(proc.pid)
         t0 = time.monotonic()
         cpu0 = {}
@@ -47,7 +65,7 @@ def main() -> None:
                 cpu0[p.pid] = c.user + c.system + c.children_user + c.children_system
             except Exception:
                 pass
-        time.sleep(args.window)
+        time.sleep(window)
         dt = time.monotonic() - t0
         rows = []
         for p in procs:
@@ -67,6 +85,7 @@ def main() -> None:
         print(f"\ntarget: PSS < 1228.8 MB -> {'OK' if tot_pss < 1228.8 else 'OVER'} ({tot_pss / 1228.8:.2f}x); "
               f"CPU < 3 % -> {'OK' if tot_cpu < 3 else 'OVER'} ({tot_cpu / 3:.2f}x); "
               f"window {dt:.0f} s, load average {os.getloadavg()[0]:.1f}")
+        return len(rows), tot_pss, tot_cpu
     finally:
         took, left = sp.stop(proc, signal.SIGTERM)
         print(f"SIGTERM -> exited in {took:.1f} s; processes left behind: {left or 'none'}")

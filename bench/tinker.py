@@ -1,10 +1,11 @@
-"""Tinker-compatibility overhead, measured side by side in one run against ONE server.
+"""Tinker-compatibility overhead, measured side by side in one run (servers measured in alternation).
 
 1. Latency of a trivial forward_backward round trip (1 datum, 2 tokens, mock backend) through the unmodified
    Tinker SDK (submit + retrieve_future), next to the same round trip with raw HTTP on the Tinker routes and
    through the native ``twinkle_client``: p50 / p99 in ms. Measured on the real server (``twinkle-server
-   launch``: HAProxy -> gateway replica -> worker replica; and with ``http.proxy: serve``, Ray Serve's Python
-   proxy actor in place of HAProxy) and, for reference, on the gateway app with
+   launch`` with its default config, and variants: HAProxy ingress, the worker in its own replica, Ray Serve's
+   Python proxy actor; ``--before-tree`` adds a server run from another checkout) and, for reference, on the
+   gateway app with
    an in-process worker under uvicorn (no Ray hops; shares this process's GIL). ``GET healthz`` is the floor
    of one HTTP round trip through each server.
 2. SFT throughput (forward_backward + optim_step on builtin://tiny, transformers backend): tokens/s through the
@@ -12,7 +13,7 @@
 
 The throughput server is the gateway app (``create_app`` + in-process ``ModelWorker``) under uvicorn on loopback.
 
-    .venv/bin/python bench/tinker.py [--n 200] [--steps 10] [--batch 8] [--seq 64] [--servers ray,ray-serveproxy,uvicorn]
+    .venv/bin/python bench/tinker.py [--n 200] [--steps 10] [--batch 8] [--seq 64] [--servers ray,ray-haproxy,ray-replica,ray-serveproxy,uvicorn] [--before-tree /work/main]
 """
 
 from __future__ import annotations
@@ -67,83 +68,120 @@ def _serverproc() -> Any:
     return mod
 
 
-def _start_ray(workdir: Path, proxy: str = "haproxy") -> tuple[Any, str, str]:
+def _start_ray(workdir: Path, proxy: str | None = "haproxy", placement: str | None = "auto",
+               tree: str | None = None) -> tuple[Any, str, str]:
+    """``tree``: run the server from another checkout (``PYTHONPATH``), e.g. main, with that tree's defaults."""
     sp = _serverproc()
-    cfg, url = sp.write_config(workdir, [sp.MOCK_MODEL], proxy=proxy)
+    model = dict(sp.MOCK_MODEL) if placement is None else {**sp.MOCK_MODEL, "placement": placement}
+    cfg, url = sp.write_config(workdir, [model], proxy=proxy)
     key = sp.create_key(cfg)
     log = workdir / "server.log"
-    proc = sp.launch(cfg, log)
+    proc = sp.launch(cfg, log, env={"PYTHONPATH": tree} if tree else None, cwd=tree)
     sp.wait_healthy(proc, url, log)
     return proc, url, key
 
 
-def latency(url: str, key: str, n: int, base_model: str = "builtin://tiny", label: str = "") -> list[str]:
-    import httpx
-    import tinker
-    from tinker import types as tt
-    from tinker.proto.request_conv import forward_backward_request_to_proto
+class _Prober:
+    """The four round trips of one server, set up once, so several servers can be measured in alternation."""
 
-    import twinkle_client
-    from twinkle_client.model import MockModel
+    def __init__(self, url: str, key: str, base_model: str, label: str):
+        import httpx
+        import tinker
+        from tinker import types as tt
 
-    floor = []
-    with httpx.Client(base_url=url) as c:
-        for i in range(n + 10):
+        import twinkle_client
+        from twinkle_client.model import MockModel
+
+        self.label = label
+        self.times: dict[str, list[float]] = {k: [] for k in ("floor", "sdk", "raw", "native")}
+        self.client_cpu: dict[str, float] = {}
+        self._plain = httpx.Client(base_url=url)
+        self._sc = tinker.ServiceClient(base_url=url, api_key=key)
+        self._tc = self._sc.create_lora_training_client(base_model=base_model, rank=4).result()
+        self._datum = tt.Datum(model_input=tt.ModelInput.from_ints([1]),
+                               loss_fn_inputs={"target_tokens": [2], "weights": [1.0]})
+        self._raw = httpx.Client(base_url=url + "/api/v1", headers={"X-API-Key": key})
+        self._sid = self._raw.post("/create_session", json={"tags": [], "sdk_version": "bench"}).json()["session_id"]
+        rid = self._raw.post("/create_model", json={"session_id": self._sid, "model_seq_id": 0,
+                                                    "base_model": base_model, "lora_config": {"rank": 4}}).json()
+        self._mid = self._raw.post("/retrieve_future", json={"request_id": rid["request_id"]}).json()["model_id"]
+        self._seq = 0
+        twinkle_client.init_twinkle_client(url, api_key=key)
+        self._model = MockModel(base_model)
+        self._model.add_adapter_to_model("bench", r=4)
+
+    def _time(self, name: str, fn: Any, n: int, keep: bool) -> None:
+        cpu = time.process_time()
+        for _ in range(n):
             t = time.perf_counter()
-            c.get("/api/v1/healthz").raise_for_status()
-            if i >= 10:
-                floor.append(time.perf_counter() - t)
+            fn()
+            if keep:
+                self.times[name].append(time.perf_counter() - t)
+        if keep:  # this (client) process's CPU per call, all its threads: what the client itself costs
+            self.client_cpu[name] = self.client_cpu.get(name, 0.0) + (time.process_time() - cpu)
 
-    sc = tinker.ServiceClient(base_url=url, api_key=key)
-    tc = sc.create_lora_training_client(base_model=base_model, rank=4).result()
-    datum = tt.Datum(model_input=tt.ModelInput.from_ints([1]), loss_fn_inputs={"target_tokens": [2], "weights": [1.0]})
-    sdk = []
-    for i in range(n + 10):
-        t = time.perf_counter()
-        tc.forward_backward([datum], "cross_entropy").result()
-        if i >= 10:
-            sdk.append(time.perf_counter() - t)
+    def round(self, n: int, keep: bool = True) -> None:
+        from tinker import types as tt
+        from tinker.proto.request_conv import forward_backward_request_to_proto
 
-    raw = []
-    with httpx.Client(base_url=url + "/api/v1", headers={"X-API-Key": key}) as c:
-        sid = c.post("/create_session", json={"tags": [], "sdk_version": "bench"}).json()["session_id"]
-        rid = c.post("/create_model", json={"session_id": sid, "model_seq_id": 0, "base_model": base_model,
-                                            "lora_config": {"rank": 4}}).json()["request_id"]
-        mid = c.post("/retrieve_future", json={"request_id": rid}).json()["model_id"]
-        for i in range(n + 10):
+        def raw() -> None:
+            self._seq += 1
             req = tt.ForwardBackwardRequest(
-                forward_backward_input=tt.ForwardBackwardInput(data=[datum], loss_fn="cross_entropy"),
-                model_id=mid, seq_id=i + 1)
-            body = forward_backward_request_to_proto(req).SerializeToString()
-            t = time.perf_counter()
-            r = c.post("/forward_backward", content=body, headers={"Content-Type": "application/x-protobuf"})
-            c.post("/retrieve_future", json={"request_id": r.json()["request_id"]},
-                   headers={"Accept": "application/x-protobuf"})
-            if i >= 10:
-                raw.append(time.perf_counter() - t)
-        c.post(f"/sessions/{sid}/finish", json={})
+                forward_backward_input=tt.ForwardBackwardInput(data=[self._datum], loss_fn="cross_entropy"),
+                model_id=self._mid, seq_id=self._seq)
+            r = self._raw.post("/forward_backward", content=forward_backward_request_to_proto(req).SerializeToString(),
+                               headers={"Content-Type": "application/x-protobuf"})
+            self._raw.post("/retrieve_future", json={"request_id": r.json()["request_id"]},
+                           headers={"Accept": "application/x-protobuf"})
 
-    twinkle_client.init_twinkle_client(url, api_key=key)
-    model = MockModel(base_model)
-    model.add_adapter_to_model("bench", r=4)
-    native = []
-    for i in range(n + 10):
-        t = time.perf_counter()
-        model.forward_backward(inputs=[{"input_ids": [1, 2]}])
-        if i >= 10:
-            native.append(time.perf_counter() - t)
-    sc.close("success").result()
-    return [
-        f"Trivial forward_backward round trip (1 datum, 2 tokens; mock backend), {label}, n={n}",
-        "| path                               |  p50 ms  |  p99 ms  |",
-        "|------------------------------------|----------|----------|",
-        _row("GET healthz (one HTTP round trip)", floor),
-        _row("tinker SDK (submit + retrieve)", sdk),
-        _row("raw HTTP on the Tinker routes", raw),
-        _row("native twinkle_client", native),
-        f"SDK / raw HTTP p50 ratio: {statistics.median(sdk) / statistics.median(raw):.2f}x; "
-        f"SDK / native p50 ratio: {statistics.median(sdk) / statistics.median(native):.2f}x",
-    ]
+        self._time("floor", lambda: self._plain.get("/api/v1/healthz").raise_for_status(), n, keep)
+        self._time("sdk", lambda: self._tc.forward_backward([self._datum], "cross_entropy").result(), n, keep)
+        self._time("raw", raw, n, keep)
+        self._time("native", lambda: self._model.forward_backward(inputs=[{"input_ids": [1, 2]}]), n, keep)
+
+    def close(self) -> None:
+        self._raw.post(f"/sessions/{self._sid}/finish", json={})
+        self._sc.close("success").result()
+
+    def report(self) -> list[str]:
+        t = self.times
+        return [
+            f"Trivial forward_backward round trip (1 datum, 2 tokens; mock backend), {self.label}, n={len(t['sdk'])}",
+            "| path                               |  p50 ms  |  p99 ms  |",
+            "|------------------------------------|----------|----------|",
+            _row("GET healthz (one HTTP round trip)", t["floor"]),
+            _row("tinker SDK (submit + retrieve)", t["sdk"]),
+            _row("raw HTTP on the Tinker routes", t["raw"]),
+            _row("native twinkle_client", t["native"]),
+            f"SDK / raw HTTP p50 ratio: {statistics.median(t['sdk']) / statistics.median(t['raw']):.2f}x; "
+            f"SDK / native p50 ratio: {statistics.median(t['sdk']) / statistics.median(t['native']):.2f}x",
+            "client process CPU per call (ms): " + ", ".join(
+                f"{k} {self.client_cpu.get(k, 0.0) / max(1, len(t[k])) * 1000:.2f}" for k in t),
+        ]
+
+
+def latency_side_by_side(probers: list[_Prober], n: int, chunk: int = 10) -> list[str]:
+    """Every server measured in alternating chunks of ``chunk`` calls per path, so a load change on the machine
+    hits them alike; then the per-server tables and the p50 ratios against the first server."""
+    for p in probers:
+        p.round(5, keep=False)  # warm-up
+    done = 0
+    while done < n:
+        k = min(chunk, n - done)
+        for p in probers:
+            p.round(k)
+        done += k
+    out: list[str] = []
+    for p in probers:
+        out += p.report() + [""]
+    if len(probers) > 1:
+        base = probers[0]
+        out.append(f"p50 ratios against '{base.label}' (same run, alternating chunks of {chunk}):")
+        for p in probers[1:]:
+            ratios = ", ".join(f"{name} {statistics.median(p.times[name]) / statistics.median(base.times[name]):.2f}"
+                               for name in ("floor", "sdk", "raw", "native"))
+            out.append(f"  {p.label}: {ratios}")
+    return out
 
 
 def throughput(url: str, key: str, steps: int, batch: int, seq: int) -> list[str]:
@@ -201,25 +239,44 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--servers", default="ray,ray-serveproxy,uvicorn",
-                   help="latency on: ray (twinkle-server launch, default HAProxy ingress), ray-serveproxy (the same "
-                        "with http.proxy: serve), uvicorn (the gateway app without Ray)")
+                   help="latency on: ray (twinkle-server launch, default config), ray-haproxy (http.proxy: haproxy), "
+                        "ray-replica (haproxy, the worker in its own replica: placement: replica), ray-serveproxy "
+                        "(http.proxy: serve), uvicorn (the gateway app without Ray)")
+    p.add_argument("--before-tree", default=None,
+                   help="also measure a server run from this checkout (e.g. /work/main) with its default config, "
+                        "first in the table: the ratios are against it")
     args = p.parse_args()
     servers = [s for s in args.servers.split(",") if s]
     print(f"load average at start: {os.getloadavg()}")
     out: list[str] = []
-    for kind, proxy, label in (("ray", "haproxy", "real server (Ray Serve, HAProxy ingress: the default)"),
-                               ("ray-serveproxy", "serve", "real server (Ray Serve, Python proxy actor)")):
-        if kind not in servers:
-            continue
-        workdir = Path(tempfile.mkdtemp(prefix="twinkle-bench-tinker-"))
-        proc, url, key = _start_ray(workdir, proxy)
-        try:
-            out += latency(url, key, args.n, "mock", label) + [""]
-        finally:
+    procs: list[Any] = []
+    probers: list[_Prober] = []
+    try:
+        if args.before_tree:
+            workdir = Path(tempfile.mkdtemp(prefix="twinkle-bench-tinker-"))
+            proc, url, key = _start_ray(workdir, None, None, args.before_tree)
+            procs.append(proc)
+            probers.append(_Prober(url, key, "mock", f"before: real server from {args.before_tree}, its defaults"))
+        for kind, proxy, placement, label in (
+                ("ray", None, None, "real server, default config (direct ingress, worker in the gateway)"),
+                ("ray-haproxy", "haproxy", "auto", "real server (HAProxy ingress, worker in the gateway)"),
+                ("ray-replica", "haproxy", "replica", "real server (HAProxy ingress, worker in its own replica)"),
+                ("ray-serveproxy", "serve", "auto", "real server (Python proxy actor, worker in the gateway)")):
+            if kind not in servers:
+                continue
+            workdir = Path(tempfile.mkdtemp(prefix="twinkle-bench-tinker-"))
+            proc, url, key = _start_ray(workdir, proxy, placement)
+            procs.append(proc)
+            probers.append(_Prober(url, key, "mock", label))
+        if "uvicorn" in servers:
+            url, key = _start("mock")
+            probers.append(_Prober(url, key, "builtin://tiny", "gateway app + in-process worker under uvicorn"))
+        out += latency_side_by_side(probers, args.n) + [f"load average after latency: {os.getloadavg()}", ""]
+        for p in probers:
+            p.close()
+    finally:
+        for proc in procs:
             _serverproc().stop(proc)
-    if "uvicorn" in servers:
-        url, key = _start("mock")
-        out += latency(url, key, args.n, "builtin://tiny", "gateway app + in-process worker under uvicorn") + [""]
     if args.steps <= 0:
         print("\n".join(out))
         return

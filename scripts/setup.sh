@@ -4,6 +4,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Already set up? A stamp in .venv records a hash of everything this script installs from; when it matches
+# (and the venv's Python still runs), there is nothing to do: the second run takes well under a second.
+# TWINKLE_FORCE_SETUP=1 runs the whole set-up anyway.
+STAMP=.venv/.twinkle-setup-stamp
+stamp_hash() {
+  { cat pyproject.toml setup.py scripts/setup.sh extension/build.sh extension/package.json extension/yarn.lock
+    find extension/src extension/style -type f | LC_ALL=C sort | xargs cat
+    command -v node >/dev/null 2>&1 && echo node
+  } | sha256sum | cut -d' ' -f1
+}
+if [ -z "${TWINKLE_FORCE_SETUP:-}" ] && [ -x .venv/bin/python ] && [ -f "$STAMP" ] \
+   && [ "$(cat "$STAMP")" = "$(stamp_hash)" ]; then
+  echo "set-up is current (.venv matches pyproject.toml, setup.sh and extension/): skipped"
+  exit 0
+fi
+
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
@@ -29,4 +45,5 @@ if command -v node >/dev/null 2>&1; then
 else
   echo "node not found: skipping the JupyterLab extension build (the Python packages work without it)"
 fi
+stamp_hash > "$STAMP"
 echo "setup done: $(.venv/bin/python --version), torch $(.venv/bin/python -c 'import torch; print(torch.__version__)')"

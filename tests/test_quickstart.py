@@ -91,8 +91,10 @@ def test_cli_server_choices_exclude_each_other(capsys):
     assert e.value.code == 2 and "not allowed with" in capsys.readouterr().err
 
 
-def test_cli_url_that_answers_nothing_is_a_clear_error(capsys):
+def test_cli_url_that_answers_nothing_is_a_clear_error(capsys, monkeypatch):
     from twinkle.local_server import free_port
+
+    monkeypatch.setattr("twinkle_client.session.CONNECT_RETRY_SECONDS", 0.2)  # "no answer" sooner than 2 s
 
     code = main(["quickstart", "--quiet", "--url", f"http://127.0.0.1:{free_port()}", "--api-key", "k"])
     assert code == 2

@@ -212,6 +212,14 @@ class RemoteModel:
     def remove_adapter(self, adapter_name: str) -> None:
         a = self._adapter(adapter_name)
         self.session.delete_run(a.run_id)
+        self._forget(adapter_name)
+
+    async def aremove_adapter(self, adapter_name: str) -> None:
+        a = self._adapter(adapter_name)
+        await self.session.aio.delete_run(a.run_id)
+        self._forget(adapter_name)
+
+    def _forget(self, adapter_name: str) -> None:
         del self._adapters[adapter_name]
         if self._current == adapter_name:
             self._current = next(iter(self._adapters), None)
@@ -234,6 +242,11 @@ class RemoteModel:
     def run_info(self, adapter_name: str | None = None) -> RunInfo:
         a = self._adapter(adapter_name)
         a.run = self.session.get_run(a.run_id)
+        return a.run
+
+    async def arun_info(self, adapter_name: str | None = None) -> RunInfo:
+        a = self._adapter(adapter_name)
+        a.run = await self.session.aio.get_run(a.run_id)
         return a.run
 
     # ---- requests -------------------------------------------------------------------------------------------
@@ -447,6 +460,9 @@ class RemoteModel:
 
     def checkpoints(self, adapter_name: str | None = None) -> list[CheckpointInfo]:
         return self.session.checkpoints(self._adapter(adapter_name).run_id)
+
+    async def acheckpoints(self, adapter_name: str | None = None) -> list[CheckpointInfo]:
+        return await self.session.aio.checkpoints(self._adapter(adapter_name).run_id)
 
     # ---- tokenizer ------------------------------------------------------------------------------------------
     def get_tokenizer(self) -> Any:

@@ -422,6 +422,9 @@ class AsyncSession:
     async def get_run(self, run_id: str) -> RunInfo:
         return RunInfo.model_validate(await self.session.ahttp.get(f"runs/{run_id}"))
 
+    async def delete_run(self, run_id: str) -> RunInfo:
+        return RunInfo.model_validate(await self.session.ahttp.delete(f"runs/{run_id}"))
+
     async def metrics(self, run_id: str) -> MetricHistory:
         return MetricHistory.model_validate(await self.session.ahttp.get(f"runs/{run_id}/metrics"))
 
@@ -436,6 +439,10 @@ class AsyncSession:
 
     async def request_stop(self) -> SessionInfo:
         return SessionInfo.model_validate(await self.session.ahttp.post(f"sessions/{self.session_id}/stop"))
+
+
+#: How long ``connect`` retries when nothing answers before it fails fast (later blips: ``retry_seconds``).
+CONNECT_RETRY_SECONDS = 2.0
 
 
 def connect(
@@ -466,7 +473,7 @@ def connect(
     try:
         # fail fast when nothing answers at connect time; later blips are retried for retry_seconds
         if session_id:
-            info = SessionInfo.model_validate(http.get(f"sessions/{session_id}", retry_seconds=min(retry_seconds, 2.0)))
+            info = SessionInfo.model_validate(http.get(f"sessions/{session_id}", retry_seconds=min(retry_seconds, CONNECT_RETRY_SECONDS)))
             if info.state != "active":
                 raise GoneError(f"session {session_id} is {info.state}; open a new one with connect(url, api_key)")
             info = SessionInfo.model_validate(http.post(f"sessions/{session_id}/heartbeat"))
@@ -477,7 +484,7 @@ def connect(
             lease_seconds = lease_seconds if lease_seconds is not None else default_lease_seconds()
             if lease_seconds is not None:
                 body["lease_seconds"] = lease_seconds
-            info = SessionInfo.model_validate(http.post("sessions", body, retry_seconds=min(retry_seconds, 2.0)))
+            info = SessionInfo.model_validate(http.post("sessions", body, retry_seconds=min(retry_seconds, CONNECT_RETRY_SECONDS)))
     except BaseException:
         http.close()
         raise

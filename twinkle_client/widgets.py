@@ -523,6 +523,14 @@ class SampleViewer:
             reward: float | None = None, title: str | None = None) -> None:
         """``prompt``: text, token ids, or a ``ModelInput`` — one with image chunks shows its images (inlined as
         data URIs, so the saved notebook shows them anywhere) beside the answer."""
+        rec = self._record(prompt, tokens, logprobs, reward, title)
+        if self.widget is not None:
+            self._render()
+        else:
+            print(self._text_line(rec))
+
+    def _record(self, prompt: Any, tokens: Sequence[int], logprobs: Sequence[float | None] | None,
+                reward: float | None, title: str | None) -> dict[str, Any]:
         images: list[str] = []
         if isinstance(prompt, ModelInput):
             parts: list[str] = []
@@ -537,23 +545,73 @@ class SampleViewer:
             prompt = "".join(parts)
         elif not isinstance(prompt, str):
             prompt = self._prompt_text(prompt)
-        pieces = self._pieces(tokens)
-        lps = list(logprobs) if logprobs is not None else None
-        rec = {"prompt": prompt, "tokens": list(tokens), "pieces": pieces, "logprobs": lps, "reward": reward,
-               "title": title, "images": images}
+        rec = {"prompt": prompt, "tokens": list(tokens), "pieces": self._pieces(tokens),
+               "logprobs": list(logprobs) if logprobs is not None else None, "reward": reward, "title": title,
+               "images": images}
         self.samples.append(rec)
-        if self.widget is not None:  # widget mode
-            self.widget.value = render_samples_table(self.samples[-self.max_shown:])
-            if self._handle is not None:
-                from IPython.display import HTML
+        return rec
 
-                self._handle.update(HTML(self.widget.value))
-        else:
-            mean = (sum(lps) / len(lps)) if lps else None
-            extra = "".join([f" reward={reward:.3g}" if reward is not None else "",
-                             f" mean_logprob={mean:.3f}" if mean is not None else ""])
-            pics = f"[{len(images)} image{'s' if len(images) != 1 else ''}] " if images else ""
-            print(f"{title + ': ' if title else ''}{pics}{prompt!r} -> {''.join(pieces)!r}{extra}")
+    def _render(self) -> None:
+        assert self.widget is not None
+        self.widget.value = render_samples_table(self.samples[-self.max_shown:])
+        if self._handle is not None:
+            from IPython.display import HTML
+
+            self._handle.update(HTML(self.widget.value))
+
+    @staticmethod
+    def _text_line(rec: dict[str, Any]) -> str:
+        lps, reward, title, images = rec["logprobs"], rec["reward"], rec["title"], rec["images"]
+        mean = (sum(lps) / len(lps)) if lps else None
+        extra = "".join([f" reward={reward:.3g}" if reward is not None else "",
+                         f" mean_logprob={mean:.3f}" if mean is not None else ""])
+        pics = f"[{len(images)} image{'s' if len(images) != 1 else ''}] " if images else ""
+        return f"{title + ': ' if title else ''}{pics}{rec['prompt']!r} -> {''.join(rec['pieces'])!r}{extra}"
+
+    def add_stream(self, prompt: Any, events: Iterable[dict[str, Any]], *, rewards: Sequence[float] | None = None,
+                   refresh_s: float = 0.1) -> Any:
+        """Show a streamed sample as it is produced: ``events`` is ``Sampler.stream(...)``. In a notebook each
+        sequence's row fills in token by token (redrawn at most every ``refresh_s``); in text mode the pieces
+        print as they arrive. When the stream ends the rows take the final response's tokens and logprobs
+        (and ``rewards``, if given), and that ``SampleResponse`` is returned (``None`` if the stream had none)."""
+        rows: dict[int, dict[str, Any]] = {}
+        final: Any = None
+        last_draw = 0.0
+        live_text = self.widget is None
+        for ev in events:
+            if "done" in ev:
+                final = ev["done"]
+                break
+            i = int(ev.get("index", 0))
+            rec = rows.get(i)
+            if rec is None:
+                rec = rows[i] = self._record(prompt, [], [], None, f"sample {i}")
+                if live_text and i > 0:
+                    live_text = False  # several sequences interleave: print whole lines at the end instead
+            rec["tokens"].append(int(ev["token"]))
+            rec["logprobs"].append(ev.get("logprob"))
+            piece = ev.get("text")
+            rec["pieces"].append(piece if isinstance(piece, str) else self._pieces([int(ev["token"])])[0])
+            if live_text:
+                print(rec["pieces"][-1], end="", flush=True)
+            elif self.widget is not None and time.monotonic() - last_draw >= refresh_s:
+                self._render()
+                last_draw = time.monotonic()
+        if live_text and rows:
+            print()
+        if final is not None:
+            for i, seq in enumerate(final.sequences):
+                rec = rows.get(i) or self._record(prompt, [], [], None, f"sample {i}")
+                rec["tokens"], rec["logprobs"] = list(seq.tokens), list(seq.logprobs) if seq.logprobs else None
+                rec["pieces"] = self._pieces(seq.tokens)
+                rec["reward"] = None if rewards is None else rewards[i]
+                rows[i] = rec
+        if self.widget is not None:
+            self._render()
+        elif not live_text:
+            for i in sorted(rows):
+                print(self._text_line(rows[i]))
+        return final
 
     def add_response(self, prompt: str | Sequence[int], response: Any, rewards: Sequence[float] | None = None) -> None:
         """Add every sequence of a ``SampleResponse``."""

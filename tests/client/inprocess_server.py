@@ -18,7 +18,9 @@ KEY = "key-alice"  # a bootstrap key of every InProcessServer (user "alice"; "ke
 
 
 class InProcessServer:
-    def __init__(self, tmp: Path, *, keys: dict[str, str] | None = None, lease_seconds: float = 60.0):
+    def __init__(self, tmp: Path, *, keys: dict[str, str] | None = None, lease_seconds: float = 60.0,
+                 seq_grace_s: float | None = None):
+        """``seq_grace_s``: the scheduler's wait for a missing seq_id (None: the server's default)."""
         from twinkle.server.app import create_app, worker_config
         from twinkle.server.config import ServerConfig
         from twinkle.server.worker import ModelWorker
@@ -26,7 +28,8 @@ class InProcessServer:
         cfg = ServerConfig.model_validate({
             "persistence": {"sqlite_path": str(tmp / "server.db"), "checkpoint_root": str(tmp / "ckpt")},
             "lease_seconds": lease_seconds,
-            "models": [{"backend": "mock", "model_id": "mock://tiny", "max_adapters": 8, "max_lora_rank": 16}],
+            "models": [{"backend": "mock", "model_id": "mock://tiny", "max_adapters": 8, "max_lora_rank": 16,
+                        **({"scheduler": {"seq_grace_s": seq_grace_s}} if seq_grace_s is not None else {})}],
         })
         m = cfg.models[0]
         self.worker = ModelWorker(worker_config(m))

@@ -20,7 +20,7 @@ from twinkle_client.sampler import Sampler
 
 URL = "http://twinkle.test"
 BATCH = [{"input_ids": [(7 * i + j) % 200 + 3 for j in range(48)]} for i in range(4)]
-STEPS = 6
+STEPS = 3  # gathered, both adapters have a request on the wire from the first step on
 
 
 @pytest.fixture(scope="module")
@@ -165,4 +165,31 @@ def test_async_twins_for_setup_and_checkpoints(server):
     with pytest.raises(InvalidInputError) as e:
         asyncio.run(model.aset_optimizer("AdamW", lr=1e-2, bogus=1, adapter_name="x"))
     assert "bogus" in str(e.value)
+    sess.detach()
+
+
+def test_async_twins_for_run_info_checkpoints_and_remove(server):
+    """``arun_info``, ``acheckpoints`` and ``aremove_adapter`` answer what their blocking twins answer."""
+    sess = twinkle_client.connect(URL, "key-alice", transport=server.transport, heartbeat=False)
+    model = MockModel(session=sess)
+
+    async def go():
+        await model.aadd_adapter_to_model("p", {"rank": 4})
+        await model.aadd_adapter_to_model("q", {"rank": 4})
+        await model.aset_optimizer("AdamW", lr=1e-2, adapter_name="p")
+        await model.aforward_backward(inputs=BATCH, adapter_name="p")
+        await model.aclip_grad_and_step(adapter_name="p")
+        await model.asave("ck", adapter_name="p")
+        info = await model.arun_info("p")
+        cks = await model.acheckpoints("p")
+        q_id = model._adapter("q").run_id
+        await model.aremove_adapter("q")
+        return info, cks, q_id
+
+    info, cks, q_id = asyncio.run(go())
+    assert info == model.run_info("p") and info.step == 1
+    assert [c.path for c in cks] == [c.path for c in model.checkpoints("p")] and cks[0].path.endswith("/ck")
+    assert model.list_adapters() == ["p"]
+    live = {r.run_id: r.state for r in sess.runs()}
+    assert live[info.run_id] == "active" and live.get(q_id, "deleted") != "active"
     sess.detach()

@@ -164,3 +164,28 @@ def test_real_server_errors_and_isolation(server):
     assert len(resp.sequences[0].tokens) <= 4
     assert Sampler(m).compute_logprobs([5, 6, 7])[0] is None
     alice.close(), bob.close()
+
+
+def test_stream_through_the_gateway_fills_the_sample_viewer(server):
+    """``Sampler.stream`` over the real gateway's server-sent events, shown by ``SampleViewer.add_stream``: the
+    streamed tokens are the final response's tokens, and the same as a plain ``sample`` with the same seed."""
+    from twinkle_client.widgets import SampleViewer
+
+    sess = _connect(server)
+    model = MockModel(session=sess)
+    model.add_adapter_to_model("s", {"rank": 4})
+    sampler = Sampler(model, adapter_name="s")
+    params = {"max_tokens": 6, "seed": 3, "temperature": 1.0}
+    events = list(sampler.stream([5, 6, 7], params, num_samples=2))
+    tokens = [e for e in events if "done" not in e]
+    final = events[-1]["done"]
+    assert len(tokens) == 12 and {e["index"] for e in tokens} == {0, 1}
+    for i, seq in enumerate(final.sequences):
+        assert [e["token"] for e in tokens if e["index"] == i] == seq.tokens
+    assert [s.tokens for s in sampler.sample([5, 6, 7], params, num_samples=2).sequences] == \
+        [s.tokens for s in final.sequences]
+    viewer = SampleViewer(mode="widget", display=False)
+    shown = viewer.add_stream([5, 6, 7], sampler.stream([5, 6, 7], params, num_samples=2))
+    assert [s["tokens"] for s in viewer.samples] == [s.tokens for s in shown.sequences] == \
+        [s.tokens for s in final.sequences]
+    sess.detach()

@@ -83,7 +83,8 @@ def test_keep_and_resume(ip, routed, capsys):
     twinkle_client.current_session().close()
 
 
-def test_errors_are_one_clear_line(ip, routed):
+def test_errors_are_one_clear_line(ip, routed, monkeypatch):
+    monkeypatch.setattr("twinkle_client.session.CONNECT_RETRY_SECONDS", 0.2)  # "no answer" sooner than 2 s
     with pytest.raises(UsageError, match="AuthenticationError: unknown or revoked API key"):
         ip.run_line_magic("twinkle", "connect http://fake --api-key wrong")
     with pytest.raises(UsageError, match="ConnectionLostError: not connected"):
@@ -95,8 +96,10 @@ def test_errors_are_one_clear_line(ip, routed):
         ip.run_line_magic("twinkle", f"connect http://fake --api-key {KEY}")
 
 
-def test_no_server_at_a_real_closed_port(ip):
+def test_no_server_at_a_real_closed_port(ip, monkeypatch):
     import socket
+
+    monkeypatch.setattr("twinkle_client.session.CONNECT_RETRY_SECONDS", 0.2)  # "no answer" sooner than 2 s
 
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

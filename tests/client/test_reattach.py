@@ -20,7 +20,9 @@ DEAD_PID = 2**22 + 12345  # above pid_max on Linux by default: never a live proc
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = InProcessServer(tmp_path_factory.mktemp("srv"))
+    # A run restored after its lease lapsed has no server-side seq record: the client jumps its seq_ids ahead and
+    # the scheduler waits seq_grace_s for the gap (2 s by default) before the first step; 0.2 s here.
+    srv = InProcessServer(tmp_path_factory.mktemp("srv"), seq_grace_s=0.2)
     yield srv
     srv.close()
 

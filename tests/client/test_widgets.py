@@ -178,3 +178,44 @@ def test_sample_viewer_shows_prompt_images_beside_the_answer(capsys):
     t = SampleViewer(mode="text", display=False)
     t.add(prompt, [7], None)
     assert "[1 image]" in capsys.readouterr().out
+
+
+class _Handle:
+    """Stands in for IPython's display handle: records every redraw."""
+
+    def __init__(self) -> None:
+        self.shown: list[str] = []
+
+    def update(self, obj) -> None:
+        self.shown.append(obj.data)
+
+
+def _events(final: SampleResponse):
+    for i, seq in enumerate(final.sequences):
+        for t, lp in zip(seq.tokens, seq.logprobs or [], strict=True):
+            yield {"index": i, "token": t, "logprob": lp, "text": f"<{t}>"}
+    yield {"done": final}
+
+
+def test_sample_viewer_fills_a_streamed_sample_in_live():
+    final = SampleResponse(sequences=[SampledSequence(stop_reason="length", tokens=[5, 6, 7], logprobs=[-0.1, -0.2, -0.3]),
+                                      SampledSequence(stop_reason="length", tokens=[8], logprobs=[-1.0])])
+    v = SampleViewer(mode="widget", display=False)
+    v._handle = _Handle()
+    got = v.add_stream([1, 2], _events(final), rewards=[1.0, 0.0], refresh_s=0.0)
+    assert got is final
+    partial = [h for h in v._handle.shown if "&lt;5&gt;" in h and "&lt;7&gt;" not in h]
+    assert partial, "the row was drawn before its last token arrived"
+    assert len(v._handle.shown) >= 4  # a redraw per token (refresh 0) and a last one
+    last = v._handle.shown[-1]
+    assert "⟨7⟩" in last and "&lt;7&gt;" not in last  # the final response's tokens replace the streamed pieces
+    assert [s["tokens"] for s in v.samples] == [[5, 6, 7], [8]] and [s["reward"] for s in v.samples] == [1.0, 0.0]
+    assert "reward <b>1</b>" in last and "<td>-0.200</td>" in last
+
+
+def test_sample_viewer_streams_text_pieces_in_text_mode(capsys):
+    final = SampleResponse(sequences=[SampledSequence(stop_reason="length", tokens=[5, 6], logprobs=[-0.1, -0.2])])
+    t = SampleViewer(mode="text")
+    assert t.add_stream("hi", _events(final)) is final
+    assert capsys.readouterr().out == "<5><6>\n"
+    assert t.samples[0]["pieces"] == ["⟨5⟩", "⟨6⟩"]  # the final response's tokens, decoded by the viewer

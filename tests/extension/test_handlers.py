@@ -22,7 +22,11 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def jupyter(env):
-    server = JupyterServer(env["work"], {"TWINKLE_HOME": str(env["home"]), "JUPYTER_CONFIG_DIR": str(env["work"] / "cfg")})
+    # only the Twinkle extension: the others installed beside it (lab, LSP, terminals, ...) cost ~1 s of start-up
+    off = [f"--ServerApp.jpserver_extensions={name}=False"
+           for name in ("jupyterlab", "jupyter_lsp", "jupyter_server_terminals", "notebook_shim", "notebook")]
+    server = JupyterServer(env["work"], {"TWINKLE_HOME": str(env["home"]), "JUPYTER_CONFIG_DIR": str(env["work"] / "cfg")},
+                           extra_args=off)
     yield server
     server.stop()
 

@@ -125,7 +125,8 @@ def test_kill_worker_replica_then_launcher(tmp_path):
     from tests.integration.conftest import make_server_config, own_server
 
     cfg = make_server_config(tmp_path, 0)
-    cfg["models"] = [m for m in cfg["models"] if m["backend"] == "mock"]
+    # its own worker deployment (the only model would otherwise run inside the gateway replica)
+    cfg["models"] = [{**m, "placement": "replica"} for m in cfg["models"] if m["backend"] == "mock"]
     with own_server(cfg, "twinkle-faults-") as server:
         api = Native(server.url, server.keys["alice"])
         sid = api.req("POST", "/sessions", json={"lease_seconds": 900}).json()["session_id"]

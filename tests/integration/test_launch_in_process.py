@@ -40,11 +40,16 @@ _SCRIPT = textwrap.dedent("""
             return os.environ.get("PYTHONPATH", ""), ray_pandas
 
         ray_path, ray_pandas = ray.get(probe.remote(), timeout=120)
+        from ray import serve
+
+        deployments = sorted(serve.status().applications["twinkle"].deployments)
+        ingress = {k: os.environ.get(k) for k in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_ENABLE_DIRECT_INGRESS")}
         import pandas  # the caller's own
         after = {k: os.environ.get(k) for k in before}
         print("RESULT " + json.dumps({"url": url, "ray_path": ray_path, "ray_pandas": ray_pandas,
                                       "lean": launcher._LEAN_SITE, "pandas": pandas.__version__,
-                                      "env_kept": after == before}))
+                                      "env_kept": after == before, "deployments": deployments,
+                                      "ingress": ingress}))
     finally:
         launcher.shutdown()
 """)
@@ -60,3 +65,6 @@ def test_launch_in_process_keeps_the_callers_pandas(tmp_path):
     assert r["ray_pandas"] is False
     assert r["pandas"]  # the calling process: its pandas imports
     assert r["env_kept"] is True
+    # the defaults on one machine: the only model's worker inside the gateway, the gateway's own HTTP server
+    assert r["deployments"] == ["gateway"]
+    assert r["ingress"] == {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}

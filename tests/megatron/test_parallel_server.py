@@ -1,4 +1,4 @@
-"""A real server (Ray Serve) whose megatron replica spans two ranks (tensor_parallel_size 2 over gloo, the second
+"""A real server (Ray Serve) whose megatron replica spans two ranks, in the layout of the Qwen3-4B cookbook config (tensor_parallel_size 2 over gloo, the second
 rank a Ray actor started by the replica), trained through ``twinkle_client``."""
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ pytest.importorskip("megatron.core")
 @pytest.fixture(scope="module")
 def tp2_server():
     from tests.integration.conftest import own_server
+    from tests.megatron.test_config_4b import scaled_down_4b
 
-    cfg = {"models": [{"name": "tiny-tp2", "backend": "megatron", "model_id": "builtin://tiny",
-                       "ray_actor_options": {"num_cpus": 0}, "max_adapters": 4, "dtype": "float32",
-                       "megatron": {"tensor_parallel_size": 2, "rank_num_cpus": 0}}]}
+    # the parallel layout of cookbook/client/server/megatron/server_config_4b.yaml (TP 2), on builtin://tiny
+    cfg = scaled_down_4b("tiny-tp2")
+    assert cfg["models"][0]["megatron"]["tensor_parallel_size"] == 2
     with own_server(cfg, "twinkle-mgtp-") as handle:
         yield handle
 

@@ -133,3 +133,17 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
         b.close()
     for x, y in zip(*grads, strict=True):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+
+
+def test_megatron_refuses_vision_language_models_by_name():
+    """Images on megatron: a vision-language checkpoint (the family of builtin://tiny-vl) is refused at load with
+    its family named, so no image row can ever reach a megatron replica (text models refuse images per request)."""
+    convert = pytest.importorskip("twinkle.model.megatron.convert")
+    from transformers import Qwen3VLConfig
+
+    from twinkle.types import TwinkleError
+
+    cfg = Qwen3VLConfig()
+    with pytest.raises(TwinkleError) as e:
+        convert.geometry(cfg)
+    assert "'qwen3_vl'" in str(e.value) and e.value.field == "model_id"

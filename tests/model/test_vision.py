@@ -221,3 +221,28 @@ def test_image_sampling_equals_hf_generate_with_the_peft_checkpoint(be: Transfor
                           image_grid_thw=px["image_grid_thw"], mm_token_type_ids=(ids == img_id).int(),
                           max_new_tokens=8, do_sample=False, eos_token_id=None, min_new_tokens=8)
     assert gen[0, len(prompt):].tolist() == ours
+
+
+@pytest.mark.slow
+def test_builtin_small_vl_counts_like_the_processor_and_learns_an_image_row() -> None:
+    """builtin://small-vl (the demo-sized VL model): the standard processor agrees on image token counts, and a
+    few LoRA steps on one image row lower its loss."""
+    from transformers import AutoImageProcessor
+
+    from twinkle.model.hub import resolve_model
+
+    big = TransformersBackend("builtin://small-vl")
+    v = big.model_info().vision
+    assert v is not None and v.patch_size == 16 and image_tokens(128, 128, v) == 16
+    proc = AutoImageProcessor.from_pretrained(str(resolve_model("builtin://small-vl")))
+    for w, h in [(128, 128), (300, 41), (1000, 700), (8, 8)]:
+        g = proc(images=[Image.new("RGB", (w, h))], return_tensors="pt")["image_grid_thw"][0]
+        assert image_tokens(w, h, v) == int(g.prod()) // 4, (w, h)
+    big.add_adapter("s", LoraConfig(rank=8, seed=0))
+    d, _ = _row(big, shape("green", size=128), "green circle")
+    losses = []
+    for _ in range(4):
+        losses.append(big.run_batch([BatchItem("s", [d])])[0].metrics["loss:sum"])
+        big.optim_step("s", AdamParams(learning_rate=5e-3))
+    assert losses[-1] < losses[0], losses
+    big.close()

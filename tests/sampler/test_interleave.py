@@ -43,7 +43,7 @@ def _train(backend, *, interleave: bool) -> tuple[ForwardBackwardOutput, list, l
     data = _data()
     tokens = sum(d.model_input.length for d in data)
     events: list = []
-    sched = Scheduler(backend, SchedulerConfig(train_slice_s=1e-6 if interleave else 0.0))
+    sched = Scheduler(backend, SchedulerConfig(train_slice_s=1e-6 if interleave else 0.0, concurrent_sampling=False))
     inner_run = backend.run_batch
     state: dict = {}
 

@@ -287,8 +287,7 @@ def test_completed_futures_expire_from_memory_and_store(tmp_path):
         assert ref.future_id in svc._futures
         import time as _time
 
-        await asyncio.sleep(1.2)  # past the TTL
-        await svc.reap(now=_time.time() + 61)  # and past the next SQLite prune
+        await svc.reap(now=_time.time() + 61)  # past the TTL (1 s) and past the next SQLite prune
         assert ref.future_id not in svc._futures
         assert svc.store._exec("SELECT COUNT(*) FROM futures WHERE future_id=?", (ref.future_id,))[0][0] == 0
         with pytest.raises(NotFoundError):

@@ -159,7 +159,8 @@ def test_another_users_run_id_is_404_exactly_like_a_made_up_one(env):
 
 
 def test_status_names_only_your_own_runs(env):
-    body = {"model_id": env.run, "forward_backward_input": {"data": [TINKER_DATUM]}, "seq_id": 50}
+    # seq_id 1: the run's first (a later one would wait seq_grace_s, 2 s, for the ids before it)
+    body = {"model_id": env.run, "forward_backward_input": {"data": [TINKER_DATUM]}, "seq_id": 1}
 
     async def go():
         async with env.client(env.key_a) as a, env.client(env.key_b) as b:

@@ -32,6 +32,22 @@ def test_haproxy_ingress_is_the_default_when_the_binary_exists(clean_env, tmp_pa
     assert launcher._proxy_env("serve")["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
 
 
+def test_direct_ingress_puts_the_gateway_replica_on_the_server_port(clean_env):
+    env = launcher._proxy_env("direct", 18123)
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "0" and env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    # Serve allocates ingress ports from range(MIN, MAX): exactly the configured port
+    lo, hi = int(env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"]), int(env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"])
+    assert list(range(lo, hi)) == [18123]
+    assert env["RAY_SERVE_PORT_QUARANTINE_S"] == "0"  # a restarted gateway replica gets its port back at once
+    assert set(env) <= set(launcher._PROXY_KEYS)  # passed on to a cluster's Serve controller too
+
+
+def test_auto_ingress_is_direct_locally_and_haproxy_on_a_cluster():
+    assert launcher.ingress("auto", None) == "direct"
+    assert launcher.ingress("auto", "ray://head:10001") == "haproxy"
+    assert launcher.ingress("serve", None) == "serve" and launcher.ingress("haproxy", None) == "haproxy"
+
+
 def test_missing_haproxy_falls_back_to_the_python_proxy(clean_env, tmp_path, caplog):
     clean_env.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(tmp_path / "no-such-haproxy"))
     with caplog.at_level("WARNING", logger="twinkle.server"):

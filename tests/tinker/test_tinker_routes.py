@@ -140,13 +140,13 @@ def test_bad_input_is_400_naming_field(client):
 def test_optim_step_accepts_every_param_spelling(client):
     sid = _session(client)
     mid = _model(client, sid)
-    for i, key in enumerate(("adam_params", "optim_params", "optimizer_params")):
-        r = client.post("/api/v1/optim_step", headers=H, json={"model_id": mid, "seq_id": 10 + i,
+    for i, key in enumerate(("adam_params", "optim_params", "optimizer_params")):  # seq_ids 1..3: no gap to wait on
+        r = client.post("/api/v1/optim_step", headers=H, json={"model_id": mid, "seq_id": 1 + i,
                                                               key: {"learning_rate": 0.01}})
         assert r.status_code == 200, r.text
         res = client.post("/api/v1/retrieve_future", headers=H, json={"request_id": r.json()["request_id"]}).json()
         assert tt.OptimStepResponse.model_validate(res).metrics["lr:mean"] == 0.01
-    r = client.post("/api/v1/optim_step", headers=H, json={"model_id": mid, "seq_id": 20,
+    r = client.post("/api/v1/optim_step", headers=H, json={"model_id": mid, "seq_id": 4,
                                                           "optimizer_params": {"type": "dimuon", "learning_rate": 0.1}})
     assert r.status_code == 400 and "AdamW" in r.json()["error"]
 

@@ -24,7 +24,7 @@ BUILTIN_BACKENDS: dict[str, str] = {
 
 # Keys of a model config that belong to the server (placement, limits, scheduler), not to the backend.
 _SERVER_KEYS = frozenset({
-    "backend", "backend_options", "name", "replicas", "num_replicas", "ray_actor_options", "resources",
+    "backend", "backend_options", "name", "placement", "replicas", "num_replicas", "ray_actor_options", "resources",
     "max_adapters", "max_lora_rank", "max_tokens_per_request", "lease_timeout", "scheduler", "sampler",
 })
 

@@ -39,6 +39,7 @@ __all__ = [
     "SchedulerSettings",
     "ServerConfig",
     "dump_config",
+    "expand_env",
     "load_config",
     "parse_config",
 ]
@@ -59,10 +60,12 @@ class _Strict(BaseModel):
 class HttpConfig(_Strict):
     host: str = Field("0.0.0.0", description="interface the HTTP proxy binds to")
     port: int = Field(8000, ge=1, le=65535)
-    proxy: Literal["haproxy", "serve"] = Field(
-        "haproxy",
-        description="HTTP ingress: 'haproxy' (Ray Serve's HAProxy ingress in front of the gateway replica's own "
-        "HTTP server; Linux, shipped with ray[serve]) or 'serve' (Ray Serve's Python proxy actor)",
+    proxy: Literal["auto", "direct", "haproxy", "serve"] = Field(
+        "auto",
+        description="HTTP ingress: 'direct' (the gateway replica's own HTTP server listens on http.port: no proxy "
+        "hop, no HAProxy processes), 'haproxy' (Ray Serve's HAProxy ingress in front of the gateway replica's own "
+        "HTTP server; Linux, shipped with ray[serve]), 'serve' (Ray Serve's Python proxy actor); 'auto': direct on "
+        "a local Ray, haproxy on an existing cluster (--address)",
     )
 
 
@@ -137,6 +140,9 @@ class SchedulerSettings(_Strict):
     train_slice_s: float = Field(0.1, ge=0, le=60, description="while sampling is active, a training batch runs "
                                  "in micro-batches of about this long with decode steps between them (0: never "
                                  "split for sampling)")
+    concurrent_sampling: bool = Field(True, description="sample on a thread of its own, beside training (the "
+                                      "transformers backend without gradient checkpointing); false: one thread, "
+                                      "training interleaved in slices (train_slice_s)")
 
 
 class MegatronSettings(_Strict):
@@ -155,6 +161,10 @@ class ModelConfig(_Strict):
                          "twinkle.model.base.Backend subclass (docs/models.md, custom backends)")
     model_id: str = Field(description="builtin://tiny, hf://org/name, ms://org/name or a local directory")
     replicas: int = Field(1, ge=1, description="worker deployments of this model (each holds its own adapters)")
+    placement: Literal["auto", "gateway", "replica"] = Field(
+        "auto", description="where the worker runs on Ray Serve: 'gateway' (inside the gateway replica: no "
+        "gateway -> worker hop, one process less), 'replica' (its own worker deployment(s), isolated from the "
+        "gateway), 'auto' (gateway when this is the server's only model, with one replica, not megatron)")
     ray_actor_options: RayActorOptions = Field(default_factory=RayActorOptions)
     max_adapters: int = Field(16, ge=1, description="adapters loaded at once on ONE replica")
     max_lora_rank: int = Field(64, ge=1, le=MAX_LORA_RANK, description="larger LoRA ranks answer 413")
@@ -254,6 +264,21 @@ class ServerConfig(_Strict):
             seen.add(m.served_name)
         return self
 
+    @model_validator(mode="after")
+    def _gateway_placement(self) -> ServerConfig:
+        for i, m in enumerate(self.models):
+            if m.placement == "gateway" and m.replicas != 1:
+                raise ValueError(f"models[{i}]: placement 'gateway' hosts one replica; set replicas: 1 or "
+                                 "placement: replica")
+        return self
+
+    def in_gateway(self, m: ModelConfig) -> bool:
+        """Whether model ``m``'s worker runs inside the gateway replica (``placement``; ``auto``: the only
+        model, one replica, not megatron, which starts processes of its own)."""
+        if m.placement != "auto":
+            return m.placement == "gateway"
+        return len(self.models) == 1 and m.replicas == 1 and m.backend != "megatron"
+
     def model(self, name: str) -> ModelConfig | None:
         for m in self.models:
             if m.served_name == name or m.model_id == name:
@@ -303,8 +328,34 @@ def parse_config(data: Any, source: str = "<dict>") -> ServerConfig:
         raise ConfigError(msg, field=field) from None
 
 
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(data: Any, where: str = "") -> Any:
+    """``${NAME}`` and ``${NAME:-default}`` in the string values of a loaded YAML file, from the environment
+    (``$`` alone is left as it is). An unset variable without a default is an error naming the key."""
+    if isinstance(data, dict):
+        return {k: expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [expand_env(v, f"{where}[{i}]") for i, v in enumerate(data)]
+    if not isinstance(data, str) or "${" not in data:
+        return data
+
+    def one(m: re.Match[str]) -> str:
+        value = os.environ.get(m.group(1))
+        if m.group(2) is not None and not value:  # as in the shell: the default when unset or empty
+            return m.group(2)
+        if value is None:
+            raise ConfigError(f"{where or '<top level>'}: environment variable {m.group(1)} is not set "
+                              f"(write ${{{m.group(1)}:-default}} to give a default)", field=where)
+        return value
+
+    return _ENV_REF.sub(one, data)
+
+
 def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> ServerConfig:
-    """Read and validate a YAML file. ``overrides`` are dotted keys (``{"http.port": 8001}``)."""
+    """Read and validate a YAML file. ``overrides`` are dotted keys (``{"http.port": 8001}``). String values
+    may name environment variables: ``${NAME}`` or ``${NAME:-default}`` (see :func:`expand_env`)."""
     import yaml
 
     p = Path(path)
@@ -314,6 +365,7 @@ def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None =
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"config {p} is not valid YAML: {e}", field="config") from None
+    data = expand_env(data)
     if overrides:
         data = dict(data or {})
         for dotted, value in overrides.items():

@@ -20,7 +20,7 @@ from typing import Any
 from .config import ServerConfig
 from .orphans import mark_launch, prepare_port, reap_state
 
-__all__ = ["launch", "reap_haproxy", "wait_healthy"]
+__all__ = ["ingress", "launch", "reap_haproxy", "wait_healthy"]
 
 log = logging.getLogger("twinkle.server")
 
@@ -129,13 +129,34 @@ def _haproxy_binary() -> str | None:
     return None
 
 
-def _proxy_env(proxy: str) -> dict[str, str]:
-    """Ray Serve settings for the HTTP ingress. ``haproxy``: Serve's HAProxy ingress forwards each request
+def ingress(proxy: str, address: str | None) -> str:
+    """``http.proxy`` resolved: ``auto`` is ``direct`` on a local Ray (one machine, one gateway replica: nothing
+    to balance) and ``haproxy`` on an existing cluster (HAProxy on each node the cluster's Serve runs)."""
+    if proxy != "auto":
+        return proxy
+    return "haproxy" if address else "direct"
+
+
+def _proxy_env(proxy: str, port: int = 8000) -> dict[str, str]:
+    """Ray Serve settings for the HTTP ingress. ``direct``: the gateway replica's own HTTP server (Serve's
+    "direct ingress") listens on ``port`` itself: no proxy on the request path and no HAProxy processes; Serve's
+    Python proxy actor still runs, on another (free) port. ``haproxy``: Serve's HAProxy ingress forwards each request
     straight to the gateway replica's own HTTP server (Serve's "direct ingress"), so no Python proxy actor
     sits on the request path (trivial round trip 4.2 -> 1.2 ms here, docs/server.md "Latency"). Serve still
     starts its proxy actor as a fallback, and HAProxy binds a stats and a metrics port: on a local Ray all
     three get free ports so that several servers can share a machine."""
     python_proxy = {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+    if proxy == "direct":
+        return {
+            "RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            # the one port Serve may give an ingress replica (the range's end is exclusive)
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),
+            # a restarted gateway replica takes the port again at once (Serve quarantines a released port)
+            "RAY_SERVE_PORT_QUARANTINE_S": "0",
+            # nothing in front of the replica to drain traffic away from it: stop without waiting
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+        }
     if proxy != "haproxy":
         return python_proxy
     if _haproxy_binary() is None:
@@ -156,7 +177,9 @@ def _proxy_env(proxy: str) -> dict[str, str]:
 _PROXY_PORT_KEYS = ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
                     "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
 _PROXY_KEYS = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_HAPROXY_METRICS_ENABLED",
-               "RAY_SERVE_HAPROXY_NBTHREAD", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", *_PROXY_PORT_KEYS)
+               "RAY_SERVE_HAPROXY_NBTHREAD", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S",
+               "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT",
+               "RAY_SERVE_PORT_QUARANTINE_S", *_PROXY_PORT_KEYS)
 
 
 def _proxy_ports() -> dict[str, str]:
@@ -199,14 +222,14 @@ def shadow_optional_imports() -> None:
             sys.modules[name] = None  # type: ignore[assignment]  # ``import`` raises ImportError
 
 
-def _prepare_env(address: str | None, proxy: str = "haproxy") -> None:
+def _prepare_env(address: str | None, proxy: str = "haproxy", port: int = 8000) -> None:
     """Lean defaults for a fresh machine (no usage stats, quiet logs, slow pollers); a local Ray's processes
     inherit this environment. Before anything imports Ray or Serve (Serve reads its constants at import).
     ``launch`` puts back every non-Ray variable once Ray's processes exist (``_caller_env_restored``)."""
     for k, v in _RAY_ENV.items():
         os.environ.setdefault(k, v)
     if "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ:
-        os.environ.update(_proxy_env(proxy))
+        os.environ.update(_proxy_env(proxy, port))
         if not address and os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1":
             for k, v in _proxy_ports().items():
                 os.environ.setdefault(k, v)
@@ -331,7 +354,7 @@ def _launch(config: ServerConfig, *, address: str | None, num_cpus: int | None, 
         if not address:  # the orphan markers: for Ray's processes, not for the caller's later subprocesses
             mark_launch(str(config.persistence.sqlite_file()))
         os.environ.setdefault(_GRPC_LIMIT_ENV, str(replica_message_limit(config.limits.max_request_bytes)))
-        _prepare_env(address, config.http.proxy)
+        _prepare_env(address, ingress(config.http.proxy, address), config.http.port)
         imports = _preimport()
         _init_ray(address, num_cpus)
         imports.join()
@@ -345,8 +368,16 @@ def _launch(config: ServerConfig, *, address: str | None, num_cpus: int | None, 
     host, port = config.http.host, config.http.port
     url = f"http://{_client_host(host)}:{port}"
     t_ray = time.monotonic()
+    # direct ingress alone: the gateway replica listens on http.port; Serve's Python proxy takes a free one
+    direct = (os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1"
+              and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1")
+    proxy_port = port
+    if direct:
+        from twinkle.net import free_port
+
+        proxy_port = free_port()
     try:
-        serve.start(http_options={"host": host, "port": port}, detached=bool(address),
+        serve.start(http_options={"host": host, "port": proxy_port}, detached=bool(address),
                     logging_config=serve_logging_config(), **_controller_options(serve.start, address))
         t_serve = time.monotonic()
         serve.run(build_serve_app(config), name=APP_NAME, route_prefix="/", blocking=False)

@@ -1,8 +1,10 @@
 """The request scheduler inside a model worker.
 
 One scheduler drives one ``Backend``. It lives on an asyncio loop (the Ray Serve replica's loop, or a test's
-``asyncio.run``) and runs every backend call in ONE dedicated thread, so torch never blocks the loop and the
-backend stays single-threaded as its contract requires.
+``asyncio.run``) and runs every training call and barrier in ONE dedicated thread, so torch never blocks the
+loop. Sampling runs there too, unless the backend opts in to concurrent sampling (``backend.concurrent_sampling()``,
+config ``concurrent_sampling``): then the continuous sampler runs on a second thread of its own, beside
+training (see ``_dispatch_samples`` and docs/scheduler.md).
 
 Rules:
 
@@ -103,6 +105,7 @@ class SchedulerConfig:
     prefill_chunk: int = _SCHED.prefill_chunk
     sample_slice_s: float = _SCHED.sample_slice_s
     train_slice_s: float = _SCHED.train_slice_s
+    concurrent_sampling: bool = _SCHED.concurrent_sampling
 
     @classmethod
     def from_dict(cls, config: dict[str, Any] | None) -> SchedulerConfig:
@@ -126,7 +129,7 @@ class SchedulerConfig:
                 except (TypeError, ValueError) as e:
                     raise InvalidInputError(f"{f.name} must be a {kind.__name__}", field=f.name) from e
                 if value < 0 or (value == 0 and f.name not in ("seq_grace_s", "first_seq_id", "sample_slice_s",
-                                                   "train_slice_s")):
+                                                   "train_slice_s", "concurrent_sampling")):
                     raise InvalidInputError(f"{f.name} must be positive", field=f.name)
                 setattr(out, f.name, value)
         return out
@@ -223,6 +226,12 @@ class Scheduler:
         self._last_sample_at = -1e9  # monotonic time of the last sample request (interleaving, see _run_batch)
         self._train_tps: float | None = None  # backend thread: measured training tokens/s (slice sizes)
         self._ckpt_cache: OrderedDict[tuple[str, int], str] = OrderedDict()
+        # concurrent sampling (see _dispatch_samples): None until probed on the backend thread
+        self._concurrent: bool | None = None
+        self._sampler_executor: ThreadPoolExecutor | None = None
+        self._swake: asyncio.Event | None = None
+        self._new_samples = False  # a sample request arrived, or a barrier ended (the decode slice replans)
+        self._barriers_running: dict[str, int] = {}  # adapter -> its planned barriers not yet delivered
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -234,6 +243,7 @@ class Scheduler:
             "barriers_run": 0, "sample_batches": 0, "samples_run": 0, "errors": 0, "dedup_hits": 0,
             "seq_skips": 0, "late_requests": 0, "rejected_capacity": 0, "samples_cancelled": 0, "busy_s": 0.0,
             "max_adapters_in_batch": 0, "micro_batches": 0, "interleaved_batches": 0, "sample_slices_between": 0,
+            "concurrent_sampling": False,
         }
         self.last_batch: dict[str, Any] | None = None
         self.recent_batches: deque[dict[str, Any]] = deque(maxlen=self.config.history)
@@ -335,6 +345,7 @@ class Scheduler:
         if self.observer is not None:
             sreq.ctx = self.observer.capture()
         self._samples.append(sreq)
+        self._new_samples = True
         self._last_sample_at = time.monotonic()
         self._pending_total += 1
         self._wake_up()
@@ -393,6 +404,8 @@ class Scheduler:
         self._in_engine.clear()
         if self._own_executor:
             self._executor.shutdown(wait=False)
+        if self._sampler_executor is not None:
+            self._sampler_executor.shutdown(wait=False)
 
     # ---- ordering ------------------------------------------------------------------------------------------
     def _place(self, q: _AdapterQueue, req: _Request) -> None:
@@ -520,12 +533,14 @@ class Scheduler:
             self._samples.clear()
             self._in_engine.clear()
             self._sampling.clear()
+            self._barriers_running.clear()
             self._kv_used = 0
             if self._engine is not None:
-                self._executor.submit(self._engine.fail_all)
+                (self._sampler_executor or self._executor).submit(self._engine.fail_all)
             self._pending_total = 0
         self._loop = loop
         self._wake = asyncio.Event()
+        self._swake = asyncio.Event()
         self._task = loop.create_task(self._dispatch(), name="twinkle-scheduler")
 
     def _new_future(self) -> asyncio.Future:
@@ -538,10 +553,76 @@ class Scheduler:
         self._new_work = True
         if self._wake is not None:
             self._wake.set()
+        if self._swake is not None:
+            self._swake.set()
 
     async def _dispatch(self) -> None:
         assert self._wake is not None and self._loop is not None
         loop = self._loop
+        if self._concurrent is None:
+            self._concurrent = await loop.run_in_executor(self._executor, self._probe_concurrent)
+            self.stats["concurrent_sampling"] = self._concurrent
+            if self._concurrent:
+                self._sampler_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="twinkle-sampler")
+        sampler = loop.create_task(self._dispatch_samples(), name="twinkle-sampler") if self._concurrent else None
+        try:
+            await self._dispatch_training(loop)
+        finally:
+            if sampler is not None:
+                sampler.cancel()
+
+    def _probe_concurrent(self) -> bool:
+        """Backend thread: whether sampling runs on its own thread (config on, and the backend can route LoRA
+        rows per thread: ``backend.concurrent_sampling()``)."""
+        hook = getattr(self.backend, "concurrent_sampling", None)
+        if not self.config.concurrent_sampling or hook is None:
+            return False
+        try:
+            return bool(hook())
+        except BaseException:  # noqa: BLE001
+            log.warning("concurrent sampling unavailable; interleaving instead", exc_info=True)
+            return False
+
+    async def _dispatch_samples(self) -> None:
+        """Concurrent sampling: plan sample requests and decode on the sampler thread, beside training on the
+        backend thread. A run's samples are not admitted while one of its barriers is planned or running, and
+        its barriers wait for its running samples (see ``_plan``), so no sample sees its weights change."""
+        assert self._swake is not None and self._loop is not None and self._sampler_executor is not None
+        loop, swake = self._loop, self._swake
+        while not self._closed:
+            self._new_samples = False
+            try:
+                planned = self._plan_samples(frozenset(self._barriers_running))
+            except Exception:  # pragma: no cover - a bug; keep the loop alive
+                log.exception("sample planning failed")
+                await asyncio.sleep(0.01)
+                continue
+            if not planned[0] and not self._engine_busy():
+                swake.clear()
+                if self._new_samples:
+                    continue
+                await swake.wait()
+                continue
+            tick = _Tick([], [], [], *planned)
+            try:
+                await loop.run_in_executor(self._sampler_executor, self._run_sample_tick, tick)
+            except asyncio.CancelledError:
+                raise
+            except BaseException:  # pragma: no cover - _run_sample_tick catches
+                log.exception("sampling tick failed")
+
+    def _run_sample_tick(self, tick: _Tick) -> None:
+        """Sampler thread: admit the planned requests, decode until idle or new sample work arrives."""
+        try:
+            self._run_samples(tick)
+        except BaseException as e:  # noqa: BLE001 - a bug must not leave callers hanging
+            err = _as_twinkle(e, "sample")
+            self._post(self._deliver_samples, [(s, (False, err)) for s in tick.samples], None)
+            if self._engine is not None:
+                self._fail_engine(err)
+
+    async def _dispatch_training(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert self._wake is not None
         while not self._closed:
             try:
                 tick = self._plan()
@@ -606,6 +687,12 @@ class Scheduler:
             queue = self._queues.get(a)
             if queue is None or not queue.ready:
                 del self._order[a]
+        if self._concurrent:  # sampling is planned by _dispatch_samples
+            for r in pre + post:
+                self._barriers_running[r.adapter] = self._barriers_running.get(r.adapter, 0) + 1
+            if not (pre or batch or post):
+                return None
+            return _Tick(pre, batch, post, [], [], [], {})
         samples, evict, loads, names = self._plan_samples()
         if not (pre or batch or post or samples or self._in_engine):
             return None
@@ -688,7 +775,7 @@ class Scheduler:
         try:
             for req in tick.pre:
                 self._run_barrier(req)
-            if tick.samples or self._engine_busy():
+            if not self._concurrent and (tick.samples or self._engine_busy()):
                 self._run_samples(tick)
             if tick.batch:
                 self._run_batch(tick.batch, frozenset(r.adapter for r in tick.post))
@@ -842,7 +929,8 @@ class Scheduler:
         """Split a training batch for sampling: interleaving is on, sampling is active (running, waiting, or
         a request came in the last few seconds), the batch would take longer than a slice, and the backend
         has a continuous sampler and gradient snapshots (micro-batches are all or nothing)."""
-        if self.config.train_slice_s <= 0 or self._train_tps is None or not self._sampling_active():
+        if (self._concurrent or self.config.train_slice_s <= 0 or self._train_tps is None
+                or not self._sampling_active()):
             return False
         if getattr(self.backend, "grad_snapshot", None) is None or getattr(self.backend, "grad_restore", None) is None:
             return False
@@ -1015,6 +1103,10 @@ class Scheduler:
             if done:
                 self._post(self._deliver_samples, [(key, (True, out)) for key, out in done], 0.0)
             elapsed = time.perf_counter() - t0
+            if self._concurrent:  # on the sampler thread: replan when a request can join
+                if self._new_samples and self._samples_waiting():
+                    return
+                continue
             if self._new_work and (self._samples_waiting() or elapsed >= slice_s):
                 return
             if training_waits and elapsed >= slice_s:
@@ -1082,6 +1174,7 @@ class Scheduler:
                     req.future.set_exception(value)
             if not req.is_compute:
                 self.stats["barriers_run"] += 1
+                self._barrier_done(req.adapter)
             self._finish(req)
         if self.observer is not None:
             self._observe(pairs, info)
@@ -1094,6 +1187,19 @@ class Scheduler:
             self.stats["max_adapters_in_batch"] = max(self.stats["max_adapters_in_batch"], len(info["adapters"]))
             self.last_batch = info
             self.recent_batches.append(info)
+
+    def _barrier_done(self, adapter: str) -> None:
+        n = self._barriers_running.get(adapter)
+        if n is None:
+            return
+        if n > 1:
+            self._barriers_running[adapter] = n - 1
+            return
+        del self._barriers_running[adapter]
+        if self._samples:  # samples of this run waited for it
+            self._new_samples = True
+            if self._swake is not None:
+                self._swake.set()
 
     def _observe(self, pairs: list[tuple[_Request, tuple[bool, Any]]], info: dict[str, Any] | None) -> None:
         self.observer.completed([(req, None if ok else value) for req, (ok, value) in pairs], info,
@@ -1128,6 +1234,8 @@ class Scheduler:
                         self._sampling[s.adapter] = n
                     else:
                         self._sampling.pop(s.adapter, None)
+                        if self._concurrent and self._wake is not None:  # its barrier may wait for this
+                            self._wake.set()
             if self.observer is not None:
                 self.observer.sample_done(s, None if ok else value, time.monotonic())
             if ok:

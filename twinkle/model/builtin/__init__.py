@@ -1,4 +1,4 @@
-"""Builtin toy models, built locally in about a second and cached (``builtin://tiny``, ``builtin://small``).
+"""Builtin toy models, built locally in seconds and cached (``builtin://tiny``, ``small``, ``tiny-vl``, ``small-vl``).
 
 Each is a randomly initialised Qwen2 model (fp32 safetensors, numpy RNG with a fixed seed) with a byte-level
 BPE tokenizer trained on English text bundled with the package and a ChatML chat template. They know
@@ -67,6 +67,15 @@ BUILTIN_MODELS: dict[str, BuiltinSpec] = {
                     "tower (patch 8, merge 2; a 64x64 image is 16 tokens), for image tests and tutorials",
         hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
         seed=3, vision=VisionSpec(),
+    ),
+    "small-vl": BuiltinSpec(
+        name="small-vl",
+        description="toy Qwen3-VL, ~30M parameters, random init: the small text tower with a 4-layer vision "
+                    "tower (patch 16, merge 2; a 128x128 image is 16 tokens), for image demos and benchmarks",
+        hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+        seed=4, vision=VisionSpec(depth=4, hidden_size=256, intermediate_size=768, num_heads=4, patch_size=16,
+                                  num_position_embeddings=1024, deepstack_visual_indexes=(1, 3),
+                                  min_pixels=32 * 32, max_pixels=512 * 512),
     ),
 }
 

@@ -9,6 +9,7 @@ different adapters and each adapter's gradients come only from its own rows (exa
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,28 @@ class Routing:
     segments: list[Segment]
     dropout: bool = False  # apply LoRA dropout (training passes only)
     infer: bool = False  # a no-grad sampling pass: base layers may use their packed weight (``_decode``)
+
+
+class RoutingSlot:
+    """Where the layers read the current routing (``slot[0]``). Shared by one model's layers; with
+    ``per_thread`` each thread sees its own value, so a sampling pass on one thread and a training pass on
+    another route their rows independently (see the scheduler's concurrent sampling)."""
+
+    def __init__(self) -> None:
+        self.per_thread = False
+        self._shared: Routing | None = None
+        self._local = threading.local()
+
+    def __getitem__(self, index: int) -> Routing | None:
+        if self.per_thread:
+            return getattr(self._local, "value", None)
+        return self._shared
+
+    def __setitem__(self, index: int, value: Routing | None) -> None:
+        if self.per_thread:
+            self._local.value = value
+        else:
+            self._shared = value
 
 
 class LoraPair(nn.Module):
@@ -62,11 +85,11 @@ class LoraPair(nn.Module):
 class MultiLoraLinear(nn.Module):
     """``base(x)`` plus, for each row segment, that segment's adapter update (none for ``None``)."""
 
-    def __init__(self, base: nn.Linear, routing_ref: list[Routing | None], unit: int = 1) -> None:
+    def __init__(self, base: nn.Linear, routing_ref: RoutingSlot | list[Routing | None], unit: int = 1) -> None:
         super().__init__()
         self.base = base
         self.adapters = nn.ModuleDict()
-        self._routing = routing_ref  # one-element list shared by all layers of the model
+        self._routing = routing_ref  # one slot (``[0]``) shared by all layers of the model
         self.unit = unit  # segments count rows of `unit` input rows each (vision mergers: merge_size**2 patches)
         self.packed: torch.Tensor | None = None  # the base weight packed for inference (``_decode.pack_all``)
 

@@ -31,7 +31,7 @@ from twinkle.types import (
 
 from . import _checkpoint
 from ._adapter import AdapterState, resolve_targets
-from ._lora import LoraPair, MultiLoraLinear, Routing, Segment
+from ._lora import LoraPair, MultiLoraLinear, Routing, RoutingSlot, Segment
 from ._prepare import PreparedItem, prepare
 from ._vision import VisionInputs, VisionSupport, is_vision_module, merger_unit
 
@@ -133,10 +133,10 @@ class TransformersBackend(Backend):
         self.vocab_size = int(text_cfg.vocab_size)
         self.max_length = int(getattr(text_cfg, "max_position_embeddings", 2048) or 2048)
         self._vision: VisionSupport | None = VisionSupport(self.path, self.model, cfg) if is_vl else None
-        self._vrouting: list[Routing | None] = [None]  # vision-tower LoRA routing, in patch units
+        self._vrouting = RoutingSlot()  # vision-tower LoRA routing, in patch units
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self._keep_kw = "logits_to_keep" in inspect.signature(self.model.forward).parameters
-        self._routing: list[Routing | None] = [None]
+        self._routing = RoutingSlot()
         self._layers: dict[str, MultiLoraLinear] = {}
         self._wrap_linears()
         self._adapters: dict[str, AdapterState] = {}
@@ -521,6 +521,17 @@ class TransformersBackend(Backend):
                 _, cache = self._sample_forward(ids, None, ids, None, [(0, 1, None)])
             self._continuous = kv_cache_supports_continuous(cache)
         return self._continuous
+
+    def concurrent_sampling(self) -> bool:
+        """Switch LoRA routing to per-thread slots so the scheduler may run sampling passes on their own thread
+        while training runs on another (base weights are read-only; the scheduler never samples an adapter
+        while its own weights change). False (and nothing changes) with gradient checkpointing, whose
+        recomputation in backward may run on autograd's own threads and must see the training routing."""
+        if self._ckpt_layers:
+            return False
+        self._routing.per_thread = True
+        self._vrouting.per_thread = True
+        return True
 
     def sampler_engine(self, *, kv_budget: int | None = None, prefill_chunk: int = 512) -> Any:
         """A ``ContinuousSampler`` over this model (``None`` when its cache kind does not support it)."""
