@@ -28,6 +28,7 @@ class Routing:
     segments: list[Segment]
     dropout: bool = False  # apply LoRA dropout (training passes only)
     infer: bool = False  # a no-grad sampling pass: base layers may use their packed weight (``_decode``)
+    merged: str | None = None  # (infer, one segment) layers holding this adapter's merged weights use them
 
 
 class RoutingSlot:
@@ -92,6 +93,7 @@ class MultiLoraLinear(nn.Module):
         self._routing = routing_ref  # one slot (``[0]``) shared by all layers of the model
         self.unit = unit  # segments count rows of `unit` input rows each (vision mergers: merge_size**2 patches)
         self.packed: torch.Tensor | None = None  # the base weight packed for inference (``_decode.pack_all``)
+        self.merged: tuple[str, torch.Tensor] | None = None  # (adapter, packed W + scale*B@A) (``_decode.Merged``)
 
     @property
     def in_features(self) -> int:
@@ -108,6 +110,9 @@ class MultiLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = self._routing[0]
         if self.packed is not None and routing is not None and routing.infer:
+            m = self.merged
+            if m is not None and routing.merged is not None and m[0] == routing.merged:
+                return _decode.linear(x, m[1], self.base.bias)
             out = _decode.linear(x, self.packed, self.base.bias)
         else:
             out = self.base(x)

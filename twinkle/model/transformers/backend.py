@@ -29,7 +29,7 @@ from twinkle.types import (
     TensorData,
 )
 
-from . import _checkpoint
+from . import _checkpoint, _decode
 from ._adapter import AdapterState, resolve_targets
 from ._lora import LoraPair, MultiLoraLinear, Routing, RoutingSlot, Segment
 from ._prepare import PreparedItem, prepare
@@ -85,6 +85,7 @@ class TransformersBackend(Backend):
     _continuous: bool | None = None
     decode_kernels = False
     _packed: bool | None = None
+    _merged: _decode.Merged | None = None  # one adapter's merged weights for sampling (float32, packed only)
 
     def __init__(self, model_id: str, *, dtype: str = "float32", device: str | None = None, max_adapters: int = 64,
                  max_lora_rank: int = 256, attn_implementation: str | None = "sdpa",
@@ -144,6 +145,7 @@ class TransformersBackend(Backend):
         self._continuous: bool | None = None
         self.decode_kernels = bool(decode_kernels)
         self._packed: bool | None = None
+        self._merged: _decode.Merged | None = None
 
     # -- setup -----------------------------------------------------------------------------------------------
     def _wrap_linears(self) -> None:
@@ -232,6 +234,12 @@ class TransformersBackend(Backend):
         for m in st.modules:
             del self._layers[m].adapters[adapter]
         del self._adapters[adapter]
+        self._weights_changed(adapter)
+
+    def _weights_changed(self, adapter: str) -> None:
+        """``adapter``'s weights changed or went: its merged sampling weights are stale (see ``_decode.Merged``)."""
+        if self._merged is not None:
+            self._merged.drop(adapter)
 
     def list_adapters(self) -> list[str]:
         return list(self._adapters)
@@ -257,8 +265,16 @@ class TransformersBackend(Backend):
                         pos: torch.Tensor | None = None, cache: Any = None, use_cache: bool = False,
                         vision: VisionInputs | None = None, last_only: bool = False,
                         infer: bool = False) -> tuple[torch.Tensor, Any]:
-        """``infer``: a no-grad sampling pass (base layers may use their packed inference weights)."""
-        self._routing[0] = Routing(segments, dropout=train, infer=infer and not train)
+        """``infer``: a no-grad sampling pass (base layers may use their packed inference weights, and a
+        single adapter its merged ones)."""
+        infer = infer and not train
+        merged = None
+        if infer and self._merged is not None and len(segments) == 1:
+            name = segments[0][2]
+            st = self._adapters.get(name) if name is not None else None
+            if st is not None and self._merged.use(name, st, self._layers):
+                merged = name
+        self._routing[0] = Routing(segments, dropout=train, infer=infer, merged=merged)
         if vision is not None:
             self._vrouting[0] = Routing(vision.patch_segments, dropout=train)
             pos = vision.position_ids
@@ -444,6 +460,7 @@ class TransformersBackend(Backend):
                 g["betas"] = (params.beta1, params.beta2)
                 g["eps"] = params.eps
         st.optimizer.step()
+        self._weights_changed(adapter)
         st.optimizer.zero_grad(set_to_none=True)
         st.step += 1
         return {"grad_norm:mean": norm, "lr:mean": float(params.learning_rate), "step:max": float(st.step)}
@@ -496,16 +513,20 @@ class TransformersBackend(Backend):
                         segments: list[Segment], last_only: bool = False) -> tuple[torch.Tensor, Any]:
         """``last_only``: logits of the last position only (a prefill without prompt logprobs: the unembedding
         of every prompt position is skipped, a large saving for big vocabularies)."""
+        if not self._decode_kernels():  # (subclasses with their own _forward_logits never pack)
+            return self._forward_logits(ids, segments, train=False, mask=mask, pos=pos, cache=cache,
+                                        use_cache=True, last_only=last_only)
         return self._forward_logits(ids, segments, train=False, mask=mask, pos=pos, cache=cache, use_cache=True,
-                                    last_only=last_only, infer=self._decode_kernels())
+                                    last_only=last_only, infer=True)
 
     def _decode_kernels(self) -> bool:
-        """Pack the base linear weights for inference on first use (see ``_decode``); whether they are."""
+        """Pack the base linear weights for inference on first use (see ``_decode``); whether they are. A
+        float32 model also merges a single sampling adapter into them (``_decode.Merged``)."""
         if self._packed is None:
-            from . import _decode
-
             self._packed = self.decode_kernels and _decode.pack_all(
                 self._layers.values(), device=self.device, dtype=self.dtype)
+            if self._packed and self.dtype == torch.float32:
+                self._merged = _decode.Merged()
         return self._packed
 
     def _decode_text(self, toks: list[int]) -> str:
@@ -577,7 +598,10 @@ class TransformersBackend(Backend):
         _checkpoint.save(self, self._get(adapter), Path(path), optimizer=optimizer)
 
     def load(self, adapter: str, path: Path, *, optimizer: bool = True) -> LoraConfig:
-        return _checkpoint.load(self, adapter, Path(path), optimizer=optimizer)
+        try:
+            return _checkpoint.load(self, adapter, Path(path), optimizer=optimizer)
+        finally:
+            self._weights_changed(adapter)
 
     def close(self) -> None:
         self._adapters.clear()
