@@ -32,9 +32,12 @@ def _backend(**kw):
 @pytest.fixture(scope="module")
 def backend():
     torch.set_num_threads(1)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(_decode, "MERGE_AFTER_TOKENS", 16)  # tiny requests here: merge after a few decode steps
     b = _backend()
     yield b
     b.close()
+    mp.undo()
 
 
 def _sample(backend, adapter="a", n=1, max_tokens=12, **params):
@@ -71,10 +74,19 @@ def test_sampling_packs_and_merges_and_stays_exact(backend):
     out = _sample(backend, n=3, max_tokens=12)
     assert all(m.packed is not None for m in backend._layers.values())
     merged = backend._merged
-    assert merged is not None and merged.adapter == "a" and merged.builds >= 1
+    assert merged is not None and "a" in merged.adapters() and merged.builds >= 1
     adapted = [backend._layers[m] for m in backend._adapters["a"].modules]
-    assert all(m.merged is not None and m.merged[0] == "a" for m in adapted)
+    assert all("a" in m.merged for m in adapted)
     _assert_exact(backend, out)
+    # the merged weights are what the sampling passes multiply by: spoil one and the logprobs move
+    layer = adapted[0]
+    good = layer.merged["a"]
+    layer.merged["a"] = _decode.pack(torch.zeros_like(layer.base.weight))
+    try:
+        spoiled = _sample(backend, max_tokens=6)
+    finally:
+        layer.merged["a"] = good
+    assert np.abs(np.array(spoiled.prompt_logprobs[1:]) - np.array(out.prompt_logprobs[1:])).max() > 1e-2
     # the same request on a backend without decode kernels: the same tokens (greedy and seeded)
     plain = _backend(decode_kernels=False)
     try:
@@ -90,15 +102,16 @@ def test_a_merge_never_outlives_its_weights(backend, tmp_path):
     backend.add_adapter("u", LoraConfig(rank=4, seed=5))
     try:
         before = _sample(backend, "u")
-        assert backend._merged.adapter == "u"
+        assert "u" in backend._merged.adapters()
         backend.save("u", tmp_path / "ckpt")
         # a training step changes the weights: the merge is dropped at once, and sampling sees the new weights
         d = Datum(model_input=ModelInput.from_ints(PROMPT[:-1]), loss_fn_inputs={"target_tokens": np.asarray(PROMPT[1:])})
         backend.run_batch([BatchItem("u", [d])])
         backend.optim_step("u", AdamParams(learning_rate=0.05))
-        assert backend._merged.adapter is None
+        assert "u" not in backend._merged.adapters()
+        assert all("u" not in m.merged for m in backend._layers.values())
         after = _sample(backend, "u")
-        assert backend._merged.adapter == "u"
+        assert "u" in backend._merged.adapters()
         assert np.abs(np.array(after.sequences[0].logprobs) - np.array(before.sequences[0].logprobs)).max() > 1e-3
         _assert_exact(backend, after, "u")
         # an in-place change outside optim_step (no explicit drop) is caught by the parameters' versions
@@ -114,14 +127,14 @@ def test_a_merge_never_outlives_its_weights(backend, tmp_path):
         _assert_exact(backend, again, "u")
     finally:
         backend.remove_adapter("u")
-    assert backend._merged.adapter is None
-    assert all(m.merged is None for m in backend._layers.values())
+    assert "u" not in backend._merged.adapters()
+    assert all("u" not in m.merged for m in backend._layers.values())
 
 
 def test_training_never_uses_the_inference_weights(backend):
     """Gradients and loss of a training pass are bit-identical with or without packed/merged weights around."""
     _sample(backend)  # packed and merged
-    assert backend._merged.adapter == "a"
+    assert "a" in backend._merged.adapters()
     plain = _backend(decode_kernels=False)
     try:
         d = Datum(model_input=ModelInput.from_ints(PROMPT + [1, 2, 3]),
@@ -144,6 +157,35 @@ def test_bf16_models_pack_but_never_merge():
     try:
         _sample(b, max_tokens=8)
         assert b._packed and b._merged is None
-        assert all(m.merged is None for m in b._layers.values())
+        assert all(not m.merged for m in b._layers.values())
     finally:
         b.close()
+
+
+def test_merges_are_bought_after_enough_tokens_and_evicted_least_recent_first(backend, monkeypatch):
+    backend._merged.drop()
+    monkeypatch.setattr(_decode, "MERGE_AFTER_TOKENS", 40)
+    monkeypatch.setattr(_decode, "MAX_MERGED", 2)
+    names = ["m0", "m1", "m2"]
+    for i, name in enumerate(names):
+        backend.add_adapter(name, LoraConfig(rank=4, seed=20 + i))
+    try:
+        _sample(backend, "m0", max_tokens=4)  # 7 + 3 tokens: a short decode pays no merge
+        assert backend._merged.adapters() == []
+        _sample(backend, "m0", max_tokens=30)  # 40 tokens of the same weights in all: merged
+        assert backend._merged.adapters() == ["m0"]
+        for name in ("m1", "m2"):
+            _sample(backend, name, max_tokens=40)
+        assert backend._merged.adapters() == ["m1", "m2"]  # at most 2; m0 went first
+        assert all("m0" not in m.merged for m in backend._layers.values())
+        _assert_exact(backend, _sample(backend, "m1", max_tokens=8), "m1")
+        # a batch of two adapters never uses a merge (and counts towards none)
+        sp = SamplingParams(max_tokens=6, stop=[], temperature=0.0)
+        mixed = backend.sample([SampleItem("m0", list(PROMPT), 1, sp), SampleItem("m1", list(PROMPT), 1, sp)])
+        alone = [_sample(backend, n, max_tokens=6, temperature=0.0).sequences[0] for n in ("m0", "m1")]
+        assert [r.sequences[0].tokens for r in mixed] == [s.tokens for s in alone]
+        assert backend._merged.adapters() == ["m2", "m1"]
+    finally:
+        for name in names:
+            backend.remove_adapter(name)
+    assert backend._merged.adapters() == []

@@ -15,7 +15,10 @@ seeded request samples the same tokens alone or batched unless a draw lands with
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -68,74 +71,94 @@ def pack_all(layers: Iterable[Any], *, device: torch.device, dtype: torch.dtype,
     return True
 
 
-MERGE_AFTER = 4  # single-adapter sampling forwards of unchanged weights before that adapter's merge is built
+MERGE_AFTER_TOKENS = 512  # tokens of single-adapter sampling passes before that adapter's merge is built
+MAX_MERGED = 4  # adapters merged at once (least recently used goes first)
+
+
+@dataclass
+class _Merge:
+    key: tuple[Any, ...]
+    layers: list[Any]
+    nbytes: int
 
 
 class Merged:
-    """One adapter's merged weights (``W + scale * B @ A``, packed) for sampling passes whose rows all use it.
+    """Adapters' merged weights (``W + scale * B @ A``, packed) for sampling passes whose rows all use one.
 
-    Such a forward then runs one product per adapted layer instead of the base product plus the two LoRA ones
-    (on builtin://small with a rank-8 adapter the LoRA products are ~12 % of a decode step). At most one
-    adapter is merged at a time (a copy of the adapted layers' weights), only for float32 models (merging into
-    bf16/fp16 weights would round the LoRA update away), and only after ``MERGE_AFTER`` such forwards in a row
-    (a short decode does not pay the merge). The merge is keyed on the adapter's parameter objects *and their
-    version counters* (every in-place change bumps them), and the backend drops it explicitly whenever it
-    changes the adapter (``optim_step``, ``load``, ``remove_adapter``), so a sample never sees stale weights.
-    A layer uses the merge only when the routing names the same adapter; anything else (several adapters in
-    the batch, a merge being rebuilt on another thread) takes the packed base product plus LoRA — the same
-    numbers up to float32 rounding.
+    Such a forward runs one product per adapted layer instead of the base product plus the two LoRA ones (on
+    builtin://small with a rank-8 adapter the LoRA products are ~12 % of a decode step). A merge costs a copy
+    of the adapted layers' weights and, to build, about as much as the LoRA products of ~500 decoded tokens, so
+    it is built only once ``MERGE_AFTER_TOKENS`` tokens went through single-adapter passes of the same weights
+    (rent, then buy: never more than ~2x the better choice), for float32 models only (merging into bf16/fp16
+    weights would round the LoRA update away), for at most ``MAX_MERGED`` adapters and ``max_bytes`` of weights.
+    A merge is keyed on the adapter's parameter objects *and their version counters* (every in-place change
+    bumps them), and the backend drops it whenever it changes the adapter (``optim_step``, ``load``,
+    ``remove_adapter``), so a sample never sees stale weights. A layer without the routed adapter's merge (not
+    adapted, or being rebuilt) takes the packed base product plus LoRA: the same numbers up to rounding.
     """
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.max_bytes = max_bytes
-        self.key: tuple[Any, ...] | None = None
-        self._seen: tuple[Any, ...] | None = None
-        self._count = 0
-        self._layers: list[Any] = []
+        self._merges: OrderedDict[str, _Merge] = OrderedDict()
+        self._seen: dict[str, tuple[tuple[Any, ...], int]] = {}  # adapter -> (key, tokens since that key)
         self.builds = 0
+        self._lock = threading.Lock()  # the training thread drops while the sampling thread may build
 
     @staticmethod
     def _key(name: str, state: Any) -> tuple[Any, ...]:
-        return (name, id(state), tuple((id(p), p._version) for p in state.parameters()))
+        return (id(state), tuple((id(p), p._version) for p in state.parameters()))
 
-    @property
-    def adapter(self) -> str | None:
-        return None if self.key is None else self.key[0]
+    def adapters(self) -> list[str]:
+        """The adapters merged now (least recently used first)."""
+        return list(self._merges)
 
     def drop(self, adapter: str | None = None) -> None:
-        """Forget the merge (when ``adapter`` is given: only if it is that adapter's)."""
-        if adapter is None or adapter == self.adapter:
-            self.key = None
-            for m in self._layers:
-                m.merged = None
-            self._layers = []
-        if adapter is None or (self._seen is not None and self._seen[0] == adapter):
-            self._seen, self._count = None, 0
+        """Forget ``adapter``'s merge and count (every adapter's when None)."""
+        with self._lock:
+            for name in list(self._merges) if adapter is None else [adapter]:
+                self._remove(name)
+            if adapter is None:
+                self._seen.clear()
+            else:
+                self._seen.pop(adapter, None)
 
-    def use(self, name: str, state: Any, layers: dict[str, Any]) -> bool:
-        """Whether ``name``'s merged weights serve this forward (building them when due)."""
-        key = self._key(name, state)
-        if key == self.key:
-            return True
-        if key != self._seen:
-            self._seen, self._count = key, 0
-        self._count += 1
-        if self._count < MERGE_AFTER:
+    def _remove(self, name: str) -> None:
+        m = self._merges.pop(name, None)
+        if m is not None:
+            for layer in m.layers:
+                layer.merged.pop(name, None)
+
+    def use(self, name: str, state: Any, layers: dict[str, Any], tokens: int) -> bool:
+        """Whether ``name``'s merged weights serve this forward of ``tokens`` tokens (built when due)."""
+        with self._lock:
+            key = self._key(name, state)
+            m = self._merges.get(name)
+            if m is not None:
+                if m.key == key:
+                    self._merges.move_to_end(name)
+                    return True
+                self._remove(name)  # stale (changed in place without a drop)
+            seen_key, seen = self._seen.get(name, (None, 0))
+            seen = seen + tokens if seen_key == key else tokens
+            self._seen[name] = (key, seen)
+            if seen < MERGE_AFTER_TOKENS:
+                return False
+            return self._build(name, key, state, layers)
+
+    def _build(self, name: str, key: tuple[Any, ...], state: Any, layers: dict[str, Any]) -> bool:
+        mods = [layers[m] for m in state.modules if layers[m].packed is not None]
+        nbytes = sum(la.base.weight.numel() * la.base.weight.element_size() for la in mods)
+        if not mods or nbytes > self.max_bytes:
             return False
-        mods = [m for m in state.modules if layers[m].packed is not None]
-        size = sum(layers[m].base.weight.numel() * layers[m].base.weight.element_size() for m in mods)
-        if not mods or size > self.max_bytes:
-            return False
-        self.drop()
-        built = []
+        while self._merges and (len(self._merges) >= MAX_MERGED
+                                or nbytes + sum(m.nbytes for m in self._merges.values()) > self.max_bytes):
+            self._remove(next(iter(self._merges)))
         with torch.no_grad():
-            for mod in mods:
-                layer, pair = layers[mod], state.pairs[mod]
-                w = layer.base.weight
+            for mod, layer in zip((m for m in state.modules if layers[m].packed is not None), mods, strict=True):
+                pair, w = state.pairs[mod], layer.base.weight
                 merged = torch.addmm(w.float(), pair.lora_B.float(), pair.lora_A.float(), alpha=pair.scale)
-                layer.merged = (name, pack(merged.to(w.dtype)))
-                built.append(layer)
-        self._layers = built
-        self.key = key
+                layer.merged[name] = pack(merged.to(w.dtype))
+        self._merges[name] = _Merge(key, mods, nbytes)
+        self._seen.pop(name, None)
         self.builds += 1
         return True

@@ -93,7 +93,7 @@ class MultiLoraLinear(nn.Module):
         self._routing = routing_ref  # one slot (``[0]``) shared by all layers of the model
         self.unit = unit  # segments count rows of `unit` input rows each (vision mergers: merge_size**2 patches)
         self.packed: torch.Tensor | None = None  # the base weight packed for inference (``_decode.pack_all``)
-        self.merged: tuple[str, torch.Tensor] | None = None  # (adapter, packed W + scale*B@A) (``_decode.Merged``)
+        self.merged: dict[str, torch.Tensor] = {}  # adapter -> packed W + scale*B@A (``_decode.Merged``)
 
     @property
     def in_features(self) -> int:
@@ -110,9 +110,9 @@ class MultiLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = self._routing[0]
         if self.packed is not None and routing is not None and routing.infer:
-            m = self.merged
-            if m is not None and routing.merged is not None and m[0] == routing.merged:
-                return _decode.linear(x, m[1], self.base.bias)
+            m = self.merged.get(routing.merged) if routing.merged is not None else None
+            if m is not None:
+                return _decode.linear(x, m, self.base.bias)
             out = _decode.linear(x, self.packed, self.base.bias)
         else:
             out = self.base(x)

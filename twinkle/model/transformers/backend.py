@@ -85,7 +85,7 @@ class TransformersBackend(Backend):
     _continuous: bool | None = None
     decode_kernels = False
     _packed: bool | None = None
-    _merged: _decode.Merged | None = None  # one adapter's merged weights for sampling (float32, packed only)
+    _merged: _decode.Merged | None = None  # adapters' merged weights for sampling (float32, packed only)
 
     def __init__(self, model_id: str, *, dtype: str = "float32", device: str | None = None, max_adapters: int = 64,
                  max_lora_rank: int = 256, attn_implementation: str | None = "sdpa",
@@ -272,7 +272,7 @@ class TransformersBackend(Backend):
         if infer and self._merged is not None and len(segments) == 1:
             name = segments[0][2]
             st = self._adapters.get(name) if name is not None else None
-            if st is not None and self._merged.use(name, st, self._layers):
+            if st is not None and self._merged.use(name, st, self._layers, ids.numel()):
                 merged = name
         self._routing[0] = Routing(segments, dropout=train, infer=infer, merged=merged)
         if vision is not None:
