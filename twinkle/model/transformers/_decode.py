@@ -72,7 +72,7 @@ def pack_all(layers: Iterable[Any], *, device: torch.device, dtype: torch.dtype,
 
 
 MERGE_AFTER_TOKENS = 512  # tokens of single-adapter sampling passes before that adapter's merge is built
-MAX_MERGED = 4  # adapters merged at once (least recently used goes first)
+MAX_MERGED = 2  # adapters merged at once (least recently used goes first; each a copy of its layers)
 
 
 @dataclass

@@ -95,7 +95,8 @@ class TransformersBackend(Backend):
         ``flash_attention_2``...; ``gradient_checkpointing``: recompute each decoder layer in the backward pass
         (less activation memory); ``autocast``: ``bfloat16``/``float16`` mixed precision for forward passes on
         CUDA (ignored elsewhere, so CPU float32 stays exact); ``decode_kernels``: on CPU, sample with the base
-        weights packed once for oneDNN (a second copy of them; see ``_decode``)."""
+        weights packed once for oneDNN (a second copy of them) and, for float32, single-adapter passes with
+        that adapter's merged weights (up to 2 more copies of the adapted layers; see ``_decode``)."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
         if dtype not in _DTYPES:
