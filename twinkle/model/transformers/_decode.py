@@ -1,5 +1,5 @@
-"""Inference kernels for the sampling path: base linear weights pre-packed for oneDNN on CPU, and one
-adapter's merged weights for batches that sample from it alone.
+"""Inference kernels for the sampling path: base linear weights pre-packed for oneDNN on CPU, and an
+adapter's merged weights for passes whose rows all sample from it.
 
 A decode step multiplies a handful of rows by every weight of the model once. PyTorch's default CPU GEMM
 re-lays-out (packs) the weight on every call, which at a few rows costs about as much as the product itself;
