@@ -162,7 +162,6 @@ def test_bf16_models_pack_but_never_merge():
         b.close()
 
 
-@pytest.mark.slow  # ~2-3 s: three adapters decoding 40 tokens each
 def test_merges_are_bought_after_enough_tokens_and_evicted_least_recent_first(backend, monkeypatch):
     backend._merged.drop()
     monkeypatch.setattr(_decode, "MERGE_AFTER_TOKENS", 40)
