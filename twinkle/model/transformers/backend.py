@@ -273,7 +273,7 @@ class TransformersBackend(Backend):
         if infer and self._merged is not None and len(segments) == 1:
             name = segments[0][2]
             st = self._adapters.get(name) if name is not None else None
-            if st is not None and self._merged.use(name, st, self._layers, ids.numel()):
+            if name is not None and st is not None and self._merged.use(name, st, self._layers, ids.numel()):
                 merged = name
         self._routing[0] = Routing(segments, dropout=train, infer=infer, merged=merged)
         if vision is not None:
