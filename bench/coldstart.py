@@ -6,6 +6,7 @@ transformers ``builtin://tiny`` model. Each phase is shown with its share of the
 since other work on the machine stretches every phase.
 
     .venv/bin/python bench/coldstart.py [--tiny] [--repeat 1] [--proxy haproxy,direct] [--placement auto,gateway]
+    .venv/bin/python bench/coldstart.py --tiny --repeat 2 --before-tree /work/main   # main vs this tree, alternating
 """
 
 from __future__ import annotations
@@ -49,14 +50,15 @@ def _first_result(url: str, key: str, model: str) -> tuple[float, float]:
         return t1 - t0, time.monotonic() - t1
 
 
-def once(tiny: bool, proxy: str | None = None, placement: str = "auto") -> list[tuple[str, float]]:
+def once(tiny: bool, proxy: str | None = None, placement: str = "auto",
+         tree: str | None = None) -> list[tuple[str, float]]:
     work = Path(tempfile.mkdtemp(prefix="twinkle-cold-"))
     models = [{**m, "placement": placement} for m in [sp.MOCK_MODEL] + ([sp.TINY_MODEL] if tiny else [])]
     cfg, url = sp.write_config(work, models, proxy=proxy)
     key = sp.create_key(cfg)
     log = work / "server.log"
     t0 = time.monotonic()
-    proc = sp.launch(cfg, log)
+    proc = sp.launch(cfg, log, env={"PYTHONPATH": tree} if tree else None, cwd=tree)
     try:
         healthy = sp.wait_healthy(proc, url, log)
         phases: list[tuple[str, float]] = []
@@ -94,6 +96,9 @@ def main() -> None:
     ap.add_argument("--placement", default="auto",
                     help="models[].placement for every model: auto (default), gateway, replica, or a comma-separated "
                          "list (alternating runs with each --proxy)")
+    ap.add_argument("--before-tree", default=None,
+                    help="also run the server from this checkout (e.g. /work/main) with the same settings, "
+                         "alternating with this tree")
     args = ap.parse_args()
     proxies = ["haproxy", "serve"] if args.proxy == "both" else [p for p in args.proxy.split(",") if p]
     placements = [p for p in args.placement.split(",") if p]
@@ -101,19 +106,21 @@ def main() -> None:
     for i in range(args.repeat):
         for proxy in proxies:
             for placement in placements:
-                totals.setdefault(f"proxy {proxy}, placement {placement}", []).append(
-                    _report(i, proxy, placement, args.tiny))
+                for tree in ([args.before_tree, None] if args.before_tree else [None]):
+                    name = f"proxy {proxy}, placement {placement}" + (f" from {tree}" if tree else "")
+                    totals.setdefault(name, []).append(_report(i, proxy, placement, args.tiny, tree))
     if len(totals) > 1:
         print("\nTOTAL launch -> first result(s), per variant (runs alternated):")
         for name, xs in totals.items():
             print(f"  {name:<36} {' '.join(f'{x:6.2f}' for x in xs)} s")
 
 
-def _report(i: int, proxy: str, placement: str, tiny: bool) -> float:
+def _report(i: int, proxy: str, placement: str, tiny: bool, tree: str | None = None) -> float:
     load0 = os.getloadavg()[0]
-    phases = once(tiny, proxy, placement)
+    phases = once(tiny, proxy, placement, tree)
     total = phases[-1][1]
-    print(f"\nrun {i + 1} (http.proxy: {proxy}, placement: {placement}): load average {load0:.1f} -> "
+    print(f"\nrun {i + 1} (http.proxy: {proxy}, placement: {placement}{', from ' + tree if tree else ''}): "
+          f"load average {load0:.1f} -> "
           f"{os.getloadavg()[0]:.1f}")
     print(f"{'phase':<40} {'seconds':>8} {'share':>7}")
     for name, secs in phases:
