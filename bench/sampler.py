@@ -110,9 +110,12 @@ def _trainer(url: str, key: str, model_id: str, stop: threading.Event, rows: int
         model.add_adapter_to_model("other-tenant", r=8)
         rng = np.random.default_rng(1)
         inputs = [{"input_ids": rng.integers(3, 1000, size=seq).tolist()} for _ in range(rows)]
-        while not stop.is_set():
-            model.forward_backward(inputs=inputs)
-            model.clip_grad_and_step()
+        try:
+            while not stop.is_set():
+                model.forward_backward(inputs=inputs)
+                model.clip_grad_and_step()
+        finally:  # frees the adapter slot: --ttft-compare starts a trainer per round
+            sess.close()
 
     t = threading.Thread(target=loop, daemon=True)
     t.start()

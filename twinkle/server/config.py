@@ -63,7 +63,7 @@ class HttpConfig(_Strict):
     proxy: Literal["auto", "direct", "haproxy", "serve"] = Field(
         "auto",
         description="HTTP ingress: 'direct' (the gateway replica's own HTTP server listens on http.port: no proxy "
-        "hop, no HAProxy processes), 'haproxy' (Ray Serve's HAProxy ingress in front of the gateway replica's own "
+        "hop, no HAProxy processes; on a local Ray Serve then runs no proxy actor at all), 'haproxy' (Ray Serve's HAProxy ingress in front of the gateway replica's own "
         "HTTP server; Linux, shipped with ray[serve]), 'serve' (Ray Serve's Python proxy actor); 'auto': direct on "
         "a local Ray, haproxy on an existing cluster (--address)",
     )
