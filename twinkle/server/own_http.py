@@ -10,8 +10,9 @@ replica runs the FastAPI app under uvicorn on ``http.host:http.port`` here, on t
 
 Compared with Serve's wrapper: the socket is bound with ``SO_REUSEADDR`` (a replica Serve restarts after a crash
 with open connections takes the port again at once), keep-alive is Serve's 90 s, signals stay Ray's, the app's
-lifespan (the service's start/stop) runs in the server, and the server's housekeeping tick (uvicorn wakes every
-0.1 s to refresh its ``Date`` header and check for exit) runs once a second.
+lifespan (the service's start/stop) runs in the server, ``X-Forwarded-*`` headers are not trusted (nothing sits in
+front of it), and the server's housekeeping tick (uvicorn wakes every 0.1 s to refresh its ``Date`` header and
+check for exit) runs once a second.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class OwnHTTPServer:
         self._sock = bind_socket(host, port)  # fails here (EADDRINUSE ...) rather than in a background task
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
         self._server = _Server(uvicorn.Config(
-            app, host=host, port=port, lifespan="on", access_log=False, log_config=None,
+            app, host=host, port=port, lifespan="on", access_log=False, log_config=None, proxy_headers=False,
             timeout_keep_alive=KEEP_ALIVE_S))
         self._task: asyncio.Task[None] | None = None
 
