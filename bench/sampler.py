@@ -243,13 +243,21 @@ def _ttft_rows(label: str, idle: list[float], busy: list[float]) -> None:
 
 def _throughput_table(args: Any, cases: list[tuple[int, int]], results: dict[Any, dict[str, list[float]]]) -> None:
     print(f"Sampling throughput, {args.model}, rank-8 adapter, {args.max_tokens} new tokens per sequence, "
-          f"{args.threads} torch thread(s) each side, median of {args.rounds} rounds (tokens/s)")
+          f"{args.threads} torch thread(s) each side, median of {args.rounds} rounds (tokens/s); ratios: median "
+          f"(min-max) of each round's ratio, both sides measured back to back (load average now "
+          f"{os.getloadavg()[0]:.1f})")
     print("| requests x num_samples | HF generate | native | tinker SDK | native / HF | tinker / HF |")
     print("|---|---|---|---|---|---|")
     for c, n in cases:
-        r = {k: statistics.median(v) for k, v in results[(c, n)].items()}
+        res = results[(c, n)]
+        r = {k: statistics.median(v) for k, v in res.items()}
+
+        def ratio(side: str, res: dict[str, list[float]] = res) -> str:
+            per_round = [x / h for x, h in zip(res[side], res["hf"], strict=True)]
+            return f"{statistics.median(per_round):.2f}x ({min(per_round):.2f}-{max(per_round):.2f})"
+
         print(f"| {c} x {n} | {r['hf']:.0f} | {r['native']:.0f} | {r['tinker']:.0f} | "
-              f"{r['native'] / r['hf']:.2f}x | {r['tinker'] / r['hf']:.2f}x |")
+              f"{ratio('native')} | {ratio('tinker')} |")
     print()
 
 

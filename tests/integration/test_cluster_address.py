@@ -81,7 +81,8 @@ def _stop_cluster(markers: list[str]) -> None:
 
 @pytest.fixture()
 def cluster(tmp_path: Path):
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # the raylet waits for its agents to register (their Python start is slow on a loaded machine)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_agent_register_timeout_ms": "120000"}
     # the temp dir holds Ray's session files and sockets: keep it short (AF_UNIX path limit)
     temp = Path(f"/tmp/tw-cl-{os.getpid()}")
     haproxy_dirs = set(HAPROXY_DIR.iterdir()) if HAPROXY_DIR.is_dir() else set()
