@@ -17,7 +17,12 @@ def clean_env(monkeypatch):
               "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.setenv(k, "")  # so that teardown restores the original state of every key,
         monkeypatch.delenv(k)  # including ones the launcher sets in os.environ itself
-    return monkeypatch
+    before = dict(os.environ)
+    yield monkeypatch
+    # _prepare_env(None, ...) also sets PYTHONPATH (with _lean_site: no pandas) and the thread settings; left
+    # behind, every later subprocess of this pytest (nbval's notebook kernels) lost pandas.
+    os.environ.clear()
+    os.environ.update(before)
 
 
 def test_haproxy_ingress_is_the_default_when_the_binary_exists(clean_env, tmp_path):
