@@ -32,6 +32,7 @@ from twinkle.types import (
 from . import _checkpoint
 from ._adapter import AdapterState, resolve_targets
 from ._lora import LoraPair, MultiLoraLinear, Routing, RoutingSlot, Segment
+from ._pack import Layout, pack, packing_is_exact
 from ._prepare import PreparedItem, prepare
 from ._vision import VisionInputs, VisionSupport, is_vision_module, merger_unit
 
@@ -83,14 +84,18 @@ class TransformersBackend(Backend):
     autocast: torch.dtype | None = None
     _keep_kw = False
     _continuous: bool | None = None
+    packing = False  # subclasses whose forward ignores position ids (megatron) keep the padded layout
+    _pack_ok: bool | None = None
 
     def __init__(self, model_id: str, *, dtype: str = "float32", device: str | None = None, max_adapters: int = 64,
                  max_lora_rank: int = 256, attn_implementation: str | None = "sdpa",
-                 gradient_checkpointing: bool = False, autocast: str | None = None) -> None:
+                 gradient_checkpointing: bool = False, autocast: str | None = None, packing: bool = True) -> None:
         """``attn_implementation``: ``sdpa`` (default; a model that refuses it falls back to ``eager``), ``eager``,
         ``flash_attention_2``...; ``gradient_checkpointing``: recompute each decoder layer in the backward pass
         (less activation memory); ``autocast``: ``bfloat16``/``float16`` mixed precision for forward passes on
-        CUDA (ignored elsewhere, so CPU float32 stays exact)."""
+        CUDA (ignored elsewhere, so CPU float32 stays exact); ``packing``: datums of one adapter share rows in
+        training and forward passes (``_pack``: no padding waste, same logprobs and gradients), where the model
+        proves exact on a probe."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
         if dtype not in _DTYPES:
@@ -138,6 +143,8 @@ class TransformersBackend(Backend):
         self._adapters: dict[str, AdapterState] = {}
         self._eos = self._eos_ids()
         self._continuous: bool | None = None
+        self.packing = bool(packing)
+        self._pack_ok = None
 
     # -- setup -----------------------------------------------------------------------------------------------
     def _wrap_linears(self) -> None:
@@ -293,6 +300,13 @@ class TransformersBackend(Backend):
     def _row_logprobs(self, tokens: list[np.ndarray], targets: list[np.ndarray], segments: list[Segment],
                       train: bool, images: list[list[Any]] | None = None) -> list[torch.Tensor]:
         """Per-row logprobs of the target tokens (shape of each target array) in one forward pass."""
+        if images is None and len(tokens) > 1 and self._can_pack():
+            return self._packed_logprobs(tokens, targets, segments, train)
+        return self._padded_logprobs(tokens, targets, segments, train, images)
+
+    def _padded_logprobs(self, tokens: list[np.ndarray], targets: list[np.ndarray], segments: list[Segment],
+                         train: bool, images: list[list[Any]] | None = None) -> list[torch.Tensor]:
+        """One datum per row, right-padded to the longest."""
         b, width = len(tokens), max(t.size for t in tokens)
         ids = np.zeros((b, width), dtype=np.int64)
         flat = all(t.ndim == 1 for t in targets)
@@ -314,6 +328,46 @@ class TransformersBackend(Backend):
         out = []
         for r, (t, y) in enumerate(zip(tokens, targets, strict=True)):
             lg = torch.log_softmax(logits[r, : t.size], dim=-1)
+            yt = torch.from_numpy(y).to(self.device)
+            out.append(lg.gather(-1, yt if yt.ndim == 2 else yt[:, None]).reshape(yt.shape))
+        return out
+
+    def _can_pack(self) -> bool:
+        """Packing is on and this model's attention keeps packed datums apart (probed once, base model)."""
+        if not self.packing or self._vision is not None:
+            return False
+        if self._pack_ok is None:
+            def fwd(ids: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+                return self._forward_logits(ids, [(0, 1, None)], train=False, pos=pos)[0]
+
+            tol = 1e-4 if self.dtype == torch.float32 and self.autocast is None else 3e-2
+            self._pack_ok = packing_is_exact(fwd, self.device, tol)
+            if not self._pack_ok:
+                log.warning("%s: packed rows do not match separate rows (the attention ignores position ids); "
+                            "training batches stay padded", self.model_id)
+        return self._pack_ok
+
+    def _packed_logprobs(self, tokens: list[np.ndarray], targets: list[np.ndarray], segments: list[Segment],
+                         train: bool) -> list[torch.Tensor]:
+        """``_row_logprobs`` over the packed layout (``_pack``): one row holds several datums of one adapter."""
+        lay: Layout = pack(tokens, segments)
+        if lay.rows == len(tokens):  # nothing shares a row: the padded layout is the same pass
+            return self._padded_logprobs(tokens, targets, segments, train)
+        ids_t = torch.from_numpy(lay.ids).to(self.device)
+        pos_t = torch.from_numpy(lay.pos).to(self.device)
+        logits, _ = self._forward_logits(ids_t, lay.segments, train=train, pos=pos_t)
+        logits = logits.float()
+        if all(t.ndim == 1 for t in targets):
+            tg = np.zeros_like(lay.ids)
+            for (r, off), t in zip(lay.place, targets, strict=True):
+                tg[r, off:off + t.size] = t
+            y = torch.from_numpy(tg).to(self.device)
+            lp = -F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
+            lp = lp.view(lay.ids.shape)
+            return [lp[r, off:off + t.size] for (r, off), t in zip(lay.place, tokens, strict=True)]
+        out = []
+        for (r, off), t, y in zip(lay.place, tokens, targets, strict=True):
+            lg = torch.log_softmax(logits[r, off:off + t.size], dim=-1)
             yt = torch.from_numpy(y).to(self.device)
             out.append(lg.gather(-1, yt if yt.ndim == 2 else yt[:, None]).reshape(yt.shape))
         return out

@@ -1,0 +1,147 @@
+"""Sequence packing (``_pack``): the packed layout gives the padded layout's logprobs, losses and gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from twinkle.loss import get_loss, list_losses
+from twinkle.model.base import BatchItem
+from twinkle.model.transformers import TransformersBackend
+from twinkle.model.transformers._pack import pack, padding_fraction
+from twinkle.model.transformers._random import tiny_model_path
+from twinkle.types import Datum, LoraConfig, ModelInput
+
+
+def test_pack_layout_keeps_adapters_apart_and_positions_per_datum():
+    lengths = [5, 3, 2, 4, 1, 6]
+    tokens = [np.arange(100 * i, 100 * i + n) for i, n in enumerate(lengths)]
+    segments = [(0, 4, "a"), (4, 6, "b")]  # datums 0-3 adapter a, 4-5 adapter b
+    lay = pack(tokens, segments)
+    assert lay.ids.shape[1] == 6  # never wider than the longest datum
+    # a: 5+... first-fit decreasing over width 6 -> [5], [4, 2], [3]; b: [6], [1]
+    assert lay.rows == 5 and lay.segments == [(0, 3, "a"), (3, 5, "b")]
+    for i, (r, off) in enumerate(lay.place):
+        n = lengths[i]
+        np.testing.assert_array_equal(lay.ids[r, off:off + n], tokens[i])
+        np.testing.assert_array_equal(lay.pos[r, off:off + n], np.arange(n))
+        seg = next(s for s in lay.segments if s[0] <= r < s[1])
+        assert seg[2] == ("a" if i < 4 else "b")
+    assert padding_fraction(lengths, len(lengths), 6) == pytest.approx(1 - 21 / 36)
+    assert padding_fraction(lengths, lay.rows, 6) == pytest.approx(1 - 21 / 30)
+
+
+@pytest.fixture(scope="module")
+def backend():
+    torch.set_num_threads(1)
+    b = TransformersBackend(str(tiny_model_path()), device="cpu", max_adapters=8)
+    for i, name in enumerate(("a", "b", "c")):
+        b.add_adapter(name, LoraConfig(rank=4, seed=i))
+        g = torch.Generator().manual_seed(20 + i)
+        with torch.no_grad():
+            for pair in b._adapters[name].pairs.values():
+                pair.lora_B.copy_(torch.randn(pair.lora_B.shape, generator=g) * 0.05)
+    yield b
+    b.close()
+
+
+def _datums(n: int, seed: int, lo: int = 3, hi: int = 20) -> list[Datum]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        k = int(rng.integers(lo, hi))
+        toks = rng.integers(0, 300, size=k + 1)
+        out.append(Datum(model_input=ModelInput.from_ints(toks[:-1].tolist()), loss_fn_inputs={
+            "target_tokens": toks[1:], "weights": rng.uniform(0.5, 1.5, size=k).astype(np.float32),
+            "logprobs": rng.uniform(-6, -4, size=k).astype(np.float32),
+            "advantages": rng.normal(size=k).astype(np.float32)}))
+    return out
+
+
+def _run(b: TransformersBackend, items: list[BatchItem], packing: bool):
+    b.packing = packing
+    try:
+        out = b.run_batch(items)
+    finally:
+        b.packing = True
+    grads = {}
+    for name, st in b._adapters.items():
+        grads[name] = [None if p.grad is None else p.grad.clone() for p in st.parameters()]
+        for p in st.parameters():
+            p.grad = None
+    return out, grads
+
+
+def _assert_same(b: TransformersBackend, items: list[BatchItem]) -> None:
+    packed, gp = _run(b, items, True)
+    padded, gq = _run(b, items, False)
+    for x, y in zip(packed, padded, strict=True):
+        assert x.metrics.keys() == y.metrics.keys()
+        for k in x.metrics:
+            assert x.metrics[k] == pytest.approx(y.metrics[k], rel=1e-5, abs=1e-5), k
+        for ox, oy in zip(x.loss_fn_outputs, y.loss_fn_outputs, strict=True):
+            for k in ox:
+                np.testing.assert_allclose(ox[k].to_numpy(), oy[k].to_numpy(), atol=1e-5, rtol=1e-5)
+    trained = {it.adapter for it in items if not it.forward_only}
+    for name in gp:
+        if name not in trained:
+            assert all(g is None for g in gp[name]) and all(g is None for g in gq[name])
+            continue
+        for x, y in zip(gp[name], gq[name], strict=True):
+            assert x is not None and y is not None and float(y.abs().max()) > 0
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+
+
+def test_packing_is_used_and_exact_for_one_adapter(backend, monkeypatch):
+    data = _datums(9, seed=1)
+    rows: list[int] = []
+    real = backend._forward_logits
+
+    def spy(ids, *a, **k):
+        rows.append(int(ids.shape[0]))
+        return real(ids, *a, **k)
+
+    monkeypatch.setattr(backend, "_forward_logits", spy)
+    _assert_same(backend, [BatchItem("a", data)])
+    assert backend._pack_ok is True
+    assert rows[-2] < 9 and rows[-1] == 9  # packed pass used fewer rows than the padded one
+
+
+def test_packing_is_exact_for_a_mixed_batch(backend):
+    items = [BatchItem("a", _datums(4, seed=2)), BatchItem("b", _datums(5, seed=3, lo=1, hi=6)),
+             BatchItem("c", _datums(3, seed=4)), BatchItem(None, _datums(3, seed=5), forward_only=True),
+             BatchItem("b", _datums(2, seed=6), forward_only=True)]
+    _assert_same(backend, items)
+
+
+@pytest.mark.parametrize("loss", list_losses())
+def test_packing_is_exact_for_every_loss(backend, loss):
+    data = _datums(6, seed=7)
+    spec = get_loss(loss)
+    cfg = {"beta": 0.2} if loss == "dpo" else None
+    if spec.needs_reference:  # reference logprobs come from a (packed) base-model pass too
+        data = [Datum(model_input=d.model_input, loss_fn_inputs={"target_tokens": d.loss_fn_inputs["target_tokens"]})
+                for d in data]
+    _assert_same(backend, [BatchItem("a", data, loss_fn=loss, loss_fn_config=cfg),
+                           BatchItem("b", _datums(3, seed=8))])
+
+
+def test_two_dimensional_targets_are_packed_exactly(backend):
+    rng = np.random.default_rng(9)
+    data = []
+    for k in (4, 7, 2, 9):
+        toks = rng.integers(0, 300, size=k)
+        data.append(Datum(model_input=ModelInput.from_ints(toks.tolist()),
+                          loss_fn_inputs={"target_tokens": rng.integers(0, 300, size=(k, 3))}))
+    _assert_same(backend, [BatchItem("a", data, forward_only=True)])
+
+
+def test_packing_off_option_and_a_failed_probe_keep_the_padded_layout(monkeypatch):
+    torch.set_num_threads(1)
+    b = TransformersBackend(str(tiny_model_path()), device="cpu", packing=False)
+    assert b._can_pack() is False and b._pack_ok is None  # no probe when off
+    b.packing = True
+    monkeypatch.setattr("twinkle.model.transformers.backend.packing_is_exact", lambda *a, **k: False)
+    assert b._can_pack() is False and b._pack_ok is False
+    b.close()
