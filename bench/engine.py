@@ -159,12 +159,19 @@ def main() -> None:
     _packing(args, ours)
 
 
-def _varied(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[Datum]:
+def _varied(n: int, lo: int, hi: int, vocab: int, seed: int, group: int = 0) -> list[Datum]:
+    """``n`` datums of ``lo``..``hi`` tokens; with ``group``, GRPO-like: groups of ``group`` datums share a
+    prompt of ``lo`` tokens (each datum = that prompt + its own completion)."""
     rng = np.random.default_rng(seed)
     out = []
-    for _ in range(n):
+    prompt = rng.integers(0, vocab, size=lo)
+    for i in range(n):
         k = int(rng.integers(lo, hi + 1))
         r = rng.integers(0, vocab, size=k + 1)
+        if group:
+            if i % group == 0:
+                prompt = rng.integers(0, vocab, size=lo)
+            r[:lo] = prompt
         out.append(Datum(model_input=ModelInput.from_ints(r[:-1].tolist()), loss_fn_inputs={
             "target_tokens": r[1:], "logprobs": np.full(k, -5.0, np.float32),
             "advantages": rng.normal(size=k).astype(np.float32)}))
@@ -173,19 +180,23 @@ def _varied(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[Datum]:
 
 def _packing(args: argparse.Namespace, ours: TransformersBackend | None = None) -> None:
     """Section 3: packed vs padded training steps on batches of varied lengths (importance_sampling, as GRPO)."""
-    from twinkle.model.transformers._pack import pack, padding_fraction
+    from twinkle.model.transformers._pack import pack, padding_fraction, share_prefixes
 
     if ours is None:
         ours = TransformersBackend(args.model, device=args.device)
     names = ["p0", "p1", "p2", "p3"]
     for i, n in enumerate(names):
         ours.add_adapter(n, LoraConfig(rank=args.rank, target_modules=TARGETS, seed=i))
-    batches = [_varied(args.pack_batch, args.min_len, args.max_len, ours.vocab_size, seed=100 + i)
-               for i in range(args.steps + 2)]
-    print(f"packing: {args.pack_batch} datums of {args.min_len}-{args.max_len} tokens per batch, "
-          f"importance_sampling loss, best of {args.steps} interleaved steps")
+    plain = [_varied(args.pack_batch, args.min_len, args.max_len, ours.vocab_size, seed=100 + i)
+             for i in range(args.steps + 2)]
+    grpo = [_varied(args.pack_batch, args.min_len, args.max_len, ours.vocab_size, seed=200 + i, group=8)
+            for i in range(args.steps + 2)]
+    print(f"packing: {args.pack_batch} datums of {args.min_len}-{args.max_len} tokens per batch (GRPO groups: "
+          f"8 datums share a {args.min_len}-token prompt), importance_sampling loss, best of {args.steps} "
+          "interleaved steps")
     print(f"{'case':<34}{'padding':>9}{'tokens/s':>11}{'packed/padded':>15}")
-    for label, split in (("1 adapter", 1), ("4 adapters, one mixed batch", 4)):
+    for label, split, batches in (("1 adapter", 1, plain), ("4 adapters, one mixed batch", 4, plain),
+                                  ("GRPO groups of 8, 1 adapter", 1, grpo)):
         def items(data: list[Datum], split: int = split) -> list[BatchItem]:
             per = len(data) // split
             return [BatchItem(names[k], data[k * per:(k + 1) * per], loss_fn="importance_sampling")
@@ -201,10 +212,15 @@ def _packing(args: argparse.Namespace, ours: TransformersBackend | None = None) 
         pad: dict[bool, list[float]] = {True: [], False: []}
         for i, data in enumerate(batches):
             lengths = [d.model_input.length for d in data]
-            lay = pack([np.zeros(k, np.int64) for k in lengths],
-                       [(k * (len(data) // split), (k + 1) * (len(data) // split), names[k]) for k in range(split)])
+            toks = [np.asarray(d.model_input.to_ints()) for d in data]
+            segs = [(k * (len(data) // split), (k + 1) * (len(data) // split), names[k]) for k in range(split)]
+            shared = share_prefixes(toks, segs)
+            if shared is not None:  # slots computed per datum token: below 1 when prompts are shared
+                pad[True].append(padding_fraction(lengths, shared.rows, shared.ids.shape[1]))
+            else:
+                lay = pack(toks, segs)
+                pad[True].append(padding_fraction(lengths, lay.rows, max(lengths)))
             pad[False].append(padding_fraction(lengths, len(lengths), max(lengths)))
-            pad[True].append(padding_fraction(lengths, lay.rows, max(lengths)))
             order = (True, False) if i % 2 == 0 else (False, True)
             for packing in order:
                 t = _timed(lambda d=data, p=packing: step(d, p))
@@ -216,8 +232,8 @@ def _packing(args: argparse.Namespace, ours: TransformersBackend | None = None) 
             ratio = f"{best[True] / best[False]:.2f}x" if packing else ""
             print(f"{name:<34}{np.mean(pad[packing]) * 100:>8.1f}%{best[packing]:>11.0f}{ratio:>15}")
     ours.packing = True
-    print("padding = share of computed token slots holding no datum token (mean over batches); tokens/s counts real "
-          "tokens (best step)")
+    print("padding = share of computed token slots holding no datum token (mean over batches; negative: shared "
+          "prompts are computed once for several datums); tokens/s counts datum tokens (best step)")
 
 
 if __name__ == "__main__":

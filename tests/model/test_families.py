@@ -69,7 +69,8 @@ def test_family_contract(family, tmp_path):
 
     # packed rows (several datums of one adapter share a row) == one datum per row, and packing is on here
     short = [_datum(r) for r in (ROWS[1][:3], ROWS[2][:4], ROWS[0][:3])]
-    items = [BatchItem("a", da + short), BatchItem("b", db + short[:2])]
+    group = [_datum(ROWS[0] + [8, 9, 10] + tail) for tail in ([12, 13], [14], [15, 16, 17])]  # shared prefix
+    items = [BatchItem("a", da + short + group), BatchItem("b", db + short[:2])]
     runs = []
     for packing in (True, False):
         b.packing = packing
@@ -77,7 +78,7 @@ def test_family_contract(family, tmp_path):
         runs.append(([o["logprobs"].to_numpy() for r in out for o in r.loss_fn_outputs], _grads(b, "a") + _grads(b, "b")))
         _zero(b)
     b.packing = True
-    assert b._pack_ok is True
+    assert b._pack_ok is True and b._share_ok is not None
     for x, y in zip(runs[0][0], runs[1][0], strict=True):
         np.testing.assert_allclose(x, y, atol=1e-5)
     for x, y in zip(runs[0][1], runs[1][1], strict=True):  # float32 summation order differs: scale-relative

@@ -99,3 +99,106 @@ def packing_is_exact(forward: Callable[[torch.Tensor, torch.Tensor | None], torc
         alone = torch.cat([forward(a, None).float(), forward(b, None).float()], dim=1)
     scale = float(alone.abs().max()) or 1.0
     return bool((packed - alone).abs().max() <= tol * scale)
+
+
+# -- shared prefixes ----------------------------------------------------------------------------------------
+# GRPO-style batches hold groups of datums that start with the same prompt. A *group* is laid out once as its
+# shared prefix (the trunk) followed by each datum's own remainder (a branch); an explicit attention mask lets
+# a branch see the trunk and itself only, and branch position ids continue from the trunk's. Every datum's
+# logits are those of the datum alone (the trunk's are shared: autograd sums the gradients of its uses).
+
+
+@dataclass
+class SharedLayout:
+    ids: np.ndarray  # (rows, width) int64
+    pos: np.ndarray  # (rows, width) int64
+    allow: np.ndarray  # (rows, width, width) bool: query q may attend key k
+    index: list[np.ndarray]  # per datum: flat positions (row * width + column) of its tokens, in order
+    segments: list[Segment]
+
+    @property
+    def rows(self) -> int:
+        return int(self.ids.shape[0])
+
+
+def _lcp(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(a.size, b.size)
+    diff = np.nonzero(a[:n] != b[:n])[0]
+    return int(diff[0]) if diff.size else n
+
+
+def _groups(tokens: list[np.ndarray], members: list[int], min_shared: int, cap: int) -> list[tuple[int, list[int]]]:
+    """``(trunk length, datums)`` groups: datums of ``members`` that share a prefix of ``min_shared`` tokens or
+    more (sorted order puts them side by side); a datum joins while the shared prefix keeps 3/4 of its length
+    (so datums of one prompt group together, not every datum that shares a chat template header) and the
+    group's tokens stay within ``cap``."""
+    order = sorted(members, key=lambda i: tuple(tokens[i].tolist()))
+    out: list[tuple[int, list[int]]] = []
+    for i in order:
+        if out:
+            trunk, group = out[-1]
+            first = tokens[group[0]]
+            shared = min(trunk, _lcp(first, tokens[i]))
+            size = shared + sum(tokens[j].size - shared for j in group) + tokens[i].size - shared
+            if shared >= min_shared and 4 * shared >= 3 * trunk and size <= cap:
+                out[-1] = (shared, group + [i])
+                continue
+        out.append((int(tokens[i].size), [i]))
+    return out
+
+
+def share_prefixes(tokens: list[np.ndarray], segments: list[Segment], min_shared: int = 8,
+                   max_mask: int = 1 << 26) -> SharedLayout | None:
+    """The shared-prefix layout, or ``None`` when no two datums of one adapter share ``min_shared`` leading
+    tokens (or its mask would exceed ``max_mask`` entries). Groups are at most twice the longest datum."""
+    longest = max(int(t.size) for t in tokens)
+    cap = 2 * longest
+    seg_groups = [(_groups(tokens, list(range(s, e)), min_shared, cap), name) for s, e, name in segments]
+    if all(len(g) == 1 for gs, _ in seg_groups for _, g in gs):
+        return None
+    sizes: dict[tuple[int, int], int] = {}
+    for k, (gs, _) in enumerate(seg_groups):
+        for j, (trunk, group) in enumerate(gs):
+            sizes[k, j] = trunk + sum(int(tokens[i].size) - trunk for i in group)
+    width = max(sizes.values())
+    rows: list[list[tuple[int, int]]] = []
+    row_segs: list[Segment] = []
+    for k, (gs, name) in enumerate(seg_groups):
+        start, free = len(rows), []  # first-fit decreasing of this adapter's groups
+        for j in sorted(range(len(gs)), key=lambda j: -sizes[k, j]):
+            r = next((r for r, f in enumerate(free) if sizes[k, j] <= f), None)
+            if r is None:
+                rows.append([])
+                free.append(width)
+                r = len(free) - 1
+            rows[start + r].append((k, j))
+            free[r] -= sizes[k, j]
+        row_segs.append((start, len(rows), name))
+    if len(rows) * width * width > max_mask:
+        return None
+    ids = np.zeros((len(rows), width), dtype=np.int64)
+    pos = np.zeros((len(rows), width), dtype=np.int64)
+    allow = np.zeros((len(rows), width, width), dtype=bool)
+    index: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * len(tokens)
+    causal = np.tril(np.ones((width, width), dtype=bool))
+    for r, placed in enumerate(rows):
+        off = 0
+        for k, j in placed:
+            trunk, group = seg_groups[k][0][j]
+            t0 = off
+            ids[r, t0:t0 + trunk] = tokens[group[0]][:trunk]
+            pos[r, t0:t0 + trunk] = np.arange(trunk)
+            allow[r, t0:t0 + trunk, t0:t0 + trunk] = causal[:trunk, :trunk]
+            off += trunk
+            for i in group:
+                n = int(tokens[i].size) - trunk
+                ids[r, off:off + n] = tokens[i][trunk:]
+                pos[r, off:off + n] = np.arange(trunk, trunk + n)
+                allow[r, off:off + n, t0:t0 + trunk] = True
+                allow[r, off:off + n, off:off + n] = causal[:n, :n]
+                cols = np.concatenate([np.arange(t0, t0 + trunk), np.arange(off, off + n)])
+                index[i] = r * width + cols
+                off += n
+        for q in range(off, width):  # unused tail: each slot sees itself (no fully masked query row)
+            allow[r, q, q] = True
+    return SharedLayout(ids, pos, allow, index, row_segs)

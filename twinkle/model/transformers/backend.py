@@ -32,7 +32,7 @@ from twinkle.types import (
 from . import _checkpoint
 from ._adapter import AdapterState, resolve_targets
 from ._lora import LoraPair, MultiLoraLinear, Routing, RoutingSlot, Segment
-from ._pack import Layout, pack, packing_is_exact
+from ._pack import Layout, SharedLayout, pack, packing_is_exact, share_prefixes
 from ._prepare import PreparedItem, prepare
 from ._vision import VisionInputs, VisionSupport, is_vision_module, merger_unit
 
@@ -85,7 +85,9 @@ class TransformersBackend(Backend):
     _keep_kw = False
     _continuous: bool | None = None
     packing = False  # subclasses whose forward ignores position ids (megatron) keep the padded layout
+    prefix_sharing = True  # with packing: datums of one adapter that start alike share their prefix's pass
     _pack_ok: bool | None = None
+    _share_ok: bool | None = None
 
     def __init__(self, model_id: str, *, dtype: str = "float32", device: str | None = None, max_adapters: int = 64,
                  max_lora_rank: int = 256, attn_implementation: str | None = "sdpa",
@@ -145,6 +147,7 @@ class TransformersBackend(Backend):
         self._continuous: bool | None = None
         self.packing = bool(packing)
         self._pack_ok = None
+        self._share_ok = None
 
     # -- setup -----------------------------------------------------------------------------------------------
     def _wrap_linears(self) -> None:
@@ -347,9 +350,73 @@ class TransformersBackend(Backend):
                             "training batches stay padded", self.model_id)
         return self._pack_ok
 
+    def _attention_mask(self, allow: np.ndarray) -> torch.Tensor | None:
+        """A 4-D mask from ``allow`` (rows, q, k) the model's attention takes as it is: boolean for SDPA,
+        additive for eager; ``None`` for kernels that take no such mask (flash attention) or sliding windows."""
+        impl = getattr(self.model.config, "_attn_implementation", None)
+        if impl not in ("sdpa", "eager") or any(
+                getattr(m, "sliding_window", None) for m in self.model.modules() if type(m).__name__.endswith("Attention")):
+            return None
+        a = torch.from_numpy(allow).to(self.device)[:, None]
+        if impl == "sdpa":
+            return a
+        dtype = self.dtype
+        return torch.zeros(a.shape, dtype=dtype, device=self.device).masked_fill_(~a, torch.finfo(dtype).min)
+
+    def _can_share(self) -> bool:
+        """Shared-prefix rows are exact for this model (probed once: a trunk and two branches in one row
+        against each sequence alone)."""
+        if self._share_ok is None:
+            toks = [np.array([3, 7, 11, 5, 9, 4, 8, 2, 6]), np.array([3, 7, 11, 5, 9, 4, 8, 2, 1, 12])]
+            lay = share_prefixes(toks, [(0, 2, None)], min_shared=4)
+            mask = self._attention_mask(lay.allow) if lay is not None else None
+            ok = False
+            if lay is not None and mask is not None:
+                with torch.no_grad():
+                    got = self._forward_logits(torch.from_numpy(lay.ids).to(self.device), [(0, lay.rows, None)],
+                                               train=False, mask=mask,
+                                               pos=torch.from_numpy(lay.pos).to(self.device))[0].float()
+                    flat = got.reshape(-1, got.shape[-1])
+                    ok = True
+                    for t, idx in zip(toks, lay.index, strict=True):
+                        alone = self._forward_logits(torch.from_numpy(t[None]).to(self.device), [(0, 1, None)],
+                                                     train=False)[0].float()[0]
+                        tol = 1e-4 if self.dtype == torch.float32 and self.autocast is None else 3e-2
+                        scale = float(alone.abs().max()) or 1.0
+                        ok = ok and bool((flat[torch.from_numpy(idx)] - alone).abs().max() <= tol * scale)
+            self._share_ok = ok
+            if not ok:
+                log.info("%s: shared-prefix rows are off (attention %s)", self.model_id,
+                         getattr(self.model.config, "_attn_implementation", None))
+        return self._share_ok
+
+    def _shared_logprobs(self, lay: SharedLayout, targets: list[np.ndarray], train: bool) -> list[torch.Tensor]:
+        """``_row_logprobs`` over the shared-prefix layout (``_pack.share_prefixes``)."""
+        mask = self._attention_mask(lay.allow)
+        ids_t = torch.from_numpy(lay.ids).to(self.device)
+        pos_t = torch.from_numpy(lay.pos).to(self.device)
+        logits, _ = self._forward_logits(ids_t, lay.segments, train=train, mask=mask, pos=pos_t)
+        flat = logits.float().reshape(-1, logits.shape[-1])
+        if all(t.ndim == 1 for t in targets):
+            idx = torch.from_numpy(np.concatenate(lay.index)).to(self.device)
+            y = torch.from_numpy(np.concatenate(targets).astype(np.int64)).to(self.device)
+            lp = -F.cross_entropy(flat[idx], y, reduction="none")
+            return list(lp.split([int(t.shape[0]) for t in targets]))
+        out = []
+        for ix, y in zip(lay.index, targets, strict=True):
+            lg = torch.log_softmax(flat[torch.from_numpy(ix).to(self.device)], dim=-1)
+            yt = torch.from_numpy(y).to(self.device)
+            out.append(lg.gather(-1, yt if yt.ndim == 2 else yt[:, None]).reshape(yt.shape))
+        return out
+
     def _packed_logprobs(self, tokens: list[np.ndarray], targets: list[np.ndarray], segments: list[Segment],
                          train: bool) -> list[torch.Tensor]:
-        """``_row_logprobs`` over the packed layout (``_pack``): one row holds several datums of one adapter."""
+        """``_row_logprobs`` over the packed layout (``_pack``): one row holds several datums of one adapter;
+        datums of one adapter that start alike (a GRPO group's prompt) share their prefix where that is exact."""
+        if self.prefix_sharing:
+            shared = share_prefixes(tokens, segments)
+            if shared is not None and self._can_share():
+                return self._shared_logprobs(shared, targets, train)
         lay: Layout = pack(tokens, segments)
         if lay.rows == len(tokens):  # nothing shares a row: the padded layout is the same pass
             return self._padded_logprobs(tokens, targets, segments, train)
