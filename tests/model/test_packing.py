@@ -132,8 +132,9 @@ def test_shared_prefixes_are_used_and_exact(backend, monkeypatch):
         return real(ids, *a, mask=mask, **k)
 
     monkeypatch.setattr(backend, "_forward_logits", spy)
+    dup = _datums(3, seed=14)  # identical datums share all their tokens (an empty remainder each)
     items = [BatchItem("a", _datums(12, seed=11, groups=3)), BatchItem("b", _datums(8, seed=12, groups=2)),
-             BatchItem("c", _datums(4, seed=13))]
+             BatchItem("c", _datums(4, seed=13) + dup + dup[:2])]
     _assert_same(backend, items)
     assert backend._share_ok is True and seen[-2] is True and seen[-1] is False
 
