@@ -3,11 +3,15 @@
 1. Our LoRA training step (TransformersBackend.run_batch + optim_step) vs a plain PyTorch + peft loop on the
    same batches, same LoRA targets/rank, same summed token cross-entropy and AdamW. Target: ratio >= 0.95.
 2. One mixed batch of 4 adapters vs the same rows as 4 sequential single-adapter batches.
+3. Sequence packing (model option ``packing``) vs one datum per padded row, on GRPO-like batches of varied
+   lengths (``--min-len``..``--max-len``, one adapter and 4 adapters mixed): the padding fraction of each
+   layout and training tokens/s (real tokens only).
 
 Steps of the two systems are interleaved (alternating which goes first) so machine noise hits both alike;
 the table shows the fastest step of each, timed as process CPU time on CPU (so other processes on a shared
 machine do not distort the ratio) and wall-clock time on GPU.
 Usage: python bench/engine.py [--model builtin://small] [--batch 8] [--seq 128] [--steps 10] [--threads 1]
+       python bench/engine.py --packing-only [--pack-batch 16] [--min-len 40] [--max-len 200]
 """
 
 from __future__ import annotations
@@ -57,9 +61,16 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is stable on a shared machine)")
+    ap.add_argument("--packing-only", action="store_true", help="only section 3 (packed vs padded)")
+    ap.add_argument("--pack-batch", type=int, default=16, help="datums per packing batch")
+    ap.add_argument("--min-len", type=int, default=40)
+    ap.add_argument("--max-len", type=int, default=200)
     args = ap.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.packing_only:
+        _packing(args)
+        return
 
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -144,6 +155,85 @@ def main() -> None:
     print(f"{'4 adapters as 4 sequential batches':<46}{ms * 1e3:>10.1f}{mtok / ms:>12.0f}{'':>9}")
     print(f"{'4 adapters in one mixed batch':<46}{mm * 1e3:>10.1f}{mtok / mm:>12.0f}{ms / mm:>9.3f}")
     print("ratio = throughput relative to the row above it (twinkle/peft target >= 0.95; mixed/sequential)")
+    print()
+    _packing(args, ours)
+
+
+def _varied(n: int, lo: int, hi: int, vocab: int, seed: int, group: int = 0) -> list[Datum]:
+    """``n`` datums of ``lo``..``hi`` tokens; with ``group``, GRPO-like: groups of ``group`` datums share a
+    prompt of ``lo`` tokens (each datum = that prompt + its own completion)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    prompt = rng.integers(0, vocab, size=lo)
+    for i in range(n):
+        k = int(rng.integers(lo, hi + 1))
+        r = rng.integers(0, vocab, size=k + 1)
+        if group:
+            if i % group == 0:
+                prompt = rng.integers(0, vocab, size=lo)
+            r[:lo] = prompt
+        out.append(Datum(model_input=ModelInput.from_ints(r[:-1].tolist()), loss_fn_inputs={
+            "target_tokens": r[1:], "logprobs": np.full(k, -5.0, np.float32),
+            "advantages": rng.normal(size=k).astype(np.float32)}))
+    return out
+
+
+def _packing(args: argparse.Namespace, ours: TransformersBackend | None = None) -> None:
+    """Section 3: packed vs padded training steps on batches of varied lengths (importance_sampling, as GRPO)."""
+    from twinkle.model.transformers._pack import pack, padding_fraction, share_prefixes
+
+    if ours is None:
+        ours = TransformersBackend(args.model, device=args.device)
+    names = ["p0", "p1", "p2", "p3"]
+    for i, n in enumerate(names):
+        ours.add_adapter(n, LoraConfig(rank=args.rank, target_modules=TARGETS, seed=i))
+    plain = [_varied(args.pack_batch, args.min_len, args.max_len, ours.vocab_size, seed=100 + i)
+             for i in range(args.steps + 2)]
+    grpo = [_varied(args.pack_batch, args.min_len, args.max_len, ours.vocab_size, seed=200 + i, group=8)
+            for i in range(args.steps + 2)]
+    print(f"packing: {args.pack_batch} datums of {args.min_len}-{args.max_len} tokens per batch (GRPO groups: "
+          f"8 datums share a {args.min_len}-token prompt), importance_sampling loss, best of {args.steps} "
+          "interleaved steps")
+    print(f"{'case':<34}{'padding':>9}{'tokens/s':>11}{'packed/padded':>15}")
+    for label, split, batches in (("1 adapter", 1, plain), ("4 adapters, one mixed batch", 4, plain),
+                                  ("GRPO groups of 8, 1 adapter", 1, grpo)):
+        def items(data: list[Datum], split: int = split) -> list[BatchItem]:
+            per = len(data) // split
+            return [BatchItem(names[k], data[k * per:(k + 1) * per], loss_fn="importance_sampling")
+                    for k in range(split)]
+
+        def step(data: list[Datum], packing: bool, split: int = split) -> None:
+            ours.packing = packing
+            ours.run_batch(items(data))
+            for n in names[:split]:
+                ours.optim_step(n)
+
+        rate: dict[bool, list[float]] = {True: [], False: []}  # real tokens/s of each step
+        pad: dict[bool, list[float]] = {True: [], False: []}
+        for i, data in enumerate(batches):
+            lengths = [d.model_input.length for d in data]
+            toks = [np.asarray(d.model_input.to_ints()) for d in data]
+            segs = [(k * (len(data) // split), (k + 1) * (len(data) // split), names[k]) for k in range(split)]
+            shared = share_prefixes(toks, segs)
+            if shared is not None:  # slots computed per datum token: below 1 when prompts are shared
+                pad[True].append(padding_fraction(lengths, shared.rows, shared.ids.shape[1]))
+            else:
+                lay = pack(toks, segs)
+                pad[True].append(padding_fraction(lengths, lay.rows, max(lengths)))
+            pad[False].append(padding_fraction(lengths, len(lengths), max(lengths)))
+            order = (True, False) if i % 2 == 0 else (False, True)
+            for packing in order:
+                t = _timed(lambda d=data, p=packing: step(d, p))
+                if i >= 2:
+                    rate[packing].append(sum(lengths) / t)
+        best = {k: max(v) for k, v in rate.items()}
+        for packing in (False, True):
+            name = f"{label}, {'packed' if packing else 'padded'}"
+            ratio = f"{best[True] / best[False]:.2f}x" if packing else ""
+            print(f"{name:<34}{np.mean(pad[packing]) * 100:>8.1f}%{best[packing]:>11.0f}{ratio:>15}")
+    ours.packing = True
+    print("padding = share of computed token slots holding no datum token (mean over batches; negative: shared "
+          "prompts are computed once for several datums); tokens/s counts datum tokens (best step)")
 
 
 if __name__ == "__main__":

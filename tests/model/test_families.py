@@ -1,5 +1,5 @@
 """The architecture families users bring, each a tiny random model built offline (``_families``), through one
-contract: a mixed two-adapter batch gives the same gradients as separate passes; forward logprobs equal
+contract: a mixed two-adapter batch gives the same gradients as separate passes, packed or padded; forward logprobs equal
 forward_backward logprobs; a saved adapter loads with ``PeftModel.from_pretrained`` and gives the same
 logits; greedy sampling equals HF ``generate`` of the merged model."""
 
@@ -66,6 +66,23 @@ def test_family_contract(family, tmp_path):
     for x, y in zip(mixed_a + mixed_b, sep_a + sep_b, strict=True):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
     assert any(float(x.abs().sum()) > 0 for x in mixed_a)
+
+    # packed rows (several datums of one adapter share a row) == one datum per row, and packing is on here
+    short = [_datum(r) for r in (ROWS[1][:3], ROWS[2][:4], ROWS[0][:3])]
+    group = [_datum(ROWS[0] + [8, 9, 10] + tail) for tail in ([12, 13], [14], [15, 16, 17])]  # shared prefix
+    items = [BatchItem("a", da + short + group), BatchItem("b", db + short[:2])]
+    runs = []
+    for packing in (True, False):
+        b.packing = packing
+        out = b.run_batch(items)
+        runs.append(([o["logprobs"].to_numpy() for r in out for o in r.loss_fn_outputs], _grads(b, "a") + _grads(b, "b")))
+        _zero(b)
+    b.packing = True
+    assert b._pack_ok is True and b._share_ok is not None
+    for x, y in zip(runs[0][0], runs[1][0], strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+    for x, y in zip(runs[0][1], runs[1][1], strict=True):  # float32 summation order differs: scale-relative
+        assert float((x - y).abs().max()) <= 2e-5 * float(y.abs().max()) + 1e-7
 
     # forward logprobs == forward_backward logprobs
     fwd = b.run_batch([BatchItem("a", da, forward_only=True)])[0]

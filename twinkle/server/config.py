@@ -182,6 +182,8 @@ class ModelConfig(_Strict):
     attn_implementation: str | None = Field(None, description="transformers backend: sdpa (default; eager where a "
                                             "model refuses it), eager, flash_attention_2, ...")
     gradient_checkpointing: bool = Field(False, description="transformers backend: recompute layers in backward")
+    packing: bool = Field(True, description="transformers backend: datums of one adapter share rows in training "
+                          "and forward passes (no padding waste; same results)")
     autocast: Literal["bfloat16", "float16"] | None = Field(None, description="transformers backend: mixed "
                                                             "precision forward passes on CUDA (ignored on CPU)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")

@@ -32,6 +32,7 @@ from twinkle.types import (
 from . import _checkpoint, _decode
 from ._adapter import AdapterState, resolve_targets
 from ._lora import LoraPair, MultiLoraLinear, Routing, RoutingSlot, Segment
+from ._pack import Layout, SharedLayout, pack, packing_is_exact, share_prefixes
 from ._prepare import PreparedItem, prepare
 from ._vision import VisionInputs, VisionSupport, is_vision_module, merger_unit
 
@@ -86,17 +87,23 @@ class TransformersBackend(Backend):
     decode_kernels = False
     _packed: bool | None = None
     _merged: _decode.Merged | None = None  # adapters' merged weights for sampling (float32, packed only)
+    packing = False  # subclasses whose forward ignores position ids (megatron) keep the padded layout
+    prefix_sharing = True  # with packing: datums of one adapter that start alike share their prefix's pass
+    _pack_ok: bool | None = None
+    _share_ok: bool | None = None
 
     def __init__(self, model_id: str, *, dtype: str = "float32", device: str | None = None, max_adapters: int = 64,
                  max_lora_rank: int = 256, attn_implementation: str | None = "sdpa",
                  gradient_checkpointing: bool = False, autocast: str | None = None,
-                 decode_kernels: bool = True) -> None:
+                 decode_kernels: bool = True, packing: bool = True) -> None:
         """``attn_implementation``: ``sdpa`` (default; a model that refuses it falls back to ``eager``), ``eager``,
         ``flash_attention_2``...; ``gradient_checkpointing``: recompute each decoder layer in the backward pass
         (less activation memory); ``autocast``: ``bfloat16``/``float16`` mixed precision for forward passes on
         CUDA (ignored elsewhere, so CPU float32 stays exact); ``decode_kernels``: on CPU, sample with the base
         weights packed once for oneDNN (a second copy of them) and, for float32, single-adapter passes with
-        that adapter's merged weights (up to 2 more copies of the adapted layers; see ``_decode``)."""
+        that adapter's merged weights (up to 2 more copies of the adapted layers; see ``_decode``); ``packing``:
+        datums of one adapter share rows in training and forward passes (``_pack``: no padding waste, same
+        logprobs and gradients), where the model proves exact on a probe."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
         if dtype not in _DTYPES:
@@ -147,6 +154,9 @@ class TransformersBackend(Backend):
         self.decode_kernels = bool(decode_kernels)
         self._packed: bool | None = None
         self._merged: _decode.Merged | None = None
+        self.packing = bool(packing)
+        self._pack_ok = None
+        self._share_ok = None
 
     # -- setup -----------------------------------------------------------------------------------------------
     def _wrap_linears(self) -> None:
@@ -322,6 +332,13 @@ class TransformersBackend(Backend):
     def _row_logprobs(self, tokens: list[np.ndarray], targets: list[np.ndarray], segments: list[Segment],
                       train: bool, images: list[list[Any]] | None = None) -> list[torch.Tensor]:
         """Per-row logprobs of the target tokens (shape of each target array) in one forward pass."""
+        if images is None and len(tokens) > 1 and self._can_pack():
+            return self._packed_logprobs(tokens, targets, segments, train)
+        return self._padded_logprobs(tokens, targets, segments, train, images)
+
+    def _padded_logprobs(self, tokens: list[np.ndarray], targets: list[np.ndarray], segments: list[Segment],
+                         train: bool, images: list[list[Any]] | None = None) -> list[torch.Tensor]:
+        """One datum per row, right-padded to the longest."""
         b, width = len(tokens), max(t.size for t in tokens)
         ids = np.zeros((b, width), dtype=np.int64)
         flat = all(t.ndim == 1 for t in targets)
@@ -343,6 +360,110 @@ class TransformersBackend(Backend):
         out = []
         for r, (t, y) in enumerate(zip(tokens, targets, strict=True)):
             lg = torch.log_softmax(logits[r, : t.size], dim=-1)
+            yt = torch.from_numpy(y).to(self.device)
+            out.append(lg.gather(-1, yt if yt.ndim == 2 else yt[:, None]).reshape(yt.shape))
+        return out
+
+    def _can_pack(self) -> bool:
+        """Packing is on and this model's attention keeps packed datums apart (probed once, base model)."""
+        if not self.packing or self._vision is not None:
+            return False
+        if self._pack_ok is None:
+            def fwd(ids: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+                return self._forward_logits(ids, [(0, 1, None)], train=False, pos=pos)[0]
+
+            tol = 1e-4 if self.dtype == torch.float32 and self.autocast is None else 3e-2
+            self._pack_ok = packing_is_exact(fwd, self.device, tol)
+            if not self._pack_ok:
+                log.warning("%s: packed rows do not match separate rows (the attention ignores position ids); "
+                            "training batches stay padded", self.model_id)
+        return self._pack_ok
+
+    def _attention_mask(self, allow: np.ndarray) -> torch.Tensor | None:
+        """A 4-D mask from ``allow`` (rows, q, k) the model's attention takes as it is: boolean for SDPA,
+        additive for eager; ``None`` for kernels that take no such mask (flash attention) or sliding windows."""
+        impl = getattr(self.model.config, "_attn_implementation", None)
+        if impl not in ("sdpa", "eager") or any(
+                getattr(m, "sliding_window", None) for m in self.model.modules() if type(m).__name__.endswith("Attention")):
+            return None
+        a = torch.from_numpy(allow).to(self.device)[:, None]
+        if impl == "sdpa":
+            return a
+        dtype = self.dtype
+        return torch.zeros(a.shape, dtype=dtype, device=self.device).masked_fill_(~a, torch.finfo(dtype).min)
+
+    def _can_share(self) -> bool:
+        """Shared-prefix rows are exact for this model (probed once: a trunk and two branches in one row
+        against each sequence alone)."""
+        if self._share_ok is None:
+            toks = [np.array([3, 7, 11, 5, 9, 4, 8, 2, 6]), np.array([3, 7, 11, 5, 9, 4, 8, 2, 1, 12])]
+            lay = share_prefixes(toks, [(0, 2, None)], min_shared=4)
+            mask = self._attention_mask(lay.allow) if lay is not None else None
+            ok = False
+            if lay is not None and mask is not None:
+                with torch.no_grad():
+                    got = self._forward_logits(torch.from_numpy(lay.ids).to(self.device), [(0, lay.rows, None)],
+                                               train=False, mask=mask,
+                                               pos=torch.from_numpy(lay.pos).to(self.device))[0].float()
+                    flat = got.reshape(-1, got.shape[-1])
+                    ok = True
+                    for t, idx in zip(toks, lay.index, strict=True):
+                        alone = self._forward_logits(torch.from_numpy(t[None]).to(self.device), [(0, 1, None)],
+                                                     train=False)[0].float()[0]
+                        tol = 1e-4 if self.dtype == torch.float32 and self.autocast is None else 3e-2
+                        scale = float(alone.abs().max()) or 1.0
+                        ok = ok and bool((flat[torch.from_numpy(idx)] - alone).abs().max() <= tol * scale)
+            self._share_ok = ok
+            if not ok:
+                log.info("%s: shared-prefix rows are off (attention %s)", self.model_id,
+                         getattr(self.model.config, "_attn_implementation", None))
+        return self._share_ok
+
+    def _shared_logprobs(self, lay: SharedLayout, targets: list[np.ndarray], train: bool) -> list[torch.Tensor]:
+        """``_row_logprobs`` over the shared-prefix layout (``_pack.share_prefixes``)."""
+        mask = self._attention_mask(lay.allow)
+        ids_t = torch.from_numpy(lay.ids).to(self.device)
+        pos_t = torch.from_numpy(lay.pos).to(self.device)
+        logits, _ = self._forward_logits(ids_t, lay.segments, train=train, mask=mask, pos=pos_t)
+        flat = logits.float().reshape(-1, logits.shape[-1])
+        if all(t.ndim == 1 for t in targets):
+            idx = torch.from_numpy(np.concatenate(lay.index)).to(self.device)
+            y = torch.from_numpy(np.concatenate(targets).astype(np.int64)).to(self.device)
+            lp = -F.cross_entropy(flat[idx], y, reduction="none")
+            return list(lp.split([int(t.shape[0]) for t in targets]))
+        out = []
+        for ix, y in zip(lay.index, targets, strict=True):
+            lg = torch.log_softmax(flat[torch.from_numpy(ix).to(self.device)], dim=-1)
+            yt = torch.from_numpy(y).to(self.device)
+            out.append(lg.gather(-1, yt if yt.ndim == 2 else yt[:, None]).reshape(yt.shape))
+        return out
+
+    def _packed_logprobs(self, tokens: list[np.ndarray], targets: list[np.ndarray], segments: list[Segment],
+                         train: bool) -> list[torch.Tensor]:
+        """``_row_logprobs`` over the packed layout (``_pack``): one row holds several datums of one adapter;
+        datums of one adapter that start alike (a GRPO group's prompt) share their prefix where that is exact."""
+        if self.prefix_sharing:
+            shared = share_prefixes(tokens, segments)
+            if shared is not None and self._can_share():
+                return self._shared_logprobs(shared, targets, train)
+        lay: Layout = pack(tokens, segments)
+        if lay.rows == len(tokens):  # nothing shares a row: the padded layout is the same pass
+            return self._padded_logprobs(tokens, targets, segments, train)
+        ids_t = torch.from_numpy(lay.ids).to(self.device)
+        pos_t = torch.from_numpy(lay.pos).to(self.device)
+        logits, _ = self._forward_logits(ids_t, lay.segments, train=train, pos=pos_t)
+        logits = logits.float()
+        if all(t.ndim == 1 for t in targets):
+            tg = np.zeros_like(lay.ids)
+            for (r, off), t in zip(lay.place, targets, strict=True):
+                tg[r, off:off + t.size] = t
+            y = torch.from_numpy(tg).to(self.device)
+            lp = -F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
+            lp = lp.view(lay.ids.shape)
+            return [lp[r, off:off + t.size] for (r, off), t in zip(lay.place, tokens, strict=True)]
+        out = []
+        for (r, off), t, y in zip(lay.place, tokens, targets, strict=True):
+            lg = torch.log_softmax(logits[r, off:off + t.size], dim=-1)
             yt = torch.from_numpy(y).to(self.device)
             out.append(lg.gather(-1, yt if yt.ndim == 2 else yt[:, None]).reshape(yt.shape))
         return out

@@ -95,6 +95,13 @@ def greedy_accuracy(sampler: tinker.SamplingClient, tokenizer, problems: list[di
 
 def main(cfg: Config) -> dict:
     t0 = time.perf_counter()
+    clock, phases = [t0], {}  # seconds per phase (setup, warmup, greedy, sample, train), in RESULT
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        phases[name] = round(phases.get(name, 0.0) + now - clock[0], 3)
+        clock[0] = now
+
     rng = random.Random(cfg.seed)
     service = tinker.ServiceClient(base_url=cfg.base_url, api_key=cfg.api_key or None)
     training = service.create_lora_training_client(base_model=cfg.base_model, rank=cfg.lora_rank,
@@ -105,13 +112,16 @@ def main(cfg: Config) -> dict:
 
 
     # 1. supervised warm-up: the answer format
+    lap("setup")
     warm = [sft_datum(apply_chat_template(tokenizer, p["messages"])) for p in rows]
     for step in range(cfg.warmup_steps):
         out = training.forward_backward(rng.sample(warm, cfg.warmup_batch), "cross_entropy")
         training.optim_step(types.AdamParams(learning_rate=cfg.warmup_lr, grad_clip_norm=1.0))
         print(f"warm-up {step:3d}  loss {out.result().metrics['loss:sum']:.2f}", flush=True)
     sampler = training.save_weights_and_get_sampling_client().result()
+    lap("warmup")
     acc_before, _ = greedy_accuracy(sampler, tokenizer, problems)
+    lap("greedy")
     print(f"greedy accuracy after warm-up: {acc_before:.2f} on {len(problems)} problems", flush=True)
 
     # 2. GRPO: the reward is the only teacher
@@ -134,13 +144,16 @@ def main(cfg: Config) -> dict:
                 if r != mean:  # a group where every answer scores the same teaches nothing
                     batch.append(rl_datum(prompt, s.tokens, s.logprobs, r - mean))
         rewards_per_step.append(sum(step_rewards) / len(step_rewards))
+        lap("sample")
         if batch:
             training.forward_backward(batch, "importance_sampling")
             training.optim_step(types.AdamParams(learning_rate=cfg.rl_lr, grad_clip_norm=1.0))
         sampler = training.save_weights_and_get_sampling_client().result()  # waits for the step
+        lap("train")
         print(f"grpo {step:3d}  mean reward {rewards_per_step[-1]:.3f}  trained on {len(batch)} samples", flush=True)
 
     acc_after, answers = greedy_accuracy(sampler, tokenizer, problems)
+    lap("greedy")
     print(f"greedy accuracy after GRPO: {acc_after:.2f}", flush=True)
     for p, a in list(zip(problems, answers, strict=True))[:4]:
         print(f"  {p['question']} -> {a!r}")
@@ -148,7 +161,7 @@ def main(cfg: Config) -> dict:
     k = max(1, len(rewards_per_step) // 4)
     result = {"rewards": rewards_per_step, "first_reward": sum(rewards_per_step[:k]) / k,
               "last_reward": sum(rewards_per_step[-k:]) / k, "accuracy_before": acc_before,
-              "accuracy_after": acc_after, "seconds": time.perf_counter() - t0}
+              "accuracy_after": acc_after, "seconds": time.perf_counter() - t0, "phases": phases}
     print("RESULT " + json.dumps(result), flush=True)
     return result
 

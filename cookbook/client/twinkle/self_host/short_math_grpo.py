@@ -78,6 +78,13 @@ def greedy_accuracy(sampler: Sampler, tokenizer, problems: list[dict]) -> tuple[
 
 def main(cfg: Config) -> dict:
     t0 = time.perf_counter()
+    clock, phases = [t0], {}  # seconds per phase (setup, warmup, greedy, sample, train), in RESULT
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        phases[name] = round(phases.get(name, 0.0) + now - clock[0], 3)
+        clock[0] = now
+
     rng = random.Random(cfg.seed)
     with twinkle_client.init_twinkle_client(cfg.base_url, cfg.api_key or None):
         model = TransformersModel(cfg.base_model, seed=cfg.seed)
@@ -89,6 +96,7 @@ def main(cfg: Config) -> dict:
         problems = list({r["question"]: r for r in rows}.values())  # every distinct question, once
 
         # 1. supervised warm-up: the answer format
+        lap("setup")
         warm = rows.map(ChatEncoder(tokenizer)).to_list()
         curve = LiveCurve(metrics=("loss",), title="warm-up SFT", total=cfg.warmup_steps)
         for _ in curve.range(cfg.warmup_steps):
@@ -96,7 +104,9 @@ def main(cfg: Config) -> dict:
             model.clip_grad_and_step()
             curve.log(model.calculate_metric(), run="warm-up")
         curve.close()
+        lap("warmup")
         acc_before, _ = greedy_accuracy(sampler, tokenizer, problems)
+        lap("greedy")
         print(f"greedy accuracy after warm-up: {acc_before:.2f} on {len(problems)} problems", flush=True)
 
         # 2. GRPO: the reward is the only teacher
@@ -120,20 +130,23 @@ def main(cfg: Config) -> dict:
                     if r != mean:  # a group where every answer scores the same teaches nothing
                         batch.append(rl_datum(prompt, s.tokens, s.logprobs, r - mean))
             rewards_per_step.append(sum(step_rewards) / len(step_rewards))
+            lap("sample")
             if batch:
                 model.forward_backward(inputs=batch, loss_fn="importance_sampling")
                 model.clip_grad_and_step(adam_params=rl_adam)
+            lap("train")
             curve.log({"reward": rewards_per_step[-1]}, run="grpo")
         curve.close()
 
         acc_after, answers = greedy_accuracy(sampler, tokenizer, problems)
+        lap("greedy")
         print(f"greedy accuracy after GRPO: {acc_after:.2f}", flush=True)
         for p, a in list(zip(problems, answers, strict=True))[:4]:
             print(f"  {p['question']} -> {a!r}")
     k = max(1, len(rewards_per_step) // 4)
     result = {"rewards": rewards_per_step, "first_reward": sum(rewards_per_step[:k]) / k,
               "last_reward": sum(rewards_per_step[-k:]) / k, "accuracy_before": acc_before,
-              "accuracy_after": acc_after, "seconds": time.perf_counter() - t0}
+              "accuracy_after": acc_after, "seconds": time.perf_counter() - t0, "phases": phases}
     print("RESULT " + json.dumps(result), flush=True)
     return result
 
