@@ -783,7 +783,15 @@ class Service:
         # a loop that only samples sees the panel's Stop too
         if stop_of is None and t.session_id:
             stop_of = self.sessions.by_id.get(t.session_id)
+        self._touch_session(t.session_id)
         return self._with_stop(ref, stop_of)
+
+    def _touch_session(self, session_id: str | None) -> None:
+        """Traffic of a session's own work proves its client alive: extend the lease (as a heartbeat would). A
+        client busy for minutes sampling, whose heartbeats time out on a loaded machine, keeps its session."""
+        s = self.sessions.by_id.get(session_id) if session_id else None
+        if s is not None:
+            self.sessions.touch(s, persist=False)
 
     def sample_target(
         self, user: User, op: SampleOp, *, sampler_id: str | None = None, base_model: str | None = None,
@@ -853,7 +861,12 @@ class Service:
 
     # ---- futures -----------------------------------------------------------------------------------------
     async def wait(self, user: User, future_id: str, timeout: float = 30.0) -> FutureState:
-        """Long-poll: returns as soon as the future completes, or ``status=pending`` after ``timeout``."""
+        """Long-poll: returns as soon as the future completes, or ``status=pending`` after ``timeout``. Polling
+        for a session's pending work extends that session's lease."""
+        fut = self.futures.by_id.get(future_id) if isinstance(future_id, str) else None
+        if fut is not None and fut.user == user.name and fut.state is None:
+            run = self.runs.by_id.get(fut.run_id) if fut.run_id else None
+            self._touch_session(fut.session_id or (run.session_id if run is not None else None))
         return await self.futures.wait(user.name, future_id, timeout)
 
     def future_run_id(self, user: User, future_id: str) -> str | None:
