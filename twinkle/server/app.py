@@ -287,7 +287,7 @@ async def refusal_as_value(call: Any) -> Any:
         return WorkerRefusal(e)
 
 
-_TOO_LARGE = re.compile(r"(SERVER|CLIENT): Received message larger than max \((\d+) vs\. (\d+)\)")
+_TOO_LARGE = re.compile(r"(?:(SERVER|CLIENT): )?Received message larger than max \((\d+) vs\. (\d+)\)")
 
 
 def _message_too_large(e: BaseException) -> LimitExceededError | None:
@@ -300,9 +300,9 @@ def _message_too_large(e: BaseException) -> LimitExceededError | None:
         seen.add(id(cur))
         m = _TOO_LARGE.search(str(cur))
         if m:
-            way = "request" if m.group(1) == "SERVER" else "reply"
+            way = {"SERVER": " request", "CLIENT": " reply"}.get(m.group(1) or "", "")
             return LimitExceededError(
-                f"this request's internal {way} message ({m.group(2)} bytes) exceeds the server's internal "
+                f"this request's internal{way} message ({m.group(2)} bytes) exceeds the server's internal "
                 f"message limit ({m.group(3)} bytes, RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH); send a smaller "
                 "request", field="body", detail={"limit": int(m.group(3))})
         cur = cur.__cause__ or cur.__context__
