@@ -184,7 +184,7 @@ def test_bombs_are_refused_fast_and_the_gateway_stays_small(server: ServerHandle
             took = time.monotonic() - t
             assert 400 <= r.status_code < 500, (name, r.status_code, r.text)
             assert set(r.json()) >= {"error", "category", "detail"}, (name, r.text)
-            assert took < 10, (name, took)
+            assert took < 30, (name, took)  # 0.01-1.4 s here (gzip: up to 8 s at load 12)
             figures[name] = (r.status_code, round(took, 2), round(probe.peak_mb - probe.start_mb, 1))
             t = time.monotonic()
     print(f"\ngateway pid {gateway.pid}: start {probe.start_mb:.0f} MB, peak {probe.peak_mb:.0f} MB, "
