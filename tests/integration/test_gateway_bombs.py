@@ -3,9 +3,10 @@ in its own worker replica), measured on the process that terminates HTTP.
 
 One server for the module (~20-40 s to start here). The gateway replica's RSS is sampled every 20 ms in a thread
 while each bomb is in flight (topk 1e9 through asample + retrieve, a 256 MB zstd body, a 256 MB gzip body, a
-sparse tensor of shape [1, 2e7] and one just under the dense-element cap, an 80 MB chunked body): each is a fast
-4xx and the gateway's peak stays within 100 MB of where it started. Then a legal forward_backward whose
-gateway -> worker message (and reply) is far over gRPC's 4 MB default crosses Ray Serve and trains.
+sparse tensor of shape [1, 2e7], and sparse float tensors [1, 16M] and [3, 5M] just under the dense-element cap,
+an 80 MB chunked body): each is a fast 4xx and the gateway's peak stays within 100 MB of where it started. Then a
+legal forward_backward whose gateway -> worker message (7.1 MB) and reply (5.5 MB) are over gRPC's 4 MB default
+crosses Ray Serve and trains (with the limit forced to 4 MB it fails as a 413-category user error instead).
 """
 
 from __future__ import annotations
@@ -210,9 +211,9 @@ def _big_datums(total: int, k: int, per: int = 1000) -> list[dict]:
 
 def test_a_legal_request_over_4mb_internally_trains(server: ServerHandle, client: httpx.Client,
                                                     run_id: str) -> None:
-    """20 000 tokens with (N, 32) targets and weights in one forward_backward (JSON, ~11 MB on the wire): the
-    op the gateway sends the worker replica over Serve's gRPC data plane is ~8 MB and the reply (a logprob per
-    target) ~6 MB, both over gRPC's 4 MB default. It trains; the optimizer step after it too."""
+    """20 000 tokens with (N, 32) targets and weights in one forward_backward (JSON, ~9 MB on the wire): the
+    op the gateway sends the worker replica over Serve's gRPC data plane is 7.1 MB and the reply (a logprob per
+    target) 5.5 MB, both over gRPC's 4 MB default. It trains; the optimizer step after it too."""
     import pickle
 
     data = _big_datums(BIG_TOKENS, BIG_K)
