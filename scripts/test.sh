@@ -23,7 +23,7 @@ if ! command -v prometheus >/dev/null 2>&1; then
 fi
 echo "== set-up took $(( $(date +%s) - start )) s"
 .venv/bin/ruff check .
-# Types: mypy over twinkle/server, twinkle/loss, twinkle/types and twinkle_client (config: pyproject [tool.mypy]).
+# Types: mypy over all of twinkle and twinkle_client (config: pyproject [tool.mypy]).
 .venv/bin/mypy
 .venv/bin/python -m pytest "$@"
 echo "== tests took $(( $(date +%s) - start )) s"

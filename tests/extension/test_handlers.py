@@ -1,4 +1,5 @@
-"""The Jupyter server's ``twinkle/`` routes, in a real Jupyter server, against a fake Twinkle server."""
+"""The Jupyter server's ``twinkle/`` routes, in a real Jupyter server, against the real Twinkle gateway (mock
+backend, in process: ``live_twinkle.py``)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import os
 
 import httpx
 import pytest
-from fake_twinkle import FakeTwinkle
 from jupyter_proc import JupyterServer, free_port
+from live_twinkle import MODEL, LiveTwinkle
 
 from twinkle_client.jupyter_server import connection_file
 
@@ -32,8 +33,8 @@ def jupyter(env):
 
 
 @pytest.fixture(scope="module")
-def fake():
-    with FakeTwinkle() as f:
+def twinkle(tmp_path_factory):
+    with LiveTwinkle(workdir=tmp_path_factory.mktemp("twinkle-server")) as f:
         yield f
 
 
@@ -63,55 +64,59 @@ def test_not_configured(jupyter):
     assert jupyter.client.get("/twinkle/api/runs").status_code == 409
 
 
-def test_kernel_connection_is_shown_without_the_key(jupyter, fake, kernel_conn):
-    kernel_conn(fake.url + "/api/v1", fake.api_key)
+def test_kernel_connection_is_shown_without_the_key(jupyter, twinkle, kernel_conn):
+    kernel_conn(twinkle.url + "/api/v1", twinkle.api_key, twinkle.session_id)
     r = jupyter.client.get("/twinkle/overview")
     body = r.json()
     assert body["state"] == "connected", body
     assert body["connection"]["source"] == "kernel"
-    assert body["connection"]["url"] == fake.url
-    assert body["connection"]["session_id"] == "sess-1"
-    assert fake.api_key not in r.text
-    assert [x["run_id"] for x in body["runs"]] == ["run-1"]
+    assert body["connection"]["url"] == twinkle.url
+    assert body["connection"]["session_id"] == twinkle.session_id
+    assert twinkle.api_key not in r.text
+    assert [x["run_id"] for x in body["runs"]] == [twinkle.run_id]
+    assert body["runs"][0]["step"] == 3
+    assert body["capabilities"]["base_models"][0]["name"] == MODEL
     assert body["capabilities"]["base_models"][0]["max_adapters"] == 4
 
-    hist = jupyter.client.get("/twinkle/api/runs/run-1/metrics").json()
-    assert [p["metrics"]["loss"] for p in hist["points"]] == [3.0, 2.0, 1.0]
-    names = [c["name"] for c in jupyter.client.get("/twinkle/api/runs/run-1/checkpoints").json()["checkpoints"]]
-    assert names == ["step-1", "step-2"]
+    run = twinkle.run_id
+    hist = jupyter.client.get(f"/twinkle/api/runs/{run}/metrics").json()
+    assert hist == twinkle.get(f"runs/{run}/metrics")
+    assert [p["kind"] for p in hist["points"]].count("optim_step") == 3
+    names = [c["name"] for c in jupyter.client.get(f"/twinkle/api/runs/{run}/checkpoints").json()["checkpoints"]]
+    assert sorted(names) == ["step-1", "step-2"]
 
     # delete a checkpoint through the proxy; nothing else may be written
-    r = jupyter.client.delete("/twinkle/api/runs/run-1/checkpoints/training/step-1")
+    r = jupyter.client.delete(f"/twinkle/api/runs/{run}/checkpoints/training/step-1")
     assert r.status_code == 200 and r.json()["name"] == "step-1"
-    assert fake.checkpoints["run-1"] == ["step-2"]
-    assert jupyter.client.delete("/twinkle/api/sessions/s-1").status_code == 403  # runs/{id} is deletable (panel ✕)
+    assert twinkle.checkpoint_names() == ["step-2"]
+    assert jupyter.client.delete(f"/twinkle/api/sessions/{twinkle.session_id}").status_code == 403  # runs/{id} is deletable (panel ✕)
     assert jupyter.client.get("/twinkle/api/futures/abc").status_code == 403
     assert jupyter.client.get("/twinkle/api/runs/missing/metrics").status_code == 404
 
 
-def test_bad_key_and_server_down_are_reported(jupyter, fake, kernel_conn):
-    kernel_conn(fake.url, "not-the-right-key")
+def test_bad_key_and_server_down_are_reported(jupyter, twinkle, kernel_conn):
+    kernel_conn(twinkle.url, "not-the-right-key")
     body = jupyter.client.get("/twinkle/overview").json()
     assert body["state"] == "bad_key"
     assert "rejected the API key" in body["message"] and "401" in body["message"]
-    r = jupyter.client.get("/twinkle/api/runs/run-1/metrics")
+    r = jupyter.client.get(f"/twinkle/api/runs/{twinkle.run_id}/metrics")
     assert r.status_code == 401 and r.json()["state"] == "bad_key"
 
     dead = f"http://127.0.0.1:{free_port()}"
-    kernel_conn(dead, fake.api_key)
+    kernel_conn(dead, twinkle.api_key)
     body = jupyter.client.get("/twinkle/overview").json()
     assert body["state"] == "server_down"
     assert f"Cannot reach the Twinkle server at {dead}" in body["message"]
     assert jupyter.client.get("/twinkle/api/runs").status_code == 502
 
 
-def test_panel_connection(jupyter, fake):
-    r = jupyter.client.post("/twinkle/connection", content=json.dumps({"url": fake.url, "api_key": "wrong"}))
+def test_panel_connection(jupyter, twinkle):
+    r = jupyter.client.post("/twinkle/connection", content=json.dumps({"url": twinkle.url, "api_key": "wrong"}))
     assert r.status_code == 200 and r.json()["state"] == "bad_key"
-    r = jupyter.client.post("/twinkle/connection", content=json.dumps({"url": fake.url, "api_key": fake.api_key}))
+    r = jupyter.client.post("/twinkle/connection", content=json.dumps({"url": twinkle.url, "api_key": twinkle.api_key}))
     body = r.json()
     assert body["state"] == "connected" and body["connection"]["source"] == "panel"
-    assert fake.api_key not in r.text
+    assert twinkle.api_key not in r.text
     ov = jupyter.client.get("/twinkle/overview").json()
     assert ov["state"] == "connected" and ov["connection"]["source"] == "panel"
     # bad input names the field

@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from fake_twinkle import FakeTwinkle
+from live_twinkle import MODEL, LiveTwinkle
 
 from twinkle_client.jupyter_server import connection_file
 from twinkle_client.jupyter_server.upstream import (
@@ -93,30 +93,35 @@ def test_store_prefers_the_newest_of_panel_and_kernel():
     assert store.active()[1] == "kernel"
 
 
-def test_overview_and_classified_failures():
-    up = Upstream(timeout=2.0)
-    with FakeTwinkle() as fake:
-        good = connection_file.Connection(url=fake.url, api_key=fake.api_key)
-        ov = asyncio.run(up.overview(good))
-        assert [r["run_id"] for r in ov["runs"]] == ["run-1"]
-        assert ov["capabilities"]["base_models"][0]["name"] == "builtin://tiny"
-        assert ov["sessions"][0]["session_id"] == "sess-1"
-        assert ov["status"]["runs_active"] == 1
-        # capabilities are cached: a second overview does not ask again
-        before = sum("capabilities" in c for c in fake.calls)
-        asyncio.run(up.overview(good))
-        assert sum("capabilities" in c for c in fake.calls) == before == 1
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with LiveTwinkle(workdir=tmp_path_factory.mktemp("twinkle-server")) as live:
+        yield live
 
-        with pytest.raises(UpstreamError) as bad:
-            asyncio.run(up.overview(connection_file.Connection(url=fake.url, api_key="wrong")))
-        assert bad.value.state == "bad_key" and "rejected the API key" in bad.value.message
-        assert "invalid API key" in bad.value.message
 
-        hist = asyncio.run(up.request(good, "GET", "runs/run-1/metrics"))
-        assert [p["metrics"]["loss"] for p in hist["points"]] == [3.0, 2.0, 1.0]
-        with pytest.raises(UpstreamError) as nf:
-            asyncio.run(up.request(good, "GET", "runs/nope/metrics"))
-        assert nf.value.state == "not_found"
+def test_overview_and_classified_failures(server):
+    up = Upstream(timeout=5.0)
+    good = connection_file.Connection(url=server.url, api_key=server.api_key)
+    ov = asyncio.run(up.overview(good))
+    assert [r["run_id"] for r in ov["runs"]] == [server.run_id]
+    assert ov["capabilities"]["base_models"][0]["name"] == MODEL
+    assert ov["sessions"][0]["session_id"] == server.session_id
+    assert ov["status"]["runs_active"] == 1
+    # capabilities are cached: a second overview does not ask again
+    before = sum("capabilities" in c for c in server.calls)
+    asyncio.run(up.overview(good))
+    assert sum("capabilities" in c for c in server.calls) == before == 1
+
+    with pytest.raises(UpstreamError) as bad:
+        asyncio.run(up.overview(connection_file.Connection(url=server.url, api_key="wrong")))
+    assert bad.value.state == "bad_key" and "rejected the API key" in bad.value.message
+    assert "unknown or revoked API key" in bad.value.message  # the server's own words are passed on
+
+    hist = asyncio.run(up.request(good, "GET", f"runs/{server.run_id}/metrics"))
+    assert hist == server.get(f"runs/{server.run_id}/metrics") and len(hist["points"]) == 6
+    with pytest.raises(UpstreamError) as nf:
+        asyncio.run(up.request(good, "GET", "runs/nope/metrics"))
+    assert nf.value.state == "not_found"
 
     down = connection_file.Connection(url=f"http://127.0.0.1:{_free_port()}", api_key="k")
     with pytest.raises(UpstreamError) as exc:
@@ -182,20 +187,19 @@ def test_only_read_routes_and_checkpoint_delete_are_proxied(method, path, ok):
     assert allowed(method, path) is ok
 
 
-def test_overview_carries_the_live_load_when_the_server_has_it():
+def test_overview_carries_the_live_load_when_the_server_has_it(server):
     """The panel's live load (queue depth, tokens/s, your usage) comes with the overview poll; a server without
     the load route still gives a working overview (``load`` null)."""
-    up = Upstream(timeout=2.0)
-    with FakeTwinkle() as fake:
-        conn = connection_file.Connection(url=fake.url, api_key=fake.api_key)
+    up = Upstream(timeout=5.0)
+    conn = connection_file.Connection(url=server.url, api_key=server.api_key)
+    server.hide_load = True
+    try:
         ov = asyncio.run(up.overview(conn))
-        assert ov["load"] is None and ov["runs"]  # older server: the rest still works
-        fake.load = {"window_s": 60, "tokens_per_s": {"trained": 12.5, "prefilled": 0.0, "sampled": 3.0},
-                     "queue_depth": 2, "replicas": [{"base_model": "builtin://tiny", "replica": 0, "queue_depth": 2,
-                                                     "adapters": 1}],
-                     "usage": [{"user": "alice", "base_model": "builtin://tiny", "tokens_trained": 90,
-                                "tokens_prefilled": 0, "tokens_sampled": 4, "requests": 6, "checkpoint_bytes": 0,
-                                "checkpoints": 0}]}
-        ov = asyncio.run(up.overview(conn))
-        assert ov["load"]["queue_depth"] == 2 and ov["load"]["usage"][0]["tokens_trained"] == 90
-        assert any(c.endswith("/load") for c in fake.calls)
+    finally:
+        server.hide_load = False
+    assert ov["load"] is None and ov["runs"]  # older server: the rest still works
+    ov = asyncio.run(up.overview(conn))
+    assert ov["load"]["queue_depth"] == 0
+    mine = [u for u in ov["load"]["usage"] if u["base_model"] == MODEL]
+    assert mine and mine[0]["tokens_trained"] == 12  # 3 steps of one 4-token datum
+    assert any(c.endswith("/load") for c in server.calls)

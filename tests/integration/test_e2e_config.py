@@ -113,6 +113,24 @@ def test_native_client_train_save_sample_on_both_models(e2e: ServerHandle) -> No
     assert len(list((e2e.workdir / "checkpoints").rglob("adapter_model.safetensors"))) >= 2
 
 
+def test_streaming_and_openai_routes_reach_the_worker_replicas(e2e: ServerHandle) -> None:
+    """Two models: each runs in a worker replica of its own, so streamed sampling and the OpenAI routes'
+    tokenizing cross the Ray handle to the worker deployment (which once lacked those methods: a 500)."""
+    with httpx.Client(base_url=e2e.url, headers={"X-API-Key": e2e.api_key}, timeout=120) as c:
+        body = {"base_model": TEXT, "sampling_params": GREEDY,
+                "prompt": {"chunks": [{"type": "encoded_text", "tokens": list(range(10, 20))}]}}
+        with c.stream("POST", "/api/v1/twinkle/sample/stream", json=body) as r:
+            assert r.status_code == 200, r.read()
+            events = "".join(r.iter_text())
+        assert "event: token" in events and "event: done" in events and "event: error" not in events, events[-800:]
+        r = c.post("/v1/completions", json={"model": TEXT, "prompt": "Hello", "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert isinstance(r.json()["choices"][0]["text"], str)
+        r = c.post("/v1/chat/completions", json={"model": TEXT, "max_tokens": 4,
+                                                 "messages": [{"role": "user", "content": "Hi"}]})
+        assert r.status_code == 200, r.text
+
+
 def test_tinker_sdk_train_save_sample_on_both_models(e2e: ServerHandle) -> None:
     sc = tinker.ServiceClient(base_url=e2e.url, api_key=e2e.api_key)
     try:

@@ -4,7 +4,7 @@
   estimated bytes a token) is 7 chunks under the shipped config's advertised limits: well under the worker's
   ``max_pending_per_adapter`` (64), and it trains;
 * a batch split into more chunks than ``max_pending_per_adapter`` trains: the gateway admits a run's ops at
-  submit (``Service._admit``), so the surplus chunks get an HTTP 429 + Retry-After that the SDK retries, not a
+  submit (``gateway.training.Training._admit``), so the surplus chunks get an HTTP 429 + Retry-After that the SDK retries, not a
   failed future from the worker's queue (which it never retries: "too many requests queued for this adapter").
 """
 

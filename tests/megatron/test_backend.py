@@ -118,3 +118,11 @@ def test_greedy_sampling_matches_transformers(backends):
     for x, y in zip(a, b, strict=True):
         assert [s.tokens for s in x.sequences] == [s.tokens for s in y.sequences]
         np.testing.assert_allclose(x.sequences[0].logprobs, y.sequences[0].logprobs, atol=1e-4)
+
+
+def test_no_sampling_thread_beside_training(backends):
+    """The transformers backend routes LoRA rows per thread when asked; megatron declines (its ranks' collectives
+    run in one order). It used to inherit the transformers answer and fail on its own routing slot."""
+    hf, mg = backends
+    assert mg.concurrent_sampling() is False
+    assert mg._routing.per_thread is False

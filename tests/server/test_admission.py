@@ -1,4 +1,4 @@
-"""Back-pressure at the gateway's submit (``Service._admit``): a run with ``max_pending_per_adapter`` ops in
+"""Back-pressure at the gateway's submit (``gateway.training.Training._admit``): a run with ``max_pending_per_adapter`` ops in
 flight gets a ``CapacityError`` (HTTP 429 + Retry-After) at submit, before its seq_id is consumed, so the
 client's retry with the same seq_id runs once (the Tinker SDK retries a 429 at submit; it never retries a failed
 future). Real Service + in-process ModelWorker (mock backend)."""

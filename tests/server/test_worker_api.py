@@ -1,8 +1,11 @@
-"""Every implementation of the worker interface the service uses has all of its methods."""
+"""Every implementation of the worker interface the gateway uses has all of its methods (mypy checks their
+signatures: ``_conforms`` in ``worker.py`` and ``app.py``)."""
 
 from __future__ import annotations
 
+import ast
 import inspect
+from pathlib import Path
 
 from twinkle.server.app import _HandleWorker
 from twinkle.server.worker import ModelWorker
@@ -21,6 +24,25 @@ def test_model_worker_and_ray_adaptor_implement_it() -> None:
         missing = [n for n in _METHODS if not inspect.iscoroutinefunction(getattr(impl, n, None))]
         assert not missing, f"{impl.__name__} lacks {missing}"
     assert isinstance(_HandleWorker(object()), WorkerAPI)
+
+
+def test_ray_worker_deployment_answers_every_call_of_the_adaptor() -> None:
+    """The Ray Serve worker deployment (built inside ``build_serve_app``; read from the source, so that the test
+    needs no Ray) has a method for each name the handle adaptor calls: a missing one fails only on a real
+    server with a separate worker deployment (it did for streaming and tokenize)."""
+    import twinkle.server.app as app
+
+    tree = ast.parse(Path(app.__file__).read_text())
+    classes = {n.name: n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
+
+    def methods(cls: ast.ClassDef) -> set[str]:
+        return {f.name for f in cls.body if isinstance(f, ast.AsyncFunctionDef)}
+
+    called = {c.args[0].value for c in ast.walk(classes["_HandleWorker"]) if isinstance(c, ast.Call)
+              and getattr(c.func, "attr", None) == "_call" and isinstance(c.args[0], ast.Constant)}
+    assert set(_METHODS) <= called
+    missing = called - methods(classes["WorkerDeployment"])
+    assert not missing, f"WorkerDeployment lacks {sorted(missing)}"
 
 
 def test_ray_adaptor_cancels_the_replica_call_when_its_caller_gives_up() -> None:

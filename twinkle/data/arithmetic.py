@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import re
+from typing import Any
 
 from twinkle.types import InvalidInputError
 
@@ -53,7 +54,7 @@ def arithmetic_dataset(n: int = 500, *, seed: int = 0, max_operand: int = 9, ops
     if max_answer is not None and max_answer < smallest:
         raise InvalidInputError("no problem has an answer <= max_answer", field="max_answer")
     rng = random.Random(seed)
-    rows = []
+    rows: list[dict[str, Any]] = []
     while len(rows) < n:
         a, b, op = rng.randint(0, max_operand), rng.randint(0, max_operand), rng.choice(ops)
         answer = _OPS[op](a, b)

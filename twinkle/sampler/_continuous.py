@@ -252,6 +252,7 @@ class ContinuousSampler:
             _kv.select(p.cache, sel)
         mask = p.mask[sel] if p.mask is not None else torch.ones((len(idx), w), dtype=torch.long, device=self.device)
         pos = p.pos[sel, -1:] + 1
+        assert p.last is not None  # set by the last prefill chunk
         last = p.last[sel]
         self._join(rows, p.cache, mask, pos, last)
         self.stats["joins"] += 1
@@ -417,7 +418,7 @@ def _prompt_logprobs(item: SampleItem, logits: torch.Tensor, width: int) -> tupl
     tgt = torch.tensor(p[1:], dtype=torch.long, device=lg.device)
     lps = lg.gather(-1, tgt[:, None]).squeeze(-1).tolist() if n > 1 else []
     plp = [None, *lps] if item.prompt_logprobs else None
-    topk = None
+    topk: list[list[tuple[int, float]] | None] | None = None
     if item.topk_prompt_logprobs:
         k = min(item.topk_prompt_logprobs, lg.shape[-1])
         topk = [None]

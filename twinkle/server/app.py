@@ -39,6 +39,7 @@ from .routes_native import create_native_router, health_router
 from .routes_openai import create_openai_router
 from .routes_stream import create_stream_router
 from .service import Service
+from .worker_api import WorkerAPI
 
 __all__ = ["build_serve_app", "create_app", "error_response", "serve_logging_config", "worker_config"]
 
@@ -316,7 +317,7 @@ class _HandleWorker:
         self._h = handle
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        from .service import _unwrap
+        from .state.common import unwrap as _unwrap
 
         response = getattr(self._h, method).remote(*args, **kwargs)
         try:
@@ -376,6 +377,10 @@ class _HandleWorker:
 
     async def telemetry_exposition(self) -> Any:
         return await self._call("telemetry_exposition")
+
+
+def _conforms(w: _HandleWorker) -> WorkerAPI:  # never called: mypy checks the adaptor implements WorkerAPI
+    return w
 
 
 def _trace_kw() -> dict[str, Any]:
@@ -443,6 +448,20 @@ def build_serve_app(config: ServerConfig) -> Any:
                     return await refusal_as_value(
                         self.worker.sample(op, adapter_id=adapter_id, checkpoint_path=checkpoint_path))
             return await refusal_as_value(self.worker.sample(op, adapter_id=adapter_id, checkpoint_path=checkpoint_path))
+
+        async def sample_stream_open(self, op: Any, *, adapter_id: str | None = None,
+                                     checkpoint_path: str | None = None) -> Any:
+            return await refusal_as_value(
+                self.worker.sample_stream_open(op, adapter_id=adapter_id, checkpoint_path=checkpoint_path))
+
+        async def sample_stream_poll(self, stream_id: str, after: int = 0, timeout: float = 10.0) -> Any:
+            return await refusal_as_value(self.worker.sample_stream_poll(stream_id, after, timeout))
+
+        async def sample_stream_close(self, stream_id: str) -> Any:
+            return await self.worker.sample_stream_close(stream_id)
+
+        async def tokenize(self, **kw: Any) -> Any:
+            return await refusal_as_value(self.worker.tokenize(**kw))
 
         async def skip(self, adapter_id: str, seq_id: int) -> None:
             await self.worker.skip(adapter_id, seq_id)

@@ -46,15 +46,15 @@ def worker_failed(err: BaseException) -> bool:
 
 
 class RecoveryHost(Protocol):
-    """What recovery needs of the gateway service (``Service`` is one); a protocol, so that this module does not
-    import the service that imports it."""
+    """What recovery needs of the gateway service (``gateway.context.Context`` is one); a protocol, so that this
+    module does not import the context that imports it."""
 
     workers: dict[str, list[WorkerAPI]]
     sessions: Sessions
     runs: Runs
     checkpoints: Checkpoints
 
-    def _worker(self, base_model: str, replica: int) -> WorkerAPI: ...
+    def worker(self, base_model: str, replica: int) -> WorkerAPI: ...
 
 
 class Recovery:
@@ -131,7 +131,7 @@ class Recovery:
 
     async def _check(self, base_model: str, replica: int) -> None:
         svc = self.svc
-        worker = svc._worker(base_model, replica)
+        worker = svc.worker(base_model, replica)
         n = len(svc.workers[base_model])
         try:
             st: Any = await worker.status()  # waits for a restarting replica (the handle queues the call)
@@ -161,7 +161,7 @@ class Recovery:
         if rolled_back:
             extra.rollback = self.rollback_message(run, why, ck)
         log.warning("run %s: %s; reloading it from %s", run.run_id, why, ck.info.path)
-        worker = svc._worker(run.base_model, extra.replica)
+        worker = svc.worker(run.base_model, extra.replica)
         # the worker's seq_id sequence continues at the first call still in flight (it is run again after the
         # reload), else after the last one the run consumed
         in_flight = [seq for seq, a in extra.applied.items() if not a.task.done()]

@@ -46,6 +46,7 @@ from .ops import (
     op_kind,
 )
 from .scheduler import Scheduler, SchedulerConfig, new_backend_executor
+from .worker_api import WorkerAPI
 
 _SAMPLER_PREFIX = "__sampler__"
 _OPS = (ForwardBackwardOp, OptimStepOp, SetOptimizerOp, SetSchedulerOp, SaveOp, LoadOp)
@@ -381,6 +382,10 @@ class ModelWorker:
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------
+
+
+def _conforms(w: ModelWorker) -> WorkerAPI:  # never called: mypy checks the worker implements WorkerAPI
+    return w
 
 
 def _positive_int(config: dict[str, Any], key: str, default: int) -> int:

@@ -1,8 +1,10 @@
-"""The interface the gateway's service uses to talk to a model worker.
+"""The interface the gateway (its service and its routes) uses to talk to a model worker: every call it makes
+on a worker is a method here.
 
 Implemented by :class:`twinkle.server.worker.ModelWorker` (in process), by the Ray Serve handle adaptor in
-:mod:`twinkle.server.app`, and by test doubles. The adapter id on a worker is the run id. Results may come
-back as the API models or as their plain-dict form (through Ray); the service normalises them.
+:mod:`twinkle.server.app` (whose worker deployment offers the same methods), and by test doubles. mypy checks
+the two implementations conform (``_conforms`` in each module). The adapter id on a worker is the run id.
+Results may come back as the API models or as their plain-dict form (through Ray); the gateway normalises them.
 """
 
 from __future__ import annotations
@@ -34,6 +36,20 @@ class WorkerAPI(Protocol):
                      checkpoint_path: str | None = None) -> SampleResponse | dict[str, Any]:
         """Sample with a run's live adapter, a saved adapter or the base model."""
 
+    async def sample_stream_open(self, op: SampleOp, *, adapter_id: str | None = None,
+                                 checkpoint_path: str | None = None) -> str:
+        """Start a streamed sample request; returns the stream id to poll."""
+
+    async def sample_stream_poll(self, stream_id: str, after: int = 0, timeout: float = 10.0) -> dict[str, Any]:
+        """The stream's events after ``after`` (``{"events", "next", "done", "result"}``), waiting up to
+        ``timeout`` seconds for some."""
+
+    async def sample_stream_close(self, stream_id: str) -> bool:
+        """The reader went away: forget the stream (and drop its request while still queued)."""
+
+    async def tokenize(self, *, text: str | None = None, messages: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of ``text``, or of chat ``messages`` with the chat template (OpenAI-compatible routes)."""
+
     async def has_adapter(self, adapter_id: str) -> bool:
         """Whether this worker holds ``adapter_id`` (false after a replica restart)."""
 
@@ -42,3 +58,6 @@ class WorkerAPI(Protocol):
 
     async def model_info(self) -> ModelInfo | dict[str, Any]:
         """The base model's vocabulary size, context, tokenizer."""
+
+    async def telemetry_exposition(self) -> str | None:
+        """The replica's Prometheus exposition (None: telemetry is off)."""

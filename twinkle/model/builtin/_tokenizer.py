@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -17,7 +18,7 @@ PRETOKENIZE_REGEX = (
 )
 
 
-def train_tokenizer(docs: list[str], vocab_size: int):
+def train_tokenizer(docs: list[str], vocab_size: int) -> Any:
     """A byte-level BPE with Qwen2's normaliser and pre-tokenizer, trained on ``docs``."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -40,7 +41,7 @@ def train_tokenizer(docs: list[str], vocab_size: int):
     return tok
 
 
-def write_tokenizer(tok, out: Path, chat_template: str, model_max_length: int,
+def write_tokenizer(tok: Any, out: Path, chat_template: str, model_max_length: int,
                     extra_special: list[str] | None = None) -> None:
     """``extra_special``: special tokens appended after the trained vocabulary (e.g. the vision markers),
     so every id of the text tokenizer stays the same."""

@@ -16,6 +16,7 @@ megatron-core assumes CUDA in three places we hit with the local (non-Transforme
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 
@@ -28,14 +29,14 @@ def apply() -> None:
         return
     if torch.cuda.is_available():
         raise RuntimeError("the megatron CPU shim must not be applied on a machine with CUDA")
-    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    torch.cuda.current_device = lambda: "cpu"
 
     from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
 
-    def _fork(self, name: str | None = None):  # noqa: ARG001 - signature of the original
+    def _fork(self: Any, name: str | None = None) -> contextlib.nullcontext[None]:  # noqa: ARG001 - the original's signature
         return contextlib.nullcontext()
 
-    CudaRNGStatesTracker.fork = _fork  # type: ignore[method-assign]
+    CudaRNGStatesTracker.fork = _fork
     _applied = True
 
 

@@ -24,12 +24,13 @@ reproduces TP 1; checkpoints gather the slices back (``gather_tensor``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from twinkle.model.transformers._lora import LoraPair, Routing
+from twinkle.model.transformers._lora import LoraPair, Routing, RoutingSlot
 
 from .convert import Geometry, padded_vocab, qkv_slices
 
@@ -58,6 +59,12 @@ class PartShard:
     keep: torch.Tensor | None
 
 
+def _set(index: torch.Tensor | None) -> torch.Tensor:
+    """An index a sharded part always has (``keep`` of a col/row shard; ``out_rows`` of a fused layer's part)."""
+    assert index is not None
+    return index
+
+
 def output_rows(g: Geometry) -> dict[str, torch.Tensor | None]:
     """Where each HF projection's outputs live in its fused megatron layer at TP 1 (None = all rows)."""
     return {n: s.out_rows for n, s in part_shards(g, 1, 0).items()}
@@ -84,9 +91,9 @@ def part_shards(g: Geometry, tp: int, rank: int) -> dict[str, PartShard]:
 def shard_tensor(t: torch.Tensor, factor: str, shard: PartShard) -> torch.Tensor:
     """This rank's slice of a full-size LoRA factor (``factor`` is ``"A"`` or ``"B"``) or of its optimizer state."""
     if shard.kind == "col" and factor == "B":
-        return t[shard.keep.to(t.device)].contiguous()
+        return t[_set(shard.keep).to(t.device)].contiguous()
     if shard.kind == "row" and factor == "A":
-        return t[:, shard.keep.to(t.device)].contiguous()
+        return t[:, _set(shard.keep).to(t.device)].contiguous()
     return t
 
 
@@ -94,7 +101,7 @@ def is_sharded(factor: str, shard: PartShard) -> bool:
     return (shard.kind, factor) in (("col", "B"), ("row", "A"))
 
 
-def gather_tensor(t: torch.Tensor, factor: str, shards: list[PartShard], rank: int, group) -> torch.Tensor:
+def gather_tensor(t: torch.Tensor, factor: str, shards: list[PartShard], rank: int, group: Any) -> torch.Tensor:
     """The full-size factor from every TP rank's slice (``shards[r]`` is rank r's layout); a collective."""
     import torch.distributed as dist
 
@@ -108,7 +115,7 @@ def gather_tensor(t: torch.Tensor, factor: str, shards: list[PartShard], rank: i
     rows = sum(p.shape[0] for p in pieces)
     full = t.new_empty(rows, *t.shape[1:])
     for s, p in zip(shards, pieces, strict=True):
-        full[s.keep.to(t.device)] = p
+        full[_set(s.keep).to(t.device)] = p
     return full
 
 
@@ -126,7 +133,7 @@ class MegatronMultiLora(nn.Module):
     """Wraps a megatron Column/RowParallelLinear (which returns ``(out, bias)``)."""
 
     def __init__(self, base: nn.Module, parts: tuple[str, ...], shards: dict[str, PartShard],
-                 routing_ref: list[Routing | None], *, in_features: int, out_features: dict[str, int], tp: int = 1) -> None:
+                 routing_ref: RoutingSlot | list[Routing | None], *, in_features: int, out_features: dict[str, int], tp: int = 1) -> None:
         super().__init__()
         self.base = base
         self.in_features = in_features  # full (TP 1) sizes: what the HF-named adapters see
@@ -171,10 +178,10 @@ class MegatronMultiLora(nn.Module):
             return self._pair_delta(p, pairs[p], x, train) if p in pairs else None
         delta = x.new_zeros(out_shape)
         for p, pair in pairs.items():
-            delta[..., self.shards[p].out_rows.to(x.device)] = self._pair_delta(p, pair, x, train)
+            delta[..., _set(self.shards[p].out_rows).to(x.device)] = self._pair_delta(p, pair, x, train)
         return delta
 
-    def forward(self, x: torch.Tensor, *args, **kwargs):
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
         out, bias = self.base(x, *args, **kwargs)
         routing = self._routing[0]
         if routing is None or not self.adapters:

@@ -162,4 +162,4 @@ def full_state(st: AdapterState, shards_of: Any, tp_rank: int, group: Any) -> Ad
                     state[k] = gather_tensor(v, factor, shards, tp_rank, group)
         optimizer = _StateDict(sd)
     return AdapterState(st.name, st.config, list(st.modules), pairs, opt_config=st.opt_config,
-                        scheduler=st.scheduler, step=st.step, optimizer=optimizer)  # type: ignore[arg-type]
+                        scheduler=st.scheduler, step=st.step, optimizer=optimizer)

@@ -31,7 +31,7 @@ import torch
 
 from twinkle.model.base import BatchItem, SampleItem
 from twinkle.model.transformers import _checkpoint
-from twinkle.model.transformers._lora import LoraPair, Routing, Segment
+from twinkle.model.transformers._lora import LoraPair, Routing, RoutingSlot, Segment
 from twinkle.model.transformers.backend import _DTYPES, TransformersBackend, _resolve_path
 from twinkle.types import (
     AdamParams,
@@ -139,7 +139,7 @@ class MegatronBackend(TransformersBackend):
             self._build(dtype, device, max_adapters, max_lora_rank)
             ok = True
         finally:
-            if world > 1:
+            if world > 1 and self._ranks is not None:  # world > 1: the ranks were started above
                 all_ok = self._ranks.all_ok(ok)
                 if not all_ok and self._ranks.leader:
                     self._ranks.close(announce=False)  # no follower serves: each one returns after all_ok
@@ -164,11 +164,11 @@ class MegatronBackend(TransformersBackend):
         self._tokenizer = AutoTokenizer.from_pretrained(str(self.path))
         self.vocab_size = int(self.geometry.vocab)
         self.max_length = int(getattr(self.hf_config, "max_position_embeddings", 2048) or 2048)
-        self._routing: list[Routing | None] = [None]
+        self._routing = RoutingSlot()
         # the transformers backend's vision and gradient-checkpointing state: unused here (no vision tower,
         # megatron's own recompute is not wired), kept so the shared training/sampling code reads it
         self._vision = None
-        self._vrouting: list[Routing | None] = [None]
+        self._vrouting = RoutingSlot()
         self._ckpt_layers: list[Any] = []
         self._layers: dict[str, Any] = {}
         self._all_shards = [part_shards(self.geometry, self.tp, r) for r in range(self.tp)]
@@ -272,6 +272,10 @@ class MegatronBackend(TransformersBackend):
     def sampler_engine(self, **kw: Any) -> None:
         """No continuous batching here: every rank must run the same whole-batch sampling loop."""
         return None
+
+    def concurrent_sampling(self) -> bool:
+        """No sampling thread beside training: the ranks' collectives must run in one order."""
+        return False
 
     def _forward_logits(self, ids: torch.Tensor, segments: list[Segment], *, train: bool, mask: torch.Tensor | None = None,
                         pos: torch.Tensor | None = None, cache: Any = None, use_cache: bool = False,

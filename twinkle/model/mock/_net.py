@@ -193,7 +193,9 @@ class BaseNet:
     def backward(self, cache: _Cache, dlogits: np.ndarray, lora: LoraWeights) -> dict[str, np.ndarray]:
         """Gradients of the adapter's tensors (keys ``module.A`` / ``module.B``) given dLoss/dlogits."""
         grads: dict[str, np.ndarray] = {}
+        assert cache.h1 is not None and cache.t2 is not None  # set by forward
         dh2 = self._linear_back("lm_head", dlogits, lora, cache, grads)
+        assert dh2 is not None  # need_dx
         dz2 = dh2 * (1.0 - cache.t2**2)
         dh1 = dh2 + self._linear_back("mlp_proj", dz2, lora, cache, grads)
         dz1 = dh1 * (1.0 - cache.h1**2)

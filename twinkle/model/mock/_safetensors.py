@@ -17,8 +17,8 @@ def save_file(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, st
     try:
         from safetensors.numpy import save_file as _save
     except ImportError:
-        _save = None
-    if _save is not None:
+        pass
+    else:
         _save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=metadata)
         return
     header: dict[str, object] = {}

@@ -115,9 +115,12 @@ class MockBackend(Backend):
                 field="model_id",
             )
         sizes = dict(PRESETS[preset_name])
-        for key, value in (("embed_dim", embed_dim), ("hidden_dim", hidden_dim), ("decays", decays)):
-            if value is not None:
-                sizes[key] = tuple(value) if key == "decays" else int(value)
+        if embed_dim is not None:
+            sizes["embed_dim"] = int(embed_dim)
+        if hidden_dim is not None:
+            sizes["hidden_dim"] = int(hidden_dim)
+        if decays is not None:
+            sizes["decays"] = tuple(decays)
         base_vocab = 260
         vocab = base_vocab if vocab_size is None else int(vocab_size)
         if vocab < base_vocab:
@@ -617,7 +620,7 @@ def _atomic(target: Path, write: Any) -> None:
 
 
 def _write_state(state: _Adapter, path: Path) -> None:
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, Any] = {}  # name -> np.ndarray (Any: np.savez's stub types its **kwds as allow_pickle's bool)
     for prefix, store in (("exp_avg", state.exp_avg), ("exp_avg_sq", state.exp_avg_sq), ("grad", state.grads)):
         for k, v in store.items():
             arrays[f"{prefix}/{k}"] = v
@@ -635,7 +638,7 @@ def _write_state(state: _Adapter, path: Path) -> None:
 def _read_state(state: _Adapter, path: Path) -> None:
     with np.load(path, allow_pickle=False) as z:
         info = json.loads(str(z["info"]))
-        stores = {"exp_avg": {}, "exp_avg_sq": {}, "grad": {}}
+        stores: dict[str, dict[str, np.ndarray]] = {"exp_avg": {}, "exp_avg_sq": {}, "grad": {}}
         for key in z.files:
             if "/" in key:
                 prefix, name = key.split("/", 1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, overload
 
 from twinkle.types import InvalidInputError
 
@@ -84,6 +84,10 @@ class ByteTokenizer:
     def _byte_name(i: int) -> str:
         return chr(i) if 33 <= i < 127 else f"<0x{i:02X}>"
 
+    @overload
+    def convert_tokens_to_ids(self, tokens: str) -> int: ...
+    @overload
+    def convert_tokens_to_ids(self, tokens: list[str] | tuple[str, ...]) -> list[int]: ...
     def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | list[int]:
         if isinstance(tokens, str):
             return self._token_to_id(tokens)
@@ -131,13 +135,12 @@ class ByteTokenizer:
         return ids
 
     def decode(self, ids: int | Iterable[int], skip_special_tokens: bool = False, **_: Any) -> str:
-        if isinstance(ids, int):
-            ids = [ids]
-        if hasattr(ids, "tolist"):
-            ids = ids.tolist()  # numpy arrays
+        seq: Any = [ids] if isinstance(ids, int) else ids
+        if hasattr(seq, "tolist"):
+            seq = seq.tolist()  # numpy arrays
         out: list[str] = []
         buf = bytearray()
-        for raw in ids:
+        for raw in seq:
             i = int(raw)
             if i in self._id_to_special:
                 if buf:

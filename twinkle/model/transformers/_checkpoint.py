@@ -133,6 +133,7 @@ def load(backend: CheckpointHost, adapter: str, path: Path, *, optimizer: bool) 
         st.opt_config = OptimizerConfig.model_validate(state["optimizer_config"])
         st.make_optimizer()
         if state["optimizer"] is not None:
+            assert st.optimizer is not None  # made just above
             st.optimizer.load_state_dict(state["optimizer"])
         st.scheduler = LRSchedulerConfig.model_validate(state["scheduler"]) if state["scheduler"] else None
         st.step = int(state["step"])

@@ -51,7 +51,7 @@ class VisionSupport:
         self.model = model
         self.processor = AutoImageProcessor.from_pretrained(str(path))
         p = self.processor
-        size = getattr(p, "size", None) or {}
+        size: Any = getattr(p, "size", None) or {}
         min_px = int(size.get("shortest_edge") or getattr(p, "min_pixels", 56 * 56))
         max_px = int(size.get("longest_edge") or getattr(p, "max_pixels", 28 * 28 * 1280))
         self.info = VisionInfo(

@@ -45,8 +45,8 @@ def _resolve_path(model_id: str) -> Path:
     try:
         from twinkle.model.hub import resolve_model
     except ImportError:
-        resolve_model = None
-    if resolve_model is not None:
+        pass
+    else:
         return Path(resolve_model(model_id))
     p = Path(model_id).expanduser()
     if (p / "config.json").is_file():
@@ -287,7 +287,11 @@ class TransformersBackend(Backend):
         if train and self._ckpt_layers:
             for m in self._ckpt_layers:  # HF checkpoints a layer only when it is "training"; dropout stays off
                 m.training = True
-            stack.callback(lambda: [setattr(m, "training", False) for m in self._ckpt_layers])
+            def _off() -> None:
+                for m in self._ckpt_layers:
+                    m.training = False
+
+            stack.callback(_off)
         return stack
 
     def _row_logprobs(self, tokens: list[np.ndarray], targets: list[np.ndarray], segments: list[Segment],
@@ -505,7 +509,7 @@ class TransformersBackend(Backend):
                 ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)
                 _, cache = self._sample_forward(ids, None, ids, None, [(0, 1, None)])
             self._continuous = kv_cache_supports_continuous(cache)
-        return self._continuous
+        return bool(self._continuous)
 
     def concurrent_sampling(self) -> bool:
         """Switch LoRA routing to per-thread slots so the scheduler may run sampling passes on their own thread

@@ -7,5 +7,5 @@
 * :mod:`.samplers` — registered samplers (a base model, a checkpoint or a run's live weights).
 
 Each registry owns its dicts and indexes and writes its own rows to the :class:`~twinkle.server.store.Store`;
-work that crosses concepts (a lapsed lease checkpoints and unloads runs) lives in the facade.
+work that crosses concepts (a lapsed lease checkpoints and unloads runs) lives in :mod:`twinkle.server.gateway`.
 """
