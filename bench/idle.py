@@ -7,6 +7,9 @@ Targets: < 1.2 GB PSS, < 3 % of a core. Prints a per-process table and the total
 with SIGTERM and reports leftover processes.
 
     .venv/bin/python bench/idle.py [--tiny] [--settle 15] [--window 30] [--variants haproxy:replica,haproxy:auto] [--repeat 2]
+
+A variant ``proxy:placement@TREE`` runs the server from another checkout (``auto:auto@/work/main``: main's own
+code with its defaults), to compare a branch with main in one run.
 """
 
 from __future__ import annotations
@@ -30,30 +33,34 @@ def main() -> None:
     ap.add_argument("--window", type=float, default=30.0)
     ap.add_argument("--variants", default="haproxy:auto",
                     help="comma-separated http.proxy:placement pairs measured one after the other (repeated "
-                         "--repeat times, alternating), e.g. haproxy:replica,haproxy:auto,direct:auto")
+                         "--repeat times, alternating), e.g. haproxy:replica,haproxy:auto,direct:auto; "
+                         "a pair followed by @TREE runs that checkout's server (auto:auto@/work/main)")
     ap.add_argument("--repeat", type=int, default=1)
     args = ap.parse_args()
-    variants = [tuple(v.split(":")) for v in args.variants.split(",") if v]
+    variants = [v for v in args.variants.split(",") if v]
     totals: dict[str, list[tuple[int, float, float]]] = {}
     for _ in range(args.repeat):
-        for proxy, placement in variants:
-            totals.setdefault(f"{proxy}:{placement}", []).append(
-                measure(args.tiny, args.settle, args.window, proxy, placement))
+        for variant in variants:
+            pair, _, tree = variant.partition("@")
+            proxy, placement = pair.split(":")
+            totals.setdefault(variant, []).append(
+                measure(args.tiny, args.settle, args.window, proxy, placement, tree or None))
     print("\nvariant (http.proxy:placement)    processes   PSS MB   CPU % of a core (each run)")
     for name, runs in totals.items():
         print(f"  {name:<32} {' '.join(str(r[0]) for r in runs):>9}  {' '.join(f'{r[1]:.0f}' for r in runs)}  "
               f"{' '.join(f'{r[2]:.2f}' for r in runs)}")
 
 
-def measure(tiny: bool, settle: float, window: float, proxy: str, placement: str) -> tuple[int, float, float]:
+def measure(tiny: bool, settle: float, window: float, proxy: str, placement: str,
+            tree: str | None = None) -> tuple[int, float, float]:
     work = Path(tempfile.mkdtemp(prefix="twinkle-idle-"))
     models = [{**m, "placement": placement} for m in [sp.MOCK_MODEL] + ([sp.TINY_MODEL] if tiny else [])]
     cfg, url = sp.write_config(work, models, proxy=proxy)
     log = work / "server.log"
-    proc = sp.launch(cfg, log)
+    proc = sp.launch(cfg, log, env={"PYTHONPATH": tree} if tree else None, cwd=tree)
     try:
         ready = sp.wait_healthy(proc, url, log)
-        print(f"\n[http.proxy {proxy}, placement {placement}] healthy after {ready:.1f} s (load average "
+        print(f"\n[http.proxy {proxy}, placement {placement}{' from ' + tree if tree else ''}] healthy after {ready:.1f} s (load average "
               f"{os.getloadavg()[0]:.1f}); settling {settle:.0f} s")
         time.sleep(settle)
         procs = sp.tree(proc.pid)

@@ -19,6 +19,11 @@ training interleaved in slices (``concurrent_sampling: false``), and one thread 
 
     .venv/bin/python bench/sampler.py [--model builtin://small] [--max-tokens 64] [--rounds 2] [--threads 1]
     .venv/bin/python bench/sampler.py --ttft-only --ttft-baseline
+    .venv/bin/python bench/sampler.py --ttft-compare training_nice=0 [--ttft-rounds 3] [--ttft-n 30]
+
+``--ttft-compare KEY=VALUE[;KEY=VALUE...]`` measures TTFT on two servers that are up at the same time, the
+default one and one with those ``scheduler:`` settings, alternating chunks of requests between them (idle, then
+under training, each round) so that both see the same machine load.
 """
 
 from __future__ import annotations
@@ -105,9 +110,12 @@ def _trainer(url: str, key: str, model_id: str, stop: threading.Event, rows: int
         model.add_adapter_to_model("other-tenant", r=8)
         rng = np.random.default_rng(1)
         inputs = [{"input_ids": rng.integers(3, 1000, size=seq).tolist()} for _ in range(rows)]
-        while not stop.is_set():
-            model.forward_backward(inputs=inputs)
-            model.clip_grad_and_step()
+        try:
+            while not stop.is_set():
+                model.forward_backward(inputs=inputs)
+                model.clip_grad_and_step()
+        finally:  # frees the adapter slot: --ttft-compare starts a trainer per round
+            sess.close()
 
     t = threading.Thread(target=loop, daemon=True)
     t.start()
@@ -162,6 +170,71 @@ _BASELINES: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
+def _parse_settings(text: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for part in (p for p in text.split(";") if p.strip()):
+        k, _, v = part.partition("=")
+        out[k.strip()] = yaml_value(v.strip())
+    return out
+
+
+def yaml_value(v: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(v)
+
+
+def ttft_compare(args: Any, vocab: int) -> None:
+    """Two servers up together (default, and one with the ``--ttft-compare`` settings), TTFT measured in
+    alternating chunks: each round, per server, ``--ttft-n / --ttft-rounds`` idle requests, then as many while
+    another tenant trains on that server."""
+    import contextlib
+
+    import twinkle_client
+    from twinkle_client.model import TransformersModel
+    from twinkle_client.sampler import Sampler
+
+    sched = _parse_settings(args.ttft_compare)
+    variants: list[tuple[str, Any]] = [
+        ("default", _server(args.model, args.threads)),
+        (", ".join(f"{k}: {v}" for k, v in sched.items()), _server(args.model, args.threads, sched))]
+    per = max(1, args.ttft_n // args.ttft_rounds)
+    prompts = _prompts(8, vocab, 7)
+    res: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name, _ in variants}
+    with contextlib.ExitStack() as stack:
+        live = []
+        for name, srv in variants:
+            server = stack.enter_context(srv)
+            sess = twinkle_client.connect(server.url, server.api_key)
+            m = TransformersModel(args.model, session=sess)
+            m.add_adapter_to_model("bench-sampler", r=8)
+            native = Sampler(m)
+            _native_run(native, _prompts(2, vocab, 99), 1, 4)
+            live.append((name, server, native, server.create_key(user="trainer")))
+        for rnd in range(args.ttft_rounds):
+            order = live if rnd % 2 == 0 else list(reversed(live))
+            for name, server, native, tkey in order:
+                res[name][0].extend(_ttft(native, prompts, per))
+                stop = threading.Event()
+                th = _trainer(server.url, tkey, args.model, stop, args.train_rows, args.train_seq)
+                time.sleep(3.0)
+                res[name][1].extend(_ttft(native, prompts, per))
+                stop.set()
+                th.join(timeout=120)
+                print(f"round {rnd} {name}: idle p99 {_pct(res[name][0], 0.99) * 1e3:.0f} ms, training p99 "
+                      f"{_pct(res[name][1], 0.99) * 1e3:.0f} ms (load average {os.getloadavg()[0]:.1f})", flush=True)
+    print(f"\nTTFT side by side (1-token request, native client), {per * args.ttft_rounds} requests per cell, "
+          f"{args.ttft_rounds} alternating rounds; training load: another tenant's forward_backward + optim_step on "
+          f"{args.train_rows} x {args.train_seq} tokens in a loop")
+    print("| | p50 ms | p90 ms | p99 ms | p99 training / idle |")
+    print("|---|---|---|---|---|")
+    for name, (idle, busy) in res.items():
+        print(f"| {name}: idle | {_pct(idle, 0.5) * 1e3:.0f} | {_pct(idle, 0.9) * 1e3:.0f} | "
+              f"{_pct(idle, 0.99) * 1e3:.0f} | |")
+        print(f"| {name}: while another tenant trains | {_pct(busy, 0.5) * 1e3:.0f} | {_pct(busy, 0.9) * 1e3:.0f} | "
+              f"{_pct(busy, 0.99) * 1e3:.0f} | {_pct(busy, 0.99) / _pct(idle, 0.99):.2f}x |")
+
+
 def _ttft_rows(label: str, idle: list[float], busy: list[float]) -> None:
     print(f"| {label}: idle | {_pct(idle, 0.5) * 1e3:.0f} | {_pct(idle, 0.99) * 1e3:.0f} | |")
     print(f"| {label}: while another tenant trains | {_pct(busy, 0.5) * 1e3:.0f} | {_pct(busy, 0.99) * 1e3:.0f} "
@@ -170,13 +243,21 @@ def _ttft_rows(label: str, idle: list[float], busy: list[float]) -> None:
 
 def _throughput_table(args: Any, cases: list[tuple[int, int]], results: dict[Any, dict[str, list[float]]]) -> None:
     print(f"Sampling throughput, {args.model}, rank-8 adapter, {args.max_tokens} new tokens per sequence, "
-          f"{args.threads} torch thread(s) each side, median of {args.rounds} rounds (tokens/s)")
+          f"{args.threads} torch thread(s) each side, median of {args.rounds} rounds (tokens/s); ratios: median "
+          f"(min-max) of each round's ratio, both sides measured back to back (load average now "
+          f"{os.getloadavg()[0]:.1f})")
     print("| requests x num_samples | HF generate | native | tinker SDK | native / HF | tinker / HF |")
     print("|---|---|---|---|---|---|")
     for c, n in cases:
-        r = {k: statistics.median(v) for k, v in results[(c, n)].items()}
+        res = results[(c, n)]
+        r = {k: statistics.median(v) for k, v in res.items()}
+
+        def ratio(side: str, res: dict[str, list[float]] = res) -> str:
+            per_round = [x / h for x, h in zip(res[side], res["hf"], strict=True)]
+            return f"{statistics.median(per_round):.2f}x ({min(per_round):.2f}-{max(per_round):.2f})"
+
         print(f"| {c} x {n} | {r['hf']:.0f} | {r['native']:.0f} | {r['tinker']:.0f} | "
-              f"{r['native'] / r['hf']:.2f}x | {r['tinker'] / r['hf']:.2f}x |")
+              f"{ratio('native')} | {ratio('tinker')} |")
     print()
 
 
@@ -193,6 +274,9 @@ def main() -> None:
     ap.add_argument("--ttft-only", action="store_true", help="skip the throughput rows")
     ap.add_argument("--ttft-baseline", action="store_true",
                     help="also measure TTFT on a server that never splits training for sampling")
+    ap.add_argument("--ttft-compare", default=None, help="scheduler settings KEY=VALUE;...: TTFT side by side "
+                    "against the default server (see the module docstring)")
+    ap.add_argument("--ttft-rounds", type=int, default=3)
     args = ap.parse_args()
 
     import tinker
@@ -206,6 +290,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     hf = HF(str(resolve_model(args.model)))
     vocab = int(hf.model.config.vocab_size)
+    if args.ttft_compare is not None:
+        ttft_compare(args, vocab)
+        return
     levels = [int(x) for x in args.levels.split(",")]
     cases = [] if args.ttft_only else [(c, 1) for c in levels] + [(1, 8), (8, 8)]
     mt = args.max_tokens

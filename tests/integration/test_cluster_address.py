@@ -81,15 +81,22 @@ def _stop_cluster(markers: list[str]) -> None:
 
 @pytest.fixture()
 def cluster(tmp_path: Path):
-    gcs = _free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # the raylet waits for its agents to register (their Python start is slow on a loaded machine)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_agent_register_timeout_ms": "120000"}
     # the temp dir holds Ray's session files and sockets: keep it short (AF_UNIX path limit)
     temp = Path(f"/tmp/tw-cl-{os.getpid()}")
-    cmd = [RAY, "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=false",
-           f"--ray-client-server-port={_free_port()}", f"--node-manager-port={_free_port()}",
-           f"--object-manager-port={_free_port()}", f"--temp-dir={temp}", "--disable-usage-stats"]
     haproxy_dirs = set(HAPROXY_DIR.iterdir()) if HAPROXY_DIR.is_dir() else set()
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    # `ray start` gives its raylet a hard-coded 30 s to register; on a loaded machine that can run out, so a
+    # failed start is cleaned up (its processes only) and tried once more on fresh ports
+    for _attempt in (1, 2):
+        gcs = _free_port()
+        cmd = [RAY, "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=false",
+               f"--ray-client-server-port={_free_port()}", f"--node-manager-port={_free_port()}",
+               f"--object-manager-port={_free_port()}", f"--temp-dir={temp}", "--disable-usage-stats"]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        if out.returncode == 0:
+            break
+        _stop_cluster([str(temp), f":{gcs} "])
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     try:
         yield f"127.0.0.1:{gcs}", env

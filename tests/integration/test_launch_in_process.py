@@ -44,12 +44,26 @@ _SCRIPT = textwrap.dedent("""
 
         deployments = sorted(serve.status().applications["twinkle"].deployments)
         ingress = {k: os.environ.get(k) for k in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_ENABLE_DIRECT_INGRESS")}
+        parents, cmds = {}, {}
+        for pid in (e for e in os.listdir("/proc") if e.isdigit()):
+            try:
+                parents[pid] = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]
+                cmds[pid] = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\\0", b" ").decode()
+            except (OSError, IndexError):
+                pass
+        mine, grew = {str(os.getpid())}, True
+        while grew:
+            kids = {p for p, pp in parents.items() if pp in mine} - mine
+            grew = bool(kids)
+            mine |= kids
+        unwanted = ("ProxyActor", "dashboard/dashboard.py", "autoscaler/_private/monitor.py")
+        processes = [cmds.get(p, "") for p in mine - {str(os.getpid())} if any(u in cmds.get(p, "") for u in unwanted)]
         import pandas  # the caller's own
         after = {k: os.environ.get(k) for k in before}
         print("RESULT " + json.dumps({"url": url, "ray_path": ray_path, "ray_pandas": ray_pandas,
                                       "lean": launcher._LEAN_SITE, "pandas": pandas.__version__,
                                       "env_kept": after == before, "deployments": deployments,
-                                      "ingress": ingress}))
+                                      "ingress": ingress, "processes": processes}))
     finally:
         launcher.shutdown()
 """)
@@ -67,4 +81,6 @@ def test_launch_in_process_keeps_the_callers_pandas(tmp_path):
     assert r["env_kept"] is True
     # the defaults on one machine: the only model's worker inside the gateway, the gateway's own HTTP server
     assert r["deployments"] == ["gateway"]
-    assert r["ingress"] == {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
+    # (twinkle/server/own_http.py: Serve runs no HTTP proxy, no direct ingress and no HAProxy)
+    assert r["ingress"] == {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+    assert r["processes"] == [], r["processes"]  # no Serve proxy actor, dashboard head or autoscaler monitor

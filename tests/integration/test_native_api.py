@@ -98,13 +98,16 @@ def test_train_save_sample_end_to_end(twinkle_server, which):
 
 def test_two_clients_learn_and_their_steps_are_batched_together(twinkle_server):
     """Alice and Bob train different adapters on the same worker at the same time. To make sure both have a
-    request queued at one moment, the worker is kept busy by a long sample first; the status then shows a
-    batch holding both runs."""
+    request queued at one moment, the worker's training path is kept busy first by a long forward_backward
+    on a third adapter (a long sample would not do: sampling runs on a thread of its own beside training);
+    the status then shows a batch holding both runs."""
     import threading
 
     base = twinkle_server.models["transformers"]
     with _client(twinkle_server, "alice") as a, _client(twinkle_server, "bob") as b:
         runs = {"alice": _run(a, _session(a), base), "bob": _run(b, _session(b), base)}
+        blocker = _run(b, _session(b), base)
+        long_rows = [_datum([5, 9, 17, 33, 2, 8, 11, 40] * 180) for _ in range(4)]
         clients = {"alice": a, "bob": b}
         losses: dict[str, list[float]] = {"alice": [], "bob": []}
         errors: list[BaseException] = []
@@ -116,15 +119,13 @@ def test_two_clients_learn_and_their_steps_are_batched_together(twinkle_server):
                 except BaseException as e:  # noqa: BLE001 - reported below
                     errors.append(e)
 
-            busy = a.post(f"{API}/sample", json={
-                "base_model": base, "prompt": {"chunks": [{"type": "encoded_text", "tokens": [5, 9, 17]}]},
-                "sampling_params": {"max_tokens": 256, "temperature": 1.0}}).json()
+            busy = b.post(f"{API}/runs/{blocker}/forward_backward", json={"data": long_rows}).json()
             threads = [threading.Thread(target=train, args=(u,)) for u in ("alice", "bob")]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
-            _done(a, busy)
+            _done(b, busy)
 
         def mixed() -> list[dict]:
             # alice's status names only her own run; bob's adapter in the same batch is a count (isolation)

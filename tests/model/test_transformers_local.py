@@ -73,6 +73,10 @@ def test_local_training_loss_falls_then_save_load_and_sample(model):
 
 
 def test_local_errors(model):
+    # self-contained (it may run alone, or on another xdist worker than the training test)
+    if "errs" not in model.backend.list_adapters():
+        model.add_adapter_to_model("errs", {"r": 4})
+    before, model.current_adapter = model.current_adapter, "errs"
     with pytest.raises(InvalidInputError) as e:
         model.set_optimizer("Lion")
     assert e.value.field == "optimizer"
@@ -81,6 +85,7 @@ def test_local_errors(model):
     assert e.value.field == "inputs"
     with pytest.raises(InvalidInputError):
         model.add_adapter_to_model("x", {"r": 0})
+    model.current_adapter = before
 
 
 def test_mock_model_has_the_same_methods(tmp_path):

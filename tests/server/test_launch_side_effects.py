@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent("""
 
     fake_serve = types.SimpleNamespace(start=lambda **kw: None, run=lambda *a, **kw: None)
     fake_app = types.ModuleType("twinkle.server.app")
-    fake_app.build_serve_app = lambda cfg: None
+    fake_app.build_serve_app = lambda cfg, **kw: None
     fake_app.serve_logging_config = lambda *a, **kw: {}
     sys.modules["twinkle.server.app"] = fake_app
     ray = types.ModuleType("ray"); ray.serve = fake_serve

@@ -208,3 +208,25 @@ def test_pandas_is_back_after_the_shadowing_test():
     import importlib
 
     assert importlib.import_module("pandas") is not None
+
+
+def test_own_http_ingress_turns_every_serve_http_path_off(clean_env):
+    """``direct`` on a local Ray: the gateway serves http.port itself (own_http.py); Serve runs no proxy, no
+    direct ingress and no HAProxy."""
+    launcher._prepare_env(None, "own", 18124)
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+    assert os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
+
+
+def test_the_lean_head_skips_dashboard_and_monitor_and_puts_them_back(monkeypatch):
+    from ray._private.node import Node
+
+    before = (Node.start_api_server, Node.start_monitor)
+    with launcher._lean_head() as lean:
+        assert lean is True
+        assert Node.start_api_server(object(), include_dashboard=False, raise_on_failure=False) is None
+        assert Node.start_monitor(object()) is None
+    assert (Node.start_api_server, Node.start_monitor) == before
+    monkeypatch.setenv("TWINKLE_RAY_FULL_HEAD", "1")
+    with launcher._lean_head() as lean:
+        assert lean is False and (Node.start_api_server, Node.start_monitor) == before

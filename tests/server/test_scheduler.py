@@ -377,3 +377,31 @@ def test_counters_stay_right_when_an_adapter_is_dropped_and_recreated_mid_flight
         assert sched.queue_depth() == 0 and sched.adapter_queue_depth("a") == 0
 
     asyncio.run(main())
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="per-thread priorities: Linux")
+@pytest.mark.parametrize("concurrent", [True, False])
+def test_the_training_thread_yields_the_cpu_to_sampling(concurrent):
+    """With sampling on its own thread, the backend (training) thread lowers its OS priority by
+    ``training_nice`` steps, that thread only; without concurrent sampling nothing changes."""
+    import os
+
+    backend = FakeBackend()
+    backend.concurrent_sampling = lambda: concurrent  # type: ignore[attr-defined]
+    sched = Scheduler(backend, SchedulerConfig(training_nice=3))
+    out: dict[str, int | bool] = {}
+
+    def probe() -> None:
+        tid = threading.get_native_id()
+        before = os.getpriority(os.PRIO_PROCESS, tid)
+        out["concurrent"] = sched._probe_concurrent()
+        out["delta"] = os.getpriority(os.PRIO_PROCESS, tid) - before
+        out["expected"] = min(19, before + 3) - before
+
+    main_before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+    assert out["concurrent"] is concurrent
+    assert out["delta"] == (out["expected"] if concurrent else 0)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_before  # other threads unchanged

@@ -409,8 +409,10 @@ def _deployment_name(model: str, replica: int) -> str:
     return f"worker-{safe}-{replica}"
 
 
-def build_serve_app(config: ServerConfig) -> Any:
-    """The Ray Serve application (ingress + workers), ready for ``serve.run``."""
+def build_serve_app(config: ServerConfig, own_http: bool = False) -> Any:
+    """The Ray Serve application (ingress + workers), ready for ``serve.run``. ``own_http``: the gateway replica
+    serves ``http.host:http.port`` itself (``own_http.py``; Serve started with proxies disabled), otherwise it is
+    a Serve ingress deployment behind Serve's HTTP (direct ingress, HAProxy or the Python proxy)."""
     from ray import serve
 
     logging_config = serve_logging_config(replica=True)
@@ -480,16 +482,10 @@ def build_serve_app(config: ServerConfig) -> Any:
 
     gateway_models = [m for m in config.models if config.in_gateway(m)]
 
-    @serve.deployment(name="gateway", num_replicas=1, max_ongoing_requests=100000, graceful_shutdown_timeout_s=10,
-                      ray_actor_options=_gateway_actor_options(gateway_models), logging_config=logging_config)
-    @serve.ingress()
-    class Gateway:
-        def __init__(self, config_json: dict[str, Any], handles: dict[str, list[Any]]):
-            from ._reuse_addr import reuse_address
+    class _GatewayBase:
+        """The gateway replica: the FastAPI app, with the workers of ``placement: gateway`` models in process."""
 
-            if not reuse_address() and os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1":
-                log.warning("could not set SO_REUSEADDR on the gateway's HTTP socket: after a crash with open "
-                            "connections the port may stay busy for a minute")
+        def _setup(self, config_json: dict[str, Any], handles: dict[str, list[Any]]) -> None:
             self._config = ServerConfig.model_validate(config_json)
             self._handles = handles
             self._local: dict[str, list[Any]] = {}
@@ -501,11 +497,53 @@ def build_serve_app(config: ServerConfig) -> Any:
                 self._local = {m.served_name: [ModelWorker(_serve_worker_config(self._config, m), 0)]
                                for m in local}
 
-        def __serve_build_asgi_app__(self) -> Any:
+        def _build_app(self) -> Any:
             logging.basicConfig(level=self._config.log_level.upper())
             workers = {name: [_HandleWorker(h) for h in hs] for name, hs in self._handles.items()}
             workers.update(self._local)
             return create_app(self._config, {m.served_name: workers[m.served_name] for m in self._config.models})
+
+    gateway_options: dict[str, Any] = {
+        "name": "gateway", "num_replicas": 1, "max_ongoing_requests": 100000, "graceful_shutdown_timeout_s": 10,
+        "ray_actor_options": _gateway_actor_options(gateway_models), "logging_config": logging_config}
+    gateway: Any
+    if own_http:  # twinkle/server/own_http.py: uvicorn in this replica on http.port, no Serve proxy at all
+
+        class OwnHTTPGateway(_GatewayBase):
+            async def __init__(self, config_json: dict[str, Any], handles: dict[str, list[Any]]) -> None:  # type: ignore[misc]  # Ray Serve awaits it
+                from .own_http import OwnHTTPServer
+
+                self._setup(config_json, handles)
+                self._http = OwnHTTPServer(self._build_app(), self._config.http.host, self._config.http.port)
+                await self._http.start()
+
+            def check_health(self) -> None:
+                if not self._http.alive():
+                    raise RuntimeError("the gateway's HTTP server stopped")
+
+            async def __del__(self) -> None:  # Ray Serve awaits it at a graceful shutdown
+                http = getattr(self, "_http", None)
+                if http is not None:
+                    await http.stop()
+
+        gateway = serve.deployment(**gateway_options)(OwnHTTPGateway)
+    else:
+
+        @serve.deployment(**gateway_options)
+        @serve.ingress()
+        class Gateway(_GatewayBase):
+            def __init__(self, config_json: dict[str, Any], handles: dict[str, list[Any]]):
+                from ._reuse_addr import reuse_address
+
+                if not reuse_address() and os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1":
+                    log.warning("could not set SO_REUSEADDR on the gateway's HTTP socket: after a crash with open "
+                                "connections the port may stay busy for a minute")
+                self._setup(config_json, handles)
+
+            def __serve_build_asgi_app__(self) -> Any:
+                return self._build_app()
+
+        gateway = Gateway
 
     handles: dict[str, list[Any]] = {}
     for m in config.models:
@@ -517,7 +555,7 @@ def build_serve_app(config: ServerConfig) -> Any:
                 _serve_worker_config(config, m), i)
             for i in range(m.replicas)
         ]
-    return cast(Any, Gateway).bind(config.model_dump(mode="json"), handles)  # serve.deployment's (untyped) class
+    return gateway.bind(config.model_dump(mode="json"), handles)  # serve.deployment's (untyped) class
 
 
 def _serve_worker_config(config: ServerConfig, m: ModelConfig) -> dict[str, Any]:

@@ -63,7 +63,7 @@ class HttpConfig(_Strict):
     proxy: Literal["auto", "direct", "haproxy", "serve"] = Field(
         "auto",
         description="HTTP ingress: 'direct' (the gateway replica's own HTTP server listens on http.port: no proxy "
-        "hop, no HAProxy processes), 'haproxy' (Ray Serve's HAProxy ingress in front of the gateway replica's own "
+        "hop, no HAProxy processes; on a local Ray Serve then runs no proxy actor at all), 'haproxy' (Ray Serve's HAProxy ingress in front of the gateway replica's own "
         "HTTP server; Linux, shipped with ray[serve]), 'serve' (Ray Serve's Python proxy actor); 'auto': direct on "
         "a local Ray, haproxy on an existing cluster (--address)",
     )
@@ -143,6 +143,10 @@ class SchedulerSettings(_Strict):
     concurrent_sampling: bool = Field(True, description="sample on a thread of its own, beside training (the "
                                       "transformers backend without gradient checkpointing); false: one thread, "
                                       "training interleaved in slices (train_slice_s)")
+    training_nice: int = Field(5, ge=0, le=19, description="with concurrent_sampling: how much lower the OS "
+                               "scheduling priority of the training thread is than the sampler's (Linux nice "
+                               "steps); when the cores are contended a new sample's prefill gets the CPU first. "
+                               "0: equal")
 
 
 class MegatronSettings(_Strict):

@@ -146,6 +146,8 @@ def _proxy_env(proxy: str, port: int = 8000) -> dict[str, str]:
     starts its proxy actor as a fallback, and HAProxy binds a stats and a metrics port: on a local Ray all
     three get free ports so that several servers can share a machine."""
     python_proxy = {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+    if proxy == "own":  # the gateway's own HTTP server (own_http.py): no Serve HTTP of any kind
+        return python_proxy
     if proxy == "direct":
         return {
             "RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
@@ -230,7 +232,9 @@ def _prepare_env(address: str | None, proxy: str = "haproxy", port: int = 8000) 
     ``launch`` puts back every non-Ray variable once Ray's processes exist (``_caller_env_restored``)."""
     for k, v in _RAY_ENV.items():
         os.environ.setdefault(k, v)
-    if "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ:
+    if proxy == "own":
+        os.environ.update(_proxy_env(proxy, port))
+    elif "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ:
         os.environ.update(_proxy_env(proxy, port))
         if not address and os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1":
             for k, v in _proxy_ports().items():
@@ -306,7 +310,10 @@ def _init_ray(address: str | None, num_cpus: int | None) -> None:
     # Ray gives a starting node 30 s; a busy machine can miss that, so try again before giving up.
     for attempt in range(3):
         try:
-            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 2, **kwargs)
+            with _lean_head() as lean:
+                ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 2, **kwargs)
+            if lean:
+                _no_dashboard_address()
             return
         except Exception as e:
             if attempt == 2 or "timed out during startup" not in str(e):
@@ -316,6 +323,54 @@ def _init_ray(address: str | None, num_cpus: int | None) -> None:
                 ray.shutdown()
             except Exception:
                 pass
+
+
+def _no_dashboard_address() -> None:
+    """Without a dashboard head, the dashboard agent's event module asks the GCS for the head's address every
+    second, forever, logging an exception each time. A closed address (port 1: connection refused at once) ends
+    that; events it would forward have no reader anyway."""
+    try:
+        from ray._private import ray_constants
+        from ray.experimental.internal_kv import _internal_kv_put
+
+        _internal_kv_put(ray_constants.DASHBOARD_ADDRESS, "127.0.0.1:1", overwrite=False,
+                         namespace=ray_constants.KV_NAMESPACE_DASHBOARD)
+    except Exception:
+        log.debug("could not record a placeholder dashboard address", exc_info=True)
+
+
+@contextlib.contextmanager
+def _lean_head() -> Iterator[bool]:
+    """While a local Ray's head node starts: without the dashboard head (``dashboard.py``: with
+    ``include_dashboard=False`` it only runs usage-stats and job-submission modules, neither used by the server)
+    and without the autoscaler monitor (a single local node has nothing to scale). Two Python processes less:
+    ~1-2 s of CPU at start-up on a 2-core machine and ~0.25 % of a core idle (``bench/idle.py``). Set
+    ``TWINKLE_RAY_FULL_HEAD=1`` to start them (``ray job submit`` against the server's Ray, for example).
+    If Ray's ``Node`` does not look as expected nothing is changed."""
+    try:
+        from ray._private.node import Node
+    except ImportError:
+        yield False
+        return
+    names = ("start_api_server", "start_monitor")
+    if os.environ.get("TWINKLE_RAY_FULL_HEAD") == "1" or not all(callable(getattr(Node, n, None)) for n in names):
+        yield False
+        return
+    saved = {n: Node.__dict__[n] for n in names if n in Node.__dict__}
+
+    def _skip(self: Any, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    for n in names:
+        setattr(Node, n, _skip)
+    try:
+        yield True
+    finally:
+        for n in names:
+            if n in saved:
+                setattr(Node, n, saved[n])
+            else:
+                delattr(Node, n)
 
 
 def launch(config: ServerConfig, *, address: str | None = None, num_cpus: int | None = None,
@@ -356,7 +411,13 @@ def _launch(config: ServerConfig, *, address: str | None, num_cpus: int | None, 
         if not address:  # the orphan markers: for Ray's processes, not for the caller's later subprocesses
             mark_launch(str(config.persistence.sqlite_file()))
         os.environ.setdefault(_GRPC_LIMIT_ENV, str(replica_message_limit(config.limits.max_request_bytes)))
-        _prepare_env(address, ingress(config.http.proxy, address), config.http.port)
+        # ``direct`` on a local Ray: the gateway replica serves http.port itself and Serve runs no proxy at all
+        # (own_http.py); RAY_SERVE_ENABLE_HA_PROXY=1 or RAY_SERVE_ENABLE_DIRECT_INGRESS=1 set by the caller still
+        # decide, as before (Serve's HAProxy / Serve's direct ingress)
+        own_http = (ingress(config.http.proxy, address) == "direct" and not address
+                    and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1"
+                    and os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1")
+        _prepare_env(address, "own" if own_http else ingress(config.http.proxy, address), config.http.port)
         imports = _preimport()
         _init_ray(address, num_cpus)
         imports.join()
@@ -380,9 +441,11 @@ def _launch(config: ServerConfig, *, address: str | None, num_cpus: int | None, 
         proxy_port = free_port()
     try:
         serve.start(http_options={"host": host, "port": proxy_port}, detached=bool(address),
-                    logging_config=serve_logging_config(), **_controller_options(serve.start, address))
+                    logging_config=serve_logging_config(), **_controller_options(serve.start, address),
+                    **({"proxy_location": "Disabled"} if own_http else {}))
         t_serve = time.monotonic()
-        serve.run(build_serve_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+        serve.run(build_serve_app(config, own_http=own_http), name=APP_NAME,
+                  route_prefix=None if own_http else "/", blocking=False)
         if not wait_healthy(url, ready_timeout):
             raise RuntimeError(f"the server did not become healthy at {url}")
     except BaseException:

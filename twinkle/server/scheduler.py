@@ -39,6 +39,7 @@ import itertools
 import logging
 import os
 import shutil
+import sys
 import threading
 import time
 import uuid
@@ -106,6 +107,7 @@ class SchedulerConfig:
     sample_slice_s: float = _SCHED.sample_slice_s
     train_slice_s: float = _SCHED.train_slice_s
     concurrent_sampling: bool = _SCHED.concurrent_sampling
+    training_nice: int = _SCHED.training_nice
 
     @classmethod
     def from_dict(cls, config: dict[str, Any] | None) -> SchedulerConfig:
@@ -129,7 +131,7 @@ class SchedulerConfig:
                 except (TypeError, ValueError) as e:
                     raise InvalidInputError(f"{f.name} must be a {kind.__name__}", field=f.name) from e
                 if value < 0 or (value == 0 and f.name not in ("seq_grace_s", "first_seq_id", "sample_slice_s",
-                                                   "train_slice_s", "concurrent_sampling")):
+                                                   "train_slice_s", "concurrent_sampling", "training_nice")):
                     raise InvalidInputError(f"{f.name} must be positive", field=f.name)
                 setattr(out, f.name, value)
         return out
@@ -578,10 +580,13 @@ class Scheduler:
         if not self.config.concurrent_sampling or hook is None:
             return False
         try:
-            return bool(hook())
+            concurrent = bool(hook())
         except BaseException:  # noqa: BLE001
             log.warning("concurrent sampling unavailable; interleaving instead", exc_info=True)
             return False
+        if concurrent and self.config.training_nice:
+            lower_thread_priority(self.config.training_nice)
+        return concurrent
 
     async def _dispatch_samples(self) -> None:
         """Concurrent sampling: plan sample requests and decode on the sampler thread, beside training on the
@@ -1262,6 +1267,31 @@ class Scheduler:
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------
+
+
+_LOWERED = threading.local()
+
+
+def lower_thread_priority(steps: int) -> bool:
+    """Lower the calling thread's OS scheduling priority by ``steps`` nice steps (Linux: a thread id is a valid
+    ``PRIO_PROCESS`` target and affects that thread alone). Used on the training thread when sampling runs on
+    its own thread: when the machine's cores are contended, the kernel then runs a pending prefill or decode step
+    first (at nice +5 a thread's CPU share against a nice-0 one is ~1:3), and when they are not, nothing changes.
+    Results are unaffected. An unprivileged thread cannot raise its priority again; the change lasts as long as
+    the thread. Returns False where the platform has no per-thread priorities."""
+    get_tid = getattr(threading, "get_native_id", None)
+    if not sys.platform.startswith("linux") or get_tid is None or steps <= 0:
+        return False
+    if getattr(_LOWERED, "done", False):  # a backend thread shared by several schedulers: once
+        return True
+    try:
+        tid = get_tid()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + steps))
+        _LOWERED.done = True
+        return True
+    except OSError:
+        log.debug("could not lower the training thread's priority", exc_info=True)
+        return False
 
 
 def new_backend_executor() -> ThreadPoolExecutor:

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _decode
+
 Segment = tuple[int, int, "str | None"]
 
 
@@ -25,6 +27,8 @@ class Routing:
 
     segments: list[Segment]
     dropout: bool = False  # apply LoRA dropout (training passes only)
+    infer: bool = False  # a no-grad sampling pass: base layers may use their packed weight (``_decode``)
+    merged: str | None = None  # (infer, one segment) layers holding this adapter's merged weights use them
 
 
 class RoutingSlot:
@@ -88,6 +92,8 @@ class MultiLoraLinear(nn.Module):
         self.adapters = nn.ModuleDict()
         self._routing = routing_ref  # one slot (``[0]``) shared by all layers of the model
         self.unit = unit  # segments count rows of `unit` input rows each (vision mergers: merge_size**2 patches)
+        self.packed: torch.Tensor | None = None  # the base weight packed for inference (``_decode.pack_all``)
+        self.merged: dict[str, torch.Tensor] = {}  # adapter -> packed W + scale*B@A (``_decode.Merged``)
 
     @property
     def in_features(self) -> int:
@@ -102,8 +108,14 @@ class MultiLoraLinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         routing = self._routing[0]
+        if self.packed is not None and routing is not None and routing.infer:
+            m = self.merged.get(routing.merged) if routing.merged is not None else None
+            if m is not None:
+                return _decode.linear(x, m, self.base.bias)
+            out = _decode.linear(x, self.packed, self.base.bias)
+        else:
+            out = self.base(x)
         if routing is None or not self.adapters:
             return out
         segs = routing.segments

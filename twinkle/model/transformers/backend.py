@@ -29,7 +29,7 @@ from twinkle.types import (
     TensorData,
 )
 
-from . import _checkpoint
+from . import _checkpoint, _decode
 from ._adapter import AdapterState, resolve_targets
 from ._lora import LoraPair, MultiLoraLinear, Routing, RoutingSlot, Segment
 from ._prepare import PreparedItem, prepare
@@ -83,14 +83,20 @@ class TransformersBackend(Backend):
     autocast: torch.dtype | None = None
     _keep_kw = False
     _continuous: bool | None = None
+    decode_kernels = False
+    _packed: bool | None = None
+    _merged: _decode.Merged | None = None  # adapters' merged weights for sampling (float32, packed only)
 
     def __init__(self, model_id: str, *, dtype: str = "float32", device: str | None = None, max_adapters: int = 64,
                  max_lora_rank: int = 256, attn_implementation: str | None = "sdpa",
-                 gradient_checkpointing: bool = False, autocast: str | None = None) -> None:
+                 gradient_checkpointing: bool = False, autocast: str | None = None,
+                 decode_kernels: bool = True) -> None:
         """``attn_implementation``: ``sdpa`` (default; a model that refuses it falls back to ``eager``), ``eager``,
         ``flash_attention_2``...; ``gradient_checkpointing``: recompute each decoder layer in the backward pass
         (less activation memory); ``autocast``: ``bfloat16``/``float16`` mixed precision for forward passes on
-        CUDA (ignored elsewhere, so CPU float32 stays exact)."""
+        CUDA (ignored elsewhere, so CPU float32 stays exact); ``decode_kernels``: on CPU, sample with the base
+        weights packed once for oneDNN (a second copy of them) and, for float32, single-adapter passes with
+        that adapter's merged weights (up to 2 more copies of the adapted layers; see ``_decode``)."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
         if dtype not in _DTYPES:
@@ -138,6 +144,9 @@ class TransformersBackend(Backend):
         self._adapters: dict[str, AdapterState] = {}
         self._eos = self._eos_ids()
         self._continuous: bool | None = None
+        self.decode_kernels = bool(decode_kernels)
+        self._packed: bool | None = None
+        self._merged: _decode.Merged | None = None
 
     # -- setup -----------------------------------------------------------------------------------------------
     def _wrap_linears(self) -> None:
@@ -226,6 +235,12 @@ class TransformersBackend(Backend):
         for m in st.modules:
             del self._layers[m].adapters[adapter]
         del self._adapters[adapter]
+        self._weights_changed(adapter)
+
+    def _weights_changed(self, adapter: str) -> None:
+        """``adapter``'s weights changed or went: its merged sampling weights are stale (see ``_decode.Merged``)."""
+        if self._merged is not None:
+            self._merged.drop(adapter)
 
     def list_adapters(self) -> list[str]:
         return list(self._adapters)
@@ -249,8 +264,18 @@ class TransformersBackend(Backend):
     # -- compute ---------------------------------------------------------------------------------------------
     def _forward_logits(self, ids: torch.Tensor, segments: list[Segment], *, train: bool, mask: torch.Tensor | None = None,
                         pos: torch.Tensor | None = None, cache: Any = None, use_cache: bool = False,
-                        vision: VisionInputs | None = None, last_only: bool = False) -> tuple[torch.Tensor, Any]:
-        self._routing[0] = Routing(segments, dropout=train)
+                        vision: VisionInputs | None = None, last_only: bool = False,
+                        infer: bool = False) -> tuple[torch.Tensor, Any]:
+        """``infer``: a no-grad sampling pass (base layers may use their packed inference weights, and a
+        single adapter its merged ones)."""
+        infer = infer and not train
+        merged = None
+        if infer and self._merged is not None and len(segments) == 1:
+            name = segments[0][2]
+            st = self._adapters.get(name) if name is not None else None
+            if name is not None and st is not None and self._merged.use(name, st, self._layers, ids.numel()):
+                merged = name
+        self._routing[0] = Routing(segments, dropout=train, infer=infer, merged=merged)
         if vision is not None:
             self._vrouting[0] = Routing(vision.patch_segments, dropout=train)
             pos = vision.position_ids
@@ -440,6 +465,7 @@ class TransformersBackend(Backend):
                 g["betas"] = (params.beta1, params.beta2)
                 g["eps"] = params.eps
         st.optimizer.step()
+        self._weights_changed(adapter)
         st.optimizer.zero_grad(set_to_none=True)
         st.step += 1
         return {"grad_norm:mean": norm, "lr:mean": float(params.learning_rate), "step:max": float(st.step)}
@@ -492,10 +518,21 @@ class TransformersBackend(Backend):
                         segments: list[Segment], last_only: bool = False) -> tuple[torch.Tensor, Any]:
         """``last_only``: logits of the last position only (a prefill without prompt logprobs: the unembedding
         of every prompt position is skipped, a large saving for big vocabularies)."""
-        if last_only:
-            return self._forward_logits(ids, segments, train=False, mask=mask, pos=pos, cache=cache, use_cache=True,
-                                        last_only=True)
-        return self._forward_logits(ids, segments, train=False, mask=mask, pos=pos, cache=cache, use_cache=True)
+        if not self._decode_kernels():  # (subclasses with their own _forward_logits never pack)
+            return self._forward_logits(ids, segments, train=False, mask=mask, pos=pos, cache=cache,
+                                        use_cache=True, last_only=last_only)
+        return self._forward_logits(ids, segments, train=False, mask=mask, pos=pos, cache=cache, use_cache=True,
+                                    last_only=last_only, infer=True)
+
+    def _decode_kernels(self) -> bool:
+        """Pack the base linear weights for inference on first use (see ``_decode``); whether they are. A
+        float32 model also merges a single sampling adapter into them (``_decode.Merged``)."""
+        if self._packed is None:
+            self._packed = self.decode_kernels and _decode.pack_all(
+                self._layers.values(), device=self.device, dtype=self.dtype)
+            if self._packed and self.dtype == torch.float32:
+                self._merged = _decode.Merged()
+        return self._packed
 
     def _decode_text(self, toks: list[int]) -> str:
         return self._tokenizer.decode(toks, skip_special_tokens=False)
@@ -566,7 +603,10 @@ class TransformersBackend(Backend):
         _checkpoint.save(self, self._get(adapter), Path(path), optimizer=optimizer)
 
     def load(self, adapter: str, path: Path, *, optimizer: bool = True) -> LoraConfig:
-        return _checkpoint.load(self, adapter, Path(path), optimizer=optimizer)
+        try:
+            return _checkpoint.load(self, adapter, Path(path), optimizer=optimizer)
+        finally:
+            self._weights_changed(adapter)
 
     def close(self) -> None:
         self._adapters.clear()

@@ -39,7 +39,10 @@ from .futures import RETRIEVE_HOLD_S
 
 __all__ = ["AREAS", "RETRIEVE_HOLD_S", "UNSUPPORTED_GET", "UNSUPPORTED_POST", "create_router", "tinker_router"]
 
-AREAS = (sessions.router, training.router, weights.router, sampling.router, futures.router, rest.router)
+# The order FastAPI tries them in: a request scans every route of the areas before its own (twice its own),
+# so the SDK's hot calls come first: retrieve_future (every call's second request), then forward_backward /
+# optim_step, asample. In process, mock: 2.23 -> 1.78 ms of CPU per forward_backward + retrieve_future.
+AREAS = (futures.router, training.router, sampling.router, sessions.router, weights.router, rest.router)
 
 UNSUPPORTED_POST = (
     "auth/token", "create_custom_loss", "copy_weights", "join_sampling_session", "retrieve_futures",
