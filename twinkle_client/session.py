@@ -513,7 +513,12 @@ def restore_runs(session: Session, old_session_id: str) -> list[RunInfo]:
         fut: RemoteFuture[RunInfo] = RemoteFuture(session, ref, RunInfo.model_validate, "resume_run")
         if ref.state is not None:
             fut._settle(ref.state)
-        restored.append(fut.result())
+        run = fut.result()
+        # A new run on the server: no request of it is outstanding or recorded, so its seq_ids start at 1.
+        # (Without this record the client, finding a run it has no seq record of, jumps its seq_ids far ahead
+        # and the first step waits the scheduler's whole seq grace for the gap.)
+        session.run_state.bump_seq_id(run.run_id, 1)
+        restored.append(run)
     return restored
 
 

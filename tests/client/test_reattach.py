@@ -16,13 +16,14 @@ from twinkle_client.session import Session, default_lease_seconds, open_session
 URL = "http://twinkle.test"
 BATCH = [{"input_ids": list(range(5, 25))}]
 DEAD_PID = 2**22 + 12345  # above pid_max on Linux by default: never a live process
+GRACE_S = 60.0
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    # A run restored after its lease lapsed has no server-side seq record: the client jumps its seq_ids ahead and
-    # the scheduler waits seq_grace_s for the gap (2 s by default) before the first step; 0.2 s here.
-    srv = InProcessServer(tmp_path_factory.mktemp("srv"), seq_grace_s=0.2)
+    # A long seq grace: a client whose seq_ids jumped ahead of what the server expects (a restored run's first
+    # step used to) would wait it out; the timing asserts below catch that.
+    srv = InProcessServer(tmp_path_factory.mktemp("srv"), seq_grace_s=GRACE_S)
     yield srv
     srv.close()
 
@@ -86,7 +87,10 @@ def test_resume_after_lease_expiry_restores_from_automatic_checkpoint(server, ca
     assert [r.name for r in back.restored] == ["long-run"]
     m2 = MockModel(session=back)
     assert m2.add_adapter_to_model("long-run", {"rank": 4}).step == 2
+    t0 = time.monotonic()
     _train(m2, 1)
+    assert time.monotonic() - t0 < GRACE_S / 6  # applied at once, not after the seq grace
+    assert back.run_state.get(m2.run_id, "next_seq_id") == 3  # the restored run's sequence restarted at 1
     assert back.get_run(m2.run_id).step == 3
     assert back.get_run(m2.run_id).metadata["resumed_from"].split("/")[-1].startswith("auto-")
     back.detach()

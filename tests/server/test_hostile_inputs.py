@@ -290,3 +290,29 @@ def test_worker_user_errors_travel_as_values_not_as_logged_exceptions():
     with pytest.raises(InvalidInputError) as e:
         asyncio.run(_HandleWorker(Handle()).execute("a", None))
     assert e.value.field == "loss_fn_config.beta"
+
+
+def test_an_internal_message_over_the_grpc_limit_is_a_413_not_an_internal_error():
+    """What Ray Serve raises when a gateway -> worker message meets the replica's gRPC limit (seen with the
+    limit at 4 MB: tests/integration/test_gateway_bombs.py) reaches the client as a clear 413."""
+    from twinkle.server.app import _HandleWorker
+    from twinkle.types import LimitExceededError
+
+    class AioRpcError(Exception):  # the shape of grpc.aio's error text, chained like Serve's router does
+        pass
+
+    class Method:
+        async def remote(self, *a, **kw):
+            try:
+                raise AioRpcError('<AioRpcError of RPC that terminated with:\n\tstatus = '
+                                  'StatusCode.RESOURCE_EXHAUSTED\n\tdetails = "SERVER: Received message larger '
+                                  'than max (7089595 vs. 4194304)"\n>')
+            except AioRpcError as e:
+                raise RuntimeError("routing failed") from e
+
+    class Handle:
+        execute = Method()
+
+    with pytest.raises(LimitExceededError) as e:
+        asyncio.run(_HandleWorker(Handle()).execute("a", None))
+    assert e.value.field == "body" and "7089595" in str(e.value) and e.value.detail["limit"] == 4194304

@@ -99,6 +99,34 @@ def test_controller_options_only_on_a_cluster(clean_env):
     assert launcher._controller_options(lambda http_options=None: None, "auto") == {}  # older Ray
 
 
+def test_the_raised_message_limit_reaches_a_clusters_replicas(clean_env, monkeypatch, tmp_path):
+    """With ``--address`` Ray's processes do not inherit this environment: the job's runtime_env (which Serve
+    gives every deployment without one of its own) carries the raised gRPC message limit instead."""
+    import threading
+
+    from twinkle.server.config import parse_config
+
+    monkeypatch.setenv(launcher._GRPC_LIMIT_ENV, "")
+    monkeypatch.delenv(launcher._GRPC_LIMIT_ENV)
+    seen = {}
+
+    def fake_init_ray(address, num_cpus):
+        launcher._prepare_env(address)
+        seen.update(launcher._lean_env())  # what ray.init(address=..., runtime_env={"env_vars": ...}) gets
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(launcher, "_init_ray", fake_init_ray)
+    monkeypatch.setattr(launcher, "_preimport", lambda: threading.Thread(target=lambda: None))
+    cfg = parse_config({
+        "persistence": {"sqlite_path": str(tmp_path / "db.sqlite"), "checkpoint_root": str(tmp_path / "ck")},
+        "limits": {"max_request_bytes": 32 << 20},
+        "models": [{"name": "mock", "backend": "mock", "model_id": "mock://tiny"}],
+    })
+    with pytest.raises(RuntimeError, match="stop here"):
+        launcher.launch(cfg, address="127.0.0.1:1", block=False)
+    assert seen[launcher._GRPC_LIMIT_ENV] == str(256 << 20) == str(launcher.replica_message_limit(32 << 20))
+
+
 def test_launch_leaves_the_callers_pandas_and_environment_alone(clean_env, monkeypatch, tmp_path):
     """``launch()`` called in a notebook: Ray's processes get the lean ``PYTHONPATH`` (and thread settings),
     the calling process keeps its own — ``import pandas`` works there afterwards, also in its subprocesses."""

@@ -85,3 +85,33 @@ def test_a_lapsed_lease_cancels_its_queued_samples(tmp_path):
         assert (await svc.get_session(ALICE, s.session_id)).state == "expired"
 
     _run(tmp_path, lapse)
+
+
+def test_polling_for_pending_work_extends_the_lease(tmp_path, monkeypatch):
+    """A client whose heartbeats time out (a loaded machine) but who polls for its session's pending samples is
+    alive: the poll extends the lease as a heartbeat would. A client that does neither loses the session."""
+    from twinkle.server.state import identity
+
+    clock = [time.time()]
+    monkeypatch.setattr(identity, "now", lambda: clock[0])
+
+    async def go():
+        svc, worker, backend = _service(tmp_path)
+        s = await svc.create_session(ALICE, lease_seconds=5)
+        t0 = clock[0]
+        sampler = await svc.create_sampler(ALICE, session_id=s.session_id, base_model="mock")
+        backend.pause()
+        ref = await svc.sample(ALICE, SampleOp(prompt=[1, 2]), sampler_id=sampler["sampler_id"])
+        await _entered(backend)
+        clock[0] = t0 + 4  # no heartbeat since t0...
+        assert (await svc.wait(ALICE, ref.future_id, timeout=0)).status == "pending"  # ...but the client polls
+        await svc.reap(now=t0 + 7)  # 7 s after the last heartbeat, 3 s after the poll
+        assert svc.sessions.by_id[s.session_id].state == "active"
+        await svc.reap(now=t0 + 10)  # neither heartbeats nor polls for 6 s: gone
+        assert svc.sessions.by_id[s.session_id].state == "expired"
+        backend.resume()
+        assert (await svc.wait(ALICE, ref.future_id, timeout=10)).error["status"] == 410
+        await svc.stop()
+        await worker.close()
+
+    asyncio.run(go())

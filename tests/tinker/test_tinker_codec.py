@@ -16,6 +16,7 @@ from twinkle.server.tinker import codec
 from twinkle.types import (
     ForwardBackwardOutput,
     InvalidInputError,
+    LimitExceededError,
     SampledSequence,
     SampleResponse,
     TensorData,
@@ -89,6 +90,48 @@ def test_decode_sparse_csr_and_2d_targets():
     w = out.data[0].loss_fn_inputs["weights"].to_numpy()
     assert w.shape == (2, 3) and w.tolist() == [[0, 0, 0.5], [2.0, 0, 0]]
     assert out.data[0].loss_fn_inputs["target_tokens"].to_numpy().shape == (2, 3)
+
+
+def _sparse_request(n_tokens: int, shape: list[int]) -> bytes:
+    rows = shape[0]
+    td = tt.TensorData(data=[1.0], dtype="float32", shape=shape, sparse_crow_indices=[0] + [1] * rows,
+                       sparse_col_indices=[0])
+    req = tt.ForwardBackwardRequest(
+        forward_backward_input=tt.ForwardBackwardInput(
+            data=[tt.Datum(model_input=tt.ModelInput.from_ints(list(range(1, n_tokens + 1))),
+                           loss_fn_inputs={"weights": td})], loss_fn="cross_entropy"),
+        model_id="m", seq_id=1)
+    return forward_backward_request_to_proto(req).SerializeToString()
+
+
+@pytest.mark.parametrize("shape,error,field_end", [
+    ([1, 16_000_000], InvalidInputError, "weights"),  # rows must be the datum's tokens: nothing densified
+    ([3, 5_000_000], LimitExceededError, "weights"),  # (N, K) with K over MAX_INPUT_COLUMNS
+    ([3, 2, 2], InvalidInputError, "weights"),
+])
+def test_a_sparse_input_describes_no_more_than_its_datum(shape, error, field_end):
+    with pytest.raises(error) as e:
+        codec.decode_forward_backward(_sparse_request(3, shape))
+    assert e.value.field.endswith(field_end)
+    ok = codec.decode_forward_backward(_sparse_request(3, [3, codec.MAX_INPUT_COLUMNS]))
+    assert ok.data[0].loss_fn_inputs["weights"].to_numpy().shape == (3, codec.MAX_INPUT_COLUMNS)
+
+
+def test_sparse_inputs_decode_to_no_more_values_than_a_dense_body_could_carry():
+    body = _sparse_request(3, [3, codec.MAX_INPUT_COLUMNS])  # 192 values from a body of a few dozen bytes
+    assert len(body) < 200
+    codec.decode_forward_backward(body, max_bytes=4 * 192)
+    with pytest.raises(LimitExceededError) as e:
+        codec.decode_forward_backward(body, max_bytes=4 * 191)
+    assert e.value.field == "data[0].loss_fn_inputs.weights"
+
+
+def test_tokens_are_counted_on_the_wire_before_decoding():
+    body = _sdk_request(loss_fn="cross_entropy")  # 5 tokens in two datums
+    assert len(codec.decode_forward_backward(body, max_tokens=5).data) == 2
+    with pytest.raises(LimitExceededError) as e:
+        codec.decode_forward_backward(body, max_tokens=4)
+    assert e.value.field == "data"
 
 
 def test_forward_backward_output_roundtrip_through_sdk_decoder():

@@ -288,6 +288,28 @@ async def refusal_as_value(call: Any) -> Any:
         return WorkerRefusal(e)
 
 
+_TOO_LARGE = re.compile(r"(?:(SERVER|CLIENT): )?Received message larger than max \((\d+) vs\. (\d+)\)")
+
+
+def _message_too_large(e: BaseException) -> LimitExceededError | None:
+    """Ray Serve's gRPC message limit met between the gateway and a worker replica (``RESOURCE_EXHAUSTED``) as
+    a 413 instead of an internal error. The launcher raises the limit above what an accepted request decodes to
+    (SECURITY.md, "Internal messages"), so this is a safety net for a lowered or foreign setting."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        m = _TOO_LARGE.search(str(cur))
+        if m:
+            way = {"SERVER": " request", "CLIENT": " reply"}.get(m.group(1) or "", "")
+            return LimitExceededError(
+                f"this request's internal{way} message ({m.group(2)} bytes) exceeds the server's internal "
+                f"message limit ({m.group(3)} bytes, RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH); send a smaller "
+                "request", field="body", detail={"limit": int(m.group(3))})
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 class _HandleWorker:
     """Adapts a Ray Serve ``DeploymentHandle`` of a worker deployment to :class:`~twinkle.server.worker_api.WorkerAPI`."""
 
@@ -306,6 +328,9 @@ class _HandleWorker:
         except Exception as e:
             err = _unwrap(e)
             if err is e:
+                too_large = _message_too_large(e)
+                if too_large is not None:
+                    raise too_large from None
                 raise
             raise err from None
         if isinstance(out, WorkerRefusal):

@@ -196,7 +196,9 @@ def _lean_env() -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
     }
     env.update({k: os.environ.get(k, v) for k, v in _RAY_ENV.items()})
-    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TWINKLE_HOME", "HF_HOME", *_PROXY_KEYS):
+    # _GRPC_LIMIT_ENV: on a cluster (``--address``) this is the job's runtime_env, which Serve gives every
+    # deployment without one of its own (all of ours), so the raised message limit reaches the replicas there too
+    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TWINKLE_HOME", "HF_HOME", _GRPC_LIMIT_ENV, *_PROXY_KEYS):
         if k in os.environ:
             env[k] = os.environ[k]
     env["PYTHONPATH"] = lean_pythonpath()

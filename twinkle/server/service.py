@@ -305,7 +305,12 @@ class Service:
 
     # ---- futures -----------------------------------------------------------------------------------------
     async def wait(self, user: User, future_id: str, timeout: float = 30.0) -> FutureState:
-        """Long-poll: returns as soon as the future completes, or ``status=pending`` after ``timeout``."""
+        """Long-poll: returns as soon as the future completes, or ``status=pending`` after ``timeout``. Polling
+        for a session's pending work extends that session's lease."""
+        fut = self.futures.by_id.get(future_id) if isinstance(future_id, str) else None
+        if fut is not None and fut.user == user.name and fut.state is None:
+            run = self.runs.by_id.get(fut.run_id) if fut.run_id else None
+            self.ctx.touch_session(fut.session_id or (run.session_id if run is not None else None))
         return await self.futures.wait(user.name, future_id, timeout)
 
     def future_run_id(self, user: User, future_id: str) -> str | None:

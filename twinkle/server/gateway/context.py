@@ -149,6 +149,13 @@ class Context:
         return await fn()
 
     # ---- usage ---------------------------------------------------------------------------------------------
+    def touch_session(self, session_id: str | None) -> None:
+        """Traffic of a session's own work proves its client alive: extend the lease (as a heartbeat would). A
+        client busy for minutes sampling, whose heartbeats time out on a loaded machine, keeps its session."""
+        s = self.sessions.by_id.get(session_id) if session_id else None
+        if s is not None:
+            self.sessions.touch(s, persist=False)
+
     def meter(self, user: str, base_model: str, *, trained: int = 0, prefilled: int = 0, sampled: int = 0) -> None:
         """Account tokens to ``user`` (the usage ledger, and the token counters when telemetry is on)."""
         self.usage.add(user, base_model, trained=trained, prefilled=prefilled, sampled=sampled)

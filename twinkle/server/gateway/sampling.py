@@ -87,6 +87,7 @@ class Sampling:
         # a loop that only samples sees the panel's Stop too
         if stop_of is None and t.session_id:
             stop_of = ctx.sessions.by_id.get(t.session_id)
+        ctx.touch_session(t.session_id)
         return ctx.with_stop(ref, stop_of)
 
     def sample_target(

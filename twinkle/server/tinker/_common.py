@@ -28,6 +28,7 @@ __all__ = [
     "TinkerState",
     "error_response",
     "max_request_bytes",
+    "max_tokens_any_model",
     "refused",
     "state_of",
     "submit_once",
@@ -192,6 +193,14 @@ def max_request_bytes(service: Service) -> int:
     from ..config import LimitsConfig
 
     return int(LimitsConfig().max_request_bytes)
+
+
+def max_tokens_any_model(service: Service) -> int | None:
+    """The most tokens any served model takes in one request (None for a service without a config)."""
+    config = getattr(service, "config", None)
+    if config is None or not config.models:
+        return None
+    return max(min(m.max_tokens_per_request, config.limits.max_tokens_per_request) for m in config.models)
 
 
 def tag(future_id: str, *parts: Any) -> str:

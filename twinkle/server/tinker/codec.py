@@ -39,6 +39,7 @@ pb: Any = tinker_pb2()  # the SDK's generated protobuf module (no stubs), loaded
 __all__ = [
     "DEFAULT_MAX_DECODED_BYTES",
     "MAX_DENSE_ELEMENTS",
+    "MAX_INPUT_COLUMNS",
     "METRIC_REDUCTIONS",
     "checkpoint_to_json",
     "decode_forward_backward",
@@ -68,6 +69,9 @@ DEFAULT_MAX_DECODED_BYTES = 64 * 1024 * 1024
 """The decoded size a body may reach when the caller names no limit (the gateway passes max_request_bytes)."""
 MAX_DENSE_ELEMENTS = 16 * 1024 * 1024
 """Elements one tensor may hold once densified (a sparse tensor's shape is checked before allocating)."""
+MAX_INPUT_COLUMNS = 64
+"""Columns K of a two-dimensional ``loss_fn_inputs`` tensor ``(N, K)`` (top-K distillation targets and weights:
+tinker-cookbook's SDFT uses K = 20, the server's own top-k logprobs stop at 20)."""
 _CHUNK = 1 << 16
 
 
@@ -116,12 +120,45 @@ def _dense_elements(shape: list[int], where: str) -> int:
     return n
 
 
-def _tensor_from_pb(msg: Any, where: str) -> TensorData:
+def _check_rows(shape: list[int], rows: int, where: str) -> None:
+    """A loss input is per token: shape ``(N,)`` or ``(N, K)`` with N the datum's tokens and K bounded, so a
+    sparse tensor describes no more than its datum (checked before it is densified)."""
+    if not shape:
+        return
+    if len(shape) > 2 or shape[0] != rows:
+        raise InvalidInputError(f"{where} has shape {shape}; the datum has {rows} tokens, so it must be "
+                                f"({rows},) or ({rows}, K)", field=where)
+    if len(shape) == 2 and shape[1] > MAX_INPUT_COLUMNS:
+        raise LimitExceededError(f"{where} has {shape[1]} columns; at most {MAX_INPUT_COLUMNS} are allowed",
+                                 field=where, detail={"limit": MAX_INPUT_COLUMNS})
+
+
+class _Budget:
+    """Values a request may decode into: as many as a dense body of ``max_bytes`` carries (4 bytes each), so a
+    sparse encoding never makes a request bigger than the body limit allows."""
+
+    def __init__(self, max_bytes: int):
+        self.left = max_bytes // 4
+        self.limit = self.left
+
+    def take(self, n: int, where: str) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise LimitExceededError(f"{where}: the request's loss_fn_inputs hold more than {self.limit} values "
+                                     "once densified (max_request_bytes / 4)", field=where,
+                                     detail={"limit": self.limit})
+
+
+def _tensor_from_pb(msg: Any, where: str, rows: int | None = None, budget: _Budget | None = None) -> TensorData:
     np_dtype = _PB_TO_NUMPY.get(msg.dtype)
     if np_dtype is None:
         raise InvalidInputError(f"{where} has an unsupported dtype ({msg.dtype})", field=where)
     shape = [int(s) for s in msg.shape]
-    _dense_elements(shape, where)  # before anything is allocated for it
+    n = _dense_elements(shape, where)  # before anything is allocated for it
+    if rows is not None:
+        _check_rows(shape, rows, where)
+    if budget is not None:
+        budget.take(n if shape else len(msg.dense) // max(1, np_dtype.itemsize), where)
     if msg.WhichOneof("encoding") == "sparse_csr":
         csr = msg.sparse_csr
         values = _frombuffer(csr.values, np_dtype, where)
@@ -156,8 +193,34 @@ def _frombuffer(buf: bytes, dtype: np.dtype, where: str) -> np.ndarray:
     return np.frombuffer(buf, dtype=dtype)
 
 
-def _datum_from_pb(msg: Any, index: int) -> Datum:
+def _datum_rows(msg: Any) -> int | None:
+    """The datum's length in tokens from the wire (text tokens plus each image's ``expected_tokens``); None if an
+    image does not say (the datum is refused later for that)."""
+    n = 0
+    for chunk in msg.model_input:
+        kind = chunk.WhichOneof("chunk")
+        if kind == "encoded_text":
+            n += len(chunk.encoded_text.tokens) // 4
+        elif kind == "image":
+            if not chunk.image.HasField("expected_tokens"):
+                return None
+            n += int(chunk.image.expected_tokens)
+    return n
+
+
+def _count_tokens(msg: Any, max_tokens: int) -> None:
+    """Refuse (413) a request with more tokens than any model takes, before any token becomes a Python object."""
+    total = 0
+    for i, d in enumerate(msg.data):
+        total += _datum_rows(d) or 0
+        if total > max_tokens:
+            raise LimitExceededError(f"data[{i}]: the request has more than {max_tokens} tokens, the most this "
+                                     "server takes in one request", field="data", detail={"limit": max_tokens})
+
+
+def _datum_from_pb(msg: Any, index: int, budget: _Budget | None = None) -> Datum:
     where = f"data[{index}]"
+    rows = _datum_rows(msg)
     chunks: list[EncodedTextChunk | ImageChunk] = []
     for j, chunk in enumerate(msg.model_input):
         kind = chunk.WhichOneof("chunk")
@@ -178,7 +241,8 @@ def _datum_from_pb(msg: Any, index: int) -> Datum:
             raise UnsupportedError("audio (dmel) model input chunks are not supported", field=f"{cwhere}.type")
         else:
             raise InvalidInputError(f"{cwhere} is empty", field=cwhere)
-    inputs = {name: _tensor_from_pb(t, f"{where}.loss_fn_inputs.{name}") for name, t in msg.loss_fn_inputs.items()}
+    inputs = {name: _tensor_from_pb(t, f"{where}.loss_fn_inputs.{name}", rows, budget)
+              for name, t in msg.loss_fn_inputs.items()}
     return Datum(model_input=ModelInput(chunks=chunks), loss_fn_inputs=inputs)
 
 
@@ -216,9 +280,11 @@ def _loss_config(msg: Any) -> dict[str, float | str] | None:
 
 
 def decode_forward_backward(body: bytes, content_encoding: str | None = None, *,
-                            max_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> ForwardBackwardBody:
+                            max_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+                            max_tokens: int | None = None) -> ForwardBackwardBody:
     """Decode the SDK's protobuf forward_backward body (zstd or gzip per ``Content-Encoding``, inflated at
-    most to ``max_bytes``) into the same model the JSON form validates into."""
+    most to ``max_bytes``) into the same model the JSON form validates into. ``max_tokens``: the most tokens
+    any model takes in one request, checked on the wire form (the run's own model's limit is checked later)."""
     encoding = (content_encoding or "").lower()
     if "zstd" in encoding:
         body = _decompress_bounded(body, "zstd", max_bytes)
@@ -231,10 +297,13 @@ def decode_forward_backward(body: bytes, content_encoding: str | None = None, *,
         raise InvalidInputError(f"forward_backward body is not a valid ForwardBackwardRequest: {e}", field="body") from None
     if not msg.model_id:
         raise InvalidInputError("forward_backward needs model_id", field="model_id")
+    if max_tokens is not None:
+        _count_tokens(msg, max_tokens)
+    budget = _Budget(max_bytes)
     fields = {
         "model_id": msg.model_id,
         "seq_id": int(msg.seq_id),
-        "data": [_datum_from_pb(d, i) for i, d in enumerate(msg.data)],
+        "data": [_datum_from_pb(d, i, budget) for i, d in enumerate(msg.data)],
         "loss_fn": msg.loss_fn or "cross_entropy",
         "loss_fn_config": _loss_config(msg),
         "forward_only": bool(msg.forward_only),

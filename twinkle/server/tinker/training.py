@@ -17,6 +17,7 @@ from ._common import (
     PROTO,
     TinkerRoute,
     max_request_bytes,
+    max_tokens_any_model,
     refused,
     state_of,
     submit_once,
@@ -137,7 +138,8 @@ async def forward_backward(request: Request, user: User = _who, service: Service
     if "json" in ctype:
         req = _json_body(raw)
     else:
-        req = codec.decode_forward_backward(raw, request.headers.get("content-encoding"), max_bytes=max_bytes)
+        req = codec.decode_forward_backward(raw, request.headers.get("content-encoding"), max_bytes=max_bytes,
+                                            max_tokens=max_tokens_any_model(service))
     return await _submit_fb(request, user, service, req, "forward_backward")
 
 
