@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.live_lora import add_live_adapters
 from twinkle.model.base import BatchItem, SampleItem
 from twinkle.model.transformers import TransformersBackend
 from twinkle.model.transformers._families import FAMILIES, build_family
@@ -45,12 +46,7 @@ def test_family_contract(family, tmp_path):
     torch.set_num_threads(1)
     path = build_family(family, tmp_path / family)
     b = TransformersBackend(str(path), device="cpu")
-    for i, name in enumerate(("a", "b")):
-        b.add_adapter(name, LoraConfig(rank=4, seed=i))
-        g = torch.Generator().manual_seed(10 + i)
-        with torch.no_grad():
-            for pair in b._adapters[name].pairs.values():
-                pair.lora_B.copy_(torch.randn(pair.lora_B.shape, generator=g) * 0.3)
+    add_live_adapters(b, ("a", "b"), seed=10, scale=0.3)
 
     # two adapters in one mixed batch == separate passes
     da, db = [_datum(r) for r in ROWS[:2]], [_datum(ROWS[2])]

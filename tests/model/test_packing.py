@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from tests.live_lora import add_live_adapters
 from twinkle.loss import get_loss, list_losses
 from twinkle.model.base import BatchItem
 from twinkle.model.transformers import TransformersBackend
 from twinkle.model.transformers._pack import pack, padding_fraction
 from twinkle.model.transformers._random import tiny_model_path
-from twinkle.types import Datum, LoraConfig, ModelInput
+from twinkle.types import Datum, ModelInput
 
 
 def test_pack_layout_keeps_adapters_apart_and_positions_per_datum():
@@ -36,12 +37,7 @@ def test_pack_layout_keeps_adapters_apart_and_positions_per_datum():
 def backend():
     torch.set_num_threads(1)
     b = TransformersBackend(str(tiny_model_path()), device="cpu", max_adapters=8)
-    for i, name in enumerate(("a", "b", "c")):
-        b.add_adapter(name, LoraConfig(rank=4, seed=i))
-        g = torch.Generator().manual_seed(20 + i)
-        with torch.no_grad():
-            for pair in b._adapters[name].pairs.values():
-                pair.lora_B.copy_(torch.randn(pair.lora_B.shape, generator=g) * 0.05)
+    add_live_adapters(b, ("a", "b", "c"), seed=20, scale=0.05)
     yield b
     b.close()
 

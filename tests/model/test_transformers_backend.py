@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.live_lora import perturb_b
 from twinkle.model.base import BatchItem
 from twinkle.model.transformers import TransformersBackend
 from twinkle.model.transformers._random import tiny_model_path
@@ -41,10 +42,7 @@ SCALE = 0.05
 
 
 def _randomize_b(backend, name, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for pair in backend._adapters[name].pairs.values():
-            pair.lora_B.copy_(torch.randn(pair.lora_B.shape, generator=g) * SCALE)
+    perturb_b(backend, name, seed, SCALE)
 
 
 def _grads(backend, name):

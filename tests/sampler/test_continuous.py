@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from tests.live_lora import add_live_adapters
 from twinkle.model.base import BatchItem, SampleItem
 from twinkle.model.transformers import TransformersBackend
 from twinkle.model.transformers._random import tiny_model_path
 from twinkle.server.ops import SampleOp
 from twinkle.server.scheduler import Scheduler, SchedulerConfig
-from twinkle.types import CapacityError, Datum, LoraConfig, ModelInput, SamplingParams
+from twinkle.types import CapacityError, Datum, ModelInput, SamplingParams
 
 PROMPT = [5, 17, 42, 99, 7, 3, 11, 12, 13]
 
@@ -23,12 +24,7 @@ PROMPT = [5, 17, 42, 99, 7, 3, 11, 12, 13]
 def backend():
     torch.set_num_threads(1)
     b = TransformersBackend(str(tiny_model_path()), device="cpu")
-    for i, name in enumerate(("a", "b")):
-        b.add_adapter(name, LoraConfig(rank=4, seed=i))
-        g = torch.Generator().manual_seed(100 + i)
-        with torch.no_grad():
-            for pair in b._adapters[name].pairs.values():
-                pair.lora_B.copy_(torch.randn(pair.lora_B.shape, generator=g) * 0.2)
+    add_live_adapters(b, ("a", "b"), seed=100, scale=0.2)
     yield b
     b.close()
 

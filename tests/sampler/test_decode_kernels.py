@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.live_lora import perturb_b
 from twinkle.model.base import BatchItem, SampleItem
 from twinkle.model.transformers import TransformersBackend, _decode
 from twinkle.model.transformers._random import tiny_model_path
@@ -22,10 +23,7 @@ pytestmark = pytest.mark.skipif(not _decode.available(torch.device("cpu"), torch
 def _backend(**kw):
     b = TransformersBackend(str(tiny_model_path()), device="cpu", **kw)
     b.add_adapter("a", LoraConfig(rank=4, seed=1))
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for pair in b._adapters["a"].pairs.values():
-            pair.lora_B.copy_(torch.randn(pair.lora_B.shape, generator=g) * 0.2)
+    perturb_b(b, "a", seed=7, scale=0.2)
     return b
 
 
