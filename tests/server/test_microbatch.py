@@ -107,7 +107,10 @@ def test_micro_batches_equal_one_pass(backend, loss_fn):
     assert parts.metrics["loss:sum"] == pytest.approx(whole.metrics["loss:sum"], rel=1e-5)
     assert all(g is not None for g in g1)
     for a, b in zip(g1, g2, strict=True):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6)
+        # float32 sums in a different order: the error scales with the gradient's size, not each element's
+        # (CI once saw 1.6e-6 on an element of -0.0046 in a tensor whose largest entry is ~7.4)
+        scale = float(np.abs(a.numpy()).max())
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6 * max(1.0, scale))
 
 
 @pytest.mark.slow
