@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from twinkle.model.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINT_META, Backend
 from twinkle.types import (
     Datum,
@@ -321,8 +323,9 @@ class ModelWorker:
                         field=f"data[{i}].model_input",
                     )
             target = d.loss_fn_inputs.get("target_tokens")
-            if target is not None and target.dtype == "int64" and target.data:
-                if min(target.data) < 0 or max(target.data) >= vocab:
+            if target is not None and target.dtype == "int64" and len(target.data):
+                t = np.asarray(target.data)
+                if int(t.min()) < 0 or int(t.max()) >= vocab:
                     raise InvalidInputError(
                         f"data[{i}] has a target token id outside the vocabulary [0, {vocab})",
                         field=f"data[{i}].loss_fn_inputs.target_tokens",

@@ -183,8 +183,8 @@ def _tensor_from_pb(msg: Any, where: str, rows: int | None = None, budget: _Budg
             raise InvalidInputError(f"{where}: shape {shape} does not match {arr.size} values", field=where)
         arr = arr.reshape(shape)
     if msg.dtype in _FLOAT_KINDS:
-        return TensorData(data=arr.astype(np.float32).reshape(-1).tolist(), dtype="float32", shape=list(arr.shape))
-    return TensorData(data=arr.astype(np.int64).reshape(-1).tolist(), dtype="int64", shape=list(arr.shape))
+        return TensorData(data=arr.astype(np.float32).reshape(-1), dtype="float32", shape=list(arr.shape))
+    return TensorData(data=arr.astype(np.int64).reshape(-1), dtype="int64", shape=list(arr.shape))
 
 
 def _frombuffer(buf: bytes, dtype: np.dtype, where: str) -> np.ndarray:

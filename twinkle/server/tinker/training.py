@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -99,8 +100,14 @@ async def get_info(body: GetInfoRequest, user: User = _who, service: Service = _
 
 def _json_body(raw: bytes) -> ForwardBackwardBody:
     try:
-        return ForwardBackwardJSON.model_validate_json(raw or b"{}").to_body()
-    except ValidationError as e:
+        # json.loads, then the models: pydantic's own JSON parsing holds the whole document in its own tree
+        # first (~9x the body for a large float tensor; this way ~4.6x, and the tensors end compact)
+        return ForwardBackwardJSON.model_validate(json.loads(raw or b"{}")).to_body()
+    except RecursionError:
+        raise InvalidInputError("forward_backward body is nested too deeply", field="body") from None
+    except ValueError as e:
+        if not isinstance(e, ValidationError):
+            raise InvalidInputError(f"forward_backward body is not valid JSON: {e}", field="body") from None
         first: Any = e.errors()[0] if e.errors() else {}
         field = field_of(tuple(first.get("loc", ())))
         raise InvalidInputError(f"invalid request: {field}: {first.get('msg')}", field=field) from None
