@@ -32,7 +32,7 @@ from twinkle.types.api import (
     SetOptimizerRequest,
 )
 
-from .deps import get_service, get_user
+from .deps import CompactJSONRoute, get_service, get_user
 from .ops import ForwardBackwardOp, LoadOp, OptimStepOp, SampleOp, SaveOp, SetOptimizerOp, SetSchedulerOp
 from .service import Service, User
 
@@ -90,7 +90,7 @@ def health_router() -> APIRouter:
 
 
 def create_native_router() -> APIRouter:
-    r = APIRouter(prefix="/api/v1/twinkle", tags=["twinkle"])
+    r = APIRouter(prefix="/api/v1/twinkle", tags=["twinkle"], route_class=CompactJSONRoute)
     svc = Depends(get_service)
     who = Depends(get_user)
     wait_q = Query(0.0, ge=0.0, description="hold the reply up to this many seconds for the result (FutureRef.state)")

@@ -103,7 +103,7 @@ class TensorData(_Model):
     def _values_fit_dtype(self) -> TensorData:
         """Every value is finite and representable in ``dtype`` (a NaN token id or a 1e308 weight used to
         fail inside the model as a server error, or silently turn into garbage); the list becomes an array."""
-        a = self.data
+        a: Any = self.data  # a list from JSON or an array; an int64, float32 or float64 array when done
         if isinstance(a, np.ndarray):
             if a.dtype.kind not in "biuf":
                 raise ValueError(f"data must be numbers, not an array of {a.dtype}")

@@ -13,12 +13,11 @@ from typing import Any
 from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from twinkle.types import InvalidInputError, TwinkleError
 
-from ..deps import api_key_from_request, validation_error
+from ..deps import CompactJSONRoute, api_key_from_request, validation_error
 from ..service import Service, User
 
 __all__ = [
@@ -55,7 +54,7 @@ def error_response(err: TwinkleError) -> JSONResponse:
     return JSONResponse(err.to_dict(), status_code=status, headers=headers)
 
 
-class TinkerRoute(APIRoute):
+class TinkerRoute(CompactJSONRoute):
     """A route whose errors answer in the Tinker SDK's shape on any app (the gateway or a bare test app):
     Twinkle errors and body/query validation failures are 4xx naming the field; anything else is a logged
     500 with an error id and no traceback. A training request refused for its body still consumed its
