@@ -316,3 +316,26 @@ def test_an_internal_message_over_the_grpc_limit_is_a_413_not_an_internal_error(
     with pytest.raises(LimitExceededError) as e:
         asyncio.run(_HandleWorker(Handle()).execute("a", None))
     assert e.value.field == "body" and "7089595" in str(e.value) and e.value.detail["limit"] == 4194304
+
+
+def test_a_body_without_a_valid_key_is_never_parsed(env):
+    """FastAPI parses a body before it runs the key check: every keyed POST/PUT route checks the key first, so a
+    request without one cannot make the gateway decode its body (a broken body proves it was not read)."""
+
+    async def go():
+        async with env.client(env.key_a) as c:
+            spec = (await c.get("/openapi.json")).json()
+        routes = [(m, p.replace("{run_id}", "r").replace("{checkpoint_id}", "c").replace("{session_id}", "s"))
+                  for p, ops in spec["paths"].items() for m in ops if m in ("post", "put")]
+        assert len(routes) > 30
+        wrong = []
+        for key in (None, "not-a-key"):
+            headers = {"content-type": "application/json", **({"X-API-Key": key} if key else {})}
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=env.app), base_url="http://t") as c:
+                for method, path in routes:
+                    r = await c.request(method.upper(), path, content=b'{"not json', headers=headers)
+                    if r.status_code != 401:
+                        wrong.append((method, path, r.status_code))
+        assert not wrong, wrong
+
+    env.go(go())

@@ -31,7 +31,7 @@ from twinkle.types import (
 )
 from twinkle.types.params import MAX_TOKENS, Integer, Number, Seed, StopTexts
 
-from .deps import get_service, get_user
+from .deps import CompactJSONRoute, get_service, get_user
 from .ops import SampleOp
 from .routes_stream import open_stream
 from .service import Service, User
@@ -145,7 +145,7 @@ def _strip_stop(text: str, stops: list[str]) -> str:
 
 
 def create_openai_router() -> APIRouter:
-    r = APIRouter(prefix="/v1", tags=["openai"])
+    r = APIRouter(prefix="/v1", tags=["openai"], route_class=CompactJSONRoute)
     who = Depends(get_user)
     svc = Depends(get_service)
 

@@ -19,7 +19,7 @@ from fastapi.responses import StreamingResponse
 from twinkle.types import SampleResponse, TwinkleError
 from twinkle.types.api import SampleRequest
 
-from .deps import get_service, get_user
+from .deps import CompactJSONRoute, get_service, get_user
 from .ops import SampleOp
 from .service import Service, User
 
@@ -86,7 +86,7 @@ def error_event(e: BaseException) -> bytes:
 
 
 def create_stream_router() -> APIRouter:
-    r = APIRouter(prefix="/api/v1/twinkle", tags=["native"])
+    r = APIRouter(prefix="/api/v1/twinkle", tags=["native"], route_class=CompactJSONRoute)
     who = Depends(get_user)
     svc = Depends(get_service)
 

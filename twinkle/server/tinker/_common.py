@@ -60,6 +60,15 @@ class TinkerRoute(CompactJSONRoute):
     500 with an error id and no traceback. A training request refused for its body still consumed its
     ``seq_id``: the run's later requests are told not to wait for it."""
 
+    @property
+    def key_dependency(self) -> Callable[..., Any]:  # type: ignore[override]
+        return tinker_user
+
+    async def check_key(self, request: Request) -> None:
+        if getattr(request.state, _SERVICE_ATTR, None) is None and hasattr(request.app.state, "service"):
+            await tinker_user(request, request.app.state.service)
+        # else a router bound to its own service (tinker_router(getter)): its dependencies check the key
+
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         name = self.name
