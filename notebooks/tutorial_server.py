@@ -106,6 +106,9 @@ def main(argv: list[str]) -> int:
         env = tutorial_env(url, key)
         if argv[0] == "serve":
             print("".join(f"export {k}={v}\n" for k, v in env.items()), flush=True)
+            # sigwait only returns for blocked signals: unblocked, Ctrl-C did nothing and SIGTERM killed this
+            # process before `finally`, leaving the server's Ray processes behind
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
             return 0
         paths = [Path(p).resolve() for p in argv[1:]] or notebooks()
