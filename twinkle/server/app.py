@@ -32,6 +32,7 @@ from starlette.routing import Match
 
 from twinkle.types import InvalidInputError, LimitExceededError, TwinkleError
 
+from .body_budget import LARGE_BODY, BodyBudget
 from .config import ModelConfig, ServerConfig
 from .deps import validation_error
 from .docs_routes import docs_router
@@ -78,9 +79,10 @@ class _GuardMiddleware:
     """Request id, body-size limit and last-resort error answers, as a plain ASGI middleware (Starlette's
     ``@app.middleware("http")`` runs every request through an extra task and memory streams)."""
 
-    def __init__(self, app: Any, max_bytes: int):
+    def __init__(self, app: Any, max_bytes: int, decoding_bytes: int):
         self.app = app
         self.max_bytes = max_bytes
+        self.budget = BodyBudget(decoding_bytes)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -88,11 +90,14 @@ class _GuardMiddleware:
             return
         rid = None
         length = None
+        key = ""
         for k, v in scope.get("headers") or ():
             if k == b"x-request-id":
                 rid = v.decode("latin-1")
             elif k == b"content-length":
                 length = v.decode("latin-1")
+            elif k in (b"x-api-key", b"authorization"):
+                key = v.decode("latin-1").strip()
         rid = rid or uuid.uuid4().hex[:16]
         scope.setdefault("state", {})["request_id"] = rid
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
@@ -100,6 +105,14 @@ class _GuardMiddleware:
                                      field="body")
             await error_response(err, rid)(scope, receive, send)
             return
+        reserved = 0
+        if length is not None and length.isdigit() and int(length) > LARGE_BODY:
+            try:
+                await self.budget.acquire(key, int(length))
+            except TwinkleError as err:
+                await error_response(err, rid)(scope, receive, send)
+                return
+            reserved = int(length)
         started = False
         rid_header = (b"x-request-id", rid.encode("latin-1"))
 
@@ -121,7 +134,7 @@ class _GuardMiddleware:
         async def _receive() -> Any:
             # Bodies without a Content-Length (chunked) are counted as they stream: refused the moment they
             # pass the limit, never buffered whole.
-            nonlocal seen
+            nonlocal seen, reserved
             message = await receive()
             if message.get("type") == "http.request":
                 seen += len(message.get("body") or b"")
@@ -129,6 +142,9 @@ class _GuardMiddleware:
                     raise LimitExceededError(f"request body exceeds the limit of {self.max_bytes} bytes "
                                              "(limits.max_request_bytes)", field="body",
                                              detail={"limit": self.max_bytes})
+                if seen > LARGE_BODY and not reserved:  # chunked: it may grow to the limit
+                    await self.budget.acquire(key, self.max_bytes)
+                    reserved = self.max_bytes
             return message
 
         try:
@@ -144,10 +160,14 @@ class _GuardMiddleware:
             body = {"error": f"internal server error (request id {rid})", "category": "server",
                     "code": "internal_error", "detail": {"request_id": rid}}
             await JSONResponse(status_code=500, content=body, headers={"x-request-id": rid})(scope, receive, send)
+        finally:
+            if reserved:
+                await self.budget.release(key, reserved)
 
 
 def _install_handlers(app: FastAPI, config: ServerConfig) -> None:
-    app.add_middleware(_GuardMiddleware, max_bytes=config.limits.max_request_bytes)
+    app.add_middleware(_GuardMiddleware, max_bytes=config.limits.max_request_bytes,
+                       decoding_bytes=config.limits.decoding_bytes())
 
     @app.exception_handler(TwinkleError)
     async def _twinkle_error(request: Request, exc: TwinkleError) -> JSONResponse:

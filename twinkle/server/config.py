@@ -92,7 +92,16 @@ class PersistenceConfig(_Strict):
 class LimitsConfig(_Strict):
     max_adapters_per_user: int = Field(8, ge=1, description="active runs (loaded adapters) one user may hold")
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest HTTP request body")
+    max_decoding_bytes: int | None = Field(
+        None, ge=1024, description="bytes of request bodies over 1 MiB received and decoded at once (default 4 x "
+        "max_request_bytes; one API key at most half): beyond it a large request waits up to 5 s, then 429")
     max_tokens_per_request: int = Field(65536, ge=1, description="tokens in one forward/forward_backward/sample")
+
+    def decoding_bytes(self) -> int:
+        """``max_decoding_bytes``, or four bodies of the largest size; never less than two (one per key)."""
+        if self.max_decoding_bytes is not None:
+            return max(int(self.max_decoding_bytes), 2 * self.max_request_bytes)
+        return 4 * self.max_request_bytes
 
 
 class RayActorOptions(_Strict):
