@@ -7,6 +7,7 @@ import asyncio
 
 import httpx
 import pytest
+import zstandard
 
 from twinkle.server import body_budget
 from twinkle.server.app import create_app, worker_config
@@ -47,8 +48,9 @@ def test_a_key_holds_at_most_half_and_others_wait_for_room(monkeypatch):
 
 def test_the_gateway_refuses_a_third_large_body_of_one_key_while_others_go_on(tmp_path):
     """Two 3 MiB bodies of alice's are held mid-upload (max_request_bytes 4 MiB: a budget of 16, 8 per key):
-    her third large body is a fast 429 naming her share, bob's large body and alice's small requests are
-    served, and once hers finish she can send large bodies again."""
+    her third large body is a fast 429 naming her share, and so is a small zstd body of hers (it may inflate
+    to 4 MiB); bob's large and compressed bodies and alice's small requests are served, and once hers finish
+    she can send large bodies again."""
     cfg = parse_config({
         "persistence": {"sqlite_path": str(tmp_path / "db.sqlite"), "checkpoint_root": str(tmp_path / "ck")},
         "limits": {"max_request_bytes": 4 * MB},
@@ -80,6 +82,13 @@ def test_the_gateway_refuses_a_third_large_body_of_one_key_while_others_go_on(tm
             assert r.status_code == 429 and "API key" in r.json()["error"] and r.headers["retry-after"], r.text
             r = await b.post(url, content=b"{" + b" " * (big - 1), headers=hdr)  # bob: in, and refused for its JSON
             assert r.status_code == 400, r.text
+            # a small compressed body may inflate to max_request_bytes: it reserves that much before inflating
+            zbody = zstandard.ZstdCompressor().compress(b"\0" * 1000)
+            zhdr = {"content-type": "application/x-protobuf", "content-encoding": "zstd"}
+            r = await a.post("/api/v1/forward_backward", content=zbody, headers=zhdr)
+            assert r.status_code == 429 and "API key" in r.json()["error"], r.text
+            r = await b.post("/api/v1/forward_backward", content=zbody, headers=zhdr)
+            assert r.status_code == 400, r.text  # not valid protobuf: inflated and refused for its content
             assert (await a.get("/api/v1/twinkle/capabilities")).status_code == 200
             release.set()
             for f in held:

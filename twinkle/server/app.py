@@ -27,6 +27,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette._utils import get_route_path
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -34,7 +35,7 @@ from twinkle.types import InvalidInputError, LimitExceededError, TwinkleError
 
 from .body_budget import LARGE_BODY, BodyBudget
 from .config import ModelConfig, ServerConfig
-from .deps import validation_error
+from .deps import api_key_from_headers, validation_error
 from .docs_routes import docs_router
 from .routes_native import create_native_router, health_router
 from .routes_openai import create_openai_router
@@ -79,10 +80,10 @@ class _GuardMiddleware:
     """Request id, body-size limit and last-resort error answers, as a plain ASGI middleware (Starlette's
     ``@app.middleware("http")`` runs every request through an extra task and memory streams)."""
 
-    def __init__(self, app: Any, max_bytes: int, decoding_bytes: int):
+    def __init__(self, app: Any, max_bytes: int, budget: BodyBudget):
         self.app = app
         self.max_bytes = max_bytes
-        self.budget = BodyBudget(decoding_bytes)
+        self.budget = budget
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -90,14 +91,11 @@ class _GuardMiddleware:
             return
         rid = None
         length = None
-        key = ""
         for k, v in scope.get("headers") or ():
             if k == b"x-request-id":
                 rid = v.decode("latin-1")
             elif k == b"content-length":
                 length = v.decode("latin-1")
-            elif k in (b"x-api-key", b"authorization"):
-                key = v.decode("latin-1").strip()
         rid = rid or uuid.uuid4().hex[:16]
         scope.setdefault("state", {})["request_id"] = rid
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
@@ -106,7 +104,9 @@ class _GuardMiddleware:
             await error_response(err, rid)(scope, receive, send)
             return
         reserved = 0
+        key = ""  # the account a large body is reserved on (body_budget.py): its API key
         if length is not None and length.isdigit() and int(length) > LARGE_BODY:
+            key = api_key_from_headers(Headers(scope=scope)) or ""
             try:
                 await self.budget.acquire(key, int(length))
             except TwinkleError as err:
@@ -134,7 +134,7 @@ class _GuardMiddleware:
         async def _receive() -> Any:
             # Bodies without a Content-Length (chunked) are counted as they stream: refused the moment they
             # pass the limit, never buffered whole.
-            nonlocal seen, reserved
+            nonlocal seen, reserved, key
             message = await receive()
             if message.get("type") == "http.request":
                 seen += len(message.get("body") or b"")
@@ -143,6 +143,7 @@ class _GuardMiddleware:
                                              "(limits.max_request_bytes)", field="body",
                                              detail={"limit": self.max_bytes})
                 if seen > LARGE_BODY and not reserved:  # chunked: it may grow to the limit
+                    key = api_key_from_headers(Headers(scope=scope)) or ""
                     await self.budget.acquire(key, self.max_bytes)
                     reserved = self.max_bytes
             return message
@@ -166,8 +167,8 @@ class _GuardMiddleware:
 
 
 def _install_handlers(app: FastAPI, config: ServerConfig) -> None:
-    app.add_middleware(_GuardMiddleware, max_bytes=config.limits.max_request_bytes,
-                       decoding_bytes=config.limits.decoding_bytes())
+    app.state.body_budget = budget = BodyBudget(config.limits.decoding_bytes())
+    app.add_middleware(_GuardMiddleware, max_bytes=config.limits.max_request_bytes, budget=budget)
 
     @app.exception_handler(TwinkleError)
     async def _twinkle_error(request: Request, exc: TwinkleError) -> JSONResponse:

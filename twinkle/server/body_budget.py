@@ -7,12 +7,18 @@ reserves its size (its ``Content-Length``, or ``max_request_bytes`` for a chunke
 response has been sent. One API key holds at most half of it: a tenant that sends many large bodies at once
 gets 429s while the others' requests go on. A request that does not fit waits up to :data:`WAIT_S` for
 others to finish, then gets a 429 with ``Retry-After`` (both clients retry it). Small bodies never wait.
+
+A compressed body may inflate to ``max_request_bytes`` whatever its own size: the route that inflates it
+reserves that much first (:meth:`BodyBudget.hold`). The Tinker SDK compresses only when ``client/config``
+asks it to, which this server does not.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import defaultdict
+from collections.abc import AsyncIterator
 
 from twinkle.types import CapacityError
 
@@ -53,6 +59,14 @@ class BodyBudget:
                                     retry_after=1.0, field="body")
             self.used += n
             self.by_key[key] += n
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str, n: int) -> AsyncIterator[None]:
+        await self.acquire(key, n)
+        try:
+            yield
+        finally:
+            await self.release(key, n)
 
     async def release(self, key: str, n: int) -> None:
         assert self._cond is not None

@@ -12,7 +12,7 @@ The Tinker routes plug in by exposing ``twinkle.server.tinker.create_router() ->
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,7 @@ from twinkle.types import InvalidInputError, TwinkleError
 
 from .service import Service, User
 
-__all__ = ["CompactJSONRoute", "api_key_from_request", "field_of", "get_service", "get_user", "loads_compact",
+__all__ = ["CompactJSONRoute", "api_key_from_headers", "api_key_from_request", "field_of", "get_service", "get_user", "loads_compact",
            "validation_error"]
 
 
@@ -93,10 +93,15 @@ async def get_service(request: Request) -> Service:
 
 
 def api_key_from_request(request: Request) -> str | None:
-    key = request.headers.get("x-api-key")
+    return api_key_from_headers(request.headers)
+
+
+def api_key_from_headers(headers: Mapping[str, str]) -> str | None:
+    """The key a request carries: ``X-API-Key``, else ``Authorization: Bearer``."""
+    key = headers.get("x-api-key")
     if key:
         return key.strip()
-    auth = request.headers.get("authorization")
+    auth = headers.get("authorization")
     if auth:
         scheme, _, value = auth.partition(" ")
         if scheme.lower() == "bearer" and value.strip():

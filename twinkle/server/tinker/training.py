@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from twinkle.types import AdamParams, InvalidInputError, TwinkleError, UnsupportedError
 
-from ..deps import field_of, loads_compact
+from ..deps import api_key_from_request, field_of, loads_compact
 from ..ops import ForwardBackwardOp, OptimStepOp
 from ..service import Service, User
 from . import codec
@@ -140,10 +140,16 @@ async def forward_backward(request: Request, user: User = _who, service: Service
     ctype = (request.headers.get("content-type") or "").lower()
     raw = await request.body()
     max_bytes = max_request_bytes(service)
+    encoding = request.headers.get("content-encoding")
     if "json" in ctype:
         req = _json_body(raw)
+    elif encoding and getattr(request.app.state, "body_budget", None) is not None:
+        # it may inflate to max_request_bytes, whatever its own size: reserve that first (body_budget.py)
+        async with request.app.state.body_budget.hold(api_key_from_request(request) or "", max_bytes):
+            req = codec.decode_forward_backward(raw, encoding, max_bytes=max_bytes,
+                                                max_tokens=max_tokens_any_model(service))
     else:
-        req = codec.decode_forward_backward(raw, request.headers.get("content-encoding"), max_bytes=max_bytes,
+        req = codec.decode_forward_backward(raw, encoding, max_bytes=max_bytes,
                                             max_tokens=max_tokens_any_model(service))
     return await _submit_fb(request, user, service, req, "forward_backward")
 
