@@ -37,6 +37,7 @@ def test_full_run_is_refused_at_submit_and_the_retry_runs_once(tmp_path: Path):
         with pytest.raises(CapacityError) as e:  # a 429 at submit, not a failed future
             await svc.submit(ALICE, rid, ForwardBackwardOp(data=DATA), seq_id=2)
         assert e.value.retry_after is not None and e.value.retry_after > 0
+        assert "(2: 2 forward_backward; at most 2" in str(e.value)  # what is in flight, by kind
         for r in first:
             assert (await svc.wait(ALICE, r.future_id, timeout=30)).status == "complete"
         await asyncio.sleep(0)  # the done-callbacks release the slots

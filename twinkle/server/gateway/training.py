@@ -75,7 +75,13 @@ class Training:
             raise
         ref, task = ctx.spawn_task(user, typ, run.run_id, ctx.guard(run, go), after=extra.ready)
         extra.inflight += 1
-        task.add_done_callback(lambda _t: setattr(extra, "inflight", extra.inflight - 1))
+        extra.inflight_kinds[typ] += 1
+
+        def _done(_t: Any) -> None:
+            extra.inflight -= 1
+            extra.inflight_kinds[typ] -= 1
+
+        task.add_done_callback(_done)
         if seq_id is not None:
             ctx.runs.remember(run, seq_id, Applied(typ, ref, task))
         return ctx.with_stop(ref, sess)
@@ -88,8 +94,9 @@ class Training:
         m = self.ctx.config.model(run.base_model)
         limit = m.scheduler.max_pending_per_adapter if m is not None else None
         if limit is not None and extra.inflight >= limit:
-            raise CapacityError(f"too many requests in flight for this run ({extra.inflight}); retry shortly",
-                                retry_after=1.0)
+            kinds = ", ".join(f"{n} {k}" for k, n in extra.inflight_kinds.most_common() if n > 0)
+            raise CapacityError(f"too many requests in flight for this run ({extra.inflight}: {kinds}; at most "
+                                f"{limit}, scheduler.max_pending_per_adapter); retry shortly", retry_after=1.0)
 
     def _replay(self, user: User, hit: Applied) -> FutureRef:
         """A repeated seq_id: the first call's future (or, once that result left memory, a new future that

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +75,7 @@ class RunExtra:
     rollback: str | None = None  # a one-time notice: the run was reloaded from an older checkpoint
     unloading: bool = False  # its adapter is being removed on purpose (session end, delete): never reload it
     inflight: int = 0  # ops submitted and not finished: admission against max_pending_per_adapter (Service.submit)
+    inflight_kinds: Counter[str] = field(default_factory=Counter)  # the same, by kind: named in the 429
 
 
 class Runs:
