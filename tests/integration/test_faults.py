@@ -111,6 +111,30 @@ def _launch_pids(launcher_pid: int) -> list[int]:
     return out
 
 
+def _still_alive(old: dict[int, str | None], within_s: float = 15.0) -> list[int]:
+    """The processes of ``old`` (pid -> start time) still running (not zombies, not a reused pid) after up to
+    ``within_s``: one that is still on its way out a moment after the relaunch is not a leftover."""
+    deadline = time.monotonic() + within_s
+    while True:
+        alive = [p for p, start in old.items() if orphans._start_time(p) == start and not orphans._zombie(p)]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.5)
+
+
+def _describe(pids: list[int]) -> str:
+    """What each process is, for a failure message: pid, state, command line, launch markers."""
+    out = []
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat", "rb") as fh:
+                state = fh.read().rsplit(b")", 1)[-1].split()[0].decode()
+        except OSError:
+            state = "?"
+        out.append(f"{p} [{state}] {orphans._cmdline(p)[:120]!r} {orphans._environ(p)}")
+    return "; ".join(out) or "none"
+
+
 def _full_env(pid: int) -> dict[str, str]:
     return orphans._environ(pid)
 
@@ -164,13 +188,13 @@ def test_kill_worker_replica_then_launcher(tmp_path):
 
         # ---- 2. kill -9 of the launcher -------------------------------------------------------------------------
         dirty_ck2 = dirty.save("d2")
-        old = set(_launch_pids(launcher))
+        old = {p: orphans._start_time(p) for p in _launch_pids(launcher)}  # pid -> start time (pids get reused)
         assert old
         os.kill(launcher, signal.SIGKILL)
         server.proc.wait(timeout=30)
         time.sleep(2)
-        left = [p for p in old if os.path.exists(f"/proc/{p}") and not orphans._zombie(p)]
-        print(f"after SIGKILL of the launcher: {len(left)} of its processes still alive, "
+        left = [p for p in old if orphans._start_time(p) == old[p] and not orphans._zombie(p)]
+        print(f"after SIGKILL of the launcher: {len(left)} of its processes still alive ({_describe(left)}), "
               f"port held by {orphans.port_holders(server.port)}")
         t1 = time.monotonic()
         ready_lines = server.log_path.read_text().count("Twinkle server ready")
@@ -182,7 +206,7 @@ def test_kill_worker_replica_then_launcher(tmp_path):
         print(f"relaunch ready after {time.monotonic() - t1:.1f} s")
         reaped = "leftover processes of a killed twinkle launcher" in server.log_path.read_text()
         print(f"the relaunch {'stopped' if reaped else 'found no'} leftovers of the killed launch")
-        assert not [p for p in old if os.path.exists(f"/proc/{p}") and not orphans._zombie(p)]
+        assert not _still_alive(old), _describe(_still_alive(old))
         assert set(orphans.port_holders(server.port)) <= set(_launch_pids(server.proc.pid))
         api2 = Native(server.url, server.keys["alice"])
         for r in (clean, dirty, bare):

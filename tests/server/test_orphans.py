@@ -50,6 +50,20 @@ def test_mark_launch_matches_what_the_test_launcher_sets(monkeypatch):
     assert orphans._launcher_alive({k: os.environ[k] for k in (orphans.LAUNCHER_PID, orphans.LAUNCHER_START)})
 
 
+def test_a_process_without_the_launcher_start_time_takes_it_from_its_siblings(monkeypatch):
+    """Ray's dashboard and runtime-env agents carry the launcher's pid but not its start time; when the dead
+    launcher's pid is reused by another process, they must still be orphans (a CI run kept both alive)."""
+    env = {orphans.LAUNCH_ID: "L", orphans.LAUNCH_STATE: "s.db", orphans.LAUNCHER_PID: "100"}
+    procs = {201: {**env, orphans.LAUNCHER_START: "50"}, 202: dict(env), 203: dict(env)}
+    monkeypatch.setattr(orphans, "_pids", lambda: [100, *procs])
+    monkeypatch.setattr(orphans, "_environ", lambda pid: dict(procs.get(pid, {})))
+    monkeypatch.setattr(orphans, "_start_time", lambda pid: "999" if pid == 100 else "1")  # 100: reused
+    found = orphans.find_orphans()
+    assert [(g.launch_id, g.state, sorted(g.pids)) for g in found] == [("L", "s.db", [201, 202, 203])]
+    monkeypatch.setattr(orphans, "_start_time", lambda pid: "50" if pid == 100 else "1")  # the launcher lives
+    assert orphans.find_orphans() == []
+
+
 def test_orphans_of_a_dead_launch_holding_the_port_are_stopped(tmp_path):
     port = free_port()
     pid = _spawn_orphan_listener(port, str(tmp_path / "a.db"))

@@ -101,16 +101,30 @@ def _launcher_alive(env: dict[str, str]) -> bool:
 
 
 def find_orphans() -> list[Orphans]:
-    """The processes of launches whose launcher is gone, grouped by launch."""
+    """The processes of launches whose launcher is gone, grouped by launch. Some of a launch's processes (Ray's
+    dashboard and runtime-env agents) carry its launcher's pid but not its start time: they take it from a
+    sibling, or a dead launcher's pid reused by any new process would make them look like a live launch's
+    (seen once in CI: the agents survived the relaunch)."""
     me = os.getpid()
     mine = os.environ.get(LAUNCH_ID)
-    groups: dict[str, Orphans] = {}
+    envs: dict[int, dict[str, str]] = {}
+    starts: dict[str, str] = {}
     for pid in _pids():
         if pid == me:
             continue
         env = _environ(pid)
         lid = env.get(LAUNCH_ID)
-        if not lid or lid == mine or _launcher_alive(env):
+        if not lid or lid == mine:
+            continue
+        envs[pid] = env
+        if env.get(LAUNCHER_START):
+            starts.setdefault(lid, env[LAUNCHER_START])
+    groups: dict[str, Orphans] = {}
+    for pid, env in envs.items():
+        lid = env[LAUNCH_ID]
+        if not env.get(LAUNCHER_START) and lid in starts:
+            env = {**env, LAUNCHER_START: starts[lid]}
+        if _launcher_alive(env):
             continue
         groups.setdefault(lid, Orphans(lid, env.get(LAUNCH_STATE, ""), [])).pids.append(pid)
     return list(groups.values())
