@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -143,14 +144,13 @@ async def forward_backward(request: Request, user: User = _who, service: Service
     encoding = request.headers.get("content-encoding")
     if "json" in ctype:
         req = _json_body(raw)
-    elif encoding and getattr(request.app.state, "body_budget", None) is not None:
-        # it may inflate to max_request_bytes, whatever its own size: reserve that first (body_budget.py)
-        async with request.app.state.body_budget.hold(api_key_from_request(request) or "", max_bytes):
+    else:
+        budget = getattr(request.app.state, "body_budget", None)
+        # a compressed body may inflate to max_request_bytes, whatever its own size: reserve that first
+        held = budget.hold(api_key_from_request(request) or "", max_bytes) if encoding and budget else nullcontext()
+        async with held:
             req = codec.decode_forward_backward(raw, encoding, max_bytes=max_bytes,
                                                 max_tokens=max_tokens_any_model(service))
-    else:
-        req = codec.decode_forward_backward(raw, encoding, max_bytes=max_bytes,
-                                            max_tokens=max_tokens_any_model(service))
     return await _submit_fb(request, user, service, req, "forward_backward")
 
 
