@@ -339,3 +339,21 @@ def test_a_body_without_a_valid_key_is_never_parsed(env):
         assert not wrong, wrong
 
     env.go(go())
+
+
+def test_a_tensor_shaped_object_in_metadata_is_stored_as_sent(env):
+    """Only forward/forward_backward bodies get their tensors compacted while parsed: a tensor-shaped object in a
+    run's free-form metadata stays JSON (it became a numpy array once: a 500, then every run listing a 500)."""
+    md = {"x": {"data": list(range(20)), "dtype": "int64"}}
+
+    async def go():
+        async with env.client(env.key_b) as c:
+            sid = (await c.post(f"{API}/twinkle/sessions", json={})).json()["session_id"]
+            r = await c.post(f"{API}/twinkle/runs", params={"wait": 5},
+                             json={"session_id": sid, "base_model": "mock", "lora": {"rank": 4}, "metadata": md})
+            assert r.status_code == 200, r.text
+            runs = await c.get(f"{API}/twinkle/runs")
+            assert runs.status_code == 200, runs.text
+            assert any(run["metadata"].get("x") == md["x"] for run in runs.json()["runs"])
+
+    env.go(go())

@@ -135,8 +135,13 @@ class CompactJSONRoute(APIRoute):
         handler = super().get_route_handler()
         key_first = self.body_field is not None and _depends_on(self.dependant, self.key_dependency)
 
+        # only bodies whose tensors are the point: elsewhere a tensor-shaped object in free-form metadata would
+        # become an array the models cannot store (a 500 on every later listing of the user's runs)
+        tensors = self.path.endswith(("/forward", "/forward_backward"))
+
         async def compact(request: Request) -> Response:
-            request = _CompactJSONRequest(request.scope, request.receive)
+            if tensors:
+                request = _CompactJSONRequest(request.scope, request.receive)
             if key_first:
                 await self.check_key(request)  # a 401 before one byte of the body is read
             return await handler(request)
