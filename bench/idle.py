@@ -9,7 +9,11 @@ with SIGTERM and reports leftover processes.
     .venv/bin/python bench/idle.py [--tiny] [--settle 15] [--window 30] [--variants haproxy:replica,haproxy:auto] [--repeat 2]
 
 A variant ``proxy:placement@TREE`` runs the server from another checkout (``auto:auto@/work/main``: main's own
-code with its defaults), to compare a branch with main in one run.
+code with its defaults), to compare a branch with main in one run. ``proxy:placement+telemetry`` turns
+``telemetry.enabled`` on (Prometheus exposition open, no OTLP endpoint); with ``--scrape S`` the bench also reads
+``/metrics`` every S seconds during the window, as a Prometheus server would (its own CPU is not counted):
+
+    .venv/bin/python bench/idle.py --variants auto:auto,auto:auto+telemetry --repeat 2 [--scrape 15]
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import signal
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -36,15 +41,21 @@ def main() -> None:
                          "--repeat times, alternating), e.g. haproxy:replica,haproxy:auto,direct:auto; "
                          "a pair followed by @TREE runs that checkout's server (auto:auto@/work/main)")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--scrape", type=float, default=0.0,
+                    help="with +telemetry: GET /metrics every this many seconds during the window (0: never)")
     args = ap.parse_args()
     variants = [v for v in args.variants.split(",") if v]
     totals: dict[str, list[tuple[int, float, float]]] = {}
     for _ in range(args.repeat):
         for variant in variants:
             pair, _, tree = variant.partition("@")
+            pair, _, flag = pair.partition("+")
+            if flag not in ("", "telemetry"):
+                raise SystemExit(f"unknown variant flag +{flag} (only +telemetry)")
             proxy, placement = pair.split(":")
             totals.setdefault(variant, []).append(
-                measure(args.tiny, args.settle, args.window, proxy, placement, tree or None))
+                measure(args.tiny, args.settle, args.window, proxy, placement, tree or None,
+                        telemetry=flag == "telemetry", scrape=args.scrape))
     print("\nvariant (http.proxy:placement)    processes   PSS MB   CPU % of a core (each run)")
     for name, runs in totals.items():
         print(f"  {name:<32} {' '.join(str(r[0]) for r in runs):>9}  {' '.join(f'{r[1]:.0f}' for r in runs)}  "
@@ -52,15 +63,19 @@ def main() -> None:
 
 
 def measure(tiny: bool, settle: float, window: float, proxy: str, placement: str,
-            tree: str | None = None) -> tuple[int, float, float]:
+            tree: str | None = None, telemetry: bool = False, scrape: float = 0.0) -> tuple[int, float, float]:
     work = Path(tempfile.mkdtemp(prefix="twinkle-idle-"))
     models = [{**m, "placement": placement} for m in [sp.MOCK_MODEL] + ([sp.TINY_MODEL] if tiny else [])]
-    cfg, url = sp.write_config(work, models, proxy=proxy)
+    extra: dict[str, object] = {}
+    if telemetry:
+        extra["telemetry"] = {"enabled": True, "prometheus": {"access": "open"}}
+    cfg, url = sp.write_config(work, models, proxy=proxy, **extra)
     log = work / "server.log"
     proc = sp.launch(cfg, log, env={"PYTHONPATH": tree} if tree else None, cwd=tree)
     try:
         ready = sp.wait_healthy(proc, url, log)
-        print(f"\n[http.proxy {proxy}, placement {placement}{' from ' + tree if tree else ''}] healthy after {ready:.1f} s (load average "
+        print(f"\n[http.proxy {proxy}, placement {placement}{', telemetry on' if telemetry else ''}"
+              f"{' from ' + tree if tree else ''}] healthy after {ready:.1f} s (load average "
               f"{os.getloadavg()[0]:.1f}); settling {settle:.0f} s")
         time.sleep(settle)
         procs = sp.tree(proc.pid)
@@ -72,7 +87,15 @@ def measure(tiny: bool, settle: float, window: float, proxy: str, placement: str
                 cpu0[p.pid] = c.user + c.system + c.children_user + c.children_system
             except Exception:
                 pass
-        time.sleep(window)
+        scrapes = 0
+        if telemetry and scrape > 0:
+            while time.monotonic() - t0 < window:
+                with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+                    r.read()
+                scrapes += 1
+                time.sleep(max(0.0, min(scrape, window - (time.monotonic() - t0))))
+        else:
+            time.sleep(window)
         dt = time.monotonic() - t0
         rows = []
         for p in procs:
@@ -91,7 +114,8 @@ def measure(tiny: bool, settle: float, window: float, proxy: str, placement: str
         print(f"{'TOTAL (' + str(len(rows)) + ' processes)':<44} {'':>7} {tot_pss:>8.1f} {tot_cpu:>7.2f}")
         print(f"\ntarget: PSS < 1228.8 MB -> {'OK' if tot_pss < 1228.8 else 'OVER'} ({tot_pss / 1228.8:.2f}x); "
               f"CPU < 3 % -> {'OK' if tot_cpu < 3 else 'OVER'} ({tot_cpu / 3:.2f}x); "
-              f"window {dt:.0f} s, load average {os.getloadavg()[0]:.1f}")
+              f"window {dt:.0f} s, load average {os.getloadavg()[0]:.1f}"
+              f"{f', {scrapes} scrapes of /metrics' if scrapes else ''}")
         return len(rows), tot_pss, tot_cpu
     finally:
         took, left = sp.stop(proc, signal.SIGTERM)

@@ -94,6 +94,38 @@ def test_train_save_load_and_step_counting(tmp_path):
     asyncio.run(go())
 
 
+def test_run_row_stores_dirty_at_once_and_metrics_within_a_second(tmp_path):
+    """What recovery reads (the ``dirty`` flag, step, checkpoints) is written at once; a forward_backward's
+    last metrics reach the stored row within ~1 s (coalesced) and at shutdown, not on every call."""
+    async def go():
+        svc = _service(tmp_path)
+        _, run = await _train(svc, ALICE, steps=1)
+
+        def stored() -> dict:
+            return next(r for r in svc.runs.store.runs() if r["run_id"] == run.run_id)
+
+        await _result(svc, ALICE, await svc.submit(ALICE, run.run_id, SaveOp(name="c1")))
+        assert stored()["_dirty"] is False
+        first = _loss(await _result(svc, ALICE, await svc.submit(ALICE, run.run_id, ForwardBackwardOp(data=DATA))))
+        assert stored()["_dirty"] is True  # work since the checkpoint: stored before the result is seen
+        assert stored()["last_metrics"]["loss:sum"] == pytest.approx(first)
+        second = _loss(await _result(svc, ALICE, await svc.submit(
+            ALICE, run.run_id, ForwardBackwardOp(data=DATA[:1]))))
+        assert second != pytest.approx(first)
+        assert stored()["last_metrics"]["loss:sum"] == pytest.approx(first)  # coalesced, not yet written
+        assert (await svc.get_run(ALICE, run.run_id)).last_metrics["loss:sum"] == pytest.approx(second)
+        deadline = time.monotonic() + 5
+        while stored()["last_metrics"]["loss:sum"] != pytest.approx(second) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert stored()["last_metrics"]["loss:sum"] == pytest.approx(second)
+        third = _loss(await _result(svc, ALICE, await svc.submit(
+            ALICE, run.run_id, ForwardBackwardOp(data=DATA[1:]))))
+        await svc.stop()  # a clean shutdown writes what is pending
+        assert stored()["last_metrics"]["loss:sum"] == pytest.approx(third)
+
+    asyncio.run(go())
+
+
 @pytest.mark.parametrize("bad", ["../x", "/abs", "a/b", "..", "x\x01y", "", "a\\b", ".hidden"])
 def test_bad_checkpoint_names_are_refused(tmp_path, bad):
     async def go():

@@ -133,6 +133,7 @@ class Service:
 
     async def stop(self) -> None:
         self.usage.flush()
+        self.runs.flush()
         await self.leases.stop()
         self.recovery.stop()
 
