@@ -6,6 +6,8 @@ the call is one HTTP round trip instead of submit + poll."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import time
 from collections.abc import Callable, Generator
 from typing import Any, Generic, Protocol, TypeVar
@@ -119,3 +121,57 @@ class RemoteFuture(Generic[T]):
 
     def __repr__(self) -> str:
         return f"RemoteFuture({self.kind or 'request'}, id={self.future_id!r}, done={self._done})"
+
+
+class PostedFuture(Generic[T]):
+    """A :class:`RemoteFuture` whose submit is still being POSTed on a session's background thread
+    (``Sampler.sample_async``: many requests reach the server together instead of one round trip after another).
+    It behaves as the ``RemoteFuture`` the POST returns: ``result()`` / ``await`` / ``done()``; an error of the
+    POST itself (a 4xx, the server down) is raised by ``result()``."""
+
+    def __init__(self, posting: concurrent.futures.Future[RemoteFuture[T]], kind: str = ""):
+        self._posting = posting
+        self.kind = kind
+
+    def remote(self, timeout: float | None = None) -> RemoteFuture[T]:
+        """The server-side future, once the POST returned (raises what the POST raised)."""
+        return self._posting.result(timeout)
+
+    @property
+    def future_id(self) -> str:
+        return self.remote().future_id
+
+    @property
+    def ref(self) -> FutureRef:
+        return self.remote().ref
+
+    @property
+    def timing(self) -> dict[str, Any] | None:
+        return self.remote().timing if self._posting.done() and not self._posting.exception() else None
+
+    def done(self) -> bool:
+        if not self._posting.done():
+            return False
+        return self._posting.exception() is not None or self.remote().done()
+
+    def result(self, timeout: float | None = None) -> T:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            fut = self.remote(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"{self.kind or 'request'} not submitted after {timeout} s") from None
+        return fut.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    async def result_async(self, timeout: float | None = None) -> T:
+        fut = await asyncio.wrap_future(self._posting)
+        return await fut.result_async(timeout)
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self.result_async().__await__()
+
+    def __repr__(self) -> str:
+        if not self._posting.done():
+            return f"PostedFuture({self.kind or 'request'}, posting)"
+        if self._posting.exception() is not None:
+            return f"PostedFuture({self.kind or 'request'}, failed: {self._posting.exception()})"
+        return repr(self.remote())

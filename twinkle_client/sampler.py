@@ -9,7 +9,7 @@ from typing import Any
 
 from twinkle.types import InvalidInputError, ModelInput, SampleResponse, SamplingParams, TwinkleError
 
-from ._futures import SUBMIT_WAIT_S, RemoteFuture
+from ._futures import SUBMIT_WAIT_S, PostedFuture
 from .model import RemoteModel
 from .session import Session, current_session
 from .tokenizer import load_tokenizer_from_candidates
@@ -66,8 +66,13 @@ class Sampler:
     def sample_async(
         self, prompt: Any, sampling_params: SamplingParams | dict[str, Any] | None = None, num_samples: int = 1,
         prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,
-    ) -> RemoteFuture[SampleResponse]:
-        return self._sample(prompt, sampling_params, num_samples, prompt_logprobs, topk_prompt_logprobs)
+    ) -> PostedFuture[SampleResponse]:
+        """Start a sample and return its future at once: the request is POSTed on a background thread, so a list
+        of ``sample_async`` calls reaches the server together (one decode batch) instead of one round trip
+        after another. A later training call of the session is sent only after these were accepted, so a
+        sample asked before an ``optim_step`` still uses the weights before it."""
+        return self._sample(prompt, sampling_params, num_samples, prompt_logprobs, topk_prompt_logprobs,
+                            wait="background")
 
     def _sample(self, prompt: Any, sampling_params: SamplingParams | dict[str, Any] | None, num_samples: int,
                 prompt_logprobs: bool, topk_prompt_logprobs: int, *, wait: bool | str = False) -> Any:
@@ -87,6 +92,8 @@ class Sampler:
             body["run_id"] = self.model._adapter(self.adapter_name).run_id
         if wait == "async":
             return self._aresult(body)
+        if wait == "background":
+            return self.session.submit_in_background("sample", body, SampleResponse.model_validate, "sample")
         return self.session.submit("sample", body, SampleResponse.model_validate, "sample",
                                    wait=SUBMIT_WAIT_S if wait else 0.0)
 

@@ -7,6 +7,8 @@ frees the session's adapters on the server.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import html
 import os
 import socket
@@ -32,12 +34,13 @@ from twinkle.types.api import (
 
 from . import _frames, _reattach, _state
 from ._errors import ConnectionLostError, check_unexpanded
-from ._futures import SUBMIT_WAIT_S, RemoteFuture
+from ._futures import SUBMIT_WAIT_S, PostedFuture, RemoteFuture
 from ._transport import HTTP, AsyncHTTP
 
 __all__ = ["AsyncSession", "Session", "connect", "current_session", "open_session", "restore_runs"]
 
 _LATENCY_KEPT = 2000  # finished requests whose timing a session remembers (LiveCurve reads them)
+_POST_THREADS = 8  # background submits in flight at once (submit_in_background)
 _current: Session | None = None
 _current_lock = threading.Lock()
 
@@ -87,6 +90,11 @@ class Session:
         # LiveCurve shows a step's latency split from it.
         self.latency: deque[dict[str, Any]] = deque(maxlen=_LATENCY_KEPT)
         self._thread: threading.Thread | None = None
+        # submits POSTed on background threads (submit_in_background) and not yet answered; every other submit
+        # waits for them first, so the server sees requests in the order the program made them
+        self._posts: concurrent.futures.ThreadPoolExecutor | None = None
+        self._posting: set[concurrent.futures.Future[Any]] = set()
+        self._posting_lock = threading.Lock()
         self.run_state = _state.SessionState(info.session_id, persist=persist_state)
         self._persist = persist_state
         http.on_connection_change = self._on_connection
@@ -169,6 +177,7 @@ class Session:
         """Close the session on the server (its adapters are checkpointed and unloaded) and stop heart-beating."""
         if self.closed:
             return self.info
+        self.wait_posted()
         self._stop.set()
         info = None
         try:
@@ -297,12 +306,44 @@ class Session:
                wait: float = 0.0) -> RemoteFuture[Any]:
         """POST a future-returning request. ``wait`` > 0: the server holds the reply up to ``wait`` seconds and
         includes the result when it is ready by then (one round trip for a blocking call)."""
+        self.wait_posted()
         t0 = time.monotonic()
         if wait > 0:
             reply = self.http.post(path, body, params={"wait": round(wait, 3)}, timeout=wait + 30.0)
         else:
             reply = self.http.post(path, body)
         return self._future(reply, parse, kind, t0)
+
+    def submit_in_background(self, path: str, body: dict[str, Any], parse: Any = lambda x: x,
+                             kind: str = "") -> PostedFuture[Any]:
+        """POST a future-returning request from a background thread and return at once. Consecutive background
+        submits are in flight together (up to ``_POST_THREADS``); any later ``submit`` waits until they have been
+        answered, so the server still sees the program's order wherever it matters (a sample asked before an
+        ``optim_step`` uses the weights before it). Only for requests whose order among themselves is free
+        (samples)."""
+        t0 = time.monotonic()
+
+        def post() -> RemoteFuture[Any]:
+            return self._future(self.http.post(path, body), parse, kind, t0)
+
+        with self._posting_lock:
+            if self._posts is None:
+                self._posts = concurrent.futures.ThreadPoolExecutor(_POST_THREADS, thread_name_prefix="twinkle-post")
+            posting = self._posts.submit(post)
+            self._posting.add(posting)
+        posting.add_done_callback(self._posted)
+        return PostedFuture(posting, kind)
+
+    def _posted(self, posting: concurrent.futures.Future[Any]) -> None:
+        with self._posting_lock:
+            self._posting.discard(posting)
+
+    def wait_posted(self) -> None:
+        """Wait until every background submit has been answered (their errors stay with their futures)."""
+        with self._posting_lock:
+            pending = list(self._posting)
+        if pending:
+            concurrent.futures.wait(pending)
 
     def _future(self, reply: Any, parse: Any, kind: str, submitted: float | None = None) -> RemoteFuture[Any]:
         ref = FutureRef.model_validate(reply)
@@ -406,6 +447,8 @@ class AsyncSession:
     async def submit(self, path: str, body: dict[str, Any], parse: Any = lambda x: x, kind: str = "", *,
                      wait: float = 0.0) -> RemoteFuture[Any]:
         """``Session.submit`` without blocking the event loop; ``await`` the returned future for the result."""
+        if self.session._posting:  # background submits first (the program's order; see submit_in_background)
+            await asyncio.to_thread(self.session.wait_posted)
         http = self.session.ahttp
         t0 = time.monotonic()
         if wait > 0:

@@ -126,3 +126,44 @@ def test_no_sampling_thread_beside_training(backends):
     hf, mg = backends
     assert mg.concurrent_sampling() is False
     assert mg._routing.per_thread is False
+
+
+def test_images_are_refused_before_any_compute(backends):
+    """The megatron backend has no vision tower: its model info says so (the gateway's image check refuses image
+    rows with a 400 naming the model before they are queued), and an image that reaches the backend anyway is
+    refused before a forward pass, for training and for sampling."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from twinkle.model.images import resolve_model_input
+    from twinkle.types import Datum, EncodedTextChunk, ImageChunk, InvalidInputError, ModelInput
+
+    _, mg = backends
+    info = mg.model_info()
+    assert info.vision is None
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(buf, format="PNG")
+    chunk = ImageChunk(data=base64.b64encode(buf.getvalue()).decode(), format="png", expected_tokens=4)
+    mi = ModelInput(chunks=[EncodedTextChunk(tokens=[5, 6]), chunk, EncodedTextChunk(tokens=[7])])
+    with pytest.raises(InvalidInputError) as e:
+        resolve_model_input(mi, info, "data[0].model_input")
+    assert "text-only" in str(e.value) and e.value.field.startswith("data[0].model_input.chunks[1]")
+
+    mg.add_adapter("img", LoraConfig(rank=2, seed=3))
+    calls: list[int] = []
+    real = mg._forward_logits
+    mg._forward_logits = lambda *a, **k: (calls.append(1), real(*a, **k))[1]  # type: ignore[method-assign]
+    try:
+        datum = Datum(model_input=mi, loss_fn_inputs={"target_tokens": np.zeros(7, dtype=np.int64)})
+        with pytest.raises(InvalidInputError) as e:
+            mg.run_batch([BatchItem("img", [datum])])
+        assert "image" in str(e.value), str(e.value)
+        with pytest.raises(InvalidInputError) as e:
+            mg.sample([SampleItem("img", [5, 6, 7], 1, SamplingParams(max_tokens=2), images=[chunk])])
+        assert "text-only" in str(e.value)
+    finally:
+        del mg._forward_logits
+        mg.remove_adapter("img")
+    assert calls == []
