@@ -7,6 +7,7 @@ since other work on the machine stretches every phase.
 
     .venv/bin/python bench/coldstart.py [--tiny] [--repeat 1] [--proxy haproxy,direct] [--placement auto,gateway]
     .venv/bin/python bench/coldstart.py --tiny --repeat 2 --before-tree /work/main   # main vs this tree, alternating
+    .venv/bin/python bench/coldstart.py --models tiny --repeat 2   # the quickstart's shape: one model, builtin://tiny
 """
 
 from __future__ import annotations
@@ -61,10 +62,13 @@ def _tree_cpu(pid: int) -> float:
     return total
 
 
-def once(tiny: bool, proxy: str | None = None, placement: str = "auto",
+_MODELS = {"mock": (sp.MOCK_MODEL, "mock"), "tiny": (sp.TINY_MODEL, "builtin://tiny")}
+
+
+def once(names: list[str], proxy: str | None = None, placement: str = "auto",
          tree: str | None = None) -> list[tuple[str, float]]:
     work = Path(tempfile.mkdtemp(prefix="twinkle-cold-"))
-    models = [{**m, "placement": placement} for m in [sp.MOCK_MODEL] + ([sp.TINY_MODEL] if tiny else [])]
+    models = [{**_MODELS[n][0], "placement": placement} for n in names]
     cfg, url = sp.write_config(work, models, proxy=proxy)
     key = sp.create_key(cfg)
     log = work / "server.log"
@@ -86,11 +90,9 @@ def once(tiny: bool, proxy: str | None = None, placement: str = "auto",
                        ("serve.start (controller + proxy)", serve_s), ("deployments until healthy", dep_s)]
         else:
             phases.append(("launch -> healthy", healthy))
-        create, fb = _first_result(url, key, "mock")
-        phases += [("mock: session + run", create), ("mock: first forward_backward", fb)]
-        if tiny:
-            create, fb = _first_result(url, key, "builtin://tiny")
-            phases += [("tiny: session + run", create), ("tiny: first forward_backward", fb)]
+        for n in names:
+            create, fb = _first_result(url, key, _MODELS[n][1])
+            phases += [(f"{n}: session + run", create), (f"{n}: first forward_backward", fb)]
         phases.append(("CPU s of the server's processes at healthy", cpu))
         phases.append(("TOTAL launch -> first result(s)", time.monotonic() - t0))
         return phases
@@ -102,6 +104,9 @@ def once(tiny: bool, proxy: str | None = None, placement: str = "auto",
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="also host and train builtin://tiny (transformers)")
+    ap.add_argument("--models", default=None,
+                    help="the models hosted, in order: a comma-separated list of mock, tiny (default: mock, and tiny "
+                         "with --tiny); 'tiny' alone is the quickstart's shape")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--proxy", default="auto",
                     help="http.proxy: auto (default), direct, haproxy, serve, a comma-separated list of them, or both "
@@ -113,6 +118,9 @@ def main() -> None:
                     help="also run the server from this checkout (e.g. /work/main) with the same settings, "
                          "alternating with this tree")
     args = ap.parse_args()
+    names = [n for n in (args.models or ("mock,tiny" if args.tiny else "mock")).split(",") if n]
+    if not names or any(n not in _MODELS for n in names):
+        raise SystemExit(f"--models: a comma-separated list of {', '.join(_MODELS)}")
     proxies = ["haproxy", "serve"] if args.proxy == "both" else [p for p in args.proxy.split(",") if p]
     placements = [p for p in args.placement.split(",") if p]
     totals: dict[str, list[tuple[float, float]]] = {}
@@ -121,7 +129,7 @@ def main() -> None:
             for placement in placements:
                 for tree in ([args.before_tree, None] if args.before_tree else [None]):
                     name = f"proxy {proxy}, placement {placement}" + (f" from {tree}" if tree else "")
-                    totals.setdefault(name, []).append(_report(i, proxy, placement, args.tiny, tree))
+                    totals.setdefault(name, []).append(_report(i, proxy, placement, names, tree))
     if len(totals) > 1:
         print("\nTOTAL launch -> first result(s), per variant (runs alternated):")
         for name, xs in totals.items():
@@ -129,11 +137,12 @@ def main() -> None:
                   f"{' '.join(f'{c:5.1f}' for _, c in xs)})")
 
 
-def _report(i: int, proxy: str, placement: str, tiny: bool, tree: str | None = None) -> tuple[float, float]:
+def _report(i: int, proxy: str, placement: str, names: list[str], tree: str | None = None) -> tuple[float, float]:
     load0 = os.getloadavg()[0]
-    phases = once(tiny, proxy, placement, tree)
+    phases = once(names, proxy, placement, tree)
     total = phases[-1][1]
-    print(f"\nrun {i + 1} (http.proxy: {proxy}, placement: {placement}{', from ' + tree if tree else ''}): "
+    print(f"\nrun {i + 1} (models {', '.join(names)}; http.proxy: {proxy}, placement: {placement}"
+          f"{', from ' + tree if tree else ''}): "
           f"load average {load0:.1f} -> "
           f"{os.getloadavg()[0]:.1f}")
     print(f"{'phase':<40} {'seconds':>8} {'share':>7}")

@@ -195,6 +195,7 @@ class Session:
             if _current is self:
                 _set_current(None)
             self.http.close()
+            self._stop_posting()
             if self._thread is not None and self._thread is not threading.current_thread():
                 self._thread.join(timeout=2.0)
         return info
@@ -206,6 +207,7 @@ class Session:
         if _current is self:
             _set_current(None)
         self.http.close()
+        self._stop_posting()
 
     def __enter__(self) -> Session:
         return self
@@ -337,6 +339,12 @@ class Session:
     def _posted(self, posting: concurrent.futures.Future[Any]) -> None:
         with self._posting_lock:
             self._posting.discard(posting)
+
+    def _stop_posting(self) -> None:
+        with self._posting_lock:
+            pool, self._posts = self._posts, None
+        if pool is not None:
+            pool.shutdown(wait=False)
 
     def wait_posted(self) -> None:
         """Wait until every background submit has been answered (their errors stay with their futures)."""
