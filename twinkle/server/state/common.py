@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 from twinkle.types import InvalidInputError, TwinkleError
@@ -15,6 +16,20 @@ _USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 def now() -> float:
     return time.time()
+
+
+def deferred(timer: asyncio.TimerHandle | None, delay_s: float,
+             flush: Callable[[], None]) -> asyncio.TimerHandle | None:
+    """Coalesce writes: the pending timer if there is one, else a new one that calls ``flush`` in ``delay_s`` on
+    the running event loop; outside an event loop ``flush`` runs now (and None is returned)."""
+    if timer is not None:
+        return timer
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        flush()
+        return None
+    return loop.call_later(delay_s, flush)
 
 
 def validate_checkpoint_name(name: Any, field: str = "name") -> str:

@@ -24,7 +24,7 @@ from twinkle.types import (
 from twinkle.types.api import FutureRef, MetricPoint, RunInfo, SessionInfo
 
 from ..store import Store
-from .common import now
+from .common import deferred, now
 from .identity import User
 
 _MAX_METRIC_POINTS = 10000
@@ -307,11 +307,4 @@ class Runs:
 
     def _defer(self, run_id: str) -> None:
         self._deferred.add(run_id)
-        if self._timer is not None:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()
-            return
-        self._timer = loop.call_later(_ROW_FLUSH_DELAY_S, self.flush)
+        self._timer = deferred(self._timer, _ROW_FLUSH_DELAY_S, self.flush)

@@ -16,6 +16,8 @@ import time
 from collections import deque
 from typing import Any
 
+from ..state.common import deferred
+
 __all__ = ["USAGE_COLUMNS", "Usage", "parse_time"]
 
 _SCHEMA = (
@@ -123,14 +125,7 @@ class Usage:
         return {k: round(n / window_s, 3) for k, n in zip(("trained", "prefilled", "sampled"), sums, strict=True)}
 
     def _schedule(self) -> None:
-        if self._timer is not None:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()
-            return
-        self._timer = loop.call_later(_FLUSH_DELAY_S, self.flush)
+        self._timer = deferred(self._timer, _FLUSH_DELAY_S, self.flush)
 
     def flush(self) -> None:
         """Write the buffered counts (one transaction)."""
