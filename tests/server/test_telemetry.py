@@ -160,6 +160,51 @@ print("LOADED", bad)
     assert "LOADED []" in out.stdout, out.stdout
 
 
+
+def test_fastapi_adds_one_http_span_per_request_and_nothing_else(tmp_path):
+    """FastAPI >= 0.165 traces every request itself once a global OpenTelemetry tracer provider exists (ours when
+    traces are exported): its SERVER span is the gateway's HTTP span, but by default it adds three more a request
+    (dependencies, endpoint, serialization). The server keeps only the HTTP span. In a subprocess: a global
+    provider cannot be replaced once set."""
+    code = f"""
+import asyncio
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+import httpx
+from twinkle.server.app import create_app, worker_config
+from twinkle.server.config import parse_config
+from twinkle.server.store import Store
+from twinkle.server.worker import ModelWorker
+
+exp = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exp))
+trace.set_tracer_provider(provider)
+cfg = parse_config({{"persistence": {{"sqlite_path": {str(tmp_path / "db.sqlite")!r},
+                                      "checkpoint_root": {str(tmp_path / "ck")!r}}},
+                     "models": [{{"name": "mock", "backend": "mock", "model_id": "mock://tiny"}}]}})
+store = Store(cfg.persistence.sqlite_file())
+key = store.create_key("alice")[1]
+app = create_app(cfg, {{"mock": [ModelWorker(worker_config(cfg.models[0]))]}}, store=store)
+
+async def go():
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
+                                     headers={{"X-API-Key": key}}) as c:
+            assert (await c.get("/api/v1/twinkle/capabilities")).status_code == 200
+            assert (await c.post("/api/v1/twinkle/sessions", json={{}})).status_code == 200
+            assert (await c.get("/api/v1/twinkle/runs/nope")).status_code == 404
+
+asyncio.run(go())
+print("SPANS", sorted(s.name for s in exp.get_finished_spans()))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    want = ["GET /api/v1/twinkle/capabilities", "GET /api/v1/twinkle/runs/{run_id}", "POST /api/v1/twinkle/sessions"]
+    assert f"SPANS {want}" in out.stdout, out.stdout
+
 def test_metrics_endpoint_access_and_content(tmp_path, monkeypatch):
     monkeypatch.setenv("OBS_TEST_SCRAPE", "scrape-secret-123456")
     env = Env(tmp_path, {"enabled": True, "prometheus": {"access": "token", "token_env": "OBS_TEST_SCRAPE"}})

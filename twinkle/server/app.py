@@ -12,6 +12,7 @@ Nothing here imports torch; ``ray`` is imported only by ``build_serve_app``.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import re
@@ -205,6 +206,17 @@ async def _skip_refused_seq(request: Request, body: Any) -> None:
             log.info("skip of a refused seq_id failed", exc_info=True)
 
 
+def _fastapi_telemetry() -> dict[str, Any]:
+    """FastAPI >= 0.165 instruments requests itself once a global OpenTelemetry provider exists (ours, when traces
+    are exported). Its SERVER span per request is the gateway's HTTP span in a trace (it honours the client's
+    ``traceparent``; docs/observability.md "Traces"); its other instruments are turned off: dependency / endpoint
+    / serialization spans (three more spans a request, no information the server's own spans lack), its metrics
+    (the server exports its own) and its exception logs (messages and stack traces)."""
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": True, "operation_spans": False, "metrics": False, "logs": False}}
+
+
 def create_app(
     config: ServerConfig, workers: dict[str, list[Any]] | None = None, *, store: Any | None = None,
     service: Service | None = None,
@@ -231,6 +243,7 @@ def create_app(
         title="Twinkle server", version="0.1.0", lifespan=_lifespan,
         description="Self-hosted training-as-a-service for LoRA adapters (native API + Tinker-compatible API).",
         docs_url=None, redoc_url=None, openapi_url=None,  # served below, behind a key (see SECURITY.md)
+        **_fastapi_telemetry(),
     )
     app.state.service = service
     app.state.config = config
