@@ -19,27 +19,33 @@ class _TensorBoard:
             from torch.utils.tensorboard import SummaryWriter  # type: ignore[import-not-found,unused-ignore]
         except ImportError:
             try:
-                from tensorboardX import SummaryWriter  # type: ignore[import-not-found,no-redef,unused-ignore]
+                from tensorboardX import SummaryWriter  # type: ignore[import-not-found,import-untyped,no-redef,unused-ignore]
             except ImportError:
                 raise InvalidInputError("log_to='tensorboard' needs the tensorboard package (pip install "
                                         "tensorboard) or tensorboardX", field="log_to") from None
-        logdir = os.path.join(os.environ.get("TWINKLE_TB_DIR", "runs"), re.sub(r"[^\w.-]+", "_", title))
-        self.writer = SummaryWriter(logdir)
+        self._writer_class = SummaryWriter
+        self.logdir = os.path.join(os.environ.get("TWINKLE_TB_DIR", "runs"), re.sub(r"[^\w.-]+", "_", title))
+        self.writer: Any = SummaryWriter(self.logdir)
 
     def log(self, run: str, rec: dict[str, float]) -> None:
+        if self.writer is None:  # logging again after a flush: a new event file in the same directory
+            self.writer = self._writer_class(self.logdir)
         step = int(rec["step"])
         for k, v in rec.items():
             if k != "step":
                 self.writer.add_scalar(f"{run}/{k}", v, step)
 
     def flush(self) -> None:
-        self.writer.flush()
+        # tensorboardX's flush() leaves queued events to its writer thread; close() writes every one of them
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 class _WandB:
     def __init__(self, title: str):
         try:
-            import wandb  # type: ignore[import-not-found]
+            import wandb  # type: ignore[import-not-found,unused-ignore]
         except ImportError:
             raise InvalidInputError("log_to='wandb' needs the wandb package (pip install wandb)",
                                     field="log_to") from None
@@ -47,16 +53,17 @@ class _WandB:
         self.run = wandb.run or wandb.init(project=os.environ.get("WANDB_PROJECT", "twinkle"), name=title)
 
     def log(self, run: str, rec: dict[str, float]) -> None:
+        # not committed yet: several runs of one chart (compare) log the same step
         self.run.log({f"{run}/{k}": v for k, v in rec.items() if k != "step"}, step=int(rec["step"]))
 
     def flush(self) -> None:
-        pass
+        self.run.log({}, commit=True)  # wandb keeps a step given explicitly open until a later one: close it
 
 
 class _MLflow:
     def __init__(self, title: str):
         try:
-            import mlflow  # type: ignore[import-not-found]
+            import mlflow  # type: ignore[import-not-found,unused-ignore]
         except ImportError:
             raise InvalidInputError("log_to='mlflow' needs the mlflow package (pip install mlflow)",
                                     field="log_to") from None

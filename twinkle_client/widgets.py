@@ -240,7 +240,7 @@ class LiveCurve:
                                  mininterval=self.throttle_s)
             except ImportError:
                 self._bar = False
-        if self._bar:
+        if self._bar is not None and self._bar is not False:
             self._bar.set_postfix({("" if run == "default" else f"{run}/") + k: v for k, v in shown.items()},
                                   refresh=False)
             self._bar.update(1)
@@ -376,7 +376,7 @@ class LiveCurve:
             self.stop_button.disabled = True
             if self._handle is not None and self.history:
                 self._handle.update(self._repr_mimebundle_(), raw=True)
-        elif self._bar:
+        elif self._bar is not None and self._bar is not False:
             self._bar.close()
             self._bar = None
 
