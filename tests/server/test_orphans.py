@@ -3,11 +3,13 @@ and a clear error naming whatever else holds the port. Uses only processes this 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -63,6 +65,63 @@ def test_a_process_without_the_launcher_start_time_takes_it_from_its_siblings(mo
     monkeypatch.setattr(orphans, "_start_time", lambda pid: "50" if pid == 100 else "1")  # the launcher lives
     assert orphans.find_orphans() == []
 
+
+
+def test_processes_showing_only_the_launch_id_are_reaped_with_their_state(monkeypatch):
+    """Ray's agents rename themselves (setproctitle), which overwrites part of ``/proc/<pid>/environ``: in a CI run
+    the only survivors of a killed launch (both agents) showed no state file, so the relaunch on that state left
+    them running. The launch id carries the launcher's pid, start time and a tag of the state file itself."""
+    monkeypatch.delenv(orphans.LAUNCH_ID, raising=False)
+    launch_id = orphans.mark_launch("/srv/twinkle/state.db")
+    monkeypatch.delenv(orphans.LAUNCH_ID)  # this process is the next launch now: not part of the old one
+    procs = {301: {orphans.LAUNCH_ID: launch_id}, 302: {orphans.LAUNCH_ID: launch_id}}
+    monkeypatch.setattr(orphans, "_pids", lambda: [os.getpid(), *procs])
+    monkeypatch.setattr(orphans, "_environ", lambda pid: dict(procs.get(pid, {})))
+    assert orphans.find_orphans() == []  # the launcher (this process) lives: nothing is an orphan
+    real_start = orphans._start_time
+    monkeypatch.setattr(orphans, "_start_time", lambda pid: "1" if pid == os.getpid() else real_start(pid))
+    (group,) = orphans.find_orphans()  # the launcher's pid now belongs to another process: it is gone
+    assert group.launch_id == launch_id and sorted(group.pids) == [301, 302] and group.state == ""
+    reaped: list[list[int]] = []
+    monkeypatch.setattr(orphans, "reap", lambda pids, grace_s=3.0: reaped.append(sorted(pids)) or len(pids))
+    assert orphans.reap_state("/srv/other/state.db") == 0  # another server's state: left alone
+    assert orphans.reap_state("/srv/twinkle/state.db") == 2 and reaped == [[301, 302]]
+
+
+def _holder(path: Path) -> subprocess.Popen:
+    """A process without launch marks holding ``path`` open (like Ray's agents, whose marks setproctitle erased)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TWINKLE_LAUNCH")}
+    code = f"f = open({str(path)!r}, 'a'); print('up', flush=True); import time; time.sleep(120)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env, start_new_session=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == b"up"
+    return proc
+
+
+def test_unmarked_processes_in_a_dead_launchs_ray_session_are_reaped(tmp_path, monkeypatch):
+    """The launch records its Ray session directory beside the state; after the launcher died, a relaunch on that
+    state stops processes that hold files there even when their launch marks were overwritten (a CI run kept
+    Ray's two agents of a killed launch alive), and leaves processes elsewhere alone."""
+    state = str(tmp_path / "state.db")
+    session = tmp_path / "ray" / "session_x"
+    (session / "logs").mkdir(parents=True)
+    orphans.record_ray_session(state, str(session))
+    rec = json.loads(Path(state + ".launch.json").read_text())
+    assert rec["session_dir"] == str(session.resolve()) and rec[orphans.LAUNCHER_PID] == str(os.getpid())
+    agent = _holder(session / "logs" / "dashboard_agent.log")
+    other = _holder(tmp_path / "elsewhere.log")
+    try:
+        assert orphans.reap_state(state) == 0  # the recording launcher (this process) is alive: nothing happens
+        rec[orphans.LAUNCHER_START] = "1"  # now it is dead (its pid belongs to another process)
+        Path(state + ".launch.json").write_text(json.dumps(rec))
+        assert orphans.reap_state(str(tmp_path / "other.db")) == 0
+        assert orphans.reap_state(state) == 1
+        assert agent.wait(timeout=10) is not None
+        assert other.poll() is None
+    finally:
+        for proc in (agent, other):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
 
 def test_orphans_of_a_dead_launch_holding_the_port_are_stopped(tmp_path):
     port = free_port()

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from .config import ServerConfig
-from .orphans import mark_launch, prepare_port, reap_state
+from .orphans import mark_launch, prepare_port, reap_state, record_ray_session
 
 __all__ = ["ingress", "launch", "reap_haproxy", "wait_healthy"]
 
@@ -293,6 +293,17 @@ def _use_cluster_token() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
+def _ray_session_dir() -> str:
+    """The local Ray's session directory (its processes' logs), or "" when Ray does not say."""
+    try:
+        from ray._private import worker as ray_worker
+
+        node = ray_worker._global_node
+        return str(node.get_session_dir_path()) if node is not None else ""
+    except Exception:
+        return ""
+
+
 def _init_ray(address: str | None, num_cpus: int | None) -> None:
     _prepare_env(address)
     import ray
@@ -420,6 +431,8 @@ def _launch(config: ServerConfig, *, address: str | None, num_cpus: int | None, 
         _prepare_env(address, "own" if own_http else ingress(config.http.proxy, address), config.http.port)
         imports = _preimport()
         _init_ray(address, num_cpus)
+        if not address:
+            record_ray_session(str(config.persistence.sqlite_file()), _ray_session_dir())
         imports.join()
     from ray import serve
 

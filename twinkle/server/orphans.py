@@ -12,6 +12,8 @@ clusters on the same machine are safe). Linux only (``/proc``); elsewhere nothin
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import logging
 import os
 import signal
@@ -22,7 +24,8 @@ from dataclasses import dataclass
 
 from twinkle.types import InvalidInputError
 
-__all__ = ["Orphans", "PortBusyError", "find_orphans", "mark_launch", "port_holders", "prepare_port", "reap", "reap_state"]
+__all__ = ["Orphans", "PortBusyError", "find_orphans", "mark_launch", "port_holders", "prepare_port", "reap", "reap_state",
+           "record_ray_session"]
 
 log = logging.getLogger("twinkle.server")
 
@@ -41,6 +44,19 @@ class Orphans:
     launch_id: str
     state: str
     pids: list[int]
+    state_tag: str = ""  # a hash of the state file's path, carried in the launch id (see mark_launch)
+
+
+def _state_tag(state: str) -> str:
+    return hashlib.sha256(state.encode()).hexdigest()[:16] if state else ""
+
+
+def _from_id(launch_id: str) -> dict[str, str]:
+    """The marks a launch id carries itself: ``<uuid>.<launcher pid>.<launcher start>.<state tag>``."""
+    parts = launch_id.split(".")
+    if len(parts) != 4 or not parts[1].isdigit() or not parts[2].isdigit():
+        return {}
+    return {LAUNCHER_PID: parts[1], LAUNCHER_START: parts[2], "state_tag": parts[3]}
 
 
 def _start_time(pid: int) -> str | None:
@@ -82,12 +98,16 @@ def _pids() -> list[int]:
 
 
 def mark_launch(state: str = "") -> str:
-    """Give this launcher (and every process it starts from now on) a launch id. Returns it."""
-    launch_id = uuid.uuid4().hex
+    """Give this launcher (and every process it starts from now on) a launch id. Returns it. The id carries the
+    launcher's pid and start time and a tag of the state file: Ray's agents rename themselves (setproctitle),
+    which overwrites part of what ``/proc/<pid>/environ`` shows, and only the launch id was left readable in
+    some of them (a CI run kept both agents of a killed launch alive: they had no state to match)."""
+    pid, start = str(os.getpid()), _start_time(os.getpid()) or "0"
+    launch_id = f"{uuid.uuid4().hex}.{pid}.{start}.{_state_tag(state) or '-'}"
     os.environ[LAUNCH_ID] = launch_id
     os.environ[LAUNCH_STATE] = state
-    os.environ[LAUNCHER_PID] = str(os.getpid())
-    os.environ[LAUNCHER_START] = _start_time(os.getpid()) or ""
+    os.environ[LAUNCHER_PID] = pid
+    os.environ[LAUNCHER_START] = start
     return launch_id
 
 
@@ -109,6 +129,7 @@ def find_orphans() -> list[Orphans]:
     mine = os.environ.get(LAUNCH_ID)
     envs: dict[int, dict[str, str]] = {}
     starts: dict[str, str] = {}
+    states: dict[str, str] = {}
     for pid in _pids():
         if pid == me:
             continue
@@ -116,9 +137,12 @@ def find_orphans() -> list[Orphans]:
         lid = env.get(LAUNCH_ID)
         if not lid or lid == mine:
             continue
+        env = {**_from_id(lid), **env}  # the marks the id carries, where the variables were overwritten
         envs[pid] = env
         if env.get(LAUNCHER_START):
             starts.setdefault(lid, env[LAUNCHER_START])
+        if env.get(LAUNCH_STATE):
+            states.setdefault(lid, env[LAUNCH_STATE])
     groups: dict[str, Orphans] = {}
     for pid, env in envs.items():
         lid = env[LAUNCH_ID]
@@ -126,18 +150,75 @@ def find_orphans() -> list[Orphans]:
             env = {**env, LAUNCHER_START: starts[lid]}
         if _launcher_alive(env):
             continue
-        groups.setdefault(lid, Orphans(lid, env.get(LAUNCH_STATE, ""), [])).pids.append(pid)
+        tag = env.get("state_tag", "")
+        groups.setdefault(lid, Orphans(lid, states.get(lid, ""), [], "" if tag == "-" else tag)).pids.append(pid)
     return list(groups.values())
+
+
+def _record_path(state: str) -> str:
+    return f"{state}.launch.json"
+
+
+def record_ray_session(state: str, session_dir: str) -> None:
+    """Note, beside the state file, the Ray session directory this launch's processes write their logs in, with
+    the launcher's pid and start time. Ray's agents rename themselves (setproctitle), which overwrites
+    ``/proc/<pid>/environ`` where the launch marks are: a relaunch on this state then finds them by the files
+    they hold open in that directory (``reap_state``)."""
+    if not state or not session_dir:
+        return
+    rec = {LAUNCHER_PID: str(os.getpid()), LAUNCHER_START: _start_time(os.getpid()) or "",
+           "session_dir": os.path.realpath(session_dir)}
+    try:
+        with open(_record_path(state), "w") as fh:
+            json.dump(rec, fh)
+    except OSError:
+        log.debug("could not write the launch record beside %s", state, exc_info=True)
+
+
+def _holds_files_under(pid: int, prefix: str) -> bool:
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefix):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _unmarked_leftovers(state: str) -> list[int]:
+    """Processes of the dead launch recorded for ``state`` that show no launch marks: those holding files in its
+    Ray session directory (the directory is that launch's own: no other process writes there)."""
+    try:
+        with open(_record_path(state)) as fh:
+            rec = json.load(fh)
+    except (OSError, ValueError):
+        return []
+    session = rec.get("session_dir") if isinstance(rec, dict) else None
+    if not isinstance(session, str) or not session.startswith("/") or _launcher_alive(rec):
+        return []
+    prefix = session.rstrip("/") + "/"
+    me = os.getpid()
+    return [pid for pid in _pids() if pid != me and not _environ(pid).get(LAUNCH_ID)
+            and _holds_files_under(pid, prefix)]
 
 
 def reap_state(state: str) -> int:
     """Stop the orphans of dead launches that served the same state file. Returns how many were signalled."""
     n = 0
     for group in find_orphans():
-        if state and group.state == state:
+        if state and (group.state == state or (not group.state and group.state_tag == _state_tag(state))):
             log.warning("stopping %d leftover processes of a killed twinkle launcher (launch %s) that served %s",
                         len(group.pids), group.launch_id[:8], state)
             n += reap(group.pids)
+    unmarked = _unmarked_leftovers(state) if state else []
+    if unmarked:
+        log.warning("stopping %d leftover processes of a killed twinkle launcher that served %s (found by their "
+                    "files in its Ray session directory)", len(unmarked), state)
+        n += reap(unmarked)
     return n
 
 
