@@ -66,48 +66,30 @@ def test_a_process_without_the_launcher_start_time_takes_it_from_its_siblings(mo
     assert orphans.find_orphans() == []
 
 
-
-def test_processes_showing_only_the_launch_id_are_reaped_with_their_state(monkeypatch):
-    """Ray's agents rename themselves (setproctitle), which overwrites part of ``/proc/<pid>/environ``: in a CI run
-    the only survivors of a killed launch (both agents) showed no state file, so the relaunch on that state left
-    them running. The launch id carries the launcher's pid, start time and a tag of the state file itself."""
-    monkeypatch.delenv(orphans.LAUNCH_ID, raising=False)
-    launch_id = orphans.mark_launch("/srv/twinkle/state.db")
-    monkeypatch.delenv(orphans.LAUNCH_ID)  # this process is the next launch now: not part of the old one
-    procs = {301: {orphans.LAUNCH_ID: launch_id}, 302: {orphans.LAUNCH_ID: launch_id}}
-    monkeypatch.setattr(orphans, "_pids", lambda: [os.getpid(), *procs])
-    monkeypatch.setattr(orphans, "_environ", lambda pid: dict(procs.get(pid, {})))
-    assert orphans.find_orphans() == []  # the launcher (this process) lives: nothing is an orphan
-    real_start = orphans._start_time
-    monkeypatch.setattr(orphans, "_start_time", lambda pid: "1" if pid == os.getpid() else real_start(pid))
-    (group,) = orphans.find_orphans()  # the launcher's pid now belongs to another process: it is gone
-    assert group.launch_id == launch_id and sorted(group.pids) == [301, 302] and group.state == ""
-    reaped: list[list[int]] = []
-    monkeypatch.setattr(orphans, "reap", lambda pids, grace_s=3.0: reaped.append(sorted(pids)) or len(pids))
-    assert orphans.reap_state("/srv/other/state.db") == 0  # another server's state: left alone
-    assert orphans.reap_state("/srv/twinkle/state.db") == 2 and reaped == [[301, 302]]
-
-
-def _holder(path: Path) -> subprocess.Popen:
-    """A process without launch marks holding ``path`` open (like Ray's agents, whose marks setproctitle erased)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TWINKLE_LAUNCH")}
+def _holder(path: Path, marks: dict[str, str] | None = None) -> subprocess.Popen:
+    """A process holding ``path`` open with only ``marks`` of a launch (like Ray's agents, whose marks
+    setproctitle partly or wholly erased)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TWINKLE_LAUNCH")} | (marks or {})
     code = f"f = open({str(path)!r}, 'a'); print('up', flush=True); import time; time.sleep(120)"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env, start_new_session=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == b"up"
     return proc
 
 
-def test_unmarked_processes_in_a_dead_launchs_ray_session_are_reaped(tmp_path, monkeypatch):
+@pytest.mark.parametrize("marks", ["none", "launch id only"])
+def test_processes_of_a_dead_launchs_ray_session_are_reaped_whatever_marks_they_show(tmp_path, marks):
     """The launch records its Ray session directory beside the state; after the launcher died, a relaunch on that
-    state stops processes that hold files there even when their launch marks were overwritten (a CI run kept
-    Ray's two agents of a killed launch alive), and leaves processes elsewhere alone."""
+    state stops processes that hold files there even when their launch marks were overwritten (Ray's agents
+    rename themselves, which erased all or some of them: a CI run kept both agents of a killed launch alive),
+    and leaves processes elsewhere alone."""
     state = str(tmp_path / "state.db")
     session = tmp_path / "ray" / "session_x"
     (session / "logs").mkdir(parents=True)
     orphans.record_ray_session(state, str(session))
     rec = json.loads(Path(state + ".launch.json").read_text())
     assert rec["session_dir"] == str(session.resolve()) and rec[orphans.LAUNCHER_PID] == str(os.getpid())
-    agent = _holder(session / "logs" / "dashboard_agent.log")
+    agent = _holder(session / "logs" / "dashboard_agent.log",
+                    {orphans.LAUNCH_ID: "0123abcd" * 4} if marks == "launch id only" else None)
     other = _holder(tmp_path / "elsewhere.log")
     try:
         assert orphans.reap_state(state) == 0  # the recording launcher (this process) is alive: nothing happens

@@ -12,7 +12,6 @@ clusters on the same machine are safe). Linux only (``/proc``); elsewhere nothin
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -44,19 +43,6 @@ class Orphans:
     launch_id: str
     state: str
     pids: list[int]
-    state_tag: str = ""  # a hash of the state file's path, carried in the launch id (see mark_launch)
-
-
-def _state_tag(state: str) -> str:
-    return hashlib.sha256(state.encode()).hexdigest()[:16] if state else ""
-
-
-def _from_id(launch_id: str) -> dict[str, str]:
-    """The marks a launch id carries itself: ``<uuid>.<launcher pid>.<launcher start>.<state tag>``."""
-    parts = launch_id.split(".")
-    if len(parts) != 4 or not parts[1].isdigit() or not parts[2].isdigit():
-        return {}
-    return {LAUNCHER_PID: parts[1], LAUNCHER_START: parts[2], "state_tag": parts[3]}
 
 
 def _start_time(pid: int) -> str | None:
@@ -98,16 +84,12 @@ def _pids() -> list[int]:
 
 
 def mark_launch(state: str = "") -> str:
-    """Give this launcher (and every process it starts from now on) a launch id. Returns it. The id carries the
-    launcher's pid and start time and a tag of the state file: Ray's agents rename themselves (setproctitle),
-    which overwrites part of what ``/proc/<pid>/environ`` shows, and only the launch id was left readable in
-    some of them (a CI run kept both agents of a killed launch alive: they had no state to match)."""
-    pid, start = str(os.getpid()), _start_time(os.getpid()) or "0"
-    launch_id = f"{uuid.uuid4().hex}.{pid}.{start}.{_state_tag(state) or '-'}"
+    """Give this launcher (and every process it starts from now on) a launch id. Returns it."""
+    launch_id = uuid.uuid4().hex
     os.environ[LAUNCH_ID] = launch_id
     os.environ[LAUNCH_STATE] = state
-    os.environ[LAUNCHER_PID] = pid
-    os.environ[LAUNCHER_START] = start
+    os.environ[LAUNCHER_PID] = str(os.getpid())
+    os.environ[LAUNCHER_START] = _start_time(os.getpid()) or ""
     return launch_id
 
 
@@ -137,7 +119,6 @@ def find_orphans() -> list[Orphans]:
         lid = env.get(LAUNCH_ID)
         if not lid or lid == mine:
             continue
-        env = {**_from_id(lid), **env}  # the marks the id carries, where the variables were overwritten
         envs[pid] = env
         if env.get(LAUNCHER_START):
             starts.setdefault(lid, env[LAUNCHER_START])
@@ -150,8 +131,7 @@ def find_orphans() -> list[Orphans]:
             env = {**env, LAUNCHER_START: starts[lid]}
         if _launcher_alive(env):
             continue
-        tag = env.get("state_tag", "")
-        groups.setdefault(lid, Orphans(lid, states.get(lid, ""), [], "" if tag == "-" else tag)).pids.append(pid)
+        groups.setdefault(lid, Orphans(lid, states.get(lid, ""), [])).pids.append(pid)
     return list(groups.values())
 
 
@@ -189,9 +169,9 @@ def _holds_files_under(pid: int, prefix: str) -> bool:
     return False
 
 
-def _unmarked_leftovers(state: str) -> list[int]:
-    """Processes of the dead launch recorded for ``state`` that show no launch marks: those holding files in its
-    Ray session directory (the directory is that launch's own: no other process writes there)."""
+def _session_leftovers(state: str) -> list[int]:
+    """Processes of the dead launch recorded for ``state``, found by the files they hold in its Ray session
+    directory (that launch's own: no other process writes there), whatever their launch marks still show."""
     try:
         with open(_record_path(state)) as fh:
             rec = json.load(fh)
@@ -202,23 +182,24 @@ def _unmarked_leftovers(state: str) -> list[int]:
         return []
     prefix = session.rstrip("/") + "/"
     me = os.getpid()
-    return [pid for pid in _pids() if pid != me and not _environ(pid).get(LAUNCH_ID)
-            and _holds_files_under(pid, prefix)]
+    return [pid for pid in _pids() if pid != me and _holds_files_under(pid, prefix)]
 
 
 def reap_state(state: str) -> int:
     """Stop the orphans of dead launches that served the same state file. Returns how many were signalled."""
     n = 0
+    done: set[int] = set()
     for group in find_orphans():
-        if state and (group.state == state or (not group.state and group.state_tag == _state_tag(state))):
+        if state and group.state == state:
             log.warning("stopping %d leftover processes of a killed twinkle launcher (launch %s) that served %s",
                         len(group.pids), group.launch_id[:8], state)
             n += reap(group.pids)
-    unmarked = _unmarked_leftovers(state) if state else []
-    if unmarked:
+            done.update(group.pids)
+    left = [pid for pid in _session_leftovers(state) if pid not in done] if state else []
+    if left:
         log.warning("stopping %d leftover processes of a killed twinkle launcher that served %s (found by their "
-                    "files in its Ray session directory)", len(unmarked), state)
-        n += reap(unmarked)
+                    "files in its Ray session directory: their launch marks were overwritten)", len(left), state)
+        n += reap(left)
     return n
 
 
