@@ -280,8 +280,8 @@ class MegatronBackend(TransformersBackend):
     def _forward_logits(self, ids: torch.Tensor, segments: list[Segment], *, train: bool, mask: torch.Tensor | None = None,
                         pos: torch.Tensor | None = None, cache: Any = None, use_cache: bool = False,
                         vision: Any = None, last_only: bool = False,
-                        infer: bool = False) -> tuple[torch.Tensor, Any]:
-        # ``infer`` (packed/merged inference weights) has no megatron counterpart and is ignored.
+                        infer: bool = False, lean: bool = True) -> tuple[torch.Tensor, Any]:
+        # ``infer`` (packed/merged inference weights) and ``lean`` have no megatron counterpart and are ignored.
         # ``vision`` is always None here: image rows are refused before they are queued (no vision tower).
         # Sampling (use_cache) keeps a KV cache in megatron's StaticInferenceContext (``_kv_cache``). Anything the
         # cache cannot serve takes the whole-sequence path, whose "cache" is the token history: every call then

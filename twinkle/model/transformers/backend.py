@@ -6,7 +6,7 @@ import inspect
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from twinkle.types import (
     TensorData,
 )
 
-from . import _checkpoint, _decode
+from . import _checkpoint, _decode, _lean
 from ._adapter import AdapterState, resolve_targets
 from ._lora import LoraPair, MultiLoraLinear, Routing, RoutingSlot, Segment
 from ._pack import Layout, SharedLayout, pack, packing_is_exact, share_prefixes
@@ -154,6 +154,7 @@ class TransformersBackend(Backend):
         self.decode_kernels = bool(decode_kernels)
         self._packed: bool | None = None
         self._merged: _decode.Merged | None = None
+        self._lean: _lean.LeanDecoder | None | Literal[False] = False  # False: not probed yet (``_lean_decoder``)
         self.packing = bool(packing)
         self._pack_ok = None
         self._share_ok = None
@@ -275,10 +276,11 @@ class TransformersBackend(Backend):
     def _forward_logits(self, ids: torch.Tensor, segments: list[Segment], *, train: bool, mask: torch.Tensor | None = None,
                         pos: torch.Tensor | None = None, cache: Any = None, use_cache: bool = False,
                         vision: VisionInputs | None = None, last_only: bool = False,
-                        infer: bool = False) -> tuple[torch.Tensor, Any]:
-        """``infer``: a no-grad sampling pass (base layers may use their packed inference weights, and a
-        single adapter its merged ones)."""
+                        infer: bool = False, lean: bool = True) -> tuple[torch.Tensor, Any]:
+        """``infer``: a no-grad sampling pass (base layers may use their packed inference weights, a single
+        adapter its merged ones, and the model the lean forward of ``_lean`` unless ``lean`` is False)."""
         infer = infer and not train
+        fast = self._lean_decoder() if infer and lean and vision is None and use_cache else None
         merged = None
         if infer and self._merged is not None and len(segments) == 1:
             name = segments[0][2]
@@ -302,6 +304,9 @@ class TransformersBackend(Backend):
                 kw[self._cache_kw] = cache
             if last_only and self._keep_kw:
                 kw["logits_to_keep"] = 1
+            if fast is not None:
+                with self._compute_context(train):
+                    return fast.forward(ids, mask, pos, cache, last_only=last_only)
             with self._compute_context(train):
                 out = self.model(**kw)
         finally:
@@ -654,6 +659,27 @@ class TransformersBackend(Backend):
             if self._packed and self.dtype == torch.float32:
                 self._merged = _decode.Merged()
         return self._packed
+
+    def _lean_decoder(self) -> _lean.LeanDecoder | None:
+        """The lean sampling forward (``_lean``) once it proved equal to the HF forward on a probe, else None."""
+        if self._lean is False:
+            self._lean = None
+            lean = _lean.build(self.model) if self._vision is None else None
+            if lean is not None:
+                def mine(ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+                    self._routing[0] = Routing([(0, ids.shape[0], None)], infer=True)
+                    try:
+                        return lean.forward(ids, mask, pos, cache)
+                    finally:
+                        self._routing[0] = None
+
+                def ref(ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+                    return self._forward_logits(ids, [(0, ids.shape[0], None)], train=False, mask=mask, pos=pos,
+                                                cache=cache, use_cache=True, infer=True, lean=False)
+
+                if _lean.agrees(mine, ref, self.vocab_size, self.device, self.dtype):
+                    self._lean = lean
+        return self._lean if self._lean is not False else None
 
     def _decode_text(self, toks: list[int]) -> str:
         return self._tokenizer.decode(toks, skip_special_tokens=False)
