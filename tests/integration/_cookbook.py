@@ -32,19 +32,24 @@ def run_script(kind: str, name: str, server: Any, **overrides: Any) -> dict:
     return module.main(cfg)
 
 
+GRPO_STEPS = 40  # RL steps of the recipe tests (the recipes' own default is 20)
+
+
 def assert_grpo_learned(r: dict) -> None:
-    """A short_math_grpo run (either client) learned: during RL the mean reward of some 5 consecutive steps beats
-    the first 5 steps' by 0.05, and greedy accuracy after RL beats the warm-up's (strictly: at least one more of the
-    16 problems). Measured over 12 runs (session 7): the first-vs-last-5 rise the test used to check ranged from
-    -0.006 to +0.128 (two runs dipped at steps 14-17 and ended flat: batch compositions change float rounding,
-    hence samples, after ~10 steps), while the best window beat the start by 0.069-0.129 and accuracy rose from
-    0.375 to 0.44-0.56 in every run. The Tinker SDK recipe gave the same figures in 4 runs (best window 0.475
-    against 0.358; accuracy 0.375 -> 0.5625)."""
+    """A short_math_grpo run (either client, ``rl_steps=GRPO_STEPS``) learned: during RL the mean reward of some 5
+    consecutive steps beats the first 5 steps' by 0.1, and greedy accuracy after RL beats the warm-up's by at least
+    2 of the 16 problems.
+
+    Why 40 steps: over 20 steps the learning signal was too close to run-to-run noise (batch compositions change
+    float rounding, hence samples, after ~10 steps, and the trajectory depends on the CPU): the best 5-step window
+    beat the start by 0.047-0.129 across 27 runs on two machines and greedy accuracy rose by one problem or not at
+    all (CI failed twice on that). Over 40 steps (session 8, 5 native runs with a busy process beside them, 3
+    through the Tinker SDK) the best window beat the start by 0.23-0.26 and accuracy rose by 3-5 problems."""
     rw = r["rewards"]
-    assert len(rw) == 20, rw
+    assert len(rw) == GRPO_STEPS, rw
     first = sum(rw[:5]) / 5
     best = max(sum(rw[i:i + 5]) / 5 for i in range(len(rw) - 4))
     figures = {"first5": round(first, 3), "best5": round(best, 3), "accuracy_before": r["accuracy_before"],
                "accuracy_after": r["accuracy_after"], "rewards": [round(x, 3) for x in rw]}
-    assert best > first + 0.05, figures
-    assert r["accuracy_after"] > r["accuracy_before"], figures
+    assert best > first + 0.1, figures
+    assert r["accuracy_after"] >= r["accuracy_before"] + 2 / 16, figures

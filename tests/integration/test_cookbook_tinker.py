@@ -4,7 +4,7 @@ server; each asserts learning from the recipe's RESULT."""
 from __future__ import annotations
 
 import pytest
-from _cookbook import assert_grpo_learned, run_script
+from _cookbook import GRPO_STEPS, assert_grpo_learned, run_script
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("tinker")
@@ -43,4 +43,4 @@ def test_dpo_preference_accuracy_rises(twinkle_server):
 
 
 def test_short_math_grpo_reward_rises(twinkle_server):
-    assert_grpo_learned(run_script("tinker", "short_math_grpo", twinkle_server))
+    assert_grpo_learned(run_script("tinker", "short_math_grpo", twinkle_server, rl_steps=GRPO_STEPS))

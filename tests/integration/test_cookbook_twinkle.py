@@ -7,7 +7,7 @@ import json
 import runpy
 
 import pytest
-from _cookbook import COOKBOOK, assert_grpo_learned, run_script
+from _cookbook import COOKBOOK, GRPO_STEPS, assert_grpo_learned, run_script
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +36,7 @@ def test_dpo_preference_accuracy_rises(twinkle_server):
 
 
 def test_short_math_grpo_reward_rises(twinkle_server):
-    assert_grpo_learned(run_script("twinkle", "short_math_grpo", twinkle_server))
+    assert_grpo_learned(run_script("twinkle", "short_math_grpo", twinkle_server, rl_steps=GRPO_STEPS))
 
 
 def test_modelscope_launcher_takes_url_key_and_model_from_env(twinkle_server, monkeypatch, capsys):
