@@ -68,6 +68,17 @@ def test_packed_linear_is_the_default_product_up_to_rounding():
         np.testing.assert_allclose(_decode.linear(x[:, None], packed, None)[:, 0], x @ w.T, rtol=1e-5, atol=1e-5)
 
 
+def test_few_rows_take_the_plain_weight():
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(24, 16, generator=g), torch.randn(24, generator=g)
+    wrong = _decode.pack(torch.zeros_like(w))  # tells which weight a product used
+    for rows in range(1, 6):
+        x = torch.randn(rows, 1, 16, generator=g)
+        got = _decode.product(x, wrong, w, b)
+        want = F.linear(x, w, b) if rows <= _decode.PLAIN_ROWS else b.expand(rows, 1, 24)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_sampling_packs_and_merges_and_stays_exact(backend):
     out = _sample(backend, n=3, max_tokens=12)
     assert all(m.packed is not None for m in backend._layers.values())
@@ -79,12 +90,15 @@ def test_sampling_packs_and_merges_and_stays_exact(backend):
     # the merged weights are what the sampling passes multiply by: spoil one and the logprobs move
     layer = adapted[0]
     good = layer.merged["a"]
-    layer.merged["a"] = _decode.pack(torch.zeros_like(layer.base.weight))
+    zeros = torch.zeros_like(layer.base.weight)
+    layer.merged["a"] = (_decode.pack(zeros), zeros)
     try:
         spoiled = _sample(backend, max_tokens=6)
     finally:
         layer.merged["a"] = good
     assert np.abs(np.array(spoiled.prompt_logprobs[1:]) - np.array(out.prompt_logprobs[1:])).max() > 1e-2
+    # one sequence decodes one row a step: those passes take the plain merged weights (``_decode.product``)
+    _assert_exact(backend, _sample(backend, n=1, max_tokens=12))
     # the same request on a backend without decode kernels: the same tokens (greedy and seeded)
     plain = _backend(decode_kernels=False)
     try:
@@ -161,6 +175,7 @@ def test_bf16_models_pack_but_never_merge():
 
 
 def test_merges_are_bought_after_enough_tokens_and_evicted_least_recent_first(backend, monkeypatch):
+    assert backend._decode_kernels() and backend._merged is not None  # whichever test of the module ran first
     backend._merged.drop()
     monkeypatch.setattr(_decode, "MERGE_AFTER_TOKENS", 40)
     monkeypatch.setattr(_decode, "MAX_MERGED", 2)
