@@ -99,3 +99,42 @@ def test_a_disagreeing_lean_forward_is_not_used(tmp_path, monkeypatch, caplog):
     assert "differs from the model's own" in caplog.text
     assert b.sample([item])[0].sequences[0].tokens == expected
     b.close()
+
+
+def test_cache_grows_in_place_and_survives_row_surgery():
+    """``_lean._append`` writes each step's columns into spare room (no copy of the layer) and, after the
+    continuous sampler's row surgery replaced the tensors, starts a new buffer: the cached keys/values always
+    equal plain concatenation."""
+    from transformers import DynamicCache
+
+    from twinkle.sampler import _kv
+
+    g = torch.Generator().manual_seed(0)
+    cache = DynamicCache()
+    ref: list[torch.Tensor] = []
+
+    def step(n: int, rows: int = 3) -> None:
+        k, v = torch.randn(rows, 2, n, 4, generator=g), torch.randn(rows, 2, n, 4, generator=g)
+        keys, values = _lean._append(cache, 0, k, v)
+        ref[:] = [k, v] if not ref else [torch.cat([ref[0], k], 2), torch.cat([ref[1], v], 2)]
+        assert torch.equal(keys, ref[0]) and torch.equal(values, ref[1])
+        assert keys is cache.layers[0].keys and _kv.supports(cache)
+
+    step(5)
+    step(1)
+    buf = cache.layers[0]._twinkle_buf[0]
+    step(1)
+    assert cache.layers[0]._twinkle_buf[0] is buf and cache.layers[0].keys.data_ptr() == buf.data_ptr()  # in place
+    idx = torch.tensor([2, 0, 0])
+    _kv.select(cache, idx)
+    ref[:] = [t.index_select(0, idx) for t in ref]
+    step(1)
+    assert cache.layers[0]._twinkle_buf[0] is not buf  # the surgery's tensor was copied into a new buffer
+    _kv.trim_left(cache, 2)
+    ref[:] = [t[:, :, 2:] for t in ref]
+    step(1)
+    _kv.left_pad(cache, 3)
+    ref[:] = [torch.nn.functional.pad(t, (0, 0, 3, 0)) for t in ref]
+    for _ in range(80):  # past the spare room: a bigger buffer
+        step(1)
+    assert cache.layers[0].keys.shape[2] == ref[0].shape[2] == 5 + 3 - 2 + 1 + 3 + 80
