@@ -138,3 +138,25 @@ def test_cache_grows_in_place_and_survives_row_surgery():
     for _ in range(80):  # past the spare room: a bigger buffer
         step(1)
     assert cache.layers[0].keys.shape[2] == ref[0].shape[2] == 5 + 3 - 2 + 1 + 3 + 80
+
+
+def test_partial_rotary_phi3(tmp_path, monkeypatch):
+    """Phi-3 with rotary on half of each head: the lean forward rotates those dims only and matches HF."""
+    from twinkle.model.transformers import _families
+
+    make = _families._config
+
+    def half_rotary(name, vocab, eos, pad):
+        cfg = make(name, vocab, eos, pad)
+        cfg.rope_parameters = {**cfg.rope_parameters, "partial_rotary_factor": 0.5}
+        return cfg
+
+    monkeypatch.setattr(_families, "_config", half_rotary)
+    b = _backend("phi3", tmp_path)
+    with torch.no_grad():
+        assert b._decode_kernels() and b._lean_decoder() is not None
+        cos, _ = b.model.model.rotary_emb(torch.zeros(1, 1, 1), torch.zeros((1, 1), dtype=torch.long))
+        assert cos.shape[-1] < b.model.config.hidden_size // b.model.config.num_attention_heads
+        for x, y in zip(_passes(b, True), _passes(b, False), strict=True):
+            torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-4)
+    b.close()

@@ -10,10 +10,11 @@ built once per pass, the cache HF's ``DynamicCache`` (so ``twinkle.sampler._kv``
 layers grow in place inside buffers with spare columns instead of being copied whole at every step.
 Measured on builtin://small (8 rows, CPU, one thread): a decode step ~2x faster than the HF forward.
 
-It serves no-grad sampling passes only, for the families whose layer is exactly ``x + attn(norm(x))`` then
-``x + mlp(norm(x))`` with full attention, plain RMSNorm (``weight * x_hat``) and default-scaled embeddings:
-:data:`FAMILIES`. Anything else (sliding windows, Gemma's scaled embeddings and ``1 + weight`` norms, MoE,
-fused projections, vision towers) keeps the HF forward. Before its first use the backend compares it with
+It serves no-grad sampling passes only, for the families whose layer is ``x + attn(norm(x))`` then
+``x + mlp(norm(x))`` (or, OLMo 2, ``x + norm(attn(x))`` then ``x + norm(mlp(x))``) with full attention, plain
+RMSNorm (``weight * x_hat``) and unscaled embeddings: :data:`FAMILIES` (the MLP, dense or a mixture of experts,
+runs as the model's own module). Anything else (sliding windows, Gemma's scaled embeddings and ``1 + weight``
+norms, vision towers) keeps the HF forward. Before its first use the backend compares it with
 the HF forward on a padded, chunked probe (:func:`agrees`): a model that differs beyond float
 rounding keeps the HF forward too.
 """
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "phi3", "olmo2"})
 
 _GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
@@ -39,7 +40,7 @@ def _layer_types_full(cfg: Any) -> bool:
         return False
     if getattr(cfg, "use_sliding_window", False):
         return False
-    return cfg.model_type != "mistral" or getattr(cfg, "sliding_window", None) is None
+    return cfg.model_type not in ("mistral", "phi3") or getattr(cfg, "sliding_window", None) is None
 
 
 def build(model: Any) -> LeanDecoder | None:
@@ -65,17 +66,28 @@ def _eps(norm: Any) -> float:
 
 
 class _Layer:
-    def __init__(self, la: Any) -> None:
-        at, mlp = la.self_attn, la.mlp
-        self.q, self.k, self.v, self.o = at.q_proj, at.k_proj, at.v_proj, at.o_proj
+    """One decoder layer's parts. Pre-norm layers (most families) normalise before attention and the MLP;
+    OLMo 2 normalises their outputs instead (``post``) and its q/k norms span the whole projection, not a head.
+    Phi-3 projects q, k and v with one fused linear. The MLP (dense, fused gate/up, or a mixture of experts) is
+    the model's own module."""
+
+    def __init__(self, la: Any, heads: int, kv_heads: int) -> None:
+        at = la.self_attn
+        self.head_dim = int(at.head_dim)
+        self.scale = float(at.scaling)
+        self.qkv = getattr(at, "qkv_proj", None)
+        if self.qkv is None:
+            self.q, self.k, self.v = at.q_proj, at.k_proj, at.v_proj
+        self.split = [heads * self.head_dim, kv_heads * self.head_dim, kv_heads * self.head_dim]
+        self.o, self.mlp = at.o_proj, la.mlp
         self.q_norm = getattr(at, "q_norm", None)
         self.k_norm = getattr(at, "k_norm", None)
-        self.scale = float(at.scaling)
-        self.head_dim = int(at.head_dim)
-        self.gate, self.up, self.down, self.act = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
-        self.n1, self.n2 = la.input_layernorm, la.post_attention_layernorm
-        if float(getattr(at, "attention_dropout", 0.0) or 0.0) and at.training:  # pragma: no cover
-            raise TypeError("attention dropout in a sampling pass")
+        self.norm_heads = self.q_norm is not None and self.q_norm.weight.numel() == self.head_dim
+        self.post = not hasattr(la, "input_layernorm")
+        if self.post:
+            self.n_attn, self.n_mlp = la.post_attention_layernorm, la.post_feedforward_layernorm
+        else:
+            self.n1, self.n2 = la.input_layernorm, la.post_attention_layernorm
 
 
 class LeanDecoder:
@@ -88,10 +100,10 @@ class LeanDecoder:
         self.norm = inner.norm
         self.lm_head = model.lm_head
         self.config = model.config
-        self.layers = [_Layer(la) for la in inner.layers]
         cfg = model.config
         self.heads = int(cfg.num_attention_heads)
         self.kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.heads)
+        self.layers = [_Layer(la, self.heads, self.kv_heads) for la in inner.layers]
 
     @staticmethod
     def _rms(x: torch.Tensor, norm: Any) -> torch.Tensor:
@@ -139,24 +151,28 @@ class LeanDecoder:
         cos, sin = self.rotary(h, pos)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         am = self._mask(mask, b, n, past, ids.device)
+        rot = cos.shape[-1]  # Phi-3 may rotate only the first dims of a head
         for i, la in enumerate(self.layers):
             hd = la.head_dim
-            x = self._rms(h, la.n1)
-            q = la.q(x).view(b, n, -1, hd)
-            k = la.k(x).view(b, n, -1, hd)
-            v = la.v(x).view(b, n, -1, hd).transpose(1, 2)
-            if la.q_norm is not None:
-                q = self._rms(q, la.q_norm)
-            if la.k_norm is not None:
-                k = self._rms(k, la.k_norm)
-            q, k = q.transpose(1, 2), k.transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            x = h if la.post else self._rms(h, la.n1)
+            if la.qkv is not None:
+                q, k, v = la.qkv(x).split(la.split, dim=-1)
+            else:
+                q, k, v = la.q(x), la.k(x), la.v(x)
+            if la.q_norm is not None and not la.norm_heads:  # OLMo 2: over the whole projection
+                q, k = self._rms(q, la.q_norm), self._rms(k, la.k_norm)
+            q, k, v = q.view(b, n, -1, hd), k.view(b, n, -1, hd), v.view(b, n, -1, hd).transpose(1, 2)
+            if la.q_norm is not None and la.norm_heads:  # Qwen 3: per head
+                q, k = self._rms(q, la.q_norm), self._rms(k, la.k_norm)
+            q, k = _rotary(q.transpose(1, 2), cos, sin, rot), _rotary(k.transpose(1, 2), cos, sin, rot)
             k, v = _append(cache, i, k, v)
-            o = self._attend(q, k, v, am, la.scale)
-            h = h + la.o(o.transpose(1, 2).reshape(b, n, -1))
-            x = self._rms(h, la.n2)
-            h = h + la.down(la.act(la.gate(x)) * la.up(x))
+            o = la.o(self._attend(q, k, v, am, la.scale).transpose(1, 2).reshape(b, n, -1))
+            if la.post:
+                h = h + self._rms(o, la.n_attn)
+                h = h + self._rms(la.mlp(h), la.n_mlp)
+            else:
+                h = h + o
+                h = h + la.mlp(self._rms(h, la.n2))
         h = self._rms(h[:, -1:] if last_only else h, self.norm)
         return self.lm_head(h), cache
 
@@ -217,6 +233,13 @@ def _append(cache: Any, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch
     buf[1][:, :, w:w + n] = v
     la.keys, la.values = buf[0][:, :, :w + n], buf[1][:, :, :w + n]
     return la.keys, la.values
+
+
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int) -> torch.Tensor:
+    if rot == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    head, tail = x[..., :rot], x[..., rot:]
+    return torch.cat([head * cos + _rotate_half(head) * sin, tail], dim=-1)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
