@@ -160,3 +160,22 @@ def test_partial_rotary_phi3(tmp_path, monkeypatch):
         for x, y in zip(_passes(b, True), _passes(b, False), strict=True):
             torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-4)
     b.close()
+
+
+def test_a_lean_forward_that_raises_in_its_probe_is_not_used(tmp_path, monkeypatch, caplog):
+    """A layout the lean forward misreads may raise instead of differing: the backend keeps the HF forward."""
+    b = _backend("qwen2", tmp_path)
+    sp = SamplingParams(max_tokens=5, temperature=0.0, stop=[])
+    item = SampleItem("a", [5, 17, 42, 99], 1, sp)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(_lean.LeanDecoder, "forward", broken)
+    with caplog.at_level("WARNING"):
+        out = b.sample([item])[0].sequences[0].tokens
+    assert b._lean_decoder() is None and "failed its probe (RuntimeError: shape mismatch)" in caplog.text
+    monkeypatch.undo()
+    b._lean = False
+    assert b.sample([item])[0].sequences[0].tokens == out and b._lean_decoder() is not None
+    b.close()
