@@ -87,7 +87,7 @@ def pack_all(layers: Iterable[Any], *, device: torch.device, dtype: torch.dtype,
 
 
 MERGE_AFTER_TOKENS = 512  # tokens of single-adapter sampling passes before that adapter's merge is built
-MAX_MERGED = 2  # adapters merged at once (least recently used goes first; each a copy of its layers)
+MAX_MERGED = 2  # adapters merged at once (least recently used goes first; each two copies of its layers)
 
 
 @dataclass
@@ -101,8 +101,8 @@ class Merged:
     """Adapters' merged weights (``W + scale * B @ A``, packed) for sampling passes whose rows all use one.
 
     Such a forward runs one product per adapted layer instead of the base product plus the two LoRA ones (on
-    builtin://small with a rank-8 adapter the LoRA products are ~12 % of a decode step). A merge costs a copy
-    of the adapted layers' weights and, to build, about as much as the LoRA products of ~500 decoded tokens, so
+    builtin://small with a rank-8 adapter the LoRA products are ~12 % of a decode step). A merge costs two copies
+    of the adapted layers' weights (packed, and plain for passes of a few rows: :func:`product`) and, to build, about as much as the LoRA products of ~500 decoded tokens, so
     it is built only once ``MERGE_AFTER_TOKENS`` tokens went through single-adapter passes of the same weights
     (rent, then buy: never more than ~2x the better choice), for float32 models only (merging into bf16/fp16
     weights would round the LoRA update away), for at most ``MAX_MERGED`` adapters and ``max_bytes`` of weights.

@@ -1,4 +1,4 @@
-"""A lean forward of Llama-style decoder stacks for sampling passes.
+"""A lean forward of decoder stacks for sampling passes (every family of ``_families`` but Gemma's).
 
 On a CPU a decode step of a small model is as much framework as arithmetic: Hugging Face's forward runs
 ~40 tensor operations and several Python layers (decorators, keyword plumbing, mask builders, output
@@ -8,7 +8,8 @@ modules (packed, merged and per-segment LoRA routing as everywhere), the norms o
 rotary tables HF's own ``rotary_emb``, attention one ``scaled_dot_product_attention`` with a boolean mask
 built once per pass, the cache HF's ``DynamicCache`` (so ``twinkle.sampler._kv`` keeps operating on it) whose
 layers grow in place inside buffers with spare columns instead of being copied whole at every step.
-Measured on builtin://small (8 rows, CPU, one thread): a decode step ~2x faster than the HF forward.
+Measured on builtin://small (8 rows, CPU, one thread, quiet): a decode step 13.75 -> 12.4 ms (its linear products
+alone take ~7.5 ms), ~6-10 % more sampled tokens/s against HF ``generate`` in process.
 
 It serves no-grad sampling passes only, for the families whose layer is ``x + attn(norm(x))`` then
 ``x + mlp(norm(x))`` (or, OLMo 2, ``x + norm(attn(x))`` then ``x + norm(mlp(x))``) with full attention, plain
@@ -99,8 +100,7 @@ class LeanDecoder:
         self.rotary = inner.rotary_emb
         self.norm = inner.norm
         self.lm_head = model.lm_head
-        self.config = model.config
-        cfg = model.config
+        self.config = cfg = model.config
         self.heads = int(cfg.num_attention_heads)
         self.kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.heads)
         self.layers = [_Layer(la, self.heads, self.kv_heads) for la in inner.layers]

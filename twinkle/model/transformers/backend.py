@@ -101,7 +101,7 @@ class TransformersBackend(Backend):
         (less activation memory); ``autocast``: ``bfloat16``/``float16`` mixed precision for forward passes on
         CUDA (ignored elsewhere, so CPU float32 stays exact); ``decode_kernels``: on CPU, sample with the base
         weights packed once for oneDNN (a second copy of them) and, for float32, single-adapter passes with
-        that adapter's merged weights (up to 2 more copies of the adapted layers; see ``_decode``); ``packing``:
+        that adapter's merged weights (packed and plain: up to 4 more copies of the adapted layers; see ``_decode``); ``packing``:
         datums of one adapter share rows in training and forward passes (``_pack``: no padding waste, same
         logprobs and gradients), where the model proves exact on a probe."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
@@ -292,6 +292,9 @@ class TransformersBackend(Backend):
             self._vrouting[0] = Routing(vision.patch_segments, dropout=train)
             pos = vision.position_ids
         try:
+            if fast is not None:
+                with self._compute_context(train):
+                    return fast.forward(ids, mask, pos, cache, last_only=last_only)
             kw: dict[str, Any] = {"input_ids": ids, "use_cache": use_cache}
             if vision is not None:
                 kw["pixel_values"] = vision.pixel_values
@@ -304,9 +307,6 @@ class TransformersBackend(Backend):
                 kw[self._cache_kw] = cache
             if last_only and self._keep_kw:
                 kw["logits_to_keep"] = 1
-            if fast is not None:
-                with self._compute_context(train):
-                    return fast.forward(ids, mask, pos, cache, last_only=last_only)
             with self._compute_context(train):
                 out = self.model(**kw)
         finally:
