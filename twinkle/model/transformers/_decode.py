@@ -1,15 +1,18 @@
-"""Inference kernels for the sampling path: base linear weights pre-packed for oneDNN on CPU, and an
-adapter's merged weights for passes whose rows all sample from it.
+"""Inference kernels for the sampling path: base linear weights laid out once for the CPU GEMM that serves
+decode passes best, and an adapter's merged weights for passes whose rows all sample from it.
 
-A decode step multiplies a handful of rows by every weight of the model once. PyTorch's default CPU GEMM
-re-lays-out (packs) the weight on every call, which at a few rows costs about as much as the product itself;
-oneDNN with the weight packed once does not. Measured on the 2-core CPU (builtin://small, 8 rows, rank-8
-adapter): a decode step ~1.4x faster. The packed copy doubles the memory of the base linear weights, so it is
-made lazily (first sampling call), only on CPU, and only under ``max_bytes``; training and every gradient
-path keep the plain ``nn.Linear``. The packed product differs from the default GEMM by float32 rounding only,
-and neither promises a row the same bits at every batch size (oneDNN does for most shapes, not all), so a
-seeded request samples the same tokens alone or batched unless a draw lands within rounding of a boundary
-(``tests/sampler/test_decode_kernels.py``).
+A decode step multiplies a handful of rows by every weight of the model once, and at a few rows the weight's
+layout decides the speed. ``F.linear`` multiplies by the ``[out, in]`` weight transposed, which the default
+CPU BLAS handles badly at 2-64 rows; the same product by a contiguous ``[in, out]`` copy (``x @ W.T`` with
+``W.T`` laid out once) does not. Measured on the 2-core AVX-512 CPU, one thread, the 56 linears of
+builtin://small (a decode step's products): 8 rows 10.4 ms with ``F.linear``, 6.6 ms with oneDNN's packed
+weights (this module's kernel until session 9), **6.1 ms** transposed; 32 rows 13.3 / 12.7 / **10.6 ms**; one
+row 4.1 / 5.2 / **3.7 ms**. bfloat16 weights keep oneDNN's packed layout, which wins there by far (8 rows:
+30 us a product against 70-80 us). The copy doubles the memory of the base linear weights, so it is made
+lazily (first sampling call), only on CPU, and only under ``max_bytes``; training and every gradient path
+keep the plain ``nn.Linear``. The product differs from ``F.linear`` by float32 rounding only, and no BLAS
+promises a row the same bits at every batch size, so a seeded request samples the same tokens alone or
+batched unless a draw lands within rounding of a boundary (``tests/sampler/test_decode_kernels.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -30,42 +32,37 @@ DEFAULT_MAX_BYTES = 2 << 30  # pack at most 2 GiB of base weights (the copy cost
 
 
 def available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether packed oneDNN linears can serve this device/dtype."""
-    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+    """Whether inference layouts can serve this device/dtype (float32: the transposed copy; bfloat16: oneDNN)."""
+    if device.type != "cpu":
         return False
-    if not torch.backends.mkldnn.is_available():
+    if dtype == torch.float32:
+        return True
+    if dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
         return False
     return hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def pack(weight: torch.Tensor, rows_hint: int = 8) -> torch.Tensor:
-    """``weight`` ([out, in]) packed for :func:`linear` (``rows_hint``: the typical number of rows)."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows_hint)
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` ([out, in]) laid out for :func:`linear`: float32 as a contiguous ``[in, out]`` copy,
+    bfloat16 packed for oneDNN."""
+    w = weight.detach()
+    if w.dtype == torch.float32:
+        return w.t().contiguous()
+    return torch.ops.mkldnn._reorder_linear_weight(w, 8)
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` with the weight packed by :func:`pack`."""
+    """``F.linear(x, weight, bias)`` with the weight laid out by :func:`pack` (no-grad passes only)."""
+    if packed.dtype == torch.float32:
+        out = torch.matmul(x, packed)
+        return out if bias is None else out.add_(bias)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
-PLAIN_ROWS = 3  # passes of at most this many rows multiply by the plain weight (see ``product``)
-
-
-def product(x: torch.Tensor, packed: torch.Tensor, plain: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, plain, bias)``, through ``packed`` (the same weight, :func:`pack`) unless ``x`` has at most
-    ``PLAIN_ROWS`` rows: there the default BLAS (a matrix-vector product for one row) beats oneDNN's packed kernel.
-    Measured in process on the 2-core CPU, builtin://small, rank-8 adapter, against HF ``generate``: 1, 2 and 3
-    decoding rows 0.89-0.91x with every product packed, 1.15-1.18x with plain products; 4 rows 1.18-1.23x packed
-    vs 1.12-1.15x plain."""
-    if x.numel() <= PLAIN_ROWS * x.shape[-1]:
-        return F.linear(x, plain, bias)
-    return linear(x, packed, bias)
 
 
 def pack_all(layers: Iterable[Any], *, device: torch.device, dtype: torch.dtype,
              max_bytes: int = DEFAULT_MAX_BYTES) -> bool:
-    """Give every ``MultiLoraLinear`` of ``layers`` a ``packed`` weight; False (nothing packed) when not
-    available or the weights are larger than ``max_bytes``."""
+    """Give every ``MultiLoraLinear`` of ``layers`` a ``packed`` weight (:func:`pack`); False (nothing packed)
+    when not available or the weights are larger than ``max_bytes``."""
     layers = list(layers)
     if not layers or not available(device, dtype):
         return False
@@ -78,7 +75,7 @@ def pack_all(layers: Iterable[Any], *, device: torch.device, dtype: torch.dtype,
         packed = [pack(m.base.weight) for m in layers]
         x = torch.zeros((1, layers[0].base.in_features), dtype=dtype, device=device)
         linear(x, packed[0], layers[0].base.bias)  # the kernel runs here, or we keep the default path
-    except (RuntimeError, NotImplementedError) as e:  # pragma: no cover - torch built without oneDNN ops
+    except (RuntimeError, NotImplementedError) as e:  # pragma: no cover - torch built without the oneDNN ops
         log.info("decode kernels unavailable (%s); using the default GEMM", e)
         return False
     for m, p in zip(layers, packed, strict=True):
@@ -87,7 +84,7 @@ def pack_all(layers: Iterable[Any], *, device: torch.device, dtype: torch.dtype,
 
 
 MERGE_AFTER_TOKENS = 512  # tokens of single-adapter sampling passes before that adapter's merge is built
-MAX_MERGED = 2  # adapters merged at once (least recently used goes first; each two copies of its layers)
+MAX_MERGED = 2  # adapters merged at once (least recently used goes first; each a copy of its layers)
 
 
 @dataclass
@@ -98,18 +95,18 @@ class _Merge:
 
 
 class Merged:
-    """Adapters' merged weights (``W + scale * B @ A``, packed) for sampling passes whose rows all use one.
+    """Adapters' merged weights (``W + scale * B @ A``, laid out by :func:`pack`) for sampling passes whose rows all use one.
 
     Such a forward runs one product per adapted layer instead of the base product plus the two LoRA ones (on
-    builtin://small with a rank-8 adapter the LoRA products are ~12 % of a decode step). A merge costs two copies
-    of the adapted layers' weights (packed, and plain for passes of a few rows: :func:`product`) and, to build, about as much as the LoRA products of ~500 decoded tokens, so
+    builtin://small with a rank-8 adapter the LoRA products are ~12 % of a decode step). A merge costs a copy of
+    the adapted layers' weights and, to build, about as much as the LoRA products of ~500 decoded tokens, so
     it is built only once ``MERGE_AFTER_TOKENS`` tokens went through single-adapter passes of the same weights
     (rent, then buy: never more than ~2x the better choice), for float32 models only (merging into bf16/fp16
     weights would round the LoRA update away), for at most ``MAX_MERGED`` adapters and ``max_bytes`` of weights.
     A merge is keyed on the adapter's parameter objects *and their version counters* (every in-place change
     bumps them), and the backend drops it whenever it changes the adapter (``optim_step``, ``load``,
     ``remove_adapter``), so a sample never sees stale weights. A layer without the routed adapter's merge (not
-    adapted, or being rebuilt) takes the packed base product plus LoRA: the same numbers up to rounding.
+    adapted, or being rebuilt) takes the base product plus LoRA: the same numbers up to rounding.
     """
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
@@ -162,7 +159,7 @@ class Merged:
 
     def _build(self, name: str, key: tuple[Any, ...], state: Any, layers: dict[str, Any]) -> bool:
         mods = [layers[m] for m in state.modules if layers[m].packed is not None]
-        nbytes = 2 * sum(la.base.weight.numel() * la.base.weight.element_size() for la in mods)  # packed + plain
+        nbytes = sum(la.base.weight.numel() * la.base.weight.element_size() for la in mods)
         if not mods or nbytes > self.max_bytes:
             return False
         while self._merges and (len(self._merges) >= MAX_MERGED
@@ -172,8 +169,7 @@ class Merged:
             for mod, layer in zip((m for m in state.modules if layers[m].packed is not None), mods, strict=True):
                 pair, w = state.pairs[mod], layer.base.weight
                 merged = torch.addmm(w.float(), pair.lora_B.float(), pair.lora_A.float(), alpha=pair.scale)
-                plain = merged.to(w.dtype)
-                layer.merged[name] = (pack(plain), plain)
+                layer.merged[name] = pack(merged.to(w.dtype))
         self._merges[name] = _Merge(key, mods, nbytes)
         self._seen.pop(name, None)
         self.builds += 1

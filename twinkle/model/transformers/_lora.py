@@ -92,9 +92,8 @@ class MultiLoraLinear(nn.Module):
         self.adapters = nn.ModuleDict()
         self._routing = routing_ref  # one slot (``[0]``) shared by all layers of the model
         self.unit = unit  # segments count rows of `unit` input rows each (vision mergers: merge_size**2 patches)
-        self.packed: torch.Tensor | None = None  # the base weight packed for inference (``_decode.pack_all``)
-        self.merged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # adapter -> W + scale*B@A, packed and plain
-        # (``_decode.Merged``)
+        self.packed: torch.Tensor | None = None  # the base weight laid out for inference (``_decode.pack_all``)
+        self.merged: dict[str, torch.Tensor] = {}  # adapter -> W + scale*B@A, laid out so (``_decode.Merged``)
 
     @property
     def in_features(self) -> int:
@@ -113,8 +112,8 @@ class MultiLoraLinear(nn.Module):
         if self.packed is not None and routing is not None and routing.infer:
             m = self.merged.get(routing.merged) if routing.merged is not None else None
             if m is not None:
-                return _decode.product(x, m[0], m[1], self.base.bias)
-            out = _decode.product(x, self.packed, self.base.weight, self.base.bias)
+                return _decode.linear(x, m, self.base.bias)
+            out = _decode.linear(x, self.packed, self.base.bias)
         else:
             out = self.base(x)
         if routing is None or not self.adapters:

@@ -100,8 +100,9 @@ class TransformersBackend(Backend):
         ``flash_attention_2``...; ``gradient_checkpointing``: recompute each decoder layer in the backward pass
         (less activation memory); ``autocast``: ``bfloat16``/``float16`` mixed precision for forward passes on
         CUDA (ignored elsewhere, so CPU float32 stays exact); ``decode_kernels``: on CPU, sample with the base
-        weights packed once for oneDNN (a second copy of them) and, for float32, single-adapter passes with
-        that adapter's merged weights (packed and plain: up to 4 more copies of the adapted layers; see ``_decode``); ``packing``:
+        weights laid out once for the GEMM that serves few rows best (a second copy of them) and, for float32,
+        single-adapter passes with that adapter's merged weights (up to 2 more copies of the adapted layers;
+        see ``_decode``); ``packing``:
         datums of one adapter share rows in training and forward passes (``_pack``: no padding waste, same
         logprobs and gradients), where the model proves exact on a probe."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
