@@ -159,3 +159,27 @@ def test_scheduler_joins_running_batch_and_respects_kv_budget(backend):
 
     asyncio.run(main())
     assert 2 * (len(PROMPT) + 40) < peak["reserved"] <= budget
+
+
+def test_rows_leaving_and_joining_in_churn_keep_every_result_exact(backend):
+    """Requests of two adapters and the base model with different lengths join and leave a running batch (rows
+    move inside the cache's buffers as others finish): each gets the tokens and logprobs it gets alone."""
+    eng, _ = _recording_engine(backend)
+    reqs = {f"r{i}": _item(("a", "b", None)[i % 3], PROMPT[: 3 + i % 6], max_tokens=2 + (5 * i) % 11,
+                           temperature=0.0) for i in range(12)}
+    results = {}
+    pending = list(reqs.items())
+    while pending or not eng.idle():
+        if pending and eng.stats["steps"] % 2 == 0:
+            for _ in range(min(len(pending), 1 + eng.stats["steps"] % 3)):
+                key, item = pending.pop(0)
+                eng.admit(key, item)
+        results.update(eng.step())
+    assert eng.stats["joins"] > 3 and eng.stats["max_rows"] > 3
+    for key, item in reqs.items():
+        alone = backend.sample([item])[0].sequences[0]
+        got = results[key].sequences[0]
+        assert got.tokens == alone.tokens, key
+        np.testing.assert_allclose(got.logprobs, alone.logprobs, atol=1e-4)
+        lp = _full_logprobs(backend, item.adapter, item.prompt + got.tokens)[len(item.prompt) - 1:]
+        np.testing.assert_allclose(got.logprobs, lp, atol=1e-4)

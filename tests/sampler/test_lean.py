@@ -12,6 +12,7 @@ from tests.live_lora import add_live_adapters
 from twinkle.model.base import SampleItem
 from twinkle.model.transformers import TransformersBackend, _decode, _lean
 from twinkle.model.transformers._families import FAMILIES, build_family
+from twinkle.sampler.engine import kv_append
 from twinkle.types import SamplingParams
 
 pytestmark = pytest.mark.skipif(not _decode.available(torch.device("cpu"), torch.float32),
@@ -102,7 +103,7 @@ def test_a_disagreeing_lean_forward_is_not_used(tmp_path, monkeypatch, caplog):
 
 
 def test_cache_grows_in_place_and_survives_row_surgery():
-    """``_lean._append`` writes each step's columns into spare room (no copy of the layer) and, after the
+    """``kv_append`` writes each step's columns into spare room (no copy of the layer) and, after the
     continuous sampler's row surgery replaced the tensors, starts a new buffer: the cached keys/values always
     equal plain concatenation."""
     from transformers import DynamicCache
@@ -115,7 +116,7 @@ def test_cache_grows_in_place_and_survives_row_surgery():
 
     def step(n: int, rows: int = 3) -> None:
         k, v = torch.randn(rows, 2, n, 4, generator=g), torch.randn(rows, 2, n, 4, generator=g)
-        keys, values = _lean._append(cache, 0, k, v)
+        keys, values = kv_append(cache, 0, k, v)
         ref[:] = [k, v] if not ref else [torch.cat([ref[0], k], 2), torch.cat([ref[1], v], 2)]
         assert torch.equal(keys, ref[0]) and torch.equal(values, ref[1])
         assert keys is cache.layers[0].keys and _kv.supports(cache)
@@ -129,7 +130,7 @@ def test_cache_grows_in_place_and_survives_row_surgery():
     _kv.select(cache, idx)
     ref[:] = [t.index_select(0, idx) for t in ref]
     step(1)
-    assert cache.layers[0]._twinkle_buf[0] is not buf  # the surgery's tensor was copied into a new buffer
+    assert cache.layers[0]._twinkle_buf[0] is not buf  # a repeated row: copied, then into a new buffer
     _kv.trim_left(cache, 2)
     ref[:] = [t[:, :, 2:] for t in ref]
     step(1)

@@ -338,6 +338,7 @@ class ContinuousSampler:
         if not keep:
             self._rows, self._cache, self._mask, self._pos, self._last = [], None, None, None, None
             return keep
+        keep = _compact(keep, [_order_key(self._rows[i].adapter) for i in keep])
         self._select(keep)
         assert self._mask is not None
         used = self._mask.any(dim=0).nonzero()
@@ -402,6 +403,26 @@ class ContinuousSampler:
                 pick = sorted_ix.gather(-1, j).squeeze(-1)
             out[ix] = pick
         return out
+
+
+def _compact(keep: list[int], keys: list[tuple[bool, str]]) -> list[int]:
+    """An order of the rows ``keep`` (ascending indices of rows sorted by adapter; ``keys``: their sort keys)
+    that keeps each adapter's rows together, in the same order of adapters, and moves the fewest of them: a row
+    stays at its index when that index lies in its adapter's new range, the others fill the free slots of
+    theirs. Each move goes to a lower index, so ``_kv.select`` applies it in place without a copy of the cache."""
+    out: list[int] = []
+    start = 0
+    i = 0
+    while i < len(keep):
+        j = i
+        while j < len(keep) and keys[j] == keys[i]:
+            j += 1
+        end = start + j - i
+        stay = {r for r in keep[i:j] if start <= r < end}
+        movers = iter(r for r in keep[i:j] if r not in stay)
+        out.extend(slot if slot in stay else next(movers) for slot in range(start, end))
+        start, i = end, j
+    return out
 
 
 def _response(q: _Req) -> SampleResponse:

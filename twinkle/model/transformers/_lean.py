@@ -7,7 +7,8 @@ own modules and weights in ~20 operations a layer: the projections are the backe
 modules (packed, merged and per-segment LoRA routing as everywhere), the norms one fused ``rms_norm``, the
 rotary tables HF's own ``rotary_emb``, attention one ``scaled_dot_product_attention`` with a boolean mask
 built once per pass, the cache HF's ``DynamicCache`` (so ``twinkle.sampler._kv`` keeps operating on it) whose
-layers grow in place inside buffers with spare columns instead of being copied whole at every step.
+layers grow in place inside buffers with spare columns instead of being copied whole at every step
+(``kv_append``).
 Measured on builtin://small (8 rows, CPU, one thread, quiet): a decode step 13.75 -> 12.4 ms (its linear products
 alone take ~7.5 ms), ~6-10 % more sampled tokens/s against HF ``generate`` in process.
 
@@ -27,6 +28,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from twinkle.sampler.engine import kv_append
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +168,7 @@ class LeanDecoder:
             if la.q_norm is not None and la.norm_heads:  # Qwen 3: per head
                 q, k = self._rms(q, la.q_norm), self._rms(k, la.k_norm)
             q, k = _rotary(q.transpose(1, 2), cos, sin, rot), _rotary(k.transpose(1, 2), cos, sin, rot)
-            k, v = _append(cache, i, k, v)
+            k, v = kv_append(cache, i, k, v)
             o = la.o(self._attend(q, k, v, am, la.scale).transpose(1, 2).reshape(b, n, -1))
             if la.post:
                 h = h + self._rms(o, la.n_attn)
@@ -202,37 +205,6 @@ def agrees(mine: Any, reference: Any, vocab: int, device: torch.device, dtype: t
         log.warning("lean decode forward differs from the model's own by %.3g (scale %.3g): not used", err, scale)
         return False
     return True
-
-
-SLACK = 64  # spare cache columns allocated ahead: at least this many, an eighth of the width for long sequences
-
-
-def _is_prefix(t: torch.Tensor, buf: torch.Tensor) -> bool:
-    """Whether ``t`` is ``buf[:, :, :t.shape[2]]`` (the same storage, strides and leading shape)."""
-    return (t.data_ptr() == buf.data_ptr() and t.stride() == buf.stride() and t.shape[:2] == buf.shape[:2]
-            and t.shape[3] == buf.shape[3])
-
-
-def _append(cache: Any, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cache.update(k, v, i)`` without copying the whole layer each step: the layer's keys and values are
-    views of buffers with spare columns, and a step writes its new columns in place. Whatever replaced the views
-    since (``twinkle.sampler._kv``'s row surgery: select, pad, trim, concatenate) is copied into a new buffer once.
-    The layer stays a plain ``DynamicLayer`` whose ``keys``/``values`` hold exactly the cached positions."""
-    la = cache.layers[i] if i < len(cache.layers) else None
-    if la is None or not getattr(la, "is_initialized", False) or la.keys is None or la.keys.numel() == 0:
-        return cache.update(k, v, i)  # the first chunk: HF's own initialisation
-    n, w = k.shape[-2], la.keys.shape[-2]
-    buf = getattr(la, "_twinkle_buf", None)
-    if buf is None or buf[0].shape[2] < w + n or not (_is_prefix(la.keys, buf[0]) and _is_prefix(la.values, buf[1])):
-        cap = w + n + max(SLACK, (w + n) // 8)  # <= 1/8 more memory; a copy per w/8 steps
-        buf = tuple(t.new_empty((*t.shape[:2], cap, t.shape[3])) for t in (la.keys, la.values))
-        buf[0][:, :, :w] = la.keys
-        buf[1][:, :, :w] = la.values
-        la._twinkle_buf = buf
-    buf[0][:, :, w:w + n] = k
-    buf[1][:, :, w:w + n] = v
-    la.keys, la.values = buf[0][:, :, :w + n], buf[1][:, :, :w + n]
-    return la.keys, la.values
 
 
 def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int) -> torch.Tensor:
