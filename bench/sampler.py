@@ -9,7 +9,9 @@ Systems, on the same model, prompts (24-38 random tokens) and settings (temperat
   requests fired concurrently (``sample_async``) and awaited.
 * **tinker**: the unmodified Tinker SDK's ``SamplingClient`` from the same adapter saved for sampling.
 
-Rows: 1, 8 and 32 concurrent requests with ``num_samples`` 1, and 1 and 8 requests with ``num_samples`` 8.
+Rows: 1, 8 and 32 concurrent requests with ``num_samples`` 1, and 1 and 8 requests with ``num_samples`` 8; and
+4 prompts x 8 sent as 32 requests of one sample each (a GRPO group the way the Tinker cookbook's completer samples
+it; HF ``generate`` gets the 4 prompts with ``num_return_sequences`` 8, what a local user would write).
 Rounds alternate which system goes first; the medians are compared (ratios vs HF generate).
 TTFT: the latency of a 1-token request (p50/p99 of ``--ttft-n`` requests), idle and while another tenant
 (its own API key and adapter) trains forward_backward + optim_step in a loop; the default server samples on a
@@ -254,22 +256,23 @@ def _ttft_rows(label: str, idle: list[float], busy: list[float]) -> None:
           f"| {_pct(busy, 0.99) / _pct(idle, 0.99):.2f}x |")
 
 
-def _throughput_table(args: Any, cases: list[tuple[int, int]], results: dict[Any, dict[str, list[float]]]) -> None:
+def _throughput_table(args: Any, cases: list[tuple[int, int, bool]], results: dict[Any, dict[str, list[float]]]) -> None:
     print(f"Sampling throughput, {args.model}, rank-8 adapter, {args.max_tokens} new tokens per sequence, "
           f"{args.threads} torch thread(s) each side, median of {args.rounds} rounds (tokens/s); ratios: median "
           f"(min-max) of each round's ratio, both sides measured back to back (load average now "
           f"{os.getloadavg()[0]:.1f})")
     print("| requests x num_samples | HF generate | native | tinker SDK | native / HF | tinker / HF |")
     print("|---|---|---|---|---|---|")
-    for c, n in cases:
-        res = results[(c, n)]
+    for c, n, split in cases:
+        res = results[(c, n, split)]
         r = {k: statistics.median(v) for k, v in res.items()}
 
         def ratio(side: str, res: dict[str, list[float]] = res) -> str:
             per_round = [x / h for x, h in zip(res[side], res["hf"], strict=True)]
             return f"{statistics.median(per_round):.2f}x ({min(per_round):.2f}-{max(per_round):.2f})"
 
-        print(f"| {c} x {n} | {r['hf']:.0f} | {r['native']:.0f} | {r['tinker']:.0f} | "
+        label = f"{c} x {n}" + (f" as {c * n} requests" if split else "")
+        print(f"| {label} | {r['hf']:.0f} | {r['native']:.0f} | {r['tinker']:.0f} | "
               f"{ratio('native')} | {ratio('tinker')} |")
     print()
 
@@ -307,7 +310,7 @@ def main() -> None:
         ttft_compare(args, vocab)
         return
     levels = [int(x) for x in args.levels.split(",")]
-    cases = [] if args.ttft_only else [(c, 1) for c in levels] + [(1, 8), (8, 8)]
+    cases = [] if args.ttft_only else [(c, 1, False) for c in levels] + [(1, 8, False), (8, 8, False), (4, 8, True)]
     mt = args.max_tokens
 
     with _server(args.model, args.threads) as server:
@@ -323,18 +326,22 @@ def main() -> None:
         _tinker_run(tsc, warm, 1, 4)
         hf.run(warm, 1, 4)
 
-        results: dict[tuple[int, int], dict[str, list[float]]] = {c: {"hf": [], "native": [], "tinker": []} for c in cases}
+        results: dict[tuple[int, int, bool], dict[str, list[float]]] = {
+            c: {"hf": [], "native": [], "tinker": []} for c in cases}
         for rnd in range(args.rounds):
-            for c, n in cases:
-                prompts = _prompts(c, vocab, 1000 * rnd + c + n)
+            for c, n, split in cases:
+                prompts = _prompts(c, vocab, 1000 * rnd + c + n + 7 * split)
+                # split: each prompt sent as n requests of one sample
+                sent, k = ([q for q in prompts for _ in range(n)], 1) if split else (prompts, n)
                 runs = {"hf": lambda p=prompts, n=n: hf.run(p, n, mt),
-                        "native": lambda p=prompts, n=n: _native_run(native, p, n, mt),
-                        "tinker": lambda p=prompts, n=n: _tinker_run(tsc, p, n, mt)}
+                        "native": lambda p=sent, k=k: _native_run(native, p, k, mt),
+                        "tinker": lambda p=sent, k=k: _tinker_run(tsc, p, k, mt)}
                 names = list(runs) if rnd % 2 == 0 else list(reversed(runs))
+                res = results[(c, n, split)]
                 for name in names:
-                    results[(c, n)][name].append(_timed(runs[name]))
-                print(f"round {rnd} {c}x{n}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in results[(c, n)].items()),
-                      flush=True)
+                    res[name].append(_timed(runs[name]))
+                print(f"round {rnd} {c}x{n}{' split' if split else ''}: "
+                      + ", ".join(f"{k} {v[-1]:.0f}" for k, v in res.items()), flush=True)
 
         idle, busy = _ttft_pair(server, native, args, vocab)
 

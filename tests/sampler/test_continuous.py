@@ -90,6 +90,29 @@ def test_shared_prefill_forks_one_row_and_logprobs_are_exact(backend):
     assert len({tuple(s.tokens) for s in out.sequences}) > 1  # each sample has its own random stream
 
 
+def test_requests_with_one_prompt_share_its_prefill(backend):
+    """A GRPO group sent as one request per sample (the Tinker cookbook's way): requests of one adapter with the
+    same prompt are prefilled in one row, each still gets its own seeded tokens and exact (prompt) logprobs;
+    the same prompt for another adapter is a row of its own."""
+    group = [SampleItem("a", PROMPT, 1, SamplingParams(max_tokens=5, temperature=1.0, seed=s, stop=[]), s == 0, 0)
+             for s in range(4)]
+    other = SampleItem("b", PROMPT, 2, SamplingParams(max_tokens=5, temperature=1.0, seed=9, stop=[]), False, 2)
+    eng, calls = _recording_engine(backend)
+    for i, it in enumerate([*group, other]):
+        eng.admit(i, it)
+    out = eng.run_all()
+    assert calls[0] == (2, len(PROMPT))  # one prefill row for the group, one for adapter b
+    assert all(c[0] == 6 for c in calls[1:])  # then 4 + 2 sequences decode together
+    for i, it in enumerate([*group, other]):
+        assert [s.tokens for s in out[i].sequences] == [s.tokens for s in backend.sample([it])[0].sequences]
+        for seq in out[i].sequences:
+            lp = _full_logprobs(backend, it.adapter, PROMPT + seq.tokens)[len(PROMPT) - 1:]
+            np.testing.assert_allclose(seq.logprobs, lp, atol=1e-4)
+    np.testing.assert_allclose(out[0].prompt_logprobs[1:], _full_logprobs(backend, "a", PROMPT), atol=1e-4)
+    assert out[1].prompt_logprobs is None and len(out[4].topk_prompt_logprobs) == len(PROMPT)
+    assert len({tuple(out[i].sequences[0].tokens) for i in range(4)}) > 1  # own seeds, own streams
+
+
 def test_seeded_sample_is_the_same_alone_or_batched(backend):
     mine = _item("a", n=2, max_tokens=12, temperature=1.0, seed=42)
     alone = backend.sample([mine])[0]

@@ -7,8 +7,9 @@ training). One :meth:`ContinuousSampler.step` does, in order:
 1. one decode step of the running rows (choose a token per row, check stops, drop finished rows and the
    cache columns no remaining row needs, then one forward of the survivors), and
 2. one prefill chunk (at most ``prefill_chunk`` tokens) of the requests admitted since the last prefill
-   began; when a prefill completes, each prompt's single row is forked ``num_samples`` times (shared
-   prefill) and the rows join the running batch.
+   began; requests of one adapter with the same prompt (a GRPO group sent as one request per sample, as the
+   Tinker cookbook does) share one prefill row; when a prefill completes, each prompt's single row is forked
+   once per sequence of its requests (``num_samples`` each: shared prefill) and the rows join the running batch.
 
 It returns the requests whose every sequence finished during the step, so each caller's result is ready
 as soon as its own sequences are. Sampling never sorts the vocabulary unless a row uses top-k/top-p, and
@@ -75,6 +76,7 @@ class _Row:
 @dataclass
 class _Prefill:
     reqs: list[_Req]
+    src: list[int]  # each request's prefill row (requests of one adapter and prompt share one)
     ids: torch.Tensor
     mask: torch.Tensor | None
     pos: torch.Tensor
@@ -187,21 +189,30 @@ class ContinuousSampler:
         reqs = sorted(self._waiting, key=lambda q: _order_key(q.item.adapter))
         self._waiting = []
         dev = self.device
-        lens = torch.tensor([len(q.item.prompt) for q in reqs])
+        first: dict[tuple[str | None, tuple[int, ...]], int] = {}
+        src: list[int] = []
+        uniq: list[_Req] = []  # one request per prefill row, still sorted by adapter
+        for q in reqs:
+            u = first.setdefault((q.item.adapter, tuple(q.item.prompt)), len(first))
+            if u == len(uniq):
+                uniq.append(q)
+            src.append(u)
+        lens = torch.tensor([len(q.item.prompt) for q in uniq])
         w = int(lens.max())
-        ids = torch.zeros((len(reqs), w), dtype=torch.long)
-        for r, q in enumerate(reqs):
+        ids = torch.zeros((len(uniq), w), dtype=torch.long)
+        for r, q in enumerate(uniq):
             ids[r, w - len(q.item.prompt):] = torch.tensor(q.item.prompt, dtype=torch.long)
         padded = bool((lens != w).any())
         mask = (torch.arange(w)[None, :] >= (w - lens)[:, None]).long() if padded else None
-        pos = (mask.cumsum(-1) - 1).clamp(min=0) if mask is not None else torch.arange(w)[None].expand(len(reqs), -1)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0) if mask is not None else torch.arange(w)[None].expand(len(uniq), -1)
         segments: list[tuple[int, int, str | None]] = []
-        for r, q in enumerate(reqs):
+        for r, q in enumerate(uniq):
             if segments and segments[-1][2] == q.item.adapter:
                 segments[-1] = (segments[-1][0], r + 1, q.item.adapter)
             else:
                 segments.append((r, r + 1, q.item.adapter))
-        self._prefill = _Prefill(reqs, ids.to(dev), mask.to(dev) if mask is not None else None, pos.to(dev), segments)
+        self._prefill = _Prefill(reqs, src, ids.to(dev), mask.to(dev) if mask is not None else None, pos.to(dev),
+                                 segments)
 
     def _prefill_chunk(self, done: list[tuple[Hashable, SampleResponse]]) -> None:
         p = self._prefill
@@ -215,9 +226,9 @@ class ContinuousSampler:
         else:  # only the last position's logits are used
             logits, p.cache = self.forward(p.ids[:, s:e], mask, p.pos[:, s:e], p.cache, p.segments, last_only=True)
         self.stats["prefill_chunks"] += 1
-        for r, q in enumerate(p.reqs):
-            if q.item.prompt_logprobs or q.item.topk_prompt_logprobs:
-                p.kept.setdefault(r, []).append(logits[r].float())
+        keep = {p.src[r] for r, q in enumerate(p.reqs) if q.item.prompt_logprobs or q.item.topk_prompt_logprobs}
+        for u in sorted(keep):
+            p.kept.setdefault(u, []).append(logits[u].float())
         p.done = e
         if e < w:
             return
@@ -228,8 +239,8 @@ class ContinuousSampler:
     def _finish_prefill(self, p: _Prefill, done: list[tuple[Hashable, SampleResponse]]) -> None:
         w = p.ids.shape[1]
         for r, q in enumerate(p.reqs):
-            if r in p.kept:
-                q.prompt_lp, q.topk_lp = _prompt_logprobs(q.item, torch.cat(p.kept[r], dim=0), w)
+            if q.item.prompt_logprobs or q.item.topk_prompt_logprobs:
+                q.prompt_lp, q.topk_lp = _prompt_logprobs(q.item, torch.cat(p.kept[p.src[r]], dim=0), w)
         idx: list[int] = []
         rows: list[_Row] = []
         for r, q in enumerate(p.reqs):
@@ -243,12 +254,12 @@ class ContinuousSampler:
                                    int(it.params.top_k), float(it.params.top_p)))
             q.left = len(q.rows)
             for row in q.rows:
-                idx.append(r)
+                idx.append(p.src[r])
                 rows.append(row)
         sel = torch.tensor(idx, device=self.device)
         if not _kv.supports(p.cache):
             raise RuntimeError("the model's KV cache cannot be batched continuously")
-        if sel.numel() != len(p.reqs) or bool((sel != torch.arange(len(p.reqs), device=self.device)).any()):
+        if sel.numel() != p.ids.shape[0] or bool((sel != torch.arange(p.ids.shape[0], device=self.device)).any()):
             _kv.select(p.cache, sel)
         mask = p.mask[sel] if p.mask is not None else torch.ones((len(idx), w), dtype=torch.long, device=self.device)
         pos = p.pos[sel, -1:] + 1

@@ -12,7 +12,9 @@ and values as views ``buf[:rows, :, off:off + width]`` of buffers with spare col
 its new column in place instead of copying the whole layer. The surgery keeps those views where it can: rows
 leaving move the fewest kept rows into the holes inside the buffer (:func:`select` with a move-safe index),
 trimming columns moves the view's offset, and joining rows writes them into spare rows. A layer's whole cache
-is copied only when a buffer runs out of room or the index cannot be applied in place. Measured on
+is copied only when a buffer runs out of room or the index cannot be applied in place. Rows that left stay
+allocated as spare rows until then (or until the batch empties), so the cache holds the memory of the most rows
+that decoded together since, which the sampler's KV budget bounded. Measured on
 builtin://small, 32 rows, ~170 columns (85 MB of cache): a row leaving cost 12-66 ms (a copy of every layer into
 fresh memory, more than a decode step) before; in place it moves one row.
 """

@@ -95,7 +95,8 @@ class _Merge:
 
 
 class Merged:
-    """Adapters' merged weights (``W + scale * B @ A``, laid out by :func:`pack`) for sampling passes whose rows all use one.
+    """Adapters' merged weights (``W + scale * B @ A``, laid out by :func:`pack`) for sampling passes whose rows
+    all use one.
 
     Such a forward runs one product per adapted layer instead of the base product plus the two LoRA ones (on
     builtin://small with a rank-8 adapter the LoRA products are ~12 % of a decode step). A merge costs a copy of
