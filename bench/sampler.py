@@ -11,7 +11,9 @@ Systems, on the same model, prompts (24-38 random tokens) and settings (temperat
 
 Rows: 1, 8 and 32 concurrent requests with ``num_samples`` 1, and 1 and 8 requests with ``num_samples`` 8; and
 4 prompts x 8 sent as 32 requests of one sample each (a GRPO group the way the Tinker cookbook's completer samples
-it; HF ``generate`` gets the 4 prompts with ``num_return_sequences`` 8, what a local user would write).
+it; HF ``generate`` gets the 4 prompts with ``num_return_sequences`` 8, what a local user would write); and 8
+conversations of 4 turns (each turn's prompt is the last one + its completion + 16 new tokens, as multi-turn RL
+sends them; HF ``generate`` is called once a turn on the 8 prompts, prefilling each conversation again).
 Rounds alternate which system goes first; the medians are compared (ratios vs HF generate).
 TTFT: the latency of a 1-token request (p50/p99 of ``--ttft-n`` requests), idle and while another tenant
 (its own API key and adapter) trains forward_backward + optim_step in a loop; the default server samples on a
@@ -76,6 +78,50 @@ class HF:
                                       min_new_tokens=max_tokens, do_sample=True, temperature=1.0, top_k=0,
                                       top_p=1.0, num_return_sequences=n, pad_token_id=0)
         return int((out.shape[1] - w) * out.shape[0])
+
+    def turns(self, prompts: list[list[int]], turns: int, max_tokens: int) -> int:
+        torch = self.torch
+        total = 0
+        for _ in range(turns):
+            w = max(map(len, prompts))
+            ids = torch.tensor([[0] * (w - len(p)) + p for p in prompts])
+            mask = (torch.arange(w)[None] >= torch.tensor([w - len(p) for p in prompts])[:, None]).long()
+            with torch.no_grad():
+                out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
+                                          min_new_tokens=max_tokens, do_sample=True, temperature=1.0, top_k=0,
+                                          top_p=1.0, pad_token_id=0)
+            total += int((out.shape[1] - w) * out.shape[0])
+            prompts = [p + out[i, w:].tolist() + _NEXT_TURN for i, p in enumerate(prompts)]
+        return total
+
+
+_NEXT_TURN = [3 + (7 * j) % 50 for j in range(16)]  # the tokens a multi-turn case adds after each completion
+
+
+def _turns(run: Any, prompts: list[list[int]], turns: int) -> int:
+    """``turns`` rounds of ``run(prompts) -> completions``, each prompt growing by its completion + new tokens."""
+    total = 0
+    for _ in range(turns):
+        outs = run(prompts)
+        total += sum(map(len, outs))
+        prompts = [p + o + _NEXT_TURN for p, o in zip(prompts, outs, strict=True)]
+    return total
+
+
+def _native_turns(sampler: Any, prompts: list[list[int]], turns: int, max_tokens: int) -> int:
+    from twinkle.types import SamplingParams
+
+    sp = SamplingParams(max_tokens=max_tokens, temperature=1.0, stop=[])
+    return _turns(lambda ps: [f.result().sequences[0].tokens for f in [sampler.sample_async(p, sp) for p in ps]],
+                  prompts, turns)
+
+
+def _tinker_turns(sc: Any, prompts: list[list[int]], turns: int, max_tokens: int) -> int:
+    from tinker import types as tt
+
+    sp = tt.SamplingParams(max_tokens=max_tokens, temperature=1.0, stop=[])
+    return _turns(lambda ps: [f.result().sequences[0].tokens for f in [
+        sc.sample(prompt=tt.ModelInput.from_ints(p), num_samples=1, sampling_params=sp) for p in ps]], prompts, turns)
 
 
 def _native_run(sampler: Any, prompts: list[list[int]], n: int, max_tokens: int) -> int:
@@ -256,22 +302,22 @@ def _ttft_rows(label: str, idle: list[float], busy: list[float]) -> None:
           f"| {_pct(busy, 0.99) / _pct(idle, 0.99):.2f}x |")
 
 
-def _throughput_table(args: Any, cases: list[tuple[int, int, bool]], results: dict[Any, dict[str, list[float]]]) -> None:
+def _throughput_table(args: Any, cases: list[tuple[int, int, str]], results: dict[Any, dict[str, list[float]]]) -> None:
     print(f"Sampling throughput, {args.model}, rank-8 adapter, {args.max_tokens} new tokens per sequence, "
           f"{args.threads} torch thread(s) each side, median of {args.rounds} rounds (tokens/s); ratios: median "
           f"(min-max) of each round's ratio, both sides measured back to back (load average now "
           f"{os.getloadavg()[0]:.1f})")
     print("| requests x num_samples | HF generate | native | tinker SDK | native / HF | tinker / HF |")
     print("|---|---|---|---|---|---|")
-    for c, n, split in cases:
-        res = results[(c, n, split)]
+    for c, n, kind in cases:
+        res = results[(c, n, kind)]
         r = {k: statistics.median(v) for k, v in res.items()}
 
         def ratio(side: str, res: dict[str, list[float]] = res) -> str:
             per_round = [x / h for x, h in zip(res[side], res["hf"], strict=True)]
             return f"{statistics.median(per_round):.2f}x ({min(per_round):.2f}-{max(per_round):.2f})"
 
-        label = f"{c} x {n}" + (f" as {c * n} requests" if split else "")
+        label = {"split": f"{c} x {n} as {c * n} requests", "turns": f"{c} x 1, {n} turns"}.get(kind, f"{c} x {n}")
         print(f"| {label} | {r['hf']:.0f} | {r['native']:.0f} | {r['tinker']:.0f} | "
               f"{ratio('native')} | {ratio('tinker')} |")
     print()
@@ -310,7 +356,8 @@ def main() -> None:
         ttft_compare(args, vocab)
         return
     levels = [int(x) for x in args.levels.split(",")]
-    cases = [] if args.ttft_only else [(c, 1, False) for c in levels] + [(1, 8, False), (8, 8, False), (4, 8, True)]
+    cases = [] if args.ttft_only else [(c, 1, "") for c in levels] + [(1, 8, ""), (8, 8, ""), (4, 8, "split"),
+                                                                         (8, 4, "turns")]
     mt = args.max_tokens
 
     with _server(args.model, args.threads) as server:
@@ -326,21 +373,25 @@ def main() -> None:
         _tinker_run(tsc, warm, 1, 4)
         hf.run(warm, 1, 4)
 
-        results: dict[tuple[int, int, bool], dict[str, list[float]]] = {
+        results: dict[tuple[int, int, str], dict[str, list[float]]] = {
             c: {"hf": [], "native": [], "tinker": []} for c in cases}
         for rnd in range(args.rounds):
-            for c, n, split in cases:
-                prompts = _prompts(c, vocab, 1000 * rnd + c + n + 7 * split)
+            for c, n, kind in cases:
+                prompts = _prompts(c, vocab, 1000 * rnd + c + n + 7 * len(kind))
                 # split: each prompt sent as n requests of one sample
-                sent, k = ([q for q in prompts for _ in range(n)], 1) if split else (prompts, n)
+                sent, k = ([q for q in prompts for _ in range(n)], 1) if kind == "split" else (prompts, n)
                 runs = {"hf": lambda p=prompts, n=n: hf.run(p, n, mt),
                         "native": lambda p=sent, k=k: _native_run(native, p, k, mt),
                         "tinker": lambda p=sent, k=k: _tinker_run(tsc, p, k, mt)}
+                if kind == "turns":
+                    runs = {"hf": lambda p=prompts, n=n: hf.turns(p, n, mt),
+                            "native": lambda p=prompts, n=n: _native_turns(native, p, n, mt),
+                            "tinker": lambda p=prompts, n=n: _tinker_turns(tsc, p, n, mt)}
                 names = list(runs) if rnd % 2 == 0 else list(reversed(runs))
-                res = results[(c, n, split)]
+                res = results[(c, n, kind)]
                 for name in names:
                     res[name].append(_timed(runs[name]))
-                print(f"round {rnd} {c}x{n}{' split' if split else ''}: "
+                print(f"round {rnd} {c}x{n} {kind}: "
                       + ", ".join(f"{k} {v[-1]:.0f}" for k, v in res.items()), flush=True)
 
         idle, busy = _ttft_pair(server, native, args, vocab)

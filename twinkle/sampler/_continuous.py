@@ -34,11 +34,13 @@ from twinkle.types import SampledSequence, SampleResponse
 
 from . import _kv
 from ._engine import DEFAULT_MAX_TOKENS, _stops
+from ._prefix import BLOCK, PrefixStore
 
 # forward(ids, mask, pos, cache, segments, last_only=False) -> (logits, cache); ``last_only``: only the last
 # position's logits are needed (the backend may skip the unembedding of the others)
 ForwardFn = Callable[..., tuple[torch.Tensor, Any]]
 StreamFn = Callable[[Hashable, int, int, float], None]  # (request key, sample index, token, logprob)
+WeightsKeyFn = Callable[[str | None], Hashable]  # adapter -> a key that changes whenever its weights do
 
 
 @dataclass
@@ -107,7 +109,8 @@ class ContinuousSampler:
 
     def __init__(self, forward: ForwardFn, *, eos_ids: list[int], vocab_size: int, max_length: int,
                  device: torch.device, decode: Callable[[list[int]], str] | None = None,
-                 prefill_chunk: int = 512, kv_budget: int | None = None) -> None:
+                 prefill_chunk: int = 512, kv_budget: int | None = None, prefix_tokens: int = 0,
+                 weights_key: WeightsKeyFn | None = None) -> None:
         self.forward = forward
         self.eos_ids = list(eos_ids)
         self.vocab_size = vocab_size
@@ -125,7 +128,10 @@ class ContinuousSampler:
         self._pos: torch.Tensor | None = None  # [b, 1] position of the next token
         self._last: torch.Tensor | None = None  # [b, vocab] logits for the next token
         self.reserved = 0
-        self.stats = {"steps": 0, "prefill_chunks": 0, "max_rows": 0, "joins": 0}
+        self.weights_key = weights_key
+        self.prefix = PrefixStore(prefix_tokens) if weights_key is not None and prefix_tokens > 0 else None
+        self.stats = {"steps": 0, "prefill_chunks": 0, "max_rows": 0, "joins": 0, "prefix_hits": 0,
+                      "prefix_tokens": 0}
 
     # ---- admission -----------------------------------------------------------------------------------------
     def idle(self) -> bool:
@@ -187,7 +193,15 @@ class ContinuousSampler:
     # ---- prefill -------------------------------------------------------------------------------------------
     def _start_prefill(self) -> None:
         reqs = sorted(self._waiting, key=lambda q: _order_key(q.item.adapter))
-        self._waiting = []
+        hits = self._prefix_hits(reqs)
+        if hits:  # rows prefill the same last columns: first the hits whose uncached parts are alike (see _reuse)
+            rest = {i: len(reqs[i].item.prompt) - hits[id(reqs[i])][1] for i in range(len(reqs)) if id(reqs[i]) in hits}
+            cap = 2 * min(rest.values()) + BLOCK
+            now = {i for i, n in rest.items() if n <= cap}
+            self._waiting = [q for i, q in enumerate(reqs) if i not in now]
+            reqs = [q for i, q in enumerate(reqs) if i in now]
+        else:
+            self._waiting = []
         dev = self.device
         first: dict[tuple[str | None, tuple[int, ...]], int] = {}
         src: list[int] = []
@@ -213,6 +227,44 @@ class ContinuousSampler:
                 segments.append((r, r + 1, q.item.adapter))
         self._prefill = _Prefill(reqs, src, ids.to(dev), mask.to(dev) if mask is not None else None, pos.to(dev),
                                  segments)
+        if hits:
+            self._reuse(self._prefill, [hits[id(q)] for q in uniq])
+
+    def _prefix_hits(self, reqs: list[_Req]) -> dict[int, tuple[Any, int]]:
+        """``id(request) -> (stored entry, reusable length)`` for the requests whose prompt starts with a stored
+        sequence of the same adapter and weights (not those asking for prompt logprobs: they need every
+        position's logits)."""
+        if self.prefix is None or self.weights_key is None:
+            return {}
+        keys: dict[str | None, Hashable] = {}
+        hits: dict[int, tuple[Any, int]] = {}
+        for q in reqs:
+            if q.item.prompt_logprobs or q.item.topk_prompt_logprobs:
+                continue
+            a = q.item.adapter
+            if a not in keys:
+                keys[a] = self.weights_key(a)
+            found = self.prefix.find(a, keys[a], q.item.prompt)
+            if found is not None:
+                hits[id(q)] = found
+        return hits
+
+    def _reuse(self, p: _Prefill, found: list[tuple[Any, int]]) -> None:
+        """Start prefill ``p`` (one row per entry of ``found``) from the stored caches: every row reuses as much
+        of its match as lets all rows prefill the same last columns (the longest uncached part; rows with a
+        shorter one recompute some cached positions, hence hits with alike uncached parts go together), so the
+        prefill begins there."""
+        b, w = p.ids.shape
+        pads = [w - int(p.mask[r].sum()) if p.mask is not None else 0 for r in range(b)]  # each row's left padding
+        rest = max(w - pad - n for pad, (_, n) in zip(pads, found, strict=True))  # columns every row prefills
+        start = w - rest
+        rows = [(ent.keys, ent.values, max(0, start - pad)) for pad, (ent, _) in zip(pads, found, strict=True)]
+        if start <= 0 or not any(n for _, _, n in rows):
+            return
+        p.cache = _kv.from_rows(rows, start)
+        p.done = start
+        self.stats["prefix_hits"] += sum(1 for _, _, n in rows if n)
+        self.stats["prefix_tokens"] += sum(n for _, _, n in rows)
 
     def _prefill_chunk(self, done: list[tuple[Hashable, SampleResponse]]) -> None:
         p = self._prefill
@@ -339,6 +391,7 @@ class ContinuousSampler:
                 row.reason = "length"
         if len(keep) == len(self._rows):
             return keep
+        self._store_finished()
         for row in self._rows:
             if row.reason is not None:
                 q = row.req
@@ -358,6 +411,22 @@ class ContinuousSampler:
             _kv.trim_left(self._cache, first)
             self._mask = self._mask[:, first:]
         return keep
+
+    def _store_finished(self) -> None:
+        """Hand the finished rows' caches to the prefix store (prompt + completion, less the last token)."""
+        if self.prefix is None or self.weights_key is None or self._mask is None:
+            return
+        keys: dict[str | None, Hashable] = {}
+        held = self._mask.sum(dim=1).tolist()
+        for r, row in enumerate(self._rows):
+            n = int(held[r])
+            seq = row.req.item.prompt + row.tokens
+            if row.reason is None or n > len(seq) or n < 2:
+                continue
+            if row.adapter not in keys:
+                keys[row.adapter] = self.weights_key(row.adapter)
+            k, v = _kv.row_suffix(self._cache, r, n)
+            self.prefix.add(row.adapter, keys[row.adapter], seq[:n], k, v)
 
     def _segments(self) -> list[tuple[int, int, str | None]]:
         segs: list[tuple[int, int, str | None]] = []

@@ -184,3 +184,31 @@ def concat(into: Any, other: Any) -> None:
             continue
         a.keys = torch.cat([a.keys, b.keys], dim=0)
         a.values = torch.cat([a.values, b.values], dim=0)
+
+
+def row_suffix(cache: Any, r: int, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Copies of row ``r``'s last ``n`` cached positions, every layer (``[heads, n, dim]`` each)."""
+    keys, values = [], []
+    for la in _layers(cache):
+        w = la.keys.shape[2]
+        keys.append(la.keys[r, :, w - n:].clone())
+        values.append(la.values[r, :, w - n:].clone())
+    return keys, values
+
+
+def from_rows(rows: list[tuple[list[torch.Tensor], list[torch.Tensor], int]], width: int) -> Any:
+    """A cache of ``len(rows)`` rows and ``width`` columns: row ``i`` holds the first ``n`` positions of its
+    ``(keys, values, n)`` right-aligned (left-padded with zeros; ``n`` may be 0)."""
+    from transformers import DynamicCache
+
+    ref_k, ref_v = next((k, v) for k, v, n in rows if n > 0)
+    cache = DynamicCache()
+    for i in range(len(ref_k)):
+        kk = ref_k[i].new_zeros((len(rows), ref_k[i].shape[0], width, ref_k[i].shape[2]))
+        vv = ref_v[i].new_zeros((len(rows), ref_v[i].shape[0], width, ref_v[i].shape[2]))
+        for r, (k, v, n) in enumerate(rows):
+            if n > 0:
+                kk[r, :, width - n:] = k[i][:, :n]
+                vv[r, :, width - n:] = v[i][:, :n]
+        cache.update(kk, vv, i)
+    return cache

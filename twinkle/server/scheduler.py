@@ -104,6 +104,7 @@ class SchedulerConfig:
     sampler_cache_size: int = _SCHED.sampler_cache_size
     history: int = _SCHED.history
     prefill_chunk: int = _SCHED.prefill_chunk
+    prefix_cache_tokens: int = _SCHED.prefix_cache_tokens
     sample_slice_s: float = _SCHED.sample_slice_s
     train_slice_s: float = _SCHED.train_slice_s
     concurrent_sampling: bool = _SCHED.concurrent_sampling
@@ -131,7 +132,8 @@ class SchedulerConfig:
                 except (TypeError, ValueError) as e:
                     raise InvalidInputError(f"{f.name} must be a {kind.__name__}", field=f.name) from e
                 if value < 0 or (value == 0 and f.name not in ("seq_grace_s", "first_seq_id", "sample_slice_s",
-                                                   "train_slice_s", "concurrent_sampling", "training_nice")):
+                                                   "train_slice_s", "concurrent_sampling", "training_nice",
+                                                   "prefix_cache_tokens")):
                     raise InvalidInputError(f"{f.name} must be positive", field=f.name)
                 setattr(out, f.name, value)
         return out
@@ -1076,7 +1078,8 @@ class Scheduler:
             if make is not None:
                 try:
                     self._engine = make(kv_budget=self.config.sample_token_budget,
-                                        prefill_chunk=self.config.prefill_chunk)
+                                        prefill_chunk=self.config.prefill_chunk,
+                                        prefix_tokens=self.config.prefix_cache_tokens)
                     if self._engine is not None:
                         self._engine.stream = self._on_token
                 except BaseException:  # noqa: BLE001

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import math
 from pathlib import Path
@@ -72,6 +73,9 @@ def _load_model(auto: Any, path: str, dtype: torch.dtype, attn_implementation: s
                     str(e).split(".")[0])
         kw["attn_implementation"] = "eager"
         return auto.from_pretrained(path, **kw)
+
+
+_WEIGHTS_SERIAL = itertools.count(1)  # serials of adapters' weights changes (``_weights_key``)
 
 
 class TransformersBackend(Backend):
@@ -241,6 +245,7 @@ class TransformersBackend(Backend):
         st = AdapterState(adapter, config, modules, pairs)
         st.make_optimizer()
         self._adapters[adapter] = st
+        self._weights_epochs()[adapter] = next(_WEIGHTS_SERIAL)
 
     def remove_adapter(self, adapter: str) -> None:
         st = self._get(adapter)
@@ -250,9 +255,28 @@ class TransformersBackend(Backend):
         self._weights_changed(adapter)
 
     def _weights_changed(self, adapter: str) -> None:
-        """``adapter``'s weights changed or went: its merged sampling weights are stale (see ``_decode.Merged``)."""
+        """``adapter``'s weights changed or went: its merged sampling weights are stale (see ``_decode.Merged``),
+        and so is any sampling cache made with them (``_weights_key``)."""
+        self._weights_epochs()[adapter] = next(_WEIGHTS_SERIAL)
         if self._merged is not None:
             self._merged.drop(adapter)
+
+    def _weights_key(self, adapter: str | None) -> Any:
+        """A key that changes whenever ``adapter``'s weights do: the serial of its last change through this
+        backend (add, ``optim_step``, ``load``, removal) and its parameters' version counters (any in-place
+        change); the base model's never changes. The continuous sampler keys reused prompt caches on it."""
+        if adapter is None:
+            return 0
+        st = self._adapters.get(adapter)
+        epoch = self._weights_epochs().get(adapter)
+        return (epoch, None if st is None else sum(p._version for p in st.parameters()))
+
+    def _weights_epochs(self) -> dict[str, int]:
+        """adapter -> serial of its last weights change (made on first use: subclasses need not call __init__)."""
+        epochs: dict[str, int] | None = self.__dict__.get("_wepochs")
+        if epochs is None:
+            epochs = self.__dict__["_wepochs"] = {}
+        return epochs
 
     def list_adapters(self) -> list[str]:
         return list(self._adapters)
@@ -712,15 +736,18 @@ class TransformersBackend(Backend):
         self._vrouting.per_thread = True
         return True
 
-    def sampler_engine(self, *, kv_budget: int | None = None, prefill_chunk: int = 512) -> Any:
-        """A ``ContinuousSampler`` over this model (``None`` when its cache kind does not support it)."""
+    def sampler_engine(self, *, kv_budget: int | None = None, prefill_chunk: int = 512,
+                       prefix_tokens: int = 0) -> Any:
+        """A ``ContinuousSampler`` over this model (``None`` when its cache kind does not support it);
+        ``prefix_tokens``: cached positions of finished sequences kept for prompts that start with them."""
         from twinkle.sampler.engine import ContinuousSampler
 
         if not self.continuous_ok():
             return None
         return ContinuousSampler(self._sample_forward, eos_ids=self._eos, vocab_size=self.vocab_size,
                                  max_length=self.max_length, device=self.device, decode=self._decode_text,
-                                 prefill_chunk=prefill_chunk, kv_budget=kv_budget)
+                                 prefill_chunk=prefill_chunk, kv_budget=kv_budget, prefix_tokens=prefix_tokens,
+                                 weights_key=self._weights_key)
 
     def validate_sample(self, items: list[SampleItem]) -> None:
         from twinkle.sampler.engine import validate_sample_items
