@@ -143,7 +143,7 @@ def test_store_keeps_its_budget_and_checks_tokens():
     ent, n = store.find("a", 1, seqs[3] + [9])
     assert n == 40 and ent.tokens == seqs[3]
     assert store.find("a", 1, seqs[3]) [1] == 39  # the last prompt token is always prefilled
-    assert store.find("b", 1, seqs[3] + [9]) is None  # another adapter
+    assert store.find("b", 1, seqs[3] + [9]) is None  # another owner (adapter or user)
     # a forged index entry (a hash collision) is not a hit: the tokens are compared
     other = [77] * BLOCK + [1]
     store._index[("a", BLOCK, hash(tuple(other[:BLOCK])))] = next(iter(store._entries))
@@ -158,3 +158,18 @@ def test_scheduler_setting_turns_it_off(backend):
     assert SchedulerConfig.from_dict({"scheduler": {"prefix_cache_tokens": 0}}).prefix_cache_tokens == 0
     assert backend.sampler_engine(prefix_tokens=0).prefix is None
     assert SchedulerConfig().prefix_cache_tokens > 0
+
+
+def test_another_users_sequences_are_never_reused(backend):
+    """Prompt caches are per user (the scope the gateway sets): the base model's cache of one user's
+    conversation does not speed up another user's identical prompt."""
+    eng = _engine(backend)
+    first = _run(eng, [SampleItem(None, TURN1, 1, SamplingParams(max_tokens=8, temperature=0.0, stop=[]),
+                                  scope="alice")])[0].sequences[0].tokens
+    nxt = TURN1 + first + [3]
+    bob = SampleItem(None, nxt, 1, SamplingParams(max_tokens=4, temperature=0.0, stop=[]), scope="bob")
+    _assert_fresh(backend, bob, _run(eng, [bob])[0])
+    assert eng.stats["prefix_hits"] == 0
+    alice = SampleItem(None, nxt, 1, SamplingParams(max_tokens=4, temperature=0.0, stop=[]), scope="alice")
+    _run(eng, [alice])
+    assert eng.stats["prefix_hits"] == 1

@@ -22,6 +22,7 @@ from twinkle.types import (
     LimitExceededError,
     LoraConfig,
     NotFoundError,
+    SamplingParams,
     StateLostError,
     datum_from_tokens,
 )
@@ -356,3 +357,24 @@ def test_authentication(tmp_path):
     svc._auth_cache.clear()
     with pytest.raises(AuthenticationError):
         svc.authenticate(key)
+
+
+def test_sample_requests_carry_their_users_scope(tmp_path, monkeypatch):
+    """The gateway stamps every sample op with its user, so prompt caches (``twinkle.sampler._prefix``) are never
+    shared across users: one user's first-token time tells nothing of what another sent."""
+    from twinkle.server import scheduler as sched
+
+    seen: list = []
+    orig = sched._sample_item
+    monkeypatch.setattr(sched, "_sample_item", lambda s, a: seen.append(orig(s, a)) or seen[-1])
+
+    async def go():
+        svc = _service(tmp_path)
+        for user in (ALICE, BOB):
+            op = SampleOp(prompt=[5, 6, 7], params=SamplingParams(max_tokens=2))
+            op.scope = "forged"  # whatever a caller put there is replaced
+            await _result(svc, user, await svc.sample(user, op, base_model="mock"))
+        await svc.stop()
+
+    asyncio.run(go())
+    assert [it.scope for it in seen] == ["alice", "bob"]

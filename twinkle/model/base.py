@@ -73,6 +73,7 @@ class SampleItem:
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
     images: list[Any] | None = None  # ImageChunks of the prompt, in order; ``prompt`` holds their placeholder runs
+    scope: str = ""  # who may share prompt caches with this request (the gateway sets the user's name)
 
 
 class Backend(ABC):

@@ -7,8 +7,8 @@ training). One :meth:`ContinuousSampler.step` does, in order:
 1. one decode step of the running rows (choose a token per row, check stops, drop finished rows and the
    cache columns no remaining row needs, then one forward of the survivors), and
 2. one prefill chunk (at most ``prefill_chunk`` tokens) of the requests admitted since the last prefill
-   began; requests of one adapter with the same prompt (a GRPO group sent as one request per sample, as the
-   Tinker cookbook does) share one prefill row; when a prefill completes, each prompt's single row is forked
+   began; requests of one adapter and user with the same prompt (a GRPO group sent as one request per sample, as
+   the Tinker cookbook does) share one prefill row; when a prefill completes, each prompt's single row is forked
    once per sequence of its requests (``num_samples`` each: shared prefill) and the rows join the running batch.
 
 It returns the requests whose every sequence finished during the step, so each caller's result is ready
@@ -203,11 +203,11 @@ class ContinuousSampler:
         else:
             self._waiting = []
         dev = self.device
-        first: dict[tuple[str | None, tuple[int, ...]], int] = {}
+        first: dict[tuple[str | None, str, tuple[int, ...]], int] = {}
         src: list[int] = []
         uniq: list[_Req] = []  # one request per prefill row, still sorted by adapter
         for q in reqs:
-            u = first.setdefault((q.item.adapter, tuple(q.item.prompt)), len(first))
+            u = first.setdefault((q.item.adapter, q.item.scope, tuple(q.item.prompt)), len(first))
             if u == len(uniq):
                 uniq.append(q)
             src.append(u)
@@ -232,8 +232,8 @@ class ContinuousSampler:
 
     def _prefix_hits(self, reqs: list[_Req]) -> dict[int, tuple[Any, int]]:
         """``id(request) -> (stored entry, reusable length)`` for the requests whose prompt starts with a stored
-        sequence of the same adapter and weights (not those asking for prompt logprobs: they need every
-        position's logits)."""
+        sequence of the same adapter, weights and scope (the user: another user's prompts never speed one up, so
+        timing tells nothing of them), not those asking for prompt logprobs (they need every position's logits)."""
         if self.prefix is None or self.weights_key is None:
             return {}
         keys: dict[str | None, Hashable] = {}
@@ -244,7 +244,7 @@ class ContinuousSampler:
             a = q.item.adapter
             if a not in keys:
                 keys[a] = self.weights_key(a)
-            found = self.prefix.find(a, keys[a], q.item.prompt)
+            found = self.prefix.find((a, q.item.scope), keys[a], q.item.prompt)
             if found is not None:
                 hits[id(q)] = found
         return hits
@@ -426,7 +426,7 @@ class ContinuousSampler:
             if row.adapter not in keys:
                 keys[row.adapter] = self.weights_key(row.adapter)
             k, v = _kv.row_suffix(self._cache, r, n)
-            self.prefix.add(row.adapter, keys[row.adapter], seq[:n], k, v)
+            self.prefix.add((row.adapter, row.req.item.scope), keys[row.adapter], seq[:n], k, v)
 
     def _segments(self) -> list[tuple[int, int, str | None]]:
         segs: list[tuple[int, int, str | None]] = []

@@ -79,6 +79,8 @@ class SampleOp:
     topk_prompt_logprobs: int = 0
     type: str = "sample"
     images: list[Any] = field(default_factory=list)  # the prompt's ImageChunks, in order
+    scope: str = ""  # who may share prompt caches (set by the gateway to the user: no timing tells one user
+    # what another sent)
 
     def __post_init__(self) -> None:
         # The reply grows with k × prompt length: bound k here, whichever API built the op.

@@ -1318,7 +1318,7 @@ def _sample_item(s: _SampleRequest, adapter: str | None) -> SampleItem:
     op = s.op
     return SampleItem(adapter=adapter, prompt=list(op.prompt), num_samples=op.num_samples, params=op.params,
                       prompt_logprobs=op.prompt_logprobs, topk_prompt_logprobs=op.topk_prompt_logprobs,
-                      images=list(getattr(op, "images", None) or []) or None)
+                      images=list(getattr(op, "images", None) or []) or None, scope=getattr(op, "scope", ""))
 
 
 def _batch_info(reqs: list[_Request], seconds: float) -> dict[str, Any]:

@@ -123,6 +123,7 @@ class Sampling:
         m = ctx.model_cfg(base_model)
         if not op.prompt:
             raise InvalidInputError("prompt must hold at least one token", field="prompt")
+        op.scope = user.name  # shared prompt caches stay within one user (``twinkle.sampler._prefix``)
         op.prompt, op.images = expand_prompt(op.prompt, ctx.model_info.get(m.served_name), m.served_name)
         ctx.check_tokens(m, len(op.prompt), "prompt")
         if op.num_samples < 1 or op.num_samples > m.sampler.max_num_samples:
