@@ -68,7 +68,8 @@ class HF:
         self.torch = torch
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
-    def run(self, prompts: list[list[int]], n: int, max_tokens: int) -> int:
+    def _generate(self, prompts: list[list[int]], n: int, max_tokens: int) -> list[list[int]]:
+        """The completions (``n`` a prompt, in order) of the prompts in one left-padded batch."""
         torch = self.torch
         w = max(map(len, prompts))
         ids = torch.tensor([[0] * (w - len(p)) + p for p in prompts])
@@ -77,22 +78,13 @@ class HF:
             out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
                                       min_new_tokens=max_tokens, do_sample=True, temperature=1.0, top_k=0,
                                       top_p=1.0, num_return_sequences=n, pad_token_id=0)
-        return int((out.shape[1] - w) * out.shape[0])
+        return [row.tolist() for row in out[:, w:]]
+
+    def run(self, prompts: list[list[int]], n: int, max_tokens: int) -> int:
+        return sum(map(len, self._generate(prompts, n, max_tokens)))
 
     def turns(self, prompts: list[list[int]], turns: int, max_tokens: int) -> int:
-        torch = self.torch
-        total = 0
-        for _ in range(turns):
-            w = max(map(len, prompts))
-            ids = torch.tensor([[0] * (w - len(p)) + p for p in prompts])
-            mask = (torch.arange(w)[None] >= torch.tensor([w - len(p) for p in prompts])[:, None]).long()
-            with torch.no_grad():
-                out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
-                                          min_new_tokens=max_tokens, do_sample=True, temperature=1.0, top_k=0,
-                                          top_p=1.0, pad_token_id=0)
-            total += int((out.shape[1] - w) * out.shape[0])
-            prompts = [p + out[i, w:].tolist() + _NEXT_TURN for i, p in enumerate(prompts)]
-        return total
+        return _turns(lambda ps: self._generate(ps, 1, max_tokens), prompts, turns)
 
 
 _NEXT_TURN = [3 + (7 * j) % 50 for j in range(16)]  # the tokens a multi-turn case adds after each completion
