@@ -127,6 +127,12 @@ def test_prompt_logprobs_requests_prefill_everything(backend):
     out = _run(eng, [item])[0]
     assert eng.stats["prefix_hits"] == 0
     np.testing.assert_allclose(out.prompt_logprobs[1:], _full_logprobs(backend, "a", item.prompt), atol=1e-4)
+    # in one prefill with a request that could reuse, it still gets every column's logits (nothing is reused)
+    short = SampleItem("b", TURN1[:12], 1, SamplingParams(max_tokens=3, temperature=0.0, stop=[]), True, 0)
+    hit, other = _run(eng, [_item("a", TURN1 + first + [6]), short])
+    assert eng.stats["prefix_hits"] == 0
+    np.testing.assert_allclose(other.prompt_logprobs[1:], _full_logprobs(backend, "b", short.prompt), atol=1e-4)
+    _assert_fresh(backend, _item("a", TURN1 + first + [6]), hit)
 
 
 def test_store_keeps_its_budget_and_checks_tokens():
@@ -173,3 +179,19 @@ def test_another_users_sequences_are_never_reused(backend):
     alice = SampleItem(None, nxt, 1, SamplingParams(max_tokens=4, temperature=0.0, stop=[]), scope="alice")
     _run(eng, [alice])
     assert eng.stats["prefix_hits"] == 1
+
+
+def test_the_oldest_request_prefills_first_and_alike_ones_with_it(backend):
+    """A prefill takes the requests whose uncached part is about as long as the oldest one's: a long new prompt
+    admitted first is not overtaken by cheap next turns arriving after it (they prefill next), and all stay exact."""
+    calls: list[tuple[int, int]] = []
+    eng = _engine(backend, calls)
+    first = _run(eng, [_item("a", TURN1)])[0].sequences[0].tokens
+    long_new = _item("b", [60 + i % 30 for i in range(70)])
+    nxt = _item("a", TURN1 + first + [4, 5])
+    calls.clear()
+    outs = _run(eng, [long_new, nxt])
+    assert calls[0] == (1, 70) and calls[1][0] == 1  # the long prompt alone; then, with its first decode step...
+    assert (1, 3) in calls[1:3] and eng.stats["prefix_hits"] == 1  # ...the next turn's 3 new columns
+    for it, out in zip([long_new, nxt], outs, strict=True):
+        _assert_fresh(backend, it, out)

@@ -192,16 +192,19 @@ class ContinuousSampler:
 
     # ---- prefill -------------------------------------------------------------------------------------------
     def _start_prefill(self) -> None:
-        reqs = sorted(self._waiting, key=lambda q: _order_key(q.item.adapter))
-        hits = self._prefix_hits(reqs)
-        if hits:  # rows prefill the same last columns: first the hits whose uncached parts are alike (see _reuse)
-            rest = {i: len(reqs[i].item.prompt) - hits[id(reqs[i])][1] for i in range(len(reqs)) if id(reqs[i]) in hits}
-            cap = 2 * min(rest.values()) + BLOCK
-            now = {i for i, n in rest.items() if n <= cap}
-            self._waiting = [q for i, q in enumerate(reqs) if i not in now]
-            reqs = [q for i, q in enumerate(reqs) if i in now]
+        waiting = self._waiting  # in admission order
+        hits = self._prefix_hits(waiting)
+        if hits:
+            # Every row of a prefill runs the same last columns (see _reuse): this one takes the requests whose
+            # uncached part is about as long as the oldest request's, the others wait for the next prefill (each
+            # request is the oldest in turn, so none waits for ever).
+            rest = [len(q.item.prompt) - (hits[id(q)][1] if id(q) in hits else 0) for q in waiting]
+            low, high = rest[0] // 2 - BLOCK, 2 * rest[0] + BLOCK
+            self._waiting = [q for q, n in zip(waiting, rest, strict=True) if not low <= n <= high]
+            waiting = [q for q, n in zip(waiting, rest, strict=True) if low <= n <= high]
         else:
             self._waiting = []
+        reqs = sorted(waiting, key=lambda q: _order_key(q.item.adapter))
         dev = self.device
         first: dict[tuple[str | None, str, tuple[int, ...]], int] = {}
         src: list[int] = []
@@ -227,8 +230,9 @@ class ContinuousSampler:
                 segments.append((r, r + 1, q.item.adapter))
         self._prefill = _Prefill(reqs, src, ids.to(dev), mask.to(dev) if mask is not None else None, pos.to(dev),
                                  segments)
-        if hits:
-            self._reuse(self._prefill, [hits[id(q)] for q in uniq])
+        if any(id(q) in hits for q in uniq) and not any(q.item.prompt_logprobs or q.item.topk_prompt_logprobs
+                                                         for q in reqs):  # (those need every column's logits)
+            self._reuse(self._prefill, [hits.get(id(q), (None, 0)) for q in uniq])
 
     def _prefix_hits(self, reqs: list[_Req]) -> dict[int, tuple[Any, int]]:
         """``id(request) -> (stored entry, reusable length)`` for the requests whose prompt starts with a stored
@@ -250,15 +254,16 @@ class ContinuousSampler:
         return hits
 
     def _reuse(self, p: _Prefill, found: list[tuple[Any, int]]) -> None:
-        """Start prefill ``p`` (one row per entry of ``found``) from the stored caches: every row reuses as much
-        of its match as lets all rows prefill the same last columns (the longest uncached part; rows with a
-        shorter one recompute some cached positions, hence hits with alike uncached parts go together), so the
-        prefill begins there."""
+        """Start prefill ``p`` (one row per entry of ``found``: a stored entry and its usable length, or
+        ``(None, 0)``) from the stored caches: every row reuses as much of its match as lets all rows prefill
+        the same last columns (the longest uncached part; rows with a shorter one recompute some cached
+        positions, hence requests with alike uncached parts go together), so the prefill begins there."""
         b, w = p.ids.shape
         pads = [w - int(p.mask[r].sum()) if p.mask is not None else 0 for r in range(b)]  # each row's left padding
         rest = max(w - pad - n for pad, (_, n) in zip(pads, found, strict=True))  # columns every row prefills
         start = w - rest
-        rows = [(ent.keys, ent.values, max(0, start - pad)) for pad, (ent, _) in zip(pads, found, strict=True)]
+        rows = [(ent.keys, ent.values, max(0, start - pad)) if ent is not None else ([], [], 0)
+                for pad, (ent, _) in zip(pads, found, strict=True)]
         if start <= 0 or not any(n for _, _, n in rows):
             return
         p.cache = _kv.from_rows(rows, start)
