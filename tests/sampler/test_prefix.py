@@ -154,6 +154,9 @@ def test_store_keeps_its_budget_and_checks_tokens():
     other = [77] * BLOCK + [1]
     store._index[("a", BLOCK, hash(tuple(other[:BLOCK])))] = next(iter(store._entries))
     assert store.find("a", 1, other) is None
+    # a conversation's next turn extends its last one: the store keeps the newer only
+    assert store.add("a", 1, seqs[3] + [5] * 10, *kv(50)) and store.held == 40 + 50
+    assert store.find("a", 1, seqs[3] + [5] * 10 + [9])[1] == 50
     assert store.find("a", 2, seqs[3] + [9]) is None and store.held == 0  # new weights: the old entries go
     assert not store.add("a", 2, [1] * 101, *kv(101))  # larger than the whole budget
 

@@ -13,7 +13,8 @@ compare the tokens themselves (a hash collision is never a hit) and extend the m
 the prompt's last token is always prefilled (its logits choose the first sampled token). Entries are keyed on the
 owner (adapter and user) and a weights key from the backend (it changes with every ``optim_step``, ``load`` or in-place change),
 so a changed adapter never reuses its old cache: its entries are dropped at the next add or lookup. The store
-holds at most ``max_tokens`` cached positions (least recently used go first); 0 turns it off.
+holds at most ``max_tokens`` cached positions (least recently used go first; an entry that a new one extends, the
+previous turn of a conversation, goes when the new one comes); 0 turns it off.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class _Entry:
     tokens: list[int]
     keys: list[torch.Tensor]  # one [kv_heads, len(tokens), head_dim] a layer
     values: list[torch.Tensor]
+    eid: int = -1  # its id in PrefixStore._entries
     index: list[tuple[Any, int, int]] = field(default_factory=list)  # its keys in PrefixStore._index
 
 
@@ -70,10 +72,13 @@ class PrefixStore:
         if n < MIN_REUSE or n > self.max_tokens:
             return False
         self._check_weights(owner, wkey)
+        covered = self.find(owner, wkey, [*tokens, -1])  # an entry the new one extends (the last turn's) goes
+        if covered is not None and covered[1] == len(covered[0].tokens):
+            self._remove(covered[0].eid)
         while self._entries and self.held + n > self.max_tokens:
             self._remove(next(iter(self._entries)))
         eid, self._next = self._next, self._next + 1
-        ent = _Entry(owner, list(tokens), keys, values)
+        ent = _Entry(owner, list(tokens), keys, values, eid)
         for m in range(BLOCK, n + 1, BLOCK):
             key = (owner, m, hash(tuple(tokens[:m])))
             self._index[key] = eid

@@ -146,8 +146,9 @@ class SchedulerSettings(_Strict):
                                "continuous sampler")
     prefix_cache_tokens: int = Field(8192, ge=0, le=2**24, description="cached positions of finished sequences the "
                                      "continuous sampler keeps so that a later prompt of the same adapter and "
-                                     "weights that starts with one prefills only the rest (multi-turn rollouts); "
-                                     "0: off")
+                                     "weights that starts with one prefills only the rest (multi-turn rollouts: "
+                                     "size it to the live conversations' total length, e.g. 256 episodes of 800 "
+                                     "tokens ~ 200000; each position costs what the running KV cache does); 0: off")
     sample_slice_s: float = Field(0.05, ge=0, le=60, description="least decode time before training that waits "
                                   "in the same tick runs")
     train_slice_s: float = Field(0.1, ge=0, le=60, description="while sampling is active, a training batch runs "
