@@ -167,6 +167,11 @@ def test_scheduler_setting_turns_it_off(backend):
     assert SchedulerConfig.from_dict({"scheduler": {"prefix_cache_tokens": 0}}).prefix_cache_tokens == 0
     assert backend.sampler_engine(prefix_tokens=0).prefix is None
     assert SchedulerConfig().prefix_cache_tokens > 0
+    from twinkle.types import InvalidInputError
+
+    for bad in ({"prefix_cache_tokens": -1}, {"prefill_chunk": 0}):  # the schema's lower bounds hold here too
+        with pytest.raises(InvalidInputError, match="must be at least"):
+            SchedulerConfig.from_dict({"scheduler": bad})
 
 
 def test_another_users_sequences_are_never_reused(backend):

@@ -73,6 +73,11 @@ def _view(la: Any) -> tuple[torch.Tensor, torch.Tensor, int] | None:
     return buf[0], buf[1], off
 
 
+def _show(la: Any, kb: torch.Tensor, vb: torch.Tensor, rows: int, start: int, end: int) -> None:
+    """Make the layer's keys and values the views ``buf[:rows, :, start:end]`` of its buffers."""
+    la.keys, la.values = kb[:rows, :, start:end], vb[:rows, :, start:end]
+
+
 def _rebuffer(la: Any, extra: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Copy the layer's tensors into new buffers with room for ``extra`` more columns and some slack."""
     w = la.keys.shape[2]
@@ -98,7 +103,7 @@ def append(cache: Any, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.
     kb, vb, off = view
     kb[:rows, :, off + w:off + w + n] = k
     vb[:rows, :, off + w:off + w + n] = v
-    la.keys, la.values = kb[:rows, :, off:off + w + n], vb[:rows, :, off:off + w + n]
+    _show(la, kb, vb, rows, off, off + w + n)
     return la.keys, la.values
 
 
@@ -136,8 +141,7 @@ def select(cache: Any, idx: torch.Tensor) -> None:
         for d, s in moves:
             kb[d, :, off:off + w] = kb[s, :, off:off + w]
             vb[d, :, off:off + w] = vb[s, :, off:off + w]
-        n = idx.numel()
-        la.keys, la.values = kb[:n, :, off:off + w], vb[:n, :, off:off + w]
+        _show(la, kb, vb, idx.numel(), off, off + w)
 
 
 def left_pad(cache: Any, n: int) -> None:
@@ -151,7 +155,7 @@ def left_pad(cache: Any, n: int) -> None:
             rows, w = la.keys.shape[0], la.keys.shape[2]
             kb[:rows, :, off - n:off] = 0
             vb[:rows, :, off - n:off] = 0
-            la.keys, la.values = kb[:rows, :, off - n:off + w], vb[:rows, :, off - n:off + w]
+            _show(la, kb, vb, rows, off - n, off + w)
             continue
         la.keys = F.pad(la.keys, (0, 0, n, 0))
         la.values = F.pad(la.values, (0, 0, n, 0))
@@ -180,7 +184,7 @@ def concat(into: Any, other: Any) -> None:
             w = a.keys.shape[2]
             kb[rows:rows + extra, :, off:off + w] = b.keys
             vb[rows:rows + extra, :, off:off + w] = b.values
-            a.keys, a.values = kb[:rows + extra, :, off:off + w], vb[:rows + extra, :, off:off + w]
+            _show(a, kb, vb, rows + extra, off, off + w)
             continue
         a.keys = torch.cat([a.keys, b.keys], dim=0)
         a.values = torch.cat([a.values, b.values], dim=0)

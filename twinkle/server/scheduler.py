@@ -87,6 +87,17 @@ _SAMPLING_RECENT_S = 2.0
 _ALIASES = {"max_queue": "max_pending_total", "max_batch_size": "max_sample_batch"}
 
 
+def _least(name: str) -> float:
+    """The smallest value the config schema allows for a ``SchedulerConfig`` knob (its ``ge``; 0 for a knob the
+    schema does not bound from below or does not have)."""
+    schema = {v: k for k, v in _ALIASES.items()}.get(name, name)
+    for settings in (_SCHED, _SAMPLER):
+        info = type(settings).model_fields.get(schema)
+        if info is not None:
+            return next((m.ge for m in info.metadata if getattr(m, "ge", None) is not None), 0)
+    return 0
+
+
 @dataclass
 class SchedulerConfig:
     """Tuning knobs. ``from_dict`` reads them from a model config (flat keys or a ``scheduler:`` section).
@@ -131,10 +142,9 @@ class SchedulerConfig:
                     value = kind(value)
                 except (TypeError, ValueError) as e:
                     raise InvalidInputError(f"{f.name} must be a {kind.__name__}", field=f.name) from e
-                if value < 0 or (value == 0 and f.name not in ("seq_grace_s", "first_seq_id", "sample_slice_s",
-                                                   "train_slice_s", "concurrent_sampling", "training_nice",
-                                                   "prefix_cache_tokens")):
-                    raise InvalidInputError(f"{f.name} must be positive", field=f.name)
+                least = _least(f.name)
+                if value < least:
+                    raise InvalidInputError(f"{f.name} must be at least {least}", field=f.name)
                 setattr(out, f.name, value)
         return out
 
