@@ -22,6 +22,7 @@ training interleaved in slices (``concurrent_sampling: false``), and one thread 
 (``train_slice_s: 0`` too); ``--ttft-only`` skips the throughput rows.
 
     .venv/bin/python bench/sampler.py [--model builtin://small] [--max-tokens 64] [--rounds 2] [--threads 1]
+    .venv/bin/python bench/sampler.py --sample-dtype bfloat16   # the server samples with bfloat16 weights
     .venv/bin/python bench/sampler.py --ttft-only --ttft-baseline
     .venv/bin/python bench/sampler.py --ttft-compare training_nice=0 [--ttft-rounds 3] [--ttft-n 30]
 
@@ -179,7 +180,7 @@ def _ttft(sampler: Any, prompts: list[list[int]], n: int) -> list[float]:
     return out
 
 
-def _server(model: str, threads: int, scheduler: dict[str, Any] | None = None) -> Any:
+def _server(model: str, threads: int, scheduler: dict[str, Any] | None = None, sample_dtype: str = "float32") -> Any:
     """A local server; ``scheduler``: settings for the model's ``scheduler:`` section."""
     from twinkle.local_server import LocalServer
 
@@ -188,6 +189,7 @@ def _server(model: str, threads: int, scheduler: dict[str, Any] | None = None) -
             cfg = super().config()
             if scheduler:
                 cfg["models"][0]["scheduler"] = dict(scheduler)
+            cfg["models"][0]["sample_dtype"] = sample_dtype
             return cfg
 
     return _Server(model, threads=threads)
@@ -295,7 +297,8 @@ def _ttft_rows(label: str, idle: list[float], busy: list[float]) -> None:
 
 
 def _throughput_table(args: Any, cases: list[tuple[int, int, str]], results: dict[Any, dict[str, list[float]]]) -> None:
-    print(f"Sampling throughput, {args.model}, rank-8 adapter, {args.max_tokens} new tokens per sequence, "
+    print(f"Sampling throughput, {args.model} (server sample_dtype {args.sample_dtype}, HF generate float32), "
+          f"rank-8 adapter, {args.max_tokens} new tokens per sequence, "
           f"{args.threads} torch thread(s) each side, median of {args.rounds} rounds (tokens/s); ratios: median "
           f"(min-max) of each round's ratio, both sides measured back to back (load average now "
           f"{os.getloadavg()[0]:.1f})")
@@ -331,6 +334,8 @@ def main() -> None:
     ap.add_argument("--ttft-compare", default=None, help="scheduler settings KEY=VALUE;...: TTFT side by side "
                     "against the default server (see the module docstring)")
     ap.add_argument("--ttft-rounds", type=int, default=3)
+    ap.add_argument("--sample-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the server model's sample_dtype (bfloat16: faster, logprobs ~1e-2 off; docs/server.md)")
     args = ap.parse_args()
 
     import tinker
@@ -352,7 +357,7 @@ def main() -> None:
                                                                          (8, 4, "turns")]
     mt = args.max_tokens
 
-    with _server(args.model, args.threads) as server:
+    with _server(args.model, args.threads, sample_dtype=args.sample_dtype) as server:
         twinkle_client.init_twinkle_client(server.url, api_key=server.api_key)
         model = TransformersModel(args.model)
         model.add_adapter_to_model("bench-sampler", r=8)

@@ -113,6 +113,21 @@ def test_megatron_settings_reach_the_backend_options(tmp_path):
     assert set(opts) <= set(inspect.signature(MegatronBackend.__init__).parameters)
 
 
+def test_sample_dtype_reaches_the_transformers_backend(tmp_path):
+    from twinkle.model.transformers import TransformersBackend
+    from twinkle.server.app import worker_config
+    from twinkle.server.backends import backend_kwargs
+
+    data = _minimal(tmp_path)
+    data["models"][0].update(backend="transformers", model_id="builtin://tiny", sample_dtype="bfloat16")
+    kw = backend_kwargs(TransformersBackend, worker_config(parse_config(data).models[0]))
+    assert kw["sample_dtype"] == "bfloat16"
+    data["models"][0]["sample_dtype"] = "int8"
+    with pytest.raises(ConfigError) as ei:
+        parse_config(data)
+    assert ei.value.field == "models[0].sample_dtype"
+
+
 def test_check_config_cli(tmp_path, capsys):
     good = _write(tmp_path, _minimal(tmp_path))
     assert main(["check-config", "-c", str(good)]) == 0

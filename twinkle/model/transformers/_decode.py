@@ -32,7 +32,8 @@ DEFAULT_MAX_BYTES = 2 << 30  # pack at most 2 GiB of base weights (the copy cost
 
 
 def available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether inference layouts can serve this device/dtype (float32: the transposed copy; bfloat16: oneDNN)."""
+    """Whether inference layouts of ``dtype`` can serve this device (float32: the transposed copy; bfloat16:
+    oneDNN)."""
     if device.type != "cpu":
         return False
     if dtype == torch.float32:
@@ -42,37 +43,45 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
     return hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` ([out, in]) laid out for :func:`linear`: float32 as a contiguous ``[in, out]`` copy,
-    bfloat16 packed for oneDNN."""
+def pack(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``weight`` ([out, in]) laid out for :func:`linear`, in ``dtype`` (default: its own): float32 as a
+    contiguous ``[in, out]`` copy, bfloat16 packed for oneDNN."""
     w = weight.detach()
+    if dtype is not None and w.dtype != dtype:
+        w = w.to(dtype)
     if w.dtype == torch.float32:
         return w.t().contiguous()
     return torch.ops.mkldnn._reorder_linear_weight(w, 8)
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` with the weight laid out by :func:`pack` (no-grad passes only)."""
+    """``F.linear(x, weight, bias)`` with the weight laid out by :func:`pack` (no-grad passes only). A float32
+    ``x`` times bfloat16 packed weights (``sample_dtype``) multiplies in bfloat16 and returns float32."""
     if packed.dtype == torch.float32:
         out = torch.matmul(x, packed)
+        return out if bias is None else out.add_(bias)
+    if x.dtype != packed.dtype:
+        out = torch.ops.mkldnn._linear_pointwise(x.to(packed.dtype), packed, None, "none", [], "").to(x.dtype)
         return out if bias is None else out.add_(bias)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def pack_all(layers: Iterable[Any], *, device: torch.device, dtype: torch.dtype,
-             max_bytes: int = DEFAULT_MAX_BYTES) -> bool:
-    """Give every ``MultiLoraLinear`` of ``layers`` a ``packed`` weight (:func:`pack`); False (nothing packed)
-    when not available or the weights are larger than ``max_bytes``."""
+             max_bytes: int = DEFAULT_MAX_BYTES, weights: torch.dtype | None = None) -> bool:
+    """Give every ``MultiLoraLinear`` of ``layers`` (a ``dtype`` model) a ``packed`` weight (:func:`pack`, in
+    ``weights``, default ``dtype``); False (nothing packed) when not available or the copies would be larger
+    than ``max_bytes``."""
     layers = list(layers)
-    if not layers or not available(device, dtype):
+    weights = weights or dtype
+    if not layers or not available(device, weights):
         return False
-    size = sum(m.base.weight.numel() * m.base.weight.element_size() for m in layers)
+    size = sum(m.base.weight.numel() * weights.itemsize for m in layers)
     if size > max_bytes:
         log.info("decode kernels: %d MiB of linear weights is above the %d MiB limit; not packed",
                  size >> 20, max_bytes >> 20)
         return False
     try:
-        packed = [pack(m.base.weight) for m in layers]
+        packed = [pack(m.base.weight, weights) for m in layers]
         x = torch.zeros((1, layers[0].base.in_features), dtype=dtype, device=device)
         linear(x, packed[0], layers[0].base.bias)  # the kernel runs here, or we keep the default path
     except (RuntimeError, NotImplementedError) as e:  # pragma: no cover - torch built without the oneDNN ops

@@ -99,7 +99,7 @@ class TransformersBackend(Backend):
     def __init__(self, model_id: str, *, dtype: str = "float32", device: str | None = None, max_adapters: int = 64,
                  max_lora_rank: int = 256, attn_implementation: str | None = "sdpa",
                  gradient_checkpointing: bool = False, autocast: str | None = None,
-                 decode_kernels: bool = True, packing: bool = True) -> None:
+                 decode_kernels: bool = True, packing: bool = True, sample_dtype: str | None = None) -> None:
         """``attn_implementation``: ``sdpa`` (default; a model that refuses it falls back to ``eager``), ``eager``,
         ``flash_attention_2``...; ``gradient_checkpointing``: recompute each decoder layer in the backward pass
         (less activation memory); ``autocast``: ``bfloat16``/``float16`` mixed precision for forward passes on
@@ -108,11 +108,16 @@ class TransformersBackend(Backend):
         single-adapter passes with that adapter's merged weights (up to 2 more copies of the adapted layers;
         see ``_decode``); ``packing``:
         datums of one adapter share rows in training and forward passes (``_pack``: no padding waste, same
-        logprobs and gradients), where the model proves exact on a probe."""
+        logprobs and gradients), where the model proves exact on a probe; ``sample_dtype``: ``bfloat16`` runs the
+        sampling passes of a float32 model with bfloat16 base weights (CPU: a bfloat16 copy of them for oneDNN,
+        kept instead of the float32 one; CUDA: autocast), faster but no longer exact: sampled and prompt logprobs
+        are those of that pass (``docs/scheduler.md``); training and forward passes stay float32."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
         if dtype not in _DTYPES:
             raise InvalidInputError(f"unknown dtype {dtype!r}; one of {sorted(_DTYPES)}", field="dtype")
+        if sample_dtype not in (None, "float32", "bfloat16", "bf16"):
+            raise InvalidInputError("sample_dtype is float32 (exact, the default) or bfloat16", field="sample_dtype")
         self.model_id = model_id
         self.path = _resolve_path(model_id)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -157,6 +162,9 @@ class TransformersBackend(Backend):
         self._eos = self._eos_ids()
         self._continuous: bool | None = None
         self.decode_kernels = bool(decode_kernels)
+        # bfloat16 sampling passes of a float32 model (None: the model's own dtype, exact)
+        self.sample_dtype: torch.dtype | None = (
+            torch.bfloat16 if sample_dtype in ("bfloat16", "bf16") and self.dtype == torch.float32 else None)
         self._packed: bool | None = None
         self._merged: _decode.Merged | None = None
         self._lean: _lean.LeanDecoder | None | Literal[False] = False  # False: not probed yet (``_lean_decoder``)
@@ -318,7 +326,7 @@ class TransformersBackend(Backend):
             pos = vision.position_ids
         try:
             if fast is not None:
-                with self._compute_context(train):
+                with self._compute_context(train, infer):
                     return fast.forward(ids, mask, pos, cache, last_only=last_only)
             kw: dict[str, Any] = {"input_ids": ids, "use_cache": use_cache}
             if vision is not None:
@@ -332,7 +340,7 @@ class TransformersBackend(Backend):
                 kw[self._cache_kw] = cache
             if last_only and self._keep_kw:
                 kw["logits_to_keep"] = 1
-            with self._compute_context(train):
+            with self._compute_context(train, infer):
                 out = self.model(**kw)
         finally:
             if train and self._ckpt_layers:  # checkpointed layers re-run in backward with this routing
@@ -342,13 +350,17 @@ class TransformersBackend(Backend):
         new_cache = (out.get("cache") or out.get("past_key_values")) if use_cache else None
         return out.logits, new_cache
 
-    def _compute_context(self, train: bool) -> Any:
-        """Autocast (when configured) and, in training passes, the checkpointed layers switched on."""
+    def _compute_context(self, train: bool, infer: bool = False) -> Any:
+        """Autocast (when configured; for sampling passes on CUDA also by ``sample_dtype``) and, in training
+        passes, the checkpointed layers switched on."""
         import contextlib
 
         stack = contextlib.ExitStack()
-        if self.autocast is not None:
-            stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast))
+        cast = self.autocast
+        if cast is None and infer and self.sample_dtype is not None and self.device.type == "cuda":
+            cast = self.sample_dtype
+        if cast is not None:
+            stack.enter_context(torch.autocast(self.device.type, dtype=cast))
         if train and self._ckpt_layers:
             for m in self._ckpt_layers:  # HF checkpoints a layer only when it is "training"; dropout stays off
                 m.training = True
@@ -676,12 +688,18 @@ class TransformersBackend(Backend):
                                     last_only=last_only, infer=True)
 
     def _decode_kernels(self) -> bool:
-        """Pack the base linear weights for inference on first use (see ``_decode``); whether they are. A
-        float32 model also merges a single sampling adapter into them (``_decode.Merged``)."""
+        """Pack the base linear weights for inference on first use (see ``_decode``; in ``sample_dtype`` when
+        set); whether they are. A float32 model sampling in float32 also merges a single sampling adapter into
+        them (``_decode.Merged``; a bfloat16 copy would round the adapter's update away, so its LoRA products
+        stay separate, in float32)."""
         if self._packed is None:
+            weights = self.sample_dtype if self.device.type == "cpu" else None
             self._packed = self.decode_kernels and _decode.pack_all(
-                self._layers.values(), device=self.device, dtype=self.dtype)
-            if self._packed and self.dtype == torch.float32:
+                self._layers.values(), device=self.device, dtype=self.dtype, weights=weights)
+            if weights is not None and not self._packed:
+                log.warning("sample_dtype %s: no bfloat16 kernels here (decode_kernels off, or torch without "
+                            "oneDNN); sampling stays %s", weights, self.dtype)
+            if self._packed and self.dtype == torch.float32 and weights is None:
                 self._merged = _decode.Merged()
         return self._packed
 
