@@ -78,6 +78,53 @@ def test_packed_layouts_by_dtype():
                                rtol=2e-2, atol=2e-2)
 
 
+def test_onednn_float32_layout_is_the_default_product_up_to_rounding():
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
+    packed = _decode.pack(w, dnn=True)
+    assert packed.is_mkldnn and packed.dtype == torch.float32
+    for rows in (1, 8, 33):
+        x = torch.randn(rows, 32, generator=g)
+        np.testing.assert_allclose(_decode.linear(x, packed, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("slow", [True, False])
+def test_the_float32_layout_is_the_one_that_timed_faster(monkeypatch, slow):
+    """``faster_layout`` keeps whichever layout its timed passes found faster: slow one down and the other wins."""
+    b = _backend()
+    real = _decode.linear
+
+    def linear(x, packed, bias):
+        if packed.is_mkldnn == slow:
+            torch.matmul(x, torch.zeros(x.shape[-1], 2048))  # extra work for that layout only
+        return real(x, packed, bias)
+
+    monkeypatch.setattr(_decode, "linear", linear)
+    try:
+        layers = list(b._layers.values())
+        dnn, packed = _decode.faster_layout(layers)
+        assert dnn is not slow
+        assert packed and all(p.is_mkldnn is dnn for p in packed)
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize("dnn", [True, False])
+def test_sampling_is_exact_with_either_float32_layout(monkeypatch, dnn):
+    monkeypatch.setattr(_decode, "faster_layout", lambda layers: (dnn, []))
+    monkeypatch.setattr(_decode, "MERGE_AFTER_TOKENS", 16)
+    b = _backend()
+    try:
+        out = _sample(b, n=2, max_tokens=12)
+        assert all(m.packed.is_mkldnn is dnn for m in b._layers.values())
+        assert "a" in b._merged.adapters()  # the merge is laid out like the base weights
+        assert all(m.merged["a"].is_mkldnn is dnn for m in b._layers.values() if "a" in m.merged)
+        _assert_exact(b, out)
+        _assert_exact(b, _sample(b, n=1, max_tokens=10))
+    finally:
+        b.close()
+
+
 def test_sampling_packs_and_merges_and_stays_exact(backend):
     out = _sample(backend, n=3, max_tokens=12)
     assert all(m.packed is not None for m in backend._layers.values())

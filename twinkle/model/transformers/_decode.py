@@ -3,22 +3,26 @@ decode passes best, and an adapter's merged weights for passes whose rows all sa
 
 A decode step multiplies a handful of rows by every weight of the model once, and at a few rows the weight's
 layout decides the speed. ``F.linear`` multiplies by the ``[out, in]`` weight transposed, which the default
-CPU BLAS handles badly at 2-64 rows; the same product by a contiguous ``[in, out]`` copy (``x @ W.T`` with
-``W.T`` laid out once) does not. Measured on the 2-core AVX-512 CPU, one thread, the 56 linears of
-builtin://small (a decode step's products): 8 rows 10.4 ms with ``F.linear``, 6.6 ms with oneDNN's packed
-weights (this module's kernel until session 9), **6.1 ms** transposed; 32 rows 13.3 / 12.7 / **10.6 ms**; one
-row 4.1 / 5.2 / **3.7 ms**. bfloat16 weights keep oneDNN's packed layout, which wins there by far (8 rows:
-30 us a product against 70-80 us). The copy doubles the memory of the base linear weights, so it is made
-lazily (first sampling call), only on CPU, and only under ``max_bytes``; training and every gradient path
-keep the plain ``nn.Linear``. The product differs from ``F.linear`` by float32 rounding only, and no BLAS
-promises a row the same bits at every batch size, so a seeded request samples the same tokens alone or
-batched unless a draw lands within rounding of a boundary (``tests/sampler/test_decode_kernels.py``).
+CPU BLAS often handles badly at 2-64 rows. Two layouts serve those products better: a contiguous ``[in, out]``
+copy for the default BLAS (``x @ W.T`` with ``W.T`` laid out once) and oneDNN's packed weights. Which one is
+faster depends on the machine, and on a shared VM on the day: on the same 2-core AVX-512 instance type, one
+thread, the 56 linears of builtin://small at 8 rows took 10.4 ms with ``F.linear``, 6.6 ms packed and 6.1 ms
+transposed in session 9, and 14.9 / 11.6 / 14.8 ms in session 10 (the 100 MB of weights no longer
+cache-resident). So a float32 model times both layouts on its own weights once, at 8 and 32 rows, when it
+first samples (:func:`faster_layout`; ~0.1 s on builtin://small) and keeps the faster one only. bfloat16
+weights always use oneDNN's packed layout, which wins there by far. The copy doubles the memory of the base
+linear weights, so it is made lazily (first sampling call), only on CPU, and only under ``max_bytes``;
+training and every gradient path keep the plain ``nn.Linear``. Either product differs from ``F.linear`` by
+float32 rounding only, and no BLAS promises a row the same bits at every batch size, so a seeded request
+samples the same tokens alone or batched unless a draw lands within rounding of a boundary
+(``tests/sampler/test_decode_kernels.py``).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -43,13 +47,13 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
     return hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def pack(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``weight`` ([out, in]) laid out for :func:`linear`, in ``dtype`` (default: its own): float32 as a
-    contiguous ``[in, out]`` copy, bfloat16 packed for oneDNN."""
+def pack(weight: torch.Tensor, dtype: torch.dtype | None = None, *, dnn: bool = False) -> torch.Tensor:
+    """``weight`` ([out, in]) laid out for :func:`linear`, in ``dtype`` (default: its own): packed for oneDNN
+    (bfloat16 always, float32 when ``dnn``), else a contiguous ``[in, out]`` copy."""
     w = weight.detach()
     if dtype is not None and w.dtype != dtype:
         w = w.to(dtype)
-    if w.dtype == torch.float32:
+    if w.dtype == torch.float32 and not dnn:
         return w.t().contiguous()
     return torch.ops.mkldnn._reorder_linear_weight(w, 8)
 
@@ -57,7 +61,7 @@ def pack(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` with the weight laid out by :func:`pack` (no-grad passes only). A float32
     ``x`` times bfloat16 packed weights (``sample_dtype``) multiplies in bfloat16 and returns float32."""
-    if packed.dtype == torch.float32:
+    if not packed.is_mkldnn:
         out = torch.matmul(x, packed)
         return out if bias is None else out.add_(bias)
     if x.dtype != packed.dtype:
@@ -81,7 +85,8 @@ def pack_all(layers: Iterable[Any], *, device: torch.device, dtype: torch.dtype,
                  size >> 20, max_bytes >> 20)
         return False
     try:
-        packed = [pack(m.base.weight, weights) for m in layers]
+        dnn, packed = faster_layout(layers) if weights == torch.float32 else (False, [])
+        packed += [pack(m.base.weight, weights, dnn=dnn) for m in layers[len(packed):]]
         x = torch.zeros((1, layers[0].base.in_features), dtype=dtype, device=device)
         linear(x, packed[0], layers[0].base.bias)  # the kernel runs here, or we keep the default path
     except (RuntimeError, NotImplementedError) as e:  # pragma: no cover - torch built without the oneDNN ops
@@ -90,6 +95,40 @@ def pack_all(layers: Iterable[Any], *, device: torch.device, dtype: torch.dtype,
     for m, p in zip(layers, packed, strict=True):
         m.packed = p
     return True
+
+
+PROBE_ROWS = (8, 32)
+PROBE_BYTES = 256 << 20  # time the layouts on at most this much of the weights (whole layers, in order)
+
+
+def faster_layout(layers: list[Any], rounds: int = 2) -> tuple[bool, list[torch.Tensor]]:
+    """Whether oneDNN's packed float32 layout multiplies ``layers``' weights faster than the transposed copy on
+    this machine (both timed on the same passes: ``PROBE_ROWS`` rows through every probed layer, alternating
+    which goes first, ``rounds`` times; the sums compared), and the winner's weights of the probed layers."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False, []
+    probe, size = [], 0
+    for m in layers:
+        probe.append(m)
+        size += m.base.weight.numel() * 4
+        if size >= PROBE_BYTES:
+            break
+    kinds = {k: [pack(m.base.weight, torch.float32, dnn=k) for m in probe] for k in (False, True)}
+    xs = {(r, m.in_features): torch.zeros((r, m.in_features)) for r in PROBE_ROWS for m in probe}
+    spent = {False: 0.0, True: 0.0}
+    with torch.no_grad():
+        for i in range(rounds + 1):
+            for k in ((False, True) if i % 2 else (True, False)):
+                t0 = time.perf_counter()
+                for r in PROBE_ROWS:
+                    for m, w in zip(probe, kinds[k], strict=True):
+                        linear(xs[(r, m.in_features)], w, None)
+                if i:  # the first round warms both up
+                    spent[k] += time.perf_counter() - t0
+    log.info("decode kernels: float32 layouts over %d MiB of weights at %s rows: transposed %.1f ms, oneDNN "
+             "%.1f ms", size >> 20, PROBE_ROWS, spent[False] * 1e3 / rounds, spent[True] * 1e3 / rounds)
+    dnn = spent[True] < spent[False]
+    return dnn, kinds[dnn]
 
 
 MERGE_AFTER_TOKENS = 512  # tokens of single-adapter sampling passes before that adapter's merge is built
@@ -179,7 +218,7 @@ class Merged:
             for mod, layer in zip((m for m in state.modules if layers[m].packed is not None), mods, strict=True):
                 pair, w = state.pairs[mod], layer.base.weight
                 merged = torch.addmm(w.float(), pair.lora_B.float(), pair.lora_A.float(), alpha=pair.scale)
-                layer.merged[name] = pack(merged.to(w.dtype))
+                layer.merged[name] = pack(merged.to(w.dtype), dnn=layer.packed.is_mkldnn)
         self._merges[name] = _Merge(key, mods, nbytes)
         self._seen.pop(name, None)
         self.builds += 1
