@@ -89,6 +89,7 @@ class TransformersBackend(Backend):
     _keep_kw = False
     _continuous: bool | None = None
     decode_kernels = False
+    sample_dtype: torch.dtype | None = None  # subclasses that skip __init__ (megatron) sample in their own dtype
     _packed: bool | None = None
     _merged: _decode.Merged | None = None  # adapters' merged weights for sampling (float32, packed only)
     packing = False  # subclasses whose forward ignores position ids (megatron) keep the padded layout
@@ -163,7 +164,7 @@ class TransformersBackend(Backend):
         self._continuous: bool | None = None
         self.decode_kernels = bool(decode_kernels)
         # bfloat16 sampling passes of a float32 model (None: the model's own dtype, exact)
-        self.sample_dtype: torch.dtype | None = (
+        self.sample_dtype = (
             torch.bfloat16 if sample_dtype in ("bfloat16", "bf16") and self.dtype == torch.float32 else None)
         self._packed: bool | None = None
         self._merged: _decode.Merged | None = None
