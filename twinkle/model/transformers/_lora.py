@@ -74,10 +74,15 @@ class LoraPair(nn.Module):
             x = F.dropout(x, self.dropout, training=True)
         return (F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale).to(dtype)
 
-    def add_to(self, out: torch.Tensor, x: torch.Tensor, train: bool) -> torch.Tensor:
-        """``out + forward(x)`` with the scale fused into the addition."""
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, train: bool, inplace: bool = False) -> torch.Tensor:
+        """``out + forward(x)`` with the scale fused into the addition; ``inplace`` (no-grad passes whose ``out``
+        is a fresh contiguous product): added into ``out`` by one ``addmm_`` (two operations instead of three)."""
         if x.dtype != self.lora_A.dtype:
             return out + self.forward(x, train)
+        if inplace and out.is_contiguous() and out.dtype == x.dtype:
+            flat = out.view(-1, out.shape[-1])
+            flat.addmm_(F.linear(x.reshape(-1, x.shape[-1]), self.lora_A), self.lora_B.t(), alpha=self.scale)
+            return out
         if self.dropout > 0.0 and train:
             x = F.dropout(x, self.dropout, training=True)
         return torch.add(out, F.linear(F.linear(x, self.lora_A), self.lora_B), alpha=self.scale)
@@ -113,7 +118,7 @@ class MultiLoraLinear(nn.Module):
             m = self.merged.get(routing.merged) if routing.merged is not None else None
             if m is not None:
                 return _decode.linear(x, m, self.base.bias)
-            out = _decode.linear(x, self.packed, self.base.bias)
+            out = _decode.linear(x, self.packed, self.base.bias, self.base.weight)
         else:
             out = self.base(x)
         if routing is None or not self.adapters:
@@ -125,7 +130,12 @@ class MultiLoraLinear(nn.Module):
             name = segs[0][2]
             if name is None or name not in self.adapters:
                 return out
-            return self.adapters[name].add_to(out, x, routing.dropout)
+            return self.adapters[name].add_to(out, x, routing.dropout, inplace=routing.infer)
+        if routing.infer and out.is_contiguous():  # each segment's update added into its rows of `out`
+            for start, end, name in segs:
+                if name is not None and name in self.adapters:
+                    self.adapters[name].add_to(out[start:end], x[start:end], False, inplace=True)
+            return out
         deltas: list[torch.Tensor] = []
         any_lora = False
         for start, end, name in segs:
