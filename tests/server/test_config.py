@@ -126,6 +126,9 @@ def test_sample_dtype_reaches_the_transformers_backend(tmp_path):
     with pytest.raises(ConfigError) as ei:
         parse_config(data)
     assert ei.value.field == "models[0].sample_dtype"
+    data["models"][0].update(sample_dtype="bfloat16", backend="megatron")
+    with pytest.raises(ConfigError, match="sample_dtype is a transformers backend setting"):
+        parse_config(data)
 
 
 def test_check_config_cli(tmp_path, capsys):

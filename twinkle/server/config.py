@@ -249,6 +249,13 @@ class ModelConfig(_Strict):
         raise ValueError(f"backend is one of {', '.join(_BUILTIN_BACKENDS)} or 'package.module:ClassName'")
 
     @model_validator(mode="after")
+    def _sample_dtype_where_it_applies(self) -> ModelConfig:
+        if self.sample_dtype != "float32" and self.backend in ("megatron", "mock"):
+            raise ValueError(f"sample_dtype is a transformers backend setting; the {self.backend} backend samples "
+                             "in its model's dtype")
+        return self
+
+    @model_validator(mode="after")
     def _options_for_custom_only(self) -> ModelConfig:
         if self.backend_options and self.backend in _BUILTIN_BACKENDS:
             raise ValueError("backend_options is for custom backends; set a built-in backend's keys directly "
