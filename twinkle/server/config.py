@@ -203,7 +203,7 @@ class ModelConfig(_Strict):
     sample_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="transformers backend: precision of sampling passes of a float32 model. float32: "
         "exact (sampled logprobs equal a forward pass); bfloat16: bfloat16 base weights (CPU with oneDNN/AMX, or "
-        "CUDA autocast), ~1.5-2x faster decoding on CPU, logprobs off by ~1e-2 (docs/scheduler.md)")
+        "CUDA autocast), sampling ~1.2-1.3x faster on an AMX CPU, logprobs off by ~1e-2 (docs/scheduler.md)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     seed: int = 0
     trust_remote_code: bool = False
