@@ -24,3 +24,15 @@ def add_live_adapters(backend: Any, names: Iterable[str], seed: int, scale: floa
     for i, name in enumerate(names):
         backend.add_adapter(name, LoraConfig(rank=rank, seed=i))
         perturb_b(backend, name, seed + i, scale)
+
+
+def tiny_live_backend(**kw: Any) -> Any:
+    """A CPU ``TransformersBackend`` on the tiny model (``kw``: its options) with adapter ``a`` (rank 4) whose B
+    matrices are non-zero, so that the adapter changes every logprob."""
+    from twinkle.model.transformers import TransformersBackend
+    from twinkle.model.transformers._random import tiny_model_path
+
+    b = TransformersBackend(str(tiny_model_path()), device="cpu", **kw)
+    b.add_adapter("a", LoraConfig(rank=4, seed=1))
+    perturb_b(b, "a", seed=7, scale=0.2)
+    return b

@@ -9,10 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.live_lora import perturb_b
+from tests.live_lora import tiny_live_backend
 from twinkle.model.base import BatchItem, SampleItem
-from twinkle.model.transformers import TransformersBackend, _decode
-from twinkle.model.transformers._random import tiny_model_path
+from twinkle.model.transformers import _decode
 from twinkle.types import AdamParams, Datum, LoraConfig, ModelInput, SamplingParams
 
 PROMPT = [5, 17, 42, 99, 7, 3, 11]
@@ -20,11 +19,7 @@ pytestmark = pytest.mark.skipif(not _decode.available(torch.device("cpu"), torch
                                 reason="this torch has no oneDNN packed linear")
 
 
-def _backend(**kw):
-    b = TransformersBackend(str(tiny_model_path()), device="cpu", **kw)
-    b.add_adapter("a", LoraConfig(rank=4, seed=1))
-    perturb_b(b, "a", seed=7, scale=0.2)
-    return b
+_backend = tiny_live_backend
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.live_lora import perturb_b
+from tests.live_lora import tiny_live_backend
 from twinkle.model.base import BatchItem, SampleItem
 from twinkle.model.transformers import TransformersBackend, _decode
 from twinkle.model.transformers._random import tiny_model_path
-from twinkle.types import Datum, InvalidInputError, LoraConfig, ModelInput, SamplingParams
+from twinkle.types import Datum, InvalidInputError, ModelInput, SamplingParams
 
 PROMPT = [5, 17, 42, 99, 7, 3, 11]
 pytestmark = pytest.mark.skipif(not _decode.available(torch.device("cpu"), torch.bfloat16),
@@ -21,11 +21,7 @@ pytestmark = pytest.mark.skipif(not _decode.available(torch.device("cpu"), torch
 TOL = 0.1  # bfloat16 weights: measured differences are 0.002-0.03 on the tiny model
 
 
-def _backend(**kw):
-    b = TransformersBackend(str(tiny_model_path()), device="cpu", **kw)
-    b.add_adapter("a", LoraConfig(rank=4, seed=1))
-    perturb_b(b, "a", seed=7, scale=0.2)
-    return b
+_backend = tiny_live_backend
 
 
 @pytest.fixture(scope="module")
