@@ -70,6 +70,40 @@ def test_the_adapter_update_is_kept_whole(pair):
     assert _gap(fast, out, "a") < TOL  # and the bfloat16 sample follows the adapter, not the base model
 
 
+def test_an_update_below_bfloat16_rounding_still_counts(pair):
+    """An early-training adapter's update is far below half a bfloat16 step of its weights: merged into a bfloat16
+    copy it would round away. The sampling pass adds it in float32, so a layer's output moves by exactly it."""
+    from twinkle.model.transformers._lora import Routing
+
+    fast, _ = pair
+    _sample(fast)  # packed now
+    name = next(n for n in fast._adapters["a"].modules if "q_proj" in n)
+    layer, pair_ = fast._layers[name], fast._adapters["a"].pairs[name]
+    with torch.no_grad():
+        keep = pair_.lora_B.clone()
+        pair_.lora_B.copy_(torch.randn(pair_.lora_B.shape, generator=torch.Generator().manual_seed(3)) * 1e-5)
+    try:
+        w = layer.base.weight
+        delta_w = pair_.scale * pair_.lora_B.detach() @ pair_.lora_A.detach()
+        ulp = torch.finfo(torch.bfloat16).eps * w.abs()
+        assert (delta_w.abs() < ulp / 2).float().mean() > 0.9  # a bfloat16 merge would drop most of it
+        x = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(4))
+        outs = {}
+        with torch.no_grad():
+            for adapter in ("a", None):
+                fast._routing[0] = Routing([(0, 3, adapter)], infer=True)
+                try:
+                    outs[adapter] = layer(x)
+                finally:
+                    fast._routing[0] = None
+            want = x @ delta_w.T
+        assert want.abs().max() > 1e-6
+        np.testing.assert_allclose((outs["a"] - outs[None]).numpy(), want.numpy(), atol=2e-7)
+    finally:
+        with torch.no_grad():
+            pair_.lora_B.copy_(keep)
+
+
 def test_training_and_forward_passes_stay_float32_exact(pair):
     fast, exact = pair
     _sample(fast)  # packed now
