@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,9 +41,9 @@ _START_TIMEOUT_S = float(os.environ.get("TWINKLE_TEST_SERVER_TIMEOUT", "600"))
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from twinkle.net import free_port
+
+    return free_port()  # outside the ephemeral range: a Ray start's own connections cannot take it meanwhile
 
 
 def _healthy(url: str) -> bool:

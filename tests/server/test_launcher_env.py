@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import sys
 
@@ -235,3 +236,17 @@ def test_the_lean_head_skips_dashboard_and_monitor_and_puts_them_back(monkeypatc
     monkeypatch.setenv("TWINKLE_RAY_FULL_HEAD", "1")
     with launcher._lean_head() as lean:
         assert lean is False and (Node.start_api_server, Node.start_monitor) == before
+
+
+def test_free_ports_stay_out_of_the_ephemeral_range_and_rays_worker_ports():
+    """Outgoing connections take their local ports from the ephemeral range (a CI run lost its shared server to
+    one that took the port between the choice and the bind); Ray's workers bind 10002-19999."""
+    from twinkle import net
+
+    lo, hi = net._ephemeral()
+    ports = [net.free_port() for _ in range(50)]
+    assert len(set(ports)) == 50  # never handed out twice by one process
+    for p in ports:
+        assert not lo <= p <= hi and p > 19999
+        with socket.socket() as s:  # and free
+            s.bind(("127.0.0.1", p))
