@@ -31,8 +31,6 @@ import torch.nn.functional as F
 
 from twinkle.sampler.engine import kv_append
 
-from ._lora import MultiLoraLinear, shared_input
-
 log = logging.getLogger(__name__)
 
 FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "phi3", "olmo2"})
@@ -86,10 +84,6 @@ class _Layer:
             self.q, self.k, self.v = at.q_proj, at.k_proj, at.v_proj
         self.split = [heads * self.head_dim, kv_heads * self.head_dim, kv_heads * self.head_dim]
         self.o, self.mlp = at.o_proj, la.mlp
-        mlp = la.mlp  # a dense gated MLP (the families' *MLP classes); experts and fused gate_up keep their own
-        self.gated = [mlp.gate_proj, mlp.up_proj] if type(mlp).__name__.endswith("MLP") and all(
-            isinstance(getattr(mlp, n, None), MultiLoraLinear) for n in ("gate_proj", "up_proj", "down_proj")) \
-            and hasattr(mlp, "act_fn") else None
         self.q_norm = getattr(at, "q_norm", None)
         self.k_norm = getattr(at, "k_norm", None)
         self.norm_heads = self.q_norm is not None and self.q_norm.weight.numel() == self.head_dim
@@ -148,16 +142,6 @@ class LeanDecoder:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=am, is_causal=causal, scale=scale)
 
-    @staticmethod
-    def _mlp(la: _Layer, x: torch.Tensor) -> torch.Tensor:
-        """The layer's MLP; a gated dense one (``down(act(gate(x)) * up(x))``) with its gate and up projections'
-        LoRA A products as one (``shared_input``) when the pass allows it."""
-        if la.gated is not None:
-            both = shared_input(la.gated, x)
-            if both is not None:
-                return la.mlp.down_proj(la.mlp.act_fn(both[0]) * both[1])
-        return la.mlp(x)
-
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor, cache: Any,
                 last_only: bool = False) -> tuple[torch.Tensor, Any]:
         from transformers import DynamicCache
@@ -177,7 +161,7 @@ class LeanDecoder:
             if la.qkv is not None:
                 q, k, v = la.qkv(x).split(la.split, dim=-1)
             else:
-                q, k, v = shared_input([la.q, la.k, la.v], x) or (la.q(x), la.k(x), la.v(x))
+                q, k, v = la.q(x), la.k(x), la.v(x)
             if la.q_norm is not None and not la.norm_heads:  # OLMo 2: over the whole projection
                 q, k = self._rms(q, la.q_norm), self._rms(k, la.k_norm)
             q, k, v = q.view(b, n, -1, hd), k.view(b, n, -1, hd), v.view(b, n, -1, hd).transpose(1, 2)
@@ -188,10 +172,10 @@ class LeanDecoder:
             o = la.o(self._attend(q, k, v, am, la.scale).transpose(1, 2).reshape(b, n, -1))
             if la.post:
                 h = h + self._rms(o, la.n_attn)
-                h = h + self._rms(self._mlp(la, h), la.n_mlp)
+                h = h + self._rms(la.mlp(h), la.n_mlp)
             else:
                 h = h + o
-                h = h + self._mlp(la, self._rms(h, la.n2))
+                h = h + la.mlp(self._rms(h, la.n2))
         h = self._rms(h[:, -1:] if last_only else h, self.norm)
         return self.lm_head(h), cache
 

@@ -66,7 +66,6 @@ class LoraPair(nn.Module):
         self.rank = rank
         self.scale = alpha / rank
         self.dropout = dropout
-        self.stacked: tuple[tuple[int, ...], torch.Tensor] | None = None  # (shared_input, on a group's first pair)
 
     def forward(self, x: torch.Tensor, train: bool) -> torch.Tensor:
         dtype = x.dtype
@@ -149,35 +148,3 @@ class MultiLoraLinear(nn.Module):
         if not any_lora:
             return out
         return out + torch.cat(deltas, dim=0)
-
-
-def shared_input(layers: list[MultiLoraLinear], x: torch.Tensor) -> list[torch.Tensor] | None:
-    """The outputs of ``layers`` (projections of the same input ``x``: q/k/v, gate/up) in a sampling pass whose
-    rows all use one adapter that adapts every one of them, with one LoRA A product for all (their A matrices
-    stacked) instead of one each; None when that does not apply (the caller runs each layer). Same numbers as
-    each layer's own forward up to float rounding. The stack is kept on the group's first pair, keyed on the
-    A matrices' identities and version counters, so it goes with the adapter and never outlives a change."""
-    routing = layers[0]._routing[0]
-    if routing is None or not routing.infer or routing.merged is not None or len(routing.segments) != 1:
-        return None
-    name = routing.segments[0][2]
-    if name is None or any(la.packed is None or la.unit != 1 or name not in la.adapters for la in layers):
-        return None
-    pairs = [la.adapters[name] for la in layers]
-    if any(p.lora_A.dtype != x.dtype for p in pairs):
-        return None
-    key = tuple(v for p in pairs for v in (id(p.lora_A), p.lora_A.data_ptr(), p.lora_A._version))
-    if pairs[0].stacked is None or pairs[0].stacked[0] != key:
-        pairs[0].stacked = (key, torch.cat([p.lora_A.detach() for p in pairs], dim=0))
-    t = F.linear(x.reshape(-1, x.shape[-1]), pairs[0].stacked[1])  # [rows, sum of ranks]
-    outs, at = [], 0
-    for la, p in zip(layers, pairs, strict=True):
-        out = _decode.linear(x, la.packed, la.base.bias, la.base.weight)
-        part = t[:, at:at + p.rank]
-        if out.is_contiguous():
-            out.view(-1, out.shape[-1]).addmm_(part, p.lora_B.t(), alpha=p.scale)
-        else:  # pragma: no cover - every packed product returns a fresh contiguous tensor
-            out = out + (F.linear(part, p.lora_B) * p.scale).view(out.shape)
-        outs.append(out)
-        at += p.rank
-    return outs
