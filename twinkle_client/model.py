@@ -53,13 +53,17 @@ def to_lora_config(config: Any = None, **overrides: Any) -> LoraConfig:
     else:
         raise InvalidInputError(f"config must be a LoraConfig, a dict or a peft.LoraConfig, got {type(config).__name__}",
                                 field="config")
-    if "r" in data and "rank" not in data:
-        data["rank"] = data.pop("r")
-    if "lora_alpha" in data and "alpha" not in data:
-        data["alpha"] = data.pop("lora_alpha")
-    if "lora_dropout" in data and "dropout" not in data:
-        data["dropout"] = data.pop("lora_dropout")
-    data.update(overrides)
+    data.update(overrides)  # keyword arguments (``r=8``) go through the same peft spellings as the config's keys
+    for alias, key in (("r", "rank"), ("lora_alpha", "alpha"), ("lora_dropout", "dropout")):
+        if alias in data:
+            value = data.pop(alias)
+            if alias in overrides or key not in data:
+                data[key] = value
+    unknown = sorted(set(overrides) - set(LoraConfig.model_fields) - {"r", "lora_alpha", "lora_dropout"})
+    if unknown:  # LoraConfig ignores unknown keys on the wire; a misspelt keyword here must not vanish silently
+        raise InvalidInputError(f"unknown LoRA setting(s) {', '.join(map(repr, unknown))}; known: "
+                                f"{', '.join(sorted(LoraConfig.model_fields))} (or r / lora_alpha / lora_dropout)",
+                                field=unknown[0])
     try:
         return LoraConfig.model_validate(data)
     except Exception as e:

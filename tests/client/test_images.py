@@ -48,8 +48,7 @@ def test_native_client_trains_and_samples_with_images(transport) -> None:
     v = vision_info(s, VL)
     assert v.patch_size == 8 and v.merge_size == 2
     model = TransformersModel(VL, session=s)
-    model.add_adapter_to_model("img", twinkle_client.LoraConfig(r=8)) if hasattr(twinkle_client, "LoraConfig") \
-        else model.add_adapter_to_model("img", {"r": 8})
+    model.add_adapter_to_model("img", r=8)
     model.set_optimizer("AdamW", lr=5e-3)
     tok = model.get_tokenizer()
     msgs = [{"role": "user", "content": [{"type": "image", "image": _pic("red")},

@@ -122,6 +122,27 @@ def test_peft_like_config_is_read_by_attribute():
     assert ei.value.field == "config"
 
 
+def test_lora_keywords_take_effect_in_either_spelling():
+    """``add_adapter_to_model("x", r=8)`` made a rank-32 adapter until session 10 (the keyword was applied after
+    the peft spellings were translated, and LoraConfig ignores unknown keys): every bench "rank-8 adapter" of the
+    native client was rank 32."""
+    assert to_lora_config(None, r=8).rank == 8
+    assert to_lora_config({"rank": 4}, r=8).rank == 8  # a keyword overrides the config
+    cfg = to_lora_config(None, r=16, lora_alpha=8, lora_dropout=0.1)
+    assert (cfg.rank, cfg.alpha, cfg.dropout) == (16, 8, 0.1)
+    assert to_lora_config({"r": 4, "rank": 6}).rank == 6  # within a config, the canonical key wins
+    with pytest.raises(InvalidInputError, match="'rnak'") as ei:
+        to_lora_config(None, rnak=8)
+    assert ei.value.field == "rnak"
+
+
+def test_add_adapter_keyword_rank_reaches_the_server(session):
+    model = TransformersModel(session=session)
+    run = model.add_adapter_to_model("kw", r=8, lora_alpha=16)
+    assert (run.lora.rank, run.lora.alpha) == (8, 16)  # what the server created
+    assert {r.name: r.lora.rank for r in session.runs(all_sessions=False)}["kw"] == 8
+
+
 def test_save_load_and_checkpoints(session):
     model = TransformersModel(session=session)
     run = model.add_adapter_to_model("default", {"rank": 4})
