@@ -9,7 +9,6 @@ twice, and a re-attached process continues the sequence.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +22,7 @@ from twinkle.types import (
     NotFoundError,
     OptimizerConfig,
     OptimStepResponse,
+    to_lora_config,
 )
 from twinkle.types.api import BaseModelInfo, CheckpointInfo, RunInfo
 
@@ -34,40 +34,6 @@ from .tokenizer import load_tokenizer, load_tokenizer_from_candidates
 __all__ = ["MegatronModel", "MockModel", "RemoteModel", "TransformersModel", "load_tokenizer", "to_lora_config"]
 
 _SCHEDULER_ALIASES = {"cosine": "cosine", "linear": "linear", "constant": "constant", "cosine_with_warmup": "cosine"}
-
-
-def to_lora_config(config: Any = None, **overrides: Any) -> LoraConfig:
-    """A ``twinkle.types.LoraConfig`` from itself, a dict, or a ``peft.LoraConfig`` (read by attribute)."""
-    if config is None:
-        data: dict[str, Any] = {}
-    elif isinstance(config, LoraConfig):
-        data = config.model_dump(exclude_unset=True)
-    elif isinstance(config, Mapping):
-        data = dict(config)
-    elif hasattr(config, "r") and hasattr(config, "lora_alpha"):  # peft.LoraConfig, duck-typed (no peft import)
-        tm = getattr(config, "target_modules", None)
-        if isinstance(tm, (set, frozenset, tuple)):
-            tm = sorted(tm)
-        data = {"rank": config.r, "alpha": config.lora_alpha, "dropout": getattr(config, "lora_dropout", 0.0) or 0.0,
-                "target_modules": tm}
-    else:
-        raise InvalidInputError(f"config must be a LoraConfig, a dict or a peft.LoraConfig, got {type(config).__name__}",
-                                field="config")
-    data.update(overrides)  # keyword arguments (``r=8``) go through the same peft spellings as the config's keys
-    for alias, key in (("r", "rank"), ("lora_alpha", "alpha"), ("lora_dropout", "dropout")):
-        if alias in data:
-            value = data.pop(alias)
-            if alias in overrides or key not in data:
-                data[key] = value
-    unknown = sorted(set(overrides) - set(LoraConfig.model_fields) - {"r", "lora_alpha", "lora_dropout"})
-    if unknown:  # LoraConfig ignores unknown keys on the wire; a misspelt keyword here must not vanish silently
-        raise InvalidInputError(f"unknown LoRA setting(s) {', '.join(map(repr, unknown))}; known: "
-                                f"{', '.join(sorted(LoraConfig.model_fields))} (or r / lora_alpha / lora_dropout)",
-                                field=unknown[0])
-    try:
-        return LoraConfig.model_validate(data)
-    except Exception as e:
-        raise InvalidInputError(f"invalid LoRA config: {e}", field="config") from None
 
 
 def _optimizer_body(optimizer: str, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,

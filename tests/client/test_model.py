@@ -14,7 +14,7 @@ from twinkle.types import (
     NotFoundError,
     SamplingParams,
 )
-from twinkle_client.model import MockModel, TransformersModel, to_lora_config
+from twinkle_client.model import MockModel, TransformersModel
 from twinkle_client.sampler import Sampler
 
 LR = 0.01  # AdamW on the mock backend's toy model learns steadily at this rate
@@ -106,34 +106,6 @@ def test_typed_errors_name_the_field(session):
     with pytest.raises(InvalidInputError) as ei:
         model.set_lr_scheduler("exponential")
     assert ei.value.field == "scheduler"
-
-
-def test_peft_like_config_is_read_by_attribute():
-    class PeftLike:
-        r = 16
-        lora_alpha = 32
-        lora_dropout = 0.05
-        target_modules = {"q_proj", "v_proj"}
-
-    cfg = to_lora_config(PeftLike())
-    assert (cfg.rank, cfg.alpha, cfg.dropout, cfg.target_modules) == (16, 32, 0.05, ["q_proj", "v_proj"])
-    with pytest.raises(InvalidInputError) as ei:
-        to_lora_config(42)
-    assert ei.value.field == "config"
-
-
-def test_lora_keywords_take_effect_in_either_spelling():
-    """``add_adapter_to_model("x", r=8)`` made a rank-32 adapter until session 10 (the keyword was applied after
-    the peft spellings were translated, and LoraConfig ignores unknown keys): every bench "rank-8 adapter" of the
-    native client was rank 32."""
-    assert to_lora_config(None, r=8).rank == 8
-    assert to_lora_config({"rank": 4}, r=8).rank == 8  # a keyword overrides the config
-    cfg = to_lora_config(None, r=16, lora_alpha=8, lora_dropout=0.1)
-    assert (cfg.rank, cfg.alpha, cfg.dropout) == (16, 8, 0.1)
-    assert to_lora_config({"r": 4, "rank": 6}).rank == 6  # within a config, the canonical key wins
-    with pytest.raises(InvalidInputError, match="'rnak'") as ei:
-        to_lora_config(None, rnak=8)
-    assert ei.value.field == "rnak"
 
 
 def test_add_adapter_keyword_rank_reaches_the_server(session):

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from twinkle.types import AdamParams, LoraConfig, LRSchedulerConfig, OptimizerConfig, SamplingParams
+from twinkle.types import (
+    AdamParams,
+    InvalidInputError,
+    LoraConfig,
+    LRSchedulerConfig,
+    OptimizerConfig,
+    SamplingParams,
+    to_lora_config,
+)
 from twinkle.types.params import MAX_TOPK_LOGPROBS
 
 INF, NAN = float("inf"), float("nan")
@@ -108,3 +116,45 @@ def test_checkpoint_ttl_accepts_sane_values() -> None:
 
     assert SaveOp(name="c", ttl_seconds=3600).ttl_seconds == 3600.0
     assert SaveOp(name="c").ttl_seconds is None
+
+
+def test_peft_like_config_is_read_by_attribute():
+    class PeftLike:
+        r = 16
+        lora_alpha = 32
+        lora_dropout = 0.05
+        target_modules = {"q_proj", "v_proj"}
+
+    cfg = to_lora_config(PeftLike())
+    assert (cfg.rank, cfg.alpha, cfg.dropout, cfg.target_modules) == (16, 32, 0.05, ["q_proj", "v_proj"])
+    with pytest.raises(InvalidInputError) as ei:
+        to_lora_config(42)
+    assert ei.value.field == "config"
+
+
+def test_lora_keywords_take_effect_in_either_spelling():
+    """``add_adapter_to_model("x", r=8)`` made a rank-32 adapter until session 10 (the keyword was applied after
+    the peft spellings were translated, and LoraConfig ignores unknown keys): every bench "rank-8 adapter" of the
+    native client was rank 32."""
+    assert to_lora_config(None, r=8).rank == 8
+    assert to_lora_config({"rank": 4}, r=8).rank == 8  # a keyword overrides the config
+    cfg = to_lora_config(None, r=16, lora_alpha=8, lora_dropout=0.1)
+    assert (cfg.rank, cfg.alpha, cfg.dropout) == (16, 8, 0.1)
+    assert to_lora_config({"r": 4, "rank": 6}).rank == 6  # within a config, the canonical key wins
+    with pytest.raises(InvalidInputError, match="'rnak'") as ei:
+        to_lora_config(None, rnak=8)
+    assert ei.value.field == "rnak"
+    with pytest.raises(InvalidInputError, match="rank") as ei:
+        to_lora_config({"r": 0})
+    assert ei.value.field == "config"
+
+
+def test_local_and_remote_models_read_lora_configs_the_same_way(tmp_path):
+    """One reader for both: the local model used to ignore a misspelt keyword (``rnak=8`` made rank 32)."""
+    import twinkle.model.local as local
+    import twinkle_client.model as remote
+    from twinkle.model import MockModel
+
+    assert local.to_lora_config is remote.to_lora_config is to_lora_config
+    with pytest.raises(InvalidInputError, match="'rnak'"):
+        MockModel(seed=0, output_dir=tmp_path).add_adapter_to_model("default", rnak=8)

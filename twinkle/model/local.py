@@ -20,6 +20,7 @@ from twinkle.types import (
     LoraConfig,
     LRSchedulerConfig,
     OptimizerConfig,
+    to_lora_config,
 )
 
 _OPTIMIZERS = {"adamw": "adamw", "adam": "adam", "sgd": "sgd"}
@@ -36,34 +37,6 @@ class _Meter:
         weight, tokens = loss_weight_and_tokens(data)
         self.weight += weight
         self.tokens += tokens
-
-
-def to_lora_config(config: Any = None, **kwargs: Any) -> LoraConfig:
-    """A ``LoraConfig`` from ours, a ``peft.LoraConfig``, a dict (``r``/``lora_alpha`` accepted) or kwargs."""
-    if isinstance(config, LoraConfig) and not kwargs:
-        return config
-    if config is None:
-        d: dict[str, Any] = {}
-    elif isinstance(config, LoraConfig):
-        d = config.model_dump()
-    elif isinstance(config, dict):
-        d = dict(config)
-    elif hasattr(config, "r") and hasattr(config, "lora_alpha"):  # peft.LoraConfig
-        tm = config.target_modules
-        d = {"rank": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
-             "target_modules": sorted(tm) if isinstance(tm, (set, list, tuple)) else tm}
-    else:
-        raise InvalidInputError(f"cannot use {type(config).__name__} as a LoRA config", field="lora")
-    d.update(kwargs)
-    for peft_name, ours in (("r", "rank"), ("lora_alpha", "alpha"), ("lora_dropout", "dropout")):
-        if peft_name in d:
-            d[ours] = d.pop(peft_name)
-    if isinstance(d.get("target_modules"), (set, tuple)):
-        d["target_modules"] = sorted(d["target_modules"])
-    try:
-        return LoraConfig.model_validate(d)
-    except Exception as e:
-        raise InvalidInputError(f"invalid LoRA config: {e}", field="lora") from None
 
 
 class TwinkleModel:

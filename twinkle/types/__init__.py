@@ -23,7 +23,7 @@ from .outputs import (
     SampleResponse,
     VisionInfo,
 )
-from .params import AdamParams, LoraConfig, LRSchedulerConfig, OptimizerConfig, SamplingParams
+from .params import AdamParams, LoraConfig, LRSchedulerConfig, OptimizerConfig, SamplingParams, to_lora_config
 
 __all__ = [
     "AdamParams",
@@ -48,6 +48,7 @@ __all__ = [
     "OptimStepResponse",
     "OptimizerConfig",
     "SampleResponse",
+    "to_lora_config",
     "SampledSequence",
     "SamplingParams",
     "StateLostError",

@@ -8,9 +8,12 @@ configs are checked by the loss registry (``twinkle.loss``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from .errors import InvalidInputError
 
 MAX_SEED = 2**63 - 1
 MAX_LORA_RANK = 8192  # the schema's ceiling for a model's max_lora_rank; each model's own limit is lower
@@ -92,6 +95,50 @@ class LoraConfig(_Params):
     @property
     def lora_alpha(self) -> float:
         return float(self.alpha) if self.alpha is not None else 32.0
+
+
+PEFT_LORA_NAMES = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout"}
+"""peft's spellings of our ``LoraConfig`` fields, accepted wherever a user hands a LoRA config to a Python API."""
+
+
+def to_lora_config(config: Any = None, **overrides: Any) -> LoraConfig:
+    """A ``LoraConfig`` from itself, a dict, a ``peft.LoraConfig`` (read by attribute, no peft import) or None,
+    with keyword ``overrides`` on top (``r=8`` or ``rank=8``). Within one source our own name beats peft's; a
+    keyword beats the config. An unknown keyword is refused by name (the wire model ignores unknown keys, so a
+    misspelt keyword would otherwise vanish silently); a bad value is an ``InvalidInputError`` too."""
+    if isinstance(config, LoraConfig) and not overrides:
+        return config
+    if config is None:
+        data: dict[str, Any] = {}
+    elif isinstance(config, LoraConfig):
+        data = config.model_dump(exclude_unset=True)
+    elif isinstance(config, Mapping):
+        data = dict(config)
+    elif hasattr(config, "r") and hasattr(config, "lora_alpha"):  # peft.LoraConfig
+        data = {"rank": config.r, "alpha": config.lora_alpha,
+                "dropout": getattr(config, "lora_dropout", 0.0) or 0.0,
+                "target_modules": getattr(config, "target_modules", None)}
+    else:
+        raise InvalidInputError(f"config must be a LoraConfig, a dict or a peft.LoraConfig, got {type(config).__name__}",
+                                field="config")
+    unknown = sorted(set(overrides) - set(LoraConfig.model_fields) - set(PEFT_LORA_NAMES))
+    if unknown:
+        raise InvalidInputError(f"unknown LoRA setting(s) {', '.join(map(repr, unknown))}; known: "
+                                f"{', '.join(sorted(LoraConfig.model_fields))} (or {' / '.join(PEFT_LORA_NAMES)})",
+                                field=unknown[0])
+
+    def canonical(source: dict[str, Any]) -> dict[str, Any]:
+        out = {PEFT_LORA_NAMES.get(k, k): v for k, v in source.items() if k in PEFT_LORA_NAMES}
+        out.update((k, v) for k, v in source.items() if k not in PEFT_LORA_NAMES)
+        return out
+
+    data = {**canonical(data), **canonical(overrides)}
+    if isinstance(data.get("target_modules"), (set, frozenset, tuple)):
+        data["target_modules"] = sorted(data["target_modules"])
+    try:
+        return LoraConfig.model_validate(data)
+    except Exception as e:
+        raise InvalidInputError(f"invalid LoRA config: {e}", field="config") from None
 
 
 class AdamParams(_Params):

@@ -114,7 +114,10 @@ PROBE_BYTES = 256 << 20  # time the layouts on at most this much of the weights 
 def faster_layout(layers: list[Any], rounds: int = 2) -> tuple[bool, list[torch.Tensor]]:
     """Whether oneDNN's packed float32 layout multiplies ``layers``' weights faster than the transposed copy on
     this machine (both timed on the same passes: ``PROBE_ROWS`` rows through every probed layer, alternating
-    which goes first, ``rounds`` times; the sums compared), and the winner's weights of the probed layers."""
+    which goes first, ``rounds`` times; the sums compared), and the winner's weights of the probed layers.
+
+    While it runs, both layouts of the probed layers exist at once: up to 2 × ``PROBE_BYTES`` (plus one layer)
+    beyond the model, held until the loser's copies are dropped on return."""
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
         return False, []
     probe, size = [], 0
