@@ -137,3 +137,26 @@ def test_client_sampler_stream_yields_text_pieces(env):
         assert e.value.field == "base_model"
     finally:
         transport.close()
+
+
+@pytest.mark.slow
+def test_a_stop_string_across_tokens_is_not_streamed_in_part(env):
+    """builtin://tiny answers "onon..." a token "on" at a time: the stop "non" spans two tokens. The stream
+    held back nothing, so it sent "on" before the stop completed ("o" is the answer)."""
+    app, keys = env
+
+    async def main():
+        oa = _oai(app, keys["alice"])
+        args = {"model": "tiny", "prompt": "once upon", "max_tokens": 8, "temperature": 0}
+        plain = (await oa.completions.create(**args)).choices[0].text
+        assert plain.startswith("onon")  # the premise: what the tiny model says
+        for stop in ("non", ["xyz", "non"]):
+            full = await oa.completions.create(**args, stop=stop)
+            assert full.choices[0].text == "o" and full.choices[0].finish_reason == "stop"
+            stream = await oa.completions.create(**args, stop=stop, stream=True)
+            pieces = [c.choices[0].text async for c in stream if c.choices]
+            assert "".join(pieces) == "o", pieces
+        stream = await oa.completions.create(**args, stop="nox", stream=True)  # held back, never a stop: all sent
+        assert "".join([c.choices[0].text async for c in stream if c.choices]) == plain
+
+    asyncio.run(main())

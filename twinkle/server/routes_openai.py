@@ -136,12 +136,36 @@ def _chunk(cid: str, obj: str, model: str, created: int, choices: list[dict[str,
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-def _strip_stop(text: str, stops: list[str]) -> str:
-    for s in stops:
-        i = text.find(s)
-        if i >= 0:
-            text = text[:i]
-    return text
+class _ChoiceText:
+    """One choice's text as its tokens arrive: cut at the first stop string (which is not returned), and,
+    while streaming, holding back a tail that may still turn into one, so a stop string that spans several
+    tokens never reaches the client in part (``"\n"`` sent, then ``"\n"`` completing a ``"\n\n"`` stop).
+    Each piece costs one ``find`` per stop string over its last (longest stop + piece) characters."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.longest = max((len(s) for s in self.stops), default=0)
+        self.text = ""
+        self.sent = 0  # characters of `text` handed out
+        self.stopped = False
+
+    def add(self, piece: str) -> None:
+        if self.stopped or not piece:
+            return
+        start = max(0, len(self.text) - self.longest + 1)  # a new stop must end inside the new piece
+        self.text += piece
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self.stopped = True
+
+    def take(self, final: bool = False) -> str:
+        """The text not handed out yet: all of it once ``final`` or stopped, else all but the last (longest stop
+        - 1) characters, which a later token may still complete into a stop string."""
+        upto = len(self.text) if final or self.stopped else max(self.sent, len(self.text) - max(self.longest - 1, 0))
+        piece = self.text[self.sent:upto]
+        self.sent = upto
+        return piece
 
 
 def create_openai_router() -> APIRouter:
@@ -184,7 +208,7 @@ def create_openai_router() -> APIRouter:
 
         if body.stream:
             async def gen() -> AsyncIterator[bytes]:
-                sent = {i: "" for i in range(body.n)}
+                texts = {i: _ChoiceText(stops) for i in range(body.n)}
                 try:
                     if chat:
                         yield _chunk(cid, obj, body.model, created,
@@ -192,17 +216,18 @@ def create_openai_router() -> APIRouter:
                                        "finish_reason": None} for i in range(body.n)])
                     async for p in polls:
                         for ev in p["events"]:
-                            i, piece = ev["index"], ev["text"]
-                            if not piece:
-                                continue
-                            full = _strip_stop(sent[i] + piece, stops)
-                            piece = full[len(sent[i]):]
+                            ct = texts[ev["index"]]
+                            ct.add(ev["text"])
+                            piece = ct.take()
                             if piece:
-                                sent[i] = full
-                                yield _chunk(cid, obj, body.model, created, [choice(i, piece, None)])
+                                yield _chunk(cid, obj, body.model, created, [choice(ev["index"], piece, None)])
                         if p["done"]:
                             res = p["result"]
                             res = res if isinstance(res, SampleResponse) else SampleResponse.model_validate(res)
+                            for i, ct in texts.items():  # a held tail that never became a stop string
+                                piece = ct.take(final=True)
+                                if piece:
+                                    yield _chunk(cid, obj, body.model, created, [choice(i, piece, None)])
                             yield _chunk(cid, obj, body.model, created,
                                          [choice(i, "", _finish(s.stop_reason)) for i, s in enumerate(res.sequences)])
                 except Exception as e:  # noqa: BLE001 - headers are sent: report inside the stream
@@ -216,11 +241,11 @@ def create_openai_router() -> APIRouter:
 
             return StreamingResponse(gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-        texts: dict[int, str] = {}
+        whole = {i: _ChoiceText(stops) for i in range(body.n)}
         res: SampleResponse | None = None
         async for p in polls:
             for ev in p["events"]:
-                texts[ev["index"]] = texts.get(ev["index"], "") + ev["text"]
+                whole[ev["index"]].add(ev["text"])
             if p["done"]:
                 res = p["result"]
         assert res is not None
@@ -228,7 +253,7 @@ def create_openai_router() -> APIRouter:
         choices = []
         completion = 0
         for i, s in enumerate(res.sequences):
-            text = _strip_stop(texts.get(i, ""), stops)
+            text = whole[i].take(final=True) if i in whole else ""
             completion += len(s.tokens)
             if chat:
                 choices.append({"index": i, "message": {"role": "assistant", "content": text},
