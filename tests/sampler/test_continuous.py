@@ -206,3 +206,36 @@ def test_rows_leaving_and_joining_in_churn_keep_every_result_exact(backend):
         np.testing.assert_allclose(got.logprobs, alone.logprobs, atol=1e-4)
         lp = _full_logprobs(backend, item.adapter, item.prompt + got.tokens)[len(item.prompt) - 1:]
         np.testing.assert_allclose(got.logprobs, lp, atol=1e-4)
+
+
+def test_aborted_requests_leave_wherever_they_are(backend):
+    """``abort``: a waiting request never runs, one in a chunked prefill never joins the batch, a decoding one
+    leaves at the next step; each is reported done with no response, its KV budget comes back at once, and the
+    others' seeded tokens are the same as without it."""
+    keep = _item("a", max_tokens=12, temperature=1.0, seed=5)
+    alone = backend.sample([keep])[0]
+    eng = backend.sampler_engine(prefill_chunk=4)
+    eng.admit("keep", keep)
+    eng.admit("queued", _item("b", [3, 4, 5], max_tokens=50, temperature=1.0))
+    eng.abort("queued")  # never starts: the next step drops it before any prefill
+    assert eng.step() == [("queued", None)] and eng.stats["aborted"] == 1
+    eng.admit("decoding", _item("b", [9] * 6, n=3, max_tokens=200, temperature=1.0))
+    while len(eng._rows) < 4:  # "keep" and the 3 rows of "decoding" in one batch
+        assert not eng.step()
+    reserved = eng.reserved
+    eng.abort("decoding")
+    assert eng.step() == [("decoding", None)] and len(eng._rows) == 1
+    assert eng.reserved == reserved - _item("b", [9] * 6, n=3, max_tokens=200).num_samples * (6 + 200)
+    eng.admit("prefilling", _item("b", list(range(3, 15)), max_tokens=40, temperature=1.0))
+    eng.step()  # its 12-token prompt takes 3 chunks of 4: one is done
+    assert eng._prefill is not None and eng._prefill.done == 4
+    eng.abort("prefilling")
+    rest = {}
+    while not eng.idle():
+        rest.update(eng.step())
+        assert len(eng._rows) <= 1  # the aborted prefill's row never joins "keep"'s batch
+    assert rest == {"prefilling": None, "keep": rest["keep"]} and rest["keep"] is not None
+    assert [s.tokens for s in rest["keep"].sequences] == [s.tokens for s in alone.sequences]
+    assert eng.reserved == 0 and eng.stats["aborted"] == 3 and eng.idle()
+    eng.abort("gone")  # a key that is not there: ignored
+    assert eng.step() == [] and eng.idle()

@@ -78,3 +78,41 @@ def test_disconnect_drops_queued_stream_work(tmp_path, route):
     assert sched.stats["samples_cancelled"] == 1
     assert not sched._samples
     assert not worker._hub()._streams
+
+
+@pytest.mark.parametrize("route", ["native", "openai"])
+def test_disconnect_aborts_a_running_generation(tmp_path, route):
+    """The other half: a request already decoding in the continuous sampler kept its rows (and KV budget) in
+    the batch until max_tokens, slowing everyone sharing the batch; now its rows leave at the next step."""
+    cfg = parse_config({
+        "persistence": {"sqlite_path": str(tmp_path / "db.sqlite"), "checkpoint_root": str(tmp_path / "ck")},
+        "models": [{"name": "tiny", "backend": "transformers", "model_id": "builtin://tiny"}],
+    })
+    store = Store(cfg.persistence.sqlite_file())
+    key = store.create_key("alice")[1]
+    worker = ModelWorker(worker_config(cfg.models[0]))
+    app = create_app(cfg, {"tiny": [worker]}, store=store)
+    sched = worker._scheduler
+    steps = 1000  # far more than the 0.3 s before the client leaves
+    if route == "native":
+        path, body = "/api/v1/twinkle/sample/stream", {
+            "base_model": "tiny", "prompt": {"chunks": [{"type": "encoded_text", "tokens": [5, 6]}]},
+            "sampling_params": {"max_tokens": steps, "stop": []}}
+    else:
+        path, body = "/v1/completions", {"model": "tiny", "prompt": [5, 6], "max_tokens": steps, "stream": True}
+
+    async def main() -> list[dict]:
+        sent = await _call_then_disconnect(app, path, body, key)
+        for _ in range(200):
+            if sched._engine is not None and sched._engine.idle() and not sched._in_engine:
+                break
+            await asyncio.sleep(0.02)
+        return sent
+
+    sent = asyncio.run(main())
+    eng = sched._engine
+    assert any(m.get("body") for m in sent if m["type"] == "http.response.body")  # it was streaming tokens
+    assert eng is not None and eng.idle() and eng.stats["aborted"] == 1
+    assert eng.stats["steps"] < steps // 2 and eng.reserved == 0
+    assert sched.stats["samples_cancelled"] == 1 and sched._kv_used == 0 and not sched._in_engine
+    assert not worker._hub()._streams

