@@ -160,3 +160,48 @@ def test_a_stop_string_across_tokens_is_not_streamed_in_part(env):
         assert "".join([c.choices[0].text async for c in stream if c.choices]) == plain
 
     asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_openai_logprobs_are_the_sampled_tokens_logprobs(env):
+    """``logprobs`` (chat: ``logprobs: true``; completions: ``logprobs: 0``) give each returned token's logprob:
+    the same numbers as the native API's for the same seeded request, the tokens' texts adding up to the
+    returned text, streamed or not, and a stop string's tokens left out with its text."""
+    app, keys = env
+
+    async def main():
+        oa = _oai(app, keys["alice"])
+        args = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 8, "temperature": 1.0, "seed": 11}
+        out = (await oa.completions.create(**args, logprobs=0)).choices[0]
+        async with _http(app, keys["alice"]) as c:
+            native = await _done(c, (await c.post(f"{API}/sample", json={
+                "base_model": "tiny", "prompt": {"chunks": [{"type": "encoded_text", "tokens": [5, 6, 7]}]},
+                "sampling_params": {"max_tokens": 8, "temperature": 1.0, "seed": 11}})).json())
+        seq = native["sequences"][0]
+        lp = out.logprobs
+        assert "".join(lp.tokens) == out.text and len(lp.token_logprobs) == len(seq["tokens"]) - (
+            seq["stop_reason"] == "stop")  # an EOS token adds no text and no entry
+        assert lp.token_logprobs == pytest.approx(seq["logprobs"][:len(lp.token_logprobs)], abs=1e-4)
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+        streamed = [c.choices[0] async for c in await oa.completions.create(**args, logprobs=0, stream=True)]
+        assert [x for ch in streamed if ch.logprobs for x in ch.logprobs.token_logprobs] == lp.token_logprobs
+        # a stop string: its tokens are left out as its text is
+        greedy = {**args, "prompt": "once upon", "temperature": 0}  # "onon...", a token "on" at a time
+        cut = (await oa.completions.create(**greedy, logprobs=0, stop="non")).choices[0]
+        assert cut.text == "o" and cut.logprobs.tokens == ["on"]  # the token the kept "o" starts in
+
+        msgs = [{"role": "user", "content": "hello there"}]
+        chat = (await oa.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, logprobs=True,
+                                                 temperature=0)).choices[0]
+        content = chat.logprobs.content
+        assert content and "".join(e.token for e in content) == chat.message.content
+        assert all(e.logprob <= 0 and bytes(e.bytes) == e.token.encode() and e.top_logprobs == [] for e in content)
+        stream = await oa.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, logprobs=True,
+                                                  temperature=0, stream=True)
+        pieces = [e for ch in [c async for c in stream] if ch.choices and ch.choices[0].logprobs
+                  for e in ch.choices[0].logprobs.content]
+        assert [(e.token, e.logprob) for e in pieces] == [(e.token, e.logprob) for e in content]
+        plain = (await oa.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0)).choices[0]
+        assert plain.logprobs is None
+
+    asyncio.run(main())

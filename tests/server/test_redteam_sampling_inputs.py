@@ -69,9 +69,22 @@ def test_openai_stop_is_bounded_text(client, stop):
         assert err["detail"]["field"] == "stop" and "at most" in err["error"], err
 
 
-def test_openai_logprobs_are_refused_not_silently_dropped(client):
+def test_openai_logprob_alternatives_are_refused_not_silently_dropped(client):
+    """The sampled token's logprob is given; the top alternatives are not computed, so asking for them is a 400
+    naming the field rather than an answer without them."""
     status, err = _post(client, "/v1/completions", {**BASE, "logprobs": 5})
-    assert status == 400 and err["detail"]["field"] == "logprobs", err
+    assert status == 400 and err["detail"]["field"] == "logprobs" and "alternatives" in err["error"], err
+    chat = {k: v for k, v in BASE.items() if k != "prompt"} | {"messages": [{"role": "user", "content": "hi"}]}
+    status, err = _post(client, "/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 3})
+    assert status == 400 and err["detail"]["field"] == "top_logprobs", err
+    for route, bad in (("/v1/completions", {**BASE, "logprobs": True}), ("/v1/completions", {**BASE, "logprobs": -1}),
+                       ("/v1/chat/completions", {**chat, "top_logprobs": 21})):
+        status, err = _post(client, route, bad)
+        assert status == 400 and err["detail"]["field"].split(".")[0] in ("logprobs", "top_logprobs"), (bad, err)
+    status, body = _post(client, "/v1/completions", {**BASE, "logprobs": 0})
+    assert status == 200 and len(body["choices"][0]["logprobs"]["token_logprobs"]) >= 1, body
+    status, body = _post(client, "/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 0})
+    assert status == 200 and body["choices"][0]["logprobs"]["content"], body
 
 
 @pytest.mark.parametrize(("field", "value"), [("n", 10_000), ("max_tokens", 10**9)])

@@ -53,19 +53,28 @@ class _Body(BaseModel):
     stop: StopTexts | None = None
     seed: Seed | None = None
     stream: bool = False
-    logprobs: Any = None
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v: Any) -> Any:
-        if v not in (None, False, 0):  # answering without them would silently drop what was asked for
-            raise UnsupportedError("logprobs are not supported by this endpoint: use the native /sample API",
-                                   field="logprobs")
-        return v
+    def wants_logprobs(self) -> bool:
+        return False
+
+
+ALTERNATIVES = ("the sampled token's logprob is returned, not the most likely alternatives at each position "
+                "(the native /sample API gives top-k logprobs of the prompt)")
 
 
 class CompletionBody(_Body):
     prompt: str | list[Integer]
+    logprobs: Integer | None = Field(None, ge=0, le=5)
+
+    @field_validator("logprobs")
+    @classmethod
+    def _chosen_only(cls, v: int | None) -> int | None:
+        if v:  # answering without the alternatives would silently drop what was asked for
+            raise UnsupportedError(f"logprobs must be 0 or null: {ALTERNATIVES}", field="logprobs")
+        return v
+
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not None
 
 
 class ChatMessage(BaseModel):
@@ -78,6 +87,18 @@ class ChatMessage(BaseModel):
 class ChatBody(_Body):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Integer | None = Field(None, ge=1, le=MAX_TOKENS)
+    logprobs: bool | None = None
+    top_logprobs: Integer | None = Field(None, ge=0, le=20)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _chosen_only(cls, v: int | None) -> int | None:
+        if v:
+            raise UnsupportedError(f"top_logprobs must be 0 or null: {ALTERNATIVES}", field="top_logprobs")
+        return v
+
+    def wants_logprobs(self) -> bool:
+        return bool(self.logprobs)
 
 
 def _text_content(m: ChatMessage) -> str:
@@ -148,9 +169,15 @@ class _ChoiceText:
         self.text = ""
         self.sent = 0  # characters of `text` handed out
         self.stopped = False
+        self.tokens: list[tuple[int, str, float]] = []  # (offset in `text`, the text it added, its logprob)
+        self.given = 0  # tokens handed out
 
-    def add(self, piece: str) -> None:
-        if self.stopped or not piece:
+    def add(self, piece: str, logprob: float | None = None) -> None:
+        if self.stopped:
+            return
+        if logprob is not None:
+            self.tokens.append((len(self.text), piece, logprob))
+        if not piece:
             return
         start = max(0, len(self.text) - self.longest + 1)  # a new stop must end inside the new piece
         self.text += piece
@@ -166,6 +193,24 @@ class _ChoiceText:
         piece = self.text[self.sent:upto]
         self.sent = upto
         return piece
+
+    def take_tokens(self) -> list[tuple[int, str, float]]:
+        """The tokens whose text starts within what :meth:`take` handed out and were not handed out yet: the
+        text of a stop string (or an EOS token, which adds none) leaves its tokens out, as it leaves its text."""
+        end = self.given
+        while end < len(self.tokens) and self.tokens[end][0] < self.sent:
+            end += 1
+        out, self.given = self.tokens[self.given:end], end
+        return out
+
+
+def _logprobs(chat: bool, toks: list[tuple[int, str, float]]) -> dict[str, Any]:
+    """OpenAI's ``logprobs`` object of one choice (or one chunk of it) for ``toks``."""
+    if chat:
+        return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
+                            for _, t, lp in toks]}
+    return {"tokens": [t for _, t, _ in toks], "token_logprobs": [lp for _, _, lp in toks], "top_logprobs": None,
+            "text_offset": [o for o, _, _ in toks]}
 
 
 def create_openai_router() -> APIRouter:
@@ -201,10 +246,13 @@ def create_openai_router() -> APIRouter:
         cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
 
-        def choice(i: int, text: str, reason: str | None) -> dict[str, Any]:
+        want_lp = body.wants_logprobs()
+
+        def choice(i: int, text: str, reason: str | None, toks: list[tuple[int, str, float]]) -> dict[str, Any]:
+            lp = _logprobs(chat, toks) if want_lp else None
             if chat:
-                return {"index": i, "delta": {"content": text} if text else {}, "finish_reason": reason}
-            return {"index": i, "text": text, "finish_reason": reason, "logprobs": None}
+                return {"index": i, "delta": {"content": text} if text else {}, "finish_reason": reason, "logprobs": lp}
+            return {"index": i, "text": text, "finish_reason": reason, "logprobs": lp}
 
         if body.stream:
             async def gen() -> AsyncIterator[bytes]:
@@ -217,19 +265,20 @@ def create_openai_router() -> APIRouter:
                     async for p in polls:
                         for ev in p["events"]:
                             ct = texts[ev["index"]]
-                            ct.add(ev["text"])
+                            ct.add(ev["text"], ev.get("logprob"))
                             piece = ct.take()
                             if piece:
-                                yield _chunk(cid, obj, body.model, created, [choice(ev["index"], piece, None)])
+                                yield _chunk(cid, obj, body.model, created,
+                                             [choice(ev["index"], piece, None, ct.take_tokens())])
                         if p["done"]:
                             res = p["result"]
                             res = res if isinstance(res, SampleResponse) else SampleResponse.model_validate(res)
                             for i, ct in texts.items():  # a held tail that never became a stop string
                                 piece = ct.take(final=True)
                                 if piece:
-                                    yield _chunk(cid, obj, body.model, created, [choice(i, piece, None)])
+                                    yield _chunk(cid, obj, body.model, created, [choice(i, piece, None, ct.take_tokens())])
                             yield _chunk(cid, obj, body.model, created,
-                                         [choice(i, "", _finish(s.stop_reason)) for i, s in enumerate(res.sequences)])
+                                         [choice(i, "", _finish(s.stop_reason), []) for i, s in enumerate(res.sequences)])
                 except Exception as e:  # noqa: BLE001 - headers are sent: report inside the stream
                     err = e if isinstance(e, TwinkleError) else None
                     payload = {"error": {"message": str(err) if err else "sampling failed on the server",
@@ -245,7 +294,7 @@ def create_openai_router() -> APIRouter:
         res: SampleResponse | None = None
         async for p in polls:
             for ev in p["events"]:
-                whole[ev["index"]].add(ev["text"])
+                whole[ev["index"]].add(ev["text"], ev.get("logprob"))
             if p["done"]:
                 res = p["result"]
         assert res is not None
@@ -253,13 +302,15 @@ def create_openai_router() -> APIRouter:
         choices = []
         completion = 0
         for i, s in enumerate(res.sequences):
-            text = whole[i].take(final=True) if i in whole else ""
+            ct = whole.get(i) or _ChoiceText(stops)
+            text = ct.take(final=True)
+            lp = _logprobs(chat, ct.take_tokens()) if want_lp else None
             completion += len(s.tokens)
             if chat:
                 choices.append({"index": i, "message": {"role": "assistant", "content": text},
-                                "finish_reason": _finish(s.stop_reason), "logprobs": None})
+                                "finish_reason": _finish(s.stop_reason), "logprobs": lp})
             else:
-                choices.append({"index": i, "text": text, "finish_reason": _finish(s.stop_reason), "logprobs": None})
+                choices.append({"index": i, "text": text, "finish_reason": _finish(s.stop_reason), "logprobs": lp})
         usage = {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion}
         return {"id": cid, "object": obj, "created": created, "model": body.model, "choices": choices, "usage": usage}
 

@@ -42,13 +42,13 @@ class StreamHub:
         self._streams: dict[str, _Stream] = {}
         self.ttl_s = ttl_s
 
-    def open(self) -> tuple[str, Callable[[list[tuple[int, int, float]]], None], Callable[[asyncio.Future], None]]:
+    def open(self) -> tuple[str, Callable[[list[tuple[int, int, float | None]]], None], Callable[[asyncio.Future], None]]:
         """A new stream: its id, the ``on_tokens`` listener and the done-callback for the request's future."""
         self._expire()
         sid = "s" + uuid.uuid4().hex
         st = self._streams[sid] = _Stream()
 
-        def on_tokens(items: list[tuple[int, int, float]]) -> None:
+        def on_tokens(items: list[tuple[int, int, float | None]]) -> None:
             for index, token, logprob in items:
                 toks = st.tokens.setdefault(index, [])
                 toks.append(token)
@@ -67,8 +67,9 @@ class StreamHub:
                 for seq_i, seq in enumerate(st.result.sequences):  # whole-batch backends: tokens come at the end
                     have = len(st.tokens.get(seq_i, []))
                     if have < len(seq.tokens):
-                        on_tokens([(seq_i, t, lp) for t, lp in zip(seq.tokens[have:], (seq.logprobs or [])[have:]
-                                                                  or [0.0] * len(seq.tokens), strict=False)])
+                        lps = list(seq.logprobs or [])[have:]  # None where the backend gave none (not 0.0)
+                        lps += [None] * (len(seq.tokens) - have - len(lps))
+                        on_tokens([(seq_i, t, lp) for t, lp in zip(seq.tokens[have:], lps, strict=True)])
             st.changed.set()
 
         return sid, on_tokens, on_done
