@@ -205,3 +205,26 @@ def test_openai_logprobs_are_the_sampled_tokens_logprobs(env):
         assert plain.logprobs is None
 
     asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_a_deleted_runs_checkpoint_still_answers(env):
+    """``model`` = run id is looked up directly (it was searched among the user's first 1000 runs); a deleted
+    run is a 404, its saved sampler checkpoint still answers by ``<run>/<name>``."""
+    app, keys = env
+
+    async def main():
+        async with _http(app, keys["alice"]) as c:
+            run, _ = await _run_and_ckpt(c)
+            r = await c.delete(f"{API}/runs/{run}")
+            assert r.status_code == 200, r.text
+        oa = _oai(app, keys["alice"])
+        with pytest.raises(openai.NotFoundError):
+            await oa.completions.create(model=run, prompt=[5, 6], max_tokens=2)
+        out = await oa.completions.create(model=f"{run}/s1", prompt=[5, 6], max_tokens=2)
+        assert out.choices[0].finish_reason in ("stop", "length")
+        with pytest.raises(openai.NotFoundError) as e:  # someone else's: unknown, nothing more
+            await _oai(app, keys["bob"]).completions.create(model=run, prompt=[5, 6], max_tokens=2)
+        assert "not found" in str(e.value.body), e.value.body
+
+    asyncio.run(main())

@@ -120,15 +120,20 @@ async def _target(service: Service, user: User, model: str) -> dict[str, Any]:
         return {"base_model": model}
     if model.startswith("tinker://"):
         return {"checkpoint": model}
-    runs, _ = await service.list_runs(user, limit=1000)
-    if any(r.run_id == model and r.state == "active" for r in runs):
-        return {"run_id": model}
     if "/" in model:
         run_id, _, name = model.partition("/")
-        for ck in await service.list_checkpoints(user):
+        for ck in await service.list_checkpoints(user):  # also those of a run deleted since
             if ck.run_id == run_id and ck.name == name and ck.kind == "sampler":
                 return {"checkpoint": ck.path}
-    raise NotFoundError(f"model {model!r} not found", field="model")
+        raise NotFoundError(f"model {model!r} not found", field="model")
+    try:
+        run = await service.get_run(user, model)  # looked up directly: any of the user's runs, however many
+    except NotFoundError:
+        raise NotFoundError(f"model {model!r} not found", field="model") from None
+    if run.state != "active":
+        raise NotFoundError(f"run {model!r} is {run.state}: sample from one of its saved sampler checkpoints "
+                            f"('{model}/<name>')", field="model")
+    return {"run_id": model}
 
 
 def _params(body: _Body, max_tokens: int | None) -> SamplingParams:
