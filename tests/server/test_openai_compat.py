@@ -228,3 +228,42 @@ def test_a_deleted_runs_checkpoint_still_answers(env):
         assert "not found" in str(e.value.body), e.value.body
 
     asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_openai_top_logprobs_are_the_models_most_likely_tokens(env):
+    """``top_logprobs`` (chat) / ``logprobs: k`` (completions) list the k most likely tokens at each returned
+    position: the same logprobs a full forward gives (the native API's top-k prompt logprobs over prompt +
+    completion), likeliest first, the greedy choice first of all; streamed or not."""
+    app, keys = env
+
+    async def main():
+        oa = _oai(app, keys["alice"])
+        args = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 6, "temperature": 0}
+        out = (await oa.completions.create(**args, logprobs=3)).choices[0]
+        async with _http(app, keys["alice"]) as c:
+            body = {"base_model": "tiny", "prompt": {"chunks": [{"type": "encoded_text", "tokens": [5, 6, 7]}]},
+                    "sampling_params": {"max_tokens": 6, "temperature": 0}}
+            toks = (await _done(c, (await c.post(f"{API}/sample", json=body)).json()))["sequences"][0]["tokens"]
+            full = [5, 6, 7, *toks]
+            body = {**body, "prompt": {"chunks": [{"type": "encoded_text", "tokens": full}]},
+                    "sampling_params": {"max_tokens": 1}, "topk_prompt_logprobs": 3}
+            ref = (await _done(c, (await c.post(f"{API}/sample", json=body)).json()))["topk_prompt_logprobs"]
+        lp = out.logprobs
+        assert lp.top_logprobs and len(lp.top_logprobs) == len(lp.tokens)
+        for i, alts in enumerate(lp.top_logprobs):
+            want = sorted((v for _, v in ref[3 + i]), reverse=True)  # position 3 + i predicts completion token i
+            assert sorted(alts.values(), reverse=True) == pytest.approx(want[:len(alts)], abs=1e-4)
+            assert max(alts.values()) == pytest.approx(lp.token_logprobs[i], abs=1e-6)  # greedy: the likeliest
+        streamed = [c.choices[0] async for c in await oa.completions.create(**args, logprobs=3, stream=True)]
+        assert [a for ch in streamed if ch.logprobs for a in ch.logprobs.top_logprobs] == lp.top_logprobs
+
+        msgs = [{"role": "user", "content": "hello there"}]
+        chat = (await oa.chat.completions.create(model="tiny", messages=msgs, max_tokens=5, temperature=0,
+                                                 logprobs=True, top_logprobs=4)).choices[0]
+        for e in chat.logprobs.content:
+            alts = [a.logprob for a in e.top_logprobs]
+            assert len(alts) == 4 and alts == sorted(alts, reverse=True)
+            assert e.top_logprobs[0].token == e.token and alts[0] == pytest.approx(e.logprob, abs=1e-6)
+
+    asyncio.run(main())

@@ -69,20 +69,27 @@ def test_openai_stop_is_bounded_text(client, stop):
         assert err["detail"]["field"] == "stop" and "at most" in err["error"], err
 
 
-def test_openai_logprob_alternatives_are_refused_not_silently_dropped(client):
-    """The sampled token's logprob is given; the top alternatives are not computed, so asking for them is a 400
-    naming the field rather than an answer without them."""
-    status, err = _post(client, "/v1/completions", {**BASE, "logprobs": 5})
-    assert status == 400 and err["detail"]["field"] == "logprobs" and "alternatives" in err["error"], err
+def test_openai_logprobs_inputs(client):
+    """Chosen-token logprobs on any backend; the most likely alternatives need the continuous sampler, so the
+    mock backend refuses them with a 400 naming the OpenAI field rather than answering without them; bad values
+    and a reply too large to list are refused before anything runs."""
     chat = {k: v for k, v in BASE.items() if k != "prompt"} | {"messages": [{"role": "user", "content": "hi"}]}
-    status, err = _post(client, "/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 3})
-    assert status == 400 and err["detail"]["field"] == "top_logprobs", err
+    for route, body, field in (("/v1/completions", {**BASE, "logprobs": 5}, "logprobs"),
+                               ("/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 3}, "top_logprobs")):
+        status, err = _post(client, route, body)
+        assert status == 400 and err["detail"]["field"] == field and "continuous sampler" in err["error"], err
     for route, bad in (("/v1/completions", {**BASE, "logprobs": True}), ("/v1/completions", {**BASE, "logprobs": -1}),
-                       ("/v1/chat/completions", {**chat, "top_logprobs": 21})):
+                       ("/v1/completions", {**BASE, "logprobs": 6}),
+                       ("/v1/chat/completions", {**chat, "top_logprobs": 21, "logprobs": True}),
+                       ("/v1/chat/completions", {**chat, "top_logprobs": 2})):  # top_logprobs without logprobs
         status, err = _post(client, route, bad)
         assert status == 400 and err["detail"]["field"].split(".")[0] in ("logprobs", "top_logprobs"), (bad, err)
+    huge = {**chat, "logprobs": True, "top_logprobs": 20, "n": 128, "max_tokens": 1000}
+    status, err = _post(client, "/v1/chat/completions", huge)
+    assert 400 <= status < 500 and err["detail"]["field"] == "top_logprobs", (status, err)
     status, body = _post(client, "/v1/completions", {**BASE, "logprobs": 0})
     assert status == 200 and len(body["choices"][0]["logprobs"]["token_logprobs"]) >= 1, body
+    assert body["choices"][0]["logprobs"]["top_logprobs"] is None
     status, body = _post(client, "/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 0})
     assert status == 200 and body["choices"][0]["logprobs"]["content"], body
 

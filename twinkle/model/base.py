@@ -74,6 +74,7 @@ class SampleItem:
     topk_prompt_logprobs: int = 0
     images: list[Any] | None = None  # ImageChunks of the prompt, in order; ``prompt`` holds their placeholder runs
     scope: str = ""  # who may share prompt caches with this request (the gateway sets the user's name)
+    topk_logprobs: int = 0  # the k most likely tokens at each sampled position, to the stream listener only
 
 
 class Backend(ABC):

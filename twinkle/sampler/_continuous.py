@@ -31,15 +31,17 @@ import torch
 
 from twinkle.model.base import SampleItem
 from twinkle.types import SampledSequence, SampleResponse
+from twinkle.types.params import DEFAULT_MAX_TOKENS
 
 from . import _kv
-from ._engine import DEFAULT_MAX_TOKENS, _stops
+from ._engine import _stops
 from ._prefix import BLOCK, PrefixStore
 
 # forward(ids, mask, pos, cache, segments, last_only=False) -> (logits, cache); ``last_only``: only the last
 # position's logits are needed (the backend may skip the unembedding of the others)
 ForwardFn = Callable[..., tuple[torch.Tensor, Any]]
-StreamFn = Callable[[Hashable, int, int, float], None]  # (request key, sample index, token, logprob)
+StreamFn = Callable[[Hashable, int, int, float, "list[tuple[int, float]] | None"], None]
+"""(request key, sample index, token, logprob, the ``topk_logprobs`` most likely (token, logprob) or None)"""
 WeightsKeyFn = Callable[[str | None], Hashable]  # adapter -> a key that changes whenever its weights do
 
 
@@ -67,6 +69,7 @@ class _Row:
     temp: float
     top_k: int
     top_p: float
+    top: int = 0  # rank this many most likely tokens at each step, for the stream listener
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     reason: str | None = None
@@ -352,7 +355,7 @@ class ContinuousSampler:
             for j in range(max(1, it.num_samples)):
                 gen = torch.Generator(device="cpu").manual_seed((int(seed) * 1_000_003 + j) % (2**63))
                 q.rows.append(_Row(q, j, it.adapter, gen, ids, strs, mt, float(it.params.temperature),
-                                   int(it.params.top_k), float(it.params.top_p)))
+                                   int(it.params.top_k), float(it.params.top_p), int(it.topk_logprobs)))
             q.left = len(q.rows)
             for row in q.rows:
                 idx.append(p.src[r])
@@ -410,8 +413,13 @@ class ContinuousSampler:
         assert self._last is not None and self._mask is not None and self._pos is not None
         last = self._last
         tok = self._choose(last)
-        tok_lp = torch.log_softmax(last, dim=-1).gather(-1, tok[:, None]).squeeze(-1)
+        lsm = torch.log_softmax(last, dim=-1)
+        tok_lp = lsm.gather(-1, tok[:, None]).squeeze(-1)
         tok_l, lp_l = tok.tolist(), tok_lp.tolist()
+        k = max(row.top for row in self._rows) if self.stream is not None else 0
+        if k:  # one topk over the batch, only when some row asked
+            top_v, top_i = lsm.topk(min(k, lsm.shape[-1]), dim=-1)
+            tops_v, tops_i = top_v.tolist(), top_i.tolist()
         for r, row in enumerate(self._rows):
             if len(row.tokens) >= row.max_tokens:
                 row.reason = "length"
@@ -420,7 +428,8 @@ class ContinuousSampler:
             row.tokens.append(t)
             row.logprobs.append(lp_l[r])
             if self.stream is not None:
-                self.stream(row.req.key, row.index, t, lp_l[r])
+                top = list(zip(tops_i[r][:row.top], tops_v[r][:row.top], strict=True)) if row.top else None
+                self.stream(row.req.key, row.index, t, lp_l[r], top)
             if t in row.stop_ids or (row.stop_strs and self._hit_stop(row)):
                 row.reason = "stop"
             elif len(row.tokens) >= row.max_tokens:

@@ -18,12 +18,12 @@ import torch
 
 from twinkle.model.base import SampleItem
 from twinkle.types import InvalidInputError, SampledSequence, SampleResponse
+from twinkle.types.params import DEFAULT_MAX_TOKENS
 
 ForwardFn = Callable[
     [torch.Tensor, "torch.Tensor | None", torch.Tensor, Any, list[tuple[int, int, "str | None"]]],
     tuple[torch.Tensor, Any],
 ]
-DEFAULT_MAX_TOKENS = 128
 
 
 @dataclass

@@ -77,6 +77,7 @@ class SampleOp:
     params: SamplingParams = field(default_factory=SamplingParams)
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    topk_logprobs: int = 0  # the k most likely tokens at each sampled position (OpenAI top_logprobs; streams only)
     type: str = "sample"
     images: list[Any] = field(default_factory=list)  # the prompt's ImageChunks, in order
     scope: str = ""  # who may share prompt caches (set by the gateway to the user: no timing tells one user
@@ -84,10 +85,10 @@ class SampleOp:
 
     def __post_init__(self) -> None:
         # The reply grows with k × prompt length: bound k here, whichever API built the op.
-        k = self.topk_prompt_logprobs
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_TOPK_LOGPROBS:
-            raise InvalidInputError(f"topk_prompt_logprobs must be an integer in [0, {MAX_TOPK_LOGPROBS}], got {k!r}",
-                                    field="topk_prompt_logprobs")
+        for name in ("topk_prompt_logprobs", "topk_logprobs"):
+            k = getattr(self, name)
+            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_TOPK_LOGPROBS:
+                raise InvalidInputError(f"{name} must be an integer in [0, {MAX_TOPK_LOGPROBS}], got {k!r}", field=name)
 
 
 @dataclass

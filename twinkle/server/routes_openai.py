@@ -14,11 +14,12 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from twinkle.types import (
     InvalidInputError,
@@ -27,9 +28,16 @@ from twinkle.types import (
     SampleResponse,
     SamplingParams,
     TwinkleError,
-    UnsupportedError,
 )
-from twinkle.types.params import MAX_TOKENS, Integer, Number, Seed, StopTexts
+from twinkle.types.params import (
+    DEFAULT_MAX_TOKENS,
+    MAX_TOKENS,
+    MAX_TOPK_LOGPROBS,
+    Integer,
+    Number,
+    Seed,
+    StopTexts,
+)
 
 from .deps import CompactJSONRoute, get_service, get_user
 from .ops import SampleOp
@@ -57,24 +65,20 @@ class _Body(BaseModel):
     def wants_logprobs(self) -> bool:
         return False
 
-
-ALTERNATIVES = ("the sampled token's logprob is returned, not the most likely alternatives at each position "
-                "(the native /sample API gives top-k logprobs of the prompt)")
+    def top_k(self) -> int:
+        """How many most likely tokens to list at each returned position."""
+        return 0
 
 
 class CompletionBody(_Body):
     prompt: str | list[Integer]
     logprobs: Integer | None = Field(None, ge=0, le=5)
 
-    @field_validator("logprobs")
-    @classmethod
-    def _chosen_only(cls, v: int | None) -> int | None:
-        if v:  # answering without the alternatives would silently drop what was asked for
-            raise UnsupportedError(f"logprobs must be 0 or null: {ALTERNATIVES}", field="logprobs")
-        return v
-
     def wants_logprobs(self) -> bool:
         return self.logprobs is not None
+
+    def top_k(self) -> int:
+        return self.logprobs or 0
 
 
 class ChatMessage(BaseModel):
@@ -88,17 +92,19 @@ class ChatBody(_Body):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Integer | None = Field(None, ge=1, le=MAX_TOKENS)
     logprobs: bool | None = None
-    top_logprobs: Integer | None = Field(None, ge=0, le=20)
+    top_logprobs: Integer | None = Field(None, ge=0, le=MAX_TOPK_LOGPROBS)
 
-    @field_validator("top_logprobs")
-    @classmethod
-    def _chosen_only(cls, v: int | None) -> int | None:
-        if v:
-            raise UnsupportedError(f"top_logprobs must be 0 or null: {ALTERNATIVES}", field="top_logprobs")
-        return v
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatBody:
+        if self.top_logprobs and not self.logprobs:  # as OpenAI: the alternatives come inside `logprobs`
+            raise InvalidInputError("top_logprobs needs logprobs: true", field="top_logprobs")
+        return self
 
     def wants_logprobs(self) -> bool:
         return bool(self.logprobs)
+
+    def top_k(self) -> int:
+        return self.top_logprobs or 0 if self.logprobs else 0
 
 
 def _text_content(m: ChatMessage) -> str:
@@ -146,11 +152,25 @@ def _params(body: _Body, max_tokens: int | None) -> SamplingParams:
                           stop=stop)
 
 
+MAX_TOP_VALUES = 1_000_000
+"""The most (position, alternative) pairs one reply may list (each is ~60 bytes of JSON)."""
+
 MAX_CHARS_PER_TOKEN = 64
 """A text longer than (token limit × this) cannot fit: real vocabularies average a few characters per token,
 so this refuses only texts that are far over the limit, before the worker spends seconds tokenizing them."""
 
 _OPENAI_FIELD = {"num_samples": "n", "sampling_params.max_tokens": "max_tokens", "prompt": "prompt"}
+
+
+def _openai_field(e: TwinkleError, chat: bool) -> TwinkleError:
+    """``e`` naming the field as the OpenAI client sent it."""
+    field = _OPENAI_FIELD.get(str(e.field or ""))
+    if e.field == "topk_logprobs":
+        field = "top_logprobs" if chat else "logprobs"
+    if field is not None:
+        e.field = field
+        e.detail["field"] = field
+    return e
 
 
 def _finish(reason: str) -> str:
@@ -160,6 +180,14 @@ def _finish(reason: str) -> str:
 def _chunk(cid: str, obj: str, model: str, created: int, choices: list[dict[str, Any]]) -> bytes:
     data = {"id": cid, "object": obj, "created": created, "model": model, "choices": choices}
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+@dataclass
+class _Tok:
+    offset: int  # where its text starts in the choice's text
+    text: str  # the text it added (empty for part of a character, or a special token)
+    logprob: float
+    top: list[tuple[str, float]]  # the most likely tokens there, as (text, logprob), likeliest first
 
 
 class _ChoiceText:
@@ -174,14 +202,15 @@ class _ChoiceText:
         self.text = ""
         self.sent = 0  # characters of `text` handed out
         self.stopped = False
-        self.tokens: list[tuple[int, str, float]] = []  # (offset in `text`, the text it added, its logprob)
+        self.tokens: list[_Tok] = []
         self.given = 0  # tokens handed out
 
-    def add(self, piece: str, logprob: float | None = None) -> None:
+    def add(self, piece: str, logprob: float | None = None, top: list[list[Any]] | None = None) -> None:
+        """One token: the text it added, its logprob and the most likely ``[token, text, logprob]`` there."""
         if self.stopped:
             return
         if logprob is not None:
-            self.tokens.append((len(self.text), piece, logprob))
+            self.tokens.append(_Tok(len(self.text), piece, logprob, [(str(t), float(lp)) for _, t, lp in top or []]))
         if not piece:
             return
         start = max(0, len(self.text) - self.longest + 1)  # a new stop must end inside the new piece
@@ -199,23 +228,33 @@ class _ChoiceText:
         self.sent = upto
         return piece
 
-    def take_tokens(self) -> list[tuple[int, str, float]]:
+    def take_tokens(self) -> list[_Tok]:
         """The tokens whose text starts within what :meth:`take` handed out and were not handed out yet: the
         text of a stop string (or an EOS token, which adds none) leaves its tokens out, as it leaves its text."""
         end = self.given
-        while end < len(self.tokens) and self.tokens[end][0] < self.sent:
+        while end < len(self.tokens) and self.tokens[end].offset < self.sent:
             end += 1
         out, self.given = self.tokens[self.given:end], end
         return out
 
 
-def _logprobs(chat: bool, toks: list[tuple[int, str, float]]) -> dict[str, Any]:
-    """OpenAI's ``logprobs`` object of one choice (or one chunk of it) for ``toks``."""
+def _first_of_each(pairs: list[tuple[str, float]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for text, lp in pairs:
+        out.setdefault(text, lp)
+    return out
+
+
+def _logprobs(chat: bool, toks: list[_Tok], top: bool) -> dict[str, Any]:
+    """OpenAI's ``logprobs`` object of one choice (or one chunk of it) for ``toks``; ``top``: list the most likely
+    tokens at each position (completions: a text -> logprob map, the likelier one where two tokens read alike)."""
     if chat:
-        return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
-                            for _, t, lp in toks]}
-    return {"tokens": [t for _, t, _ in toks], "token_logprobs": [lp for _, _, lp in toks], "top_logprobs": None,
-            "text_offset": [o for o, _, _ in toks]}
+        return {"content": [{"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode()),
+                             "top_logprobs": [{"token": a, "logprob": lp, "bytes": list(a.encode())} for a, lp in t.top]}
+                            for t in toks]}
+    return {"tokens": [t.text for t in toks], "token_logprobs": [t.logprob for t in toks],
+            "top_logprobs": [_first_of_each(t.top) for t in toks] if top else None,
+            "text_offset": [t.offset for t in toks]}
 
 
 def create_openai_router() -> APIRouter:
@@ -238,23 +277,24 @@ def create_openai_router() -> APIRouter:
     async def _run(service: Service, user: User, body: _Body, ids: list[int], obj: str, chat: bool) -> Any:
         target = await _target(service, user, body.model)
         max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
-        op = SampleOp(prompt=ids, num_samples=body.n, params=_params(body, max_tokens))
+        k = body.top_k()
+        if k and k * body.n * (max_tokens or DEFAULT_MAX_TOKENS) > MAX_TOP_VALUES:  # the reply's size, bounded first
+            raise LimitExceededError(f"{k} most likely tokens × {body.n} choices × {max_tokens or DEFAULT_MAX_TOKENS} "
+                                     f"tokens exceeds {MAX_TOP_VALUES} values: ask for fewer",
+                                     field="top_logprobs" if chat else "logprobs")
+        op = SampleOp(prompt=ids, num_samples=body.n, params=_params(body, max_tokens), topk_logprobs=k)
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         try:
             polls = await open_stream(service, user, op, **target)
-        except TwinkleError as e:  # name the field as the OpenAI client sent it
-            field = _OPENAI_FIELD.get(str(e.field or ""))
-            if field is not None:
-                e.field = field
-                e.detail["field"] = field
-            raise
+        except TwinkleError as e:
+            raise _openai_field(e, chat) from None
         cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
 
-        want_lp = body.wants_logprobs()
+        want_lp, top = body.wants_logprobs(), body.top_k() > 0
 
-        def choice(i: int, text: str, reason: str | None, toks: list[tuple[int, str, float]]) -> dict[str, Any]:
-            lp = _logprobs(chat, toks) if want_lp else None
+        def choice(i: int, text: str, reason: str | None, toks: list[_Tok]) -> dict[str, Any]:
+            lp = _logprobs(chat, toks, top) if want_lp else None
             if chat:
                 return {"index": i, "delta": {"content": text} if text else {}, "finish_reason": reason, "logprobs": lp}
             return {"index": i, "text": text, "finish_reason": reason, "logprobs": lp}
@@ -270,7 +310,7 @@ def create_openai_router() -> APIRouter:
                     async for p in polls:
                         for ev in p["events"]:
                             ct = texts[ev["index"]]
-                            ct.add(ev["text"], ev.get("logprob"))
+                            ct.add(ev["text"], ev.get("logprob"), ev.get("top"))
                             piece = ct.take()
                             if piece:
                                 yield _chunk(cid, obj, body.model, created,
@@ -297,11 +337,14 @@ def create_openai_router() -> APIRouter:
 
         whole = {i: _ChoiceText(stops) for i in range(body.n)}
         res: SampleResponse | None = None
-        async for p in polls:
-            for ev in p["events"]:
-                whole[ev["index"]].add(ev["text"], ev.get("logprob"))
-            if p["done"]:
-                res = p["result"]
+        try:
+            async for p in polls:
+                for ev in p["events"]:
+                    whole[ev["index"]].add(ev["text"], ev.get("logprob"), ev.get("top"))
+                if p["done"]:
+                    res = p["result"]
+        except TwinkleError as e:
+            raise _openai_field(e, chat) from None
         assert res is not None
         res = res if isinstance(res, SampleResponse) else SampleResponse.model_validate(res)
         choices = []
@@ -309,7 +352,7 @@ def create_openai_router() -> APIRouter:
         for i, s in enumerate(res.sequences):
             ct = whole.get(i) or _ChoiceText(stops)
             text = ct.take(final=True)
-            lp = _logprobs(chat, ct.take_tokens()) if want_lp else None
+            lp = _logprobs(chat, ct.take_tokens(), top) if want_lp else None
             completion += len(s.tokens)
             if chat:
                 choices.append({"index": i, "message": {"role": "assistant", "content": text},

@@ -42,17 +42,23 @@ class StreamHub:
         self._streams: dict[str, _Stream] = {}
         self.ttl_s = ttl_s
 
-    def open(self) -> tuple[str, Callable[[list[tuple[int, int, float | None]]], None], Callable[[asyncio.Future], None]]:
+    def open(self) -> tuple[str, Callable[[list[tuple[Any, ...]]], None], Callable[[asyncio.Future], None]]:
         """A new stream: its id, the ``on_tokens`` listener and the done-callback for the request's future."""
         self._expire()
         sid = "s" + uuid.uuid4().hex
         st = self._streams[sid] = _Stream()
 
-        def on_tokens(items: list[tuple[int, int, float | None]]) -> None:
-            for index, token, logprob in items:
+        def on_tokens(items: list[tuple[Any, ...]]) -> None:
+            """``(sample index, token, logprob)`` or ``(..., top)``: ``top`` the most likely ``(token, logprob)``
+            at that position (``SampleOp.topk_logprobs``), sent as ``[token, text, logprob]`` triples."""
+            for index, token, logprob, *rest in items:
                 toks = st.tokens.setdefault(index, [])
                 toks.append(token)
-                st.events.append({"index": index, "token": token, "logprob": logprob, "text": self._text(st, index)})
+                ev = {"index": index, "token": token, "logprob": logprob, "text": self._text(st, index)}
+                top = rest[0] if rest else None
+                if top:
+                    ev["top"] = [[t, self._decode([t]) if self._decode is not None else "", lp] for t, lp in top]
+                st.events.append(ev)
             st.changed.set()
 
         def on_done(fut: asyncio.Future) -> None:

@@ -59,6 +59,7 @@ from twinkle.types import (
     NotFoundError,
     OptimStepResponse,
     TwinkleError,
+    UnsupportedError,
 )
 from twinkle.types.outputs import attach_timing
 
@@ -236,7 +237,7 @@ class Scheduler:
         self._new_work = False  # set on the loop side when work arrives; read by the decode slice
         self._engine: Any = None
         self._engine_probed = False
-        self._streamed: list[tuple[Any, int, int, float]] = []  # backend thread: tokens of this step
+        self._streamed: list[tuple[Any, int, int, float, Any]] = []  # backend thread: tokens of this step
         self._last_sample_at = -1e9  # monotonic time of the last sample request (interleaving, see _run_batch)
         self._train_tps: float | None = None  # backend thread: measured training tokens/s (slice sizes)
         self._ckpt_cache: OrderedDict[tuple[str, int], str] = OrderedDict()
@@ -1070,6 +1071,12 @@ class Scheduler:
         if bad:
             self._post(self._deliver_samples, bad, None)
         engine = self._get_engine()
+        whole = good if engine is None else [s for s in good if getattr(s.op, "images", None)]
+        ranked = [s for s in whole if getattr(s.op, "topk_logprobs", 0)]
+        if ranked:  # only the continuous sampler ranks the tokens of each step; a whole batch cannot
+            err = UnsupportedError(RANKED_NEEDS_ENGINE, field="topk_logprobs")
+            self._post(self._deliver_samples, [(s, (False, err)) for s in ranked], None)
+            good = [s for s in good if s not in ranked]
         if engine is None:
             if good:
                 self._sample_whole(good, tick)
@@ -1141,14 +1148,14 @@ class Scheduler:
             if training_waits and elapsed >= slice_s:
                 return
 
-    def _on_token(self, key: Any, index: int, token: int, logprob: float) -> None:
+    def _on_token(self, key: Any, index: int, token: int, logprob: float, top: Any = None) -> None:
         if getattr(key, "on_tokens", None) is not None:
-            self._streamed.append((key, index, token, logprob))
+            self._streamed.append((key, index, token, logprob, top))
 
-    def _deliver_tokens(self, items: list[tuple[Any, int, int, float]]) -> None:
-        by_req: dict[int, tuple[Any, list[tuple[int, int, float]]]] = {}
-        for s, index, token, logprob in items:
-            by_req.setdefault(id(s), (s, []))[1].append((index, token, logprob))
+    def _deliver_tokens(self, items: list[tuple[Any, int, int, float, Any]]) -> None:
+        by_req: dict[int, tuple[Any, list[tuple[int, int, float, Any]]]] = {}
+        for s, index, token, logprob, top in items:
+            by_req.setdefault(id(s), (s, []))[1].append((index, token, logprob, top))
         for s, toks in by_req.values():
             if s.finished:
                 continue
@@ -1339,11 +1346,16 @@ def _batch_item(req: _Request) -> BatchItem:
                      forward_only=op.forward_only)
 
 
+RANKED_NEEDS_ENGINE = ("the most likely tokens at each sampled position need the continuous sampler (transformers "
+                       "backend, text prompts)")
+
+
 def _sample_item(s: _SampleRequest, adapter: str | None) -> SampleItem:
     op = s.op
     return SampleItem(adapter=adapter, prompt=list(op.prompt), num_samples=op.num_samples, params=op.params,
                       prompt_logprobs=op.prompt_logprobs, topk_prompt_logprobs=op.topk_prompt_logprobs,
-                      images=list(getattr(op, "images", None) or []) or None, scope=getattr(op, "scope", ""))
+                      images=list(getattr(op, "images", None) or []) or None, scope=getattr(op, "scope", ""),
+                      topk_logprobs=getattr(op, "topk_logprobs", 0))
 
 
 def _batch_info(reqs: list[_Request], seconds: float) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from twinkle.types import (
     NotFoundError,
     SampleResponse,
     TwinkleError,
+    UnsupportedError,
 )
 
 from .config import model_default
@@ -47,7 +48,7 @@ from .ops import (
     SetSchedulerOp,
     op_kind,
 )
-from .scheduler import Scheduler, SchedulerConfig, new_backend_executor
+from .scheduler import RANKED_NEEDS_ENGINE, Scheduler, SchedulerConfig, new_backend_executor
 from .worker_api import WorkerAPI
 
 _SAMPLER_PREFIX = "__sampler__"
@@ -206,6 +207,8 @@ class ModelWorker:
         if adapter_id is not None and checkpoint_path is not None:
             raise InvalidInputError("give either a run or a checkpoint to sample from, not both", field="checkpoint")
         self._validate_prompt(op)
+        if getattr(op, "topk_logprobs", 0) and getattr(self.backend, "sampler_engine", None) is None:
+            raise UnsupportedError(RANKED_NEEDS_ENGINE, field="topk_logprobs")  # (megatron: refused when planned)
         cache_key = None
         if adapter_id is not None:
             if self._adapters.get(adapter_id, ...) is ...:

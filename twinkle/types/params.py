@@ -22,6 +22,7 @@ MAX_LEARNING_RATE = 10.0
 MAX_STEPS = 10**9
 MAX_TTL_SECONDS = 10 * 365 * 86400  # a checkpoint's time to live: ten years at most (its expiry must be a date)
 MAX_TOKENS = 2**31 - 1  # the widest max_tokens any API accepts; each model's sampler.max_tokens caps it lower
+DEFAULT_MAX_TOKENS = 128  # tokens sampled when a request's max_tokens is None (the model's room caps it too)
 MAX_STOP_SEQUENCES = 64  # stop strings or token ids per request: each one is checked after every sampled token
 MAX_STOP_CHARS = 1000  # characters in one stop string
 

@@ -40,6 +40,7 @@ from twinkle.types import (
     SamplingParams,
     TensorData,
 )
+from twinkle.types.params import DEFAULT_MAX_TOKENS
 
 from ._net import MODULES, BaseNet, LoraWeights, MockSpec, log_softmax, new_cache
 from ._safetensors import load_file, save_file
@@ -58,7 +59,6 @@ _ALIASES: dict[str, str] = {
     **{n: "lm_head" for n in ("lm_head", "unembed", "embed_out", "output")},
 }
 _PEFT_PREFIX = "base_model.model."
-_DEFAULT_MAX_TOKENS = 128
 
 
 @dataclass
@@ -440,7 +440,7 @@ class MockBackend(Backend):
         logp_prompt = log_softmax(self.net.forward(self.net.features([prompt])[0], lora))
         n = item.num_samples
         room = self.spec.max_length - prompt.size
-        max_tokens = min(room, _DEFAULT_MAX_TOKENS) if params.max_tokens is None else min(room, params.max_tokens)
+        max_tokens = min(room, DEFAULT_MAX_TOKENS) if params.max_tokens is None else min(room, params.max_tokens)
         state = self.net.init_state(1)
         for tok in prompt:
             self.net.step_features(state, np.asarray([tok]))
