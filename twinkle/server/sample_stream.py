@@ -21,13 +21,15 @@ from typing import Any
 from twinkle.types import NotFoundError, SampleResponse, TwinkleError
 
 Decode = Callable[[list[int]], str]
+_WINDOW = 4  # tokens of already-sent text kept in front of each new one when decoding it
 
 
 @dataclass
 class _Stream:
     events: list[dict[str, Any]] = field(default_factory=list)
     tokens: dict[int, list[int]] = field(default_factory=dict)
-    emitted: dict[int, int] = field(default_factory=dict)  # sample index -> chars of text sent
+    # sample index -> (prefix, read): tokens[prefix:read] decode to the text already sent of that window
+    window: dict[int, tuple[int, int]] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     result: SampleResponse | None = None
     error: TwinkleError | None = None
@@ -93,14 +95,22 @@ class StreamHub:
         return st.future
 
     def _text(self, st: _Stream, index: int) -> str:
+        """The text the newest token of sample ``index`` adds. Decoded over a short window of the latest tokens
+        (``tokens[prefix:]`` against ``tokens[prefix:read]``, the part already sent), not the whole sequence:
+        decoding all of it at every token cost the worker's event loop O(n^2) (~1.6 s for one 4000-token
+        stream). The window starts a few tokens back so that a token whose text depends on the one before it
+        (a leading space, a character split over byte tokens) decodes as in the whole; an incomplete character
+        (U+FFFD at the end) waits for the token that completes it."""
         if self._decode is None:
             return ""
-        text = self._decode(st.tokens[index])
+        toks = st.tokens[index]
+        prefix, read = st.window.get(index, (0, 0))
+        before = self._decode(toks[prefix:read]) if read > prefix else ""
+        text = self._decode(toks[prefix:])
         if text.endswith("\ufffd"):
             return ""
-        sent = st.emitted.get(index, 0)
-        st.emitted[index] = len(text)
-        return text[sent:]
+        st.window[index] = (max(prefix, read - _WINDOW), len(toks))
+        return text[len(before):]
 
     async def poll(self, sid: str, after: int = 0, timeout: float = 10.0) -> dict[str, Any]:
         st = self._streams.get(sid) if isinstance(sid, str) else None
