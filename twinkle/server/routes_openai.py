@@ -104,7 +104,7 @@ class ChatBody(_Body):
         return bool(self.logprobs)
 
     def top_k(self) -> int:
-        return self.top_logprobs or 0 if self.logprobs else 0
+        return (self.top_logprobs or 0) if self.logprobs else 0
 
 
 def _text_content(m: ChatMessage) -> str:
