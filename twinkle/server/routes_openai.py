@@ -152,8 +152,8 @@ def _params(body: _Body, max_tokens: int | None) -> SamplingParams:
                           stop=stop)
 
 
-MAX_TOP_VALUES = 1_000_000
-"""The most (position, alternative) pairs one reply may list (each is ~60 bytes of JSON)."""
+MAX_TOP_VALUES = 200_000
+"""The most (position, alternative) pairs one reply may list (each is ~60 bytes of JSON: ~12 MB at most)."""
 
 MAX_CHARS_PER_TOKEN = 64
 """A text longer than (token limit × this) cannot fit: real vocabularies average a few characters per token,
