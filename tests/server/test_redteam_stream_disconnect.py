@@ -16,10 +16,10 @@ from twinkle.server.store import Store
 from twinkle.server.worker import ModelWorker
 
 
-def _app(tmp: Path):
+def _app(tmp: Path, backend: str = "mock", model_id: str = "mock://tiny"):
     cfg = parse_config({
         "persistence": {"sqlite_path": str(tmp / "db.sqlite"), "checkpoint_root": str(tmp / "ck")},
-        "models": [{"name": "tiny", "backend": "mock", "model_id": "mock://tiny"}],
+        "models": [{"name": "tiny", "backend": backend, "model_id": model_id}],
     })
     store = Store(cfg.persistence.sqlite_file())
     key = store.create_key("alice")[1]
@@ -84,14 +84,7 @@ def test_disconnect_drops_queued_stream_work(tmp_path, route):
 def test_disconnect_aborts_a_running_generation(tmp_path, route):
     """The other half: a request already decoding in the continuous sampler kept its rows (and KV budget) in
     the batch until max_tokens, slowing everyone sharing the batch; now its rows leave at the next step."""
-    cfg = parse_config({
-        "persistence": {"sqlite_path": str(tmp_path / "db.sqlite"), "checkpoint_root": str(tmp_path / "ck")},
-        "models": [{"name": "tiny", "backend": "transformers", "model_id": "builtin://tiny"}],
-    })
-    store = Store(cfg.persistence.sqlite_file())
-    key = store.create_key("alice")[1]
-    worker = ModelWorker(worker_config(cfg.models[0]))
-    app = create_app(cfg, {"tiny": [worker]}, store=store)
+    app, worker, key = _app(tmp_path, "transformers", "builtin://tiny")
     sched = worker._scheduler
     steps = 1000  # far more than the 0.3 s before the client leaves
     if route == "native":
