@@ -239,3 +239,24 @@ def test_aborted_requests_leave_wherever_they_are(backend):
     assert eng.reserved == 0 and eng.stats["aborted"] == 3 and eng.idle()
     eng.abort("gone")  # a key that is not there: ignored
     assert eng.step() == [] and eng.idle()
+
+
+def test_ranked_tokens_need_the_continuous_sampler(backend, monkeypatch):
+    """``topk_logprobs`` (the OpenAI route's top logprobs) is listed by the continuous sampler only: a backend
+    that samples whole batches (megatron: ``sampler_engine()`` is None) fails such a request by name instead
+    of answering without them, and the other requests of the same tick are served."""
+    from twinkle.types import UnsupportedError
+
+    monkeypatch.setattr(backend, "sampler_engine", lambda **kw: None)
+    sched = Scheduler(backend, SchedulerConfig())
+
+    async def main():
+        ranked = sched.submit_sample(SampleOp(prompt=PROMPT, params=SamplingParams(max_tokens=3), topk_logprobs=2))
+        plain = sched.submit_sample(_op(PROMPT, 3))
+        with pytest.raises(UnsupportedError) as e:
+            await ranked
+        assert e.value.field == "topk_logprobs"
+        assert len((await plain).sequences[0].tokens) == 3
+        await sched.close()
+
+    asyncio.run(main())
