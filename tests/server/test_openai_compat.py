@@ -267,3 +267,41 @@ def test_openai_top_logprobs_are_the_models_most_likely_tokens(env):
             assert e.top_logprobs[0].token == e.token and alts[0] == pytest.approx(e.logprob, abs=1e-6)
 
     asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_openai_echo_scores_the_prompt(env):
+    """``echo`` (completions): the prompt's text comes back before the completion, and with ``logprobs`` the
+    prompt's tokens are scored too (the first has none), as evaluation harnesses ask (``max_tokens: 0``): the
+    same numbers as the native API's prompt logprobs."""
+    app, keys = env
+
+    async def main():
+        oa = _oai(app, keys["alice"])
+        scored = (await oa.completions.create(model="tiny", prompt="once upon a time", max_tokens=0, echo=True,
+                                              logprobs=2)).choices[0]
+        lp = scored.logprobs
+        assert scored.text == "once upon a time" == "".join(lp.tokens)
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+        ids = [5, 6, 7, 8, 9]
+        by_ids = (await oa.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True,
+                                              logprobs=0)).choices[0].logprobs.token_logprobs
+        async with _http(app, keys["alice"]) as c:
+            native = await _done(c, (await c.post(f"{API}/sample", json={
+                "base_model": "tiny", "prompt": {"chunks": [{"type": "encoded_text", "tokens": ids}]},
+                "sampling_params": {"max_tokens": 1}, "prompt_logprobs": True})).json())
+        assert by_ids[0] is None and by_ids[1:] == pytest.approx(native["prompt_logprobs"][1:], abs=1e-5)
+        for i in range(1, len(lp.tokens)):
+            assert len(lp.top_logprobs[i]) <= 2 and max(lp.top_logprobs[i].values()) >= lp.token_logprobs[i] - 1e-6
+        both = (await oa.completions.create(model="tiny", prompt="once upon a time", max_tokens=3, echo=True,
+                                            logprobs=0, temperature=0)).choices[0]
+        assert both.text.startswith("once upon a time") and len(both.text) > len("once upon a time")
+        assert both.logprobs.token_logprobs[:len(lp.tokens)] == pytest.approx(lp.token_logprobs, abs=1e-4)
+        assert "".join(both.logprobs.tokens) == both.text
+        plain = (await oa.completions.create(model="tiny", prompt="once upon", max_tokens=2, echo=True)).choices[0]
+        assert plain.text.startswith("once upon") and plain.logprobs is None
+        with pytest.raises(openai.BadRequestError):
+            await oa.completions.create(model="tiny", prompt="once", max_tokens=2, echo=True, stream=True)
+
+    asyncio.run(main())

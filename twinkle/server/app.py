@@ -397,6 +397,9 @@ class _HandleWorker:
     async def tokenize(self, **kw: Any) -> Any:
         return await self._call("tokenize", **kw)
 
+    async def token_texts(self, ids: list[int], singles: list[int]) -> Any:
+        return await self._call("token_texts", ids, singles)
+
     async def skip(self, adapter_id: str, seq_id: int) -> Any:
         return await self._call("skip", adapter_id, seq_id)
 
@@ -498,6 +501,9 @@ def build_serve_app(config: ServerConfig, own_http: bool = False) -> Any:
 
         async def tokenize(self, **kw: Any) -> Any:
             return await refusal_as_value(self.worker.tokenize(**kw))
+
+        async def token_texts(self, ids: list[int], singles: list[int]) -> Any:
+            return await refusal_as_value(self.worker.token_texts(ids, singles))
 
         async def skip(self, adapter_id: str, seq_id: int) -> None:
             await self.worker.skip(adapter_id, seq_id)

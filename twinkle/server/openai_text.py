@@ -6,6 +6,8 @@ from typing import Any
 
 from twinkle.types import InvalidInputError
 
+from .sample_stream import pieces
+
 
 def tokenize(tok: Any, *, text: str | None = None, messages: list[dict[str, Any]] | None = None) -> list[int]:
     if tok is None:
@@ -21,3 +23,13 @@ def tokenize(tok: Any, *, text: str | None = None, messages: list[dict[str, Any]
     if text is None:
         raise InvalidInputError("give a prompt", field="prompt")
     return [int(t) for t in tok.encode(text, add_special_tokens=False)]
+
+
+def token_texts(tok: Any, ids: list[int], singles: list[int]) -> tuple[list[str], list[str]]:
+    if tok is None:
+        raise InvalidInputError("this model has no tokenizer: send token ids to the native API", field="model")
+
+    def decode(x: list[int]) -> str:
+        return str(tok.decode(x, skip_special_tokens=True))
+
+    return pieces(decode, ids), [decode([t]) for t in singles]

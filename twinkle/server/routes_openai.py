@@ -28,6 +28,7 @@ from twinkle.types import (
     SampleResponse,
     SamplingParams,
     TwinkleError,
+    UnsupportedError,
 )
 from twinkle.types.params import (
     DEFAULT_MAX_TOKENS,
@@ -72,7 +73,9 @@ class _Body(BaseModel):
 
 class CompletionBody(_Body):
     prompt: str | list[Integer]
+    max_tokens: Integer | None = Field(None, ge=0, le=MAX_TOKENS)  # 0: score the prompt only (with echo)
     logprobs: Integer | None = Field(None, ge=0, le=5)
+    echo: bool = False
 
     def wants_logprobs(self) -> bool:
         return self.logprobs is not None
@@ -186,7 +189,7 @@ def _chunk(cid: str, obj: str, model: str, created: int, choices: list[dict[str,
 class _Tok:
     offset: int  # where its text starts in the choice's text
     text: str  # the text it added (empty for part of a character, or a special token)
-    logprob: float
+    logprob: float | None  # None: the prompt's first token (echo), which nothing predicts
     top: list[tuple[str, float]]  # the most likely tokens there, as (text, logprob), likeliest first
 
 
@@ -253,7 +256,7 @@ def _logprobs(chat: bool, toks: list[_Tok], top: bool) -> dict[str, Any]:
                              "top_logprobs": [{"token": a, "logprob": lp, "bytes": list(a.encode())} for a, lp in t.top]}
                             for t in toks]}
     return {"tokens": [t.text for t in toks], "token_logprobs": [t.logprob for t in toks],
-            "top_logprobs": [_first_of_each(t.top) for t in toks] if top else None,
+            "top_logprobs": [None if t.logprob is None else _first_of_each(t.top) for t in toks] if top else None,
             "text_offset": [t.offset for t in toks]}
 
 
@@ -282,7 +285,12 @@ def create_openai_router() -> APIRouter:
             raise LimitExceededError(f"{k} most likely tokens × {body.n} choices × {max_tokens or DEFAULT_MAX_TOKENS} "
                                      f"tokens exceeds {MAX_TOP_VALUES} values: ask for fewer",
                                      field="top_logprobs" if chat else "logprobs")
-        op = SampleOp(prompt=ids, num_samples=body.n, params=_params(body, max_tokens), topk_logprobs=k)
+        echo = getattr(body, "echo", False)
+        if echo and body.stream:
+            raise UnsupportedError("echo with stream: true is not supported: ask without streaming", field="echo")
+        scored = echo and body.wants_logprobs()  # the prompt's own logprobs come back too
+        op = SampleOp(prompt=ids, num_samples=body.n, params=_params(body, max_tokens), topk_logprobs=k,
+                      prompt_logprobs=scored, topk_prompt_logprobs=k if scored else 0)
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         try:
             polls = await open_stream(service, user, op, **target)
@@ -347,12 +355,14 @@ def create_openai_router() -> APIRouter:
             raise _openai_field(e, chat) from None
         assert res is not None
         res = res if isinstance(res, SampleResponse) else SampleResponse.model_validate(res)
+        head, head_toks = await _echo(service, user, body.model, ids, res, scored) if echo else ("", [])
         choices = []
         completion = 0
         for i, s in enumerate(res.sequences):
             ct = whole.get(i) or _ChoiceText(stops)
-            text = ct.take(final=True)
-            lp = _logprobs(chat, ct.take_tokens(), top) if want_lp else None
+            text = head + ct.take(final=True)
+            toks = head_toks + [_Tok(t.offset + len(head), t.text, t.logprob, t.top) for t in ct.take_tokens()]
+            lp = _logprobs(chat, toks, top) if want_lp else None
             completion += len(s.tokens)
             if chat:
                 choices.append({"index": i, "message": {"role": "assistant", "content": text},
@@ -361,6 +371,27 @@ def create_openai_router() -> APIRouter:
                 choices.append({"index": i, "text": text, "finish_reason": _finish(s.stop_reason), "logprobs": lp})
         usage = {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion}
         return {"id": cid, "object": obj, "created": created, "model": body.model, "choices": choices, "usage": usage}
+
+    async def _echo(service: Service, user: User, model: str, ids: list[int], res: SampleResponse,
+                    scored: bool) -> tuple[str, list[_Tok]]:
+        """The prompt's text (as its tokens decode) and, ``scored``, its tokens with their logprobs and the most
+        likely tokens at each position (``echo``: what evaluation harnesses score a text with)."""
+        top_ids = res.topk_prompt_logprobs or []
+        singles = sorted({t for row in top_ids if row for t, _ in row})
+        worker = await _worker_for(service, user, model, 0)
+        texts, single_texts = await worker.token_texts(ids, singles)
+        named = dict(zip(singles, single_texts, strict=True))
+        head = "".join(texts)
+        if not scored:
+            return head, []
+        lps = list(res.prompt_logprobs or [None] * len(ids))
+        toks, offset = [], 0
+        for i, piece in enumerate(texts):
+            row = top_ids[i] if i < len(top_ids) else None
+            toks.append(_Tok(offset, piece, lps[i] if i < len(lps) else None,
+                             [(named[t], lp) for t, lp in row or []]))
+            offset += len(piece)
+        return head, toks
 
     async def _worker_for(service: Service, user: User, model: str, text_chars: int) -> Any:
         """The worker that tokenizes for ``model``; refuses a text too long to fit the model's token limit

@@ -24,6 +24,31 @@ Decode = Callable[[list[int]], str]
 _WINDOW = 4  # tokens of already-sent text kept in front of each new one when decoding it
 
 
+def next_piece(decode: Decode, toks: list[int], n: int, window: tuple[int, int]) -> tuple[str, tuple[int, int]]:
+    """The text token ``n - 1`` of ``toks`` adds after ``toks[:n - 1]``, and the window to pass for the next one
+    (start with ``(0, 0)``). Decoded over a short window of the latest tokens (``toks[prefix:n]`` against
+    ``toks[prefix:read]``, the part already handed out), not the whole sequence: decoding all of it at every
+    token costs O(n^2) (~1.6 s for one 4000-token stream on builtin://small's tokenizer). The window starts a
+    few tokens back so that a token whose text depends on the one before it (a leading space, a character split
+    over byte tokens) decodes as in the whole; an incomplete character (U+FFFD at the end) gives "" and waits for
+    the token that completes it."""
+    prefix, read = window
+    before = decode(toks[prefix:read]) if read > prefix else ""
+    text = decode(toks[prefix:n])
+    if text.endswith("\ufffd"):
+        return "", window
+    return text[len(before):], (max(prefix, read - _WINDOW), n)
+
+
+def pieces(decode: Decode, toks: list[int]) -> list[str]:
+    """The text each token of ``toks`` adds, in order (they add up to ``decode(toks)``)."""
+    out, window = [], (0, 0)
+    for n in range(1, len(toks) + 1):
+        piece, window = next_piece(decode, toks, n, window)
+        out.append(piece)
+    return out
+
+
 @dataclass
 class _Stream:
     events: list[dict[str, Any]] = field(default_factory=list)
@@ -95,22 +120,13 @@ class StreamHub:
         return st.future
 
     def _text(self, st: _Stream, index: int) -> str:
-        """The text the newest token of sample ``index`` adds. Decoded over a short window of the latest tokens
-        (``tokens[prefix:]`` against ``tokens[prefix:read]``, the part already sent), not the whole sequence:
-        decoding all of it at every token cost the worker's event loop O(n^2) (~1.6 s for one 4000-token
-        stream). The window starts a few tokens back so that a token whose text depends on the one before it
-        (a leading space, a character split over byte tokens) decodes as in the whole; an incomplete character
-        (U+FFFD at the end) waits for the token that completes it."""
+        """The text the newest token of sample ``index`` adds (:func:`next_piece`: on the worker's event loop,
+        so never the whole sequence decoded again)."""
         if self._decode is None:
             return ""
         toks = st.tokens[index]
-        prefix, read = st.window.get(index, (0, 0))
-        before = self._decode(toks[prefix:read]) if read > prefix else ""
-        text = self._decode(toks[prefix:])
-        if text.endswith("\ufffd"):
-            return ""
-        st.window[index] = (max(prefix, read - _WINDOW), len(toks))
-        return text[len(before):]
+        piece, st.window[index] = next_piece(self._decode, toks, len(toks), st.window.get(index, (0, 0)))
+        return piece
 
     async def poll(self, sid: str, after: int = 0, timeout: float = 10.0) -> dict[str, Any]:
         st = self._streams.get(sid) if isinstance(sid, str) else None

@@ -255,6 +255,14 @@ class ModelWorker:
         tok = self.backend.tokenizer() if hasattr(self.backend, "tokenizer") else None
         return tokenize(tok, text=text, messages=messages)
 
+    async def token_texts(self, ids: list[int], singles: list[int]) -> tuple[list[str], list[str]]:
+        """The text each token of ``ids`` adds in sequence (they add up to the decoded ``ids``), and the text of
+        each token of ``singles`` on its own (OpenAI ``echo``: the prompt's tokens and the alternatives)."""
+        from .openai_text import token_texts
+
+        tok = self.backend.tokenizer() if hasattr(self.backend, "tokenizer") else None
+        return token_texts(tok, ids, singles)
+
     # ---- status ----------------------------------------------------------------------------------------------
     async def status(self) -> dict[str, Any]:
         s = self._scheduler

@@ -50,6 +50,9 @@ class WorkerAPI(Protocol):
     async def tokenize(self, *, text: str | None = None, messages: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of ``text``, or of chat ``messages`` with the chat template (OpenAI-compatible routes)."""
 
+    async def token_texts(self, ids: list[int], singles: list[int]) -> tuple[list[str], list[str]]:
+        """The text each token of ``ids`` adds in sequence, and each token of ``singles`` alone (OpenAI echo)."""
+
     async def has_adapter(self, adapter_id: str) -> bool:
         """Whether this worker holds ``adapter_id`` (false after a replica restart)."""
 
