@@ -8,10 +8,12 @@ from twinkle.types import InvalidInputError
 
 from .sample_stream import pieces
 
+NO_TOKENIZER = "this model has no tokenizer: send token ids to the native API"
+
 
 def tokenize(tok: Any, *, text: str | None = None, messages: list[dict[str, Any]] | None = None) -> list[int]:
     if tok is None:
-        raise InvalidInputError("this model has no tokenizer: send token ids to the native API", field="model")
+        raise InvalidInputError(NO_TOKENIZER, field="model")
     if messages is not None:
         if getattr(tok, "chat_template", None):
             ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -25,11 +27,9 @@ def tokenize(tok: Any, *, text: str | None = None, messages: list[dict[str, Any]
     return [int(t) for t in tok.encode(text, add_special_tokens=False)]
 
 
-def token_texts(tok: Any, ids: list[int], singles: list[int]) -> tuple[list[str], list[str]]:
-    if tok is None:
-        raise InvalidInputError("this model has no tokenizer: send token ids to the native API", field="model")
-
-    def decode(x: list[int]) -> str:
-        return str(tok.decode(x, skip_special_tokens=True))
-
+def token_texts(decode: Any, ids: list[int], singles: list[int]) -> tuple[list[str], list[str]]:
+    """``decode`` (ids -> text, or None without a tokenizer): the text each token of ``ids`` adds in sequence,
+    and the text of each token of ``singles`` alone."""
+    if decode is None:
+        raise InvalidInputError(NO_TOKENIZER, field="model")
     return pieces(decode, ids), [decode([t]) for t in singles]

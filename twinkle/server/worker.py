@@ -224,10 +224,13 @@ class ModelWorker:
         if hub is None:
             from .sample_stream import StreamHub
 
-            tok = self.backend.tokenizer() if hasattr(self.backend, "tokenizer") else None
-            decode = (lambda ids: tok.decode(ids, skip_special_tokens=True)) if tok is not None else None
-            hub = self._streams = StreamHub(decode)
+            hub = self._streams = StreamHub(self._decoder())
         return hub
+
+    def _decoder(self) -> Any:
+        """Token ids -> text with the model's tokenizer (special tokens left out), or None without one."""
+        tok = self.backend.tokenizer() if hasattr(self.backend, "tokenizer") else None
+        return (lambda ids: str(tok.decode(ids, skip_special_tokens=True))) if tok is not None else None
 
     async def sample_stream_open(self, op: SampleOp, *, adapter_id: str | None = None,
                                  checkpoint_path: str | None = None) -> str:
@@ -260,8 +263,7 @@ class ModelWorker:
         each token of ``singles`` on its own (OpenAI ``echo``: the prompt's tokens and the alternatives)."""
         from .openai_text import token_texts
 
-        tok = self.backend.tokenizer() if hasattr(self.backend, "tokenizer") else None
-        return token_texts(tok, ids, singles)
+        return token_texts(self._decoder(), ids, singles)
 
     # ---- status ----------------------------------------------------------------------------------------------
     async def status(self) -> dict[str, Any]:
