@@ -305,3 +305,21 @@ def test_openai_echo_scores_the_prompt(env):
             await oa.completions.create(model="tiny", prompt="once", max_tokens=2, echo=True, stream=True)
 
     asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_an_empty_stop_list_still_stops_at_eos(env):
+    """To OpenAI ``stop: []`` means no stop strings (some clients always send the list); it was passed on as
+    the native "no stops at all", so the generation ran past EOS to max_tokens."""
+    app, keys = env
+
+    async def main():
+        oa = _oai(app, keys["alice"])
+        # seed 4 samples EOS after ~40 tokens on builtin://tiny (checked by the first assertion)
+        plain = (await oa.completions.create(model="tiny", prompt=[5, 6], max_tokens=300, seed=4)).choices[0]
+        assert plain.finish_reason == "stop"
+        empty = (await oa.completions.create(model="tiny", prompt=[5, 6], max_tokens=300, seed=4,
+                                             stop=[])).choices[0]
+        assert (empty.finish_reason, empty.text) == ("stop", plain.text)
+
+    asyncio.run(main())

@@ -92,7 +92,9 @@ def test_disconnect_aborts_a_running_generation(tmp_path, route):
             "base_model": "tiny", "prompt": {"chunks": [{"type": "encoded_text", "tokens": [5, 6]}]},
             "sampling_params": {"max_tokens": steps, "stop": []}}
     else:
-        path, body = "/v1/completions", {"model": "tiny", "prompt": [5, 6], "max_tokens": steps, "stream": True}
+        # greedy: a sampled EOS could end it before the client leaves (OpenAI has no way to ignore EOS)
+        path, body = "/v1/completions", {"model": "tiny", "prompt": [5, 6], "max_tokens": steps, "stream": True,
+                                         "temperature": 0}
 
     async def main() -> list[dict]:
         sent = await _call_then_disconnect(app, path, body, key)

@@ -147,10 +147,10 @@ async def _target(service: Service, user: User, model: str) -> dict[str, Any]:
 
 def _params(body: _Body, max_tokens: int | None) -> SamplingParams:
     stop: Any = body.stop
-    if stop is None:
-        stop = None  # EOS only
-    elif isinstance(stop, str):
+    if isinstance(stop, str):
         stop = [stop]
+    if not stop:
+        stop = None  # EOS only: to OpenAI an empty list means no stop strings, never "ignore EOS" as natively
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                           stop=stop)
 
