@@ -323,3 +323,47 @@ def test_an_empty_stop_list_still_stops_at_eos(env):
         assert (empty.finish_reason, empty.text) == ("stop", plain.text)
 
     asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_stream_usage_top_k_and_unsupported_knobs(env):
+    """``stream_options.include_usage`` adds OpenAI's usage chunk (no choices) before ``[DONE]``; ``top_k`` (an
+    extension, as vLLM's) reaches the sampler: ``top_k: 1`` at temperature 1 is greedy; knobs that would change
+    the answer and are not implemented are refused by name instead of ignored."""
+    app, keys = env
+
+    async def main():
+        oa = _oai(app, keys["alice"])
+        chunks = [c async for c in await oa.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5, n=2, stream=True,
+            stream_options={"include_usage": True}, stop=[])]
+        last = chunks[-1]
+        assert last.choices == [] and last.usage.completion_tokens == 10
+        assert last.usage.total_tokens == last.usage.prompt_tokens + 10 and last.usage.prompt_tokens > 0
+        assert all(c.usage is None for c in chunks[:-1])
+        plain = [c async for c in await oa.completions.create(model="tiny", prompt=[5, 6], max_tokens=3,
+                                                                stream=True)]
+        assert all(c.usage is None for c in plain)
+        greedy = await oa.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=8, temperature=0)
+        top1 = await oa.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=8, temperature=1,
+                                           extra_body={"top_k": 1})
+        assert top1.choices[0].text == greedy.choices[0].text
+        for kw, field in [({"frequency_penalty": 0.5}, "frequency_penalty"),
+                          ({"presence_penalty": -1}, "presence_penalty"),
+                          ({"logit_bias": {"5": 10}}, "logit_bias"),
+                          ({"stream_options": {"include_usage": True}}, "stream_options"),
+                          ({"extra_body": {"top_k": -2}}, "top_k")]:
+            with pytest.raises(openai.BadRequestError) as e:
+                await oa.completions.create(model="tiny", prompt=[5], max_tokens=2, **kw)
+            assert e.value.param == field and field in e.value.message, (kw, e.value)  # OpenAI's error shape
+        with pytest.raises(openai.AuthenticationError) as e:
+            await _oai(app, "not-a-key").models.list()
+        assert e.value.type == "authentication_error" and "key" in e.value.message.lower(), e.value
+        with pytest.raises(openai.NotFoundError) as e:
+            await oa.completions.create(model="no-such-model", prompt=[5], max_tokens=2)
+        assert e.value.param == "model" and "no-such-model" in e.value.message, e.value
+        ok = await oa.completions.create(model="tiny", prompt=[5], max_tokens=2, frequency_penalty=0,
+                                         logit_bias={}, user="someone")
+        assert ok.choices[0].finish_reason in ("stop", "length")
+
+    asyncio.run(main())

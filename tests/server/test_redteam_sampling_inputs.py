@@ -27,8 +27,15 @@ def client(tmp_path_factory):
 
 
 def _post(c: TestClient, path: str, body: dict) -> tuple[int, dict]:
+    """The status and body; an OpenAI route's error (OpenAI's shape, checked) as the server's usual one."""
     r = c.post(path, content=json.dumps(body, allow_nan=True), headers={"content-type": "application/json"})
-    return r.status_code, (r.json() if r.headers.get("content-type", "").startswith("application/json") else {})
+    data = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+    if path.startswith("/v1/") and r.status_code >= 400:
+        inner = data["error"]  # the openai package shows error.message
+        assert inner["message"] and inner["type"] == "invalid_request_error", data
+        assert inner["param"] == inner["detail"].get("field") and inner["code"], data
+        data = {"error": inner["message"], "detail": inner["detail"]}
+    return r.status_code, data
 
 
 BASE = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 2}

@@ -63,8 +63,26 @@ def worker_config(m: ModelConfig) -> dict[str, Any]:
     return d
 
 
-def error_response(err: TwinkleError, request_id: str | None = None) -> JSONResponse:
-    body = err.to_dict()
+_OPENAI_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                       429: "rate_limit_error"}
+
+
+def _body_for(path: str, status: int, body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` (the server's ``{error, category, code, detail}``) as OpenAI's ``{"error": {message, type, param,
+    code}}`` on the OpenAI-compatible routes (``/v1/...``): the ``openai`` package shows ``error.message`` and
+    nothing else (with the server's own shape its users read just "Error code: 400"). The server's fields stay
+    inside the error object."""
+    if not path.startswith("/v1/"):
+        return body
+    raw = body.get("detail")
+    detail: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    kind = "server_error" if status >= 500 else _OPENAI_ERROR_TYPES.get(status, "invalid_request_error")
+    return {"error": {"message": body.get("error"), "type": kind, "param": detail.get("field"),
+                      "code": body.get("code"), "category": body.get("category"), "detail": detail}}
+
+
+def error_response(err: TwinkleError, request_id: str | None = None, path: str = "") -> JSONResponse:
+    """The answer to ``err`` (in OpenAI's error shape on ``/v1/`` routes)."""
     headers = {}
     if request_id:
         headers["x-request-id"] = request_id
@@ -74,7 +92,7 @@ def error_response(err: TwinkleError, request_id: str | None = None) -> JSONResp
     status = err.status
     if status == 402:  # the Tinker SDK loops on 402; never send it
         status = 400
-    return JSONResponse(status_code=status, content=body, headers=headers)
+    return JSONResponse(status_code=status, content=_body_for(path, status, err.to_dict()), headers=headers)
 
 
 class _GuardMiddleware:
@@ -102,7 +120,7 @@ class _GuardMiddleware:
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             err = LimitExceededError(f"request body of {int(length)} bytes exceeds the limit of {self.max_bytes}",
                                      field="body")
-            await error_response(err, rid)(scope, receive, send)
+            await error_response(err, rid, scope.get("path", ""))(scope, receive, send)
             return
         reserved = 0
         key = ""  # the account a large body is reserved on (body_budget.py): its API key
@@ -111,7 +129,7 @@ class _GuardMiddleware:
             try:
                 await self.budget.acquire(key, int(length))
             except TwinkleError as err:
-                await error_response(err, rid)(scope, receive, send)
+                await error_response(err, rid, scope.get("path", ""))(scope, receive, send)
                 return
             reserved = int(length)
         started = False
@@ -155,13 +173,14 @@ class _GuardMiddleware:
             if started:
                 raise
             if isinstance(e, TwinkleError):
-                await error_response(e, rid)(scope, receive, send)
+                await error_response(e, rid, scope.get("path", ""))(scope, receive, send)
                 return
             log.error("unhandled error [request id %s] %s %s\n%s", rid, scope.get("method"), scope.get("path"),
                       traceback.format_exc())
             body = {"error": f"internal server error (request id {rid})", "category": "server",
                     "code": "internal_error", "detail": {"request_id": rid}}
-            await JSONResponse(status_code=500, content=body, headers={"x-request-id": rid})(scope, receive, send)
+            await JSONResponse(status_code=500, content=_body_for(scope.get("path", ""), 500, body),
+                               headers={"x-request-id": rid})(scope, receive, send)
         finally:
             if reserved:
                 await self.budget.release(key, reserved)
@@ -173,19 +192,19 @@ def _install_handlers(app: FastAPI, config: ServerConfig) -> None:
 
     @app.exception_handler(TwinkleError)
     async def _twinkle_error(request: Request, exc: TwinkleError) -> JSONResponse:
-        return error_response(exc, getattr(request.state, "request_id", None))
+        return error_response(exc, getattr(request.state, "request_id", None), request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         await _skip_refused_seq(request, getattr(exc, "body", None))
-        return error_response(validation_error(exc), getattr(request.state, "request_id", None))
+        return error_response(validation_error(exc), getattr(request.state, "request_id", None), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "unsupported", 401: "unauthenticated"}.get(exc.status_code, "invalid_input")
         status = 400 if exc.status_code in (402, 409, 429) or exc.status_code >= 500 else exc.status_code
         body = {"error": str(exc.detail), "category": "user", "code": code, "detail": {"path": request.url.path}}
-        return JSONResponse(status_code=status, content=body)
+        return JSONResponse(status_code=status, content=_body_for(request.url.path, status, body))
 
 
 _SEQ_ROUTE = re.compile(r"^/api/v1/twinkle/runs/([^/]+)/(forward|forward_backward|optim_step|checkpoints|load)$")

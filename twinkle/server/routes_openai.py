@@ -48,9 +48,17 @@ from .service import Service, User
 __all__ = ["create_openai_router"]
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
 class _Body(BaseModel):
     """The sampling fields OpenAI clients send, with the same number types (finite, not bool, in range) as
-    ``SamplingParams``, so every bad number is a 400 naming the OpenAI field before anything runs."""
+    ``SamplingParams``, so every bad number is a 400 naming the OpenAI field before anything runs. Fields that
+    would change the answer and are not implemented (penalties, ``logit_bias``) are refused by name when set,
+    never silently ignored; others (``user``, ``metadata``...) are ignored."""
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
@@ -62,11 +70,27 @@ class _Body(BaseModel):
     stop: StopTexts | None = None
     seed: Seed | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
+    top_k: Integer = Field(-1, ge=-1, le=2**31 - 1)  # an extension (as vLLM's): -1 or 0 is off
+    frequency_penalty: Number = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: Number = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, Number] | None = None
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self) -> _Body:
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name):
+                raise UnsupportedError(f"{name} is not supported: leave it 0", field=name)
+        if self.logit_bias:
+            raise UnsupportedError("logit_bias is not supported", field="logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise InvalidInputError("stream_options is only allowed with stream: true", field="stream_options")
+        return self
 
     def wants_logprobs(self) -> bool:
         return False
 
-    def top_k(self) -> int:
+    def alternatives(self) -> int:
         """How many most likely tokens to list at each returned position."""
         return 0
 
@@ -80,7 +104,7 @@ class CompletionBody(_Body):
     def wants_logprobs(self) -> bool:
         return self.logprobs is not None
 
-    def top_k(self) -> int:
+    def alternatives(self) -> int:
         return self.logprobs or 0
 
 
@@ -106,7 +130,7 @@ class ChatBody(_Body):
     def wants_logprobs(self) -> bool:
         return bool(self.logprobs)
 
-    def top_k(self) -> int:
+    def alternatives(self) -> int:
         return (self.top_logprobs or 0) if self.logprobs else 0
 
 
@@ -151,8 +175,8 @@ def _params(body: _Body, max_tokens: int | None) -> SamplingParams:
         stop = [stop]
     if not stop:
         stop = None  # EOS only: to OpenAI an empty list means no stop strings, never "ignore EOS" as natively
-    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                          stop=stop)
+    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                          seed=body.seed, stop=stop)
 
 
 MAX_TOP_VALUES = 200_000
@@ -180,8 +204,11 @@ def _finish(reason: str) -> str:
     return "stop" if reason == "stop" else "length"
 
 
-def _chunk(cid: str, obj: str, model: str, created: int, choices: list[dict[str, Any]]) -> bytes:
-    data = {"id": cid, "object": obj, "created": created, "model": model, "choices": choices}
+def _chunk(cid: str, obj: str, model: str, created: int, choices: list[dict[str, Any]],
+           usage: dict[str, int] | None = None) -> bytes:
+    data: dict[str, Any] = {"id": cid, "object": obj, "created": created, "model": model, "choices": choices}
+    if usage is not None:
+        data["usage"] = usage
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
@@ -280,7 +307,7 @@ def create_openai_router() -> APIRouter:
     async def _run(service: Service, user: User, body: _Body, ids: list[int], obj: str, chat: bool) -> Any:
         target = await _target(service, user, body.model)
         max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
-        k = body.top_k()
+        k = body.alternatives()
         if k and k * body.n * (max_tokens or DEFAULT_MAX_TOKENS) > MAX_TOP_VALUES:  # the reply's size, bounded first
             raise LimitExceededError(f"{k} most likely tokens × {body.n} choices × {max_tokens or DEFAULT_MAX_TOKENS} "
                                      f"tokens exceeds {MAX_TOP_VALUES} values: ask for fewer",
@@ -299,7 +326,7 @@ def create_openai_router() -> APIRouter:
         cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
 
-        want_lp, top = body.wants_logprobs(), body.top_k() > 0
+        want_lp, top = body.wants_logprobs(), body.alternatives() > 0
 
         def choice(i: int, text: str, reason: str | None, toks: list[_Tok]) -> dict[str, Any]:
             lp = _logprobs(chat, toks, top) if want_lp else None
@@ -307,7 +334,13 @@ def create_openai_router() -> APIRouter:
                 return {"index": i, "delta": {"content": text} if text else {}, "finish_reason": reason, "logprobs": lp}
             return {"index": i, "text": text, "finish_reason": reason, "logprobs": lp}
 
+        def usage(res: SampleResponse) -> dict[str, int]:
+            completion = sum(len(s.tokens) for s in res.sequences)
+            return {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion}
+
         if body.stream:
+            with_usage = body.stream_options is not None and body.stream_options.include_usage
+
             async def gen() -> AsyncIterator[bytes]:
                 texts = {i: _ChoiceText(stops) for i in range(body.n)}
                 try:
@@ -332,6 +365,8 @@ def create_openai_router() -> APIRouter:
                                     yield _chunk(cid, obj, body.model, created, [choice(i, piece, None, ct.take_tokens())])
                             yield _chunk(cid, obj, body.model, created,
                                          [choice(i, "", _finish(s.stop_reason), []) for i, s in enumerate(res.sequences)])
+                            if with_usage:  # as OpenAI: one more chunk, no choices, the whole request's usage
+                                yield _chunk(cid, obj, body.model, created, [], usage(res))
                 except Exception as e:  # noqa: BLE001 - headers are sent: report inside the stream
                     err = e if isinstance(e, TwinkleError) else None
                     payload = {"error": {"message": str(err) if err else "sampling failed on the server",
@@ -357,20 +392,18 @@ def create_openai_router() -> APIRouter:
         res = res if isinstance(res, SampleResponse) else SampleResponse.model_validate(res)
         head, head_toks = await _echo(service, user, body.model, ids, res, scored) if echo else ("", [])
         choices = []
-        completion = 0
         for i, s in enumerate(res.sequences):
             ct = whole.get(i) or _ChoiceText(stops)
             text = head + ct.take(final=True)
             toks = head_toks + [_Tok(t.offset + len(head), t.text, t.logprob, t.top) for t in ct.take_tokens()]
             lp = _logprobs(chat, toks, top) if want_lp else None
-            completion += len(s.tokens)
             if chat:
                 choices.append({"index": i, "message": {"role": "assistant", "content": text},
                                 "finish_reason": _finish(s.stop_reason), "logprobs": lp})
             else:
                 choices.append({"index": i, "text": text, "finish_reason": _finish(s.stop_reason), "logprobs": lp})
-        usage = {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion}
-        return {"id": cid, "object": obj, "created": created, "model": body.model, "choices": choices, "usage": usage}
+        return {"id": cid, "object": obj, "created": created, "model": body.model, "choices": choices,
+                "usage": usage(res)}
 
     async def _echo(service: Service, user: User, model: str, ids: list[int], res: SampleResponse,
                     scored: bool) -> tuple[str, list[_Tok]]:
