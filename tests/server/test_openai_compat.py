@@ -188,7 +188,10 @@ def test_openai_logprobs_are_the_sampled_tokens_logprobs(env):
         # a stop string: its tokens are left out as its text is
         greedy = {**args, "prompt": "once upon", "temperature": 0}  # "onon...", a token "on" at a time
         cut = (await oa.completions.create(**greedy, logprobs=0, stop="non")).choices[0]
-        assert cut.text == "o" and cut.logprobs.tokens == ["on"]  # the token the kept "o" starts in
+        assert cut.text == "o" and cut.logprobs.tokens == ["o"]  # the token "on" the stop starts inside, cut there
+        lps = [x for ch in [c.choices[0] async for c in await oa.completions.create(
+            **greedy, logprobs=0, stop="non", stream=True)] if ch.logprobs for x in ch.logprobs.tokens]
+        assert lps == ["o"]  # streamed too, though no text follows it
 
         msgs = [{"role": "user", "content": "hello there"}]
         chat = (await oa.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, logprobs=True,

@@ -259,12 +259,20 @@ class _ChoiceText:
         return piece
 
     def take_tokens(self) -> list[_Tok]:
-        """The tokens whose text starts within what :meth:`take` handed out and were not handed out yet: the
-        text of a stop string (or an EOS token, which adds none) leaves its tokens out, as it leaves its text."""
+        """The tokens not handed out yet whose text :meth:`take` handed out (all of it: one whose text is partly
+        held back waits): the text of a stop string (or an EOS token, which adds none) leaves its tokens out, as
+        it leaves its text, and the token that a stop string starts inside keeps only its text before the stop,
+        so the tokens' texts add up to the returned text."""
         end = self.given
-        while end < len(self.tokens) and self.tokens[end].offset < self.sent:
+        while end < len(self.tokens):
+            t = self.tokens[end]
+            if t.offset >= self.sent or (t.offset + len(t.text) > self.sent and not self.stopped):
+                break
             end += 1
         out, self.given = self.tokens[self.given:end], end
+        if self.stopped and out and out[-1].offset + len(out[-1].text) > len(self.text):
+            last = out[-1]
+            out[-1] = _Tok(last.offset, last.text[:len(self.text) - last.offset], last.logprob, last.top)
         return out
 
 
@@ -360,9 +368,9 @@ def create_openai_router() -> APIRouter:
                             res = p["result"]
                             res = res if isinstance(res, SampleResponse) else SampleResponse.model_validate(res)
                             for i, ct in texts.items():  # a held tail that never became a stop string
-                                piece = ct.take(final=True)
-                                if piece:
-                                    yield _chunk(cid, obj, body.model, created, [choice(i, piece, None, ct.take_tokens())])
+                                piece, toks = ct.take(final=True), ct.take_tokens()
+                                if piece or toks:  # toks alone: the token a stop string started inside
+                                    yield _chunk(cid, obj, body.model, created, [choice(i, piece, None, toks)])
                             yield _chunk(cid, obj, body.model, created,
                                          [choice(i, "", _finish(s.stop_reason), []) for i, s in enumerate(res.sequences)])
                             if with_usage:  # as OpenAI: one more chunk, no choices, the whole request's usage
