@@ -84,6 +84,15 @@ def test_openai_package_and_sse(env):
             assert [s["tokens"] for s in plain["sequences"]] == [s["tokens"] for s in final]  # same seed
             r = await c.post(f"{API}/sample/stream", json={**body, "run_id": "nope"})
             assert r.status_code == 404
+            # the k most likely tokens at each sampled position, with each token event
+            r = await c.post(f"{API}/sample/stream", json={**body, "topk_logprobs": 3})
+            ranked = [json.loads(b.split("\n")[1][6:]) for b in r.text.strip().split("\n\n") if b.startswith("event: token")]
+            assert [e["token"] for e in ranked if e["index"] == 0] == final[0]["tokens"]  # same seed, same tokens
+            for e in ranked:
+                lps = [lp for _, _, lp in e["top"]]
+                assert len(e["top"]) == 3 and lps == sorted(lps, reverse=True) and e["logprob"] <= lps[0] + 1e-5
+                assert e["token"] not in [t for t, _, _ in e["top"]] or e["logprob"] >= lps[-1] - 1e-5
+            assert "top" not in events[1][1]  # not asked: not sent
 
         oa = _oai(app, keys["alice"])
         ids = [m.id for m in (await oa.models.list()).data]

@@ -120,6 +120,18 @@ def test_native_stream_stop_list_is_bounded(client):
     assert "at most 64 stop sequences" in err["error"], err
 
 
+def test_native_stream_ranked_tokens_need_the_continuous_sampler(client):
+    body = {"base_model": "tiny", "prompt": {"chunks": [{"type": "encoded_text", "tokens": [5, 6]}]},
+            "sampling_params": {"max_tokens": 2}}
+    for k, status_want in ((3, 400), (21, 400), (True, 400), (0, 200)):
+        status, err = _post(client, f"{API}/sample/stream", {**body, "topk_logprobs": k})
+        assert status == status_want, (k, status, err)
+        if status == 400:
+            assert err["detail"]["field"] == "topk_logprobs", err
+    status, err = _post(client, f"{API}/sample", {**body, "topk_logprobs": 3})  # not on the non-streamed route
+    assert status == 400 and err["detail"]["field"] == "topk_logprobs", err
+
+
 def test_sampling_params_stop_bounds():
     SamplingParams(stop=["a"] * MAX_STOP_SEQUENCES)
     SamplingParams(stop=list(range(MAX_STOP_SEQUENCES)))

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
 from twinkle.types import SampleResponse, TwinkleError
-from twinkle.types.api import SampleRequest
+from twinkle.types.api import SampleStreamRequest
 
 from .deps import CompactJSONRoute, get_service, get_user
 from .ops import SampleOp
@@ -91,9 +91,10 @@ def create_stream_router() -> APIRouter:
     svc = Depends(get_service)
 
     @r.post("/sample/stream")
-    async def sample_stream(body: SampleRequest, user: User = who, service: Service = svc) -> StreamingResponse:
+    async def sample_stream(body: SampleStreamRequest, user: User = who, service: Service = svc) -> StreamingResponse:
         op = SampleOp(prompt=body.prompt.to_ints(), num_samples=body.num_samples, params=body.sampling_params,
-                      prompt_logprobs=body.prompt_logprobs, topk_prompt_logprobs=body.topk_prompt_logprobs)
+                      prompt_logprobs=body.prompt_logprobs, topk_prompt_logprobs=body.topk_prompt_logprobs,
+                      topk_logprobs=body.topk_logprobs)
         polls = await open_stream(service, user, op, base_model=body.base_model, run_id=body.run_id,
                                   checkpoint=body.checkpoint)
 

@@ -239,6 +239,14 @@ class SampleRequest(_Api):
                                    "(stop_requested), so a loop that only samples stops too")
 
 
+class SampleStreamRequest(SampleRequest):
+    """``sample/stream``: a ``SampleRequest`` that may also ask for the most likely tokens at each sampled
+    position, sent with each ``token`` event (``top``: ``[token, text, logprob]``, likeliest first)."""
+
+    topk_logprobs: TopKLogprobs = Field(0, description="the k most likely tokens at each sampled position "
+                                        "(needs the continuous sampler: the transformers backend)")
+
+
 # ---- futures -------------------------------------------------------------------------------------------------
 
 
