@@ -16,7 +16,13 @@ def tokenize(tok: Any, *, text: str | None = None, messages: list[dict[str, Any]
         raise InvalidInputError(NO_TOKENIZER, field="model")
     if messages is not None:
         if getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            from jinja2 import TemplateError
+
+            try:
+                ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            except TemplateError as e:  # the template refuses the conversation (roles out of order, ...)
+                raise InvalidInputError(f"the model's chat template refused these messages: {e}",
+                                        field="messages") from None
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
             return [int(t) for t in ids]

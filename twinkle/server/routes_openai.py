@@ -11,19 +11,25 @@ in OpenAI's chunk format, ending with ``data: [DONE]``.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from twinkle.types import (
+    CapacityError,
+    EncodedTextChunk,
+    ImageChunk,
     InvalidInputError,
     LimitExceededError,
+    ModelInfo,
+    ModelInput,
     NotFoundError,
     SampleResponse,
     SamplingParams,
@@ -134,17 +140,90 @@ class ChatBody(_Body):
         return (self.top_logprobs or 0) if self.logprobs else 0
 
 
-def _text_content(m: ChatMessage) -> str:
+_IMAGE_TYPES = {"image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg"}
+
+
+def _image_part(part: dict[str, Any], field: str) -> ImageChunk:
+    """An ``image_url`` content part as an image chunk (checked like any image when the prompt is expanded):
+    only ``data:`` URLs, the server fetches nothing."""
+    raw = part.get("image_url")
+    url = raw.get("url") if isinstance(raw, dict) else raw
+    if not isinstance(url, str) or not url.startswith("data:"):
+        raise InvalidInputError("an image must be a data: URL (data:image/png;base64,...); the server fetches "
+                                "nothing", field=field)
+    head, comma, data = url[5:].partition(",")
+    mime, _, encoding = head.partition(";")
+    if not comma or encoding.lower() != "base64":
+        raise InvalidInputError("an image data: URL must be base64 (data:image/png;base64,...)", field=field)
+    fmt = _IMAGE_TYPES.get(mime.strip().lower())
+    if fmt is None:
+        raise InvalidInputError(f"image type {mime!r} is not supported: image/png or image/jpeg", field=field)
+    return ImageChunk(data=data, format=fmt)
+
+
+def _content(m: ChatMessage, i: int, images: list[tuple[str, ImageChunk]]) -> str | list[dict[str, str]]:
+    """A message's content for the chat template: its text or, when it holds images, its text and image parts
+    (each image appended to ``images`` with the field that names its part, in order)."""
     if m.content is None:
         return ""
     if isinstance(m.content, str):
         return m.content
-    parts = []
-    for p in m.content:
-        if p.get("type") != "text":
-            raise InvalidInputError("only text content parts are supported", field="messages")
-        parts.append(str(p.get("text", "")))
-    return "".join(parts)
+    parts: list[dict[str, str]] = []
+    for j, p in enumerate(m.content):
+        kind = p.get("type")
+        if kind == "text":
+            parts.append({"type": "text", "text": str(p.get("text", ""))})
+        elif kind == "image_url":
+            where = f"messages.{i}.content.{j}.image_url"
+            images.append((where, _image_part(p, where)))
+            parts.append({"type": "image"})
+        else:
+            raise InvalidInputError(f"content part type {kind!r} is not supported: text or image_url",
+                                    field=f"messages.{i}.content.{j}.type")
+    if len(parts) == sum(p["type"] == "text" for p in parts):
+        return "".join(p["text"] for p in parts)
+    return parts
+
+
+def _text_of(content: str | list[dict[str, str]]) -> str:
+    return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
+
+
+_CHUNK_FIELD = re.compile(r"^prompt\.chunks\[(\d+)\]")
+
+
+def _name_image_part(e: TwinkleError, prompt: ModelInput, images: list[tuple[str, ImageChunk]]) -> None:
+    """``e`` naming the image's content part (``messages.i.content.j.image_url``) rather than the chunk of the
+    prompt the route built (``prompt.chunks[k].data``)."""
+    m = _CHUNK_FIELD.match(str(e.field or ""))
+    if m is None:
+        return
+    k = int(m.group(1))
+    nth = sum(isinstance(c, ImageChunk) for c in prompt.chunks[:k + 1]) - 1
+    if 0 <= nth < len(images) and isinstance(prompt.chunks[k], ImageChunk):
+        e.field = images[nth][0]
+        e.detail["field"] = e.field
+
+
+def _with_images(info: ModelInfo | None, model: str, ids: list[int], images: list[ImageChunk]) -> ModelInput:
+    """The templated prompt ``ids`` as text and image chunks: each image placeholder the chat template wrote
+    (one per image part, between the vision markers) becomes that image, expanded later like a native one."""
+    assert info is not None and info.vision is not None  # the route checked
+    pad = info.vision.image_token_id
+    at = [k for k, t in enumerate(ids) if t == pad]
+    if len(at) != len(images):
+        raise UnsupportedError(f"the chat template of {model!r} placed {len(at)} image(s) for {len(images)} image "
+                               "part(s): send this prompt through the native API", field="messages")
+    chunks: list[EncodedTextChunk | ImageChunk] = []
+    start = 0
+    for k, image in zip(at, images, strict=True):
+        if k > start:
+            chunks.append(EncodedTextChunk(tokens=ids[start:k]))
+        chunks.append(image)
+        start = k + 1
+    if start < len(ids):
+        chunks.append(EncodedTextChunk(tokens=ids[start:]))
+    return ModelInput(chunks=chunks)
 
 
 async def _target(service: Service, user: User, model: str) -> dict[str, Any]:
@@ -312,7 +391,9 @@ def create_openai_router() -> APIRouter:
                  for ck in await service.list_checkpoints(user) if ck.kind == "sampler"]
         return {"object": "list", "data": data}
 
-    async def _run(service: Service, user: User, body: _Body, ids: list[int], obj: str, chat: bool) -> Any:
+    async def _run(service: Service, user: User, body: _Body, prompt: list[int] | ModelInput, obj: str,
+                   chat: bool) -> Any:
+        """Sample ``prompt`` (token ids, or chunks with images) as ``body`` asks: the reply, or its stream."""
         target = await _target(service, user, body.model)
         max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
         k = body.alternatives()
@@ -324,13 +405,15 @@ def create_openai_router() -> APIRouter:
         if echo and body.stream:
             raise UnsupportedError("echo with stream: true is not supported: ask without streaming", field="echo")
         scored = echo and body.wants_logprobs()  # the prompt's own logprobs come back too
-        op = SampleOp(prompt=ids, num_samples=body.n, params=_params(body, max_tokens), topk_logprobs=k,
+        op = SampleOp(prompt=cast(list[int], prompt),  # chunks with images: the gateway expands them
+                      num_samples=body.n, params=_params(body, max_tokens), topk_logprobs=k,
                       prompt_logprobs=scored, topk_prompt_logprobs=k if scored else 0)
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         try:
             polls = await open_stream(service, user, op, **target)
         except TwinkleError as e:
             raise _openai_field(e, chat) from None
+        ids = list(op.prompt)  # images expanded into their tokens by now
         cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
 
@@ -419,7 +502,7 @@ def create_openai_router() -> APIRouter:
         likely tokens at each position (``echo``: what evaluation harnesses score a text with)."""
         top_ids = res.topk_prompt_logprobs or []
         singles = sorted({t for row in top_ids if row for t, _ in row})
-        worker = await _worker_for(service, user, model, 0)
+        worker, _ = await _worker_for(service, user, model, 0)
         texts, single_texts = await worker.token_texts(ids, singles)
         named = dict(zip(singles, single_texts, strict=True))
         head = "".join(texts)
@@ -434,9 +517,9 @@ def create_openai_router() -> APIRouter:
             offset += len(piece)
         return head, toks
 
-    async def _worker_for(service: Service, user: User, model: str, text_chars: int) -> Any:
-        """The worker that tokenizes for ``model``; refuses a text too long to fit the model's token limit
-        before it is tokenized (tokenizing megabytes costs the worker seconds per request)."""
+    async def _worker_for(service: Service, user: User, model: str, text_chars: int) -> tuple[Any, str]:
+        """The worker that tokenizes for ``model`` and its served base model; refuses a text too long to fit the
+        model's token limit before it is tokenized (tokenizing megabytes costs the worker seconds per request)."""
         target = await _target(service, user, model)
         probe = SampleOp(prompt=[0], params=SamplingParams(max_tokens=1))
         t = service.sample_target(user, probe, **target)
@@ -444,12 +527,12 @@ def create_openai_router() -> APIRouter:
         if text_chars > limit * MAX_CHARS_PER_TOKEN:
             raise LimitExceededError(f"the prompt's {text_chars} characters cannot fit the limit of {limit} tokens",
                                      field="prompt")
-        return t.worker
+        return t.worker, t.base_model
 
     @r.post("/completions")
     async def completions(body: CompletionBody, user: User = who, service: Service = svc) -> Any:
         if isinstance(body.prompt, str):
-            worker = await _worker_for(service, user, body.model, len(body.prompt))
+            worker, _ = await _worker_for(service, user, body.model, len(body.prompt))
             ids = await worker.tokenize(text=body.prompt)
         else:
             ids = list(body.prompt)
@@ -459,11 +542,25 @@ def create_openai_router() -> APIRouter:
 
     @r.post("/chat/completions")
     async def chat_completions(body: ChatBody, user: User = who, service: Service = svc) -> Any:
-        messages = [{"role": m.role, "content": _text_content(m)} for m in body.messages]
-        chars = sum(len(m["content"]) + len(m["role"]) + 8 for m in messages)  # 8: a template's least overhead
-        worker = await _worker_for(service, user, body.model, chars)
+        images: list[tuple[str, ImageChunk]] = []  # (the field naming its content part, the image)
+        messages = [{"role": m.role, "content": _content(m, i, images)} for i, m in enumerate(body.messages)]
+        chars = sum(len(_text_of(m["content"])) + len(m["role"]) + 8 for m in messages)  # 8: a template's least
+        worker, base = await _worker_for(service, user, body.model, chars)
+        info = await service.model_info(base) if images else None
+        if images and info is None:
+            raise CapacityError(f"model {body.model!r} has not published its model info yet: retry images later",
+                                retry_after=5.0, field="messages")
+        if images and (info is None or info.vision is None):
+            raise InvalidInputError(f"model {body.model!r} is text-only; it does not accept images", field="messages")
         ids = await worker.tokenize(messages=messages)
         obj = "chat.completion.chunk" if body.stream else "chat.completion"
-        return await _run(service, user, body, ids, obj, chat=True)
+        if not images:
+            return await _run(service, user, body, ids, obj, chat=True)
+        prompt = _with_images(info, body.model, ids, [im for _, im in images])
+        try:
+            return await _run(service, user, body, prompt, obj, chat=True)
+        except TwinkleError as e:
+            _name_image_part(e, prompt, images)
+            raise
 
     return r

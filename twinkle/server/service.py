@@ -22,7 +22,7 @@ from __future__ import annotations
 import gc
 from typing import Any
 
-from twinkle.types import ForbiddenError, LoraConfig
+from twinkle.types import ForbiddenError, LoraConfig, ModelInfo
 from twinkle.types.api import (
     Capabilities,
     CheckpointInfo,
@@ -231,6 +231,13 @@ class Service:
     def token_limit(self, base_model: str) -> int:
         """The most tokens one request to ``base_model`` (a served name) may hold."""
         return self.ctx.token_limit(base_model)
+
+    async def model_info(self, base_model: str) -> ModelInfo | None:
+        """What ``base_model``'s worker told about it (its vision rules, ...), asked now if not known yet; None
+        while the worker cannot answer."""
+        if base_model not in self.ctx.model_info:
+            await self.ctx.refresh_model_info()
+        return self.ctx.model_info.get(base_model)
 
     # ---- training ----------------------------------------------------------------------------------------
     async def submit(self, user: User, run_id: str, op: Op, *, seq_id: int | None = None) -> FutureRef:
