@@ -215,6 +215,12 @@ def test_openai_logprobs_are_the_sampled_tokens_logprobs(env):
         assert [(e.token, e.logprob) for e in pieces] == [(e.token, e.logprob) for e in content]
         plain = (await oa.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0)).choices[0]
         assert plain.logprobs is None
+        for role in ("system", "developer"):  # OpenAI's newer name for the system message: the same prompt
+            sys_ = await oa.chat.completions.create(model="tiny", max_tokens=4, temperature=0, logprobs=True,
+                                                    messages=[{"role": role, "content": "be brief"}, *msgs])
+            if role == "system":
+                want = sys_.usage.prompt_tokens, sys_.choices[0].logprobs.content[0].logprob
+        assert (sys_.usage.prompt_tokens, sys_.choices[0].logprobs.content[0].logprob) == want
 
     asyncio.run(main())
 

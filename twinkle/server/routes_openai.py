@@ -543,7 +543,9 @@ def create_openai_router() -> APIRouter:
     @r.post("/chat/completions")
     async def chat_completions(body: ChatBody, user: User = who, service: Service = svc) -> Any:
         images: list[tuple[str, ImageChunk]] = []  # (the field naming its content part, the image)
-        messages = [{"role": m.role, "content": _content(m, i, images)} for i, m in enumerate(body.messages)]
+        # "developer" is OpenAI's newer name for "system", which chat templates know
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": _content(m, i, images)}
+                    for i, m in enumerate(body.messages)]
         chars = sum(len(_text_of(m["content"])) + len(m["role"]) + 8 for m in messages)  # 8: a template's least
         worker, base = await _worker_for(service, user, body.model, chars)
         info = await service.model_info(base) if images else None
