@@ -28,7 +28,6 @@ from twinkle.types import (
     ImageChunk,
     InvalidInputError,
     LimitExceededError,
-    ModelInfo,
     ModelInput,
     NotFoundError,
     SampleResponse,
@@ -205,11 +204,9 @@ def _name_image_part(e: TwinkleError, prompt: ModelInput, images: list[tuple[str
         e.detail["field"] = e.field
 
 
-def _with_images(info: ModelInfo | None, model: str, ids: list[int], images: list[ImageChunk]) -> ModelInput:
-    """The templated prompt ``ids`` as text and image chunks: each image placeholder the chat template wrote
-    (one per image part, between the vision markers) becomes that image, expanded later like a native one."""
-    assert info is not None and info.vision is not None  # the route checked
-    pad = info.vision.image_token_id
+def _with_images(pad: int, model: str, ids: list[int], images: list[ImageChunk]) -> ModelInput:
+    """The templated prompt ``ids`` as text and image chunks: each image placeholder (``pad``) the chat template
+    wrote (one per image part, between the vision markers) becomes that image, expanded later like a native one."""
     at = [k for k, t in enumerate(ids) if t == pad]
     if len(at) != len(images):
         raise UnsupportedError(f"the chat template of {model!r} placed {len(at)} image(s) for {len(images)} image "
@@ -413,7 +410,7 @@ def create_openai_router() -> APIRouter:
             polls = await open_stream(service, user, op, **target)
         except TwinkleError as e:
             raise _openai_field(e, chat) from None
-        ids = list(op.prompt)  # images expanded into their tokens by now
+        ids = op.prompt  # images expanded into their tokens by now
         cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
 
@@ -548,17 +545,17 @@ def create_openai_router() -> APIRouter:
                     for i, m in enumerate(body.messages)]
         chars = sum(len(_text_of(m["content"])) + len(m["role"]) + 8 for m in messages)  # 8: a template's least
         worker, base = await _worker_for(service, user, body.model, chars)
-        info = await service.model_info(base) if images else None
-        if images and info is None:
-            raise CapacityError(f"model {body.model!r} has not published its model info yet: retry images later",
-                                retry_after=5.0, field="messages")
-        if images and (info is None or info.vision is None):
-            raise InvalidInputError(f"model {body.model!r} is text-only; it does not accept images", field="messages")
-        ids = await worker.tokenize(messages=messages)
         obj = "chat.completion.chunk" if body.stream else "chat.completion"
         if not images:
-            return await _run(service, user, body, ids, obj, chat=True)
-        prompt = _with_images(info, body.model, ids, [im for _, im in images])
+            return await _run(service, user, body, await worker.tokenize(messages=messages), obj, chat=True)
+        info = await service.model_info(base)
+        if info is None:
+            raise CapacityError(f"model {body.model!r} has not published its model info yet: retry images later",
+                                retry_after=5.0, field="messages")
+        if info.vision is None:
+            raise InvalidInputError(f"model {body.model!r} is text-only; it does not accept images", field="messages")
+        ids = await worker.tokenize(messages=messages)
+        prompt = _with_images(info.vision.image_token_id, body.model, ids, [im for _, im in images])
         try:
             return await _run(service, user, body, prompt, obj, chat=True)
         except TwinkleError as e:
