@@ -70,7 +70,9 @@ def test_native_client_trains_and_samples_with_images(transport) -> None:
     assert len(r.sequences[0].tokens) >= 1
     plp = r.prompt_logprobs
     assert len(plp) == prompt.length and sum(v_ is None for v_ in plp) == 1 + 12
-    assert isinstance(sampler.generate(msgs, max_tokens=3), str)
+    whole = sampler.generate(msgs, max_tokens=3)
+    assert isinstance(whole, str)
+    assert "".join(sampler.generate(msgs, max_tokens=3, stream=True)) == whole  # streamed too (was a 400)
     # the native API may omit expected_tokens: the server counts
     bare = ModelInput(chunks=[c if not isinstance(c, ImageChunk) else c.model_copy(update={"expected_tokens": None})
                               for c in prompt.chunks])

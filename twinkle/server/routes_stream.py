@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
+from twinkle.model.images import prompt_arg
 from twinkle.types import SampleResponse, TwinkleError
 from twinkle.types.api import SampleStreamRequest
 
@@ -92,7 +93,7 @@ def create_stream_router() -> APIRouter:
 
     @r.post("/sample/stream")
     async def sample_stream(body: SampleStreamRequest, user: User = who, service: Service = svc) -> StreamingResponse:
-        op = SampleOp(prompt=body.prompt.to_ints(), num_samples=body.num_samples, params=body.sampling_params,
+        op = SampleOp(prompt=prompt_arg(body.prompt), num_samples=body.num_samples, params=body.sampling_params,
                       prompt_logprobs=body.prompt_logprobs, topk_prompt_logprobs=body.topk_prompt_logprobs,
                       topk_logprobs=body.topk_logprobs)
         polls = await open_stream(service, user, op, base_model=body.base_model, run_id=body.run_id,
