@@ -14,7 +14,8 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -47,7 +48,7 @@ from twinkle.types.params import (
 
 from .deps import CompactJSONRoute, get_service, get_user
 from .ops import SampleOp
-from .routes_stream import open_stream
+from .routes_stream import merged_polls, open_stream
 from .service import Service, User
 
 __all__ = ["create_openai_router"]
@@ -101,7 +102,7 @@ class _Body(BaseModel):
 
 
 class CompletionBody(_Body):
-    prompt: str | list[Integer]
+    prompt: str | list[Integer] | list[str] | list[list[Integer]]  # one prompt, or a batch of them
     max_tokens: Integer | None = Field(None, ge=0, le=MAX_TOKENS)  # 0: score the prompt only (with echo)
     logprobs: Integer | None = Field(None, ge=0, le=5)
     echo: bool = False
@@ -255,6 +256,9 @@ def _params(body: _Body, max_tokens: int | None) -> SamplingParams:
                           seed=body.seed, stop=stop)
 
 
+MAX_CHOICES = 128
+"""The most choices one request may ask for (prompts × ``n``): the native API's most samples a request."""
+
 MAX_TOP_VALUES = 200_000
 """The most (position, alternative) pairs one reply may list (each is ~60 bytes of JSON: ~12 MB at most)."""
 
@@ -274,6 +278,10 @@ def _openai_field(e: TwinkleError, chat: bool) -> TwinkleError:
         e.field = field
         e.detail["field"] = field
     return e
+
+
+def _response(res: Any) -> SampleResponse:
+    return res if isinstance(res, SampleResponse) else SampleResponse.model_validate(res)
 
 
 def _finish(reason: str) -> str:
@@ -388,29 +396,37 @@ def create_openai_router() -> APIRouter:
                  for ck in await service.list_checkpoints(user) if ck.kind == "sampler"]
         return {"object": "list", "data": data}
 
-    async def _run(service: Service, user: User, body: _Body, prompt: list[int] | ModelInput, obj: str,
+    async def _run(service: Service, user: User, body: _Body, prompts: list[list[int] | ModelInput], obj: str,
                    chat: bool) -> Any:
-        """Sample ``prompt`` (token ids, or chunks with images) as ``body`` asks: the reply, or its stream."""
+        """Sample each of ``prompts`` (token ids, or chunks with images) ``body.n`` times as ``body`` asks: the
+        reply, or its stream. Choice ``p * n + j`` is prompt ``p``'s ``j``-th sample, as OpenAI numbers them."""
         target = await _target(service, user, body.model)
+        n = body.n
+        if len(prompts) * n > MAX_CHOICES:
+            raise LimitExceededError(f"{len(prompts)} prompts × n = {n} is over {MAX_CHOICES} choices: send fewer",
+                                     field="prompt" if len(prompts) > 1 else "n")
         max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
         k = body.alternatives()
-        if k and k * body.n * (max_tokens or DEFAULT_MAX_TOKENS) > MAX_TOP_VALUES:  # the reply's size, bounded first
-            raise LimitExceededError(f"{k} most likely tokens × {body.n} choices × {max_tokens or DEFAULT_MAX_TOKENS} "
-                                     f"tokens exceeds {MAX_TOP_VALUES} values: ask for fewer",
-                                     field="top_logprobs" if chat else "logprobs")
+        if k and k * len(prompts) * n * (max_tokens or DEFAULT_MAX_TOKENS) > MAX_TOP_VALUES:  # bounded first
+            raise LimitExceededError(f"{k} most likely tokens × {len(prompts) * n} choices × "
+                                     f"{max_tokens or DEFAULT_MAX_TOKENS} tokens exceeds {MAX_TOP_VALUES} values: "
+                                     "ask for fewer", field="top_logprobs" if chat else "logprobs")
         echo = getattr(body, "echo", False)
         if echo and body.stream:
             raise UnsupportedError("echo with stream: true is not supported: ask without streaming", field="echo")
         scored = echo and body.wants_logprobs()  # the prompt's own logprobs come back too
-        op = SampleOp(prompt=cast(list[int], prompt),  # chunks with images: the gateway expands them
-                      num_samples=body.n, params=_params(body, max_tokens), topk_logprobs=k,
-                      prompt_logprobs=scored, topk_prompt_logprobs=k if scored else 0)
+        ops = [SampleOp(prompt=cast(list[int], p),  # chunks with images: the gateway expands them
+                        num_samples=n, params=_params(body, max_tokens), topk_logprobs=k,
+                        prompt_logprobs=scored, topk_prompt_logprobs=k if scored else 0) for p in prompts]
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        streams: list[AsyncGenerator[dict[str, Any], None]] = []
         try:
-            polls = await open_stream(service, user, op, **target)
+            for op in ops:
+                streams.append(await open_stream(service, user, op, **target))
         except TwinkleError as e:
+            for st in streams:  # the prompts already started drop their requests
+                await st.aclose()
             raise _openai_field(e, chat) from None
-        ids = op.prompt  # images expanded into their tokens by now
         cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
 
@@ -422,76 +438,80 @@ def create_openai_router() -> APIRouter:
                 return {"index": i, "delta": {"content": text} if text else {}, "finish_reason": reason, "logprobs": lp}
             return {"index": i, "text": text, "finish_reason": reason, "logprobs": lp}
 
-        def usage(res: SampleResponse) -> dict[str, int]:
-            completion = sum(len(s.tokens) for s in res.sequences)
-            return {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion}
+        def usage(results: list[SampleResponse]) -> dict[str, int]:
+            prompt = sum(len(op.prompt) for op in ops)  # images expanded into their tokens by now
+            completion = sum(len(s.tokens) for res in results for s in res.sequences)
+            return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
+        texts = [_ChoiceText(stops) for _ in range(len(ops) * n)]
         if body.stream:
             with_usage = body.stream_options is not None and body.stream_options.include_usage
 
             async def gen() -> AsyncIterator[bytes]:
-                texts = {i: _ChoiceText(stops) for i in range(body.n)}
-                try:
-                    if chat:
-                        yield _chunk(cid, obj, body.model, created,
-                                     [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                       "finish_reason": None} for i in range(body.n)])
-                    async for p in polls:
-                        for ev in p["events"]:
-                            ct = texts[ev["index"]]
-                            ct.add(ev["text"], ev.get("logprob"), ev.get("top"))
-                            piece = ct.take()
-                            if piece:
-                                yield _chunk(cid, obj, body.model, created,
-                                             [choice(ev["index"], piece, None, ct.take_tokens())])
-                        if p["done"]:
-                            res = p["result"]
-                            res = res if isinstance(res, SampleResponse) else SampleResponse.model_validate(res)
-                            for i, ct in texts.items():  # a held tail that never became a stop string
-                                piece, toks = ct.take(final=True), ct.take_tokens()
-                                if piece or toks:  # toks alone: the token a stop string started inside
-                                    yield _chunk(cid, obj, body.model, created, [choice(i, piece, None, toks)])
+                results: list[SampleResponse] = []
+                async with aclosing(merged_polls(streams)) as polls:
+                    try:
+                        if chat:
                             yield _chunk(cid, obj, body.model, created,
-                                         [choice(i, "", _finish(s.stop_reason), []) for i, s in enumerate(res.sequences)])
-                            if with_usage:  # as OpenAI: one more chunk, no choices, the whole request's usage
-                                yield _chunk(cid, obj, body.model, created, [], usage(res))
-                except Exception as e:  # noqa: BLE001 - headers are sent: report inside the stream
-                    err = e if isinstance(e, TwinkleError) else None
-                    payload = {"error": {"message": str(err) if err else "sampling failed on the server",
-                                         "type": getattr(err, "code", "internal")}}
-                    yield f"data: {json.dumps(payload)}\n\n".encode()
-                finally:  # also when the client disconnected mid-stream: its queued work is dropped
-                    await polls.aclose()
+                                         [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                           "finish_reason": None} for i in range(n)])
+                        async for pi, p in polls:
+                            for ev in p["events"]:
+                                idx = pi * n + ev["index"]
+                                ct = texts[idx]
+                                ct.add(ev["text"], ev.get("logprob"), ev.get("top"))
+                                piece = ct.take()
+                                if piece:
+                                    yield _chunk(cid, obj, body.model, created, [choice(idx, piece, None, ct.take_tokens())])
+                            if p["done"]:
+                                res = _response(p["result"])
+                                results.append(res)
+                                for idx in range(pi * n, pi * n + n):  # a held tail that never became a stop string
+                                    ct = texts[idx]
+                                    piece, toks = ct.take(final=True), ct.take_tokens()
+                                    if piece or toks:  # toks alone: the token a stop string started inside
+                                        yield _chunk(cid, obj, body.model, created, [choice(idx, piece, None, toks)])
+                                yield _chunk(cid, obj, body.model, created, [
+                                    choice(pi * n + j, "", _finish(s.stop_reason), []) for j, s in enumerate(res.sequences)])
+                        if with_usage:  # as OpenAI: one more chunk, no choices, the whole request's usage
+                            yield _chunk(cid, obj, body.model, created, [], usage(results))
+                    except Exception as e:  # noqa: BLE001 - headers are sent: report inside the stream
+                        err = e if isinstance(e, TwinkleError) else None
+                        payload = {"error": {"message": str(err) if err else "sampling failed on the server",
+                                             "type": getattr(err, "code", "internal")}}
+                        yield f"data: {json.dumps(payload)}\n\n".encode()
+                # closed by now, also when the client disconnected mid-stream: unfinished requests are dropped
                 yield b"data: [DONE]\n\n"
 
             return StreamingResponse(gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-        whole = {i: _ChoiceText(stops) for i in range(body.n)}
-        res: SampleResponse | None = None
+        results: dict[int, SampleResponse] = {}
         try:
-            async for p in polls:
-                for ev in p["events"]:
-                    whole[ev["index"]].add(ev["text"], ev.get("logprob"), ev.get("top"))
-                if p["done"]:
-                    res = p["result"]
+            async with aclosing(merged_polls(streams)) as polls:
+                async for pi, p in polls:
+                    for ev in p["events"]:
+                        texts[pi * n + ev["index"]].add(ev["text"], ev.get("logprob"), ev.get("top"))
+                    if p["done"]:
+                        results[pi] = _response(p["result"])
         except TwinkleError as e:
             raise _openai_field(e, chat) from None
-        assert res is not None
-        res = res if isinstance(res, SampleResponse) else SampleResponse.model_validate(res)
-        head, head_toks = await _echo(service, user, body.model, ids, res, scored) if echo else ("", [])
         choices = []
-        for i, s in enumerate(res.sequences):
-            ct = whole.get(i) or _ChoiceText(stops)
-            text = head + ct.take(final=True)
-            toks = head_toks + [_Tok(t.offset + len(head), t.text, t.logprob, t.top) for t in ct.take_tokens()]
-            lp = _logprobs(chat, toks, top) if want_lp else None
-            if chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": text},
-                                "finish_reason": _finish(s.stop_reason), "logprobs": lp})
-            else:
-                choices.append({"index": i, "text": text, "finish_reason": _finish(s.stop_reason), "logprobs": lp})
+        for pi, op in enumerate(ops):
+            res = results[pi]
+            head, head_toks = await _echo(service, user, body.model, op.prompt, res, scored) if echo else ("", [])
+            for j, s in enumerate(res.sequences):
+                ct = texts[pi * n + j]
+                text = head + ct.take(final=True)
+                toks = head_toks + [_Tok(t.offset + len(head), t.text, t.logprob, t.top) for t in ct.take_tokens()]
+                lp = _logprobs(chat, toks, top) if want_lp else None
+                if chat:
+                    choices.append({"index": pi * n + j, "message": {"role": "assistant", "content": text},
+                                    "finish_reason": _finish(s.stop_reason), "logprobs": lp})
+                else:
+                    choices.append({"index": pi * n + j, "text": text, "finish_reason": _finish(s.stop_reason),
+                                    "logprobs": lp})
         return {"id": cid, "object": obj, "created": created, "model": body.model, "choices": choices,
-                "usage": usage(res)}
+                "usage": usage([results[pi] for pi in range(len(ops))])}
 
     async def _echo(service: Service, user: User, model: str, ids: list[int], res: SampleResponse,
                     scored: bool) -> tuple[str, list[_Tok]]:
@@ -528,14 +548,23 @@ def create_openai_router() -> APIRouter:
 
     @r.post("/completions")
     async def completions(body: CompletionBody, user: User = who, service: Service = svc) -> Any:
-        if isinstance(body.prompt, str):
-            worker, _ = await _worker_for(service, user, body.model, len(body.prompt))
-            ids = await worker.tokenize(text=body.prompt)
-        else:
-            ids = list(body.prompt)
-        if not ids:
-            raise InvalidInputError("prompt is empty", field="prompt")
-        return await _run(service, user, body, ids, "text_completion", chat=False)
+        raw = body.prompt
+        one = isinstance(raw, str) or not raw or not isinstance(raw[0], (str, list))
+        listed: list[Any] = [raw] if one else list(raw)  # one prompt, or a batch (as evaluation harnesses send)
+        if len(listed) > MAX_CHOICES:
+            raise LimitExceededError(f"{len(listed)} prompts is over {MAX_CHOICES}: send fewer", field="prompt")
+        prompts: list[list[int] | ModelInput] = []
+        for i, p in enumerate(listed):
+            where = "prompt" if one else f"prompt.{i}"
+            if isinstance(p, str):
+                worker, _ = await _worker_for(service, user, body.model, len(p))
+                ids = await worker.tokenize(text=p)
+            else:
+                ids = [int(t) for t in p]
+            if not ids:
+                raise InvalidInputError(f"{where} is empty", field=where)
+            prompts.append(ids)
+        return await _run(service, user, body, prompts, "text_completion", chat=False)
 
     @r.post("/chat/completions")
     async def chat_completions(body: ChatBody, user: User = who, service: Service = svc) -> Any:
@@ -547,7 +576,7 @@ def create_openai_router() -> APIRouter:
         worker, base = await _worker_for(service, user, body.model, chars)
         obj = "chat.completion.chunk" if body.stream else "chat.completion"
         if not images:
-            return await _run(service, user, body, await worker.tokenize(messages=messages), obj, chat=True)
+            return await _run(service, user, body, [await worker.tokenize(messages=messages)], obj, chat=True)
         info = await service.model_info(base)
         if info is None:
             raise CapacityError(f"model {body.model!r} has not published its model info yet: retry images later",
@@ -557,7 +586,7 @@ def create_openai_router() -> APIRouter:
         ids = await worker.tokenize(messages=messages)
         prompt = _with_images(info.vision.image_token_id, body.model, ids, [im for _, im in images])
         try:
-            return await _run(service, user, body, prompt, obj, chat=True)
+            return await _run(service, user, body, [prompt], obj, chat=True)
         except TwinkleError as e:
             _name_image_part(e, prompt, images)
             raise

@@ -24,7 +24,7 @@ from .deps import CompactJSONRoute, get_service, get_user
 from .ops import SampleOp
 from .service import Service, User
 
-__all__ = ["create_stream_router", "open_stream", "sse"]
+__all__ = ["create_stream_router", "merged_polls", "open_stream", "sse"]
 
 _POLL_S = 10.0
 
@@ -32,7 +32,8 @@ _POLL_S = 10.0
 async def open_stream(service: Service, user: User, op: SampleOp, *, base_model: str | None = None,
                       run_id: str | None = None, checkpoint: str | None = None) -> AsyncGenerator[dict[str, Any], None]:
     """Validate and start a streamed sample request (raises a ``TwinkleError`` at once when it is refused);
-    returns an iterator of ``{"events": [...], "done", "result"}`` polls."""
+    returns an iterator of ``{"events": [...], "done", "result"}`` polls. Closing it (``aclose``) before it was
+    read to the end, even before its first poll, drops the request on the worker."""
     t = service.sample_target(user, op, base_model=base_model, run_id=run_id, checkpoint=checkpoint)
     if t.after is not None and not t.after.done():
         await t.after
@@ -43,6 +44,7 @@ async def open_stream(service: Service, user: User, op: SampleOp, *, base_model:
         nxt = 0
         finished = False
         try:
+            yield {}  # taken by open_stream: from here on, closing the generator runs the `finally` below
             while not finished:
                 r = await worker.sample_stream_poll(sid, nxt, _POLL_S)
                 finished = bool(r["done"])
@@ -60,7 +62,49 @@ async def open_stream(service: Service, user: User, op: SampleOp, *, base_model:
             if not finished:  # the client went away (disconnect, cancellation): drop the queued work
                 _close_later(worker, sid)
 
-    return polls()
+    gen = polls()
+    await gen.__anext__()
+    return gen
+
+
+async def merged_polls(streams: list[AsyncGenerator[dict[str, Any], None]]
+                       ) -> AsyncGenerator[tuple[int, dict[str, Any]], None]:
+    """The polls of several streams (:func:`open_stream`) as they come, each with its stream's index. A failed
+    stream's error is raised; closing this closes them all (the unfinished ones drop their requests)."""
+    if len(streams) == 1:
+        try:
+            async for only in streams[0]:
+                yield 0, only
+        finally:
+            await streams[0].aclose()
+        return
+    queue: asyncio.Queue[tuple[int, dict[str, Any] | None, BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncGenerator[dict[str, Any], None]) -> None:
+        try:
+            async for p in stream:
+                queue.put_nowait((i, p, None))
+            queue.put_nowait((i, None, None))
+        except Exception as e:  # noqa: BLE001 - handed to the reader
+            queue.put_nowait((i, None, e))
+
+    tasks = [asyncio.create_task(pump(i, st)) for i, st in enumerate(streams)]
+    try:
+        left = len(streams)
+        while left:
+            i, p, err = await queue.get()
+            if err is not None:
+                raise err
+            if p is None:
+                left -= 1
+            else:
+                yield i, p
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for st in streams:
+            await st.aclose()
 
 
 def _close_later(worker: Any, sid: str) -> None:
