@@ -33,6 +33,10 @@ fi
 # tinker-cookbook 0.6.1 pins tml-renderers, which the package index lacks: its other dependencies come from the
 # `cookbook` extra above, the package itself without dependencies (tests/integration/test_tinker_cookbook.py).
 .venv/bin/pip install -q --no-deps "tinker-cookbook==0.6.1"
+# lm-evaluation-harness, for tests/integration/test_lm_eval.py only (its API model against the OpenAI-compatible
+# routes): without its dependencies, which are datasets/metrics stacks its API model does not import (those it
+# does are in the `dev` extra).
+.venv/bin/pip install -q --no-deps "lm_eval==0.4.13"
 
 # The JupyterLab extension (TypeScript, built offline with jlpm from the npm registry) goes into
 # twinkle_client/labextension. A wheel ships it (setup.py); for this editable checkout we link it where the

@@ -41,6 +41,7 @@ from .docs_routes import docs_router
 from .routes_native import create_native_router, health_router
 from .routes_openai import create_openai_router
 from .routes_stream import create_stream_router
+from .routes_tokens import create_tokens_router
 from .service import Service
 from .worker_api import WorkerAPI
 
@@ -63,16 +64,17 @@ def worker_config(m: ModelConfig) -> dict[str, Any]:
     return d
 
 
+_TOKENIZER_PATHS = frozenset({"/tokenize", "/detokenize", "/tokenizer_info"})  # vLLM's, beside its OpenAI routes
 _OPENAI_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
                        429: "rate_limit_error"}
 
 
 def _body_for(path: str, status: int, body: dict[str, Any]) -> dict[str, Any]:
     """``body`` (the server's ``{error, category, code, detail}``) as OpenAI's ``{"error": {message, type, param,
-    code}}`` on the OpenAI-compatible routes (``/v1/...``): the ``openai`` package shows ``error.message`` and
+    code}}`` on the OpenAI-compatible routes (``/v1/...`` and the tokenizer routes): the ``openai`` package shows ``error.message`` and
     nothing else (with the server's own shape its users read just "Error code: 400"). The server's fields stay
     inside the error object."""
-    if not path.startswith("/v1/"):
+    if not path.startswith("/v1/") and path not in _TOKENIZER_PATHS:
         return body
     raw = body.get("detail")
     detail: dict[str, Any] = raw if isinstance(raw, dict) else {}
@@ -288,6 +290,7 @@ def create_app(
         native.include_router(router)
     app.include_router(native)
     app.include_router(create_openai_router())
+    app.include_router(create_tokens_router())
     return app
 
 
@@ -416,6 +419,9 @@ class _HandleWorker:
     async def tokenize(self, **kw: Any) -> Any:
         return await self._call("tokenize", **kw)
 
+    async def tokenizer_info(self) -> Any:
+        return await self._call("tokenizer_info")
+
     async def token_texts(self, ids: list[int], singles: list[int]) -> Any:
         return await self._call("token_texts", ids, singles)
 
@@ -520,6 +526,9 @@ def build_serve_app(config: ServerConfig, own_http: bool = False) -> Any:
 
         async def tokenize(self, **kw: Any) -> Any:
             return await refusal_as_value(self.worker.tokenize(**kw))
+
+        async def tokenizer_info(self) -> Any:
+            return await refusal_as_value(self.worker.tokenizer_info())
 
         async def token_texts(self, ids: list[int], singles: list[int]) -> Any:
             return await refusal_as_value(self.worker.token_texts(ids, singles))

@@ -11,7 +11,8 @@ from .sample_stream import pieces
 NO_TOKENIZER = "this model has no tokenizer: send token ids to the native API"
 
 
-def tokenize(tok: Any, *, text: str | None = None, messages: list[dict[str, Any]] | None = None) -> list[int]:
+def tokenize(tok: Any, *, text: str | None = None, messages: list[dict[str, Any]] | None = None,
+             add_special_tokens: bool = False) -> list[int]:
     if tok is None:
         raise InvalidInputError(NO_TOKENIZER, field="model")
     if messages is not None:
@@ -30,7 +31,23 @@ def tokenize(tok: Any, *, text: str | None = None, messages: list[dict[str, Any]
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
     if text is None:
         raise InvalidInputError("give a prompt", field="prompt")
-    return [int(t) for t in tok.encode(text, add_special_tokens=False)]
+    return [int(t) for t in tok.encode(text, add_special_tokens=add_special_tokens)]
+
+
+def tokenizer_info(tok: Any, max_length: int) -> dict[str, Any]:
+    """What a client needs to tokenize as the server does (vLLM's ``/tokenizer_info`` fields that evaluation
+    harnesses read): the special tokens, the chat template, the context length."""
+    if tok is None:
+        raise InvalidInputError(NO_TOKENIZER, field="model")
+
+    def text(name: str) -> str | None:
+        value = getattr(tok, name, None)
+        return value if isinstance(value, str) else None
+
+    template = getattr(tok, "chat_template", None)
+    return {"tokenizer_class": type(tok).__name__, "eos_token": text("eos_token"), "bos_token": text("bos_token"),
+            "pad_token": text("pad_token"), "unk_token": text("unk_token"),
+            "chat_template": template if isinstance(template, str) else None, "model_max_length": int(max_length)}
 
 
 def token_texts(decode: Any, ids: list[int], singles: list[int]) -> tuple[list[str], list[str]]:

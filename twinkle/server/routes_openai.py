@@ -51,7 +51,7 @@ from .ops import SampleOp
 from .routes_stream import merged_polls, open_stream
 from .service import Service, User
 
-__all__ = ["create_openai_router"]
+__all__ = ["ChatMessage", "create_openai_router", "target_of", "template_messages", "worker_for"]
 
 
 class StreamOptions(BaseModel):
@@ -189,6 +189,16 @@ def _text_of(content: str | list[dict[str, str]]) -> str:
     return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
 
 
+def template_messages(messages: list[ChatMessage], images: list[tuple[str, ImageChunk]]
+                      ) -> tuple[list[dict[str, Any]], int]:
+    """OpenAI chat messages as the chat template takes them (images appended to ``images``), and about how many
+    characters the rendered prompt has at least (to refuse a text too long before tokenizing it)."""
+    # "developer" is OpenAI's newer name for "system", which chat templates know
+    out = [{"role": "system" if m.role == "developer" else m.role, "content": _content(m, i, images)}
+           for i, m in enumerate(messages)]
+    return out, sum(len(_text_of(m["content"])) + len(m["role"]) + 8 for m in out)  # 8: a template's least
+
+
 _CHUNK_FIELD = re.compile(r"^prompt\.chunks\[(\d+)\]")
 
 
@@ -224,7 +234,7 @@ def _with_images(pad: int, model: str, ids: list[int], images: list[ImageChunk])
     return ModelInput(chunks=chunks)
 
 
-async def _target(service: Service, user: User, model: str) -> dict[str, Any]:
+async def target_of(service: Service, user: User, model: str) -> dict[str, Any]:
     """The sample target ``model`` names (see the module docstring)."""
     if service.config.model(model) is not None:
         return {"base_model": model}
@@ -379,6 +389,19 @@ def _logprobs(chat: bool, toks: list[_Tok], top: bool) -> dict[str, Any]:
             "text_offset": [t.offset for t in toks]}
 
 
+async def worker_for(service: Service, user: User, model: str, text_chars: int) -> tuple[Any, str]:
+    """The worker that tokenizes for ``model`` and its served base model; refuses a text too long to fit the
+    model's token limit before it is tokenized (tokenizing megabytes costs the worker seconds per request)."""
+    target = await target_of(service, user, model)
+    probe = SampleOp(prompt=[0], params=SamplingParams(max_tokens=1))
+    t = service.sample_target(user, probe, **target)
+    limit = service.token_limit(t.base_model)
+    if text_chars > limit * MAX_CHARS_PER_TOKEN:
+        raise LimitExceededError(f"the prompt's {text_chars} characters cannot fit the limit of {limit} tokens",
+                                 field="prompt")
+    return t.worker, t.base_model
+
+
 def create_openai_router() -> APIRouter:
     r = APIRouter(prefix="/v1", tags=["openai"], route_class=CompactJSONRoute)
     who = Depends(get_user)
@@ -400,7 +423,7 @@ def create_openai_router() -> APIRouter:
                    chat: bool) -> Any:
         """Sample each of ``prompts`` (token ids, or chunks with images) ``body.n`` times as ``body`` asks: the
         reply, or its stream. Choice ``p * n + j`` is prompt ``p``'s ``j``-th sample, as OpenAI numbers them."""
-        target = await _target(service, user, body.model)
+        target = await target_of(service, user, body.model)
         n = body.n
         if len(prompts) * n > MAX_CHOICES:
             raise LimitExceededError(f"{len(prompts)} prompts × n = {n} is over {MAX_CHOICES} choices: send fewer",
@@ -519,7 +542,7 @@ def create_openai_router() -> APIRouter:
         likely tokens at each position (``echo``: what evaluation harnesses score a text with)."""
         top_ids = res.topk_prompt_logprobs or []
         singles = sorted({t for row in top_ids if row for t, _ in row})
-        worker, _ = await _worker_for(service, user, model, 0)
+        worker, _ = await worker_for(service, user, model, 0)
         texts, single_texts = await worker.token_texts(ids, singles)
         named = dict(zip(singles, single_texts, strict=True))
         head = "".join(texts)
@@ -534,18 +557,6 @@ def create_openai_router() -> APIRouter:
             offset += len(piece)
         return head, toks
 
-    async def _worker_for(service: Service, user: User, model: str, text_chars: int) -> tuple[Any, str]:
-        """The worker that tokenizes for ``model`` and its served base model; refuses a text too long to fit the
-        model's token limit before it is tokenized (tokenizing megabytes costs the worker seconds per request)."""
-        target = await _target(service, user, model)
-        probe = SampleOp(prompt=[0], params=SamplingParams(max_tokens=1))
-        t = service.sample_target(user, probe, **target)
-        limit = service.token_limit(t.base_model)
-        if text_chars > limit * MAX_CHARS_PER_TOKEN:
-            raise LimitExceededError(f"the prompt's {text_chars} characters cannot fit the limit of {limit} tokens",
-                                     field="prompt")
-        return t.worker, t.base_model
-
     @r.post("/completions")
     async def completions(body: CompletionBody, user: User = who, service: Service = svc) -> Any:
         raw = body.prompt
@@ -557,7 +568,7 @@ def create_openai_router() -> APIRouter:
         for i, p in enumerate(listed):
             where = "prompt" if one else f"prompt.{i}"
             if isinstance(p, str):
-                worker, _ = await _worker_for(service, user, body.model, len(p))
+                worker, _ = await worker_for(service, user, body.model, len(p))
                 ids = await worker.tokenize(text=p)
             else:
                 ids = [int(t) for t in p]
@@ -569,11 +580,8 @@ def create_openai_router() -> APIRouter:
     @r.post("/chat/completions")
     async def chat_completions(body: ChatBody, user: User = who, service: Service = svc) -> Any:
         images: list[tuple[str, ImageChunk]] = []  # (the field naming its content part, the image)
-        # "developer" is OpenAI's newer name for "system", which chat templates know
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": _content(m, i, images)}
-                    for i, m in enumerate(body.messages)]
-        chars = sum(len(_text_of(m["content"])) + len(m["role"]) + 8 for m in messages)  # 8: a template's least
-        worker, base = await _worker_for(service, user, body.model, chars)
+        messages, chars = template_messages(body.messages, images)
+        worker, base = await worker_for(service, user, body.model, chars)
         obj = "chat.completion.chunk" if body.stream else "chat.completion"
         if not images:
             return await _run(service, user, body, [await worker.tokenize(messages=messages)], obj, chat=True)

@@ -250,13 +250,21 @@ class ModelWorker:
     async def sample_stream_poll(self, stream_id: str, after: int = 0, timeout: float = 10.0) -> dict[str, Any]:
         return await self._hub().poll(stream_id, after, timeout)
 
-    async def tokenize(self, *, text: str | None = None, messages: list[dict[str, Any]] | None = None) -> list[int]:
+    async def tokenize(self, *, text: str | None = None, messages: list[dict[str, Any]] | None = None,
+                       add_special_tokens: bool = False) -> list[int]:
         """Token ids of ``text``, or of chat ``messages`` with the tokenizer's chat template (generation
         prompt added)."""
         from .openai_text import tokenize
 
         tok = self.backend.tokenizer() if hasattr(self.backend, "tokenizer") else None
-        return tokenize(tok, text=text, messages=messages)
+        return tokenize(tok, text=text, messages=messages, add_special_tokens=add_special_tokens)
+
+    async def tokenizer_info(self) -> dict[str, Any]:
+        """The tokenizer's special tokens, chat template and context length (``GET /tokenizer_info``)."""
+        from .openai_text import tokenizer_info
+
+        tok = self.backend.tokenizer() if hasattr(self.backend, "tokenizer") else None
+        return tokenizer_info(tok, self._info.max_length)
 
     async def token_texts(self, ids: list[int], singles: list[int]) -> tuple[list[str], list[str]]:
         """The text each token of ``ids`` adds in sequence (they add up to the decoded ``ids``), and the text of

@@ -47,8 +47,12 @@ class WorkerAPI(Protocol):
     async def sample_stream_close(self, stream_id: str) -> bool:
         """The reader went away: forget the stream (and drop its request while still queued)."""
 
-    async def tokenize(self, *, text: str | None = None, messages: list[dict[str, Any]] | None = None) -> list[int]:
+    async def tokenize(self, *, text: str | None = None, messages: list[dict[str, Any]] | None = None,
+                       add_special_tokens: bool = False) -> list[int]:
         """Token ids of ``text``, or of chat ``messages`` with the chat template (OpenAI-compatible routes)."""
+
+    async def tokenizer_info(self) -> dict[str, Any]:
+        """The tokenizer's special tokens, chat template and context length (``GET /tokenizer_info``)."""
 
     async def token_texts(self, ids: list[int], singles: list[int]) -> tuple[list[str], list[str]]:
         """The text each token of ``ids`` adds in sequence, and each token of ``singles`` alone (OpenAI echo)."""
