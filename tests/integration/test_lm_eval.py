@@ -6,8 +6,6 @@ and ``is_greedy`` is right both ways."""
 
 from __future__ import annotations
 
-import os
-
 import httpx
 import pytest
 
