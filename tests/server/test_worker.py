@@ -117,6 +117,10 @@ def test_sample_validation():
         with pytest.raises(LimitExceededError) as e:
             await w.sample(SampleOp(prompt=[1] * 10, params=SamplingParams(max_tokens=60)))
         assert e.value.field == "sampling_params.max_tokens"
+        ctx = w._info.max_length
+        with pytest.raises(LimitExceededError) as e:  # the prompt alone leaves no room: the prompt is named
+            await w.sample(SampleOp(prompt=[1] * ctx, params=SamplingParams(max_tokens=1)))
+        assert e.value.field == "prompt"
         with pytest.raises(NotFoundError):
             await w.sample(SampleOp(prompt=[1]), adapter_id="ghost")
         with pytest.raises(NotFoundError):

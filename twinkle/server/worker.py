@@ -369,10 +369,10 @@ class ModelWorker:
         if not isinstance(op.num_samples, int) or op.num_samples < 1:
             raise InvalidInputError("num_samples must be at least 1", field="num_samples")
         max_new = op.params.max_tokens or 0
-        if len(prompt) + max_new > self._info.max_length:
+        if len(prompt) + max_new > self._info.max_length:  # named: the prompt when it alone leaves no room
             raise LimitExceededError(
                 f"prompt ({len(prompt)}) + max_tokens ({max_new}) exceeds the context of {self._info.max_length}",
-                field="sampling_params.max_tokens",
+                field="prompt" if len(prompt) >= self._info.max_length else "sampling_params.max_tokens",
             )
         if len(prompt) * op.num_samples > self.max_tokens_per_request:
             raise LimitExceededError("the sampling request has too many tokens", field="num_samples")
