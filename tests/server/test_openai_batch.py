@@ -8,30 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
-from twinkle.server.app import create_app, worker_config
-from twinkle.server.config import parse_config
-from twinkle.server.store import Store
-from twinkle.server.worker import ModelWorker
+sys.path.insert(0, str(Path(__file__).parent))
+from _mock_app import inprocess_app  # noqa: E402
 
 API = "/api/v1/twinkle"
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    tmp: Path = tmp_path_factory.mktemp("oai-batch")
-    cfg = parse_config({
-        "persistence": {"sqlite_path": str(tmp / "db.sqlite"), "checkpoint_root": str(tmp / "ck")},
-        "models": [{"name": "tiny", "backend": "transformers", "model_id": "builtin://tiny"}],
-    })
-    store = Store(cfg.persistence.sqlite_file())
-    key = store.create_key("alice")[1]
-    worker = ModelWorker(worker_config(cfg.models[0]))
-    return create_app(cfg, {"tiny": [worker]}, store=store), key, worker
+    app, keys, workers = inprocess_app(tmp_path_factory.mktemp("oai-batch"),
+                                       [{"name": "tiny", "backend": "transformers", "model_id": "builtin://tiny"}])
+    return app, keys["alice"], workers["tiny"]
 
 
 def _client(app, key):

@@ -8,15 +8,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image, ImageDraw
 
-from twinkle.server.app import create_app, worker_config
-from twinkle.server.config import parse_config
-from twinkle.server.store import Store
-from twinkle.server.worker import ModelWorker
+sys.path.insert(0, str(Path(__file__).parent))
+from _mock_app import inprocess_app  # noqa: E402
 
 openai = pytest.importorskip("openai")
 API = "/api/v1/twinkle"
@@ -25,16 +25,10 @@ VL = "builtin://tiny-vl"
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("oai-vl")
-    cfg = parse_config({
-        "persistence": {"sqlite_path": str(tmp / "db.sqlite"), "checkpoint_root": str(tmp / "ck")},
-        "models": [{"backend": "transformers", "model_id": VL},
-                   {"name": "text", "backend": "transformers", "model_id": "builtin://tiny"}],
-    })
-    store = Store(cfg.persistence.sqlite_file())
-    key = store.create_key("alice")[1]
-    app = create_app(cfg, {m.served_name: [ModelWorker(worker_config(m))] for m in cfg.models}, store=store)
-    return app, key
+    app, keys, _ = inprocess_app(tmp_path_factory.mktemp("oai-vl"), [
+        {"backend": "transformers", "model_id": VL},
+        {"name": "text", "backend": "transformers", "model_id": "builtin://tiny"}])
+    return app, keys["alice"]
 
 
 def _png(colour: str, size: tuple[int, int] = (64, 48), fmt: str = "PNG") -> bytes:

@@ -5,24 +5,19 @@ answers equal the model's own tokenizer's, bad ids and sizes are 4xx naming the 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
-from twinkle.server.app import create_app, worker_config
-from twinkle.server.config import parse_config
-from twinkle.server.store import Store
-from twinkle.server.worker import ModelWorker
+sys.path.insert(0, str(Path(__file__).parent))
+from _mock_app import inprocess_app  # noqa: E402
 
 
 def _app(tmp: Path, models: list[dict]) -> tuple[TestClient, str]:
-    cfg = parse_config({"persistence": {"sqlite_path": str(tmp / "db.sqlite"), "checkpoint_root": str(tmp / "ck")},
-                        "models": models})
-    store = Store(cfg.persistence.sqlite_file())
-    key = store.create_key("alice")[1]
-    app = create_app(cfg, {m.served_name: [ModelWorker(worker_config(m))] for m in cfg.models}, store=store)
-    return TestClient(app, headers={"Authorization": f"Bearer {key}"}), key
+    app, keys, _ = inprocess_app(tmp, models)
+    return TestClient(app, headers={"Authorization": f"Bearer {keys['alice']}"}), keys["alice"]
 
 
 @pytest.fixture(scope="module")
