@@ -50,6 +50,8 @@ def test_a_harness_tokenizes_and_decodes_like_the_model(client, tok):
     ids = client.post("/tokenize", json={"messages": msgs}).json()["tokens"]
     want = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
     assert ids == list(want["input_ids"] if hasattr(want, "keys") else want)
+    bare = client.post("/tokenize", json={"messages": msgs, "add_generation_prompt": False}).json()["tokens"]
+    assert bare == ids[:len(bare)] and len(bare) < len(ids)  # without the assistant's turn opening
     chat = client.post("/v1/chat/completions", json={"model": "tiny", "messages": msgs, "max_tokens": 1}).json()
     assert chat["usage"]["prompt_tokens"] == len(ids)  # the same prompt the chat route samples
 

@@ -12,7 +12,7 @@ NO_TOKENIZER = "this model has no tokenizer: send token ids to the native API"
 
 
 def tokenize(tok: Any, *, text: str | None = None, messages: list[dict[str, Any]] | None = None,
-             add_special_tokens: bool = False) -> list[int]:
+             add_special_tokens: bool = False, add_generation_prompt: bool = True) -> list[int]:
     if tok is None:
         raise InvalidInputError(NO_TOKENIZER, field="model")
     if messages is not None:
@@ -20,7 +20,7 @@ def tokenize(tok: Any, *, text: str | None = None, messages: list[dict[str, Any]
             from jinja2 import TemplateError
 
             try:
-                ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+                ids = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
             except TemplateError as e:  # the template refuses the conversation (roles out of order, ...)
                 raise InvalidInputError(f"the model's chat template refused these messages: {e}",
                                         field="messages") from None
@@ -28,7 +28,7 @@ def tokenize(tok: Any, *, text: str | None = None, messages: list[dict[str, Any]
                 ids = ids["input_ids"]
             return [int(t) for t in ids]
         # no chat template: a plain "role: content" transcript ending with the assistant's turn
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + ("assistant:" if add_generation_prompt else "")
     if text is None:
         raise InvalidInputError("give a prompt", field="prompt")
     return [int(t) for t in tok.encode(text, add_special_tokens=add_special_tokens)]

@@ -79,7 +79,7 @@ def create_tokens_router() -> APIRouter:
             chars = len(body.prompt or "")
         worker, base = await worker_for(service, user, name, chars)
         if body.messages is not None:
-            ids = await worker.tokenize(messages=messages)
+            ids = await worker.tokenize(messages=messages, add_generation_prompt=body.add_generation_prompt)
         else:
             ids = await worker.tokenize(text=body.prompt, add_special_tokens=body.add_special_tokens)
         return {"count": len(ids), "max_model_len": service.token_limit(base), "tokens": ids}

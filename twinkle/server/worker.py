@@ -251,13 +251,14 @@ class ModelWorker:
         return await self._hub().poll(stream_id, after, timeout)
 
     async def tokenize(self, *, text: str | None = None, messages: list[dict[str, Any]] | None = None,
-                       add_special_tokens: bool = False) -> list[int]:
+                       add_special_tokens: bool = False, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of ``text``, or of chat ``messages`` with the tokenizer's chat template (generation
         prompt added)."""
         from .openai_text import tokenize
 
         tok = self.backend.tokenizer() if hasattr(self.backend, "tokenizer") else None
-        return tokenize(tok, text=text, messages=messages, add_special_tokens=add_special_tokens)
+        return tokenize(tok, text=text, messages=messages, add_special_tokens=add_special_tokens,
+                        add_generation_prompt=add_generation_prompt)
 
     async def tokenizer_info(self) -> dict[str, Any]:
         """The tokenizer's special tokens, chat template and context length (``GET /tokenizer_info``)."""

@@ -48,7 +48,7 @@ class WorkerAPI(Protocol):
         """The reader went away: forget the stream (and drop its request while still queued)."""
 
     async def tokenize(self, *, text: str | None = None, messages: list[dict[str, Any]] | None = None,
-                       add_special_tokens: bool = False) -> list[int]:
+                       add_special_tokens: bool = False, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of ``text``, or of chat ``messages`` with the chat template (OpenAI-compatible routes)."""
 
     async def tokenizer_info(self) -> dict[str, Any]:
