@@ -119,14 +119,18 @@ class Sampler:
 
     def stream(
         self, prompt: Any, sampling_params: SamplingParams | dict[str, Any] | None = None, num_samples: int = 1,
+        topk_logprobs: int = 0,
     ) -> Iterator[dict[str, Any]]:
         """Sample with server-sent events: yields ``{"index", "token", "logprob", "text"}`` per token as it is
-        produced, then ``{"done": SampleResponse}``."""
+        produced (with ``topk_logprobs = k``, also ``"top"``: the k most likely ``[token, text, logprob]`` there),
+        then ``{"done": SampleResponse}``."""
         from ._errors import error_from_response
 
         params = sampling_params if isinstance(sampling_params, SamplingParams) else SamplingParams(**(sampling_params or {}))
         body: dict[str, Any] = {"base_model": self.base_model, "prompt": self._prompt(prompt).model_dump(mode="json"),
                                 "num_samples": num_samples, "sampling_params": params.model_dump(exclude_none=True)}
+        if topk_logprobs:
+            body["topk_logprobs"] = topk_logprobs
         if self.checkpoint is not None:
             body["checkpoint"] = self.checkpoint
         elif self.model is not None:

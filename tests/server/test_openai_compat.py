@@ -141,6 +141,9 @@ def test_client_sampler_stream_yields_text_pieces(env):
         events = list(sampler.stream([5, 6, 7], SamplingParams(max_tokens=5, temperature=0.0, stop=[])))
         final = events[-1]["done"]
         assert [e["token"] for e in events[:-1]] == final.sequences[0].tokens
+        ranked = list(sampler.stream([5, 6, 7], SamplingParams(max_tokens=5, temperature=0.0, stop=[]),
+                                     topk_logprobs=2))
+        assert all(len(e["top"]) == 2 and e["top"][0][0] == e["token"] for e in ranked[:-1])  # greedy: the top one
         with pytest.raises(InvalidInputError) as e:  # refused before the stream starts: a plain 4xx
             list(Sampler(base_model="nope", session=sess).stream([5], SamplingParams(max_tokens=2)))
         assert e.value.field == "base_model"
