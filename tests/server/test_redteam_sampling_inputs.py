@@ -151,3 +151,35 @@ def test_openai_text_far_over_the_token_limit_is_refused_before_tokenizing(clien
         body["prompt"] = text
     status, err = _post(client, route, body)
     assert status == 413 and err["detail"]["field"] == "prompt" and "characters" in err["error"], (status, err)
+
+
+def test_native_misspelt_parameters_are_400_naming_them(client):
+    """The parameter models ignore unknown keys (the Tinker SDK adds tags), so a native request's misspelt key
+    (``max_token``, ``rnak``, ``learning_rate`` where ``lr`` is meant) was dropped silently and its default used:
+    a run of rank 32, a sample of 128 tokens. The native requests refuse them by name; the Tinker routes still
+    ignore what they do not know."""
+    sid = client.post(f"{API}/sessions", json={}).json()["session_id"]
+    prompt = {"chunks": [{"type": "encoded_text", "tokens": [5, 6]}]}
+    bad = [
+        (f"{API}/sample", {"base_model": "tiny", "prompt": prompt, "sampling_params": {"max_token": 4}}, "max_token"),
+        (f"{API}/runs", {"session_id": sid, "base_model": "tiny", "lora": {"rnak": 8}}, "rnak"),
+        (f"{API}/runs", {"session_id": sid, "base_model": "tiny", "lora": {"r": 8}}, "'r'"),
+    ]
+    for path, body, word in bad:
+        status, err = _post(client, path, body)
+        assert status == 400 and word in err["error"] and "known:" in err["error"], (path, err)
+    ref = client.post(f"{API}/runs", params={"wait": 10},
+                      json={"session_id": sid, "base_model": "tiny", "lora": {"rank": 4}}).json()
+    run = ref["state"]["result"]["run_id"] if ref.get("state") else client.get(
+        f"{API}/futures/{ref['future_id']}", params={"timeout": 10}).json()["result"]["run_id"]
+    assert client.get(f"{API}/runs/{run}").json()["lora"]["rank"] == 4
+    for path, body, word in [
+        (f"{API}/runs/{run}/optimizer", {"optimizer": {"learning_rate": 1e-3}}, "learning_rate"),
+        (f"{API}/runs/{run}/lr_scheduler", {"scheduler": {"warmup": 5}}, "warmup"),
+        (f"{API}/runs/{run}/optim_step", {"adam_params": {"lr": 1e-3}}, "'lr'"),
+    ]:
+        status, err = _post(client, path, body)
+        assert status == 400 and word in err["error"], (path, err)
+    status, body = _post(client, f"{API}/sample", {"base_model": "tiny", "prompt": prompt,
+                                                   "sampling_params": {"max_tokens": 2, "temperature": 0}})
+    assert status == 200

@@ -13,10 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from .data import Datum, ModelInput
 from .outputs import VisionInfo
 from .params import (
-    AdamParams,
+    ExactAdamParams,
+    ExactLoraConfig,
+    ExactLRSchedulerConfig,
+    ExactOptimizerConfig,
+    ExactSamplingParams,
     LoraConfig,
-    LRSchedulerConfig,
-    OptimizerConfig,
     SamplingParams,
     TopKLogprobs,
     TtlSeconds,
@@ -124,7 +126,7 @@ class SessionList(_Reply):
 class CreateRunRequest(_Api):
     session_id: str
     base_model: str
-    lora: LoraConfig = Field(default_factory=LoraConfig)
+    lora: ExactLoraConfig = Field(default_factory=LoraConfig)
     name: str | None = Field(None, description="display name; the server picks the run id")
     metadata: dict[str, Any] = Field(default_factory=dict)
 
@@ -166,11 +168,11 @@ class MetricHistory(_Reply):
 
 
 class SetOptimizerRequest(_Api):
-    optimizer: OptimizerConfig
+    optimizer: ExactOptimizerConfig
 
 
 class SetLRSchedulerRequest(_Api):
-    scheduler: LRSchedulerConfig
+    scheduler: ExactLRSchedulerConfig
 
 
 class ForwardRequest(_Api):
@@ -183,7 +185,7 @@ class ForwardRequest(_Api):
 
 class OptimStepRequest(_Api):
     seq_id: int | None = None
-    adam_params: AdamParams | None = Field(None, description="absent: the run's optimizer + LR schedule")
+    adam_params: ExactAdamParams | None = Field(None, description="absent: the run's optimizer + LR schedule")
 
 
 class SaveCheckpointRequest(_Api):
@@ -232,7 +234,7 @@ class SampleRequest(_Api):
     checkpoint: str | None = Field(None, description="tinker:// path of a saved adapter")
     prompt: ModelInput
     num_samples: int = Field(1, ge=1, le=128)
-    sampling_params: SamplingParams = Field(default_factory=SamplingParams)
+    sampling_params: ExactSamplingParams = Field(default_factory=SamplingParams)
     prompt_logprobs: bool = False
     topk_prompt_logprobs: TopKLogprobs = 0
     session_id: str | None = Field(None, description="the caller's session: a pending Stop of it rides on the reply "

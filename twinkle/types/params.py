@@ -210,3 +210,26 @@ class SamplingParams(_Params):
     temperature: Number = Field(1.0, ge=0.0, le=100.0)
     top_k: Integer = Field(-1, ge=-1, le=2**31 - 1, description="-1 (or 0): no top-k")
     top_p: Number = Field(1.0, gt=0.0, le=1.0)
+
+
+def _known_keys(model: type[BaseModel]) -> Any:
+    """A before-validator refusing keys ``model`` does not know: the models ignore unknown keys (the Tinker SDK
+    adds tags, stored state may carry old ones), so a request's misspelt key would vanish silently."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            unknown = sorted(set(value) - set(model.model_fields), key=str)
+            if unknown:
+                raise ValueError(f"unknown field(s) {', '.join(map(repr, unknown))}; "
+                                 f"known: {', '.join(model.model_fields)}")
+        return value
+
+    return BeforeValidator(check)
+
+
+ExactLoraConfig = Annotated[LoraConfig, _known_keys(LoraConfig)]
+ExactAdamParams = Annotated[AdamParams, _known_keys(AdamParams)]
+ExactOptimizerConfig = Annotated[OptimizerConfig, _known_keys(OptimizerConfig)]
+ExactLRSchedulerConfig = Annotated[LRSchedulerConfig, _known_keys(LRSchedulerConfig)]
+ExactSamplingParams = Annotated[SamplingParams, _known_keys(SamplingParams)]
+"""The parameter models as fields of the native API's requests, where an unknown key is a 400 naming it."""
