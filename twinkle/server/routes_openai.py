@@ -446,10 +446,12 @@ def create_openai_router() -> APIRouter:
         try:
             for op in ops:
                 streams.append(await open_stream(service, user, op, **target))
-        except TwinkleError as e:
-            for st in streams:  # the prompts already started drop their requests
+        except BaseException as e:  # refused, or the caller went away: the prompts already started are dropped
+            for st in streams:
                 await st.aclose()
-            raise _openai_field(e, chat) from None
+            if isinstance(e, TwinkleError):
+                raise _openai_field(e, chat) from None
+            raise
         cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
 
