@@ -97,6 +97,14 @@ def test_openai_package_and_sse(env):
         oa = _oai(app, keys["alice"])
         ids = [m.id for m in (await oa.models.list()).data]
         assert "tiny" in ids and run in ids and ck_path in ids
+        for name in ("tiny", run, ck_path, f"{run}/s1"):  # one by any name `model` takes
+            got = await oa.models.retrieve(name)
+            assert got.id == name and getattr(got, "root", None) == "tiny", got
+        for name in ("nope", f"{run}/nope", "tinker://nope/sampler_weights/x"):
+            with pytest.raises(openai.NotFoundError):
+                await oa.models.retrieve(name)
+        with pytest.raises(openai.NotFoundError):  # another user's run: the same 404
+            await _oai(app, keys["bob"]).models.retrieve(run)
         msgs = [{"role": "user", "content": "hello there"}]
         full = await oa.chat.completions.create(model=run, messages=msgs, max_tokens=12, temperature=0)
         text = full.choices[0].message.content

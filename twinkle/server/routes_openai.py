@@ -419,6 +419,15 @@ def create_openai_router() -> APIRouter:
                  for ck in await service.list_checkpoints(user) if ck.kind == "sampler"]
         return {"object": "list", "data": data}
 
+    @r.get("/models/{model_id:path}")
+    async def model(model_id: str, user: User = who, service: Service = svc) -> dict[str, Any]:
+        """One model by any name ``model`` takes (``client.models.retrieve``); 404 as for sampling."""
+        target = await target_of(service, user, model_id)
+        t = service.sample_target(user, SampleOp(prompt=[0], params=SamplingParams(max_tokens=1)), **target)
+        owner = "twinkle" if "base_model" in target else user.name
+        return {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": owner,
+                "root": t.base_model}
+
     async def _run(service: Service, user: User, body: _Body, prompts: list[list[int] | ModelInput], obj: str,
                    chat: bool) -> Any:
         """Sample each of ``prompts`` (token ids, or chunks with images) ``body.n`` times as ``body`` asks: the
