@@ -8,6 +8,7 @@ once per test session.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import tempfile
@@ -19,7 +20,7 @@ import pytest
 
 BASE_MODEL = "builtin://tiny"
 _KEY = "tml-tinker-integration"
-_cached: tuple[str, str] | None = None
+_cached: dict[str, tuple[str, str]] = {}
 
 
 def _as_pair(obj: Any) -> tuple[str, str]:
@@ -37,10 +38,11 @@ def server_for(request: pytest.FixtureRequest) -> tuple[str, str]:
     return start_inprocess()
 
 
-def start_inprocess() -> tuple[str, str]:
-    global _cached
-    if _cached is not None:
-        return _cached
+def start_inprocess(models: list[dict[str, Any]] | None = None) -> tuple[str, str]:
+    """The in-process server (one per distinct ``models``: config entries, default ``builtin://tiny`` alone)."""
+    tag = json.dumps(models, sort_keys=True)
+    if tag in _cached:
+        return _cached[tag]
     import uvicorn
 
     from twinkle.server.app import create_app, worker_config
@@ -49,7 +51,7 @@ def start_inprocess() -> tuple[str, str]:
 
     d = tempfile.mkdtemp(prefix="twinkle-tinker-it-")
     cfg = parse_config({
-        "models": [{"backend": os.environ.get("TWINKLE_TEST_BACKEND", "transformers"), "model_id": BASE_MODEL}],
+        "models": models or [{"backend": os.environ.get("TWINKLE_TEST_BACKEND", "transformers"), "model_id": BASE_MODEL}],
         "persistence": {"sqlite_path": f"{d}/server.db", "checkpoint_root": f"{d}/checkpoints"},
         "auth": {"bootstrap_key_env": None},
         "limits": {"max_adapters_per_user": 16},
@@ -67,5 +69,5 @@ def start_inprocess() -> tuple[str, str]:
         if time.time() > deadline:
             raise RuntimeError("in-process Twinkle server did not start")
         time.sleep(0.05)
-    _cached = (f"http://127.0.0.1:{port}", _KEY)
-    return _cached
+    _cached[tag] = (f"http://127.0.0.1:{port}", _KEY)
+    return _cached[tag]

@@ -77,3 +77,28 @@ def test_generate_until_stops_at_the_stop_string(lm, srv):
                                                  "temperature": 0}).json()["choices"][0]["text"]
     assert "e" not in out[0] and plain.startswith(out[0])
     assert out[0] == plain.split("e")[0]
+
+
+def test_on_a_server_of_several_models_the_model_prefix_names_it(monkeypatch):
+    """The harness's tokenizer requests name no model: on a server of several models its base URL takes the
+    model's prefix (``/models/<name>/v1/completions``), from which it derives the tokenizer routes too."""
+    url, key = start_inprocess([{"name": "mocked", "backend": "mock", "model_id": "mock://tiny"},
+                                {"name": "tiny", "backend": "transformers", "model_id": BASE_MODEL}])
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as c:
+        r = c.get("/tokenizer_info")
+        assert r.status_code == 400 and r.json()["error"]["param"] == "model"  # which one?
+        r = c.post("/models/tiny/v1/completions", json={"model": "mocked", "prompt": "x", "max_tokens": 1})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "model"  # the body contradicts the URL
+        assert c.post("/models/nope/tokenize", json={"prompt": "x"}).status_code == 404
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    lm = LocalCompletionsAPI(base_url=f"{url}/models/tiny/v1/completions", model="tiny", auth_token=key,
+                             batch_size=2, max_retries=1)
+    assert lm.tokenizer_backend == "remote"
+    tok = lm.tokenizer
+    pairs = [("once upon a", " time"), ("hello", " world")]
+    got = lm.loglikelihood([Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i)
+                            for i, p in enumerate(pairs)])
+    for (c_, cont), (ll, _) in zip(pairs, got, strict=True):
+        whole, n_ctx = tok.encode(c_ + cont), len(tok.encode(c_))
+        native = _native((url, key), whole, prompt_logprobs=True)["prompt_logprobs"]
+        assert ll == pytest.approx(sum(native[n_ctx:]), abs=1e-3)

@@ -71,10 +71,10 @@ _OPENAI_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404
 
 def _body_for(path: str, status: int, body: dict[str, Any]) -> dict[str, Any]:
     """``body`` (the server's ``{error, category, code, detail}``) as OpenAI's ``{"error": {message, type, param,
-    code}}`` on the OpenAI-compatible routes (``/v1/...`` and the tokenizer routes): the ``openai`` package shows ``error.message`` and
-    nothing else (with the server's own shape its users read just "Error code: 400"). The server's fields stay
-    inside the error object."""
-    if not path.startswith("/v1/") and path not in _TOKENIZER_PATHS:
+    code}}`` on the OpenAI-compatible routes (``/v1/...``, the tokenizer routes, both under ``/models/{model}``
+    too): the ``openai`` package shows ``error.message`` and nothing else (with the server's own shape its users
+    read just "Error code: 400"). The server's fields stay inside the error object."""
+    if not path.startswith(("/v1/", "/models/")) and path not in _TOKENIZER_PATHS:
         return body
     raw = body.get("detail")
     detail: dict[str, Any] = raw if isinstance(raw, dict) else {}

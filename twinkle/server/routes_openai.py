@@ -51,7 +51,7 @@ from .ops import SampleOp
 from .routes_stream import merged_polls, open_stream
 from .service import Service, User
 
-__all__ = ["ChatMessage", "create_openai_router", "target_of", "template_messages", "worker_for"]
+__all__ = ["ChatMessage", "create_openai_router", "scoped_model", "target_of", "template_messages", "worker_for"]
 
 
 class StreamOptions(BaseModel):
@@ -389,6 +389,14 @@ def _logprobs(chat: bool, toks: list[_Tok], top: bool) -> dict[str, Any]:
             "text_offset": [t.offset for t in toks]}
 
 
+def scoped_model(scope: str, model: str | None) -> str:
+    """The model a request under ``/models/{scope}/...`` is for: the URL's, which a body may repeat but not
+    contradict."""
+    if model and model != scope:
+        raise InvalidInputError(f"the body names model {model!r} but the URL is for {scope!r}", field="model")
+    return scope
+
+
 async def worker_for(service: Service, user: User, model: str, text_chars: int) -> tuple[Any, str]:
     """The worker that tokenizes for ``model`` and its served base model; refuses a text too long to fit the
     model's token limit before it is tokenized (tokenizing megabytes costs the worker seconds per request)."""
@@ -403,11 +411,11 @@ async def worker_for(service: Service, user: User, model: str, text_chars: int) 
 
 
 def create_openai_router() -> APIRouter:
-    r = APIRouter(prefix="/v1", tags=["openai"], route_class=CompactJSONRoute)
+    r = APIRouter(tags=["openai"], route_class=CompactJSONRoute)
     who = Depends(get_user)
     svc = Depends(get_service)
 
-    @r.get("/models")
+    @r.get("/v1/models")
     async def models(user: User = who, service: Service = svc) -> dict[str, Any]:
         now = int(time.time())
         data = [{"id": m.name, "object": "model", "created": now, "owned_by": "twinkle"}
@@ -419,7 +427,7 @@ def create_openai_router() -> APIRouter:
                  for ck in await service.list_checkpoints(user) if ck.kind == "sampler"]
         return {"object": "list", "data": data}
 
-    @r.get("/models/{model_id:path}")
+    @r.get("/v1/models/{model_id:path}")
     async def model(model_id: str, user: User = who, service: Service = svc) -> dict[str, Any]:
         """One model by any name ``model`` takes (``client.models.retrieve``); 404 as for sampling."""
         target = await target_of(service, user, model_id)
@@ -568,7 +576,7 @@ def create_openai_router() -> APIRouter:
             offset += len(piece)
         return head, toks
 
-    @r.post("/completions")
+    @r.post("/v1/completions")
     async def completions(body: CompletionBody, user: User = who, service: Service = svc) -> Any:
         raw = body.prompt
         one = isinstance(raw, str) or not raw or not isinstance(raw[0], (str, list))
@@ -588,7 +596,7 @@ def create_openai_router() -> APIRouter:
             prompts.append(ids)
         return await _run(service, user, body, prompts, "text_completion", chat=False)
 
-    @r.post("/chat/completions")
+    @r.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, user: User = who, service: Service = svc) -> Any:
         images: list[tuple[str, ImageChunk]] = []  # (the field naming its content part, the image)
         messages, chars = template_messages(body.messages, images)
@@ -609,5 +617,17 @@ def create_openai_router() -> APIRouter:
         except TwinkleError as e:
             _name_image_part(e, prompt, images)
             raise
+
+    # The same routes under a model's own prefix, for clients that derive every URL from one base URL and name
+    # no model in some requests (lm-evaluation-harness's tokenizer requests: docs/openai-compat.md).
+    @r.post("/models/{scope:path}/v1/completions")
+    async def scoped_completions(scope: str, body: CompletionBody, user: User = who, service: Service = svc) -> Any:
+        body.model = scoped_model(scope, body.model)
+        return await completions(body, user, service)
+
+    @r.post("/models/{scope:path}/v1/chat/completions")
+    async def scoped_chat(scope: str, body: ChatBody, user: User = who, service: Service = svc) -> Any:
+        body.model = scoped_model(scope, body.model)
+        return await chat_completions(body, user, service)
 
     return r

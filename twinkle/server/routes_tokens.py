@@ -16,7 +16,7 @@ from twinkle.types import InvalidInputError, LimitExceededError
 from twinkle.types.params import Integer
 
 from .deps import CompactJSONRoute, get_service, get_user
-from .routes_openai import ChatMessage, template_messages, worker_for
+from .routes_openai import ChatMessage, scoped_model, template_messages, worker_for
 from .service import Service, User
 
 __all__ = ["create_tokens_router"]
@@ -98,6 +98,23 @@ def create_tokens_router() -> APIRouter:
             raise InvalidInputError(f"token id {bad} is outside the vocabulary (0..{vocab})", field="tokens")
         pieces, _ = await worker.token_texts(list(body.tokens), [])
         return {"prompt": "".join(pieces)}
+
+    # under a model's prefix (``/models/{model}/tokenize``...): the harness's requests name no model
+    @r.get("/models/{scope:path}/tokenizer_info")
+    async def scoped_tokenizer_info(scope: str, user: User = who, service: Service = svc) -> dict[str, Any]:
+        return await tokenizer_info(scope, user, service)
+
+    @r.post("/models/{scope:path}/tokenize")
+    async def scoped_tokenize(scope: str, body: TokenizeBody, user: User = who,
+                              service: Service = svc) -> dict[str, Any]:
+        body.model = scoped_model(scope, body.model)
+        return await tokenize(body, user, service)
+
+    @r.post("/models/{scope:path}/detokenize")
+    async def scoped_detokenize(scope: str, body: DetokenizeBody, user: User = who,
+                                service: Service = svc) -> dict[str, Any]:
+        body.model = scoped_model(scope, body.model)
+        return await detokenize(body, user, service)
 
     return r
 
