@@ -84,7 +84,7 @@ def _body_for(path: str, status: int, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def error_response(err: TwinkleError, request_id: str | None = None, path: str = "") -> JSONResponse:
-    """The answer to ``err`` (in OpenAI's error shape on ``/v1/`` routes)."""
+    """The answer to ``err`` (in OpenAI's error shape on the OpenAI-compatible routes: :func:`_body_for`)."""
     headers = {}
     if request_id:
         headers["x-request-id"] = request_id

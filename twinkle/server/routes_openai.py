@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal, NamedTuple, cast
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
@@ -38,12 +38,14 @@ from twinkle.types import (
 )
 from twinkle.types.params import (
     DEFAULT_MAX_TOKENS,
+    MAX_NUM_SAMPLES,
     MAX_TOKENS,
     MAX_TOPK_LOGPROBS,
     Integer,
     Number,
     Seed,
     StopTexts,
+    TopK,
 )
 
 from .deps import CompactJSONRoute, get_service, get_user
@@ -51,7 +53,8 @@ from .ops import SampleOp
 from .routes_stream import merged_polls, open_stream
 from .service import Service, User
 
-__all__ = ["ChatMessage", "create_openai_router", "scoped_model", "target_of", "template_messages", "worker_for"]
+__all__ = ["ChatMessage", "Resolved", "create_openai_router", "resolve_model", "scoped_model", "target_of",
+           "template_messages"]
 
 
 class StreamOptions(BaseModel):
@@ -72,12 +75,12 @@ class _Body(BaseModel):
     max_tokens: Integer | None = Field(None, ge=1, le=MAX_TOKENS)
     temperature: Number = Field(1.0, ge=0.0, le=10.0)
     top_p: Number = Field(1.0, gt=0.0, le=1.0)
-    n: Integer = Field(1, ge=1, le=128)
+    n: Integer = Field(1, ge=1, le=MAX_NUM_SAMPLES)
     stop: StopTexts | None = None
     seed: Seed | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    top_k: Integer = Field(-1, ge=-1, le=2**31 - 1)  # an extension (as vLLM's): -1 or 0 is off
+    top_k: TopK = -1  # an extension (as vLLM's)
     frequency_penalty: Number = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: Number = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, Number] | None = None
@@ -266,9 +269,6 @@ def _params(body: _Body, max_tokens: int | None) -> SamplingParams:
                           seed=body.seed, stop=stop)
 
 
-MAX_CHOICES = 128
-"""The most choices one request may ask for (prompts × ``n``): the native API's most samples a request."""
-
 MAX_TOP_VALUES = 200_000
 """The most (position, alternative) pairs one reply may list (each is ~60 bytes of JSON: ~12 MB at most)."""
 
@@ -397,9 +397,17 @@ def scoped_model(scope: str, model: str | None) -> str:
     return scope
 
 
-async def worker_for(service: Service, user: User, model: str, text_chars: int) -> tuple[Any, str]:
-    """The worker that tokenizes for ``model`` and its served base model; refuses a text too long to fit the
-    model's token limit before it is tokenized (tokenizing megabytes costs the worker seconds per request)."""
+class Resolved(NamedTuple):
+    """What a ``model`` name resolves to, once a request."""
+
+    target: dict[str, Any]  # the sample target (``open_stream``'s keywords)
+    worker: Any  # the worker that tokenizes for it
+    base_model: str  # its served base model
+
+
+async def resolve_model(service: Service, user: User, model: str, text_chars: int = 0) -> Resolved:
+    """``model`` resolved (a 404 as for sampling), refusing a text of ``text_chars`` too long to fit the model's
+    token limit before it is tokenized (tokenizing megabytes costs the worker seconds per request)."""
     target = await target_of(service, user, model)
     probe = SampleOp(prompt=[0], params=SamplingParams(max_tokens=1))
     t = service.sample_target(user, probe, **target)
@@ -407,7 +415,7 @@ async def worker_for(service: Service, user: User, model: str, text_chars: int) 
     if text_chars > limit * MAX_CHARS_PER_TOKEN:
         raise LimitExceededError(f"the prompt's {text_chars} characters cannot fit the limit of {limit} tokens",
                                  field="prompt")
-    return t.worker, t.base_model
+    return Resolved(target, t.worker, t.base_model)
 
 
 def create_openai_router() -> APIRouter:
@@ -430,20 +438,19 @@ def create_openai_router() -> APIRouter:
     @r.get("/v1/models/{model_id:path}")
     async def model(model_id: str, user: User = who, service: Service = svc) -> dict[str, Any]:
         """One model by any name ``model`` takes (``client.models.retrieve``); 404 as for sampling."""
-        target = await target_of(service, user, model_id)
-        t = service.sample_target(user, SampleOp(prompt=[0], params=SamplingParams(max_tokens=1)), **target)
-        owner = "twinkle" if "base_model" in target else user.name
+        m = await resolve_model(service, user, model_id)
+        owner = "twinkle" if "base_model" in m.target else user.name
         return {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": owner,
-                "root": t.base_model}
+                "root": m.base_model}
 
-    async def _run(service: Service, user: User, body: _Body, prompts: list[list[int] | ModelInput], obj: str,
-                   chat: bool) -> Any:
-        """Sample each of ``prompts`` (token ids, or chunks with images) ``body.n`` times as ``body`` asks: the
-        reply, or its stream. Choice ``p * n + j`` is prompt ``p``'s ``j``-th sample, as OpenAI numbers them."""
-        target = await target_of(service, user, body.model)
+    async def _run(service: Service, user: User, body: _Body, m: Resolved, prompts: list[list[int] | ModelInput],
+                   obj: str, chat: bool) -> Any:
+        """Sample each of ``prompts`` (token ids, or chunks with images) ``body.n`` times with ``m`` as ``body``
+        asks: the reply, or its stream. Choice ``p * n + j`` is prompt ``p``'s ``j``-th sample, as OpenAI numbers
+        them."""
         n = body.n
-        if len(prompts) * n > MAX_CHOICES:
-            raise LimitExceededError(f"{len(prompts)} prompts × n = {n} is over {MAX_CHOICES} choices: send fewer",
+        if len(prompts) * n > MAX_NUM_SAMPLES:
+            raise LimitExceededError(f"{len(prompts)} prompts × n = {n} is over {MAX_NUM_SAMPLES} choices: send fewer",
                                      field="prompt" if len(prompts) > 1 else "n")
         max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
         k = body.alternatives()
@@ -462,7 +469,7 @@ def create_openai_router() -> APIRouter:
         streams: list[AsyncGenerator[dict[str, Any], None]] = []
         try:
             for op in ops:
-                streams.append(await open_stream(service, user, op, **target))
+                streams.append(await open_stream(service, user, op, **m.target))
         except BaseException as e:  # refused, or the caller went away: the prompts already started are dropped
             for st in streams:
                 await st.aclose()
@@ -540,7 +547,7 @@ def create_openai_router() -> APIRouter:
         choices = []
         for pi, op in enumerate(ops):
             res = results[pi]
-            head, head_toks = await _echo(service, user, body.model, op.prompt, res, scored) if echo else ("", [])
+            head, head_toks = await _echo(m.worker, op.prompt, res, scored) if echo else ("", [])
             for j, s in enumerate(res.sequences):
                 ct = texts[pi * n + j]
                 text = head + ct.take(final=True)
@@ -555,13 +562,11 @@ def create_openai_router() -> APIRouter:
         return {"id": cid, "object": obj, "created": created, "model": body.model, "choices": choices,
                 "usage": usage([results[pi] for pi in range(len(ops))])}
 
-    async def _echo(service: Service, user: User, model: str, ids: list[int], res: SampleResponse,
-                    scored: bool) -> tuple[str, list[_Tok]]:
+    async def _echo(worker: Any, ids: list[int], res: SampleResponse, scored: bool) -> tuple[str, list[_Tok]]:
         """The prompt's text (as its tokens decode) and, ``scored``, its tokens with their logprobs and the most
         likely tokens at each position (``echo``: what evaluation harnesses score a text with)."""
         top_ids = res.topk_prompt_logprobs or []
         singles = sorted({t for row in top_ids if row for t, _ in row})
-        worker, _ = await worker_for(service, user, model, 0)
         texts, single_texts = await worker.token_texts(ids, singles)
         named = dict(zip(singles, single_texts, strict=True))
         head = "".join(texts)
@@ -581,39 +586,38 @@ def create_openai_router() -> APIRouter:
         raw = body.prompt
         one = isinstance(raw, str) or not raw or not isinstance(raw[0], (str, list))
         listed: list[Any] = [raw] if one else list(raw)  # one prompt, or a batch (as evaluation harnesses send)
-        if len(listed) > MAX_CHOICES:
-            raise LimitExceededError(f"{len(listed)} prompts is over {MAX_CHOICES}: send fewer", field="prompt")
+        if len(listed) > MAX_NUM_SAMPLES:
+            raise LimitExceededError(f"{len(listed)} prompts is over {MAX_NUM_SAMPLES}: send fewer", field="prompt")
+        # resolved once for the batch; each text is checked against the token limit before it is tokenized
+        m = await resolve_model(service, user, body.model, max((len(p) for p in listed if isinstance(p, str)),
+                                                               default=0))
         prompts: list[list[int] | ModelInput] = []
         for i, p in enumerate(listed):
-            where = "prompt" if one else f"prompt.{i}"
-            if isinstance(p, str):
-                worker, _ = await worker_for(service, user, body.model, len(p))
-                ids = await worker.tokenize(text=p)
-            else:
-                ids = [int(t) for t in p]
+            ids = await m.worker.tokenize(text=p) if isinstance(p, str) else [int(t) for t in p]
             if not ids:
+                where = "prompt" if one else f"prompt.{i}"
                 raise InvalidInputError(f"{where} is empty", field=where)
             prompts.append(ids)
-        return await _run(service, user, body, prompts, "text_completion", chat=False)
+        return await _run(service, user, body, m, prompts, "text_completion", chat=False)
 
     @r.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, user: User = who, service: Service = svc) -> Any:
         images: list[tuple[str, ImageChunk]] = []  # (the field naming its content part, the image)
         messages, chars = template_messages(body.messages, images)
-        worker, base = await worker_for(service, user, body.model, chars)
+        m = await resolve_model(service, user, body.model, chars)
         obj = "chat.completion.chunk" if body.stream else "chat.completion"
         if not images:
-            return await _run(service, user, body, [await worker.tokenize(messages=messages)], obj, chat=True)
-        info = await service.model_info(base)
+            return await _run(service, user, body, m, [await m.worker.tokenize(messages=messages)], obj, chat=True)
+        info = await service.model_info(m.base_model)
         if info is None:
             raise CapacityError(f"model {body.model!r} has not published its model info yet: retry images later",
                                 retry_after=5.0, field="messages")
         if info.vision is None:
             raise InvalidInputError(f"model {body.model!r} is text-only; it does not accept images", field="messages")
-        ids = await worker.tokenize(messages=messages)
+        ids = await m.worker.tokenize(messages=messages)
         prompt = _with_images(info.vision.image_token_id, body.model, ids, [im for _, im in images])
         try:
-            return await _run(service, user, body, [prompt], obj, chat=True)
+            return await _run(service, user, body, m, [prompt], obj, chat=True)
         except TwinkleError as e:
             _name_image_part(e, prompt, images)
             raise

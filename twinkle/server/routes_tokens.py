@@ -16,7 +16,7 @@ from twinkle.types import InvalidInputError, LimitExceededError
 from twinkle.types.params import Integer
 
 from .deps import CompactJSONRoute, get_service, get_user
-from .routes_openai import ChatMessage, scoped_model, template_messages, worker_for
+from .routes_openai import ChatMessage, resolve_model, scoped_model, template_messages
 from .service import Service, User
 
 __all__ = ["create_tokens_router"]
@@ -64,8 +64,7 @@ def create_tokens_router() -> APIRouter:
     async def tokenizer_info(model: str | None = Query(None, max_length=512), user: User = who,
                              service: Service = svc) -> dict[str, Any]:
         name = _model(service, model)
-        worker, _ = await worker_for(service, user, name, 0)
-        return {"model": name, **await worker.tokenizer_info()}
+        return {"model": name, **await (await resolve_model(service, user, name)).worker.tokenizer_info()}
 
     @r.post("/tokenize")
     async def tokenize(body: TokenizeBody, user: User = who, service: Service = svc) -> dict[str, Any]:
@@ -77,26 +76,26 @@ def create_tokens_router() -> APIRouter:
                 raise InvalidInputError("tokenize takes text messages only", field=images[0][0])
         else:
             chars = len(body.prompt or "")
-        worker, base = await worker_for(service, user, name, chars)
+        m = await resolve_model(service, user, name, chars)
         if body.messages is not None:
-            ids = await worker.tokenize(messages=messages, add_generation_prompt=body.add_generation_prompt)
+            ids = await m.worker.tokenize(messages=messages, add_generation_prompt=body.add_generation_prompt)
         else:
-            ids = await worker.tokenize(text=body.prompt, add_special_tokens=body.add_special_tokens)
-        return {"count": len(ids), "max_model_len": service.token_limit(base), "tokens": ids}
+            ids = await m.worker.tokenize(text=body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"count": len(ids), "max_model_len": service.token_limit(m.base_model), "tokens": ids}
 
     @r.post("/detokenize")
     async def detokenize(body: DetokenizeBody, user: User = who, service: Service = svc) -> dict[str, Any]:
         name = _model(service, body.model)
-        worker, base = await worker_for(service, user, name, 0)
-        limit = service.token_limit(base)
+        m = await resolve_model(service, user, name)
+        limit = service.token_limit(m.base_model)
         if len(body.tokens) > limit:
             raise LimitExceededError(f"{len(body.tokens)} tokens exceed the limit of {limit}", field="tokens")
-        info = await service.model_info(base)
+        info = await service.model_info(m.base_model)
         vocab = info.vocab_size if info is not None else None
         bad = next((t for t in body.tokens if t < 0 or (vocab is not None and t >= vocab)), None)
         if bad is not None:
             raise InvalidInputError(f"token id {bad} is outside the vocabulary (0..{vocab})", field="tokens")
-        pieces, _ = await worker.token_texts(list(body.tokens), [])
+        pieces, _ = await m.worker.token_texts(list(body.tokens), [])
         return {"prompt": "".join(pieces)}
 
     # under a model's prefix (``/models/{model}/tokenize``...): the harness's requests name no model

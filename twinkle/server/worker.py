@@ -227,9 +227,13 @@ class ModelWorker:
             hub = self._streams = StreamHub(self._decoder())
         return hub
 
+    def _tokenizer(self) -> Any:
+        """The model's tokenizer, or None (a backend without one)."""
+        return self.backend.tokenizer() if hasattr(self.backend, "tokenizer") else None
+
     def _decoder(self) -> Any:
         """Token ids -> text with the model's tokenizer (special tokens left out), or None without one."""
-        tok = self.backend.tokenizer() if hasattr(self.backend, "tokenizer") else None
+        tok = self._tokenizer()
         return (lambda ids: str(tok.decode(ids, skip_special_tokens=True))) if tok is not None else None
 
     async def sample_stream_open(self, op: SampleOp, *, adapter_id: str | None = None,
@@ -256,16 +260,14 @@ class ModelWorker:
         prompt added)."""
         from .openai_text import tokenize
 
-        tok = self.backend.tokenizer() if hasattr(self.backend, "tokenizer") else None
-        return tokenize(tok, text=text, messages=messages, add_special_tokens=add_special_tokens,
+        return tokenize(self._tokenizer(), text=text, messages=messages, add_special_tokens=add_special_tokens,
                         add_generation_prompt=add_generation_prompt)
 
     async def tokenizer_info(self) -> dict[str, Any]:
         """The tokenizer's special tokens, chat template and context length (``GET /tokenizer_info``)."""
         from .openai_text import tokenizer_info
 
-        tok = self.backend.tokenizer() if hasattr(self.backend, "tokenizer") else None
-        return tokenizer_info(tok, self._info.max_length)
+        return tokenizer_info(self._tokenizer(), self._info.max_length)
 
     async def token_texts(self, ids: list[int], singles: list[int]) -> tuple[list[str], list[str]]:
         """The text each token of ``ids`` adds in sequence (they add up to the decoded ``ids``), and the text of

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .data import Datum, ModelInput
 from .outputs import VisionInfo
 from .params import (
+    MAX_NUM_SAMPLES,
     ExactAdamParams,
     ExactLoraConfig,
     ExactLRSchedulerConfig,
@@ -233,7 +234,7 @@ class SampleRequest(_Api):
     run_id: str | None = Field(None, description="sample from the run's current adapter weights")
     checkpoint: str | None = Field(None, description="tinker:// path of a saved adapter")
     prompt: ModelInput
-    num_samples: int = Field(1, ge=1, le=128)
+    num_samples: int = Field(1, ge=1, le=MAX_NUM_SAMPLES)
     sampling_params: ExactSamplingParams = Field(default_factory=SamplingParams)
     prompt_logprobs: bool = False
     topk_prompt_logprobs: TopKLogprobs = 0

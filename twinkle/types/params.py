@@ -25,6 +25,7 @@ MAX_TOKENS = 2**31 - 1  # the widest max_tokens any API accepts; each model's sa
 DEFAULT_MAX_TOKENS = 128  # tokens sampled when a request's max_tokens is None (the model's room caps it too)
 MAX_STOP_SEQUENCES = 64  # stop strings or token ids per request: each one is checked after every sampled token
 MAX_STOP_CHARS = 1000  # characters in one stop string
+MAX_NUM_SAMPLES = 128  # samples one request may ask for (native num_samples, Tinker's, OpenAI prompts × n)
 
 
 def _not_bool(value: Any) -> Any:
@@ -40,6 +41,8 @@ Integer = Annotated[int, BeforeValidator(_not_bool)]
 Seed = Annotated[int, BeforeValidator(_not_bool), Field(ge=0, le=MAX_SEED)]
 TopKLogprobs = Annotated[int, BeforeValidator(_not_bool), Field(ge=0, le=MAX_TOPK_LOGPROBS)]
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+TopK = Annotated[int, BeforeValidator(_not_bool), Field(ge=-1, le=2**31 - 1)]
+"""Sample among the k likeliest tokens; -1 (or 0) is off."""
 
 
 def _stop_bounds(value: Any) -> Any:
@@ -208,7 +211,7 @@ class SamplingParams(_Params):
     seed: Seed | None = None
     stop: Stop | None = None
     temperature: Number = Field(1.0, ge=0.0, le=100.0)
-    top_k: Integer = Field(-1, ge=-1, le=2**31 - 1, description="-1 (or 0): no top-k")
+    top_k: TopK = Field(-1, description="-1 (or 0): no top-k")
     top_p: Number = Field(1.0, gt=0.0, le=1.0)
 
 

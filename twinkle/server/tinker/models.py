@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from twinkle.types import AdamParams, Datum, LoraConfig, ModelInput, SamplingParams
-from twinkle.types.params import Integer, TopKLogprobs, TtlSeconds
+from twinkle.types.params import MAX_NUM_SAMPLES, Integer, TopKLogprobs, TtlSeconds
 
 __all__ = [
     "MAX_NUM_SAMPLES",
@@ -38,8 +38,6 @@ __all__ = [
     "WeightsInfoRequest",
 ]
 
-MAX_NUM_SAMPLES = 128
-"""Samples per asample request (the native API's limit too)."""
 
 Id = Annotated[str, Field(min_length=1, max_length=512)]
 """A session, run, sampler or request id (the SDK's ids are short; 512 leaves room for tags)."""
